@@ -1,0 +1,36 @@
+# make demo  — fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md
+# make test  — the whole test suite (tiny models and the real embedded model)
+# make bench — every benchmark in benchmarks/, results in benchmarks/results/
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# A CPU build of torch is installed first and on its own: an unpinned torch pulls several GB of
+# CUDA wheels. On a GPU machine: make setup TORCH_SPEC='torch==2.13.0 --index-url ...'
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/upcycle demo --out runs/demo
+
+test: setup
+	$(PY) -m pytest -q
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
+
+bench: setup
+	@set -e; for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
+
+clean:
+	rm -rf $(VENV) runs build src/*.egg-info

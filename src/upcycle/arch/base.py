@@ -1,0 +1,273 @@
+"""The adapter: the one place that knows where a Hugging Face model keeps its parts.
+
+Transforms ask an adapter for "layer 3's FFN weights" or "layer 5's router"; they never spell
+`model.model.layers[3].mlp.gate_proj`. Families differ mostly in config key names and in what an
+MoE block holds (a shared expert or not), so one base class does the work and a family states only
+its differences (see families.py).
+
+Conventions (transformers 5):
+- a dense SwiGLU FFN is a module with gate_proj (F, H), up_proj (F, H), down_proj (H, F);
+- an MoE block has `gate` (router, weight (E, H)) and `experts` with fused 3-D parameters
+  gate_up_proj (E, 2F, H) — gate rows first, then up rows — and down_proj (E, H, F).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from upcycle.errors import ConfigError
+
+
+@dataclass
+class SwiGLUWeights:
+    """One SwiGLU FFN: y = down @ (act(gate @ x) * (up @ x)). Shapes: gate, up (F, H); down (H, F)."""
+
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    @property
+    def width(self) -> int:
+        return self.gate.shape[0]
+
+    def clone(self) -> "SwiGLUWeights":
+        return SwiGLUWeights(self.gate.detach().clone(), self.up.detach().clone(), self.down.detach().clone())
+
+
+@dataclass
+class LayerShape:
+    """One row of a model summary: what a decoder layer's FFN is."""
+
+    index: int
+    kind: str  # "dense", "moe" or the class name of a replaced module
+    ffn_width: int | None = None  # dense width, or each routed expert's width
+    experts: int | None = None
+    top_k: int | None = None
+    shared_width: int | None = None
+    params: int = 0
+
+
+class Adapter:
+    """Reads and writes the parts of one causal LM. Subclasses name their family's config keys."""
+
+    family: ClassVar[str] = ""
+    model_types: ClassVar[tuple[str, ...]] = ()
+    # canonical name -> this family's config key; transforms speak only canonical names
+    config_keys: ClassVar[dict[str, str]] = {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "ffn_size": "intermediate_size",
+        "vocab_size": "vocab_size",
+    }
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    # ---- whole model -------------------------------------------------------------------------
+    @property
+    def config(self):
+        return self.model.config
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    def embedding(self) -> nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    def lm_head(self) -> nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def final_norm(self) -> nn.Module:
+        return self.model.model.norm
+
+    # ---- one decoder layer -------------------------------------------------------------------
+    def layer(self, i: int) -> nn.Module:
+        if not -self.num_layers <= i < self.num_layers:
+            raise ConfigError(f"layer={i} is out of range: this model has {self.num_layers} layers")
+        return self.layers[i]
+
+    def attention(self, i: int) -> dict[str, nn.Linear]:
+        attn = self.layer(i).self_attn
+        return {name: getattr(attn, f"{name}_proj") for name in ("q", "k", "v", "o")}
+
+    def norms(self, i: int) -> dict[str, nn.Module]:
+        layer = self.layer(i)
+        return {"input": layer.input_layernorm, "post_attention": layer.post_attention_layernorm}
+
+    def ffn(self, i: int) -> nn.Module:
+        return self.layer(i).mlp
+
+    def set_ffn(self, i: int, module: nn.Module) -> nn.Module:
+        """Put `module` where layer i's FFN is (input: normed hidden states (B, T, H) -> (B, T, H)).
+        Returns the module it replaced."""
+        old = self.ffn(i)
+        self.layer(i).mlp = module
+        return old
+
+    def ffn_kind(self, i: int) -> str:
+        ffn = self.ffn(i)
+        if _is_moe_block(ffn):
+            return "moe"
+        if _is_swiglu(ffn):
+            return "dense"
+        return type(ffn).__name__
+
+    # ---- dense SwiGLU FFN --------------------------------------------------------------------
+    def ffn_weights(self, i: int) -> SwiGLUWeights:
+        """Layer i's dense FFN matrices (the live parameters, not copies)."""
+        ffn = self._dense(i)
+        return SwiGLUWeights(ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+
+    def set_ffn_weights(self, i: int, weights: SwiGLUWeights) -> None:
+        """Write layer i's dense FFN; a new width replaces the parameters (config is the caller's:
+        see set_config)."""
+        ffn = self._dense(i)
+        _write_linear(ffn.gate_proj, weights.gate)
+        _write_linear(ffn.up_proj, weights.up)
+        _write_linear(ffn.down_proj, weights.down)
+        if hasattr(ffn, "intermediate_size"):
+            ffn.intermediate_size = weights.width
+
+    def _dense(self, i: int) -> nn.Module:
+        ffn = self.ffn(i)
+        if not _is_swiglu(ffn):
+            raise ConfigError(f"layer {i}'s FFN is {self.ffn_kind(i)}, not a dense SwiGLU FFN")
+        return ffn
+
+    # ---- mixture of experts ------------------------------------------------------------------
+    def router(self, i: int) -> nn.Module:
+        """Layer i's router: a module whose `weight` is (E, H)."""
+        return self._moe(i).gate
+
+    def num_experts(self, i: int) -> int:
+        return self._moe(i).experts.gate_up_proj.shape[0]
+
+    def top_k(self, i: int) -> int:
+        return self._moe(i).gate.top_k
+
+    def expert_weights(self, i: int, e: int) -> SwiGLUWeights:
+        """Expert e of layer i as views into the fused tensors (writes through them change the model)."""
+        experts = self._moe(i).experts
+        self._check_expert(i, e)
+        gate, up = experts.gate_up_proj[e].chunk(2, dim=0)
+        return SwiGLUWeights(gate, up, experts.down_proj[e])
+
+    def set_expert_weights(self, i: int, e: int, weights: SwiGLUWeights) -> None:
+        experts = self._moe(i).experts
+        self._check_expert(i, e)
+        width = experts.down_proj.shape[-1]
+        if weights.width != width or weights.gate.shape[1] != self.hidden_size:
+            raise ConfigError(f"expert weights of width {weights.width} do not fit layer {i}'s experts "
+                              f"(width {width}, hidden {self.hidden_size})")
+        with torch.no_grad():
+            experts.gate_up_proj[e].copy_(torch.cat([weights.gate, weights.up], dim=0))
+            experts.down_proj[e].copy_(weights.down)
+
+    def shared_expert(self, i: int) -> SwiGLUWeights | None:
+        """The always-on shared expert of layer i, if the family has one."""
+        shared = getattr(self._moe(i), "shared_expert", None)
+        if shared is None:
+            return None
+        return SwiGLUWeights(shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
+
+    def _moe(self, i: int) -> nn.Module:
+        ffn = self.ffn(i)
+        if not _is_moe_block(ffn):
+            raise ConfigError(f"layer {i}'s FFN is {self.ffn_kind(i)}, not a mixture of experts")
+        return ffn
+
+    def _check_expert(self, i: int, e: int) -> None:
+        n = self.num_experts(i)
+        if not 0 <= e < n:
+            raise ConfigError(f"expert={e} is out of range: layer {i} has {n} experts")
+
+    # ---- configuration -----------------------------------------------------------------------
+    def get_config(self, name: str):
+        return getattr(self.config, self._key(name))
+
+    def set_config(self, **changes) -> None:
+        """Change config values by canonical name (see config_keys) and the copies of them that
+        modules keep (e.g. each router's top_k), so the live model and a model rebuilt from the
+        config agree."""
+        for name, value in changes.items():
+            setattr(self.config, self._key(name), value)
+            self._mirror(name, value)
+
+    def _mirror(self, name: str, value) -> None:
+        """Copy a changed config value into the attributes that MoE modules cached at construction.
+        Only MoE blocks and the top-level model are touched: other modules (e.g. upcycle's own
+        sparse FFN) may use the same attribute names for other things."""
+        owners = [self.model]
+        for i in range(self.num_layers):
+            if self.ffn_kind(i) == "moe":
+                block = self.ffn(i)
+                owners += [block, block.gate, block.experts]
+        for owner in owners:
+            for attr in _MIRRORED.get(name, ()):
+                if hasattr(owner, attr):
+                    setattr(owner, attr, value)
+
+    def _key(self, name: str) -> str:
+        if name not in self.config_keys:
+            raise ConfigError(f"config name {name!r} is not known for {self.family}: "
+                              f"choose from {', '.join(sorted(self.config_keys))}")
+        return self.config_keys[name]
+
+    def rebuild(self, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
+        """A fresh model of the same class built from the current config, holding `state_dict`
+        (default: this model's). Proves that the config describes the weights."""
+        fresh = type(self.model)(self.config)
+        fresh.load_state_dict(state_dict if state_dict is not None else self.model.state_dict(), strict=True)
+        return fresh.to(next(self.model.parameters()).dtype).eval()
+
+    # ---- summary -----------------------------------------------------------------------------
+    def layer_shape(self, i: int) -> LayerShape:
+        kind = self.ffn_kind(i)
+        params = sum(p.numel() for p in self.ffn(i).parameters())
+        if kind == "dense":
+            return LayerShape(i, kind, ffn_width=self.ffn_weights(i).width, params=params)
+        if kind == "moe":
+            shared = self.shared_expert(i)
+            return LayerShape(i, kind, ffn_width=self._moe(i).experts.down_proj.shape[-1],
+                              experts=self.num_experts(i), top_k=self.top_k(i),
+                              shared_width=shared.width if shared is not None else None, params=params)
+        return LayerShape(i, kind, params=params)
+
+
+# module attributes that transformers copies from the config at construction, by canonical name
+_MIRRORED = {
+    "top_k": ("top_k", "num_experts_per_tok"),
+    "num_experts": ("num_experts",),
+    "expert_ffn_size": ("intermediate_dim",),
+}
+
+
+def _is_swiglu(module: nn.Module) -> bool:
+    return all(isinstance(getattr(module, n, None), nn.Linear) for n in ("gate_proj", "up_proj", "down_proj"))
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    experts = getattr(module, "experts", None)
+    return experts is not None and hasattr(experts, "gate_up_proj") and hasattr(module, "gate")
+
+
+def _write_linear(linear: nn.Linear, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        if linear.weight.shape == weight.shape:
+            linear.weight.copy_(weight)
+        else:
+            linear.weight = nn.Parameter(weight.detach().clone().to(linear.weight.dtype))
+            linear.out_features, linear.in_features = weight.shape

@@ -1,0 +1,61 @@
+"""Do two models compute the same function? Every transform's report uses this check.
+
+Measured on the same token blocks: the largest absolute logit difference, the mean KL divergence
+KL(reference || candidate) of the next-token distributions, and how often the two agree on the
+most likely next token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+from upcycle.errors import ConfigError
+
+
+@dataclass
+class Equivalence:
+    max_abs_logit: float
+    mean_kl: float
+    top1_agreement: float
+    tokens: int
+
+    def preserved(self, logit_tol: float = 1e-3, kl_tol: float = 1e-6) -> bool:
+        """True when the candidate computes the reference's function up to float error."""
+        return self.max_abs_logit <= logit_tol and self.mean_kl <= kl_tol and self.top1_agreement == 1.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def summary(self) -> str:
+        return (f"max |Δlogit| {self.max_abs_logit:.3g}, mean KL {self.mean_kl:.3g}, "
+                f"top-1 agreement {self.top1_agreement:.4f} on {self.tokens} tokens")
+
+
+@torch.no_grad()
+def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) -> Equivalence:
+    """Compare two causal LMs on `blocks` (n, seq_len) of token ids."""
+    if blocks.dim() != 2:
+        raise ConfigError(f"blocks has shape {tuple(blocks.shape)}: expected (n, seq_len)")
+    states = reference.training, candidate.training
+    reference.eval(), candidate.eval()
+    max_diff, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    for start in range(0, len(blocks), batch_size):
+        batch = blocks[start:start + batch_size]
+        ref = reference(input_ids=batch.to(_device(reference))).logits.float().cpu()
+        cand = candidate(input_ids=batch.to(_device(candidate))).logits.float().cpu()
+        if ref.shape != cand.shape:
+            raise ConfigError(f"the models disagree on the output shape: {tuple(ref.shape)} vs {tuple(cand.shape)}")
+        max_diff = max(max_diff, (ref - cand).abs().max().item())
+        ref_logp, cand_logp = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
+        kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).double().sum().item()
+        agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        count += ref.shape[0] * ref.shape[1]
+    reference.train(states[0]), candidate.train(states[1])
+    return Equivalence(max_abs_logit=max_diff, mean_kl=max(kl_sum / count, 0.0), top1_agreement=agree / count, tokens=count)
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
