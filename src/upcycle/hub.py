@@ -124,8 +124,7 @@ def _load_folder(path: Path, dtype, trust_remote_code: bool):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, OSError) as e:
         raise NotACausalLM(f"{path}: config.json is not a model config transformers knows ({_first_line(e)})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
-        raise NotACausalLM(f"{path} holds a {config.model_type!r} model, which is not a causal language model")
+    _require_causal_lm(config, path, trust_remote_code)
     arch.family_of(config)  # refuse unsupported families before reading any weights
     if not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
@@ -135,6 +134,16 @@ def _load_folder(path: Path, dtype, trust_remote_code: bool):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
                                                  trust_remote_code=trust_remote_code)
     return model.eval(), _tokenizer_or_none(path, trust_remote_code)
+
+
+def _require_causal_lm(config, path: Path, trust_remote_code: bool) -> None:
+    """A folder states what it holds in `architectures` (e.g. BertForMaskedLM); without that, its
+    model_type must have a causal-LM class in transformers."""
+    declared = getattr(config, "architectures", None) or []
+    if declared and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in declared):
+        raise NotACausalLM(f"{path} holds {', '.join(declared)}, which is not a causal language model")
+    if not declared and config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not trust_remote_code:
+        raise NotACausalLM(f"{path} holds a {config.model_type!r} model, which is not a causal language model")
 
 
 def _tokenizer_or_none(path: Path, trust_remote_code: bool):

@@ -1,0 +1,184 @@
+"""The `upcycle` command: a thin shell over the Python API. Each subcommand calls one function.
+
+Options may also come from a YAML file (`--config run.yaml`) whose keys are the option names
+(dashes or underscores); options given on the command line win. A user error prints one line
+and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import yaml
+
+from upcycle.errors import ConfigError, UpcycleError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 — like every other user error
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="upcycle", description="Turn the checkpoint you have into the model you need.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    def command(name, help):
+        p = sub.add_parser(name, help=help, description=help)
+        p.add_argument("--config", type=Path, help="YAML file of options (keys = option names)")
+        return p
+
+    p = command("inspect", "family, sizes, parameter counts and a per-layer FFN/MoE table")
+    p.add_argument("model", nargs="?", help="built-in name, HF folder, .gguf file or hub id")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = command("eval", "perplexity (and bits per token) on a corpus split")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--data", default="shakespeare", help="shakespeare, pystdlib, or a .txt/.jsonl file or folder")
+    p.add_argument("--split", default="validation", choices=["train", "validation"])
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--max-blocks", type=int, default=32, help="blocks to score; 0 = the whole split")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = command("convert", "save any loadable model as a plain Hugging Face folder (safetensors)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = command("demo", "fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md")
+    p.add_argument("--out", default="runs/demo")
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--max-blocks", type=int, default=32)
+    return parser
+
+
+_REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "demo": []}
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "config", None) is not None:
+        args = _with_config_file(parser, argv, args)
+    missing = [name for name in _REQUIRED[args.command] if getattr(args, name) is None]
+    if missing:
+        raise ConfigError(f"{args.command}: missing {', '.join(missing).upper()} (on the command line or in --config)")
+    return args
+
+
+def _with_config_file(parser, argv, args) -> argparse.Namespace:
+    path = args.config
+    if not path.is_file():
+        raise ConfigError(f"--config {str(path)!r}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    subparser = parser._subparsers._group_actions[0].choices[args.command]
+    known = {a.dest for a in subparser._actions} - {"help", "config"}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"--config {path}: unknown option {unknown[0]!r} for `{args.command}`; "
+                          f"known: {', '.join(sorted(known))}")
+    subparser.set_defaults(**values)  # command-line values still win over these
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        args = parse(argv)
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        return COMMANDS[args.command](args) or 0
+    except UpcycleError as e:
+        print(f"upcycle: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("upcycle: interrupted", file=sys.stderr)
+        return 130
+
+
+def _quiet_transformers():
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+
+
+def cmd_inspect(args) -> int:
+    from upcycle.hub import load
+    from upcycle.summary import format_summary, summarize
+
+    _quiet_transformers()
+    model, _ = load(args.model, trust_remote_code=args.trust_remote_code)
+    summary = summarize(model)
+    print(json.dumps(summary.as_dict(), indent=2) if args.json else format_summary(summary))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from upcycle.evaluate import EvalConfig, evaluate
+    from upcycle.hub import load
+
+    _quiet_transformers()
+    config = EvalConfig(data=args.data, split=args.split, seq_len=args.seq_len,
+                        max_blocks=args.max_blocks or None, batch_size=args.batch_size)
+    model, tokenizer = load(args.model, trust_remote_code=args.trust_remote_code)
+    result = evaluate(model, tokenizer, config)
+    if args.json:
+        print(json.dumps({"model": args.model, "data": args.data, "split": args.split, **result.as_dict()}, indent=2))
+    else:
+        print(f"{args.model} on {args.data} {args.split}: ppl {result.ppl:.3f}, bits/token "
+              f"{result.bits_per_token:.3f}, nll {result.nll:.4f} ({result.tokens} tokens)")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import torch
+
+    from upcycle.eval import compare
+    from upcycle.hub import load, save
+
+    _quiet_transformers()
+    dtype = getattr(torch, args.dtype)
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise ConfigError(f"OUT {str(out)!r} exists and is not empty: choose a new folder or pass --overwrite")
+    model, tokenizer = load(args.model, trust_remote_code=args.trust_remote_code)
+    save(model.to(dtype), tokenizer, out, overwrite=args.overwrite)
+    # a conversion states whether it preserved the function: reload what was written and compare
+    reloaded, _ = load(out, dtype=dtype)
+    probe = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    check = compare(model, reloaded, probe)
+    print(f"saved {out} ({args.dtype}); reloaded: {check.summary()}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from upcycle.demo import run
+
+    _quiet_transformers()
+    run(args.out, model_name=args.model, max_blocks=args.max_blocks)
+    return 0
+
+
+COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "demo": cmd_demo}
+
+
+if __name__ == "__main__":
+    sys.exit(main())

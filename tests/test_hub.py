@@ -1,0 +1,129 @@
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import logits, tokens_for
+from upcycle import hub
+from upcycle.errors import ConfigError, HubUnreachable, ModelNotFound, NotACausalLM, UnsafeWeights, UnsupportedArchitecture
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "upcycle"
+
+
+def test_tiny_builtin_comes_with_a_byte_tokenizer():
+    model, tokenizer = hub.load("tiny-qwen3")
+    ids = tokenizer("héllo", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 6 and max(ids) < model.config.vocab_size  # é is two bytes
+    assert tokenizer.decode(ids) == "héllo"
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe"])
+def test_save_then_load_folder_gives_identical_logits(tmp_path, family):
+    model, tokenizer = hub.load(f"tiny-{family}")
+    out = hub.save(model, tokenizer, tmp_path / "m")
+    assert (out / "model.safetensors").exists() and (out / "config.json").exists()
+    reloaded, tok2 = hub.load(out)
+    ids = tokens_for(model)
+    assert torch.equal(logits(model, ids), logits(reloaded, ids))
+    assert tok2("abc")["input_ids"] == tokenizer("abc")["input_ids"]
+
+
+def test_save_refuses_a_non_empty_folder_and_leaves_it_alone(tmp_path):
+    model, tokenizer = hub.load("tiny-llama")
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not empty"):
+        hub.save(model, tokenizer, out)
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+
+
+def _one_line(error) -> str:
+    message = str(error.value)
+    assert message and "\n" not in message
+    return message
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ModelNotFound) as err:
+        hub.load(tmp_path / "nothing-here")
+    assert "built-in" in _one_line(err)
+
+
+def test_unknown_builtin():
+    with pytest.raises(ModelNotFound) as err:
+        hub.load("tiny-gpt9")
+    assert "smollm2-135m" in _one_line(err)
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(NotACausalLM) as err:
+        hub.load(tmp_path)
+    assert "config.json" in _one_line(err)
+
+
+def test_folder_with_an_encoder_model_is_not_a_causal_lm(tmp_path):
+    from transformers import BertConfig, ViTConfig
+
+    bert = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    bert.architectures = ["BertForMaskedLM"]
+    bert.save_pretrained(tmp_path / "bert")
+    ViTConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2).save_pretrained(tmp_path / "vit")
+    with pytest.raises(NotACausalLM) as err:
+        hub.load(tmp_path / "bert")
+    assert "BertForMaskedLM" in _one_line(err)
+    with pytest.raises(NotACausalLM) as err:
+        hub.load(tmp_path / "vit")
+    assert "vit" in _one_line(err)
+
+
+def test_unsupported_causal_lm_is_refused_before_reading_weights(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        hub.load(tmp_path)
+    assert "gpt2" in _one_line(err) and "llama" in str(err.value)
+
+
+def test_pickle_only_weights_are_refused(tmp_path):
+    model, _ = hub.load("tiny-llama")
+    model.config.save_pretrained(tmp_path)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not unpickled, never")
+    with pytest.raises(UnsafeWeights) as err:
+        hub.load(tmp_path)
+    assert "safetensors" in _one_line(err)
+
+
+def test_remote_code_is_not_run_unless_asked(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
+    with pytest.raises(NotACausalLM):
+        hub.load(tmp_path)
+    assert not (tmp_path / "ran").exists()
+
+
+def test_offline_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    started = time.perf_counter()
+    with pytest.raises(HubUnreachable) as err:
+        hub.load("some-org/some-model")
+    assert time.perf_counter() - started < 20
+    message = _one_line(err)
+    assert "unreachable" in message and "smollm2-135m" in message
+
+
+def test_no_pickle_loading_anywhere_in_the_package():
+    """Security: torch.load only with weights_only=True; no pickle module; remote code off by default."""
+    for path in SRC.rglob("*.py"):
+        text = path.read_text()
+        assert not re.search(r"^\s*(import pickle|from pickle|import dill)", text, re.M), path
+        for call in re.findall(r"torch\.load\([^)]*\)", text):
+            assert "weights_only=True" in call, (path, call)
+        assert "trust_remote_code=True" not in text, path
