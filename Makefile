@@ -30,7 +30,8 @@ test-fast: setup
 	$(PY) -m pytest -q -m "not slow"
 
 bench: setup
-	@set -e; for script in benchmarks/*.py; do echo "== $$script"; $(PY) $$script; done
+	@set -e; for script in benchmarks/*.py; do [ -e "$$script" ] || { echo "no benchmarks yet"; break; }; \
+		echo "== $$script"; $(PY) $$script; done
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info
