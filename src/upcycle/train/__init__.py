@@ -1,0 +1,17 @@
+"""One trainer for continued training: loss terms, schedules, stages, callbacks, exact resume, torchrun."""
+
+from upcycle.train.config import GroupConfig, LossTerm, StageConfig, TrainConfig
+from upcycle.train.losses import LOSSES, LossInputs, register_loss
+from upcycle.train.trainer import TRANSFORMS, Callback, Trainer, TrainingDiverged, register_transform
+
+__all__ = ["Trainer", "TrainConfig", "StageConfig", "LossTerm", "GroupConfig", "Callback", "LOSSES", "LossInputs",
+           "register_loss", "TRANSFORMS", "register_transform", "TrainingDiverged", "train"]
+
+
+def train(config: TrainConfig | dict | str, *, resume: bool = False, **kwargs) -> dict:
+    """Run a training config (a TrainConfig, a dict, or a YAML path) and return its summary."""
+    if isinstance(config, dict):
+        config = TrainConfig.from_dict(config)
+    elif not isinstance(config, TrainConfig):
+        config = TrainConfig.from_yaml(config)
+    return Trainer(config, **kwargs).fit(resume=resume)

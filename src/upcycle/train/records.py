@@ -1,0 +1,72 @@
+"""What a run writes besides checkpoints: metrics.jsonl, loss_curve.png and report.md."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from upcycle.report import markdown_table
+
+
+class MetricsLog:
+    """Append-only JSONL. On resume, records after the checkpoint's step are dropped, so the log of
+    a resumed run reads exactly like the log of an uninterrupted one."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in records if "loss" in r]
+    val = [r for r in records if "val_loss" in r]
+    if not train:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
+    if val:
+        ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
+    for boundary in {r["tokens_at_stage_start"] for r in train if r.get("tokens_at_stage_start")}:
+        ax.axvline(boundary, color="grey", ls=":", lw=1)
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+def write_report(out: Path, config_yaml: str, summary: dict, stages: list[dict], plot: Path | None) -> Path:
+    rows = [[s["name"], s["steps"], s["tokens"], s.get("train_loss"), s.get("val_loss"), s.get("val_ppl")] for s in stages]
+    text = [
+        f"# Training run: {out.name}\n",
+        "## Summary\n",
+        markdown_table(["", ""], [[k, v] for k, v in summary.items()]),
+        "\n## Stages\n",
+        markdown_table(["stage", "steps", "tokens", "final train loss", "val loss", "val ppl"], rows),
+    ]
+    if plot is not None:
+        text.append(f"\n![loss curve]({plot.name})\n")
+    text.append("\n## Configuration\n\n```yaml\n" + config_yaml + "```\n")
+    report = out / "report.md"
+    report.write_text("\n".join(text))
+    return report
