@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -54,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--trust-remote-code", action="store_true")
 
+    p = command("train", "continued training from a YAML run config (see upcycle.train.TrainConfig)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a top-level config key (value parsed as YAML), e.g. --set seq_len=128")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run's out folder")
+
     p = command("demo", "fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
@@ -61,12 +67,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "demo": []}
+_REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "train": [], "demo": []}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "train":  # the run config is a typed schema of its own, read by the trainer
+        if args.config is None:
+            raise ConfigError("train: --config RUN.yaml is required")
+        return args
     if getattr(args, "config", None) is not None:
         args = _with_config_file(parser, argv, args)
     missing = [name for name in _REQUIRED[args.command] if getattr(args, name) is None]
@@ -169,6 +179,23 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def cmd_train(args) -> int:
+    from upcycle.train import Trainer, TrainConfig
+
+    _quiet_transformers()
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE")
+        overrides[key.strip().replace("-", "_")] = yaml.safe_load(value)
+    config = TrainConfig.from_yaml(args.config, overrides)
+    summary = Trainer(config).fit(resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary))
+    return 0
+
+
 def cmd_demo(args) -> int:
     from upcycle.demo import run
 
@@ -177,7 +204,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "demo": cmd_demo}
+COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "train": cmd_train, "demo": cmd_demo}
 
 
 if __name__ == "__main__":
