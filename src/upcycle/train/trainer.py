@@ -334,7 +334,7 @@ def _run_identity(config: TrainConfig) -> dict:
     """Settings that must not change across a resume, or the continuation would not be exact."""
     return {"model": config.model, "data": config.data, "seq_len": config.seq_len,
             "global_batch": config.global_batch, "seed": config.seed,
-            "stages": [(s.name, s.tokens) for s in config.stages]}
+            "stages": [[s.name, s.tokens] for s in config.stages]}
 
 
 def _plain_model(model, state_dict, sharded: bool):
