@@ -33,9 +33,11 @@ def register_loss(name: str):
 
 @register_loss("lm")
 def lm_loss(inputs: LossInputs) -> torch.Tensor:
-    """Next-token cross-entropy, mean over predicted tokens."""
-    logits = inputs.logits[:, :-1].float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), inputs.input_ids[:, 1:].reshape(-1))
+    """Next-token cross-entropy, mean over predicted tokens. The labels are shifted (and the last
+    position ignored) instead of slicing the logits, which would copy a (B, T, vocab) tensor."""
+    labels = F.pad(inputs.input_ids[:, 1:], (0, 1), value=-100)
+    logits = inputs.logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), ignore_index=-100)
 
 
 @register_loss("kd")

@@ -270,7 +270,9 @@ class Trainer:
             groups = configure_trainable(self.model, cfg.groups, stage.train)
         for g in groups:
             g["lr"] = base_lr * g["lr_mult"]
-        self.optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+        # the fused kernel (also the HF Trainer's default) where parameters are plain tensors
+        self.optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
+                                           fused=not sharded)
         if state is not None:
             distributed.load_full_state(self.wrapped, self.optimizer, state["model"], state["optimizer"])
             torch.set_rng_state(state["rng"])
