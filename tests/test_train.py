@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from upcycle import hub
 from upcycle.errors import ConfigError
@@ -31,6 +32,21 @@ def test_lm_loss_is_next_token_cross_entropy():
     logp = torch.log_softmax(logits, -1)
     expected = -sum(logp[b, t, ids[b, t + 1]] for b in range(2) for t in range(4)) / 8
     assert lm_loss(LossInputs(logits, ids)).item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64])
+def test_chunked_cross_entropy_equals_torch_in_value_and_gradient(chunk):
+    from upcycle.train.losses import cross_entropy
+
+    logits = torch.randn(50, 37, requires_grad=True)
+    labels = torch.randint(0, 37, (50,))
+    labels[::4] = -100
+    ours = cross_entropy(logits, labels, chunk=chunk)
+    (g_ours,) = torch.autograd.grad(ours * 3, logits)
+    ref = F.cross_entropy(logits, labels, ignore_index=-100)
+    (g_ref,) = torch.autograd.grad(ref * 3, logits)
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert torch.allclose(g_ours, g_ref, atol=1e-7)
 
 
 def test_kd_with_teacher_equal_to_student_is_zero_and_positive_otherwise():

@@ -168,11 +168,12 @@ class Trainer:
         for i, ids in enumerate(micro):
             ids = ids.to(self.world.device)
             with distributed.no_sync(self.wrapped, i == len(micro) - 1), autocast:
-                logits = self.wrapped(input_ids=ids).logits
+                # use_cache=False: a KV cache is for generation; in training it only costs copies
+                logits = self.wrapped(input_ids=ids, use_cache=False).logits
                 teacher_logits = None
                 if self.teacher is not None:
                     with torch.no_grad():
-                        teacher_logits = self.teacher(input_ids=ids).logits
+                        teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
                 inputs = LossInputs(logits, ids, teacher_logits, distributed.unwrap(self.wrapped))
                 loss = torch.zeros((), device=self.world.device)
                 for term in cfg.losses:
@@ -224,6 +225,7 @@ class Trainer:
             steps = self.stage_steps(stage)
             base_lr = stage.lr if stage.lr is not None else cfg.lr
             self._prepare_stage(stage, base_lr, state)
+            self.wrapped.train()  # loaded models come in eval mode (dropout off)
             state = None
             for cb in self.callbacks:
                 cb.on_stage_start(self)
