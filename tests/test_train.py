@@ -196,3 +196,25 @@ def test_resume_from_another_models_checkpoint(text_folder, tmp_path, tmp_cache)
         Trainer(config(text_folder, tmp_path), model=other, tokenizer=hub.byte_tokenizer()).fit(resume=True)
     with pytest.raises(checkpoint.ResumeMismatch, match="seq_len"):
         Trainer(config(text_folder, tmp_path, seq_len=16)).fit(resume=True)
+
+
+def test_bf16_autocast_trains(text_folder, tmp_path, tmp_cache):
+    summary = Trainer(config(text_folder, tmp_path, bf16=True)).fit()
+    curve = losses(tmp_path / "run")
+    assert all(math.isfinite(x) for x in curve) and curve[-1] < curve[0] and summary["steps"] == 8
+
+
+def test_cli_train_and_its_errors(text_folder, tmp_path, tmp_cache, capsys):
+    from upcycle.cli import main
+
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(config(text_folder, tmp_path).to_yaml())
+    assert main(["train", "--config", str(run_yaml), "--set", "out=" + str(tmp_path / "cli-run")]) == 0
+    assert (tmp_path / "cli-run" / "final" / "model.safetensors").exists()
+    capsys.readouterr()
+    code = main(["train", "--config", str(run_yaml), "--set", "out=" + str(tmp_path / "empty"), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no complete checkpoint" in err and err.count("\n") == 1
+    code = main(["train", "--config", str(run_yaml), "--set", "losses=[{name: mse}]"])
+    err = capsys.readouterr().err
+    assert code == 2 and "mse" in err and err.count("\n") == 1
