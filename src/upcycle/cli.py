@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from upcycle.errors import ConfigError, UpcycleError
+from upcycle.yamlfile import read_mapping
 
 
 class _Parser(argparse.ArgumentParser):
@@ -87,17 +88,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def _with_config_file(parser, argv, args) -> argparse.Namespace:
     path = args.config
-    if not path.is_file():
-        raise ConfigError(f"--config {str(path)!r}: no such file")
-    try:
-        values = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"--config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(values, dict):
-        raise ConfigError(f"--config {path}: expected a mapping of option names to values")
+    values = read_mapping(path, "--config")
     subparser = parser._subparsers._group_actions[0].choices[args.command]
     known = {a.dest for a in subparser._actions} - {"help", "config"}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"--config {path}: unknown option {unknown[0]!r} for `{args.command}`; "

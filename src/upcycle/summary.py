@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from upcycle import arch
 from upcycle.arch import LayerShape
+from upcycle.report import markdown_table, millions
 
 
 @dataclass
@@ -61,8 +62,6 @@ def _key(shape: LayerShape):
 
 
 def format_summary(summary: ModelSummary) -> str:
-    from upcycle.report import markdown_table, millions
-
     lines = [
         f"family      {summary.family} ({summary.model_class})",
         f"layers      {summary.layers}",

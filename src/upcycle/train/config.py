@@ -21,6 +21,7 @@ from pathlib import Path
 import yaml
 
 from upcycle.errors import ConfigError, check
+from upcycle.yamlfile import read_mapping
 
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -148,15 +149,7 @@ class TrainConfig:
 
     @classmethod
     def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config {str(path)!r}: no such file")
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config {path}: not valid YAML ({str(e).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"config {path}: expected a mapping")
+        values = read_mapping(path, "config")
         return cls.from_dict({**values, **(overrides or {})})
 
     def to_dict(self) -> dict:
