@@ -240,7 +240,9 @@ class Trainer:
                 record["tokens_at_stage_start"] = stage_start_tokens
                 last = self.progress.stage_step == steps
                 if cfg.val_every and self.progress.step % cfg.val_every == 0 and not last:
-                    log.write(self._validate(stage)) if world.is_main else self._validate(stage)
+                    val = self._validate(stage)  # every rank takes part (FSDP needs all in the forward)
+                    if world.is_main:
+                        log.write(val)
                 if world.is_main and (self.progress.step % cfg.log_every == 0 or last):
                     log.write(record)
                 for cb in self.callbacks:
