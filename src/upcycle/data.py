@@ -52,9 +52,8 @@ def documents(source: str) -> list[Document]:
     if not path.exists():
         raise DataError(f"no text source {source!r}: not a built-in ({', '.join(BUILTIN_CORPORA)}) "
                         "nor an existing .txt/.jsonl file or folder")
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES)
     docs = []
-    for f in files:
+    for f in _local_files(path):
         if f.suffix == ".jsonl":
             docs += _jsonl(f)
         elif f.suffix in (".txt", ".md"):
@@ -65,6 +64,10 @@ def documents(source: str) -> list[Document]:
     if not docs:
         raise DataError(f"{source!r} holds no text ({', '.join(_LOCAL_SUFFIXES)} files)")
     return docs
+
+
+def _local_files(path: Path) -> list[Path]:
+    return [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES)
 
 
 def _shakespeare() -> list[Document]:
@@ -167,8 +170,7 @@ def _source_identity(source: str) -> dict:
     path = Path(source).expanduser().resolve()
     if not path.exists():
         documents(source)  # raises the one-line error
-    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in _LOCAL_SUFFIXES)
-    return {"path": str(path), "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]}
+    return {"path": str(path), "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in _local_files(path)]}
 
 
 def _token_cache(source: str, tokenizer, val_fraction: float, seed: int) -> Path:

@@ -42,8 +42,9 @@ def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if val:
         ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
-    for boundary in {r["tokens_at_stage_start"] for r in train if r.get("tokens_at_stage_start")}:
-        ax.axvline(boundary, color="grey", ls=":", lw=1)
+    for before, after in zip(train, train[1:]):  # stage boundaries
+        if before["stage"] != after["stage"]:
+            ax.axvline(before["tokens"], color="grey", ls=":", lw=1)
     ax.set_xlabel("tokens")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(title)

@@ -100,7 +100,7 @@ class Trainer:
         self.progress = Progress()
         self.optimizer = None
         self.wrapped = None
-        self._orders: dict[int, torch.Tensor] = {}
+        self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) of the current epoch
         self._applied: set[int] = set()
 
     # ---- set-up ----------------------------------------------------------------------------------
@@ -139,10 +139,10 @@ class Trainer:
         so the data position is one integer and resume continues with the very next sequence."""
         n = len(self.train_blocks)
         epoch = index // n
-        if epoch not in self._orders:
+        if self._order is None or self._order[0] != epoch:
             gen = torch.Generator().manual_seed(self.config.seed * 1_000_003 + epoch)
-            self._orders = {epoch: torch.randperm(n, generator=gen)}
-        return self.train_blocks[self._orders[epoch][index % n]]
+            self._order = (epoch, torch.randperm(n, generator=gen))
+        return self.train_blocks[self._order[1][index % n]]
 
     def _micro_batches(self):
         """This process's share of the next global batch, as micro-batches."""
@@ -229,7 +229,6 @@ class Trainer:
             state = None
             for cb in self.callbacks:
                 cb.on_stage_start(self)
-            stage_start_tokens = self.progress.tokens - self.progress.stage_step * cfg.global_batch * cfg.seq_len
             bar = tqdm(total=steps, initial=self.progress.stage_step, desc=f"{stage.name}", unit="step",
                        disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
             record = {}
@@ -237,7 +236,6 @@ class Trainer:
                 t0 = time.perf_counter()
                 record = self._step(stage, steps, base_lr)
                 record["tok_s"] = round(cfg.global_batch * cfg.seq_len / (time.perf_counter() - t0), 1)
-                record["tokens_at_stage_start"] = stage_start_tokens
                 last = self.progress.stage_step == steps
                 if cfg.val_every and self.progress.step % cfg.val_every == 0 and not last:
                     val = self._validate(stage)  # every rank takes part (FSDP needs all in the forward)
@@ -284,8 +282,7 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, stage) -> dict:
         model = self.wrapped if self.config.distributed == "fsdp" else distributed.unwrap(self.wrapped)
-        result = perplexity(model, self.val_blocks, batch_size=self.config.micro_batch, progress=False)
-        model.train()
+        result = perplexity(model, self.val_blocks, batch_size=self.config.micro_batch, progress=False)  # restores train()
         return {"step": self.progress.step, "stage": stage.name, "tokens": self.progress.tokens,
                 "val_loss": result.nll, "val_ppl": result.ppl}
 
@@ -321,14 +318,15 @@ class Trainer:
 
     def _finish(self, log: MetricsLog, stage_rows: list[dict], started: float, tokens_at_start: int) -> dict:
         wall = time.perf_counter() - started
-        model_sd, _ = distributed.full_state(self.wrapped)
+        sharded = self.config.distributed == "fsdp" and self.world.size > 1
+        model_sd = distributed.full_state(self.wrapped)[0] if sharded else None  # a collective: every rank
         summary = {"model": self.config.model, "data": self.config.data, "processes": self.world.size,
                    "steps": self.progress.step, "tokens": self.progress.tokens,
                    "tokens_this_session": self.progress.tokens - tokens_at_start, "wall_s": round(wall, 1),
                    "final_train_loss": stage_rows[-1]["train_loss"] if stage_rows else None,
                    "final_val_loss": stage_rows[-1]["val_loss"] if stage_rows else None}
         if self.world.is_main:
-            final = _plain_model(self.model, model_sd, self.config.distributed == "fsdp" and self.world.size > 1)
+            final = _plain_model(self.model, model_sd)
             hub.save(final, self.tokenizer, self.out / "final", overwrite=True)
             plot = plot_loss(log.records(), self.out / "loss_curve.png", f"{self.config.model} on {self.config.data}")
             write_report(self.out, self.config.to_yaml(), summary, stage_rows, plot)
@@ -343,8 +341,9 @@ def _run_identity(config: TrainConfig) -> dict:
             "stages": [[s.name, s.tokens] for s in config.stages]}
 
 
-def _plain_model(model, state_dict, sharded: bool):
-    if not sharded:
+def _plain_model(model, state_dict: dict | None):
+    """The model itself, or (when FSDP sharded it) a plain copy holding the gathered state dict."""
+    if state_dict is None:
         return distributed.unwrap(model)
     from transformers import AutoModelForCausalLM
 
