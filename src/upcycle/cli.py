@@ -61,6 +61,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a top-level config key (value parsed as YAML), e.g. --set seq_len=128")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the run's out folder")
 
+    p = command("sparsify", "make the FFNs predictor-gated bank-sparse (keep K of every BANK channels)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--bank", type=int, default=64, help="channels per bank (must divide the FFN width, or --pad)")
+    p.add_argument("--keep", type=int, default=16, help="channels kept in every bank per token")
+    p.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
+    p.add_argument("--gate", default="hard", choices=["hard", "sigmoid", "softmax"])
+    p.add_argument("--init", default="svd", choices=["svd", "random"], help="predictor initialisation")
+    p.add_argument("--warmup-steps", type=int, default=300, help="predictor fitting steps per layer (0: none)")
+    p.add_argument("--calibration", default="shakespeare+pystdlib", help="text for the warm-up ('a+b' mixes)")
+    p.add_argument("--calibration-tokens", type=int, default=32768)
+    p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")
+    p.add_argument("--permute", action="store_true", help="co-activation clustering of channels before banking")
+    p.add_argument("--pad", action="store_true", help="pad the FFN width with zero channels to a multiple of BANK")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+    p = command("densify", "export a bank-sparse model as its stock dense family (predictors dropped)")
+    p.add_argument("model", nargs="?")
+    p.add_argument("out", nargs="?")
+    p.add_argument("--overwrite", action="store_true")
+
     p = command("demo", "fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
@@ -68,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-_REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "train": [], "demo": []}
+_REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "train": [], "demo": [],
+             "sparsify": ["model", "out"], "densify": ["model", "out"]}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -189,6 +213,51 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _fresh_out(path: str, overwrite: bool) -> Path:
+    out = Path(path)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"OUT {str(out)!r} exists and is not empty: choose a new folder or pass --overwrite")
+    return out
+
+
+def cmd_sparsify(args) -> int:
+    from upcycle.hub import load
+    from upcycle.ops import SparsifyConfig
+    from upcycle.ops.sparsify_run import sparsify_to_folder
+
+    _quiet_transformers()
+    try:
+        layers = None if args.layers is None else [int(v) for v in str(args.layers).split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"--layers {args.layers!r}: expected comma-separated layer indices, e.g. 0,1,2") from None
+    config = SparsifyConfig(bank=args.bank, keep=args.keep, rank=args.rank, gate=args.gate, init=args.init,
+                            warmup_steps=args.warmup_steps, calibration=args.calibration,
+                            calibration_tokens=args.calibration_tokens, layers=layers, permute=args.permute,
+                            pad=args.pad, seed=args.seed, progress=True)
+    out = _fresh_out(args.out, args.overwrite)
+    model, tokenizer = load(args.model, trust_remote_code=args.trust_remote_code)
+    print(sparsify_to_folder(model, tokenizer, config, out, overwrite=args.overwrite, source=args.model))
+    return 0
+
+
+def cmd_densify(args) -> int:
+    import torch
+
+    from upcycle.eval import compare
+    from upcycle.hub import load, save
+    from upcycle.ops import densify
+
+    _quiet_transformers()
+    out = _fresh_out(args.out, args.overwrite)
+    model, tokenizer = load(args.model)
+    dense = densify(model)
+    save(dense, tokenizer, out, overwrite=args.overwrite)
+    probe = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    print(f"saved {out} ({dense.config.model_type}, every channel computed); dense vs sparse on random tokens: "
+          f"{compare(model, dense, probe).summary()}")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from upcycle.demo import run
 
@@ -197,7 +266,8 @@ def cmd_demo(args) -> int:
     return 0
 
 
-COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "train": cmd_train, "demo": cmd_demo}
+COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "train": cmd_train, "demo": cmd_demo,
+            "sparsify": cmd_sparsify, "densify": cmd_densify}
 
 
 if __name__ == "__main__":

@@ -144,9 +144,19 @@ def tokens(source: str, tokenizer, split: str = "train", *, val_fraction: float 
 
 def blocks(source: str, tokenizer, split: str, seq_len: int, *, max_blocks: int | None = None,
            val_fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
-    """Consecutive non-overlapping blocks of seq_len tokens (the tail that does not fill one is dropped)."""
+    """Consecutive non-overlapping blocks of seq_len tokens (the tail that does not fill one is dropped).
+
+    A mixture "a+b" gives the blocks of each source interleaved (a0, b0, a1, b1, ...; the longer
+    one's rest at the end), so that any first n blocks draw on every source."""
     check(isinstance(seq_len, int) and seq_len >= 2, "seq_len", seq_len, "an integer >= 2")
     check(max_blocks is None or max_blocks >= 1, "max_blocks", max_blocks, "None or >= 1")
+    parts = mixture_parts(source)
+    if len(parts) > 1:
+        share = None if max_blocks is None else -(-max_blocks // len(parts))
+        each = [blocks(p, tokenizer, split, seq_len, max_blocks=share, val_fraction=val_fraction, seed=seed)
+                for p in parts]
+        rows = [b[i] for i in range(max(len(b) for b in each)) for b in each if i < len(b)]
+        return torch.stack(rows[:max_blocks])
     ids = tokens(source, tokenizer, split, val_fraction=val_fraction, seed=seed)
     n = len(ids) // seq_len
     if n == 0:
@@ -154,6 +164,16 @@ def blocks(source: str, tokenizer, split: str, seq_len: int, *, max_blocks: int 
     if max_blocks is not None:
         n = min(n, max_blocks)
     return torch.from_numpy(np.asarray(ids[: n * seq_len], dtype=np.int64).reshape(n, seq_len))
+
+
+def mixture_parts(source: str) -> list[str]:
+    """The sources of a mixture "shakespeare+pystdlib" (a path that exists is never split)."""
+    if "+" not in source or Path(source).expanduser().exists():
+        return [source]
+    parts = [p for p in source.split("+")]
+    if any(not p for p in parts):
+        raise DataError(f"text source {source!r}: a mixture is sources joined by '+', none empty")
+    return parts
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -218,4 +238,4 @@ def describe_split(source: str, tokenizer, *, val_fraction: float = 0.1, seed: i
     return json.loads((folder / "meta.json").read_text())
 
 
-__all__ = ["Document", "documents", "split_documents", "tokens", "blocks", "describe_split", "BUILTIN_CORPORA"]
+__all__ = ["Document", "documents", "split_documents", "tokens", "blocks", "mixture_parts", "describe_split", "BUILTIN_CORPORA"]

@@ -42,3 +42,25 @@ class RunFolder:
         tmp.replace(report)
         (self.path / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
         return report
+
+
+def plot_per_layer(series: dict[str, list[float]], path: str | Path, *, ylabel: str, title: str,
+                   layers: list[int] | None = None) -> Path:
+    """One line per named series over layer index (e.g. predictor recall per layer)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, values in series.items():
+        ax.plot(layers if layers is not None else range(len(values)), values, marker="o", ms=3, label=name)
+    ax.set_xlabel("layer")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

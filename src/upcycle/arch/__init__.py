@@ -18,7 +18,8 @@ __all__ = ["Adapter", "LayerShape", "SwiGLUWeights", "FAMILIES", "DENSE_FAMILIES
 
 def family_of(config) -> str:
     """The supported family of a transformers config, or UnsupportedArchitecture."""
-    model_type = getattr(config, "model_type", None)
+    # upcycle's registered sparse type keeps its base family's modules and config fields
+    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
     if model_type not in FAMILIES:
         arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
         raise UnsupportedArchitecture(

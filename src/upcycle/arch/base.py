@@ -119,6 +119,8 @@ class Adapter:
 
     def ffn_kind(self, i: int) -> str:
         ffn = self.ffn(i)
+        if isinstance(getattr(type(ffn), "ffn_kind", None), str):  # upcycle's own FFNs name their kind
+            return type(ffn).ffn_kind
         if _is_moe_block(ffn):
             return "moe"
         if _is_swiglu(ffn):

@@ -2,10 +2,11 @@
 
 from upcycle.train.config import GroupConfig, LossTerm, StageConfig, TrainConfig
 from upcycle.train.losses import LOSSES, LossInputs, register_loss
-from upcycle.train.trainer import TRANSFORMS, Callback, Trainer, TrainingDiverged, register_transform
+from upcycle.train.trainer import CALLBACKS, TRANSFORMS, Callback, Trainer, TrainingDiverged, register_callback, register_transform
 
 __all__ = ["Trainer", "TrainConfig", "StageConfig", "LossTerm", "GroupConfig", "Callback", "LOSSES", "LossInputs",
-           "register_loss", "TRANSFORMS", "register_transform", "TrainingDiverged", "train"]
+           "register_loss", "TRANSFORMS", "register_transform", "CALLBACKS", "register_callback", "TrainingDiverged",
+           "train"]
 
 
 def train(config: TrainConfig | dict | str, *, resume: bool = False, **kwargs) -> dict:

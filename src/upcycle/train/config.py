@@ -66,7 +66,8 @@ class GroupConfig:
 class StageConfig:
     """A stretch of training with its own token budget, trainable groups and LR schedule.
     `train` lists the groups that learn in this stage (default: every group not frozen);
-    `transform` names a registered transform applied to the model when the stage starts."""
+    `transform` names a registered transform applied to the model when the stage starts;
+    `callbacks` are registered callbacks active during this stage: [{name, options}]."""
 
     name: str
     tokens: int
@@ -75,10 +76,14 @@ class StageConfig:
     warmup_steps: int | None = None
     transform: str | None = None
     transform_options: dict = field(default_factory=dict)
+    callbacks: list[dict] = field(default_factory=list)
 
     def __post_init__(self):
         check(isinstance(self.tokens, int) and self.tokens > 0, f"stage {self.name!r} tokens", self.tokens,
               "a positive number of tokens")
+        for cb in self.callbacks:
+            check(isinstance(cb, dict) and "name" in cb and set(cb) <= {"name", "options"},
+                  f"stage {self.name!r} callbacks", cb, "{name: registered callback, options: {...}}")
 
 
 @dataclass

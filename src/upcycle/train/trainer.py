@@ -10,6 +10,7 @@ Every upcycle verb ends here: its own needs arrive as loss terms (losses.py), st
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -37,6 +38,18 @@ def register_transform(name: str):
     def wrap(fn):
         TRANSFORMS[name] = fn
         return fn
+    return wrap
+
+
+# name -> Callback class, instantiated with the stage's options while that stage runs
+CALLBACKS: dict[str, type] = {}
+
+
+def register_callback(name: str):
+    """Make a Callback class usable from a run config: stages: [{..., callbacks: [{name, options}]}]."""
+    def wrap(cls):
+        CALLBACKS[name] = cls
+        return cls
     return wrap
 
 
@@ -97,6 +110,10 @@ class Trainer:
             if stage.transform is not None and stage.transform not in TRANSFORMS:
                 raise ConfigError(f"stage {stage.name!r} transform={stage.transform!r} is not registered; "
                                   f"known: {', '.join(sorted(TRANSFORMS)) or 'none'}")
+            for cb in stage.callbacks:
+                if cb["name"] not in CALLBACKS:
+                    raise ConfigError(f"stage {stage.name!r} callback {cb['name']!r} is not registered; "
+                                      f"known: {', '.join(sorted(CALLBACKS)) or 'none'}")
         self.progress = Progress()
         self.optimizer = None
         self.wrapped = None
@@ -129,7 +146,9 @@ class Trainer:
         stage = self.config.stages[index]
         if stage.transform is None or index in self._applied:
             return
-        result = TRANSFORMS[stage.transform](self.model, **stage.transform_options)
+        fn = TRANSFORMS[stage.transform]
+        extra = {"tokenizer": self.tokenizer} if "tokenizer" in inspect.signature(fn).parameters else {}
+        result = fn(self.model, **stage.transform_options, **extra)
         self.model = (result[0] if isinstance(result, tuple) else result).to(self.world.device)
         self._applied.add(index)
 
@@ -153,7 +172,7 @@ class Trainer:
             yield torch.stack([self._sample(first + start + j) for j in range(cfg.micro_batch)])
 
     # ---- one optimizer step ----------------------------------------------------------------------
-    def _step(self, stage, steps: int, base_lr: float) -> dict:
+    def _step(self, stage, steps: int, base_lr: float, callbacks: list[Callback]) -> dict:
         cfg = self.config
         factor = lr_factor(self.progress.stage_step, steps, stage.warmup_steps if stage.warmup_steps is not None
                            else cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
@@ -191,7 +210,7 @@ class Trainer:
         if cfg.clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
-        for cb in self.callbacks:
+        for cb in callbacks:
             cb.on_after_backward(self)
         self.optimizer.step()
         self.progress.stage_step += 1
@@ -227,14 +246,15 @@ class Trainer:
             self._prepare_stage(stage, base_lr, state)
             self.wrapped.train()  # loaded models come in eval mode (dropout off)
             state = None
-            for cb in self.callbacks:
+            callbacks = self.callbacks + [CALLBACKS[c["name"]](**c.get("options", {})) for c in stage.callbacks]
+            for cb in callbacks:
                 cb.on_stage_start(self)
             bar = tqdm(total=steps, initial=self.progress.stage_step, desc=f"{stage.name}", unit="step",
                        disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
             record = {}
             while self.progress.stage_step < steps:
                 t0 = time.perf_counter()
-                record = self._step(stage, steps, base_lr)
+                record = self._step(stage, steps, base_lr, callbacks)
                 record["tok_s"] = round(cfg.global_batch * cfg.seq_len / (time.perf_counter() - t0), 1)
                 last = self.progress.stage_step == steps
                 if cfg.val_every and self.progress.step % cfg.val_every == 0 and not last:
@@ -243,7 +263,7 @@ class Trainer:
                         log.write(val)
                 if world.is_main and (self.progress.step % cfg.log_every == 0 or last):
                     log.write(record)
-                for cb in self.callbacks:
+                for cb in callbacks:
                     cb.on_step_end(self, record)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tok_s']:.0f}")
                 bar.update(1)
@@ -253,7 +273,7 @@ class Trainer:
             val = self._validate(stage)
             if world.is_main:
                 log.write(val)
-            for cb in self.callbacks:
+            for cb in callbacks:
                 cb.on_stage_end(self)
             self._checkpoint()
             stage_rows.append({"name": stage.name, "steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len,
