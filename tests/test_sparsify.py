@@ -1,6 +1,7 @@
 """sparsify: the bank-sparse FFN against hand computations and the dense Hugging Face model."""
 
 import copy
+import json
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import upcycle
+import upcycle.train
 from upcycle import hub
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError, UnsupportedArchitecture
@@ -296,3 +298,64 @@ def test_anneal_keep_goes_from_the_bank_to_the_target():
         cb.on_step_end(trainer, {})
     assert seen[0] == 32 and seen[5:] == [8] * 5
     assert all(a >= b for a, b in zip(seen, seen[1:]))
+
+
+def test_training_recipe_sparsifies_anneals_and_saves_a_reloadable_sparse_model(text_folder, tmp_path, tmp_cache):
+    from upcycle.train import Trainer, TrainConfig
+
+    config = TrainConfig.from_dict(dict(
+        model="tiny-llama", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32, global_batch=4,
+        micro_batch=2, lr=3e-3, warmup_steps=1, ckpt_every=100, progress=False, val_blocks=2,
+        losses=[{"name": "lm"}, {"name": "kd"}], teacher="self",
+        groups=[{"name": "predictor", "patterns": [r"\.predictor\."]}],
+        stages=[{"name": "predictor", "tokens": 32 * 4 * 2, "train": ["predictor"], "transform": "sparsify",
+                 "transform_options": {"bank": 32, "keep": 8, "rank": 4, "warmup_steps": 20,
+                                       "calibration": str(text_folder), "calibration_tokens": 1024, "seq_len": 32}},
+                {"name": "end-to-end", "tokens": 32 * 4 * 6,
+                 "callbacks": [{"name": "anneal_keep", "options": {"fraction": 0.5}}]}]))
+    trainer = Trainer(config)
+    dense_before = copy.deepcopy(trainer.model)
+    seen = []
+
+    class Watch(upcycle.train.Callback):
+        def on_step_end(self, t, record):
+            seen.append((record["stage"], adapter_for(t.model).ffn(0).keep))
+
+    trainer.callbacks.append(Watch())
+    trainer.fit()
+    assert [k for s, k in seen if s == "predictor"] == [8, 8]
+    e2e = [k for s, k in seen if s == "end-to-end"]
+    assert e2e == [32, 24, 16, 8, 8, 8]  # the k each step ran with: linear over the first half of 6 steps
+    # the teacher is the dense model from before the transform
+    assert torch.equal(logits(trainer.teacher, tokens_for(dense_before)), logits(dense_before, tokens_for(dense_before)))
+    reloaded, _ = upcycle.load(tmp_path / "run" / "final")
+    assert isinstance(reloaded, UpcycleSparseForCausalLM)
+    ids = tokens_for(reloaded)
+    assert torch.equal(logits(reloaded, ids), logits(trainer.model.eval(), ids))
+
+
+def test_cli_sparsify_and_densify(text_folder, tmp_path, tmp_cache, capsys):
+    from upcycle.cli import main
+
+    src = tmp_path / "dense"
+    hub.save(hub.tiny("llama"), hub.byte_tokenizer(), src)
+    out = tmp_path / "sparse"
+    assert main(["sparsify", str(src), str(out), "--bank", "32", "--keep", "8", "--rank", "4", "--warmup-steps", "20",
+                 "--calibration", str(text_folder), "--calibration-tokens", "2048"]) == 0
+    printed = capsys.readouterr().out
+    assert "reloaded: max |Δlogit| 0" in printed and "recall" in printed
+    report = json.loads((out / "sparsify_report.json").read_text())
+    assert len(report["recall"]) == 2 and (out / "recall.png").exists() and (out / "sparsify_report.md").exists()
+    assert main(["densify", str(out), str(tmp_path / "back")]) == 0
+    back, _ = upcycle.load(tmp_path / "back")
+    assert back.config.model_type == "llama"
+    # one-line errors, nothing written
+    for argv, message in [(["sparsify", str(src), str(tmp_path / "x"), "--keep", "80"], "keep=80"),
+                          (["sparsify", str(src), str(tmp_path / "x"), "--bank", "48"], "bank=48"),
+                          (["sparsify", str(src), str(tmp_path / "x"), "--rank", "0"], "rank=0"),
+                          (["sparsify", str(src), str(out)], "exists"),
+                          (["densify", str(src), str(tmp_path / "y")], "densify needs a bank-sparse model")]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -69,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=64, help="rank of the low-rank predictor")
     p.add_argument("--gate", default="hard", choices=["hard", "sigmoid", "softmax"])
     p.add_argument("--init", default="svd", choices=["svd", "random"], help="predictor initialisation")
-    p.add_argument("--warmup-steps", type=int, default=300, help="predictor fitting steps per layer (0: none)")
+    p.add_argument("--warmup-steps", type=int, default=200, help="predictor fitting steps per layer (0: none)")
     p.add_argument("--calibration", default="shakespeare+pystdlib", help="text for the warm-up ('a+b' mixes)")
     p.add_argument("--calibration-tokens", type=int, default=32768)
     p.add_argument("--layers", default=None, help="comma-separated layer indices (default: all)")

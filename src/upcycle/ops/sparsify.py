@@ -39,8 +39,8 @@ class SparsifyConfig:
     gate: str = "hard"  # hard | sigmoid | softmax
     selection: str = "predictor"  # predictor | oracle | threshold (TEAL-style, a baseline)
     init: str = "svd"  # svd | random
-    warmup_steps: int = 300  # predictor fitting steps per layer on the dense oracle; 0 = none
-    warmup_lr: float = 3e-3
+    warmup_steps: int = 200  # predictor fitting steps per layer on the dense oracle; 0 = none
+    warmup_lr: float = 1e-2
     warmup_batch: int = 1024  # tokens per fitting step
     calibration: str = "shakespeare+pystdlib"
     calibration_tokens: int = 32768

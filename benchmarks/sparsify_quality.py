@@ -1,0 +1,208 @@
+"""How good is a 16-of-64 bank-sparse smollm2-135m, against every baseline, on the same tokens.
+
+    python benchmarks/sparsify_quality.py                 # the full run (~1.5 h on 2 CPU cores)
+    python benchmarks/sparsify_quality.py --budget 32768  # shorter
+
+Trains on shakespeare + pystdlib (train splits, interleaved) and scores held-out documents of both.
+Every trained model gets the same recipe (LM + KD from the original dense model, AdamW, cosine LR,
+embeddings frozen) and the same token budget:
+  dense            the original, untrained
+  dense_companion  the dense model continued on the same tokens
+  sparse           sparsify (SVD init + predictor warm-up on the dense oracle), then a predictor-only
+                   stage and an end-to-end stage with k annealed from 64 to 16
+  oracle           the true top-16 of every bank (an upper bound for a predictor; untrained)
+  teal75           TEAL-style per-layer magnitude thresholds at 75% sparsity (training-free)
+  dense4x          FFN width cut to 1/4 by activation importance, then trained like the others
+Then ablations at a shorter budget: rank, gate mode, initialisation / warm-up, and KD.
+Runs are kept in runs/bench-sparsify/ and reused when the script is run again.
+Results: benchmarks/results/sparsify_quality.json, and plots next to it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+import upcycle
+from upcycle import data
+from upcycle.eval import perplexity
+from upcycle.ops import narrow_ffn, selection_stats, sparsify
+from upcycle.report import markdown_table, plot_per_layer
+from upcycle.train import Trainer, TrainConfig
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RUNS = Path("runs/bench-sparsify")
+MODEL = "smollm2-135m"
+DATA = "shakespeare+pystdlib"
+SEQ = 256
+BATCH = 8  # sequences per optimizer step: 2048 tokens
+
+
+def held_out(tok, blocks_each: int) -> dict[str, torch.Tensor]:
+    return {name: data.blocks(name, tok, "validation", SEQ, max_blocks=blocks_each) for name in data.BUILTIN_CORPORA}
+
+
+def score(model, val: dict[str, torch.Tensor]) -> dict:
+    """Perplexity on each held-out corpus and on both together (token-weighted)."""
+    out, nll, tokens = {}, 0.0, 0
+    for name, blocks in val.items():
+        r = perplexity(model, blocks, batch_size=8)
+        out[name] = round(r.ppl, 3)
+        nll, tokens = nll + r.nll * r.tokens, tokens + r.tokens
+    out["both"] = round(math.exp(nll / tokens), 3)
+    return out
+
+
+def recipe(name: str, stages: list[dict], kd: bool = True, lr: float = 2e-4) -> TrainConfig:
+    losses = [{"name": "lm", "weight": 1.0}] + ([{"name": "kd", "weight": 1.0}] if kd else [])
+    return TrainConfig(
+        model=MODEL, data=DATA, out=str(RUNS / name), seq_len=SEQ, global_batch=BATCH, micro_batch=4, lr=lr,
+        warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, clip=1.0, losses=losses, teacher="self" if kd else None,
+        groups=[{"name": "embeddings", "patterns": ["embed_tokens", "lm_head"], "frozen": True},
+                {"name": "predictor", "patterns": [r"\.predictor\."], "lr_mult": 5.0}],
+        stages=stages, val_every=8, val_blocks=8, ckpt_every=10_000, progress=True)
+
+
+def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True):
+    """Train (or reuse a finished run) and return (model, validation curve [(tokens, val_loss)])."""
+    config = recipe(name, stages, kd)
+    final = Path(config.out) / "final"
+    if not (final / "config.json").exists():
+        Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
+    trained, _ = upcycle.load(final)
+    curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (Path(config.out) / "metrics.jsonl").open())
+             if "val_loss" in r]
+    return trained.eval(), curve
+
+
+def sparse_stages(budget: int, anneal: bool = True) -> list[dict]:
+    first = max(BATCH * SEQ, budget // 8)
+    e2e = {"name": "end-to-end", "tokens": budget - first}
+    if anneal:
+        e2e["callbacks"] = [{"name": "anneal_keep", "options": {"fraction": 0.3}}]
+    return [{"name": "predictor", "tokens": first, "train": ["predictor"]}, e2e]
+
+
+def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
+    t0 = time.perf_counter()
+    options = {"bank": 64, "keep": 16, "rank": 64, "calibration": DATA, "calibration_tokens": 16384,
+               "progress": True, **options}
+    model, report = sparsify(dense, tok, **options)
+    untrained = score(model, val)
+    trained, curve = train(name, model, tok, dense, sparse_stages(budget), kd)
+    stats = selection_stats(trained, val["shakespeare"][:4])
+    return {"options": {k: v for k, v in options.items() if k != "progress"}, "kd": kd, "tokens": budget,
+            "recall_warmup": report.recall, "recall_warmup_mean": report.recall_mean,
+            "recall_init_mean": sum(report.recall_init) / len(report.recall_init) if report.recall_init else None,
+            "ppl_untrained": untrained, "ppl": score(trained, val),
+            "recall_trained": stats["recall"], "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]),
+            "curve": curve, "wall_s": round(time.perf_counter() - t0)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--budget", type=int, default=98304, help="training tokens of every trained model")
+    parser.add_argument("--ablation-budget", type=int, default=16384)
+    parser.add_argument("--val-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
+    parser.add_argument("--skip-ablations", action="store_true")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    RESULTS.mkdir(exist_ok=True)
+    partial = RESULTS / "sparsify_quality.partial.json"
+    res = json.loads(partial.read_text()) if partial.exists() else {}
+
+    def save():
+        partial.write_text(json.dumps(res, indent=1))
+
+    dense, tok = upcycle.load(MODEL)
+    val = held_out(tok, args.val_blocks)
+    calib = data.blocks(DATA, tok, "train", SEQ, max_blocks=64)
+    res.update({"model": MODEL, "data": DATA, "tokens": args.budget, "held_out_tokens": {k: v.numel() for k, v in val.items()},
+                "threads": torch.get_num_threads()})
+    ppl = res.setdefault("ppl", {})
+    if "dense" not in ppl:
+        ppl["dense"] = score(dense, val)
+        save()
+    if "oracle" not in ppl:
+        ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0)[0], val)
+        save()
+    if "sparse" not in ppl:
+        run = sparse_run("sparse", dense, tok, val, args.budget)
+        ppl["sparse"], ppl["sparse_untrained"] = run["ppl"], run["ppl_untrained"]
+        res["sparse_run"] = run
+        res["recall_per_layer"], res["recall_mean"] = run["recall_warmup"], run["recall_warmup_mean"]
+        res["recall_trained_per_layer"], res["recall_trained_mean"] = run["recall_trained"], run["recall_trained_mean"]
+        res.setdefault("curves", {})["sparse"] = run["curve"]
+        save()
+    if "teal75" not in ppl:
+        teal, report = sparsify(dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384)
+        ppl["teal75"], res["teal75_density"] = score(teal, val), report.density
+        save()
+    if "dense_companion" not in ppl:
+        model, curve = train("dense_companion", copy.deepcopy(dense), tok, dense,
+                             [{"name": "end-to-end", "tokens": args.budget}])
+        ppl["dense_companion"], res.setdefault("curves", {})["dense_companion"] = score(model, val), curve
+        save()
+    if "dense4x" not in ppl:
+        narrow, _ = narrow_ffn(dense, calib, fraction=0.25)
+        res["dense4x_untrained"] = score(narrow, val)
+        model, curve = train("dense4x", narrow, tok, dense, [{"name": "end-to-end", "tokens": args.budget}])
+        ppl["dense4x"], res.setdefault("curves", {})["dense4x"] = score(model, val), curve
+        save()
+    if not args.skip_ablations:
+        ablations = res.setdefault("ablations", {})
+        variants = {
+            "r64 hard svd+warmup kd": {},
+            "r32": {"rank": 32}, "r128": {"rank": 128},
+            "gate sigmoid": {"gate": "sigmoid"}, "gate softmax": {"gate": "softmax"},
+            "init random+warmup": {"init": "random"}, "svd, no warm-up": {"warmup_steps": 0},
+            "no kd": {"kd": False},
+        }
+        for label, opts in variants.items():
+            if label in ablations:
+                continue
+            opts = dict(opts)
+            kd = opts.pop("kd", True)
+            slug = "abl-" + "".join(c if c.isalnum() else "_" for c in label)
+            ablations[label] = sparse_run(slug, dense, tok, val, args.ablation_budget, kd=kd, **opts)
+            save()
+    res["ratios"] = {k: round(ppl[k]["both"] / ppl["dense_companion"]["both"], 3) for k in ppl}
+    write_outputs(res)
+    partial.unlink(missing_ok=True)
+
+
+def write_outputs(res: dict) -> None:
+    (RESULTS / "sparsify_quality.json").write_text(json.dumps(res, indent=1) + "\n")
+    plot_per_layer({"after warm-up (dense oracle)": res["recall_per_layer"],
+                    "after training (own oracle)": res["recall_trained_per_layer"]},
+                   RESULTS / "sparsify_recall.png", ylabel="recall of oracle top-16 of 64",
+                   title="smollm2-135m 16-of-64: predictor recall per layer")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for name, curve in res.get("curves", {}).items():
+        ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=3, label=name)
+    ax.set_xlabel("training tokens")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title("smollm2-135m on shakespeare+pystdlib: same recipe, same tokens")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "sparsify_val_loss.png", dpi=120)
+    plt.close(fig)
+    rows = [[k, v["shakespeare"], v["pystdlib"], v["both"], res["ratios"].get(k, "")] for k, v in res["ppl"].items()]
+    print(markdown_table(["model", "shakespeare", "pystdlib", "both", "× companion"], rows))
+
+
+if __name__ == "__main__":
+    main()
