@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--max-blocks", type=int, default=32)
+    p.add_argument("--sparse-tokens", type=int, default=28672, help="training tokens of the sparsify part (0: skip it)")
     return parser
 
 
@@ -262,7 +263,7 @@ def cmd_demo(args) -> int:
     from upcycle.demo import run
 
     _quiet_transformers()
-    run(args.out, model_name=args.model, max_blocks=args.max_blocks)
+    run(args.out, model_name=args.model, max_blocks=args.max_blocks, sparse_tokens=args.sparse_tokens)
     return 0
 
 
