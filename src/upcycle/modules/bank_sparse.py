@@ -67,6 +67,13 @@ def bank_topk_mask(scores: torch.Tensor, bank: int, keep: int) -> torch.Tensor:
     return mask.reshape(shape)
 
 
+def oracle_ranking_loss(z: torch.Tensor, oracle: torch.Tensor, bank: int, keep: int) -> torch.Tensor:
+    """Per bank, a softmax cross-entropy that puts the probability mass on the oracle's k channels:
+    top-k selection uses only the ranking within each bank, so the loss looks at nothing else."""
+    logp = torch.log_softmax(z.float().reshape(-1, bank), dim=-1)
+    return -(logp * oracle.reshape(-1, bank)).sum(-1).mean() / keep
+
+
 class LowRankPredictor(nn.Module):
     """z = (x A) B + c: one routing logit per FFN channel from rank-r factors (A: H x r, B: r x I)."""
 
@@ -114,6 +121,8 @@ class BankSparseFFN(nn.Module):
         self.predictor = LowRankPredictor(hidden, width, sparsity.rank)
         # TEAL-style selection: |activation| above this value is kept
         self.register_buffer("threshold", torch.zeros(()))
+        # in training: how far the predictor's ranking is from this FFN's own top-k (the `router` loss)
+        self.router_loss: torch.Tensor | None = None
 
     @property
     def bank(self) -> int:
@@ -138,6 +147,8 @@ class BankSparseFFN(nn.Module):
         if selection == "threshold":
             return (h.detach().abs() > self.threshold).to(h.dtype)
         z = self.predictor(x)
+        if self.training:
+            self.router_loss = oracle_ranking_loss(z, self.oracle_mask(x, h), self.bank, self.keep)
         mode = self.sparsity.gate
         if mode == "hard":
             mask = torch.ones_like(z) if self.keep == self.bank else bank_topk_mask(z.detach(), self.bank, self.keep)

@@ -17,7 +17,6 @@ import copy
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle import data
@@ -25,6 +24,8 @@ from upcycle.arch import SwiGLUWeights, adapter_for
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM, bank_topk_mask
+from upcycle.modules.bank_sparse import oracle_ranking_loss
+from upcycle.train.losses import LossInputs, register_loss
 from upcycle.ops.importance import ffn_inputs, magnitude_quantile, swiglu_activation
 from upcycle.train.trainer import Callback, register_callback, register_transform
 
@@ -168,9 +169,7 @@ def predictor_recall(ffn: BankSparseFFN, x: torch.Tensor) -> float:
 
 def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, batch: int,
                   generator: torch.Generator) -> None:
-    """Fit the predictor to the oracle mask with the FFN frozen: per bank, a softmax cross-entropy
-    that puts the probability mass on the oracle's k channels (ranking within each bank is all that
-    top-k selection uses, so the loss looks at nothing else)."""
+    """Fit the predictor to the oracle mask with the FFN frozen (see oracle_ranking_loss)."""
     oracle = _oracle_masks(ffn, x)
     bank, keep = ffn.bank, ffn.keep
     params = list(ffn.predictor.parameters())
@@ -178,10 +177,8 @@ def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, ba
     with torch.enable_grad():
         for _ in range(steps):
             index = torch.randint(0, len(x), (min(batch, len(x)),), generator=generator)
-            z = ffn.predictor(x[index].to(params[0].dtype)).float()
-            logp = F.log_softmax(z.reshape(len(index), -1, bank), dim=-1)
-            target = oracle[index].reshape(len(index), -1, bank)
-            loss = -(logp * target).sum(-1).mean() / keep
+            z = ffn.predictor(x[index].to(params[0].dtype))
+            loss = oracle_ranking_loss(z, oracle[index].to(z.dtype), bank, keep)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -318,3 +315,13 @@ def densify(model):
     state = {k: v for k, v in model.state_dict().items() if ".predictor." not in k and not k.endswith(".threshold")}
     dense.load_state_dict(state, strict=True)
     return dense.to(next(model.parameters()).dtype).eval()
+
+
+@register_loss("router")
+def router_loss(inputs: LossInputs) -> torch.Tensor:
+    """Keeps every predictor tracking its own FFN's top-k per bank as the FFN trains (the warm-up's
+    ranking loss, on the live activations): mean over the bank-sparse layers of the last forward."""
+    values = [m.router_loss for m in inputs.model.modules() if isinstance(m, BankSparseFFN) and m.router_loss is not None]
+    if not values:
+        raise ValueError("the router loss needs bank-sparse FFNs with a predictor, in training mode")
+    return torch.stack(values).mean()
