@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, Pret
 from transformers.initialization import no_init_weights
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from upcycle.arch import adapter_for
 from upcycle.modules.bank_sparse import BankSparseFFN, BankSparsity
 
 MODEL_TYPE = "upcycle_sparse"
@@ -63,13 +64,13 @@ class UpcycleSparseForCausalLM(PreTrainedModel, GenerationMixin):
             base = AutoModelForCausalLM.from_config(config.base_config())
         sparsity = config.layer_sparsity()
         hidden, act = config.hidden_size, getattr(config, "hidden_act", "silu")
+        adapter = adapter_for(base)
         for i in config.sparsity.get("layers", []):
-            dense = base.model.layers[i].mlp
-            sparse = BankSparseFFN(hidden, dense.gate_proj.out_features, sparsity, act)
+            dense = adapter.ffn_weights(i)
+            sparse = BankSparseFFN(hidden, dense.width, sparsity, act).to(dense.gate.device, dense.gate.dtype)
+            old = adapter.set_ffn(i, sparse)
             if not fresh:  # the dense projections themselves, not copies
-                sparse.gate_proj, sparse.up_proj, sparse.down_proj = dense.gate_proj, dense.up_proj, dense.down_proj
-            sparse.to(dense.gate_proj.weight.device, dense.gate_proj.weight.dtype)
-            base.model.layers[i].mlp = sparse
+                sparse.gate_proj, sparse.up_proj, sparse.down_proj = old.gate_proj, old.up_proj, old.down_proj
         self.model = base.model
         self.lm_head = base.lm_head
         self.vocab_size = config.vocab_size
