@@ -72,15 +72,14 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
 
     first = 4096
     print(f"\n[5/5] continual training: {first} tokens predictors only, then {tokens - first} end to end "
-          "(LM + KD from the dense model, k annealed 64 -> 16)")
+          "(LM + KD from the dense model + the router loss, k = 16)")
     train_config = TrainConfig(
         model=model_name, data=mix, out=str(run_folder.path / "train"), seq_len=256, global_batch=8,
-        micro_batch=4, lr=2e-4, warmup_steps=2, losses=[{"name": "lm"}, {"name": "kd"}], teacher="self",
+        micro_batch=4, lr=2e-4, warmup_steps=2, losses=[{"name": "lm"}, {"name": "kd"}, {"name": "router"}], teacher="self",
         groups=[{"name": "embeddings", "patterns": ["embed_tokens", "lm_head"], "frozen": True},
                 {"name": "predictor", "patterns": [r"\.predictor\."], "lr_mult": 5.0}],
         stages=[{"name": "predictor", "tokens": first, "train": ["predictor"]},
-                {"name": "end-to-end", "tokens": tokens - first,
-                 "callbacks": [{"name": "anneal_keep", "options": {"fraction": 0.3}}]}],
+                {"name": "end-to-end", "tokens": tokens - first}],
         val_blocks=4, ckpt_every=10_000)
     trained = copy.deepcopy(sparse)
     Trainer(train_config, model=trained, tokenizer=tokenizer, teacher=model).fit()
