@@ -153,13 +153,11 @@ def test_save_load_gives_identical_logits_through_upcycle_and_transformers(tmp_p
     hub.save(sparse, None, tmp_path / "m")
     ids = tokens_for(sparse)
     expected = logits(sparse, ids)
-    by_upcycle = hub.load(tmp_path / "m")[0] if (tmp_path / "m" / "tokenizer_config.json").exists() else None
     by_transformers = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     assert isinstance(by_transformers, UpcycleSparseForCausalLM)
     assert torch.equal(logits(by_transformers, ids), expected)
     assert by_transformers.lm_head.weight is by_transformers.model.embed_tokens.weight  # still tied
     assert float(by_transformers.model.layers[0].mlp.threshold) == 0.5
-    assert by_upcycle is None or torch.equal(logits(by_upcycle, ids), expected)
 
 
 def test_save_load_through_upcycle_hub(tmp_path, tmp_cache):

@@ -184,9 +184,7 @@ def cmd_convert(args) -> int:
 
     _quiet_transformers()
     dtype = getattr(torch, args.dtype)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()) and not args.overwrite:
-        raise ConfigError(f"OUT {str(out)!r} exists and is not empty: choose a new folder or pass --overwrite")
+    out = _fresh_out(args.out, args.overwrite)
     model, tokenizer = load(args.model, trust_remote_code=args.trust_remote_code)
     save(model.to(dtype), tokenizer, out, overwrite=args.overwrite)
     # a conversion states whether it preserved the function: reload what was written and compare

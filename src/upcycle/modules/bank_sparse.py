@@ -121,8 +121,8 @@ class BankSparseFFN(nn.Module):
         self.predictor = LowRankPredictor(hidden, width, sparsity.rank)
         # TEAL-style selection: |activation| above this value is kept
         self.register_buffer("threshold", torch.zeros(()))
-        # in training: how far the predictor's ranking is from this FFN's own top-k (the `router` loss)
-        self.router_loss: torch.Tensor | None = None
+        # in training: the last forward's logits, activation and k, for the `router` loss
+        self.router_inputs: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     @property
     def bank(self) -> int:
@@ -136,6 +136,13 @@ class BankSparseFFN(nn.Module):
         h = self.activation(x) if h is None else h
         return bank_topk_mask(h.detach().abs(), self.bank, self.keep)
 
+    def router_loss(self) -> torch.Tensor | None:
+        """How far the last training forward's predictor ranking was from this FFN's own top-k."""
+        if self.router_inputs is None:
+            return None
+        z, h, keep = self.router_inputs
+        return oracle_ranking_loss(z, bank_topk_mask(h.abs(), self.bank, keep), self.bank, keep)
+
     def predicted_mask(self, x: torch.Tensor) -> torch.Tensor:
         return bank_topk_mask(self.predictor(x).detach(), self.bank, self.keep)
 
@@ -147,8 +154,8 @@ class BankSparseFFN(nn.Module):
         if selection == "threshold":
             return (h.detach().abs() > self.threshold).to(h.dtype)
         z = self.predictor(x)
-        if self.training:
-            self.router_loss = oracle_ranking_loss(z, self.oracle_mask(x, h), self.bank, self.keep)
+        if self.training:  # references only: the `router` loss does the work if a run asks for it
+            self.router_inputs = (z, h.detach(), self.keep)
         mode = self.sparsity.gate
         if mode == "hard":
             mask = torch.ones_like(z) if self.keep == self.bank else bank_topk_mask(z.detach(), self.bank, self.keep)

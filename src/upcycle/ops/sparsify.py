@@ -300,7 +300,6 @@ class AnnealKeep(Callback):
 
     def on_step_end(self, trainer, record: dict) -> None:
         self.on_stage_start(trainer)
-        record["keep"] = next((m.keep for m in trainer.model.modules() if isinstance(m, BankSparseFFN)), None)
 
 
 def densify(model):
@@ -321,7 +320,8 @@ def densify(model):
 def router_loss(inputs: LossInputs) -> torch.Tensor:
     """Keeps every predictor tracking its own FFN's top-k per bank as the FFN trains (the warm-up's
     ranking loss, on the live activations): mean over the bank-sparse layers of the last forward."""
-    values = [m.router_loss for m in inputs.model.modules() if isinstance(m, BankSparseFFN) and m.router_loss is not None]
+    values = [m.router_loss() for m in inputs.model.modules() if isinstance(m, BankSparseFFN)]
+    values = [v for v in values if v is not None]
     if not values:
         raise ValueError("the router loss needs bank-sparse FFNs with a predictor, in training mode")
     return torch.stack(values).mean()

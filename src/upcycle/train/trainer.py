@@ -32,25 +32,22 @@ from upcycle.train.schedules import lr_factor, weight_at
 
 # name -> fn(model, **options) -> model: structural changes applied when a stage starts
 TRANSFORMS: dict[str, Callable] = {}
-
-
-def register_transform(name: str):
-    def wrap(fn):
-        TRANSFORMS[name] = fn
-        return fn
-    return wrap
-
-
 # name -> Callback class, instantiated with the stage's options while that stage runs
 CALLBACKS: dict[str, type] = {}
 
 
-def register_callback(name: str):
-    """Make a Callback class usable from a run config: stages: [{..., callbacks: [{name, options}]}]."""
-    def wrap(cls):
-        CALLBACKS[name] = cls
-        return cls
-    return wrap
+def _registrar(registry: dict):
+    def register(name: str):
+        def wrap(obj):
+            registry[name] = obj
+            return obj
+        return wrap
+    return register
+
+
+register_transform = _registrar(TRANSFORMS)
+# a Callback class usable from a run config: stages: [{..., callbacks: [{name, options}]}]
+register_callback = _registrar(CALLBACKS)
 
 
 class TrainingDiverged(UpcycleError):
