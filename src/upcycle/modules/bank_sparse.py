@@ -14,7 +14,8 @@ Two other selection rules share the module so that baselines run through the sam
     threshold  TEAL-style: keep |act(gate) * up| above a per-layer calibrated threshold (no banks)
 
 This is the reference (masked dense) computation, used for training; it computes every channel and
-zeroes the dropped ones. A faster inference path reads only the kept weights (upcycle.kernels).
+zeroes the dropped ones. In eval mode with no gradient wanted, `forward` takes the fast inference path
+of upcycle.kernels, which reads only the kept channels' weights, wherever it applies.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from upcycle import kernels
 from upcycle.errors import check
 
 GATE_MODES = ("hard", "sigmoid", "softmax")
@@ -167,6 +169,11 @@ class BankSparseFFN(nn.Module):
         return self.keep * torch.softmax(banked, dim=-1).reshape(z.shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        fast = kernels.sparse_ffn_forward(self, x)  # inference only; None: not applicable here
+        return self.reference_forward(x) if fast is None else fast
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Every channel computed, the dropped ones zeroed: the training path and the fallback."""
         h = self.activation(x)
         gate = self.gate_values(x, h)
         return self.down_proj(h if gate is None else h * gate)

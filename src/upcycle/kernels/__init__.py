@@ -1,0 +1,155 @@
+"""Fast CPU inference for bank-sparse FFNs: read only the kept channels' weights.
+
+`BankSparseFFN.forward` calls `sparse_ffn_forward` first; it returns None wherever the fast path does
+not apply (training mode, a gradient wanted, not CPU fp32, an activation other than SiLU, oracle or
+threshold selection, the extension unavailable, more than MAX_TOKENS rows, or a batch for which the
+masked dense reference measured faster) and the module then runs its reference computation.
+
+Switches: the environment variable UPCYCLE_KERNELS=off, or `with upcycle.kernels.disabled():`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import time
+
+import torch
+
+from upcycle.kernels.build import FFNWeights, load, why_unavailable
+
+GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
+MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
+_enabled = os.environ.get("UPCYCLE_KERNELS", "auto").lower() not in ("off", "0", "false", "no")
+_kernel_faster: dict[tuple, bool] = {}  # (rows, hidden, width, bank, keep) -> measured once
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def enabled() -> bool:
+    return _enabled and available()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Run the reference (masked dense) computation inside this block."""
+    global _enabled
+    before, _enabled = _enabled, False
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def _weights(module) -> tuple[torch.Tensor, ...]:
+    """gate, up, down, predictor down, up, bias: dict look-ups, not nn.Module.__getattr__ (a decode
+    step calls this once per layer, so microseconds count)."""
+    m = module._modules
+    pd, pu = m["predictor"]._modules["down"]._parameters, m["predictor"]._modules["up"]._parameters
+    return (m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"],
+            m["down_proj"]._parameters["weight"], pd["weight"], pu["weight"], pu["bias"])
+
+
+def _state(tensors) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+class KernelPlan:
+    """One module prepared for the kernel: its weights packed so that a kept channel j is one
+    contiguous read (rows W_gate[j], W_up[j], W_down^T[j] side by side: [width, 3, hidden]), and the
+    struct the kernel reads. The pack is an inference copy (the FFN weights once more in memory),
+    rebuilt when a weight is replaced or changed in place; `release(model)` frees it."""
+
+    def __init__(self, module):
+        self.tensors = _weights(module)
+        self.state = _state(self.tensors)
+        gate, up, down, pdown, pup, pbias = (t.detach() for t in self.tensors)
+        silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
+        cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in self.tensors)
+        self.usable = silu and cpu_fp32
+        if not self.usable:
+            return
+        self.packed = torch.stack([gate, up, down.t()], dim=1).contiguous()
+        self.predictor = [pdown.contiguous(), pup.contiguous(), pbias.contiguous()]
+        hidden, width = gate.shape[1], gate.shape[0]
+        base, row = self.packed.data_ptr(), hidden * self.packed.element_size()
+        self.struct = FFNWeights(self.predictor[0].data_ptr(), self.predictor[1].data_ptr(),
+                                 self.predictor[2].data_ptr(), pdown.shape[0], base, base + row, base + 2 * row,
+                                 3 * hidden, hidden, width)
+        self.ref = ctypes.byref(self.struct)
+        self.hidden = hidden
+
+    def current(self, module) -> bool:
+        tensors = _weights(module)
+        return all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
+
+
+def plan_for(module) -> KernelPlan:
+    plan = module.__dict__.get("_kernel_plan")
+    if plan is None or not plan.current(module):
+        plan = module.__dict__["_kernel_plan"] = KernelPlan(module)
+    return plan
+
+
+def release(model) -> None:
+    """Free the packed inference copies held by a model's bank-sparse FFNs."""
+    for module in model.modules():
+        module.__dict__.pop("_kernel_plan", None)
+
+
+def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: KernelPlan | None = None) -> torch.Tensor:
+    """The bank-sparse FFN of rows x2d [T, H] by the compiled kernel (z: the predictor logits [T, I],
+    or None to compute them in the kernel)."""
+    plan = plan or plan_for(module)
+    if not x2d.is_contiguous():
+        x2d = x2d.contiguous()
+    out = torch.empty_like(x2d)
+    if z is not None:
+        z = z.contiguous()
+    code = load().upcycle_bank_sparse_ffn_f32(plan.ref, x2d.data_ptr(), x2d.shape[0], None if z is None else z.data_ptr(),
+                                              module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate],
+                                              out.data_ptr())
+    if code != 0:
+        raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
+    return out
+
+
+def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
+    """Measured once per shape: the kernel or the masked dense reference, whichever is faster here."""
+    key = (x2d.shape[0], plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
+    if key not in _kernel_faster:
+        kernel, dense = [], []
+        for _ in range(5):  # alternate, take medians: one noisy sample decides nothing
+            t0 = time.perf_counter()
+            run_kernel(module, x2d, plan=plan)
+            kernel.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            module.reference_forward(x2d)
+            dense.append(time.perf_counter() - t0)
+        _kernel_faster[key] = sorted(kernel)[2] <= sorted(dense)[2]
+    return _kernel_faster[key]
+
+
+def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """The fast path's output for x [..., H], or None where the reference must run."""
+    if not _enabled or module.training or module.sparsity.selection != "predictor":
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or module.gate_proj.weight.requires_grad):
+        return None
+    if x.dtype is not torch.float32 or x.device.type != "cpu" or not available():
+        return None
+    plan = plan_for(module)
+    if not plan.usable:
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = x2d.shape[0]
+    if rows > MAX_TOKENS or (rows > 1 and not _kernel_wins(module, x2d, plan)):
+        return None
+    return run_kernel(module, x2d, plan=plan).reshape(x.shape)
+
+
+__all__ = ["available", "enabled", "disabled", "plan_for", "release", "run_kernel", "sparse_ffn_forward",
+           "why_unavailable", "load", "KernelPlan", "MAX_TOKENS"]

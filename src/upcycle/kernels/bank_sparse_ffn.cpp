@@ -1,0 +1,233 @@
+// Bank-sparse SwiGLU FFN for CPU inference: read only the kept channels' weights.
+//
+// For T tokens (rows of x, T small: decoding), per token and bank of `bank` channels the `keep` channels
+// with the largest predictor logits z are kept; the FFN output is
+//     out[t] = sum over kept j of  s[t,j] * silu(W_gate[j] . x[t]) * (W_up[j] . x[t]) * W_down^T[j]
+// where s is the gate value (1 for `hard`, sigmoid(z) for `sigmoid`, keep * softmax over the bank's
+// kept logits for `softmax`), exactly as the masked dense reference in upcycle/modules/bank_sparse.py.
+//
+// Why it is fast: decoding is memory-bound, and every kept channel j needs three contiguous rows of H
+// floats (W_gate[j], W_up[j] and W_down^T[j], the down projection stored transposed), so a token reads
+// keep/bank of the FFN weights. The loop is channel-major: a channel kept by several tokens of the
+// batch is read once and used for all of them, so a batch reads the union of its tokens' channels.
+// Threads split the banks; each accumulates into its own output rows, summed at the end.
+//
+// Plain C ABI (called through ctypes with raw pointers, fp32, row-major, contiguous). OpenMP comes
+// from the runtime torch has already loaded (same soname), so torch and this code share one pool.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include <omp.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+inline float dot(const float* __restrict a, const float* __restrict x, int64_t n) {
+    float acc = 0.f;
+#pragma omp simd reduction(+ : acc)
+    for (int64_t i = 0; i < n; ++i) acc += a[i] * x[i];
+    return acc;
+}
+
+inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 2); }
+
+// The gate and up dots of one channel (rows g, u) with N token rows at once, so each weight element
+// loaded serves N tokens; the next kept channel's rows (ng, nu) are prefetched a cache line per step,
+// since the hardware prefetcher restarts at every row (the rows of kept channels are not adjacent).
+template <int N>
+inline void gate_up_dots(const float* __restrict g, const float* __restrict u, const float* const* xs,
+                         int64_t n, const float* ng, const float* nu, float* gv, float* uv) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 ag[N], au[N];
+    for (int k = 0; k < N; ++k) ag[k] = au[k] = _mm512_setzero_ps();
+    for (; i + 16 <= n; i += 16) {
+        prefetch(ng + i);
+        prefetch(nu + i);
+        const __m512 wg = _mm512_loadu_ps(g + i), wu = _mm512_loadu_ps(u + i);
+        for (int k = 0; k < N; ++k) {
+            const __m512 xv = _mm512_loadu_ps(xs[k] + i);
+            ag[k] = _mm512_fmadd_ps(wg, xv, ag[k]);
+            au[k] = _mm512_fmadd_ps(wu, xv, au[k]);
+        }
+    }
+    for (int k = 0; k < N; ++k) {
+        gv[k] = _mm512_reduce_add_ps(ag[k]);
+        uv[k] = _mm512_reduce_add_ps(au[k]);
+    }
+#else
+    for (int k = 0; k < N; ++k) gv[k] = uv[k] = 0.f;
+#endif
+    for (; i < n; ++i)  // the tail (or everything, without AVX-512)
+        for (int k = 0; k < N; ++k) {
+            gv[k] += g[i] * xs[k][i];
+            uv[k] += u[i] * xs[k][i];
+        }
+}
+
+// acc_k += h_k * d for N output rows, reading the down row d once; prefetch the next channel's.
+template <int N>
+inline void down_axpys(const float* __restrict d, float* const* acc, const float* h, int64_t n, const float* nd) {
+    int64_t i = 0;
+#if defined(__AVX512F__)
+    __m512 hv[N];
+    for (int k = 0; k < N; ++k) hv[k] = _mm512_set1_ps(h[k]);
+    for (; i + 16 <= n; i += 16) {
+        prefetch(nd + i);
+        const __m512 dv = _mm512_loadu_ps(d + i);
+        for (int k = 0; k < N; ++k) _mm512_storeu_ps(acc[k] + i, _mm512_fmadd_ps(hv[k], dv, _mm512_loadu_ps(acc[k] + i)));
+    }
+#endif
+    for (; i < n; ++i)
+        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * d[i];
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// One channel for the tokens that kept it (count up to 4 at a time).
+template <int N>
+inline void channel_block(const float* g, const float* u, const float* d, const float* ng, const float* nu,
+                          const float* nd, const float* const* xs, float* const* acc, const float* s, int64_t H) {
+    float gv[N], uv[N], h[N];
+    gate_up_dots<N>(g, u, xs, H, ng, nu, gv, uv);
+    for (int k = 0; k < N; ++k) h[k] = s[k] * uv[k] * silu(gv[k]);
+    down_axpys<N>(d, acc, h, H, nd);
+}
+
+enum GateMode { HARD = 0, SIGMOID = 1, SOFTMAX = 2 };
+
+// Per token and bank: the kept channels' gate values into scale[j * T + t] (0 where dropped).
+void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, int64_t bank, int64_t keep,
+                 int mode, int* order, float* scale) {
+    const float* zb = z + t * I + b0;
+    for (int64_t i = 0; i < bank; ++i) order[i] = static_cast<int>(i);
+    if (keep < bank)
+        std::nth_element(order, order + keep, order + bank, [zb](int a, int b) { return zb[a] > zb[b]; });
+    float zmax = -INFINITY, total = 0.f;
+    if (mode == SOFTMAX) {
+        for (int64_t i = 0; i < keep; ++i) zmax = std::max(zmax, zb[order[i]]);
+        for (int64_t i = 0; i < keep; ++i) total += std::exp(zb[order[i]] - zmax);
+    }
+    for (int64_t i = 0; i < keep; ++i) {
+        const float v = zb[order[i]];
+        float s = 1.f;
+        if (mode == SIGMOID) s = 1.f / (1.f + std::exp(-v));
+        else if (mode == SOFTMAX) s = static_cast<float>(keep) * std::exp(v - zmax) / total;
+        scale[(b0 + order[i]) * T + t] = s;
+    }
+}
+
+}  // namespace
+
+extern "C" {
+
+int upcycle_kernels_abi_version() { return 2; }
+
+// One module's weights as the kernel reads them (filled once per module on the Python side).
+struct FFNWeights {
+    const float* pred_down;  // [r, H]
+    const float* pred_up;    // [I, r]
+    const float* pred_bias;  // [I] or null
+    int64_t rank;
+    const float* w_gate;  // row j at w_gate + j * stride, H floats; likewise w_up and w_down_t
+    const float* w_up;
+    const float* w_down_t;
+    int64_t stride;
+    int64_t hidden;
+    int64_t width;
+};
+
+// x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
+// Returns 0, or a negative value on bad arguments.
+int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, const float* z_in, int64_t bank,
+                                int64_t keep, int mode, float* out) {
+    const int64_t H = w->hidden, I = w->width, r = w->rank, stride = w->stride;
+    const float *pred_down = w->pred_down, *pred_up = w->pred_up, *pred_bias = w->pred_bias;
+    const float *w_gate = w->w_gate, *w_up = w->w_up, *w_down_t = w->w_down_t;
+    if (T < 1 || H < 1 || I < 1 || bank < 1 || keep < 1 || keep > bank || I % bank != 0) return -1;
+    if (z_in == nullptr && (pred_down == nullptr || pred_up == nullptr || r < 1)) return -2;
+    const int64_t banks = I / bank;
+    const int threads = omp_get_max_threads();
+
+    std::vector<float> z_own(z_in ? 0 : T * I), y(z_in ? 0 : T * r);
+    std::vector<float> scale(I * T, 0.f);
+    std::vector<float> partial(static_cast<size_t>(threads) * T * H);
+    const float* z = z_in ? z_in : z_own.data();
+
+#pragma omp parallel num_threads(threads)
+    {
+        const int me = omp_get_thread_num();
+        const int team = omp_get_num_threads();
+        if (!z_in) {  // the predictor's first factor, y = x A (read once for the whole batch)
+#pragma omp for schedule(static)
+            for (int64_t q = 0; q < r; ++q)
+                for (int64_t t = 0; t < T; ++t) y[t * r + q] = dot(pred_down + q * H, x + t * H, H);
+        }
+        float* acc = partial.data() + static_cast<size_t>(me) * T * H;
+        std::memset(acc, 0, sizeof(float) * T * H);
+        std::vector<int> order(bank);
+        std::vector<int64_t> active;  // this bank's channels kept by at least one token
+        std::vector<const float*> xs(T);
+        std::vector<float*> outs(T);
+        std::vector<float> ss(T);
+        // Each bank start to finish by one thread: its logits, its top-k, its kept channels.
+#pragma omp for schedule(static)
+        for (int64_t bi = 0; bi < banks; ++bi) {
+            const int64_t b0 = bi * bank;
+            if (!z_in) {
+                for (int64_t j = b0; j < b0 + bank; ++j)
+                    for (int64_t t = 0; t < T; ++t)
+                        z_own[t * I + j] = dot(pred_up + j * r, y.data() + t * r, r) + (pred_bias ? pred_bias[j] : 0.f);
+            }
+            for (int64_t t = 0; t < T; ++t) select_bank(z, T, t, I, b0, bank, keep, mode, order.data(), scale.data());
+            active.clear();
+            for (int64_t j = b0; j < b0 + bank; ++j)
+                for (int64_t t = 0; t < T; ++t)
+                    if (scale[j * T + t] != 0.f) {
+                        active.push_back(j);
+                        break;
+                    }
+            // the next bank's predictor rows, a slice per kept channel, so they are in cache when needed
+            const char* next_rows = reinterpret_cast<const char*>(pred_up + std::min(b0 + bank, I - bank) * r);
+            const int64_t next_bytes = z_in ? 0 : bank * r * static_cast<int64_t>(sizeof(float));
+            const int64_t slice = active.empty() ? 0 : (next_bytes / static_cast<int64_t>(active.size()) + 63) / 64 * 64;
+            for (size_t a = 0; a < active.size(); ++a) {
+                for (int64_t off = static_cast<int64_t>(a) * slice; off < std::min(static_cast<int64_t>(a + 1) * slice, next_bytes); off += 64)
+                    __builtin_prefetch(next_rows + off, 0, 2);
+                const int64_t j = active[a];
+                const int64_t nj = active[std::min(a + 1, active.size() - 1)];
+                const float *g = w_gate + j * stride, *u = w_up + j * stride, *d = w_down_t + j * stride;
+                const float *ng = w_gate + nj * stride, *nu = w_up + nj * stride, *nd = w_down_t + nj * stride;
+                int m = 0;  // the tokens that kept channel j
+                for (int64_t t = 0; t < T; ++t) {
+                    const float st = scale[j * T + t];
+                    if (st == 0.f) continue;
+                    xs[m] = x + t * H;
+                    outs[m] = acc + t * H;
+                    ss[m++] = st;
+                }
+                int k = 0;
+                for (; k + 4 <= m; k += 4) channel_block<4>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+                if (m - k == 3) channel_block<3>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+                if (m - k == 2) channel_block<2>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+                if (m - k == 1) channel_block<1>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+            }
+        }
+        // implicit barrier above; sum the per-thread partial outputs
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < T * H; ++i) {
+            float v = 0.f;
+            for (int th = 0; th < team; ++th) v += partial[static_cast<size_t>(th) * T * H + i];
+            out[i] = v;
+        }
+    }
+    return 0;
+}
+
+}  // extern "C"

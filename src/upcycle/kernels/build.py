@@ -1,0 +1,94 @@
+"""Compile the C++ kernels of this package once per machine, into the cache, and load them.
+
+The source ships inside the package; the shared library is built on first use with the system's C++
+compiler (-march=native: these kernels are for the CPU they run on) and kept under
+~/.cache/upcycle/kernels/<hash of source, flags and compiler>. No compiler, or a failed build, means
+no extension: callers then use the pure-PyTorch reference, and `why_unavailable()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch  # noqa: F401 — loaded first, so the extension binds to the OpenMP runtime torch already uses
+
+from upcycle.cache import cache_dir
+
+SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
+FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
+ABI_VERSION = 2
+
+_library: ctypes.CDLL | None = None
+_failure: str | None = None
+
+
+def compiler() -> str | None:
+    return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
+
+
+def _library_path(cxx: str) -> Path:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
+                         + platform.machine().encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / key / "libupcycle_kernels.so"
+
+
+def _compile(cxx: str, target: Path) -> None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+        built = Path(tmp) / target.name
+        run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        if run.returncode != 0:
+            errors = [line for line in run.stderr.splitlines() if "error" in line] or [f"exit {run.returncode}"]
+            raise RuntimeError(f"{cxx} failed: {errors[0].strip()}")
+        os.replace(built, target)  # atomic: a concurrent build or an interrupted one leaves no half file
+
+
+class FFNWeights(ctypes.Structure):
+    """Mirror of `struct FFNWeights` in bank_sparse_ffn.cpp."""
+
+    _fields_ = [("pred_down", ctypes.c_void_p), ("pred_up", ctypes.c_void_p), ("pred_bias", ctypes.c_void_p),
+                ("rank", ctypes.c_int64), ("w_gate", ctypes.c_void_p), ("w_up", ctypes.c_void_p),
+                ("w_down_t", ctypes.c_void_p), ("stride", ctypes.c_int64), ("hidden", ctypes.c_int64),
+                ("width", ctypes.c_int64)]
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    if lib.upcycle_kernels_abi_version() != ABI_VERSION:
+        raise RuntimeError("stale kernel library (ABI version differs)")
+    f = lib.upcycle_bank_sparse_ffn_f32
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    f.argtypes = [ctypes.POINTER(FFNWeights), p, i64, p, i64, i64, ctypes.c_int, p]
+    f.restype = ctypes.c_int
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels, building them on first use; None where they cannot be had."""
+    global _library, _failure
+    if _library is not None or _failure is not None:
+        return _library
+    cxx = compiler()
+    if cxx is None:
+        _failure = "no C++ compiler found (set CXX, or install g++)"
+        return None
+    try:
+        target = _library_path(cxx)
+        if not target.exists():
+            _compile(cxx, target)
+        _library = _bind(ctypes.CDLL(str(target)))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _failure = f"kernel build failed: {exc}"
+    return _library
+
+
+def why_unavailable() -> str | None:
+    load()
+    return _failure
