@@ -1,0 +1,178 @@
+"""upcycle.kernels: the fast inference path against an independent computation, its fallback, and
+that training never takes it."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import upcycle
+from upcycle import hub, kernels
+from upcycle.kernels import build
+from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
+
+
+def _ffn(hidden=48, width=192, bank=32, keep=8, rank=12, gate="hard", seed=1):
+    torch.manual_seed(seed)
+    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, rank, gate))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return ffn.eval()
+
+
+def expected(ffn, x):
+    """The bank-sparse FFN written out independently: logits, per-bank top-k, gate values, SwiGLU."""
+    bank, keep, mode = ffn.sparsity.bank, ffn.keep, ffn.sparsity.gate
+    p = ffn.predictor
+    z = (x @ p.down.weight.T) @ p.up.weight.T + p.up.bias
+    zb = z.reshape(*z.shape[:-1], -1, bank)
+    top = zb.topk(keep, dim=-1)
+    if mode == "hard":
+        values = torch.ones_like(top.values)
+    elif mode == "sigmoid":
+        values = torch.sigmoid(top.values)
+    else:
+        values = keep * torch.softmax(top.values, dim=-1)
+    gate = torch.zeros_like(zb).scatter(-1, top.indices, values).reshape(z.shape)
+    h = F.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)
+    return (h * gate) @ ffn.down_proj.weight.T
+
+
+@needs_kernel
+@pytest.mark.parametrize("gate", ["hard", "sigmoid", "softmax"])
+@pytest.mark.parametrize("shape", [(48, 192, 32, 8), (40, 128, 64, 16), (576, 1536, 64, 16)])
+@pytest.mark.parametrize("rows", [1, 3, 16])
+def test_kernel_equals_an_independent_computation(gate, shape, rows):
+    hidden, width, bank, keep = shape
+    ffn = _ffn(hidden, width, bank, keep, gate=gate)
+    x = torch.randn(rows, hidden)
+    with torch.no_grad():
+        want = expected(ffn, x)
+        for z in (None, ffn.predictor(x)):  # logits computed in the kernel, or passed in
+            got = kernels.run_kernel(ffn, x, z)
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("keep", [1, 32])
+def test_kernel_extremes_one_channel_per_bank_and_all_of_them(keep):
+    ffn = _ffn(bank=32, keep=keep)
+    x = torch.randn(5, 48)
+    with torch.no_grad():
+        got = kernels.run_kernel(ffn, x)
+        torch.testing.assert_close(got, expected(ffn, x), rtol=1e-4, atol=1e-5)
+        if keep == 32:  # k = b: the dense SwiGLU FFN
+            dense = ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
+            torch.testing.assert_close(got, dense, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
+def test_eval_forward_takes_the_fast_path_for_any_leading_shape():
+    ffn = _ffn()
+    x = torch.randn(2, 3, 48)
+    with torch.no_grad():
+        assert kernels.sparse_ffn_forward(ffn, x) is not None
+        torch.testing.assert_close(ffn(x), expected(ffn, x), rtol=1e-4, atol=1e-5)
+        assert kernels.sparse_ffn_forward(ffn, torch.randn(1, 1, 48)) is not None  # batch 1: no measuring
+        big = torch.randn(1, kernels.MAX_TOKENS + 1, 48)  # prefill: the reference
+        assert kernels.sparse_ffn_forward(ffn, big) is None
+
+
+@needs_kernel
+def test_weights_changed_in_place_are_seen():
+    ffn = _ffn()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        before = ffn(x)
+        ffn.down_proj.weight.mul_(2)
+        ffn.predictor.up.bias.add_(1)
+        after = ffn(x)
+        torch.testing.assert_close(after, expected(ffn, x), rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(before, after)
+        kernels.release(ffn)
+        assert "_kernel_plan" not in ffn.__dict__
+
+
+def test_training_and_gradients_never_take_the_fast_path():
+    ffn = _ffn().train()
+    x = torch.randn(4, 48, requires_grad=True)
+    assert kernels.sparse_ffn_forward(ffn, x) is None
+    out = ffn(x)
+    assert torch.equal(out, ffn.reference_forward(x))  # bit for bit: the training numerics
+    out.square().sum().backward()
+    grads = [p.grad.clone() for p in ffn.parameters()]
+    ffn.zero_grad()
+    with kernels.disabled():
+        ffn(x).square().sum().backward()
+    assert all(torch.equal(a, b.grad) for a, b in zip(grads, ffn.parameters()))
+    ffn.eval()  # eval mode but a gradient wanted: still the reference
+    assert kernels.sparse_ffn_forward(ffn, x) is None
+    with torch.no_grad():  # no gradient in train mode (e.g. a validation pass that forgot eval()): reference
+        ffn.train()
+        assert kernels.sparse_ffn_forward(ffn, x) is None
+
+
+def test_paths_the_kernel_does_not_cover_fall_back():
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        assert kernels.sparse_ffn_forward(_ffn().to(torch.bfloat16), x.bfloat16()) is None
+        oracle = _ffn()
+        oracle.sparsity.selection = "oracle"
+        assert kernels.sparse_ffn_forward(oracle, x) is None
+        gelu = _ffn()
+        gelu.act_fn = torch.nn.GELU()
+        assert kernels.sparse_ffn_forward(gelu, x) is None
+        with kernels.disabled():
+            assert kernels.sparse_ffn_forward(_ffn(), x) is None
+
+
+def test_without_the_extension_the_reference_runs_and_is_correct(monkeypatch):
+    monkeypatch.setattr(build, "_library", None)
+    monkeypatch.setattr(build, "_failure", "simulated: no compiler")
+    assert not kernels.available() and kernels.why_unavailable() == "simulated: no compiler"
+    ffn = _ffn()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        assert kernels.sparse_ffn_forward(ffn, x) is None
+        torch.testing.assert_close(ffn(x), expected(ffn, x), rtol=1e-5, atol=1e-6)
+
+
+def test_a_failed_build_is_reported_and_the_model_still_runs(tmp_path):
+    """A fresh process with a broken compiler and an empty cache: no extension, the reference path."""
+    script = (
+        "import torch, upcycle\n"
+        "from upcycle import kernels\n"
+        "from upcycle.modules import BankSparseFFN, BankSparsity\n"
+        "ffn = BankSparseFFN(32, 64, BankSparsity(16, 4, 8)).eval()\n"
+        "with torch.no_grad(): out = ffn(torch.randn(1, 32))\n"
+        "print(kernels.available(), kernels.why_unavailable(), tuple(out.shape))\n"
+    )
+    env = {**os.environ, "CXX": "/bin/false", "UPCYCLE_CACHE": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("False kernel build failed: /bin/false failed") and "(1, 32)" in run.stdout
+    assert not list(tmp_path.glob("kernels/*/*.so"))  # nothing half-built left behind
+
+
+@needs_kernel
+def test_generate_with_the_kernel_matches_the_reference():
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1]).eval()
+    for ffn in (sparse.model.layers[i].mlp for i in range(2)):
+        for p in ffn.predictor.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, sparse.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        fast = sparse.generate(ids, max_new_tokens=16, do_sample=False)
+        fast_logits = sparse(ids).logits
+        with kernels.disabled():
+            slow = sparse.generate(ids, max_new_tokens=16, do_sample=False)
+            slow_logits = sparse(ids).logits
+    torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-4, atol=1e-4)
+    assert torch.equal(fast, slow)
+    assert upcycle.kernels is kernels
