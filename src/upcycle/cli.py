@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from upcycle.errors import ConfigError, UpcycleError
+from upcycle.errors import ConfigError, UpcycleError, check
 from upcycle.yamlfile import read_mapping
 
 
@@ -84,6 +84,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("out", nargs="?")
     p.add_argument("--overwrite", action="store_true")
 
+    p = command("bench", "how much faster the bank-sparse FFN runs here: FFN layer dense vs sparse, greedy decoding")
+    p.add_argument("model", nargs="?", help="a bank-sparse model, or a dense one (sparsified on the fly to time it)")
+    p.add_argument("--out", default=None, help="write bench.json and bench.md here")
+    p.add_argument("--bank", type=int, default=None, help="for a dense MODEL (default 64)")
+    p.add_argument("--keep", type=int, default=None, help="for a dense MODEL (default 16)")
+    p.add_argument("--rank", type=int, default=None, help="for a dense MODEL (default 64)")
+    p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes of the FFN microbenchmark")
+    p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding length")
+    p.add_argument("--repeats", type=int, default=5, help="alternating measurements per figure (median)")
+    p.add_argument("--no-decode", action="store_true", help="only the FFN microbenchmark")
+
     p = command("demo", "fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
@@ -93,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "train": [], "demo": [],
-             "sparsify": ["model", "out"], "densify": ["model", "out"]}
+             "sparsify": ["model", "out"], "densify": ["model", "out"], "bench": ["model"]}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -257,6 +268,28 @@ def cmd_densify(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from upcycle.bench import run
+    from upcycle.modules import BankSparsity
+
+    _quiet_transformers()
+    try:
+        batches = tuple(int(v) for v in args.batches.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--batches {args.batches!r}: expected comma-separated sizes, e.g. 1,4,16") from None
+    check(bool(batches) and min(batches) >= 1, "batches", args.batches, "positive integers")
+    check(args.new_tokens >= 1, "new_tokens", args.new_tokens, ">= 1")
+    check(args.repeats >= 1, "repeats", args.repeats, ">= 1")
+    given = {k: v for k, v in (("bank", args.bank), ("keep", args.keep), ("rank", args.rank)) if v is not None}
+    sparsity = BankSparsity(**given) if given else None
+    report = run(args.model, args.out, sparsity=sparsity, batches=batches, new_tokens=args.new_tokens,
+                 repeats=args.repeats, decode=not args.no_decode)
+    print(report.table())
+    if args.out:
+        print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from upcycle.demo import run
 
@@ -266,7 +299,7 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "train": cmd_train, "demo": cmd_demo,
-            "sparsify": cmd_sparsify, "densify": cmd_densify}
+            "sparsify": cmd_sparsify, "densify": cmd_densify, "bench": cmd_bench}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,210 @@
+"""How much faster a bank-sparse model really runs on this CPU, and what the bytes say it could.
+
+Three measurements, each a ratio of two timings taken in the same process, alternating, medians:
+
+  ffn_microbench   one FFN layer, dense SwiGLU (three nn.Linear, as Hugging Face runs it) vs the
+                   bank-sparse module in eval mode (predictor + top-k + kept channels: the whole cost)
+  decode_bench     greedy decoding tokens/s, the dense Hugging Face model vs the sparse model
+  weight_bytes     the physical limit: bytes of weights a decoding step reads, dense vs sparse
+
+Decoding one token reads every weight once (batch 1 is memory-bound), so bytes(dense) / bytes(sparse)
+is the speedup the hardware allows; the attention, the norms and the LM head are read in full by both.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from upcycle import kernels
+from upcycle.errors import ConfigError
+from upcycle.modules import BankSparseFFN, BankSparsity
+
+QWEN7B_FFN = (3584, 18944)  # hidden, FFN width of Qwen2.5-7B: the issue's large shape
+
+
+def _median_pair(first, second, repeats: int, calls: int) -> tuple[float, float]:
+    """Median seconds per call of two functions, measured alternately (drift hits both alike)."""
+    a, b = [], []
+    for _ in range(repeats):
+        for fn, sink in ((first, a), (second, b)):
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            sink.append((time.perf_counter() - t0) / calls)
+    return statistics.median(a), statistics.median(b)
+
+
+def ffn_limit(hidden: int, width: int, sparsity: BankSparsity) -> float:
+    """bytes(dense FFN) / bytes(kept channels + predictor): the batch-1 speedup memory allows."""
+    dense = 3 * hidden * width
+    predictor = hidden * sparsity.rank + sparsity.rank * width + width
+    return dense / (dense * sparsity.keep / sparsity.bank + predictor)
+
+
+def _random_ffn(hidden: int, width: int, sparsity: BankSparsity, seed: int = 0) -> BankSparseFFN:
+    torch.manual_seed(seed)
+    ffn = BankSparseFFN(hidden, width, sparsity).eval()
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=hidden ** -0.5)
+    return ffn
+
+
+@torch.no_grad()
+def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), sparsity: BankSparsity | None = None,
+                   repeats: int = 7, target_seconds: float = 0.05, progress: bool = True) -> dict:
+    """Per shape and batch: dense and sparse ms per call and the speedup; per shape the byte limit."""
+    sparsity = sparsity or BankSparsity()
+    rows = {}
+    jobs = [(name, shape, batch) for name, shape in shapes.items() for batch in batches]
+    for name, (hidden, width), batch in tqdm(jobs, desc="FFN layer", disable=not progress):
+        ffn = _random_ffn(hidden, width, sparsity)
+        x = torch.randn(1, batch, hidden)
+
+        def dense():
+            return ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
+
+        def sparse():
+            return ffn(x)
+
+        dense(), sparse()  # warm: the packed copy is built, the batch strategy measured
+        t0 = time.perf_counter()
+        dense()
+        calls = max(1, int(target_seconds / max(time.perf_counter() - t0, 1e-6)))
+        dense_s, sparse_s = _median_pair(dense, sparse, repeats, calls)
+        rows[f"{name}_b{batch}"] = {"shape": [hidden, width], "batch": batch, "dense_ms": dense_s * 1e3,
+                                    "sparse_ms": sparse_s * 1e3, "speedup": dense_s / sparse_s,
+                                    "limit": ffn_limit(hidden, width, sparsity) if batch == 1 else None}
+        del ffn
+    return rows
+
+
+def weight_bytes(model) -> dict[str, float]:
+    """Bytes of weights read to decode one token, by part: the kept share of each bank-sparse FFN,
+    its predictor, every dense FFN, attention + norms, the LM head (an embedding lookup reads one row)."""
+    parts = {"ffn": 0.0, "predictor": 0.0, "attention_and_norms": 0.0, "lm_head": 0.0}
+    sparse_ffns = {name: m for name, m in model.named_modules() if isinstance(m, BankSparseFFN)}
+    head = model.get_output_embeddings().weight
+    parts["lm_head"] = head.numel() * head.element_size()
+    embed = model.get_input_embeddings().weight
+    for name, p in model.named_parameters():
+        if p is head or p is embed:
+            continue
+        size = p.numel() * p.element_size()
+        owner = next((m for prefix, m in sparse_ffns.items() if name.startswith(prefix + ".")), None)
+        if owner is not None:
+            if ".predictor." in name:
+                parts["predictor"] += size
+            else:
+                parts["ffn"] += size * owner.keep / owner.bank
+        elif ".mlp." in name:
+            parts["ffn"] += size
+        else:
+            parts["attention_and_norms"] += size
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@torch.no_grad()
+def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+    t0 = time.perf_counter()
+    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                         pad_token_id=model.config.eos_token_id)
+    return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:]
+
+
+def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
+                 repeats: int = 5, progress: bool = True) -> dict:
+    """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating)."""
+    dense.eval(), sparse.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    _greedy_tokens_per_second(dense, ids, 8), _greedy_tokens_per_second(sparse, ids, 8)  # warm
+    dense_tps, sparse_tps = [], []
+    for _ in tqdm(range(repeats), desc="greedy decoding", disable=not progress):
+        dense_tps.append(_greedy_tokens_per_second(dense, ids, new_tokens)[0])
+        sparse_tps.append(_greedy_tokens_per_second(sparse, ids, new_tokens)[0])
+    _, dense_text = _greedy_tokens_per_second(dense, ids, 24)
+    _, sparse_text = _greedy_tokens_per_second(sparse, ids, 24)
+    d, s = statistics.median(dense_tps), statistics.median(sparse_tps)
+    bytes_dense, bytes_sparse = weight_bytes(dense), weight_bytes(sparse)
+    limit = bytes_dense["total"] / bytes_sparse["total"]
+    return {"prompt": prompt, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
+            "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
+            "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
+            "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
+            "sample": {"dense": tokenizer.decode(dense_text), "sparse": tokenizer.decode(sparse_text)}}
+
+
+@dataclass
+class BenchReport:
+    model: str
+    kernel: str  # "compiled" or why not
+    ffn: dict = field(default_factory=dict)
+    decode: dict = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    def table(self) -> str:
+        lines = ["| FFN layer | batch | dense ms | sparse ms | speedup | limit (bytes) |", "|---|---|---|---|---|---|"]
+        for key, r in self.ffn.items():
+            limit = f"{r['limit']:.2f}×" if r["limit"] else "—"
+            lines.append(f"| {key.rsplit('_b', 1)[0]} {r['shape'][0]}×{r['shape'][1]} | {r['batch']} | "
+                         f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {limit} |")
+        if self.decode:
+            d = self.decode
+            mb = {k: v["total"] / 1e6 for k, v in d["bytes_per_token"].items()}
+            lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
+                      f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
+                      f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
+                      f"limit {d['limit']:.2f}×)"]
+        return "\n".join(lines)
+
+
+def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int = 100):
+    """Both sides of a decode comparison from either kind of model: a bank-sparse model and its
+    densified twin, or a dense model and a sparsified copy (the predictor's quality does not change
+    the speed; a short warm-up gives it a realistic selection pattern)."""
+    from upcycle.ops import densify, sparsify
+
+    if any(isinstance(m, BankSparseFFN) for m in model.modules()):
+        return densify(model), model
+    sparse, _ = sparsify(model, tokenizer, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
+                         warmup_steps=warmup_steps, calibration_tokens=8192)
+    return model, sparse
+
+
+def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSparsity | None = None,
+        batches=(1, 4, 16), new_tokens: int = 128, repeats: int = 5, decode: bool = True,
+        progress: bool = True) -> BenchReport:
+    """`upcycle bench MODEL`: the FFN microbenchmark at the model's own dims and Qwen2.5-7B's, and
+    greedy decoding dense vs sparse; writes bench.json and bench.md to `out` if given."""
+    from upcycle.arch import adapter_for
+    from upcycle.hub import load
+
+    model, tokenizer = load(model_source)
+    found = next((m for m in model.modules() if isinstance(m, BankSparseFFN)), None)
+    sparsity = sparsity or (found.sparsity if found is not None else BankSparsity())
+    hidden = model.config.hidden_size
+    width = found.gate_proj.weight.shape[0] if found is not None else adapter_for(model).ffn_weights(0).width
+    shapes = {"model": (hidden, width), "qwen7b": QWEN7B_FFN}
+    report = BenchReport(model=str(model_source), kernel="compiled" if kernels.available() else str(kernels.why_unavailable()))
+    report.ffn = ffn_microbench(shapes, batches, sparsity, repeats=repeats, progress=progress)
+    if decode:
+        if tokenizer is None:
+            raise ConfigError(f"{model_source}: no tokenizer, so no decoding benchmark (pass --no-decode)")
+        dense, sparse = sparse_and_dense(model, tokenizer, sparsity)
+        report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=new_tokens, repeats=repeats, progress=progress)
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench.json").write_text(report.to_json() + "\n")
+        (out / "bench.md").write_text(f"# upcycle bench {model_source}\n\n{report.table()}\n")
+    return report
