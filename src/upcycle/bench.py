@@ -120,6 +120,33 @@ def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int) -> tupl
     return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:]
 
 
+@torch.no_grad()
+def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
+    """Where a decoding step's time goes: ms per token inside the FFN modules (`*.mlp`) and outside
+    them, from timing hooks (a separate run: the hooks themselves cost a little)."""
+    spent = [0.0]
+
+    def start(module, args):
+        module._bench_t0 = time.perf_counter()
+
+    def stop(module, args, output):
+        spent[0] += time.perf_counter() - module._bench_t0
+
+    ffns = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    handles = [h for m in ffns for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))]
+    try:
+        model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=model.config.eos_token_id)
+        spent[0] = 0.0  # the prompt's forward is not a decoding step: measure decoding only
+        t0 = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                       pad_token_id=model.config.eos_token_id)
+        total = time.perf_counter() - t0
+    finally:
+        for h in handles:
+            h.remove()
+    return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
+
+
 def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
                  repeats: int = 5, progress: bool = True) -> dict:
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating)."""
@@ -130,6 +157,7 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
     for _ in tqdm(range(repeats), desc="greedy decoding", disable=not progress):
         dense_tps.append(_greedy_tokens_per_second(dense, ids, new_tokens)[0])
         sparse_tps.append(_greedy_tokens_per_second(sparse, ids, new_tokens)[0])
+    split = {"dense": ffn_time_per_token(dense, ids, new_tokens), "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
     _, dense_text = _greedy_tokens_per_second(dense, ids, 24)
     _, sparse_text = _greedy_tokens_per_second(sparse, ids, 24)
     d, s = statistics.median(dense_tps), statistics.median(sparse_tps)
@@ -139,6 +167,7 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
             "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
             "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
             "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
+            "time_per_token_ms": split, "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"],
             "sample": {"dense": tokenizer.decode(dense_text), "sparse": tokenizer.decode(sparse_text)}}
 
 
@@ -164,7 +193,11 @@ class BenchReport:
             lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
                       f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
                       f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
-                      f"limit {d['limit']:.2f}×)"]
+                      f"limit {d['limit']:.2f}×)",
+                      f"Time per token inside the FFNs: dense {d['time_per_token_ms']['dense']['ffn_ms']:.1f} ms, "
+                      f"sparse {d['time_per_token_ms']['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
+                      f"outside them: {d['time_per_token_ms']['dense']['other_ms']:.1f} vs "
+                      f"{d['time_per_token_ms']['sparse']['other_ms']:.1f} ms"]
         return "\n".join(lines)
 
 

@@ -1,0 +1,105 @@
+"""Is the bank-sparse model really faster? FFN layer and end-to-end greedy decoding on this CPU.
+
+  1. One FFN layer, fp32, dense SwiGLU (three nn.Linear, as Hugging Face runs it) vs the bank-sparse
+     module in eval mode (predictor + top-k + kept channels through upcycle.kernels), 16 of 64 kept,
+     predictor rank 64; at SmolLM2-135M's shape (576 x 1536) and Qwen2.5-7B's (3584 x 18944); batch
+     1, 4 and 16. The limit at batch 1 is bytes(dense) / bytes(kept channels + predictor).
+  2. Greedy decoding of smollm2-135m, dense (the stock Hugging Face model) vs sparsified 16-of-64
+     (warm-up fitted predictors), same prompt, length and threads; run at 2 threads (this machine's
+     all) and at 1. The limit is bytes of weights read per token, dense vs sparse: the attention, the
+     norms and the tied 49k x 576 LM head are read in full by both.
+
+Every ratio comes from timings taken in one process, alternating dense and sparse, medians.
+Result: benchmarks/results/sparse_decode.json and sparse_decode.png.
+
+    python benchmarks/sparse_decode.py [--repeats 7] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from pathlib import Path
+
+import torch
+
+from upcycle import bench, hub, kernels
+from upcycle.modules import BankSparsity
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for shape, colour in (("smollm2", "C0"), ("qwen7b", "C1")):
+        rows = [r for k, r in result["ffn"].items() if k.startswith(shape)]
+        left.plot([r["batch"] for r in rows], [r["speedup"] for r in rows], "o-", color=colour,
+                  label=f"{shape} {rows[0]['shape'][0]}×{rows[0]['shape'][1]}")
+        left.axhline(rows[0]["limit"], color=colour, ls=":", lw=1)
+    left.axhline(1.0, color="grey", lw=1)
+    left.set(xscale="log", xticks=[1, 4, 16], xticklabels=["1", "4", "16"], xlabel="batch (tokens)",
+             ylabel="speedup over dense", title="FFN layer, fp32 (dotted: byte limit at batch 1)")
+    left.legend()
+    names = [f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}" for d in result["decode_runs"]]
+    measured = [d["speedup"] for d in result["decode_runs"]]
+    limits = [d["limit"] for d in result["decode_runs"]]
+    xs = range(len(names))
+    right.bar([x - 0.2 for x in xs], measured, 0.4, label="measured")
+    right.bar([x + 0.2 for x in xs], limits, 0.4, label="byte limit", color="lightgrey")
+    right.axhline(1.0, color="grey", lw=1)
+    right.set(xticks=list(xs), xticklabels=names, ylabel="tokens/s, sparse ÷ dense",
+              title="greedy decoding, smollm2-135m 16-of-64")
+    right.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    args = parser.parse_args()
+    if not kernels.available():
+        raise SystemExit(f"the kernel is unavailable here: {kernels.why_unavailable()}")
+    sparsity = BankSparsity(bank=64, keep=16, rank=64)
+    threads = torch.get_num_threads()
+
+    shapes = {"smollm2": (576, 1536), "qwen7b": bench.QWEN7B_FFN}
+    ffn = bench.ffn_microbench(shapes, (1, 4, 16), sparsity, repeats=args.repeats)
+
+    model, tokenizer = hub.load("smollm2-135m")
+    dense, sparse = bench.sparse_and_dense(model, tokenizer, sparsity, warmup_steps=100)
+    runs = []
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        runs.append(bench.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats))
+    torch.set_num_threads(threads)
+
+    result = {
+        "ffn_speedup": {k: round(r["speedup"], 3) for k, r in ffn.items()},
+        "decode_speedup": round(runs[0]["speedup"], 3),
+        "decode_limit": round(runs[0]["limit"], 3),
+        "ffn": ffn,
+        "decode_runs": runs,
+        "sparsity": sparsity.to_dict(),
+        "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
+                    "torch": torch.__version__},
+        "command": "python benchmarks/sparse_decode.py",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "sparse_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / "sparse_decode.png")
+    report = bench.BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[0])
+    print(report.table())
+    for run in runs[1:]:
+        print(f"at {run['threads']} thread(s): {run['speedup']:.2f}× (limit {run['limit']:.2f}×)")
+
+
+if __name__ == "__main__":
+    main()
