@@ -176,3 +176,42 @@ def test_generate_with_the_kernel_matches_the_reference():
     torch.testing.assert_close(fast_logits, slow_logits, rtol=1e-4, atol=1e-4)
     assert torch.equal(fast, slow)
     assert upcycle.kernels is kernels
+
+
+def test_byte_limits_match_a_hand_count():
+    from upcycle.bench import ffn_limit, weight_bytes
+
+    # 576 x 1536, 16 of 64, rank 64: 3*576*1536 = 2654208 weights dense; kept 663552; predictor
+    # 576*64 + 64*1536 + 1536 = 136704
+    assert ffn_limit(576, 1536, BankSparsity(64, 16, 64)) == pytest.approx(2654208 / (663552 + 136704))
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)  # untied head: vocab x 64
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0])  # layer 1 stays dense
+    parts = weight_bytes(sparse)
+    assert parts["ffn"] == 4 * (3 * 64 * 128 / 4 + 3 * 64 * 128)  # layer 0: a quarter; layer 1: all
+    assert parts["predictor"] == 4 * (64 * 16 + 16 * 128 + 128)
+    assert parts["lm_head"] == 4 * model.config.vocab_size * 64
+    attention = sum(p.numel() for n, p in sparse.named_parameters() if ".self_attn." in n or "norm" in n)
+    assert parts["attention_and_norms"] == 4 * attention
+
+
+def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
+    from upcycle.cli import main
+
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1])
+    hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
+    out = tmp_path / "bench"
+    argv = ["bench", str(tmp_path / "sparse"), "--shapes", "model", "--batches", "1,4", "--new-tokens", "4",
+            "--repeats", "1", "--out", str(out)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    result = __import__("json").loads((out / "bench.json").read_text())
+    assert set(result["ffn"]) == {"model_b1", "model_b4"} and result["ffn"]["model_b1"]["shape"] == [64, 128]
+    assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in result["ffn"].values())
+    decode = result["decode"]
+    assert decode["new_tokens"] == 4 and decode["dense_tokens_per_s"] > 0 and decode["sparse_tokens_per_s"] > 0
+    assert decode["bytes_per_token"]["sparse"]["ffn"] == 4 * 2 * 3 * 64 * 128 / 4
+    assert "Greedy decoding" in printed and (out / "bench.md").exists()
+    assert main(["bench", str(tmp_path / "sparse"), "--batches", "one"]) == 2
+    assert main(["bench", str(tmp_path / "sparse"), "--shapes", "gpt5"]) == 2
+    assert "error" in capsys.readouterr().err

@@ -215,7 +215,7 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
 
 
 def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSparsity | None = None,
-        batches=(1, 4, 16), new_tokens: int = 128, repeats: int = 5, decode: bool = True,
+        batches=(1, 4, 16), shapes=("model", "qwen7b"), new_tokens: int = 128, repeats: int = 5, decode: bool = True,
         progress: bool = True) -> BenchReport:
     """`upcycle bench MODEL`: the FFN microbenchmark at the model's own dims and Qwen2.5-7B's, and
     greedy decoding dense vs sparse; writes bench.json and bench.md to `out` if given."""
@@ -227,7 +227,11 @@ def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSpars
     sparsity = sparsity or (found.sparsity if found is not None else BankSparsity())
     hidden = model.config.hidden_size
     width = found.gate_proj.weight.shape[0] if found is not None else adapter_for(model).ffn_weights(0).width
-    shapes = {"model": (hidden, width), "qwen7b": QWEN7B_FFN}
+    known = {"model": (hidden, width), "qwen7b": QWEN7B_FFN}
+    for name in shapes:
+        if name not in known:
+            raise ConfigError(f"shape {name!r}: expected model or qwen7b")
+    shapes = {name: known[name] for name in shapes}
     report = BenchReport(model=str(model_source), kernel="compiled" if kernels.available() else str(kernels.why_unavailable()))
     report.ffn = ffn_microbench(shapes, batches, sparsity, repeats=repeats, progress=progress)
     if decode:

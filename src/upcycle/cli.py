@@ -91,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", type=int, default=None, help="for a dense MODEL (default 16)")
     p.add_argument("--rank", type=int, default=None, help="for a dense MODEL (default 64)")
     p.add_argument("--batches", default="1,4,16", help="comma-separated batch sizes of the FFN microbenchmark")
+    p.add_argument("--shapes", default="model,qwen7b", help="FFN shapes: the model's own and/or Qwen2.5-7B's")
     p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding length")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per figure (median)")
     p.add_argument("--no-decode", action="store_true", help="only the FFN microbenchmark")
@@ -282,7 +283,8 @@ def cmd_bench(args) -> int:
     check(args.repeats >= 1, "repeats", args.repeats, ">= 1")
     given = {k: v for k, v in (("bank", args.bank), ("keep", args.keep), ("rank", args.rank)) if v is not None}
     sparsity = BankSparsity(**given) if given else None
-    report = run(args.model, args.out, sparsity=sparsity, batches=batches, new_tokens=args.new_tokens,
+    shapes = tuple(v.strip() for v in args.shapes.split(",") if v.strip())
+    report = run(args.model, args.out, sparsity=sparsity, batches=batches, shapes=shapes, new_tokens=args.new_tokens,
                  repeats=args.repeats, decode=not args.no_decode)
     print(report.table())
     if args.out:
