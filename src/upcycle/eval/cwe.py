@@ -1,0 +1,197 @@
+"""Common-words extraction (CWE), after RULER, and a long-context probe that needs no generation.
+
+CWE: a long numbered list of words in which `n_common` words occur many times (`common_share` of
+the entries between them) and the rest rarely (each at most `rare_repeats` times); the model is
+asked for the most common ones, after one short worked example; the score is the recall of the true
+common words in its greedy answer. The list grows with the context length, so longer contexts hold
+more entries to count over. Deterministic in (tokenizer, length, seed, config).
+
+The RULER defaults (10 common words x 30, the rest x 3) are far beyond a 135M model; the defaults
+here (3 common words sharing 30 % of the entries, one worked example) put SmolLM2-135M well above
+chance at 512 tokens — see benchmarks/results/repair.json for the figures. `chance` is what guessing
+`n_common` entries of the list at random scores (a frequency-aware guesser, stronger than uniform).
+
+The probe: KL(reference || model) and the model's loss per position bucket on long held-out text.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import re
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+
+WORDS = """
+apple anchor arrow badge basket beacon bottle bridge bucket button cabin camera candle canyon carpet
+castle cellar chain chair cherry circle clock cloud comet copper cotton crown crystal curtain desert
+diamond dragon drum eagle engine falcon feather fence field finger flame forest fountain garden
+garlic glass glove goat grape guitar hammer harbor helmet honey horse island jacket jungle kettle
+ladder lantern lemon letter lizard magnet maple marble meadow mirror monkey mountain needle nest
+ocean olive onion orange oyster paddle palace panda paper parrot pearl pencil pepper piano pillow
+pirate planet pocket potato pumpkin puzzle rabbit radio raven ribbon river rocket saddle sailor
+salmon shadow shovel silver spider spoon statue stone sugar summer sunset sword table teapot temple
+thunder tiger timber tomato tower tractor train trumpet tunnel turtle valley velvet violin wagon
+walnut window winter wizard wolf zebra acorn almond bamboo banner barrel beetle blanket bonnet
+breeze brick bubble cactus canvas carrot cedar cheese chimney cinnamon cobalt coral cricket dolphin
+donkey ember fabric ferry fiddle flute fossil gecko ginger goblet granite gravel hazel heron igloo
+jasmine jigsaw kayak kiwi koala lagoon lava lobster locket mango meteor mitten moose mustard nectar
+nickel noodle nutmeg orchid otter owl pagoda parsley peach pebble pelican pigeon plum poppy prism
+quartz quilt raisin reef saffron sapphire scarf seashell sparrow squirrel stapler tulip umbrella
+vanilla vase walrus whistle willow yacht
+""".split()
+
+EXAMPLE = (
+    "Below is a numbered list of words. Some words appear more often than others.\n"
+    "1. stone\n2. river\n3. stone\n4. lemon\n5. cloud\n6. river\n7. stone\n8. tiger\n9. river\n10. stone\n"
+    "Question: What are the 2 most common words in the above list?\n"
+    "Answer: The 2 most common words in the list are: stone, river\n\n"
+)
+
+
+@dataclass(frozen=True)
+class CWEConfig:
+    n_common: int = 3
+    common_share: float = 0.3  # fraction of the list's entries that are common words (split evenly)
+    rare_repeats: int = 3  # each other word occurs 1..rare_repeats times
+    answer_tokens: int = 24  # greedy tokens generated for the answer
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class CWESample:
+    prompt: str
+    common: list[str]
+    entries: list[str]
+    length: int  # prompt tokens
+
+    def score(self, answer: str) -> float:
+        return cwe_score(answer, self.common)
+
+
+def cwe_score(answer: str, common: list[str]) -> float:
+    """Recall of the true common words in an answer: whole words, case-insensitive, each counted once."""
+    found = set(re.findall(r"[a-z]+", answer.lower()))
+    return sum(word in found for word in common) / len(common)
+
+
+def _prompt(entries: list[str], n_common: int) -> str:
+    body = "".join(f"{i}. {w}\n" for i, w in enumerate(entries, 1))
+    return (EXAMPLE + "Below is a numbered list of words. Some words appear more often than others.\n" + body
+            + f"Question: What are the {n_common} most common words in the above list?\n"
+            + f"Answer: The {n_common} most common words in the list are:")
+
+
+def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[str], list[str]]:
+    pool = [w for w in WORDS if w not in ("stone", "river", "lemon", "cloud", "tiger")]  # not the example's
+    rng.shuffle(pool)
+    common, rare_pool = pool[:config.n_common], pool[config.n_common:]
+    per_common = max(2, round(count * config.common_share / config.n_common))
+    entries = [w for w in common for _ in range(per_common)]
+    i = 0
+    while len(entries) < count:
+        word = rare_pool[i % len(rare_pool)]
+        entries += [word] * min(rng.randint(1, config.rare_repeats), per_common - 1, count - len(entries))
+        i += 1
+    rng.shuffle(entries)
+    return common, entries
+
+
+def cwe_sample(tokenizer, length: int, seed: int, config: CWEConfig = CWEConfig()) -> CWESample:
+    """A CWE prompt of about `length` tokens (at most), the list as long as fits."""
+    rng = random.Random(f"{length}-{seed}")
+    lo, hi = 4, max(8, length)  # list entries: binary search on the prompt's token count
+    best = None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        common, entries = _entries(mid, random.Random(rng.random()), config)
+        prompt = _prompt(entries, config.n_common)
+        n = len(tokenizer(prompt).input_ids)
+        if n <= length:
+            best, lo = (common, entries, prompt, n), mid + 1
+        else:
+            hi = mid - 1
+    if best is None:
+        raise ValueError(f"length {length}: too short for a CWE prompt")
+    common, entries, prompt, n = best
+    return CWESample(prompt=prompt, common=common, entries=entries, length=n)
+
+
+def chance(sample: CWESample, guesses: int = 2000, seed: int = 0) -> float:
+    """The score of answering with n_common distinct entries drawn at random from the list."""
+    rng = random.Random(seed)
+    n, total = len(sample.common), 0.0
+    for _ in range(guesses):
+        picked: set[str] = set()
+        while len(picked) < min(n, len(set(sample.entries))):
+            picked.add(rng.choice(sample.entries))
+        total += sum(w in picked for w in sample.common) / n
+    return total / guesses
+
+
+@torch.no_grad()
+def cwe_answer(model, tokenizer, sample: CWESample, config: CWEConfig = CWEConfig()) -> str:
+    ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
+    out = model.generate(ids, max_new_tokens=config.answer_tokens, do_sample=False,
+                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0]
+
+
+def cwe_eval(model, tokenizer, lengths: list[int], samples: int = 4, config: CWEConfig = CWEConfig(),
+             progress=None) -> dict:
+    """Mean CWE score per length (over `samples` seeds), and the random-guess chance level."""
+    model.eval()
+    scores, chances = [], []
+    for length in lengths:
+        values, chance_values = [], []
+        for seed in range(samples):
+            sample = cwe_sample(tokenizer, length, seed, config)
+            values.append(sample.score(cwe_answer(model, tokenizer, sample, config)))
+            chance_values.append(chance(sample))
+            if progress is not None:
+                progress.update(1)
+        scores.append(sum(values) / samples)
+        chances.append(sum(chance_values) / samples)
+    return {"lengths": list(lengths), "score": scores, "chance": chances}
+
+
+def position_buckets(length: int, first: int = 256) -> list[tuple[int, int]]:
+    """[0, first), then doubling: [first, 2 first), [2 first, 4 first), ... up to length."""
+    edges = [0, first]
+    while edges[-1] < length:
+        edges.append(min(edges[-1] * 2, length))
+    return [(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+@torch.no_grad()
+def long_context_probe(model, reference_logprobs: torch.Tensor, ids: torch.Tensor,
+                       buckets: list[tuple[int, int]]) -> dict:
+    """KL(reference || model) and the model's next-token loss, averaged per position bucket.
+    reference_logprobs: [n, T, V] log-softmax of the reference on the same ids [n, T] (see `logprobs`)."""
+    model.eval()
+    kl_sum = torch.zeros(ids.shape[1] - 1)
+    loss_sum = torch.zeros(ids.shape[1] - 1)
+    for i in range(ids.shape[0]):
+        logp = F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(), dim=-1)
+        ref = reference_logprobs[i, :-1]
+        kl_sum += (ref.exp() * (ref - logp)).sum(-1)
+        loss_sum += -logp.gather(-1, ids[i, 1:, None])[:, 0]
+    kl, loss = kl_sum / ids.shape[0], loss_sum / ids.shape[0]
+    return {"buckets": [list(b) for b in buckets],
+            "kl": [kl[a:b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets],
+            "loss": [loss[a:b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets]}
+
+
+@torch.no_grad()
+def logprobs(model, ids: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return torch.stack([F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0].float(), dim=-1)
+                        for i in range(ids.shape[0])])
+
+
+def perplexity_of(loss: list[float]) -> list[float]:
+    return [math.exp(v) for v in loss]

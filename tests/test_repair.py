@@ -1,0 +1,122 @@
+"""CWE generator and scorer, the long-context probe, localisation and single-layer repair."""
+
+import collections
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upcycle import hub
+from upcycle.errors import ConfigError
+from upcycle.eval.cwe import (CWEConfig, chance, cwe_sample, cwe_score, logprobs, long_context_probe,
+                              position_buckets)
+from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
+from upcycle.repair import localise, repair_layer, restored, sparse_ffns
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return hub.byte_tokenizer()
+
+
+def test_cwe_generator_is_deterministic_and_fits_the_length(tok):
+    a, b = cwe_sample(tok, 600, seed=3), cwe_sample(tok, 600, seed=3)
+    assert a.prompt == b.prompt and a.common == b.common
+    assert cwe_sample(tok, 600, seed=4).prompt != a.prompt
+    assert a.length == len(tok(a.prompt).input_ids) <= 600
+    assert a.length > 500  # the list fills the length (a few tokens of slack)
+    longer = cwe_sample(tok, 1200, seed=3)
+    assert len(longer.entries) > 1.8 * len(a.entries)
+
+
+def test_cwe_common_words_are_the_most_frequent_entries(tok):
+    config = CWEConfig(n_common=3, common_share=0.3)
+    sample = cwe_sample(tok, 2000, seed=0, config=config)
+    counts = collections.Counter(sample.entries)
+    top = [w for w, _ in counts.most_common(3)]
+    assert sorted(top) == sorted(sample.common)
+    rest = max(c for w, c in counts.items() if w not in sample.common)
+    assert min(counts[w] for w in sample.common) > 2 * rest
+    assert f"What are the 3 most common words" in sample.prompt
+    for i, word in enumerate(sample.entries[:5], 1):
+        assert f"\n{i}. {word}\n" in sample.prompt.split("\n\n", 1)[1]  # numbered, after the worked example
+
+
+def test_cwe_scorer_on_hand_written_answers():
+    common = ["apple", "river", "stone"]
+    assert cwe_score(" apple, river and stone.", common) == 1.0
+    assert cwe_score("Apple, APPLE, apple", common) == pytest.approx(1 / 3)  # case-insensitive, counted once
+    assert cwe_score("pineapple, riverside, stones", common) == 0.0  # whole words only
+    assert cwe_score("1. stone 2. lemon", common) == pytest.approx(1 / 3)
+    assert cwe_score("", common) == 0.0
+
+
+def test_chance_is_the_score_of_random_entries(tok):
+    sample = cwe_sample(tok, 800, seed=1, config=CWEConfig(n_common=1, common_share=0.5))
+    # one common word holding half the entries: one random entry finds it half the time
+    assert chance(sample, guesses=4000) == pytest.approx(0.5, abs=0.05)
+
+
+def test_position_buckets_and_probe_against_hand_computation():
+    assert position_buckets(2048, 256) == [(0, 256), (256, 512), (512, 1024), (1024, 2048)]
+    assert position_buckets(700, 256) == [(0, 256), (256, 512), (512, 700)]
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    ids = torch.randint(0, model.config.vocab_size, (2, 40))
+    ref = logprobs(model, ids)
+    probe = long_context_probe(model, ref, ids, [(0, 16), (16, 40)])
+    assert probe["kl"] == pytest.approx([0.0, 0.0], abs=1e-6)  # a model against itself
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits[:, :-1]
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
+    loss = loss.reshape(2, 39).mean(0)
+    assert probe["loss"][0] == pytest.approx(loss[:16].mean().item(), rel=1e-5)
+    assert probe["loss"][1] == pytest.approx(loss[16:39].mean().item(), rel=1e-5)
+
+
+def _sparse_with_a_broken_layer(broken=2, layers=4):
+    torch.manual_seed(0)
+    dense = hub.tiny("llama", layers=layers, hidden=64, ffn=128)
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=layers, hidden=64, ffn=128),
+                                                 BankSparsity(32, 8, 64), list(range(layers))).eval()
+    for i, ffn in sparse_ffns(sparse).items():
+        ffn.predictor.init_svd(ffn.gate_proj.weight)  # a fair predictor: the gate's own ranking
+        ffn.keep = 24  # mild sparsity everywhere ...
+        if i == broken:  # ... but one layer keeps 8 of 32, the channels its gate ranks lowest
+            ffn.keep = 8
+            with torch.no_grad():
+                ffn.predictor.up.weight.neg_()
+    return dense, sparse
+
+
+def test_localisation_names_the_broken_layer():
+    dense, sparse = _sparse_with_a_broken_layer(broken=2)
+    ids = torch.randint(0, dense.config.vocab_size, (2, 96))
+    loc = localise(sparse, logprobs(dense, ids), ids, first_bucket=16, long_from=32, progress=False)
+    assert loc["ranking"][0] == 2
+    assert loc["layers"] == [0, 1, 2, 3] and len(loc["closed"]) == 4 and len(loc["closed"][0]) == len(loc["buckets"])
+    scores = dict(zip(loc["layers"], loc["score"]))
+    assert scores[2] > max(scores[i] for i in (0, 1, 3))
+    # restoring every layer closes the whole gap: the model is then the dense one
+    with restored(sparse, [0, 1, 2, 3]), torch.no_grad():
+        torch.testing.assert_close(sparse(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    assert [f.keep for f in sparse_ffns(sparse).values()] == [24, 24, 8, 24]  # and the context put them back
+
+
+def test_repair_trains_only_the_chosen_layer_and_lowers_its_gap():
+    dense, sparse = _sparse_with_a_broken_layer(broken=1, layers=3)
+    blocks = torch.randint(0, dense.config.vocab_size, (4, 64))
+    ids = blocks[:2]
+    ref = logprobs(dense, ids)
+    before = {n: p.clone() for n, p in sparse.named_parameters()}
+    kl_before = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
+    losses = repair_layer(sparse, dense, 1, blocks, steps=30, lr=3e-2, progress=False)
+    kl_after = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
+    changed = {n for n, p in sparse.named_parameters() if not torch.equal(p, before[n])}
+    assert changed == {"model.layers.1.mlp.predictor.down.weight", "model.layers.1.mlp.predictor.up.weight",
+                       "model.layers.1.mlp.predictor.up.bias"}
+    assert kl_after < kl_before and len(losses) == 30
+    assert all(p.requires_grad for p in sparse.parameters())  # flags restored
+    with pytest.raises(ConfigError, match="layer 7"):
+        repair_layer(sparse, dense, 7, blocks, steps=1, progress=False)
+    with pytest.raises(ConfigError, match="no bank-sparse"):
+        sparse_ffns(dense)
