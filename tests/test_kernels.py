@@ -215,3 +215,18 @@ def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
     assert main(["bench", str(tmp_path / "sparse"), "--batches", "one"]) == 2
     assert main(["bench", str(tmp_path / "sparse"), "--shapes", "gpt5"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+@needs_kernel
+def test_a_model_with_a_plan_deep_copies_and_the_copy_builds_its_own():
+    import copy
+
+    ffn = _ffn()
+    x = torch.randn(1, 48)
+    with torch.no_grad():
+        ffn(x)
+        assert ffn.__dict__.get("_kernel_plan") is not None
+        twin = copy.deepcopy(ffn)
+        twin.down_proj.weight.mul_(3)  # its own weights: its own plan
+        torch.testing.assert_close(twin(x), expected(twin, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(ffn(x), expected(ffn, x), rtol=1e-4, atol=1e-5)

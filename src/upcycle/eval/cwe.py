@@ -9,7 +9,8 @@ more entries to count over. Deterministic in (tokenizer, length, seed, config).
 The RULER defaults (10 common words x 30, the rest x 3) are far beyond a 135M model; the defaults
 here (3 common words sharing 30 % of the entries, one worked example) put SmolLM2-135M well above
 chance at 512 tokens — see benchmarks/results/repair.json for the figures. `chance` is what guessing
-`n_common` entries of the list at random scores (a frequency-aware guesser, stronger than uniform).
+`n_common` entries of the list at random scores (a frequency-aware guesser: it finds common words as
+often as they occur), `chance_uniform` that of naming `n_common` of the list's distinct words at random.
 
 The probe: KL(reference || model) and the model's loss per position bucket on long held-out text.
 """
@@ -145,18 +146,20 @@ def cwe_eval(model, tokenizer, lengths: list[int], samples: int = 4, config: CWE
              progress=None) -> dict:
     """Mean CWE score per length (over `samples` seeds), and the random-guess chance level."""
     model.eval()
-    scores, chances = [], []
+    scores, chances, uniform = [], [], []
     for length in lengths:
-        values, chance_values = [], []
+        values, chance_values, uniform_values = [], [], []
         for seed in range(samples):
             sample = cwe_sample(tokenizer, length, seed, config)
             values.append(sample.score(cwe_answer(model, tokenizer, sample, config)))
             chance_values.append(chance(sample))
+            uniform_values.append(min(1.0, len(sample.common) / len(set(sample.entries))))
             if progress is not None:
                 progress.update(1)
         scores.append(sum(values) / samples)
         chances.append(sum(chance_values) / samples)
-    return {"lengths": list(lengths), "score": scores, "chance": chances}
+        uniform.append(sum(uniform_values) / samples)
+    return {"lengths": list(lengths), "score": scores, "chance": chances, "chance_uniform": uniform}
 
 
 def position_buckets(length: int, first: int = 256) -> list[tuple[int, int]]:

@@ -82,13 +82,16 @@ class KernelPlan:
         self.ref = ctypes.byref(self.struct)
         self.hidden = hidden
 
+    def __reduce__(self):  # a copied or pickled module gets no plan (raw pointers); it rebuilds its own
+        return (type(None), ())
+
     def current(self, module) -> bool:
         tensors = _weights(module)
         return all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
 
 
 def plan_for(module) -> KernelPlan:
-    plan = module.__dict__.get("_kernel_plan")
+    plan = module.__dict__.get("_kernel_plan")  # None also after copy.deepcopy
     if plan is None or not plan.current(module):
         plan = module.__dict__["_kernel_plan"] = KernelPlan(module)
     return plan
