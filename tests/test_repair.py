@@ -120,3 +120,28 @@ def test_repair_trains_only_the_chosen_layer_and_lowers_its_gap():
         repair_layer(sparse, dense, 7, blocks, steps=1, progress=False)
     with pytest.raises(ConfigError, match="no bank-sparse"):
         sparse_ffns(dense)
+
+
+def test_repair_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
+    from upcycle.cli import main
+
+    dense = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    hub.save(dense, hub.byte_tokenizer(), tmp_path / "dense")
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=2, hidden=64, ffn=128),
+                                                 BankSparsity(32, 8, 16), [1])
+    hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
+    out = tmp_path / "out"
+    capsys.readouterr()  # the saves' progress bars
+    cases = [
+        (["repair", str(tmp_path / "sparse")], "missing REFERENCE"),
+        (["repair", str(tmp_path / "dense"), "--reference", str(tmp_path / "dense"), "--out", str(out)], "no bank-sparse"),
+        (["repair", str(tmp_path / "sparse"), "--reference", "x", "--lengths", "a,b"], "--lengths"),
+        (["repair", str(tmp_path / "sparse"), "--reference", "x", "--layer", "first"], "layer"),
+        (["repair", str(tmp_path / "sparse"), "--reference", str(tmp_path / "dense"), "--layer", "0"],
+         "not a bank-sparse layer (those are [1])"),
+    ]
+    for argv, fragment in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert fragment in err and len(err.splitlines()) == 1, err
+    assert not out.exists() or not any(out.iterdir())

@@ -96,6 +96,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per figure (median)")
     p.add_argument("--no-decode", action="store_true", help="only the FFN microbenchmark")
 
+    p = command("repair", "find the layer behind a long-context failure of a bank-sparse model and retrain it alone")
+    p.add_argument("model", nargs="?", help="a bank-sparse model folder")
+    p.add_argument("--reference", required=False, help="its dense reference (built-in name or folder)")
+    p.add_argument("--out", default=None, help="write the repaired model, repair.json/.md and the heat map here")
+    p.add_argument("--layer", default="auto", help="auto (the localisation's first) or a layer index")
+    p.add_argument("--lengths", default="512,1024,2048,4096", help="CWE context lengths in tokens")
+    p.add_argument("--samples", type=int, default=4, help="CWE prompts per length")
+    p.add_argument("--steps", type=int, default=12, help="repair training steps (one sequence each)")
+    p.add_argument("--seq-len", type=int, default=1024, help="repair training sequence length")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-ffn", action="store_true", help="retrain the layer's FFN weights too, not only its predictor")
+    p.add_argument("--no-control", action="store_true", help="skip repairing a random layer for comparison")
+    p.add_argument("--overwrite", action="store_true")
+
     p = command("demo", "fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md")
     p.add_argument("--out", default="runs/demo")
     p.add_argument("--model", default="smollm2-135m")
@@ -105,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _REQUIRED = {"inspect": ["model"], "eval": ["model"], "convert": ["model", "out"], "train": [], "demo": [],
-             "sparsify": ["model", "out"], "densify": ["model", "out"], "bench": ["model"]}
+             "sparsify": ["model", "out"], "densify": ["model", "out"], "bench": ["model"],
+             "repair": ["model", "reference"]}
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -292,6 +307,39 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_repair(args) -> int:
+    from upcycle.hub import load
+    from upcycle.repair import sparse_ffns
+    from upcycle.repair_run import RepairOptions, report_markdown, run_repair
+
+    _quiet_transformers()
+    try:
+        lengths = tuple(int(v) for v in args.lengths.split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"--lengths {args.lengths!r}: expected comma-separated token counts, e.g. 512,1024") from None
+    check(bool(lengths) and min(lengths) >= 64, "lengths", args.lengths, "token counts >= 64")
+    check(args.layer == "auto" or args.layer.isdigit(), "layer", args.layer, "auto or a layer index")
+    for name in ("samples", "steps"):
+        check(getattr(args, name) >= 1, name, getattr(args, name), ">= 1")
+    check(args.seq_len >= 16, "seq_len", args.seq_len, ">= 16")
+    out = _fresh_out(args.out, args.overwrite) if args.out else None
+    model, tokenizer = load(args.model)
+    layers = sparse_ffns(model)  # one-line error for a model with no bank-sparse layer
+    if args.layer != "auto" and int(args.layer) not in layers:
+        raise ConfigError(f"--layer {args.layer}: not a bank-sparse layer (those are {sorted(layers)})")
+    if tokenizer is None:
+        raise ConfigError(f"{args.model}: no tokenizer in the folder; CWE prompts need one")
+    reference, _ = load(args.reference)
+    options = RepairOptions(layer=args.layer if args.layer == "auto" else int(args.layer), lengths=lengths,
+                            samples=args.samples, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
+                            train_ffn=args.train_ffn, control=not args.no_control)
+    result = run_repair(model, tokenizer, reference, out, options)
+    print(report_markdown(result))
+    if out is not None:
+        print(f"wrote {out}/model (layer {result['chosen_layer']} repaired), repair.json, repair.md, localisation.png")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from upcycle.demo import run
 
@@ -301,7 +349,8 @@ def cmd_demo(args) -> int:
 
 
 COMMANDS = {"inspect": cmd_inspect, "eval": cmd_eval, "convert": cmd_convert, "train": cmd_train, "demo": cmd_demo,
-            "sparsify": cmd_sparsify, "densify": cmd_densify, "bench": cmd_bench}
+            "sparsify": cmd_sparsify, "densify": cmd_densify, "bench": cmd_bench,
+            "repair": cmd_repair}
 
 
 if __name__ == "__main__":
