@@ -23,18 +23,20 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from upcycle.errors import ConfigError
+from upcycle.arch import adapter_for
+from upcycle.errors import ConfigError, UnsupportedArchitecture
 from upcycle.eval.cwe import long_context_probe, position_buckets
 from upcycle.modules import BankSparseFFN
 
 
 def sparse_ffns(model) -> dict[int, BankSparseFFN]:
-    """Layer index -> bank-sparse FFN, for every layer that has one."""
-    found = {}
-    for name, module in model.named_modules():
-        if isinstance(module, BankSparseFFN):
-            parts = name.split(".")
-            found[int(parts[parts.index("layers") + 1])] = module
+    """Layer index -> bank-sparse FFN, for every layer that has one (found through upcycle.arch)."""
+    try:
+        adapter = adapter_for(model)
+    except UnsupportedArchitecture:
+        adapter = None
+    found = {} if adapter is None else {i: adapter.ffn(i) for i in range(adapter.num_layers)
+                                        if isinstance(adapter.ffn(i), BankSparseFFN)}
     if not found:
         raise ConfigError("the model has no bank-sparse FFN layers: nothing to localise or repair")
     return found
