@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle import kernels
+from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError
 from upcycle.modules import BankSparseFFN, BankSparsity
 
@@ -86,28 +87,31 @@ def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), spars
     return rows
 
 
+def _ffn_modules(model) -> list[torch.nn.Module]:
+    """Every layer's FFN module (dense or bank-sparse), through upcycle.arch."""
+    adapter = adapter_for(model)
+    return [adapter.ffn(i) for i in range(adapter.num_layers)]
+
+
 def weight_bytes(model) -> dict[str, float]:
     """Bytes of weights read to decode one token, by part: the kept share of each bank-sparse FFN,
     its predictor, every dense FFN, attention + norms, the LM head (an embedding lookup reads one row)."""
     parts = {"ffn": 0.0, "predictor": 0.0, "attention_and_norms": 0.0, "lm_head": 0.0}
-    sparse_ffns = {name: m for name, m in model.named_modules() if isinstance(m, BankSparseFFN)}
     head = model.get_output_embeddings().weight
     parts["lm_head"] = head.numel() * head.element_size()
-    embed = model.get_input_embeddings().weight
-    for name, p in model.named_parameters():
-        if p is head or p is embed:
-            continue
-        size = p.numel() * p.element_size()
-        owner = next((m for prefix, m in sparse_ffns.items() if name.startswith(prefix + ".")), None)
-        if owner is not None:
-            if ".predictor." in name:
+    counted = {id(head), id(model.get_input_embeddings().weight)}
+    for ffn in _ffn_modules(model):
+        sparse = isinstance(ffn, BankSparseFFN)
+        predictor = {id(p) for p in ffn.predictor.parameters()} if sparse else set()
+        for p in ffn.parameters():
+            size = p.numel() * p.element_size()
+            if id(p) in predictor:
                 parts["predictor"] += size
             else:
-                parts["ffn"] += size * owner.keep / owner.bank
-        elif ".mlp." in name:
-            parts["ffn"] += size
-        else:
-            parts["attention_and_norms"] += size
+                parts["ffn"] += size * ffn.keep / ffn.bank if sparse else size
+            counted.add(id(p))
+    parts["attention_and_norms"] = float(sum(p.numel() * p.element_size() for p in model.parameters()
+                                             if id(p) not in counted))
     parts["total"] = sum(parts.values())
     return parts
 
@@ -122,7 +126,7 @@ def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int) -> tupl
 
 @torch.no_grad()
 def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
-    """Where a decoding step's time goes: ms per token inside the FFN modules (`*.mlp`) and outside
+    """Where a decoding step's time goes: ms per token inside the FFN modules and outside
     them, from timing hooks (a separate run: the hooks themselves cost a little)."""
     spent = [0.0]
 
@@ -132,7 +136,7 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     def stop(module, args, output):
         spent[0] += time.perf_counter() - module._bench_t0
 
-    ffns = [m for name, m in model.named_modules() if name.endswith(".mlp")]
+    ffns = _ffn_modules(model)
     handles = [h for m in ffns for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))]
     try:
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=model.config.eos_token_id)
@@ -219,7 +223,6 @@ def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSpars
         progress: bool = True) -> BenchReport:
     """`upcycle bench MODEL`: the FFN microbenchmark at the model's own dims and Qwen2.5-7B's, and
     greedy decoding dense vs sparse; writes bench.json and bench.md to `out` if given."""
-    from upcycle.arch import adapter_for
     from upcycle.hub import load
 
     model, tokenizer = load(model_source)

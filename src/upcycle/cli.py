@@ -239,6 +239,14 @@ def cmd_train(args) -> int:
     return 0
 
 
+def _int_list(value, option: str, expected: str) -> tuple[int, ...]:
+    """A comma-separated list of integers, or a one-line error naming the option."""
+    try:
+        return tuple(int(v) for v in str(value).split(",") if v.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {value!r}: expected {expected}") from None
+
+
 def _fresh_out(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.exists() and any(out.iterdir()) and not overwrite:
@@ -252,10 +260,8 @@ def cmd_sparsify(args) -> int:
     from upcycle.ops.sparsify_run import sparsify_to_folder
 
     _quiet_transformers()
-    try:
-        layers = None if args.layers is None else [int(v) for v in str(args.layers).split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"--layers {args.layers!r}: expected comma-separated layer indices, e.g. 0,1,2") from None
+    layers = None if args.layers is None else list(
+        _int_list(args.layers, "--layers", "comma-separated layer indices, e.g. 0,1,2"))
     config = SparsifyConfig(bank=args.bank, keep=args.keep, rank=args.rank, gate=args.gate, init=args.init,
                             warmup_steps=args.warmup_steps, calibration=args.calibration,
                             calibration_tokens=args.calibration_tokens, layers=layers, permute=args.permute,
@@ -289,10 +295,7 @@ def cmd_bench(args) -> int:
     from upcycle.modules import BankSparsity
 
     _quiet_transformers()
-    try:
-        batches = tuple(int(v) for v in args.batches.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--batches {args.batches!r}: expected comma-separated sizes, e.g. 1,4,16") from None
+    batches = _int_list(args.batches, "--batches", "comma-separated sizes, e.g. 1,4,16")
     check(bool(batches) and min(batches) >= 1, "batches", args.batches, "positive integers")
     check(args.new_tokens >= 1, "new_tokens", args.new_tokens, ">= 1")
     check(args.repeats >= 1, "repeats", args.repeats, ">= 1")
@@ -313,10 +316,7 @@ def cmd_repair(args) -> int:
     from upcycle.repair_run import RepairOptions, report_markdown, run_repair
 
     _quiet_transformers()
-    try:
-        lengths = tuple(int(v) for v in args.lengths.split(",") if v.strip())
-    except ValueError:
-        raise ConfigError(f"--lengths {args.lengths!r}: expected comma-separated token counts, e.g. 512,1024") from None
+    lengths = _int_list(args.lengths, "--lengths", "comma-separated token counts, e.g. 512,1024")
     check(bool(lengths) and min(lengths) >= 64, "lengths", args.lengths, "token counts >= 64")
     check(args.layer == "auto" or args.layer.isdigit(), "layer", args.layer, "auto or a layer index")
     for name in ("samples", "steps"):

@@ -17,7 +17,6 @@ The probe: KL(reference || model) and the model's loss per position bucket on lo
 
 from __future__ import annotations
 
-import math
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -194,7 +193,3 @@ def logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
     return torch.stack([F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0].float(), dim=-1)
                         for i in range(ids.shape[0])])
-
-
-def perplexity_of(loss: list[float]) -> list[float]:
-    return [math.exp(v) for v in loss]
