@@ -178,6 +178,41 @@ def test_generate_with_the_kernel_matches_the_reference():
     assert upcycle.kernels is kernels
 
 
+@needs_kernel
+def test_torch_compile_traces_the_kernel_as_one_operator_and_matches_the_reference():
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1]).eval()
+    for ffn in (sparse.model.layers[i].mlp for i in range(2)):
+        for p in ffn.predictor.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+    ids = torch.randint(0, sparse.config.vocab_size, (1, 1))  # one row per FFN call: a decoding step
+    graphs = []
+
+    def record(gm, example_inputs):  # a backend that keeps the traced graph and runs it as traced
+        graphs.append(gm)
+        return gm.forward
+
+    with torch.no_grad():
+        sparse(ids)  # an eager call prepares the kernel plans that the traced graph reads
+        compiled = torch.compile(sparse, backend=record, fullgraph=True)  # fullgraph: a break would raise
+        got = compiled(ids).logits
+        with kernels.disabled():
+            want = sparse(ids).logits
+    op = torch.ops.upcycle.bank_sparse_ffn
+    assert sum(node.target in (op, op.default) for gm in graphs for node in gm.graph.nodes) == 2
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_inductor_compiles_a_sparse_ffn_with_the_kernel_inside():
+    ffn = _ffn(576, 1536, 64, 16)
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        ffn(x)
+        got = torch.compile(ffn)(x)
+    torch.testing.assert_close(got, expected(ffn, x), rtol=1e-4, atol=1e-4)
+
+
 def test_byte_limits_match_a_hand_count():
     from upcycle.bench import ffn_limit, weight_bytes
 

@@ -116,11 +116,23 @@ def weight_bytes(model) -> dict[str, float]:
     return parts
 
 
+def compile_kwargs() -> dict:
+    """generate() arguments that compile the decoding step with inductor (C++ wrapper: the graph's
+    launches without Python), a static KV cache so one graph serves every step; the bank-sparse
+    kernel sits in the graph as one operator (upcycle::bank_sparse_ffn). Hugging Face compiles only on
+    accelerators unless told otherwise."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=False, mode=None, options={"cpp_wrapper": True})
+    config._compile_all_devices = True
+    return {"cache_implementation": "static", "compile_config": config}
+
+
 @torch.no_grad()
-def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int) -> tuple[float, torch.Tensor]:
+def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
     out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=model.config.eos_token_id)
+                         pad_token_id=model.config.eos_token_id, **generate_kwargs)
     return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:]
 
 
@@ -152,27 +164,35 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
 
 
 def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
-                 repeats: int = 5, progress: bool = True) -> dict:
-    """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating)."""
+                 repeats: int = 5, compiled: bool = False, progress: bool = True) -> dict:
+    """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
+    `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does."""
     dense.eval(), sparse.eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
-    _greedy_tokens_per_second(dense, ids, 8), _greedy_tokens_per_second(sparse, ids, 8)  # warm
+    kwargs = compile_kwargs() if compiled else {}
+    for model in (dense, sparse):  # warm: kernel plans built (eagerly), then graphs compiled at this length
+        _greedy_tokens_per_second(model, ids, 8)
+        if compiled:
+            _greedy_tokens_per_second(model, ids, new_tokens, **kwargs)
     dense_tps, sparse_tps = [], []
-    for _ in tqdm(range(repeats), desc="greedy decoding", disable=not progress):
-        dense_tps.append(_greedy_tokens_per_second(dense, ids, new_tokens)[0])
-        sparse_tps.append(_greedy_tokens_per_second(sparse, ids, new_tokens)[0])
-    split = {"dense": ffn_time_per_token(dense, ids, new_tokens), "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
-    _, dense_text = _greedy_tokens_per_second(dense, ids, 24)
-    _, sparse_text = _greedy_tokens_per_second(sparse, ids, 24)
+    for _ in tqdm(range(repeats), desc="greedy decoding" + (" (compiled)" if compiled else ""), disable=not progress):
+        tps, dense_out = _greedy_tokens_per_second(dense, ids, new_tokens, **kwargs)
+        dense_tps.append(tps)
+        tps, sparse_out = _greedy_tokens_per_second(sparse, ids, new_tokens, **kwargs)
+        sparse_tps.append(tps)
+    # where the time goes needs hooks, which compiled graphs do not run: measured eagerly only
+    split = None if compiled else {"dense": ffn_time_per_token(dense, ids, new_tokens),
+                                   "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
     d, s = statistics.median(dense_tps), statistics.median(sparse_tps)
     bytes_dense, bytes_sparse = weight_bytes(dense), weight_bytes(sparse)
     limit = bytes_dense["total"] / bytes_sparse["total"]
     return {"prompt": prompt, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
-            "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
+            "compiled": compiled, "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
             "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
             "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
-            "time_per_token_ms": split, "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"],
-            "sample": {"dense": tokenizer.decode(dense_text), "sparse": tokenizer.decode(sparse_text)}}
+            "time_per_token_ms": split,
+            "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"] if split else None,
+            "sample": {"dense": tokenizer.decode(dense_out[:24]), "sparse": tokenizer.decode(sparse_out[:24])}}
 
 
 @dataclass
@@ -197,11 +217,12 @@ class BenchReport:
             lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
                       f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
                       f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
-                      f"limit {d['limit']:.2f}×)",
-                      f"Time per token inside the FFNs: dense {d['time_per_token_ms']['dense']['ffn_ms']:.1f} ms, "
-                      f"sparse {d['time_per_token_ms']['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
-                      f"outside them: {d['time_per_token_ms']['dense']['other_ms']:.1f} vs "
-                      f"{d['time_per_token_ms']['sparse']['other_ms']:.1f} ms"]
+                      f"limit {d['limit']:.2f}×)" + (" — compiled" if d.get("compiled") else "")]
+            if d.get("time_per_token_ms"):
+                split = d["time_per_token_ms"]
+                lines += [f"Time per token inside the FFNs: dense {split['dense']['ffn_ms']:.1f} ms, "
+                          f"sparse {split['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
+                          f"outside them: {split['dense']['other_ms']:.1f} vs {split['sparse']['other_ms']:.1f} ms"]
         return "\n".join(lines)
 
 
@@ -220,7 +241,7 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
 
 def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSparsity | None = None,
         batches=(1, 4, 16), shapes=("model", "qwen7b"), new_tokens: int = 128, repeats: int = 5, decode: bool = True,
-        progress: bool = True) -> BenchReport:
+        compiled: bool = False, progress: bool = True) -> BenchReport:
     """`upcycle bench MODEL`: the FFN microbenchmark at the model's own dims and Qwen2.5-7B's, and
     greedy decoding dense vs sparse; writes bench.json and bench.md to `out` if given."""
     from upcycle.hub import load
@@ -241,7 +262,8 @@ def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSpars
         if tokenizer is None:
             raise ConfigError(f"{model_source}: no tokenizer, so no decoding benchmark (pass --no-decode)")
         dense, sparse = sparse_and_dense(model, tokenizer, sparsity)
-        report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=new_tokens, repeats=repeats, progress=progress)
+        report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=new_tokens, repeats=repeats, compiled=compiled,
+                                     progress=progress)
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

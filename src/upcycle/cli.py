@@ -95,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--new-tokens", type=int, default=128, help="greedy decoding length")
     p.add_argument("--repeats", type=int, default=5, help="alternating measurements per figure (median)")
     p.add_argument("--no-decode", action="store_true", help="only the FFN microbenchmark")
+    p.add_argument("--compile", action="store_true",
+                   help="decode both models under torch.compile (static cache; the first run compiles, ~1 min)")
 
     p = command("repair", "find the layer behind a long-context failure of a bank-sparse model and retrain it alone")
     p.add_argument("model", nargs="?", help="a bank-sparse model folder")
@@ -303,7 +305,7 @@ def cmd_bench(args) -> int:
     sparsity = BankSparsity(**given) if given else None
     shapes = tuple(v.strip() for v in args.shapes.split(",") if v.strip())
     report = run(args.model, args.out, sparsity=sparsity, batches=batches, shapes=shapes, new_tokens=args.new_tokens,
-                 repeats=args.repeats, decode=not args.no_decode)
+                 repeats=args.repeats, decode=not args.no_decode, compiled=args.compile)
     print(report.table())
     if args.out:
         print(f"wrote {Path(args.out) / 'bench.json'} and bench.md")

@@ -136,8 +136,49 @@ def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
     return _kernel_faster[key]
 
 
+# Under torch.compile the kernel is one opaque operator: the graph around it (norms, attention,
+# residuals) is compiled, and the call reaches the same C function. Tensors in, tensor out, so the
+# compiled code keeps no raw pointers; the struct is rebuilt per call (a few microseconds).
+@torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())
+def bank_sparse_ffn_op(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
+                       pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
+    width, _, hidden = packed.shape
+    base, row = packed.data_ptr(), hidden * packed.element_size()
+    weights = FFNWeights(pred_down.data_ptr(), pred_up.data_ptr(), pred_bias.data_ptr(), pred_down.shape[0],
+                         base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    code = load().upcycle_bank_sparse_ffn_f32(ctypes.byref(weights), x.data_ptr(), x.shape[0], None, bank, keep, gate,
+                                              out.data_ptr())
+    if code != 0:
+        raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
+    return out
+
+
+@bank_sparse_ffn_op.register_fake
+def _(x, packed, pred_down, pred_up, pred_bias, bank, keep, gate):
+    return torch.empty_like(x)
+
+
+def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
+    """What torch.compile traces: the kernel operator where an eager call has already built the plan
+    (and, for several rows, measured the kernel faster); otherwise None (the reference is traced)."""
+    plan = module.__dict__.get("_kernel_plan")
+    if plan is None or not plan.usable or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
+        return None
+    x2d = x.reshape(-1, x.shape[-1])
+    rows = x2d.shape[0]
+    key = (rows, plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
+    if rows > MAX_TOKENS or (rows > 1 and not _kernel_faster.get(key, False)):
+        return None
+    return torch.ops.upcycle.bank_sparse_ffn(x2d, plan.packed, *plan.predictor, module.sparsity.bank, module.keep,
+                                             GATE_CODES[module.sparsity.gate]).reshape(x.shape)
+
+
 def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """The fast path's output for x [..., H], or None where the reference must run."""
+    if torch.compiler.is_compiling():
+        return _compiled_forward(module, x) if _enabled and module.sparsity.selection == "predictor" else None
     if not _enabled or module.training or module.sparsity.selection != "predictor":
         return None
     if torch.is_grad_enabled() and (x.requires_grad or module.gate_proj.weight.requires_grad):

@@ -172,13 +172,14 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         float* acc = partial.data() + static_cast<size_t>(me) * T * H;
         std::memset(acc, 0, sizeof(float) * T * H);
         std::vector<int> order(bank);
-        std::vector<int64_t> active;  // this bank's channels kept by at least one token
+        std::vector<int64_t> kept;  // this thread's channels kept by at least one token, in order
         std::vector<const float*> xs(T);
         std::vector<float*> outs(T);
         std::vector<float> ss(T);
-        // Each bank start to finish by one thread: its logits, its top-k, its kept channels.
-#pragma omp for schedule(static)
-        for (int64_t bi = 0; bi < banks; ++bi) {
+        // Phase 1: this thread's banks (a contiguous share) - their logits and top-k. The predictor rows
+        // are read in order, so the hardware prefetcher streams them.
+        const int64_t lo = banks * me / team, hi = banks * (me + 1) / team;
+        for (int64_t bi = lo; bi < hi; ++bi) {
             const int64_t b0 = bi * bank;
             if (!z_in) {
                 for (int64_t j = b0; j < b0 + bank; ++j)
@@ -186,40 +187,42 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
                         z_own[t * I + j] = dot(pred_up + j * r, y.data() + t * r, r) + (pred_bias ? pred_bias[j] : 0.f);
             }
             for (int64_t t = 0; t < T; ++t) select_bank(z, T, t, I, b0, bank, keep, mode, order.data(), scale.data());
-            active.clear();
             for (int64_t j = b0; j < b0 + bank; ++j)
                 for (int64_t t = 0; t < T; ++t)
                     if (scale[j * T + t] != 0.f) {
-                        active.push_back(j);
+                        kept.push_back(j);
                         break;
                     }
-            // the next bank's predictor rows, a slice per kept channel, so they are in cache when needed
-            const char* next_rows = reinterpret_cast<const char*>(pred_up + std::min(b0 + bank, I - bank) * r);
-            const int64_t next_bytes = z_in ? 0 : bank * r * static_cast<int64_t>(sizeof(float));
-            const int64_t slice = active.empty() ? 0 : (next_bytes / static_cast<int64_t>(active.size()) + 63) / 64 * 64;
-            for (size_t a = 0; a < active.size(); ++a) {
-                for (int64_t off = static_cast<int64_t>(a) * slice; off < std::min(static_cast<int64_t>(a + 1) * slice, next_bytes); off += 64)
-                    __builtin_prefetch(next_rows + off, 0, 2);
-                const int64_t j = active[a];
-                const int64_t nj = active[std::min(a + 1, active.size() - 1)];
-                const float *g = w_gate + j * stride, *u = w_up + j * stride, *d = w_down_t + j * stride;
-                const float *ng = w_gate + nj * stride, *nu = w_up + nj * stride, *nd = w_down_t + nj * stride;
-                int m = 0;  // the tokens that kept channel j
-                for (int64_t t = 0; t < T; ++t) {
-                    const float st = scale[j * T + t];
-                    if (st == 0.f) continue;
-                    xs[m] = x + t * H;
-                    outs[m] = acc + t * H;
-                    ss[m++] = st;
+            if (bi == lo)  // start fetching the first kept channels while selecting the rest
+                for (size_t a = 0; a < std::min<size_t>(2, kept.size()); ++a) {
+                    const char* first = reinterpret_cast<const char*>(w_gate + kept[a] * stride);
+                    for (int64_t off = 0; off < 3 * H * static_cast<int64_t>(sizeof(float)); off += 64)
+                        prefetch(reinterpret_cast<const float*>(first + off));
                 }
-                int k = 0;
-                for (; k + 4 <= m; k += 4) channel_block<4>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-                if (m - k == 3) channel_block<3>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-                if (m - k == 2) channel_block<2>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-                if (m - k == 1) channel_block<1>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-            }
         }
-        // implicit barrier above; sum the per-thread partial outputs
+        // Phase 2: stream the kept channels as one list (no stall at bank boundaries), each channel's
+        // successor prefetched while it is computed.
+        for (size_t a = 0; a < kept.size(); ++a) {
+            const int64_t j = kept[a];
+            const int64_t nj = kept[std::min(a + 2, kept.size() - 1)];
+            const float *g = w_gate + j * stride, *u = w_up + j * stride, *d = w_down_t + j * stride;
+            const float *ng = w_gate + nj * stride, *nu = w_up + nj * stride, *nd = w_down_t + nj * stride;
+            int m = 0;  // the tokens that kept channel j
+            for (int64_t t = 0; t < T; ++t) {
+                const float st = scale[j * T + t];
+                if (st == 0.f) continue;
+                xs[m] = x + t * H;
+                outs[m] = acc + t * H;
+                ss[m++] = st;
+            }
+            int k = 0;
+            for (; k + 4 <= m; k += 4) channel_block<4>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+            if (m - k == 3) channel_block<3>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+            if (m - k == 2) channel_block<2>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+            if (m - k == 1) channel_block<1>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
+        }
+#pragma omp barrier
+        // sum the per-thread partial outputs
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < T * H; ++i) {
             float v = 0.f;
