@@ -2,17 +2,19 @@
 
 The sparse model: smollm2-135m sparsified with upcycle.sparsify (bank 64, --keep of every bank,
 predictor rank 64, warm-up fitted; or --sparse PATH, e.g. a trained checkpoint). Measured for the dense
-reference and the sparse model: CWE (RULER-style common-words extraction, 2 common words holding half
-of the list, one worked example, 4 prompts per length) at 512, 1024, 2048 and 4096 tokens; the
+reference and the sparse model: CWE (RULER-style common-words extraction: the most common word of a
+numbered list, holding 15 % of the entries, every other word once; the model's chat template; 8
+prompts per length) at 512, 1024, 2048 and 4096 tokens; the
 long-context probe (KL to the dense model and loss per position bucket on 2048 tokens of held-out
 Shakespeare); short-context perplexity. Then per-layer localisation (restore one layer's dense FFN /
 keep only it sparse), a repair of the top-ranked layer and, as the control, of a randomly drawn other
-layer (its predictor, 12 steps of 1024 tokens, LM + KD + router loss, all else frozen), and the same
+layer (its predictor and FFN, 300 steps of layer-local KD from the reference's dense FFN on the rows
+the layer sees in 16 sequences of 1024 tokens, + router loss, all else frozen), and the same
 measurements after each.
 
 Result: benchmarks/results/repair.json and repair_localisation.png.
 
-    python benchmarks/repair.py [--keep 32] [--sparse PATH] [--samples 4] [--steps 12]
+    python benchmarks/repair.py [--keep 32] [--sparse PATH] [--samples 8] [--steps 300]
 """
 
 from __future__ import annotations
@@ -34,8 +36,8 @@ def main() -> None:
     parser.add_argument("--keep", type=int, default=32)
     parser.add_argument("--sparse", default=None, help="a bank-sparse model folder to use instead of sparsifying")
     parser.add_argument("--warmup-steps", type=int, default=200)
-    parser.add_argument("--samples", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lengths", default="512,1024,2048,4096")
     parser.add_argument("--probe-tokens", type=int, default=2048)
     parser.add_argument("--out", default="runs/bench-repair")

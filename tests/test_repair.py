@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from upcycle import hub
 from upcycle.errors import ConfigError
-from upcycle.eval.cwe import (CWEConfig, chance, cwe_sample, cwe_score, logprobs, long_context_probe,
+from upcycle.eval.cwe import (EXAMPLE, CWEConfig, chance, cwe_sample, cwe_score, logprobs, long_context_probe,
                               position_buckets)
 from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
 from upcycle.repair import localise, repair_layer, restored, sparse_ffns
@@ -44,11 +44,26 @@ def test_cwe_common_words_are_the_most_frequent_entries(tok):
 
 def test_cwe_scorer_on_hand_written_answers():
     common = ["apple", "river", "stone"]
-    assert cwe_score(" apple, river and stone.", common) == 1.0
-    assert cwe_score("Apple, APPLE, apple", common) == pytest.approx(1 / 3)  # case-insensitive, counted once
-    assert cwe_score("pineapple, riverside, stones", common) == 0.0  # whole words only
-    assert cwe_score("1. stone 2. lemon", common) == pytest.approx(1 / 3)
-    assert cwe_score("", common) == 0.0
+    words = {"apple", "river", "stone", "lemon", "cloud"}  # the list's words
+    assert cwe_score(" apple, river and stone.", common, words) == 1.0
+    assert cwe_score("Apple, APPLE, apple", common, words) == pytest.approx(1 / 3)  # case-insensitive, once
+    assert cwe_score("pineapple, riverside, stones", common, words) == 0.0  # whole words only
+    assert cwe_score("1. stone 2. lemon", common, words) == pytest.approx(1 / 3)
+    # only the first three list words named count: naming everything earns nothing
+    assert cwe_score("lemon, cloud, apple, river, stone", common, words) == pytest.approx(1 / 3)
+    assert cwe_score("The most common words are the apple and the river", common, words) == pytest.approx(2 / 3)
+    assert cwe_score("", common, words) == 0.0
+
+
+def test_cwe_prompt_goes_through_a_chat_template_where_the_tokenizer_has_one(tok):
+    chat_tok = hub.byte_tokenizer()
+    chat_tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
+    sample = cwe_sample(chat_tok, 600, seed=0, config=CWEConfig(n_common=1))
+    assert sample.prompt.startswith("<u>Below is a numbered list") and sample.prompt.endswith(
+        "What is the most common word in the above list?</u><a>")
+    assert "Answer:" not in sample.prompt  # no worked example in the chat form
+    assert cwe_sample(tok, 600, seed=0, config=CWEConfig(n_common=1)).prompt.startswith(EXAMPLE)
+    assert not cwe_sample(chat_tok, 600, seed=0, config=CWEConfig(n_common=1, chat=False)).prompt.startswith("<u>")
 
 
 def test_chance_is_the_score_of_random_entries(tok):
@@ -102,22 +117,29 @@ def test_localisation_names_the_broken_layer():
     assert [f.keep for f in sparse_ffns(sparse).values()] == [24, 24, 8, 24]  # and the context put them back
 
 
-def test_repair_trains_only_the_chosen_layer_and_lowers_its_gap():
+@pytest.mark.parametrize("objective,train_ffn", [("local", True), ("local", False), ("end_to_end", False)])
+def test_repair_trains_only_the_chosen_layer_and_lowers_its_gap(objective, train_ffn):
     dense, sparse = _sparse_with_a_broken_layer(broken=1, layers=3)
     blocks = torch.randint(0, dense.config.vocab_size, (4, 64))
     ids = blocks[:2]
     ref = logprobs(dense, ids)
     before = {n: p.clone() for n, p in sparse.named_parameters()}
     kl_before = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
-    losses = repair_layer(sparse, dense, 1, blocks, steps=30, lr=3e-2, progress=False)
+    losses = repair_layer(sparse, dense, 1, blocks, steps=30, lr=3e-2, train_ffn=train_ffn, objective=objective,
+                          progress=False)
     kl_after = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
     changed = {n for n, p in sparse.named_parameters() if not torch.equal(p, before[n])}
-    assert changed == {"model.layers.1.mlp.predictor.down.weight", "model.layers.1.mlp.predictor.up.weight",
-                       "model.layers.1.mlp.predictor.up.bias"}
+    layer = "model.layers.1.mlp."
+    want = {layer + "predictor.down.weight", layer + "predictor.up.weight", layer + "predictor.up.bias"}
+    if train_ffn:
+        want |= {layer + "gate_proj.weight", layer + "up_proj.weight", layer + "down_proj.weight"}
+    assert changed == want
     assert kl_after < kl_before and len(losses) == 30
     assert all(p.requires_grad for p in sparse.parameters())  # flags restored
     with pytest.raises(ConfigError, match="layer 7"):
         repair_layer(sparse, dense, 7, blocks, steps=1, progress=False)
+    with pytest.raises(ConfigError, match="objective"):
+        repair_layer(sparse, dense, 1, blocks, steps=1, objective="global", progress=False)
     with pytest.raises(ConfigError, match="no bank-sparse"):
         sparse_ffns(dense)
 

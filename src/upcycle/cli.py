@@ -105,10 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--layer", default="auto", help="auto (the localisation's first) or a layer index")
     p.add_argument("--lengths", default="512,1024,2048,4096", help="CWE context lengths in tokens")
     p.add_argument("--samples", type=int, default=4, help="CWE prompts per length")
-    p.add_argument("--steps", type=int, default=12, help="repair training steps (one sequence each)")
-    p.add_argument("--seq-len", type=int, default=1024, help="repair training sequence length")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--train-ffn", action="store_true", help="retrain the layer's FFN weights too, not only its predictor")
+    p.add_argument("--steps", type=int, default=300, help="repair training steps (2048 of the layer's rows each)")
+    p.add_argument("--seq-len", type=int, default=1024, help="length of the sequences the layer's rows come from")
+    p.add_argument("--lr", type=float, default=1e-3, help="predictor learning rate (the FFN's: a tenth of it)")
+    p.add_argument("--predictor-only", action="store_true", help="retrain only the layer's predictor, not its FFN")
+    p.add_argument("--end-to-end", action="store_true",
+                   help="LM + KD on the logits through the whole model instead of layer-local KD (slow on a CPU)")
     p.add_argument("--no-control", action="store_true", help="skip repairing a random layer for comparison")
     p.add_argument("--overwrite", action="store_true")
 
@@ -334,7 +336,8 @@ def cmd_repair(args) -> int:
     reference, _ = load(args.reference)
     options = RepairOptions(layer=args.layer if args.layer == "auto" else int(args.layer), lengths=lengths,
                             samples=args.samples, steps=args.steps, seq_len=args.seq_len, lr=args.lr,
-                            train_ffn=args.train_ffn, control=not args.no_control)
+                            train_ffn=not args.predictor_only, control=not args.no_control,
+                            objective="end_to_end" if args.end_to_end else "local")
     result = run_repair(model, tokenizer, reference, out, options)
     print(report_markdown(result))
     if out is not None:

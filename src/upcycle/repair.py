@@ -9,9 +9,10 @@ dense FFN (k = b computes every channel: exactly the dense FFN), and conversely 
 sparse. A layer's share of the gap in a bucket is how much restoring it closes; layers are ranked by
 their mean share over the long buckets (those starting at `long_from` tokens or later).
 
-Repair retrains one layer's predictor (and optionally its FFN) on long sequences with LM + KD from the
-reference + that layer's router loss (its predictor tracking its own FFN's top-k), everything else
-frozen.
+Repair retrains one layer's predictor (and optionally its FFN), everything else frozen, by distilling
+the reference's dense FFN of that layer on the rows the layer sees when the model reads long
+sequences (layer-local KD: output error relative to the dense output, + that layer's router loss, its
+predictor tracking its own FFN's top-k); or end to end with LM + KD on the logits (slow on a CPU).
 """
 
 from __future__ import annotations
@@ -98,36 +99,76 @@ def plot_heatmap(loc: dict, path) -> None:
     plt.close(fig)
 
 
-def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: int = 12, lr: float = 1e-3,
-                 train_ffn: bool = False, router_weight: float = 1.0, seed: int = 0, progress: bool = True) -> list[float]:
-    """Retrain one layer (its predictor; with train_ffn its FFN too) on long blocks [n, T] with
-    LM + KD(reference) + that layer's router loss; every other parameter frozen. Returns the losses."""
+@torch.no_grad()
+def _layer_inputs(model, ffn: torch.nn.Module, blocks: torch.Tensor) -> torch.Tensor:
+    """The rows a layer's FFN sees when the model reads `blocks` [n, T]: [n * T, H]."""
+    seen = []
+    handle = ffn.register_forward_pre_hook(lambda module, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+    model.eval()
+    try:
+        for ids in blocks:
+            model(input_ids=ids[None])
+    finally:
+        handle.remove()
+    return torch.cat(seen)
+
+
+def _end_to_end_loss(model, reference, ffn, ids: torch.Tensor, router_weight: float) -> torch.Tensor:
+    with torch.no_grad():
+        ref = F.log_softmax(reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
+    lm = F.nll_loss(logp, ids[0, 1:])
+    kd = (ref.exp() * (ref - logp)).sum(-1).mean()
+    router = ffn.router_loss()
+    return lm + kd + (router_weight * router if router is not None else 0.0)
+
+
+def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: int = 300, lr: float = 1e-3,
+                 train_ffn: bool = True, ffn_lr_scale: float = 0.1, router_weight: float = 1.0,
+                 objective: str = "local", rows_per_step: int = 2048, seed: int = 0, progress: bool = True) -> list[float]:
+    """Retrain one layer: its predictor (lr) and, with train_ffn, its FFN weights (lr * ffn_lr_scale);
+    every other parameter untouched. Returns the losses.
+
+    objective "local" (default): distil the reference's dense FFN of the same layer on the rows this
+    layer sees when the model reads the long `blocks` [n, T]: loss = ||out - dense||^2 / ||dense||^2
+    + router loss. "end_to_end": LM + KD(reference logits) + router loss on whole blocks, the gradient
+    through every layer above (on a CPU ~6 s a step at 1024 tokens for a 135M model, and 40 steps
+    moved the long-context KL by < 1 %: see the issue notes); kept for comparison."""
     ffn = sparse_ffns(model).get(layer)
     if ffn is None:
         raise ConfigError(f"layer {layer} has no bank-sparse FFN (sparse layers: {sorted(sparse_ffns(model))})")
-    trainable = list(ffn.predictor.parameters())
+    if objective not in ("local", "end_to_end"):
+        raise ConfigError(f"objective {objective!r}: expected local or end_to_end")
+    groups = [{"params": list(ffn.predictor.parameters()), "lr": lr}]
     if train_ffn:
-        trainable += [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight]
+        groups.append({"params": [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight],
+                       "lr": lr * ffn_lr_scale})
+    generator = torch.Generator().manual_seed(seed)
+    if objective == "local":
+        rows = _layer_inputs(model, ffn, blocks)
+        dense = adapter_for(reference).ffn(layer)
+        with torch.no_grad():
+            targets = torch.cat([dense(chunk) for chunk in rows.split(4096)])
     flags = {p: p.requires_grad for p in model.parameters()}
     for p in model.parameters():
         p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
-    optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    for group in groups:
+        for p in group["params"]:
+            p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+    order = torch.randperm(len(blocks), generator=generator)
     losses = []
     model.train()
     reference.eval()
     try:
         for step in tqdm(range(steps), desc=f"repair layer {layer}", disable=not progress):
-            ids = blocks[order[step % len(blocks)]][None]
-            with torch.no_grad():
-                ref = F.log_softmax(reference(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
-            lm = F.nll_loss(logp, ids[0, 1:])
-            kd = (ref.exp() * (ref - logp)).sum(-1).mean()
-            router = ffn.router_loss()
-            loss = lm + kd + (router_weight * router if router is not None else 0.0)
+            if objective == "local":
+                pick = torch.randint(len(rows), (min(rows_per_step, len(rows)),), generator=generator)
+                target = targets[pick]
+                error = ffn.reference_forward(rows[pick]) - target
+                loss = error.pow(2).mean() / target.pow(2).mean() + router_weight * ffn.router_loss()
+            else:
+                loss = _end_to_end_loss(model, reference, ffn, blocks[order[step % len(blocks)]][None], router_weight)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

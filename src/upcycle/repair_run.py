@@ -22,7 +22,7 @@ from upcycle.eval import perplexity
 from upcycle.eval.cwe import CWEConfig, cwe_eval, logprobs, long_context_probe, position_buckets
 from upcycle.repair import localise, plot_heatmap, random_other_layer, repair_layer
 
-DEFAULT_CWE = CWEConfig(n_common=2, common_share=0.5)
+DEFAULT_CWE = CWEConfig()  # the most common word, 15 % of the entries, the rest once; chat template
 
 
 @dataclass
@@ -33,10 +33,12 @@ class RepairOptions:
     probe_source: str = "shakespeare"
     probe_tokens: int = 2048
     train_source: str = "shakespeare+pystdlib"
-    seq_len: int = 1024  # repair training sequence length
-    steps: int = 12
+    seq_len: int = 1024  # length of the sequences the repaired layer's rows come from
+    train_blocks: int = 16  # that many sequences (the end-to-end objective cycles through them)
+    steps: int = 300
     lr: float = 1e-3
-    train_ffn: bool = False
+    train_ffn: bool = True
+    objective: str = "local"  # or "end_to_end" (see upcycle.repair.repair_layer)
     control: bool = True
     cwe: CWEConfig = field(default_factory=lambda: DEFAULT_CWE)
     seed: int = 0
@@ -57,7 +59,7 @@ def run_repair(model, tokenizer, reference, out: str | Path | None = None, optio
     options = options or RepairOptions()
     probe_ids = data.blocks(options.probe_source, tokenizer, "validation", options.probe_tokens, max_blocks=1)
     short_blocks = data.blocks("shakespeare+pystdlib", tokenizer, "validation", 256, max_blocks=16)
-    train_blocks = data.blocks(options.train_source, tokenizer, "train", options.seq_len, max_blocks=max(options.steps, 2))
+    train_blocks = data.blocks(options.train_source, tokenizer, "train", options.seq_len, max_blocks=options.train_blocks)
     ref_logprobs = logprobs(reference, probe_ids)
 
     result = {"options": {**asdict(options), "cwe": options.cwe.to_dict()}, "lengths": list(options.lengths)}
@@ -72,7 +74,8 @@ def run_repair(model, tokenizer, reference, out: str | Path | None = None, optio
     for name, layer in targets.items():
         candidate = copy.deepcopy(model)
         losses = repair_layer(candidate, reference, layer, train_blocks, steps=options.steps, lr=options.lr,
-                              train_ffn=options.train_ffn, seed=options.seed, progress=options.progress)
+                              train_ffn=options.train_ffn, objective=options.objective, seed=options.seed,
+                              progress=options.progress)
         measured[name] = {**_measure(candidate, tokenizer, ref_logprobs, probe_ids, short_blocks, options, name),
                           "layer": layer, "losses": losses}
         repaired[name] = candidate

@@ -2,15 +2,19 @@
 
 CWE: a long numbered list of words in which `n_common` words occur many times (`common_share` of
 the entries between them) and the rest rarely (each at most `rare_repeats` times); the model is
-asked for the most common ones, after one short worked example; the score is the recall of the true
-common words in its greedy answer. The list grows with the context length, so longer contexts hold
-more entries to count over. Deterministic in (tokenizer, length, seed, config).
+asked for the most common ones; the score is the recall of the true common words among the first
+`n_common` list words its greedy answer names (so listing many words earns nothing: the answer is
+judged on the same terms as a guesser). The list grows with the context length, so longer contexts
+hold more entries to count over. Deterministic in (tokenizer, length, seed, config).
 
-The RULER defaults (10 common words x 30, the rest x 3) are far beyond a 135M model; the defaults
-here (3 common words sharing 30 % of the entries, one worked example) put SmolLM2-135M well above
-chance at 512 tokens — see benchmarks/results/repair.json for the figures. `chance` is what guessing
-`n_common` entries of the list at random scores (a frequency-aware guesser: it finds common words as
-often as they occur), `chance_uniform` that of naming `n_common` of the list's distinct words at random.
+The prompt goes through the tokenizer's chat template where it has one (instruction-tuned models,
+SmolLM2-135M among them: without it the model tends to copy the worked example), else a plain
+prompt after one short worked example. The RULER defaults (10 common words x 30, the rest x 3) are
+far beyond a 135M model; the defaults here (the single most common word, holding 15 % of the
+entries, every other word once) put SmolLM2-135M well above chance — see
+benchmarks/results/repair.json. `chance` is what naming `n_common` entries drawn at random from the
+list scores (a frequency-aware guesser: it finds a common word as often as it occurs),
+`chance_uniform` that of naming `n_common` of the list's distinct words at random.
 
 The probe: KL(reference || model) and the model's loss per position bucket on long held-out text.
 """
@@ -53,10 +57,11 @@ EXAMPLE = (
 
 @dataclass(frozen=True)
 class CWEConfig:
-    n_common: int = 3
-    common_share: float = 0.3  # fraction of the list's entries that are common words (split evenly)
-    rare_repeats: int = 3  # each other word occurs 1..rare_repeats times
+    n_common: int = 1
+    common_share: float = 0.15  # fraction of the list's entries that are common words (split evenly)
+    rare_repeats: int = 1  # each other word occurs 1..rare_repeats times
     answer_tokens: int = 24  # greedy tokens generated for the answer
+    chat: bool | None = None  # the tokenizer's chat template: None = where it has one
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -70,20 +75,38 @@ class CWESample:
     length: int  # prompt tokens
 
     def score(self, answer: str) -> float:
-        return cwe_score(answer, self.common)
+        return cwe_score(answer, self.common, set(self.entries))
 
 
-def cwe_score(answer: str, common: list[str]) -> float:
-    """Recall of the true common words in an answer: whole words, case-insensitive, each counted once."""
-    found = set(re.findall(r"[a-z]+", answer.lower()))
-    return sum(word in found for word in common) / len(common)
+def cwe_score(answer: str, common: list[str], candidates: set[str]) -> float:
+    """Recall of the true common words among the first len(common) distinct candidate words (the
+    list's words) the answer names: whole words, case-insensitive; other words are skipped."""
+    named: list[str] = []
+    for word in re.findall(r"[a-z]+", answer.lower()):
+        if word in candidates and word not in named:
+            named.append(word)
+    named = named[:len(common)]
+    return sum(word in named for word in common) / len(common)
 
 
-def _prompt(entries: list[str], n_common: int) -> str:
-    body = "".join(f"{i}. {w}\n" for i, w in enumerate(entries, 1))
-    return (EXAMPLE + "Below is a numbered list of words. Some words appear more often than others.\n" + body
-            + f"Question: What are the {n_common} most common words in the above list?\n"
-            + f"Answer: The {n_common} most common words in the list are:")
+def _question(n_common: int) -> str:
+    return ("What is the most common word in the above list?" if n_common == 1
+            else f"What are the {n_common} most common words in the above list?")
+
+
+def _prompt(entries: list[str], n_common: int, tokenizer, chat: bool) -> str:
+    listing = ("Below is a numbered list of words. Some words appear more often than others.\n"
+               + "".join(f"{i}. {w}\n" for i, w in enumerate(entries, 1)))
+    if chat:
+        return tokenizer.apply_chat_template([{"role": "user", "content": listing + _question(n_common)}],
+                                             tokenize=False, add_generation_prompt=True)
+    words = "word in the list is" if n_common == 1 else f"{n_common} most common words in the list are"
+    return (EXAMPLE + listing + f"Question: {_question(n_common)}\n"
+            + f"Answer: The {'most common ' if n_common == 1 else ''}{words}:")
+
+
+def uses_chat(tokenizer, config: CWEConfig) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None)) if config.chat is None else config.chat
 
 
 def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[str], list[str]]:
@@ -104,12 +127,13 @@ def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[st
 def cwe_sample(tokenizer, length: int, seed: int, config: CWEConfig = CWEConfig()) -> CWESample:
     """A CWE prompt of about `length` tokens (at most), the list as long as fits."""
     rng = random.Random(f"{length}-{seed}")
+    chat = uses_chat(tokenizer, config)
     lo, hi = 4, max(8, length)  # list entries: binary search on the prompt's token count
     best = None
     while lo <= hi:
         mid = (lo + hi) // 2
         common, entries = _entries(mid, random.Random(rng.random()), config)
-        prompt = _prompt(entries, config.n_common)
+        prompt = _prompt(entries, config.n_common, tokenizer, chat)
         n = len(tokenizer(prompt).input_ids)
         if n <= length:
             best, lo = (common, entries, prompt, n), mid + 1
@@ -138,7 +162,7 @@ def cwe_answer(model, tokenizer, sample: CWESample, config: CWEConfig = CWEConfi
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
     out = model.generate(ids, max_new_tokens=config.answer_tokens, do_sample=False,
                          pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:]).split("\n")[0]
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
 
 
 def cwe_eval(model, tokenizer, lengths: list[int], samples: int = 4, config: CWEConfig = CWEConfig(),
