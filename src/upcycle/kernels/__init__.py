@@ -120,9 +120,13 @@ def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: K
     return out
 
 
+def _shape_key(module, rows: int, plan: KernelPlan) -> tuple:
+    return (rows, plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
+
+
 def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
     """Measured once per shape: the kernel or the masked dense reference, whichever is faster here."""
-    key = (x2d.shape[0], plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
+    key = _shape_key(module, x2d.shape[0], plan)
     if key not in _kernel_faster:
         kernel, dense = [], []
         for _ in range(5):  # alternate, take medians: one noisy sample decides nothing
@@ -168,8 +172,7 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     x2d = x.reshape(-1, x.shape[-1])
     rows = x2d.shape[0]
-    key = (rows, plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
-    if rows > MAX_TOKENS or (rows > 1 and not _kernel_faster.get(key, False)):
+    if rows > MAX_TOKENS or (rows > 1 and not _kernel_faster.get(_shape_key(module, rows, plan), False)):
         return None
     return torch.ops.upcycle.bank_sparse_ffn(x2d, plan.packed, *plan.predictor, module.sparsity.bank, module.keep,
                                              GATE_CODES[module.sparsity.gate]).reshape(x.shape)
