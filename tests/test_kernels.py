@@ -159,13 +159,19 @@ def test_a_failed_build_is_reported_and_the_model_still_runs(tmp_path):
     assert not list(tmp_path.glob("kernels/*/*.so"))  # nothing half-built left behind
 
 
-@needs_kernel
-def test_generate_with_the_kernel_matches_the_reference():
+def _tiny_sparse_model():
+    """Two bank-sparse layers whose predictors (std 0.5) pick channels that matter to the output."""
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
     sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1]).eval()
     for ffn in (sparse.model.layers[i].mlp for i in range(2)):
         for p in ffn.predictor.parameters():
             torch.nn.init.normal_(p, std=0.5)
+    return sparse
+
+
+@needs_kernel
+def test_generate_with_the_kernel_matches_the_reference():
+    sparse = _tiny_sparse_model()
     ids = torch.randint(0, sparse.config.vocab_size, (1, 12))
     with torch.no_grad():
         fast = sparse.generate(ids, max_new_tokens=16, do_sample=False)
@@ -180,11 +186,7 @@ def test_generate_with_the_kernel_matches_the_reference():
 
 @needs_kernel
 def test_torch_compile_traces_the_kernel_as_one_operator_and_matches_the_reference():
-    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
-    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1]).eval()
-    for ffn in (sparse.model.layers[i].mlp for i in range(2)):
-        for p in ffn.predictor.parameters():
-            torch.nn.init.normal_(p, std=0.5)
+    sparse = _tiny_sparse_model()
     ids = torch.randint(0, sparse.config.vocab_size, (1, 1))  # one row per FFN call: a decoding step
     graphs = []
 

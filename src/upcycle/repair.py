@@ -166,7 +166,8 @@ def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: i
                 pick = torch.randint(len(rows), (min(rows_per_step, len(rows)),), generator=generator)
                 target = targets[pick]
                 error = ffn.reference_forward(rows[pick]) - target
-                loss = error.pow(2).mean() / target.pow(2).mean() + router_weight * ffn.router_loss()
+                router = ffn.router_loss()
+                loss = error.pow(2).mean() / target.pow(2).mean() + (router_weight * router if router is not None else 0.0)
             else:
                 loss = _end_to_end_loss(model, reference, ffn, blocks[order[step % len(blocks)]][None], router_weight)
             optimizer.zero_grad(set_to_none=True)

@@ -57,6 +57,15 @@ def _state(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
+def _ffn_struct(packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
+                pred_bias: torch.Tensor) -> FFNWeights:
+    """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy and the predictor."""
+    width, _, hidden = packed.shape
+    base, row = packed.data_ptr(), hidden * packed.element_size()
+    return FFNWeights(pred_down.data_ptr(), pred_up.data_ptr(), pred_bias.data_ptr(), pred_down.shape[0],
+                      base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+
+
 class KernelPlan:
     """One module prepared for the kernel: its weights packed so that a kept channel j is one
     contiguous read (rows W_gate[j], W_up[j], W_down^T[j] side by side: [width, 3, hidden]), and the
@@ -74,13 +83,9 @@ class KernelPlan:
             return
         self.packed = torch.stack([gate, up, down.t()], dim=1).contiguous()
         self.predictor = [pdown.contiguous(), pup.contiguous(), pbias.contiguous()]
-        hidden, width = gate.shape[1], gate.shape[0]
-        base, row = self.packed.data_ptr(), hidden * self.packed.element_size()
-        self.struct = FFNWeights(self.predictor[0].data_ptr(), self.predictor[1].data_ptr(),
-                                 self.predictor[2].data_ptr(), pdown.shape[0], base, base + row, base + 2 * row,
-                                 3 * hidden, hidden, width)
+        self.struct = _ffn_struct(self.packed, *self.predictor)
         self.ref = ctypes.byref(self.struct)
-        self.hidden = hidden
+        self.hidden = gate.shape[1]
 
     def __reduce__(self):  # a copied or pickled module gets no plan (raw pointers); it rebuilds its own
         return (type(None), ())
@@ -146,10 +151,7 @@ def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
 @torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())
 def bank_sparse_ffn_op(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
                        pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
-    width, _, hidden = packed.shape
-    base, row = packed.data_ptr(), hidden * packed.element_size()
-    weights = FFNWeights(pred_down.data_ptr(), pred_up.data_ptr(), pred_bias.data_ptr(), pred_down.shape[0],
-                         base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    weights = _ffn_struct(packed, pred_down, pred_up, pred_bias)
     x = x.contiguous()
     out = torch.empty_like(x)
     code = load().upcycle_bank_sparse_ffn_f32(ctypes.byref(weights), x.data_ptr(), x.shape[0], None, bank, keep, gate,
