@@ -215,6 +215,51 @@ def test_inductor_compiles_a_sparse_ffn_with_the_kernel_inside():
     torch.testing.assert_close(got, expected(ffn, x), rtol=1e-4, atol=1e-4)
 
 
+@needs_kernel
+def test_the_compiled_operator_is_the_cpp_one_and_agrees_with_the_python_fallback():
+    ffn = _ffn(96, 256, 32, 8)
+    x = torch.randn(3, 96)
+    with torch.no_grad():
+        plan = kernels.plan_for(ffn)
+        assert kernels.operator_kind() == "C++", kernels.why_no_operator()
+        args = (plan.packed, *plan.predictor, 32, 8, kernels.GATE_CODES["hard"])
+        got = torch.ops.upcycle.bank_sparse_ffn(x, *args)
+        torch.testing.assert_close(got, expected(ffn, x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(kernels._python_operator(x, *args), got, rtol=0, atol=0)
+        with pytest.raises(RuntimeError, match="x must be"):
+            torch.ops.upcycle.bank_sparse_ffn(x[:, :50], *args)
+
+
+@needs_kernel
+def test_without_the_cpp_operator_a_python_one_of_the_same_name_is_compiled_in():
+    """A fresh process whose operator source is missing: the Python operator, same name, same result."""
+    script = (
+        "import torch\n"
+        "from upcycle.kernels import build\n"
+        "build.OPERATOR_SOURCE = build.OPERATOR_SOURCE.with_name('missing.cpp')\n"
+        "from upcycle import kernels\n"
+        "from upcycle.modules import BankSparseFFN, BankSparsity\n"
+        "torch.manual_seed(0)\n"
+        "ffn = BankSparseFFN(96, 256, BankSparsity(32, 8, 16)).eval()\n"
+        "for p in ffn.parameters(): torch.nn.init.normal_(p, std=0.3)\n"
+        "x = torch.randn(1, 96)\n"
+        "graphs = []\n"
+        "def record(gm, inputs):\n"
+        "    graphs.append(gm)\n"
+        "    return gm.forward\n"
+        "with torch.no_grad():\n"
+        "    ffn(x)\n"
+        "    got = torch.compile(ffn, backend=record, fullgraph=True)(x)\n"
+        "    with kernels.disabled(): want = ffn(x)\n"
+        "op = torch.ops.upcycle.bank_sparse_ffn\n"
+        "calls = sum(n.target in (op, op.default) for g in graphs for n in g.graph.nodes)\n"
+        "print(kernels.operator_kind(), calls, (got - want).abs().max().item() < 1e-4, kernels.why_no_operator())\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("Python 1 True operator build failed"), run.stdout
+
+
 def test_byte_limits_match_a_hand_count():
     from upcycle.bench import ffn_limit, weight_bytes
 

@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from upcycle.kernels.build import FFNWeights, load, why_unavailable
+from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -81,6 +81,7 @@ class KernelPlan:
         self.usable = silu and cpu_fp32
         if not self.usable:
             return
+        operator_kind()  # registered before any compiled graph can ask for it
         self.packed = torch.stack([gate, up, down.t()], dim=1).contiguous()
         self.predictor = [pdown.contiguous(), pup.contiguous(), pbias.contiguous()]
         self.struct = _ffn_struct(self.packed, *self.predictor)
@@ -145,12 +146,16 @@ def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
     return _kernel_faster[key]
 
 
-# Under torch.compile the kernel is one opaque operator: the graph around it (norms, attention,
-# residuals) is compiled, and the call reaches the same C function. Tensors in, tensor out, so the
-# compiled code keeps no raw pointers; the struct is rebuilt per call (a few microseconds).
-@torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())
-def bank_sparse_ffn_op(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
-                       pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
+# Under torch.compile the kernel is one opaque operator, upcycle::bank_sparse_ffn: the graph around it
+# (norms, attention, residuals) is compiled, and the call reaches the same C function. Tensors in, tensor
+# out, so the compiled code keeps no raw pointers. The operator is registered in C++ where it can be
+# built (build.load_operator: no Python between the compiled graph and the kernel), else in Python.
+_operator_kind: str | None = None
+
+
+def _python_operator(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
+                     pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
+    """The operator's kernel where the C++ registration cannot be built: the C function via ctypes."""
     weights = _ffn_struct(packed, pred_down, pred_up, pred_bias)
     x = x.contiguous()
     out = torch.empty_like(x)
@@ -161,9 +166,17 @@ def bank_sparse_ffn_op(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.T
     return out
 
 
-@bank_sparse_ffn_op.register_fake
-def _(x, packed, pred_down, pred_up, pred_bias, bank, keep, gate):
-    return torch.empty_like(x)
+def operator_kind() -> str:
+    """Register upcycle::bank_sparse_ffn once and say how: "C++" or "Python"."""
+    global _operator_kind
+    if _operator_kind is None:
+        if load_operator():
+            _operator_kind = "C++"
+        else:
+            torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())(_python_operator)
+            _operator_kind = "Python"
+        torch.library.register_fake("upcycle::bank_sparse_ffn")(lambda x, *weights_and_sizes: torch.empty_like(x))
+    return _operator_kind
 
 
 def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
@@ -201,4 +214,4 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 __all__ = ["available", "enabled", "disabled", "plan_for", "release", "run_kernel", "sparse_ffn_forward",
-           "why_unavailable", "load", "KernelPlan", "MAX_TOKENS"]
+           "why_unavailable", "why_no_operator", "operator_kind", "load", "KernelPlan", "MAX_TOKENS"]

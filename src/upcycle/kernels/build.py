@@ -1,9 +1,15 @@
 """Compile the C++ kernels of this package once per machine, into the cache, and load them.
 
-The source ships inside the package; the shared library is built on first use with the system's C++
-compiler (-march=native: these kernels are for the CPU they run on) and kept under
-~/.cache/upcycle/kernels/<hash of source, flags and compiler>. No compiler, or a failed build, means
-no extension: callers then use the pure-PyTorch reference, and `why_unavailable()` says why.
+The sources ship inside the package; each shared library is built on first use with the system's C++
+compiler (-march=native: these kernels are for the CPU they run on; about 2 s) and kept under
+~/.cache/upcycle/kernels/<hash of sources, flags, compiler and torch version>. Two libraries:
+
+- the kernel itself behind a plain C ABI (`load()`, called through ctypes by the eager path). No
+  compiler, or a failed build, means no extension: callers then use the pure-PyTorch reference, and
+  `why_unavailable()` says why;
+- the same kernel registered as the operator upcycle::bank_sparse_ffn against torch's stable C ABI
+  (`load_operator()`), which torch.compile calls without Python in between. Where it cannot be built
+  (torch's headers missing), upcycle.kernels registers a Python operator of the same name instead.
 """
 
 from __future__ import annotations
@@ -17,34 +23,37 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-import torch  # noqa: F401 — loaded first, so the extension binds to the OpenMP runtime torch already uses
+import torch  # loaded first, so the extension binds to the OpenMP runtime torch already uses
 
 from upcycle.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
+OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 ABI_VERSION = 2
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
+_operator_failure: str | None = None
+_operator_loaded = False
 
 
 def compiler() -> str | None:
     return shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++") or shutil.which("clang++")
 
 
-def _library_path(cxx: str) -> Path:
+def _library_path(cxx: str, name: str, sources: list[Path], flags: list[str]) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()
-                         + platform.machine().encode()).hexdigest()[:16]
-    return cache_dir() / "kernels" / key / "libupcycle_kernels.so"
+    key = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + " ".join(flags).encode() + version.encode()
+                         + platform.machine().encode() + torch.__version__.encode()).hexdigest()[:16]
+    return cache_dir() / "kernels" / key / name
 
 
-def _compile(cxx: str, target: Path) -> None:
+def _compile(cxx: str, source: Path, flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         built = Path(tmp) / target.name
-        run = subprocess.run([cxx, *FLAGS, str(SOURCE), "-o", str(built)], capture_output=True, text=True)
+        run = subprocess.run([cxx, *FLAGS, str(source), "-o", str(built), *flags], capture_output=True, text=True)
         if run.returncode != 0:
             errors = [line for line in run.stderr.splitlines() if "error" in line] or [f"exit {run.returncode}"]
             raise RuntimeError(f"{cxx} failed: {errors[0].strip()}")
@@ -80,9 +89,9 @@ def load() -> ctypes.CDLL | None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
     try:
-        target = _library_path(cxx)
+        target = _library_path(cxx, "libupcycle_kernels.so", [SOURCE], FLAGS)
         if not target.exists():
-            _compile(cxx, target)
+            _compile(cxx, SOURCE, [], target)
         _library = _bind(ctypes.CDLL(str(target)))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _failure = f"kernel build failed: {exc}"
@@ -92,3 +101,39 @@ def load() -> ctypes.CDLL | None:
 def why_unavailable() -> str | None:
     load()
     return _failure
+
+
+def _torch_flags() -> list[str]:
+    """Headers of torch's stable C ABI, and the libraries that implement it (this torch's own)."""
+    root = Path(torch.__file__).parent
+    include, lib = root / "include", root / "lib"
+    if not (include / "torch" / "csrc" / "stable" / "library.h").exists():
+        raise RuntimeError(f"torch {torch.__version__} ships no stable-ABI headers under {include}")
+    return [f"-I{include}", f"-L{lib}", "-ltorch_cpu", "-lc10", f"-Wl,-rpath,{lib}"]
+
+
+def load_operator() -> bool:
+    """Register the C++ operator upcycle::bank_sparse_ffn (building it on first use); False where it
+    cannot be had, with the reason in `why_no_operator()`."""
+    global _operator_loaded, _operator_failure
+    if _operator_loaded or _operator_failure is not None:
+        return _operator_loaded
+    cxx = compiler()
+    if cxx is None or load() is None:
+        _operator_failure = why_unavailable() or "no C++ compiler found"
+        return False
+    try:
+        flags = _torch_flags()
+        target = _library_path(cxx, "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE], flags)
+        if not target.exists():
+            _compile(cxx, OPERATOR_SOURCE, flags, target)
+        torch.ops.load_library(str(target))
+        _operator_loaded = True
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        _operator_failure = f"operator build failed: {exc}"
+    return _operator_loaded
+
+
+def why_no_operator() -> str | None:
+    load_operator()
+    return _operator_failure

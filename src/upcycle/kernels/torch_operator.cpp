@@ -1,0 +1,50 @@
+// The bank-sparse FFN kernel registered as the PyTorch operator upcycle::bank_sparse_ffn.
+//
+// Why an operator registered here rather than from Python: under torch.compile (inductor, C++ wrapper)
+// a compiled graph calls an operator through the dispatcher; an operator whose kernel is Python costs a
+// trip back into the interpreter (GIL, tensor wrapping, the custom-op machinery: ~25-50 us a call, 30
+// calls a token in SmolLM2), one registered here costs a few microseconds. Written against torch's
+// stable C ABI (torch/csrc/stable), so it builds in seconds and needs only torch's headers.
+//
+// Schema: bank_sparse_ffn(x [T, H], packed [I, 3, H] (gate, up, down^T rows of each channel side by
+// side), pred_down [r, H], pred_up [I, r], pred_bias [I], bank, keep, gate) -> [T, H]; fp32, CPU.
+
+#include "bank_sparse_ffn.cpp"
+
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+
+namespace {
+
+using torch::stable::Tensor;
+
+const float* floats(const Tensor& t) { return static_cast<const float*>(t.data_ptr()); }
+
+Tensor bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up, Tensor pred_bias, int64_t bank,
+                       int64_t keep, int64_t gate) {
+    STD_TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == 3 && packed.size(2) == x.size(1),
+                    "bank_sparse_ffn: x must be [T, H] and packed [I, 3, H]");
+    STD_TORCH_CHECK(packed.is_contiguous() && pred_down.is_contiguous() && pred_up.is_contiguous() &&
+                        pred_bias.is_contiguous(),
+                    "bank_sparse_ffn: weights must be contiguous");
+    if (!x.is_contiguous()) x = torch::stable::contiguous(x);
+    Tensor out = torch::stable::empty_like(x);
+    const int64_t hidden = packed.size(2);
+    const float* base = floats(packed);
+    const FFNWeights weights{floats(pred_down), floats(pred_up), floats(pred_bias), pred_down.size(0),
+                             base, base + hidden, base + 2 * hidden, 3 * hidden, hidden, packed.size(0)};
+    const int code = upcycle_bank_sparse_ffn_f32(&weights, floats(x), x.size(0), nullptr, bank, keep,
+                                                 static_cast<int>(gate), static_cast<float*>(out.data_ptr()));
+    STD_TORCH_CHECK(code == 0, "bank-sparse kernel rejected its arguments (code ", code, ")");
+    return out;
+}
+
+}  // namespace
+
+STABLE_TORCH_LIBRARY(upcycle, m) {
+    m.def("bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up, Tensor pred_bias, "
+          "int bank, int keep, int gate) -> Tensor");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(upcycle, CPU, m) { m.impl("bank_sparse_ffn", TORCH_BOX(&bank_sparse_ffn)); }
