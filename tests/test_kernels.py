@@ -72,6 +72,22 @@ def test_kernel_extremes_one_channel_per_bank_and_all_of_them(keep):
 
 
 @needs_kernel
+@pytest.mark.parametrize("bank", [24, 64, 512])  # a partial sort; the vector ranking; a partial sort again
+def test_tied_logits_keep_exactly_k_per_bank_lower_index_first(bank):
+    keep = bank // 4
+    ffn = _ffn(40, 2 * bank, bank, keep)
+    x = torch.randn(3, 40)
+    z = torch.randint(0, 3, (3, 2 * bank)).float()  # three distinct values: ties everywhere
+    with torch.no_grad():
+        got = kernels.run_kernel(ffn, x, z)
+        first = torch.sort(-z.reshape(3, 2, bank), dim=-1, stable=True).indices[..., :keep]  # stable: index order
+        gate = torch.zeros(3, 2, bank).scatter(-1, first, 1.0).reshape(3, -1)
+        assert torch.equal(gate.reshape(3, 2, bank).sum(-1), torch.full((3, 2), float(keep)))
+        h = F.silu(x @ ffn.gate_proj.weight.T) * (x @ ffn.up_proj.weight.T)
+        torch.testing.assert_close(got, (h * gate) @ ffn.down_proj.weight.T, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_eval_forward_takes_the_fast_path_for_any_leading_shape():
     ffn = _ffn()
     x = torch.randn(2, 3, 48)

@@ -102,24 +102,56 @@ inline void channel_block(const float* g, const float* u, const float* d, const 
 
 enum GateMode { HARD = 0, SIGMOID = 1, SOFTMAX = 2 };
 
+// The kept channels of one bank for one token: the `keep` largest logits, ties to the lower index (a
+// strict order, so exactly `keep` whatever the ties), as indices within the bank into `chosen`.
+int top_k(const float* zb, int64_t bank, int64_t keep, int* chosen) {
+#if defined(__AVX512F__)
+    if (bank % 16 == 0 && bank <= 256) {  // bank^2/16 compares: beyond, a partial sort is cheaper
+        // Branch-free: the rank of each channel (how many channels precede it in that order), 16
+        // channels at a time against every channel of the bank; kept where the rank is below keep.
+        const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+        const __m512i one = _mm512_set1_epi32(1), limit = _mm512_set1_epi32(static_cast<int>(keep));
+        int n = 0;
+        for (int64_t i0 = 0; i0 < bank; i0 += 16) {
+            const __m512 zi = _mm512_loadu_ps(zb + i0);
+            const __m512i ii = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(i0)), lane);
+            __m512i rank = _mm512_setzero_si512();
+            for (int64_t j = 0; j < bank; ++j) {
+                const __m512 zj = _mm512_set1_ps(zb[j]);
+                const __mmask16 later = _mm512_cmpgt_epi32_mask(ii, _mm512_set1_epi32(static_cast<int>(j)));
+                const __mmask16 before = _mm512_cmp_ps_mask(zj, zi, _CMP_GT_OQ) |
+                                         _mm512_mask_cmp_ps_mask(later, zj, zi, _CMP_EQ_OQ);
+                rank = _mm512_mask_add_epi32(rank, before, rank, one);
+            }
+            for (__mmask16 kept = _mm512_cmplt_epi32_mask(rank, limit); kept; kept &= kept - 1)
+                chosen[n++] = static_cast<int>(i0) + __builtin_ctz(kept);
+        }
+        return n;
+    }
+#endif
+    for (int64_t i = 0; i < bank; ++i) chosen[i] = static_cast<int>(i);
+    if (keep < bank)
+        std::nth_element(chosen, chosen + keep, chosen + bank,
+                         [zb](int a, int b) { return zb[a] > zb[b] || (zb[a] == zb[b] && a < b); });
+    return static_cast<int>(keep);
+}
+
 // Per token and bank: the kept channels' gate values into scale[j * T + t] (0 where dropped).
 void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, int64_t bank, int64_t keep,
-                 int mode, int* order, float* scale) {
+                 int mode, int* chosen, float* scale) {
     const float* zb = z + t * I + b0;
-    for (int64_t i = 0; i < bank; ++i) order[i] = static_cast<int>(i);
-    if (keep < bank)
-        std::nth_element(order, order + keep, order + bank, [zb](int a, int b) { return zb[a] > zb[b]; });
+    const int n = top_k(zb, bank, keep, chosen);
     float zmax = -INFINITY, total = 0.f;
     if (mode == SOFTMAX) {
-        for (int64_t i = 0; i < keep; ++i) zmax = std::max(zmax, zb[order[i]]);
-        for (int64_t i = 0; i < keep; ++i) total += std::exp(zb[order[i]] - zmax);
+        for (int i = 0; i < n; ++i) zmax = std::max(zmax, zb[chosen[i]]);
+        for (int i = 0; i < n; ++i) total += std::exp(zb[chosen[i]] - zmax);
     }
-    for (int64_t i = 0; i < keep; ++i) {
-        const float v = zb[order[i]];
+    for (int i = 0; i < n; ++i) {
+        const float v = zb[chosen[i]];
         float s = 1.f;
         if (mode == SIGMOID) s = 1.f / (1.f + std::exp(-v));
         else if (mode == SOFTMAX) s = static_cast<float>(keep) * std::exp(v - zmax) / total;
-        scale[(b0 + order[i]) * T + t] = s;
+        scale[(b0 + chosen[i]) * T + t] = s;
     }
 }
 
@@ -171,7 +203,7 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         }
         float* acc = partial.data() + static_cast<size_t>(me) * T * H;
         std::memset(acc, 0, sizeof(float) * T * H);
-        std::vector<int> order(bank);
+        std::vector<int> chosen(bank);
         std::vector<int64_t> kept;  // this thread's channels kept by at least one token, in order
         std::vector<const float*> xs(T);
         std::vector<float*> outs(T);
@@ -186,7 +218,7 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
                     for (int64_t t = 0; t < T; ++t)
                         z_own[t * I + j] = dot(pred_up + j * r, y.data() + t * r, r) + (pred_bias ? pred_bias[j] : 0.f);
             }
-            for (int64_t t = 0; t < T; ++t) select_bank(z, T, t, I, b0, bank, keep, mode, order.data(), scale.data());
+            for (int64_t t = 0; t < T; ++t) select_bank(z, T, t, I, b0, bank, keep, mode, chosen.data(), scale.data());
             for (int64_t j = b0; j < b0 + bank; ++j)
                 for (int64_t t = 0; t < T; ++t)
                     if (scale[j * T + t] != 0.f) {
