@@ -276,6 +276,19 @@ def test_without_the_cpp_operator_a_python_one_of_the_same_name_is_compiled_in()
     assert run.stdout.startswith("Python 1 True operator build failed"), run.stdout
 
 
+def test_packed_copies_are_exact_contiguous_and_huge_page_aligned():
+    from upcycle.kernels.memory import HUGE_PAGE, _libc_madvise, huge_page_copy
+
+    big = torch.randn(1536, 3, 576)  # 10.6 MB: a smollm2 layer's pack
+    copy = huge_page_copy(big)
+    assert torch.equal(copy, big) and copy.is_contiguous() and copy.data_ptr() != big.data_ptr()
+    if _libc_madvise():
+        assert copy.data_ptr() % HUGE_PAGE == 0
+    small = torch.arange(6.0).reshape(2, 3).t()  # not contiguous, under a page: an ordinary copy
+    copy = huge_page_copy(small)
+    assert torch.equal(copy, small) and copy.is_contiguous() and copy.data_ptr() != small.data_ptr()
+
+
 def test_byte_limits_match_a_hand_count():
     from upcycle.bench import ffn_limit, weight_bytes
 

@@ -18,6 +18,7 @@ import time
 import torch
 
 from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
+from upcycle.kernels.memory import huge_page_copy
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -82,7 +83,7 @@ class KernelPlan:
         if not self.usable:
             return
         operator_kind()  # registered before any compiled graph can ask for it
-        self.packed = torch.stack([gate, up, down.t()], dim=1).contiguous()
+        self.packed = huge_page_copy(torch.stack([gate, up, down.t()], dim=1))
         self.predictor = [pdown.contiguous(), pup.contiguous(), pbias.contiguous()]
         self.struct = _ffn_struct(self.packed, *self.predictor)
         self.ref = ctypes.byref(self.struct)
