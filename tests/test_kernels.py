@@ -305,6 +305,22 @@ def test_byte_limits_match_a_hand_count():
     assert parts["attention_and_norms"] == 4 * attention
 
 
+def test_the_no_ffn_ceiling_model_is_the_model_with_every_ffn_output_zeroed():
+    from upcycle.bench import without_ffns
+
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128).eval()
+    ids = torch.randint(0, model.config.vocab_size, (1, 7))
+    with torch.no_grad():
+        got = without_ffns(model)(ids).logits
+        handles = [layer.mlp.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
+                   for layer in model.model.layers]
+        want = model(ids).logits
+        for h in handles:
+            h.remove()
+        assert not torch.allclose(model(ids).logits, want)  # the original keeps its FFNs
+    torch.testing.assert_close(got, want)
+
+
 def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
     from upcycle.cli import main
 
@@ -321,6 +337,7 @@ def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
     assert all(r["dense_ms"] > 0 and r["sparse_ms"] > 0 for r in result["ffn"].values())
     decode = result["decode"]
     assert decode["new_tokens"] == 4 and decode["dense_tokens_per_s"] > 0 and decode["sparse_tokens_per_s"] > 0
+    assert decode["ceiling"] == pytest.approx(decode["no_ffn_tokens_per_s"] / decode["dense_tokens_per_s"])
     assert decode["bytes_per_token"]["sparse"]["ffn"] == 4 * 2 * 3 * 64 * 128 / 4
     assert "Greedy decoding" in printed and (out / "bench.md").exists()
     assert main(["bench", str(tmp_path / "sparse"), "--batches", "one"]) == 2

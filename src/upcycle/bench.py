@@ -13,6 +13,7 @@ is the speedup the hardware allows; the attention, the norms and the LM head are
 
 from __future__ import annotations
 
+import copy
 import json
 import statistics
 import time
@@ -116,6 +117,24 @@ def weight_bytes(model) -> dict[str, float]:
     return parts
 
 
+class _NoFFN(torch.nn.Module):
+    """An FFN that costs nothing: its layer's residual stream passes through unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.zeros_like(x)
+
+
+def without_ffns(model):
+    """A copy of `model` whose FFNs are skipped: decoding it takes what everything but the FFNs takes
+    (attention, norms, the LM head, generate's own work), so dense ÷ this is the most that any FFN
+    speed-up can give end to end, measured rather than estimated."""
+    skipped = copy.deepcopy(model)
+    adapter = adapter_for(skipped)
+    for i in range(adapter.num_layers):
+        adapter.set_ffn(i, _NoFFN())
+    return skipped
+
+
 def compile_kwargs() -> dict:
     """generate() arguments that compile the decoding step with inductor (C++ wrapper: the graph's
     launches without Python), a static KV cache so one graph serves every step; the bank-sparse
@@ -168,28 +187,31 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
     `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does."""
     dense.eval(), sparse.eval()
+    no_ffn = without_ffns(dense).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     kwargs = compile_kwargs() if compiled else {}
-    for model in (dense, sparse):  # warm: kernel plans built (eagerly), then graphs compiled at this length
+    for model in (dense, sparse, no_ffn):  # warm: kernel plans built (eagerly), then graphs compiled
         _greedy_tokens_per_second(model, ids, 8)
         if compiled:
             _greedy_tokens_per_second(model, ids, new_tokens, **kwargs)
-    dense_tps, sparse_tps = [], []
+    dense_tps, sparse_tps, no_ffn_tps = [], [], []
     for _ in tqdm(range(repeats), desc="greedy decoding" + (" (compiled)" if compiled else ""), disable=not progress):
         tps, dense_out = _greedy_tokens_per_second(dense, ids, new_tokens, **kwargs)
         dense_tps.append(tps)
         tps, sparse_out = _greedy_tokens_per_second(sparse, ids, new_tokens, **kwargs)
         sparse_tps.append(tps)
+        no_ffn_tps.append(_greedy_tokens_per_second(no_ffn, ids, new_tokens, **kwargs)[0])
     # where the time goes needs hooks, which compiled graphs do not run: measured eagerly only
     split = None if compiled else {"dense": ffn_time_per_token(dense, ids, new_tokens),
                                    "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
-    d, s = statistics.median(dense_tps), statistics.median(sparse_tps)
+    d, s, ceiling = statistics.median(dense_tps), statistics.median(sparse_tps), statistics.median(no_ffn_tps)
     bytes_dense, bytes_sparse = weight_bytes(dense), weight_bytes(sparse)
     limit = bytes_dense["total"] / bytes_sparse["total"]
     return {"prompt": prompt, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
             "compiled": compiled, "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
             "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
             "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
+            "no_ffn_tokens_per_s": ceiling, "ceiling": ceiling / d,
             "time_per_token_ms": split,
             "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"] if split else None,
             "sample": {"dense": tokenizer.decode(dense_out[:24]), "sparse": tokenizer.decode(sparse_out[:24])}}
@@ -217,7 +239,8 @@ class BenchReport:
             lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
                       f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
                       f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
-                      f"limit {d['limit']:.2f}×)" + (" — compiled" if d.get("compiled") else "")]
+                      f"limit {d['limit']:.2f}×; with no FFN at all {d['ceiling']:.2f}×)"
+                      + (" — compiled" if d.get("compiled") else "")]
             if d.get("time_per_token_ms"):
                 split = d["time_per_token_ms"]
                 lines += [f"Time per token inside the FFNs: dense {split['dense']['ffn_ms']:.1f} ms, "
