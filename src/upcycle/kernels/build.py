@@ -49,6 +49,14 @@ def _library_path(cxx: str, name: str, sources: list[Path], flags: list[str]) ->
     return cache_dir() / "kernels" / key / name
 
 
+def _built(cxx: str, name: str, sources: list[Path], extra_flags: list[str]) -> Path:
+    """The library built from sources[0] (which #includes the rest), compiled if the cache lacks it."""
+    target = _library_path(cxx, name, sources, FLAGS + extra_flags)
+    if not target.exists():
+        _compile(cxx, sources[0], extra_flags, target)
+    return target
+
+
 def _compile(cxx: str, source: Path, flags: list[str], target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
@@ -89,10 +97,7 @@ def load() -> ctypes.CDLL | None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
     try:
-        target = _library_path(cxx, "libupcycle_kernels.so", [SOURCE], FLAGS)
-        if not target.exists():
-            _compile(cxx, SOURCE, [], target)
-        _library = _bind(ctypes.CDLL(str(target)))
+        _library = _bind(ctypes.CDLL(str(_built(cxx, "libupcycle_kernels.so", [SOURCE], []))))
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _failure = f"kernel build failed: {exc}"
     return _library
@@ -123,11 +128,7 @@ def load_operator() -> bool:
         _operator_failure = why_unavailable() or "no C++ compiler found"
         return False
     try:
-        flags = _torch_flags()
-        target = _library_path(cxx, "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE], flags)
-        if not target.exists():
-            _compile(cxx, OPERATOR_SOURCE, flags, target)
-        torch.ops.load_library(str(target))
+        torch.ops.load_library(str(_built(cxx, "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE], _torch_flags())))
         _operator_loaded = True
     except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
         _operator_failure = f"operator build failed: {exc}"
