@@ -24,8 +24,9 @@ import upcycle
 from upcycle import data
 from upcycle.arch import adapter_for
 from upcycle.modules import BankSparseFFN, BankSparsity, bank_topk_mask
-from upcycle.ops.importance import ffn_inputs
-from upcycle.ops.sparsify import fit_predictor, predictor_recall
+from upcycle.ops.calibrate import ffn_inputs
+from upcycle.eval.selection import predictor_recall
+from upcycle.train.sparsify import fit_predictor
 
 BANK, KEEP = 64, 16
 LAYERS = [0, 10, 20, 29]

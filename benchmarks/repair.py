@@ -25,8 +25,8 @@ import shutil
 from pathlib import Path
 
 from upcycle import hub
-from upcycle.ops import sparsify
-from upcycle.repair_run import RepairOptions, report_markdown, run_repair
+from upcycle import sparsify
+from upcycle.commands.repair import RepairConfig, report_markdown, run_repair
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -51,7 +51,7 @@ def main() -> None:
         model, report = sparsify(reference, tokenizer, bank=64, keep=args.keep, rank=64, warmup_steps=args.warmup_steps,
                                   progress=True)
         made = f"sparsify bank 64 keep {args.keep} rank 64, warm-up {args.warmup_steps} steps (recall {report.recall_mean})"
-    options = RepairOptions(lengths=tuple(int(v) for v in args.lengths.split(",")), samples=args.samples,
+    options = RepairConfig(lengths=tuple(int(v) for v in args.lengths.split(",")), samples=args.samples,
                             steps=args.steps, probe_tokens=args.probe_tokens)
     result = run_repair(model, tokenizer, reference, args.out, options)
     result["sparse_model"] = made

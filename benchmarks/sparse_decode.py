@@ -28,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-from upcycle import bench, hub, kernels
+from upcycle import hub, kernels
+from upcycle.commands.bench import BenchReport, sparse_and_dense
+from upcycle.eval import speed
 from upcycle.modules import BankSparsity
 
 RESULTS = Path(__file__).parent / "results"
@@ -77,17 +79,17 @@ def main() -> None:
     sparsity = BankSparsity(bank=64, keep=16, rank=64)
     threads = torch.get_num_threads()
 
-    shapes = {"smollm2": (576, 1536), "qwen7b": bench.QWEN7B_FFN}
-    ffn = bench.ffn_microbench(shapes, (1, 4, 16), sparsity, repeats=args.repeats)
+    shapes = {"smollm2": (576, 1536), "qwen7b": speed.QWEN7B_FFN}
+    ffn = speed.ffn_microbench(shapes, (1, 4, 16), sparsity, repeats=args.repeats)
 
     model, tokenizer = hub.load("smollm2-135m")
-    dense, sparse = bench.sparse_and_dense(model, tokenizer, sparsity, warmup_steps=100)
+    dense, sparse = sparse_and_dense(model, tokenizer, sparsity, warmup_steps=100)
     runs = []
     for n in sorted({threads, 1}, reverse=True):
         torch.set_num_threads(n)
-        runs.append(bench.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats))
+        runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats))
     torch.set_num_threads(threads)
-    runs.append(bench.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
+    runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
                                    compiled=True))
 
     result = {
@@ -106,7 +108,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "sparse_decode.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(result, RESULTS / "sparse_decode.png")
-    report = bench.BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
+    report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())
     for run in runs[:-1]:
         print(f"at {run['threads']} thread(s){', compiled' if run['compiled'] else ''}: {run['speedup']:.2f}× "

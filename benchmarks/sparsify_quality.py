@@ -34,7 +34,9 @@ import torch
 import upcycle
 from upcycle import data
 from upcycle.eval import perplexity
-from upcycle.ops import narrow_ffn, selection_stats, sparsify
+from upcycle import sparsify
+from upcycle.eval.selection import selection_stats
+from upcycle.ops import narrow_ffn
 from upcycle.report import markdown_table, plot_per_layer
 from upcycle.train import Trainer, TrainConfig
 
@@ -69,8 +71,8 @@ def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False,
     return TrainConfig(
         model=MODEL, data=DATA, out=str(RUNS / name), seq_len=SEQ, global_batch=BATCH, micro_batch=4, lr=lr,
         warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, clip=1.0, losses=losses, teacher="self" if kd else None,
-        groups=[{"name": "embeddings", "patterns": ["embed_tokens", "lm_head"], "frozen": True}]
-        + ([{"name": "predictor", "patterns": [r"\.predictor\."], "lr_mult": 5.0}] if sparse else []),
+        groups=[{"name": "embeddings", "parts": ["embeddings", "lm_head"], "frozen": True}]
+        + ([{"name": "predictor", "lr_mult": 5.0}] if sparse else []),
         stages=stages, val_every=8, val_blocks=8, ckpt_every=10_000, progress=True)
 
 

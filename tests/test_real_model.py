@@ -5,7 +5,7 @@ import torch
 
 from upcycle import arch, cache, data, hub
 from upcycle.eval import compare
-from upcycle.evaluate import EvalConfig, evaluate
+from upcycle.commands.eval import EvalConfig, evaluate
 from upcycle.summary import summarize
 
 pytestmark = pytest.mark.slow

@@ -15,10 +15,12 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import zipfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -80,6 +82,40 @@ def save(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -
     return out
 
 
+def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Refuse, before any work, an OUT that cannot become a model folder: a file, a non-empty folder
+    (unless overwrite), or a place where no folder can be created. Creates nothing."""
+    out = Path(out).expanduser()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"OUT {str(out)!r} is a file: choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise ConfigError(f"OUT {str(out)!r} exists and is not empty: choose a new folder or pass --overwrite")
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConfigError(f"OUT {str(out)!r} cannot be created: {str(parent)!r} is a file")
+    try:  # the only sure test of "can a folder be made here" is making one
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as e:
+        raise ConfigError(f"OUT {str(out)!r} cannot be created: {e.strerror or e}") from None
+    return out
+
+
+def save_verified(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, reference=None,
+                  dtype: torch.dtype | None = None, seq_len: int = 64):
+    """save, then reload what was written and compare it with `reference` (default: the model saved)
+    on random tokens: (folder, Equivalence). A save that does not reload to the same function is
+    caught here, not by the user."""
+    from upcycle.eval import compare
+
+    out = save(model, tokenizer, out, overwrite=overwrite)
+    reloaded, _ = load(out, dtype=dtype or next(model.parameters()).dtype)
+    vocab = model.get_input_embeddings().weight.shape[0]
+    probe = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))
+    return out, compare(reference if reference is not None else model, reloaded, probe)
+
+
 # ---- built-in models -------------------------------------------------------------------------
 
 def builtin_folder(name: str) -> Path:
@@ -131,8 +167,11 @@ def _load_folder(path: Path, dtype, trust_remote_code: bool):
             raise UnsafeWeights(f"{path} has only pickle weights (.bin/.pt); upcycle reads safetensors or GGUF: "
                                 "convert them with a tool you trust first")
         raise NotACausalLM(f"{path} has a config but no .safetensors weights")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                 trust_remote_code=trust_remote_code)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
+                                                     trust_remote_code=trust_remote_code)
+    except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # truncated, corrupt or mismatched weights
+        raise NotACausalLM(f"{path}: the weights cannot be read ({_first_line(e)})") from None
     return model.eval(), _tokenizer_or_none(path, trust_remote_code)
 
 

@@ -24,24 +24,40 @@ def _fmt(value) -> str:
 
 
 class RunFolder:
-    """runs/<name>/: report.md (sections appended in order), metrics.json."""
+    """The folder a verb reports into: a markdown report (sections in order), a JSON of its metrics,
+    and plots beside them. Every verb writes through this, each file in one rename (never half-written).
 
-    def __init__(self, path: str | Path):
+        folder = RunFolder(out, report="repair.md", metrics="repair.json")
+        folder.section("Result", table); folder.metrics.update(result); folder.write("upcycle repair")
+    """
+
+    def __init__(self, path: str | Path, *, report: str = "report.md", metrics: str | None = "metrics.json"):
         self.path = Path(path)
         self.path.mkdir(parents=True, exist_ok=True)
+        self.report_name, self.metrics_name = report, metrics
         self.sections: list[str] = []
         self.metrics: dict = {}
 
-    def section(self, title: str, body: str) -> None:
-        self.sections.append(f"## {title}\n\n{body.strip()}\n")
+    def section(self, title: str | None, body: str) -> None:
+        """A titled section (## title), or a paragraph under the report's title when title is None."""
+        self.sections.append((f"## {title}\n\n" if title else "") + body.strip() + "\n")
+
+    def figure(self, name: str) -> Path:
+        """Where a plot named `name` goes (plot functions write it there)."""
+        return self.path / name
 
     def write(self, title: str) -> Path:
-        report = self.path / "report.md"
-        tmp = report.with_suffix(".md.tmp")
-        tmp.write_text(f"# {title}\n\n" + "\n".join(self.sections))
-        tmp.replace(report)
-        (self.path / "metrics.json").write_text(json.dumps(self.metrics, indent=2) + "\n")
+        report = self.path / self.report_name
+        write_atomic(report, f"# {title}\n\n" + "\n".join(self.sections))
+        if self.metrics_name:
+            write_atomic(self.path / self.metrics_name, json.dumps(self.metrics, indent=2) + "\n")
         return report
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def plot_per_layer(series: dict[str, list[float]], path: str | Path, *, ylabel: str, title: str,

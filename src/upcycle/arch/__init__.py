@@ -7,12 +7,12 @@
 
 from __future__ import annotations
 
-from upcycle.arch.base import Adapter, LayerShape, SwiGLUWeights
+from upcycle.arch.base import PARAMETER_GROUPS, Adapter, LayerShape, SwiGLUWeights
 from upcycle.arch import reexpress
 from upcycle.arch.families import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES
 from upcycle.errors import UnsupportedArchitecture
 
-__all__ = ["Adapter", "LayerShape", "SwiGLUWeights", "FAMILIES", "DENSE_FAMILIES", "MOE_FAMILIES",
+__all__ = ["PARAMETER_GROUPS", "Adapter", "LayerShape", "SwiGLUWeights", "FAMILIES", "DENSE_FAMILIES", "MOE_FAMILIES",
            "adapter_for", "family_of"]
 
 

@@ -235,6 +235,37 @@ class Adapter:
         fresh.load_state_dict(state_dict if state_dict is not None else self.model.state_dict(), strict=True)
         return fresh.to(next(self.model.parameters()).dtype).eval()
 
+    # ---- canonical parameter groups -------------------------------------------------------------
+    def parameter_groups(self) -> dict[str, list[str]]:
+        """Every canonical group (PARAMETER_GROUPS) -> the names (as named_parameters gives them) of
+        its parameters in this model, so run configs can say `ffn` or `router` on any family. `ffn`
+        is each layer's whole FFN (dense, MoE block or bank-sparse) except a predictor; a tied LM
+        head shares its one tensor (and name) with the embeddings."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        modules: dict[str, list[nn.Module]] = {g: [] for g in PARAMETER_GROUPS}
+        modules["embeddings"].append(self.embedding())
+        modules["lm_head"].append(self.lm_head())
+        modules["norms"].append(self.final_norm())
+        for i in range(self.num_layers):
+            layer, ffn = self.layer(i), self.ffn(i)
+            modules["attention"].append(layer.self_attn)
+            modules["norms"] += list(self.norms(i).values())
+            modules["ffn"].append(ffn)
+            if getattr(ffn, "predictor", None) is not None:
+                modules["predictor"].append(ffn.predictor)
+            if _is_moe_block(ffn):
+                modules["router"].append(ffn.gate)
+                modules["experts"].append(ffn.experts)
+                modules["shared_expert"] += [m for m in (getattr(ffn, "shared_expert", None),
+                                                         getattr(ffn, "shared_expert_gate", None)) if m is not None]
+        predictor = {id(p) for m in modules["predictor"] for p in m.parameters()}
+        groups = {}
+        for group, members in modules.items():
+            ids = dict.fromkeys(id(p) for m in members for p in m.parameters()
+                                if not (group == "ffn" and id(p) in predictor))
+            groups[group] = [names[i] for i in ids if i in names]
+        return groups
+
     # ---- summary -----------------------------------------------------------------------------
     def layer_shape(self, i: int) -> LayerShape:
         kind = self.ffn_kind(i)
@@ -248,6 +279,9 @@ class Adapter:
                               shared_width=shared.width if shared is not None else None, params=params)
         return LayerShape(i, kind, params=params)
 
+
+PARAMETER_GROUPS = ("embeddings", "lm_head", "attention", "norms", "ffn", "router", "experts", "shared_expert",
+                    "predictor")
 
 # module attributes that transformers copies from the config at construction, by canonical name
 _MIRRORED = {

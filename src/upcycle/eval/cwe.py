@@ -28,6 +28,8 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from upcycle.eval.equivalence import kl_divergence
+
 WORDS = """
 apple anchor arrow badge basket beacon bottle bridge bucket button cabin camera candle canyon carpet
 castle cellar chain chair cherry circle clock cloud comet copper cotton crown crystal curtain desert
@@ -204,7 +206,7 @@ def long_context_probe(model, reference_logprobs: torch.Tensor, ids: torch.Tenso
     for i in range(ids.shape[0]):
         logp = F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(), dim=-1)
         ref = reference_logprobs[i, :-1]
-        kl_sum += (ref.exp() * (ref - logp)).sum(-1)
+        kl_sum += kl_divergence(ref, logp)
         loss_sum += -logp.gather(-1, ids[i, 1:, None])[:, 0]
     kl, loss = kl_sum / ids.shape[0], loss_sum / ids.shape[0]
     return {"buckets": [list(b) for b in buckets],

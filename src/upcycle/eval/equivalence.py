@@ -34,6 +34,12 @@ class Equivalence:
                 f"top-1 agreement {self.top1_agreement:.4f} on {self.tokens} tokens")
 
 
+def kl_divergence(reference_logprobs: torch.Tensor, candidate_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(reference || candidate) per position, from log-probabilities over the last dimension: the
+    one spelling of it in upcycle (equivalence, the long-context probe, the kd loss, repair)."""
+    return (reference_logprobs.exp() * (reference_logprobs - candidate_logprobs)).sum(-1)
+
+
 @torch.no_grad()
 def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) -> Equivalence:
     """Compare two causal LMs on `blocks` (n, seq_len) of token ids."""
@@ -50,7 +56,7 @@ def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) 
             raise ConfigError(f"the models disagree on the output shape: {tuple(ref.shape)} vs {tuple(cand.shape)}")
         max_diff = max(max_diff, (ref - cand).abs().max().item())
         ref_logp, cand_logp = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
-        kl_sum += (ref_logp.exp() * (ref_logp - cand_logp)).sum(-1).double().sum().item()
+        kl_sum += kl_divergence(ref_logp, cand_logp).double().sum().item()
         agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
         count += ref.shape[0] * ref.shape[1]
     reference.train(states[0]), candidate.train(states[1])

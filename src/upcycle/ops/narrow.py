@@ -14,7 +14,7 @@ import torch
 
 from upcycle.arch import SwiGLUWeights, adapter_for
 from upcycle.errors import check
-from upcycle.ops.importance import channel_importance, ffn_inputs
+from upcycle.ops.calibrate import channel_importance, ffn_inputs
 
 
 @dataclass

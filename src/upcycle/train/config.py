@@ -8,27 +8,28 @@
     micro_batch: 2           # sequences per forward pass; accumulation = global / (micro * world)
     losses: [{name: lm, weight: 1.0}, {name: kd, weight: {from: 1.0, to: 0.75, shape: linear}}]
     teacher: self            # a frozen copy of the starting model, or any model source
-    groups: [{name: router, patterns: ['\\.gate\\.'], lr_mult: 1.0}, {name: rest, patterns: ['.*'], lr_mult: 0.01}]
+    groups: [{name: embeddings, frozen: true}, {name: router, lr_mult: 1.0}, {name: rest, lr_mult: 0.01}]
     stages: [{name: main, tokens: 200000}]
+
+A group is a canonical part of the model by name (upcycle.arch.PARAMETER_GROUPS: embeddings, lm_head,
+attention, norms, ffn, router, experts, shared_expert, predictor — the same on every family), several
+of them (`parts: [embeddings, lm_head]`), or regular expressions on parameter names (`patterns`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
-from pathlib import Path
 
-import yaml
-
-from upcycle.errors import ConfigError, check
-from upcycle.yamlfile import read_mapping
+from upcycle.arch import PARAMETER_GROUPS
+from upcycle.config import Config, option
+from upcycle.errors import check
 
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
 
 
 @dataclass
-class LossTerm:
+class LossTerm(Config):
     """One term of the loss. `weight` is a number or a schedule {from, to, shape: linear|cosine}
     that runs over the stage's steps. `options` go to the loss function (e.g. temperature, top_k)."""
 
@@ -36,7 +37,7 @@ class LossTerm:
     weight: float | dict = 1.0
     options: dict = field(default_factory=dict)
 
-    def __post_init__(self):
+    def validate(self):
         if isinstance(self.weight, dict):
             extra = set(self.weight) - {"from", "to", "shape"}
             check(not extra and {"from", "to"} <= set(self.weight), "loss weight", self.weight,
@@ -48,22 +49,31 @@ class LossTerm:
 
 
 @dataclass
-class GroupConfig:
-    """Parameters whose names match any of `patterns` (regular expressions, re.search). The first
-    group that matches a parameter owns it. Frozen groups get no gradient and stay bit-identical."""
+class GroupConfig(Config):
+    """A set of parameters: the canonical part named `name` (or the canonical `parts`), or those whose
+    names match any of `patterns` (regular expressions, re.search). The first group that holds a
+    parameter owns it. Frozen groups get no gradient and stay bit-identical."""
 
     name: str
-    patterns: list[str]
+    patterns: list[str] | None = None
+    parts: list[str] | None = None
     lr_mult: float = 1.0
     frozen: bool = False
 
-    def __post_init__(self):
-        check(bool(self.patterns), f"group {self.name!r} patterns", self.patterns, "at least one pattern")
+    def validate(self):
+        known = ", ".join(PARAMETER_GROUPS)
+        if self.patterns is None and self.parts is None and self.name != "rest":
+            check(self.name in PARAMETER_GROUPS, "group", self.name,
+                  f"a canonical group ({known}), or give it patterns or parts")
+        for part in self.parts or []:
+            check(part in PARAMETER_GROUPS, f"group {self.name!r} parts", part, f"a canonical group ({known})")
+        check(self.patterns is None or bool(self.patterns), f"group {self.name!r} patterns", self.patterns,
+              "at least one pattern")
         check(self.lr_mult >= 0, f"group {self.name!r} lr_mult", self.lr_mult, ">= 0")
 
 
 @dataclass
-class StageConfig:
+class StageConfig(Config):
     """A stretch of training with its own token budget, trainable groups and LR schedule.
     `train` lists the groups that learn in this stage (default: every group not frozen);
     `transform` names a registered transform applied to the model when the stage starts;
@@ -78,8 +88,8 @@ class StageConfig:
     transform_options: dict = field(default_factory=dict)
     callbacks: list[dict] = field(default_factory=list)
 
-    def __post_init__(self):
-        check(isinstance(self.tokens, int) and self.tokens > 0, f"stage {self.name!r} tokens", self.tokens,
+    def validate(self):
+        check(self.tokens > 0, f"stage {self.name!r} tokens", self.tokens,
               "a positive number of tokens")
         for cb in self.callbacks:
             check(isinstance(cb, dict) and "name" in cb and set(cb) <= {"name", "options"},
@@ -87,40 +97,39 @@ class StageConfig:
 
 
 @dataclass
-class TrainConfig:
-    model: str
-    data: str = "shakespeare"
-    out: str = "runs/train"
-    seq_len: int = 256
-    global_batch: int = 8
-    micro_batch: int = 2
-    lr: float = 3e-4
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    schedule: str = "cosine"
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.95)
-    clip: float | None = 1.0
-    bf16: bool = False
-    seed: int = 0
-    losses: list[LossTerm] = field(default_factory=lambda: [LossTerm("lm")])
-    teacher: str | None = None
-    groups: list[GroupConfig] = field(default_factory=list)
-    stages: list[StageConfig] = field(default_factory=lambda: [StageConfig("main", 100_000)])
-    log_every: int = 1
-    val_every: int = 0  # steps; 0 = only at the end of each stage
-    val_blocks: int = 8
-    ckpt_every: int = 50  # steps; a checkpoint is also written at the end of every stage
-    distributed: str = "ddp"
-    val_fraction: float = 0.1
-    trust_remote_code: bool = False
-    progress: bool = True
+class TrainConfig(Config):
+    model: str = option(help="the starting model: built-in name, HF folder, .gguf file or hub id")
+    data: str = option("shakespeare", "training text: shakespeare, pystdlib, a .txt/.jsonl file or folder ('a+b' mixes)")
+    out: str = option("runs/train", "run folder: checkpoints, metrics.jsonl, report.md, final/")
+    seq_len: int = option(256, "tokens per sequence")
+    global_batch: int = option(8, "sequences per optimizer step, over all processes")
+    micro_batch: int = option(2, "sequences per forward pass (accumulation = global / (micro x processes))")
+    lr: float = option(3e-4, "peak learning rate")
+    min_lr_ratio: float = option(0.1, "final learning rate as a share of the peak")
+    warmup_steps: int = option(10, "linear LR warm-up steps of each stage")
+    schedule: str = option("cosine", "LR decay after the warm-up", choices=SCHEDULES)
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    betas: tuple[float, float] = option((0.9, 0.95), "AdamW betas")
+    clip: float | None = option(1.0, "gradient-norm clip (none: off)")
+    bf16: bool = option(False, "autocast the forward to bfloat16")
+    seed: int = option(0, "seed of the data order and the model's randomness")
+    losses: list[LossTerm] = option(help="loss terms: [{name, weight, options}] (lm, kd, router, ...)",
+                                    factory=lambda: [LossTerm("lm")])
+    teacher: str | None = option(None, "the kd loss's teacher: a model source, or self (a frozen copy of the start)")
+    groups: list[GroupConfig] = option(help="parameter groups: [{name, patterns | parts, lr_mult, frozen}]",
+                                       factory=list)
+    stages: list[StageConfig] = option(help="stages: [{name, tokens, train, lr, transform, callbacks}]",
+                                       factory=lambda: [StageConfig("main", 100_000)])
+    log_every: int = option(1, "steps between metrics records")
+    val_every: int = option(0, "steps between validations; 0 = only at the end of each stage")
+    val_blocks: int = option(8, "validation blocks")
+    ckpt_every: int = option(50, "steps between checkpoints (one is also written at the end of every stage)")
+    distributed: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2)", choices=DISTRIBUTED)
+    val_fraction: float = option(0.1, "share of the documents held out for validation")
+    trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")
+    progress: bool = option(True, "progress bars")
 
-    def __post_init__(self):
-        self.losses = [t if isinstance(t, LossTerm) else _build(LossTerm, t, "losses[]") for t in self.losses]
-        self.groups = [g if isinstance(g, GroupConfig) else _build(GroupConfig, g, "groups[]") for g in self.groups]
-        self.stages = [s if isinstance(s, StageConfig) else _build(StageConfig, s, "stages[]") for s in self.stages]
-        self.betas = tuple(self.betas)
+    def validate(self):
         check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
         check(self.micro_batch >= 1, "micro_batch", self.micro_batch, ">= 1")
         check(self.global_batch >= self.micro_batch and self.global_batch % self.micro_batch == 0, "global_batch",
@@ -146,35 +155,3 @@ class TrainConfig:
             check(term.name in LOSSES, "loss", term.name, f"one of {', '.join(sorted(LOSSES))}")
             if term.name == "kd":
                 check(self.teacher is not None, "teacher", None, "a model source or 'self' when the kd loss is used")
-
-    # ---- YAML ------------------------------------------------------------------------------------
-    @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
-        return _build(cls, values, "config")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, overrides: dict | None = None) -> "TrainConfig":
-        values = read_mapping(path, "config")
-        return cls.from_dict({**values, **(overrides or {})})
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self) -> str:
-        d = self.to_dict()
-        d["betas"] = list(d["betas"])
-        return yaml.safe_dump(d, sort_keys=False)
-
-
-def _build(cls, values, where: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    values = {str(k).replace("-", "_"): v for k, v in values.items()}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**values)
-    except TypeError as e:
-        raise ConfigError(f"{where}: {e}") from None

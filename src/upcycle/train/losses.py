@@ -13,6 +13,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from upcycle.eval.equivalence import kl_divergence
+
 LOSSES: dict[str, Callable] = {}
 
 
@@ -94,5 +96,4 @@ def kd_loss(inputs: LossInputs, temperature: float = 1.0, top_k: int | None = No
         student = student.gather(-1, index)
     t_logp = F.log_softmax(teacher, dim=-1)
     s_logp = F.log_softmax(student, dim=-1)
-    kl = (t_logp.exp() * (t_logp - s_logp)).sum(-1)
-    return kl.mean() * temperature**2
+    return kl_divergence(t_logp, s_logp).mean() * temperature**2

@@ -53,6 +53,8 @@ register_callback = _registrar(CALLBACKS)
 class TrainingDiverged(UpcycleError):
     """The loss stopped being a finite number; the last good checkpoint is kept."""
 
+    keeps_output = True  # the run folder holds the checkpoints to resume from: never cleaned up
+
 
 class Callback:
     """Hooks at step boundaries. `state` is the trainer: model, optimizer, config, progress."""

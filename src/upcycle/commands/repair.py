@@ -1,4 +1,6 @@
-"""`upcycle repair`: measure, localise, repair one layer, measure again; write the report.
+"""find the layer behind a long-context failure of a bank-sparse model and retrain it alone
+
+`upcycle repair`: measure, localise, repair one layer, measure again; write the report.
 
 Before and after, for the sparse model (and the dense reference once): the CWE score per context
 length, the long-context probe (KL to the reference and loss per position bucket) and short-context
@@ -10,42 +12,75 @@ copy, so the ranking is checked by what repairing it achieves.
 from __future__ import annotations
 
 import copy
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 from tqdm.auto import tqdm
 
-from upcycle import data
+from upcycle import data, hub
+from upcycle.commands import quiet_transformers
+from upcycle.config import Config, option
+from upcycle.errors import ConfigError, check
 from upcycle.eval import perplexity
 from upcycle.eval.cwe import CWEConfig, cwe_eval, logprobs, long_context_probe, position_buckets
-from upcycle.repair import localise, plot_heatmap, random_other_layer, repair_layer
-
-DEFAULT_CWE = CWEConfig()  # the most common word, 15 % of the entries, the rest once; chat template
+from upcycle.eval.localise import localise, plot_heatmap, random_other_layer, sparse_ffns
+from upcycle.report import RunFolder
+from upcycle.train.repair import OBJECTIVES, repair_layer
 
 
 @dataclass
-class RepairOptions:
-    layer: str | int = "auto"
-    lengths: tuple[int, ...] = (512, 1024, 2048, 4096)
-    samples: int = 4  # CWE prompts per length
-    probe_source: str = "shakespeare"
-    probe_tokens: int = 2048
-    train_source: str = "shakespeare+pystdlib"
-    seq_len: int = 1024  # length of the sequences the repaired layer's rows come from
-    train_blocks: int = 16  # that many sequences (the end-to-end objective cycles through them)
-    steps: int = 300
-    lr: float = 1e-3
-    train_ffn: bool = True
-    objective: str = "local"  # or "end_to_end" (see upcycle.repair.repair_layer)
-    control: bool = True
-    cwe: CWEConfig = field(default_factory=lambda: DEFAULT_CWE)
-    seed: int = 0
-    progress: bool = True
+class RepairConfig(Config):
+    layer: str | int = option("auto", "auto (the localisation's first) or a layer index")
+    lengths: tuple[int, ...] = option((512, 1024, 2048, 4096), "CWE context lengths in tokens")
+    samples: int = option(4, "CWE prompts per length")
+    probe_source: str = option("shakespeare", "text of the long-context probe")
+    probe_tokens: int = option(2048, "length of the long-context probe")
+    train_source: str = option("shakespeare+pystdlib", "text the repaired layer's rows come from")
+    seq_len: int = option(1024, "length of the sequences the repaired layer's rows come from")
+    train_blocks: int = option(16, "that many sequences (the end-to-end objective cycles through them)")
+    steps: int = option(300, "repair training steps (2048 of the layer's rows each)")
+    lr: float = option(1e-3, "predictor learning rate (the FFN's: a tenth of it)")
+    train_ffn: bool = option(True, "retrain the layer's FFN too, not only its predictor")
+    objective: str = option("local", "local: layer-local KD of the reference's dense FFN; end_to_end: LM + KD on "
+                            "the logits through the whole model (slow on a CPU)", choices=OBJECTIVES)
+    control: bool = option(True, "also repair a random layer for comparison")
+    cwe: CWEConfig = option(help="the CWE task (most common word, 15 % of the entries; chat template)",
+                            factory=CWEConfig)
+    seed: int = option(0, "seed of the control layer and the row sampling")
+    progress: bool = option(True, "progress bars")
+    overwrite: bool = option(False, "replace a non-empty OUT")
+
+    def validate(self):
+        check(bool(self.lengths) and min(self.lengths) >= 64, "lengths", self.lengths, "token counts >= 64")
+        check(self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0), "layer", self.layer,
+              "auto or a layer index")
+        for name in ("samples", "steps", "train_blocks", "probe_tokens"):
+            check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
+        check(self.seq_len >= 16, "seq_len", self.seq_len, ">= 16")
+        check(self.lr > 0, "lr", self.lr, "> 0")
 
 
-def _measure(model, tokenizer, reference_logprobs, probe_ids, short_blocks, options: RepairOptions, name: str) -> dict:
+def run(model: str, config: RepairConfig = RepairConfig(), *, reference: str, out: str | None = None) -> dict:
+    """Load the bank-sparse MODEL and its dense REFERENCE, localise, repair, measure; with OUT, write
+    the repaired model, repair.json/.md and the heat map there."""
+    quiet_transformers()
+    if out is not None:
+        hub.check_out(out, config.overwrite)
+    sparse, tokenizer = hub.load(model)
+    layers = sparse_ffns(sparse)  # one-line error for a model with no bank-sparse layer
+    if config.layer != "auto" and config.layer not in layers:
+        raise ConfigError(f"--layer {config.layer}: not a bank-sparse layer (those are {sorted(layers)})")
+    if tokenizer is None:
+        raise ConfigError(f"{model}: no tokenizer in the folder; CWE prompts need one")
+    dense, _ = hub.load(reference)
+    result = run_repair(sparse, tokenizer, dense, out, config)
+    print(report_markdown(result))
+    if out is not None:
+        print(f"wrote {out}/model (layer {result['chosen_layer']} repaired), repair.json, repair.md, localisation.png")
+    return result
+
+
+def _measure(model, tokenizer, reference_logprobs, probe_ids, short_blocks, options: RepairConfig, name: str) -> dict:
     buckets = position_buckets(probe_ids.shape[1])
     with tqdm(total=len(options.lengths) * options.samples, desc=f"CWE {name}", disable=not options.progress) as bar:
         cwe = cwe_eval(model, tokenizer, list(options.lengths), options.samples, options.cwe, progress=bar)
@@ -55,8 +90,8 @@ def _measure(model, tokenizer, reference_logprobs, probe_ids, short_blocks, opti
             "short_ppl": short}
 
 
-def run_repair(model, tokenizer, reference, out: str | Path | None = None, options: RepairOptions | None = None) -> dict:
-    options = options or RepairOptions()
+def run_repair(model, tokenizer, reference, out: str | Path | None = None, options: RepairConfig | None = None) -> dict:
+    options = options or RepairConfig()
     probe_ids = data.blocks(options.probe_source, tokenizer, "validation", options.probe_tokens, max_blocks=1)
     short_blocks = data.blocks("shakespeare+pystdlib", tokenizer, "validation", 256, max_blocks=16)
     train_blocks = data.blocks(options.train_source, tokenizer, "train", options.seq_len, max_blocks=options.train_blocks)
@@ -88,13 +123,12 @@ def run_repair(model, tokenizer, reference, out: str | Path | None = None, optio
         "gap_closed": _gap_closed(measured),
     })
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        repaired["repaired_top"].save_pretrained(out / "model")
-        tokenizer.save_pretrained(out / "model")
-        plot_heatmap(loc, out / "localisation.png")
-        (out / "repair.json").write_text(json.dumps(result, indent=2) + "\n")
-        (out / "repair.md").write_text(report_markdown(result) + "\n")
+        folder = RunFolder(out, report="repair.md", metrics="repair.json")
+        hub.save(repaired["repaired_top"], tokenizer, folder.path / "model")
+        plot_heatmap(loc, folder.figure("localisation.png"))
+        folder.section(None, report_markdown(result, title=False))
+        folder.metrics.update(result)
+        folder.write("upcycle repair")
     return result
 
 
@@ -113,11 +147,11 @@ def _gap_closed(measured: dict) -> dict:
     return shares
 
 
-def report_markdown(result: dict) -> str:
+def report_markdown(result: dict, title: bool = True) -> str:
     m = result["measured"]
     names = [n for n in ("dense", "sparse", "repaired_top", "repaired_random") if n in m]
     header = "| model | " + " | ".join(f"CWE @{n}" for n in result["lengths"]) + " | KL last bucket | short ppl |"
-    lines = ["# upcycle repair", "", f"Localisation ranking (first = most of the long-context KL gap closed by "
+    lines = (["# upcycle repair", ""] if title else []) + [f"Localisation ranking (first = most of the long-context KL gap closed by "
              f"restoring it): {result['layer_ranking'][:8]}; repaired layer {result['chosen_layer']}"
              + (f", control layer {result['random_layer']}" if result.get("random_layer") is not None else ""), "",
              header, "|---" * (len(result["lengths"]) + 3) + "|"]

@@ -14,19 +14,14 @@ is the speedup the hardware allows; the attention, the norms and the LM head are
 from __future__ import annotations
 
 import copy
-import json
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from upcycle import kernels
 from upcycle.arch import adapter_for
-from upcycle.errors import ConfigError
 from upcycle.modules import BankSparseFFN, BankSparsity
 
 QWEN7B_FFN = (3584, 18944)  # hidden, FFN width of Qwen2.5-7B: the issue's large shape
@@ -159,26 +154,23 @@ def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int, **gener
 def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     """Where a decoding step's time goes: ms per token inside the FFN modules and outside
     them, from timing hooks (a separate run: the hooks themselves cost a little)."""
-    spent = [0.0]
+    from upcycle.ops.calibrate import hooked
 
-    def start(module, args):
-        module._bench_t0 = time.perf_counter()
+    spent, started = [0.0], {}
 
-    def stop(module, args, output):
-        spent[0] += time.perf_counter() - module._bench_t0
+    def start(key, module, args):
+        started[key] = time.perf_counter()
 
-    ffns = _ffn_modules(model)
-    handles = [h for m in ffns for h in (m.register_forward_pre_hook(start), m.register_forward_hook(stop))]
-    try:
+    def stop(key, module, args, output):
+        spent[0] += time.perf_counter() - started[key]
+
+    with hooked(dict(enumerate(_ffn_modules(model))), pre=start, post=stop):
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=model.config.eos_token_id)
         spent[0] = 0.0  # the prompt's forward is not a decoding step: measure decoding only
         t0 = time.perf_counter()
         model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                        pad_token_id=model.config.eos_token_id)
         total = time.perf_counter() - t0
-    finally:
-        for h in handles:
-            h.remove()
     return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
 
 
@@ -215,81 +207,3 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
             "time_per_token_ms": split,
             "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"] if split else None,
             "sample": {"dense": tokenizer.decode(dense_out[:24]), "sparse": tokenizer.decode(sparse_out[:24])}}
-
-
-@dataclass
-class BenchReport:
-    model: str
-    kernel: str  # "compiled" or why not
-    ffn: dict = field(default_factory=dict)
-    decode: dict = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    def table(self) -> str:
-        lines = ["| FFN layer | batch | dense ms | sparse ms | speedup | limit (bytes) |", "|---|---|---|---|---|---|"]
-        for key, r in self.ffn.items():
-            limit = f"{r['limit']:.2f}×" if r["limit"] else "—"
-            lines.append(f"| {key.rsplit('_b', 1)[0]} {r['shape'][0]}×{r['shape'][1]} | {r['batch']} | "
-                         f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {limit} |")
-        if self.decode:
-            d = self.decode
-            mb = {k: v["total"] / 1e6 for k, v in d["bytes_per_token"].items()}
-            lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
-                      f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
-                      f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
-                      f"limit {d['limit']:.2f}×; with no FFN at all {d['ceiling']:.2f}×)"
-                      + (" — compiled" if d.get("compiled") else "")]
-            if d.get("time_per_token_ms"):
-                split = d["time_per_token_ms"]
-                lines += [f"Time per token inside the FFNs: dense {split['dense']['ffn_ms']:.1f} ms, "
-                          f"sparse {split['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
-                          f"outside them: {split['dense']['other_ms']:.1f} vs {split['sparse']['other_ms']:.1f} ms"]
-        return "\n".join(lines)
-
-
-def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int = 100):
-    """Both sides of a decode comparison from either kind of model: a bank-sparse model and its
-    densified twin, or a dense model and a sparsified copy (the predictor's quality does not change
-    the speed; a short warm-up gives it a realistic selection pattern)."""
-    from upcycle.ops import densify, sparsify
-
-    if any(isinstance(m, BankSparseFFN) for m in model.modules()):
-        return densify(model), model
-    sparse, _ = sparsify(model, tokenizer, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
-                         warmup_steps=warmup_steps, calibration_tokens=8192)
-    return model, sparse
-
-
-def run(model_source: str, out: str | Path | None = None, *, sparsity: BankSparsity | None = None,
-        batches=(1, 4, 16), shapes=("model", "qwen7b"), new_tokens: int = 128, repeats: int = 5, decode: bool = True,
-        compiled: bool = False, progress: bool = True) -> BenchReport:
-    """`upcycle bench MODEL`: the FFN microbenchmark at the model's own dims and Qwen2.5-7B's, and
-    greedy decoding dense vs sparse; writes bench.json and bench.md to `out` if given."""
-    from upcycle.hub import load
-
-    model, tokenizer = load(model_source)
-    found = next((m for m in model.modules() if isinstance(m, BankSparseFFN)), None)
-    sparsity = sparsity or (found.sparsity if found is not None else BankSparsity())
-    hidden = model.config.hidden_size
-    width = found.gate_proj.weight.shape[0] if found is not None else adapter_for(model).ffn_weights(0).width
-    known = {"model": (hidden, width), "qwen7b": QWEN7B_FFN}
-    for name in shapes:
-        if name not in known:
-            raise ConfigError(f"shape {name!r}: expected model or qwen7b")
-    shapes = {name: known[name] for name in shapes}
-    report = BenchReport(model=str(model_source), kernel="compiled" if kernels.available() else str(kernels.why_unavailable()))
-    report.ffn = ffn_microbench(shapes, batches, sparsity, repeats=repeats, progress=progress)
-    if decode:
-        if tokenizer is None:
-            raise ConfigError(f"{model_source}: no tokenizer, so no decoding benchmark (pass --no-decode)")
-        dense, sparse = sparse_and_dense(model, tokenizer, sparsity)
-        report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=new_tokens, repeats=repeats, compiled=compiled,
-                                     progress=progress)
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "bench.json").write_text(report.to_json() + "\n")
-        (out / "bench.md").write_text(f"# upcycle bench {model_source}\n\n{report.table()}\n")
-    return report

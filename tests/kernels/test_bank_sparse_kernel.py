@@ -290,7 +290,7 @@ def test_packed_copies_are_exact_contiguous_and_huge_page_aligned():
 
 
 def test_byte_limits_match_a_hand_count():
-    from upcycle.bench import ffn_limit, weight_bytes
+    from upcycle.eval.speed import ffn_limit, weight_bytes
 
     # 576 x 1536, 16 of 64, rank 64: 3*576*1536 = 2654208 weights dense; kept 663552; predictor
     # 576*64 + 64*1536 + 1536 = 136704
@@ -306,7 +306,7 @@ def test_byte_limits_match_a_hand_count():
 
 
 def test_the_no_ffn_ceiling_model_is_the_model_with_every_ffn_output_zeroed():
-    from upcycle.bench import without_ffns
+    from upcycle.eval.speed import without_ffns
 
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128).eval()
     ids = torch.randint(0, model.config.vocab_size, (1, 7))

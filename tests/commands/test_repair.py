@@ -11,7 +11,8 @@ from upcycle.errors import ConfigError
 from upcycle.eval.cwe import (EXAMPLE, CWEConfig, chance, cwe_sample, cwe_score, logprobs, long_context_probe,
                               position_buckets)
 from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
-from upcycle.repair import localise, repair_layer, restored, sparse_ffns
+from upcycle.eval.localise import localise, restored, sparse_ffns
+from upcycle.train.repair import repair_layer
 
 
 @pytest.fixture(scope="module")

@@ -209,12 +209,12 @@ def test_cli_train_and_its_errors(text_folder, tmp_path, tmp_cache, capsys):
 
     run_yaml = tmp_path / "run.yaml"
     run_yaml.write_text(config(text_folder, tmp_path).to_yaml())
-    assert main(["train", "--config", str(run_yaml), "--set", "out=" + str(tmp_path / "cli-run")]) == 0
+    assert main(["train", "--config", str(run_yaml), "--out", str(tmp_path / "cli-run")]) == 0
     assert (tmp_path / "cli-run" / "final" / "model.safetensors").exists()
     capsys.readouterr()
-    code = main(["train", "--config", str(run_yaml), "--set", "out=" + str(tmp_path / "empty"), "--resume"])
+    code = main(["train", "--config", str(run_yaml), "--out", str(tmp_path / "empty"), "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "no complete checkpoint" in err and err.count("\n") == 1
-    code = main(["train", "--config", str(run_yaml), "--set", "losses=[{name: mse}]"])
+    code = main(["train", "--config", str(run_yaml), "--losses", "[{name: mse}]"])
     err = capsys.readouterr().err
     assert code == 2 and "mse" in err and err.count("\n") == 1

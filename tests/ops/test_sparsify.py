@@ -14,8 +14,11 @@ from upcycle import hub
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError, UnsupportedArchitecture
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM, bank_topk_mask
-from upcycle.ops import narrow_ffn, selection_stats, sparsify
-from upcycle.ops.sparsify import AnnealKeep, coactivation_order, predictor_recall
+from upcycle import sparsify
+from upcycle.eval.selection import predictor_recall, selection_stats
+from upcycle.ops import narrow_ffn
+from upcycle.ops.sparsify import coactivation_order
+from upcycle.train.sparsify import AnnealKeep
 
 from conftest import logits, tokens_for
 

@@ -1,0 +1,94 @@
+"""The command line generated from each verb's `run` signature and config dataclass (see upcycle.cli).
+
+`run`'s plain parameters are positionals (MODEL, OUT), its keyword-only ones are options, and every
+field of its `config` dataclass is an option (`--seq-len`, `--no-decode`, ...), with the field's help,
+default and choices. Every verb takes `--config FILE.yaml` (keys = the same names; the command line
+wins) and `--print-config` (the full config as a YAML recipe). Values are checked by the config
+itself, so the command line, a YAML recipe and a Python call reject exactly the same input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib
+import inspect
+import typing
+from pathlib import Path
+
+from upcycle.config import from_text, plain
+from upcycle.errors import ConfigError, check
+from upcycle.yamlfile import read_mapping
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 — like every other user error
+        raise ConfigError(f"{message} (see `{self.prog} --help`)")
+
+
+def _signature(verb: str):
+    """(run, its config class, {parameter: (annotation, required, positional)})."""
+    run = importlib.import_module(f"upcycle.commands.{verb}").run
+    hints = typing.get_type_hints(run)
+    params = {p.name: (hints.get(p.name, str), p.default is p.empty, p.kind != p.KEYWORD_ONLY)
+              for p in inspect.signature(run).parameters.values() if p.name != "config"}
+    return run, hints["config"], params
+
+
+def _add(parser, name: str, tp, default, help: str, positional: bool = False, choices=None) -> None:
+    if positional:
+        parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(), help=help)
+    elif tp is bool:
+        parser.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
+                            default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+    else:
+        shown = "" if default in (dataclasses.MISSING, None) else f" (default: {plain(default)})"
+        allowed = f" {{{', '.join(map(str, choices))}}}" if choices else ""
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
+                            metavar=name.upper(), help=help + allowed + shown)
+
+
+def build_parser(verbs: tuple[str, ...]) -> argparse.ArgumentParser:
+    parser = _Parser(prog="upcycle", description="Turn the checkpoint you have into the model you need.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for verb in verbs:
+        run, config_cls, params = _signature(verb)
+        about = (inspect.getmodule(run).__doc__ or verb).strip().splitlines()[0]
+        p = sub.add_parser(verb, help=about, description=about)
+        hints = typing.get_type_hints(config_cls)
+        for name, (tp, required, positional) in params.items():
+            _add(p, name, tp, dataclasses.MISSING, "required" if required else "", positional)
+        for f in dataclasses.fields(config_cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            _add(p, f.name, hints[f.name], default, f.metadata.get("help", ""), choices=f.metadata.get("choices"))
+        p.add_argument("--config", type=Path, help="YAML file of options (keys = option names; the command line wins)")
+        p.add_argument("--print-config", action="store_true", help="print the full config as a YAML recipe and stop")
+    return parser
+
+
+def parse(argv: list[str], verbs: tuple[str, ...]):
+    """(run, keyword arguments for it, print_only) from the command line and an optional --config file."""
+    args = vars(build_parser(verbs).parse_args(argv))
+    verb, threads, config_file, print_only = (args.pop(k) for k in ("command", "threads", "config", "print_config"))
+    check(threads is None or threads >= 1, "threads", threads, "a positive number of threads")
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    run, config_cls, params = _signature(verb)
+    hints = typing.get_type_hints(config_cls)
+    types = {**{n: tp for n, (tp, _, _) in params.items()}, **hints}
+    given = {k: from_text(v, types[k], "--" + k.replace("_", "-")) if isinstance(v, str) and types[k] is not str else v
+             for k, v in args.items()}
+    values = read_mapping(config_file, "--config") if config_file is not None else {}
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ConfigError(f"--config {config_file}: unknown option {unknown[0]!r} for `{verb}`; known: {', '.join(sorted(types))}")
+    values.update(given)
+    missing = [n for n, (_, required, _) in params.items() if required and values.get(n) is None]
+    if missing and not print_only:
+        raise ConfigError(f"{verb}: missing {', '.join(missing).upper()} (on the command line or in --config)")
+    config = config_cls.from_dict({k: v for k, v in values.items() if k in hints}, verb)
+    sources = {k: values.get(k) for k in params if k in values or print_only}
+    return run, {**sources, "config": config}, print_only

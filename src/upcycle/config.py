@@ -1,0 +1,231 @@
+"""Typed configs: dataclasses whose fields are a verb's options, checked the same way from every door.
+
+    @dataclass
+    class EvalConfig(Config):
+        seq_len: int = option(512, "tokens per scored block")
+
+        def validate(self):
+            check(self.seq_len >= 2, "seq_len", self.seq_len, "an integer >= 2")
+
+A Config checks every field against its annotation when it is built (a YAML value of the wrong type
+names the key and the type it expected), turns nested mappings into nested configs, then runs the
+class's own `validate`. The CLI (upcycle.cli) generates its options from the same fields, YAML recipes
+are dumps of them, and the Python call builds them directly: all three reject exactly the same values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+import yaml
+
+from upcycle.errors import ConfigError
+from upcycle.yamlfile import read_mapping
+
+
+def option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, factory=None):
+    """A config field with its help text (and allowed values) for the generated command line."""
+    metadata = {"help": help, "choices": choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+class Config:
+    """Base of every verb's config (a dataclass): type checks, nested configs, YAML in and out."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            setattr(self, f.name, conform(getattr(self, f.name), hints[f.name], f.name))
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not allowed: one of {', '.join(map(str, choices))}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Range and consistency checks of the subclass; raise ConfigError (see errors.check)."""
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config"):
+        return build(cls, values, where)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict | None = None):
+        return cls.from_dict({**read_mapping(path, "config"), **(overrides or {})})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
+
+
+def build(cls, values, where: str):
+    """cls(**values) for a mapping of field names (dashes allowed), with one-line errors."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
+    try:
+        return cls(**values)
+    except TypeError as e:  # a required field left out
+        raise ConfigError(f"{where}: {e}") from None
+
+
+def plain(value):
+    """Tuples as lists, recursively: what yaml.safe_dump writes as a plain YAML sequence."""
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+# ---- types ---------------------------------------------------------------------------------------
+
+def conform(value, tp, key: str):
+    """`value` as the annotation `tp` wants it (an int where a float is asked, a list as a tuple, a
+    mapping as a nested config), or ConfigError naming the key and the expected type."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if tp is typing.Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return conform(value, arg, key)
+            except ConfigError:
+                continue
+        raise _wrong_type(key, value, tp)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong_type(key, value, tp)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise _wrong_type(key, value, tp)
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise _wrong_type(key, value, tp)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong_type(key, value, tp)
+    if origin in (list, tuple) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise _wrong_type(key, value, tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise _wrong_type(key, value, tp)
+            return tuple(conform(v, a, f"{key}[{n}]") for n, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else typing.Any
+        items = [conform(v, item, f"{key}[{n}]") for n, v in enumerate(value)]
+        return tuple(items) if (origin or tp) is tuple else items
+    if origin is dict or tp is dict:
+        if isinstance(value, dict):
+            return value
+        raise _wrong_type(key, value, tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, dict):
+            return build(tp, value, key)
+        raise _wrong_type(key, value, tp)
+    return value
+
+
+def type_name(tp) -> str:
+    """How an annotation reads in an error message: 'an integer', 'a list of integers', ..."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
+             type(None): "null"}
+    if tp in names:
+        return names[tp]
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in args)
+    if origin in (list, tuple) or tp in (list, tuple):
+        item = args[0] if args else None
+        return "a list" + (f" of {_plural(type_name(item))}" if item is not None and item is not Ellipsis else "")
+    if origin is dict:
+        return "a mapping"
+    if dataclasses.is_dataclass(tp):
+        return f"a mapping of {tp.__name__} fields"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _plural(name: str) -> str:
+    name = name.removeprefix("an ").removeprefix("a ")
+    return {"integer": "integers", "number": "numbers", "string": "strings"}.get(name, name)
+
+
+def _wrong_type(key: str, value, tp) -> ConfigError:
+    return ConfigError(f"{key}={value!r} is not allowed: expected {type_name(tp)}, got {type(value).__name__}")
+
+
+def is_scalar(tp) -> bool:
+    return tp in (int, float, str, bool)
+
+
+def scalar_parts(tp) -> list:
+    """The non-None members of an annotation that is a scalar or a union of scalars, else []."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    members = [a for a in args if a is not type(None)] if origin in (typing.Union, types.UnionType) else [tp]
+    return members if all(is_scalar(m) for m in members) else []
+
+
+def list_item(tp):
+    """The item type of list[X] / tuple[X, ...] (optionally | None) when X is a scalar, else None."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        members = [a for a in args if a is not type(None)]
+        return list_item(members[0]) if len(members) == 1 else None
+    if origin in (list, tuple) and args and is_scalar(args[0]) and (origin is list or args[-1] is Ellipsis):
+        return args[0]
+    return None
+
+
+def from_text(text: str, tp, option_name: str):
+    """A command-line string as the annotation wants it: numbers parsed, comma lists split,
+    anything structured (mappings, lists of configs) read as YAML; the config then checks the type."""
+    item = list_item(tp)
+    if item is not None and not text.lstrip().startswith("["):
+        parts = [p.strip() for p in text.split(",") if p.strip()]
+        try:
+            return [_scalar(p, [item]) for p in parts]
+        except ValueError:
+            raise ConfigError(f"{option_name} {text!r}: expected {type_name(tp)}, comma-separated") from None
+    members = scalar_parts(tp)
+    if members:
+        if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+            return None
+        try:
+            return _scalar(text, members)
+        except ValueError:
+            raise ConfigError(f"{option_name} {text!r}: expected {type_name(tp)}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{option_name} {text!r}: not valid YAML ({str(e).splitlines()[0]})") from None
+
+
+def _scalar(text: str, members: list):
+    """Try int, then float, then str among the allowed members (so 'auto' and '3' both fit str | int)."""
+    for tp in (int, float, str):
+        if tp in members:
+            try:
+                return tp(text)
+            except ValueError:
+                continue
+    raise ValueError(text)

@@ -1,0 +1,96 @@
+"""Calibration: what layers see and do on real text, captured with forward hooks.
+
+    inputs = ffn_inputs(model, blocks, layers)              # {layer: (tokens, hidden)} FFN inputs
+    with hooked({"l3": adapter.ffn(3)}, pre=fn): ...        # any hook, always removed
+
+The statistics feed the transforms: predictor warm-up (the cached FFN inputs), TEAL thresholds
+(activation magnitudes), channel permutation (co-activation) and width cuts (channel importance);
+the same hooks serve every other reader of a module's inputs (localisation, repair, timing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle.arch import adapter_for
+
+
+@contextlib.contextmanager
+def hooked(modules: dict, pre: Callable | None = None, post: Callable | None = None):
+    """Inside the block, pre(key, module, args) runs before and post(key, module, args, output)
+    after each listed module's forward; the hooks are removed on the way out, error or not."""
+    handles = []
+    try:
+        for key, module in modules.items():
+            if pre is not None:
+                handles.append(module.register_forward_pre_hook(lambda m, args, key=key: pre(key, m, args)))
+            if post is not None:
+                handles.append(module.register_forward_hook(lambda m, args, out, key=key: post(key, m, args, out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def run_blocks(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "calibration"):
+    """The model's forward over token blocks (n, T) in eval mode, its training flag restored after."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
+            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+    finally:
+        model.train(was_training)
+
+
+def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8,
+                  progress: bool = False) -> dict:
+    """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU."""
+    cache: dict = {key: [] for key in modules}
+
+    def keep(key, module, args):
+        cache[key].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+
+    with hooked(modules, pre=keep):
+        run_blocks(model, blocks, batch_size=batch_size, progress=progress)
+    return {key: torch.cat(rows) for key, rows in cache.items()}
+
+
+def ffn_inputs(model, blocks: torch.Tensor, layers: list[int], *, batch_size: int = 8,
+               progress: bool = False) -> dict[int, torch.Tensor]:
+    """The inputs (normed hidden states) of the listed layers' FFNs: {layer: (tokens, hidden)}."""
+    adapter = adapter_for(model)
+    return module_inputs(model, {i: adapter.ffn(i) for i in layers}, blocks, batch_size=batch_size, progress=progress)
+
+
+@torch.no_grad()
+def swiglu_activation(weights, x: torch.Tensor, act=torch.nn.functional.silu, chunk: int = 4096) -> torch.Tensor:
+    """act(x W_gate^T) * (x W_up^T) for cached inputs x (tokens, hidden), in chunks."""
+    out = []
+    for start in range(0, len(x), chunk):
+        xs = x[start:start + chunk].to(weights.gate.dtype)
+        out.append((act(xs @ weights.gate.T) * (xs @ weights.up.T)).float())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def channel_importance(weights, x: torch.Tensor) -> torch.Tensor:
+    """Each FFN channel's mean contribution |h_i| * ||W_down[:, i]|| over the calibration tokens."""
+    h = swiglu_activation(weights, x)
+    return h.abs().mean(0) * weights.down.float().norm(dim=0)
+
+
+@torch.no_grad()
+def magnitude_quantile(h: torch.Tensor, q: float, *, sample: int = 2_000_000, seed: int = 0) -> float:
+    """The q-quantile of |h| (over a fixed random sample of its entries when it is large)."""
+    flat = h.abs().reshape(-1)
+    if flat.numel() > sample:
+        gen = torch.Generator().manual_seed(seed)
+        flat = flat[torch.randint(0, flat.numel(), (sample,), generator=gen)]
+    return float(torch.quantile(flat.double(), q))

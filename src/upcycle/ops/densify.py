@@ -1,0 +1,22 @@
+"""densify: a bank-sparse model -> its base family's stock dense model (predictors dropped)."""
+
+from __future__ import annotations
+
+from upcycle.errors import ConfigError
+from upcycle.modules import UpcycleSparseForCausalLM
+
+
+def densify(model):
+    """The base family's stock model with the sparse model's weights, predictors dropped: what
+    tools that do not know the sparse type can load. It computes every channel, so its outputs are
+    the sparse model's with nothing masked (compare them to see how much the masking changes)."""
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(model, UpcycleSparseForCausalLM):
+        raise ConfigError(f"densify needs a bank-sparse model (model_type upcycle_sparse), got {type(model).__name__}")
+    dense = AutoModelForCausalLM.from_config(model.config.base_config())
+    state = {k: v for k, v in model.state_dict().items() if ".predictor." not in k and not k.endswith(".threshold")}
+    dense.load_state_dict(state, strict=True)
+    return dense.to(next(model.parameters()).dtype).eval()
+
+
