@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
                                  sort_keys=False), end="")
             return 0
         outs = [kwargs.get("out"), getattr(kwargs["config"], "out", None)]
-        new_outs = [Path(o) for o in outs if isinstance(o, (str, Path)) and not Path(o).exists()]
+        new_outs = [_first_missing(Path(o)) for o in outs if isinstance(o, (str, Path)) and not Path(o).exists()]
         run(**kwargs)  # it returns its result to a Python caller; the CLI has printed what matters
         return 0
     except UpcycleError as e:
@@ -40,6 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("upcycle: interrupted", file=sys.stderr)
         return 130
+
+
+def _first_missing(path: Path) -> Path:
+    """The outermost folder of `path` that does not exist yet: what a failed command must remove."""
+    path = path.expanduser().absolute()
+    while not path.parent.exists():
+        path = path.parent
+    return path
 
 
 if __name__ == "__main__":

@@ -199,6 +199,8 @@ def list_item(tp):
 def from_text(text: str, tp, option_name: str):
     """A command-line string as the annotation wants it: numbers parsed, comma lists split,
     anything structured (mappings, lists of configs) read as YAML; the config then checks the type."""
+    if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
+        return None
     item = list_item(tp)
     if item is not None and not text.lstrip().startswith("["):
         parts = [p.strip() for p in text.split(",") if p.strip()]
@@ -208,8 +210,6 @@ def from_text(text: str, tp, option_name: str):
             raise ConfigError(f"{option_name} {text!r}: expected {type_name(tp)}, comma-separated") from None
     members = scalar_parts(tp)
     if members:
-        if text.lower() in ("none", "null") and type(None) in typing.get_args(tp):
-            return None
         try:
             return _scalar(text, members)
         except ValueError:
