@@ -101,9 +101,10 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
     if out is not None:
         hub.check_out(out, overwrite=True)
     loaded, tokenizer = hub.load(model)
-    found = next((m for m in loaded.modules() if isinstance(m, BankSparseFFN)), None)
-    sparsity = config.sparsity or (found.sparsity if found is not None else BankSparsity())
-    width = found.gate_proj.weight.shape[0] if found is not None else adapter_for(loaded).ffn_weights(0).width
+    adapter = adapter_for(loaded)
+    found = next((i for i in range(adapter.num_layers) if isinstance(adapter.ffn(i), BankSparseFFN)), None)
+    sparsity = config.sparsity or (adapter.ffn(found).sparsity if found is not None else BankSparsity())
+    width = adapter.ffn_weights(found or 0).width
     known = {"model": (loaded.config.hidden_size, width), "qwen7b": QWEN7B_FFN}
     shapes = {name: known[name] for name in config.shapes}
     report = BenchReport(model=str(model), kernel="compiled" if kernels.available() else str(kernels.why_unavailable()))

@@ -96,11 +96,17 @@ def load() -> ctypes.CDLL | None:
     if cxx is None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
-    try:
-        _library = _bind(ctypes.CDLL(str(_built(cxx, "libupcycle_kernels.so", [SOURCE], []))))
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _failure = f"kernel build failed: {exc}"
+    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE], [])  # noqa: E731
+    _library, _failure = _attempt("kernel", lambda: _bind(ctypes.CDLL(str(library()))))
     return _library
+
+
+def _attempt(what: str, build):
+    """(build(), None), or (None, why) when compiling or loading failed."""
+    try:
+        return build(), None
+    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
+        return None, f"{what} build failed: {exc}"
 
 
 def why_unavailable() -> str | None:
@@ -126,12 +132,9 @@ def load_operator() -> bool:
     if load() is None:  # no compiler, or the kernel itself does not build: the same reason
         _operator_failure = why_unavailable()
         return False
-    try:
-        torch.ops.load_library(str(_built(compiler(), "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE],
-                                          _torch_flags())))
-        _operator_loaded = True
-    except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
-        _operator_failure = f"operator build failed: {exc}"
+    library = lambda: _built(compiler(), "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE], _torch_flags())  # noqa: E731
+    loaded, _operator_failure = _attempt("operator", lambda: torch.ops.load_library(str(library())) or True)
+    _operator_loaded = bool(loaded)
     return _operator_loaded
 
 

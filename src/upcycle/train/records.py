@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from upcycle.report import markdown_table
+from upcycle.report import RunFolder, markdown_table
 
 
 class MetricsLog:
@@ -58,16 +58,9 @@ def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
 
 def write_report(out: Path, config_yaml: str, summary: dict, stages: list[dict], plot: Path | None) -> Path:
     rows = [[s["name"], s["steps"], s["tokens"], s.get("train_loss"), s.get("val_loss"), s.get("val_ppl")] for s in stages]
-    text = [
-        f"# Training run: {out.name}\n",
-        "## Summary\n",
-        markdown_table(["", ""], [[k, v] for k, v in summary.items()]),
-        "\n## Stages\n",
-        markdown_table(["stage", "steps", "tokens", "final train loss", "val loss", "val ppl"], rows),
-    ]
-    if plot is not None:
-        text.append(f"\n![loss curve]({plot.name})\n")
-    text.append("\n## Configuration\n\n```yaml\n" + config_yaml + "```\n")
-    report = out / "report.md"
-    report.write_text("\n".join(text))
-    return report
+    folder = RunFolder(out, metrics=None)  # metrics.jsonl is the run's log, written as it goes
+    folder.section("Summary", markdown_table(["", ""], [[k, v] for k, v in summary.items()]))
+    folder.section("Stages", markdown_table(["stage", "steps", "tokens", "final train loss", "val loss", "val ppl"], rows)
+                   + (f"\n\n![loss curve]({plot.name})" if plot is not None else ""))
+    folder.section("Configuration", "```yaml\n" + config_yaml + "```")
+    return folder.write(f"Training run: {out.name}")
