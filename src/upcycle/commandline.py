@@ -86,7 +86,10 @@ def parse(argv: list[str], verbs: tuple[str, ...]):
     if unknown:
         raise ConfigError(f"--config {config_file}: unknown option {unknown[0]!r} for `{verb}`; known: {', '.join(sorted(types))}")
     values.update(given)
-    missing = [n for n, (_, required, _) in params.items() if required and values.get(n) is None]
+    required = [n for n, (_, needed, _) in params.items() if needed] + [
+        f.name for f in dataclasses.fields(config_cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if values.get(n) is None]
     if missing and not print_only:
         raise ConfigError(f"{verb}: missing {', '.join(missing).upper()} (on the command line or in --config)")
     config = config_cls.from_dict({k: v for k, v in values.items() if k in hints}, verb)

@@ -73,10 +73,11 @@ def build(cls, values, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    try:
-        return cls(**values)
-    except TypeError as e:  # a required field left out
-        raise ConfigError(f"{where}: {e}") from None
+    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{where}: missing {', '.join(missing)} (required)")
+    return cls(**values)
 
 
 def plain(value):
