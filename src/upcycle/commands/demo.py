@@ -6,7 +6,9 @@ end-to-end stage, and report perplexities against the dense model and the oracle
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,7 +91,10 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
           "dense model's own top-16 (base frozen)")
     config = sparsify_command.SparsifyCommandConfig(bank=64, keep=16, rank=64, calibration=mix,
                                                     calibration_tokens=16384, overwrite=True)
-    sparsify_command.run(model_name, str(run_folder.path / "sparse"), config)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):  # the verb's own summary, indented as a demo step
+        sparsify_command.run(model_name, str(run_folder.path / "sparse"), config)
+    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
     sparse, _ = hub.load(run_folder.path / "sparse")
     oracle, _ = sparsify_command.sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
 
