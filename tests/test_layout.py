@@ -39,6 +39,6 @@ def test_the_cli_is_a_registry():
 
 def test_recipes_benchmarks_and_the_demo_name_no_hugging_face_module_path():
     hf_paths = re.compile(r"embed_tokens|self_attn|\.mlp\b|model\.layers|input_layernorm|\\\.mlp")
-    files = [*ROOT.glob("recipes/*.yaml"), *ROOT.glob("benchmarks/*.py"), SRC / "commands" / "demo.py"]
+    files = [*ROOT.glob("recipes/**/*.yaml"), *ROOT.glob("benchmarks/*.py"), SRC / "commands" / "demo.py"]
     for path in files:
         assert not hf_paths.search(path.read_text()), path

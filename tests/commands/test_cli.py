@@ -1,8 +1,10 @@
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from upcycle import hub
 from upcycle.cli import main
@@ -74,3 +76,13 @@ def test_console_script_has_no_traceback_on_error():
                             capture_output=True, text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
+
+
+@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[2].glob("recipes/*/*.yaml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_recipe_is_a_valid_config_of_its_verb(recipe, capsys):
+    assert main([recipe.parent.name, "--config", str(recipe), "--print-config"]) == 0, capsys.readouterr().err
+    printed = yaml.safe_load(capsys.readouterr().out)
+    for key, value in yaml.safe_load(recipe.read_text()).items():
+        if not isinstance(value, (list, dict)):
+            assert printed[key.replace("-", "_")] == value, key
