@@ -36,13 +36,16 @@ def _signature(verb: str):
 
 
 def _add(parser, name: str, tp, default, help: str, positional: bool = False, choices=None) -> None:
+    help = help.replace("%", "%%")  # argparse formats help with %-style fields
     if positional:
         parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(), help=help)
     elif tp is bool:
         parser.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
                             default=argparse.SUPPRESS, help=f"{help} (default: {default})")
     else:
-        shown = "" if default in (dataclasses.MISSING, None) else f" (default: {plain(default)})"
+        if dataclasses.is_dataclass(default):
+            default = dataclasses.asdict(default)
+        shown = "" if default is dataclasses.MISSING or default is None else f" (default: {plain(default)})"
         allowed = f" {{{', '.join(map(str, choices))}}}" if choices else ""
         parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
                             metavar=name.upper(), help=help + allowed + shown)

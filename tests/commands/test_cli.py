@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from upcycle import hub
-from upcycle.cli import main
+from upcycle.cli import VERBS, main
 
 
 def run(argv, capsys):
@@ -86,3 +86,11 @@ def test_every_recipe_is_a_valid_config_of_its_verb(recipe, capsys):
     for key, value in yaml.safe_load(recipe.read_text()).items():
         if not isinstance(value, (list, dict)):
             assert printed[key.replace("-", "_")] == value, key
+
+
+@pytest.mark.parametrize("verb", VERBS)
+def test_every_verb_has_help_with_its_options(verb, capsys):
+    with pytest.raises(SystemExit) as exit:
+        main([verb, "--help"])
+    assert exit.value.code == 0
+    assert "--config" in capsys.readouterr().out
