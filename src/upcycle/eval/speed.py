@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
 from upcycle.modules import BankSparseFFN, BankSparsity
+from upcycle.modules.bank_sparse import ShadowPredictor
 
 QWEN7B_FFN = (3584, 18944)  # hidden, FFN width of Qwen2.5-7B: the issue's large shape
 
@@ -41,8 +42,11 @@ def _median_pair(first, second, repeats: int, calls: int) -> tuple[float, float]
 
 def ffn_limit(hidden: int, width: int, sparsity: BankSparsity) -> float:
     """bytes(dense FFN) / bytes(kept channels + predictor): the batch-1 speedup memory allows."""
-    dense = 3 * hidden * width
-    predictor = hidden * sparsity.rank + sparsity.rank * width + width
+    dense = 3 * hidden * width * 4
+    if sparsity.predictor == "shadow":
+        predictor = ShadowPredictor(sparsity.bits, sparsity.group, None).bytes_per_token(width, hidden)
+    else:
+        predictor = (hidden * sparsity.rank + sparsity.rank * width + width) * 4
     return dense / (dense * sparsity.keep / sparsity.bank + predictor)
 
 
@@ -99,11 +103,11 @@ def weight_bytes(model) -> dict[str, float]:
     for ffn in _ffn_modules(model):
         sparse = isinstance(ffn, BankSparseFFN)
         predictor = {id(p) for p in ffn.predictor.parameters()} if sparse else set()
+        if sparse:
+            parts["predictor"] += ffn.predictor_bytes()
         for p in ffn.parameters():
-            size = p.numel() * p.element_size()
-            if id(p) in predictor:
-                parts["predictor"] += size
-            else:
+            if id(p) not in predictor:
+                size = p.numel() * p.element_size()
                 parts["ffn"] += size * ffn.keep / ffn.bank if sparse else size
             counted.add(id(p))
     parts["attention_and_norms"] = float(sum(p.numel() * p.element_size() for p in model.parameters()

@@ -46,25 +46,31 @@ def disabled():
 
 
 def _weights(module) -> tuple[torch.Tensor, ...]:
-    """gate, up, down, predictor down, up, bias: dict look-ups, not nn.Module.__getattr__ (a decode
-    step calls this once per layer, so microseconds count)."""
+    """gate, up, down and, for a low-rank predictor, its down, up, bias: dict look-ups, not
+    nn.Module.__getattr__ (a decode step calls this once per layer, so microseconds count). A shadow
+    predictor has no weights of its own: its logits are computed before the kernel is called."""
     m = module._modules
-    pd, pu = m["predictor"]._modules["down"]._parameters, m["predictor"]._modules["up"]._parameters
-    return (m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"],
-            m["down_proj"]._parameters["weight"], pd["weight"], pu["weight"], pu["bias"])
+    ffn = (m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"], m["down_proj"]._parameters["weight"])
+    predictor = m["predictor"]._modules
+    if "down" not in predictor:
+        return ffn
+    pd, pu = predictor["down"]._parameters, predictor["up"]._parameters
+    return ffn + (pd["weight"], pu["weight"], pu["bias"])
 
 
 def _state(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def _ffn_struct(packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
-                pred_bias: torch.Tensor) -> FFNWeights:
-    """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy and the predictor."""
+def _ffn_struct(packed: torch.Tensor, pred_down: torch.Tensor | None = None, pred_up: torch.Tensor | None = None,
+                pred_bias: torch.Tensor | None = None) -> FFNWeights:
+    """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy and the
+    low-rank predictor (null pointers without one: the caller passes the logits)."""
     width, _, hidden = packed.shape
     base, row = packed.data_ptr(), hidden * packed.element_size()
-    return FFNWeights(pred_down.data_ptr(), pred_up.data_ptr(), pred_bias.data_ptr(), pred_down.shape[0],
-                      base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    pointers = [t.data_ptr() if t is not None else None for t in (pred_down, pred_up, pred_bias)]
+    rank = pred_down.shape[0] if pred_down is not None else 0
+    return FFNWeights(*pointers, rank, base, base + row, base + 2 * row, 3 * hidden, hidden, width)
 
 
 class KernelPlan:
@@ -76,7 +82,7 @@ class KernelPlan:
     def __init__(self, module):
         self.tensors = _weights(module)
         self.state = _state(self.tensors)
-        gate, up, down, pdown, pup, pbias = (t.detach() for t in self.tensors)
+        gate, up, down, *predictor = (t.detach() for t in self.tensors)
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
         cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in self.tensors)
         self.usable = silu and cpu_fp32
@@ -84,7 +90,7 @@ class KernelPlan:
             return
         operator_kind()  # registered before any compiled graph can ask for it
         self.packed = huge_page_copy(torch.stack([gate, up, down.t()], dim=1))
-        self.predictor = [pdown.contiguous(), pup.contiguous(), pbias.contiguous()]
+        self.predictor = [t.contiguous() for t in predictor]  # empty for a shadow predictor
         self.struct = _ffn_struct(self.packed, *self.predictor)
         self.ref = ctypes.byref(self.struct)
         self.hidden = gate.shape[1]
@@ -117,6 +123,8 @@ def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: K
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     out = torch.empty_like(x2d)
+    if z is None and not plan.predictor:  # a shadow predictor: its logits, as the reference computes them
+        z = module.logits(x2d)
     if z is not None:
         z = z.contiguous()
     code = load().upcycle_bank_sparse_ffn_f32(plan.ref, x2d.data_ptr(), x2d.shape[0], None if z is None else z.data_ptr(),
@@ -184,7 +192,7 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """What torch.compile traces: the kernel operator where an eager call has already built the plan
     (and, for several rows, measured the kernel faster); otherwise None (the reference is traced)."""
     plan = module.__dict__.get("_kernel_plan")
-    if plan is None or not plan.usable or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
+    if plan is None or not plan.usable or not plan.predictor or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
         return None
     x2d = x.reshape(-1, x.shape[-1])
     rows = x2d.shape[0]

@@ -1,6 +1,6 @@
 """The predictor-gated bank-sparse SwiGLU FFN.
 
-Per token, a low-rank predictor scores every intermediate channel; channels are grouped in banks of
+Per token, a predictor scores every intermediate channel; channels are grouped in banks of
 `bank` and the top `keep` scores of every bank are kept, so every bank does the same work (what makes
 the pattern fast on real hardware). The kept channels of SwiGLU(x) = down(act(gate(x)) * up(x)) are
 combined through a gate mode:
@@ -12,6 +12,13 @@ combined through a gate mode:
 Two other selection rules share the module so that baselines run through the same code:
     oracle     the true top-k of |act(gate) * up| in every bank (an upper bound; no predictor)
     threshold  TEAL-style: keep |act(gate) * up| above a per-layer calibrated threshold (no banks)
+
+Predictors (BankSparsity.predictor):
+    lowrank  z = (x A) B + c, rank r (the paper's; trained: the warm-up and the router loss)
+    shadow   z = |act(x Ĝ^T) * (x Û^T)|: the FFN's own activation from `bits`-bit copies of its gate and
+             up weights (symmetric, one scale per `group` inputs). Nothing to train: the copies are
+             re-derived from the FFN's weights whenever those change, so the shadow follows the FFN
+             through training and is never stale; it is not saved (it is a function of the weights).
 
 This is the reference (masked dense) computation, used for training; it computes every channel and
 zeroes the dropped ones. In eval mode with no gradient wanted, `forward` takes the fast inference path
@@ -31,6 +38,7 @@ from upcycle.errors import check
 
 GATE_MODES = ("hard", "sigmoid", "softmax")
 SELECTIONS = ("predictor", "oracle", "threshold")
+PREDICTORS = ("lowrank", "shadow")
 
 
 @dataclass
@@ -42,6 +50,9 @@ class BankSparsity:
     rank: int = 64
     gate: str = "hard"
     selection: str = "predictor"
+    predictor: str = "lowrank"
+    bits: int = 4  # shadow: bits per weight of the gate/up copies
+    group: int = 64  # shadow: inputs per quantization scale
 
     def __post_init__(self):
         check(isinstance(self.bank, int) and self.bank >= 1, "bank", self.bank, "a positive integer")
@@ -50,6 +61,13 @@ class BankSparsity:
         check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "a positive integer")
         check(self.gate in GATE_MODES, "gate", self.gate, f"one of {', '.join(GATE_MODES)}")
         check(self.selection in SELECTIONS, "selection", self.selection, f"one of {', '.join(SELECTIONS)}")
+        check(self.predictor in PREDICTORS, "predictor", self.predictor, f"one of {', '.join(PREDICTORS)}")
+        check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "bits", self.bits, "an integer from 2 to 8")
+        check(isinstance(self.group, int) and self.group >= 1, "group", self.group, "a positive integer")
+
+    def check_hidden(self, hidden: int) -> None:
+        if self.predictor == "shadow":
+            check(hidden % self.group == 0, "group", self.group, f"a divisor of the hidden size {hidden}")
 
     def check_width(self, width: int) -> None:
         check(width % self.bank == 0, "bank", self.bank,
@@ -105,6 +123,60 @@ class LowRankPredictor(nn.Module):
         self.up.bias.zero_()
 
 
+def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of the rows of w (out, in) in groups of `group` inputs:
+    codes in [-Q, Q] with Q = 2^(bits-1) - 1 (int8) and one scale per group (max |w| / Q), so that
+    w ≈ codes * scale. An all-zero group gets scale 1 (its codes are 0)."""
+    q = 2 ** (bits - 1) - 1
+    grouped = w.detach().float().reshape(w.shape[0], -1, group)
+    scale = grouped.abs().amax(-1) / q
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(grouped / scale[..., None]).clamp_(-q, q).to(torch.int8)
+    return codes.reshape(w.shape), scale
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return (codes.float().reshape(codes.shape[0], -1, group) * scale[..., None]).reshape(codes.shape)
+
+
+class ShadowPredictor(nn.Module):
+    """z = |act(x Ĝ^T) * (x Û^T)| from low-bit copies Ĝ, Û of the FFN's gate and up weights.
+
+    Holds no parameters and saves nothing: `refresh(gate, up)` re-derives the copies (codes, scales
+    and their dequantized values) and the owning FFN calls it whenever its weights changed."""
+
+    def __init__(self, bits: int, group: int, act):
+        super().__init__()
+        self.bits, self.group, self.act_fn = bits, group, act
+        self.source: tuple | None = None  # (pointer, version) of the weights the copies were made from
+        self.codes: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.scales: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def refresh(self, gate: torch.Tensor, up: torch.Tensor) -> None:
+        state = tuple((t.data_ptr(), t._version, t.shape) for t in (gate, up))
+        if state == self.source:
+            return
+        (cg, sg), (cu, su) = quantize_groups(gate, self.bits, self.group), quantize_groups(up, self.bits, self.group)
+        self.codes, self.scales = (cg, cu), (sg, su)
+        self.weights = tuple(dequantize_groups(c, s, self.group).to(gate.dtype) for c, s in ((cg, sg), (cu, su)))
+        self.source = state
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g, u = self.weights
+        return (self.act_fn(x @ g.T) * (x @ u.T)).abs()
+
+    def bytes_per_token(self, width: int, hidden: int) -> int:
+        """What a decoding step reads: both copies packed (4-bit codes two to a byte, wider ones a
+        byte each) and one fp32 scale per group."""
+        code_bytes = hidden // 2 if self.bits <= 4 else hidden
+        return 2 * width * (code_bytes + 4 * (hidden // self.group))
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, group={self.group}"
+
+
 class BankSparseFFN(nn.Module):
     """A SwiGLU FFN (gate_proj, up_proj, down_proj as in Llama/Qwen) whose intermediate activation is
     kept `keep` of every `bank` channels per token."""
@@ -120,7 +192,11 @@ class BankSparseFFN(nn.Module):
         self.up_proj = nn.Linear(hidden, width, bias=False)
         self.down_proj = nn.Linear(width, hidden, bias=False)
         self.act_fn = ACT2FN[act]
-        self.predictor = LowRankPredictor(hidden, width, sparsity.rank)
+        sparsity.check_hidden(hidden)
+        if sparsity.predictor == "shadow":
+            self.predictor = ShadowPredictor(sparsity.bits, sparsity.group, self.act_fn)
+        else:
+            self.predictor = LowRankPredictor(hidden, width, sparsity.rank)
         # TEAL-style selection: |activation| above this value is kept
         self.register_buffer("threshold", torch.zeros(()))
         # in training: the last forward's logits, activation and k, for the `router` loss
@@ -145,8 +221,20 @@ class BankSparseFFN(nn.Module):
         z, h, keep = self.router_inputs
         return oracle_ranking_loss(z, bank_topk_mask(h.abs(), self.bank, keep), self.bank, keep)
 
+    def predictor_bytes(self) -> int:
+        """Bytes of predictor weights a decoding step reads."""
+        if isinstance(self.predictor, ShadowPredictor):
+            return self.predictor.bytes_per_token(*self.gate_proj.weight.shape)
+        return sum(p.numel() * p.element_size() for p in self.predictor.parameters())
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The predictor's score of every channel for the rows x."""
+        if isinstance(self.predictor, ShadowPredictor):
+            self.predictor.refresh(self.gate_proj.weight, self.up_proj.weight)
+        return self.predictor(x)
+
     def predicted_mask(self, x: torch.Tensor) -> torch.Tensor:
-        return bank_topk_mask(self.predictor(x).detach(), self.bank, self.keep)
+        return bank_topk_mask(self.logits(x).detach(), self.bank, self.keep)
 
     def gate_values(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor | None:
         """What multiplies the activation: a mask, or a mask times gate values; None keeps all."""
@@ -155,8 +243,8 @@ class BankSparseFFN(nn.Module):
             return None if self.keep == self.bank else self.oracle_mask(x, h)
         if selection == "threshold":
             return (h.detach().abs() > self.threshold).to(h.dtype)
-        z = self.predictor(x)
-        if self.training:  # references only: the `router` loss does the work if a run asks for it
+        z = self.logits(x)
+        if self.training and isinstance(self.predictor, LowRankPredictor):  # references only: the `router` loss does the work if a run asks for it
             self.router_inputs = (z, h.detach(), self.keep)
         mode = self.sparsity.gate
         if mode == "hard":
@@ -180,4 +268,5 @@ class BankSparseFFN(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.sparsity
-        return f"keep={self.keep} of bank={s.bank}, rank={s.rank}, gate={s.gate}, selection={s.selection}"
+        predictor = f"rank={s.rank}" if s.predictor == "lowrank" else f"shadow {s.bits}-bit/{s.group}"
+        return f"keep={self.keep} of bank={s.bank}, {predictor}, gate={s.gate}, selection={s.selection}"

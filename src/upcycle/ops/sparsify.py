@@ -31,7 +31,12 @@ INITS = ("svd", "random")
 class SparsifyConfig(Config):
     bank: int = option(64, "channels per bank (must divide the FFN width, or --pad)")
     keep: int = option(16, "channels kept in every bank per token")
+    predictor: str = option("lowrank", "how channels are scored: lowrank (z = x A B, trained) or shadow "
+                            "(the FFN's own activation from low-bit copies of its gate/up weights)",
+                            choices=("lowrank", "shadow"))
     rank: int = option(64, "rank of the low-rank predictor")
+    bits: int = option(4, "shadow predictor: bits per weight of the gate/up copies (2-8)")
+    group: int = option(64, "shadow predictor: inputs per quantization scale")
     gate: str = option("hard", "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
     selection: str = option("predictor", "predictor | oracle | threshold (TEAL-style, a baseline)")
     init: str = option("svd", "predictor initialisation", choices=INITS)
@@ -59,7 +64,8 @@ class SparsifyConfig(Config):
 
     @property
     def sparsity(self) -> BankSparsity:
-        return BankSparsity(self.bank, self.keep, self.rank, self.gate, self.selection)
+        return BankSparsity(self.bank, self.keep, self.rank, self.gate, self.selection, self.predictor, self.bits,
+                            self.group)
 
     @property
     def needs_calibration(self) -> bool:
@@ -123,7 +129,9 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
     generator = torch.Generator().manual_seed(cfg.seed)
     for i in layers:
         ffn = sparse_adapter.ffn(i)
-        if cfg.init == "svd":
+        if cfg.predictor != "lowrank":
+            pass  # a shadow is derived from the FFN's weights: nothing to initialise
+        elif cfg.init == "svd":
             ffn.predictor.init_svd(ffn.gate_proj.weight)
         else:
             ffn.predictor.init_random(generator)

@@ -30,6 +30,7 @@ def fit(groups: list[dict], loss: Callable[[torch.Tensor | int], torch.Tensor], 
     `model`: every other parameter of it is frozen while fitting and its requires_grad flags are
     restored after (as is its train/eval mode; `train_mode` puts it in training mode meanwhile)."""
     groups = [{**g, "params": list(g["params"])} for g in groups]
+    groups = [g for g in groups if g["params"]]  # e.g. a shadow predictor: nothing of its own to fit
     fitted = [p for g in groups for p in g["params"]]
     flags = {p: p.requires_grad for p in (model.parameters() if model is not None else fitted)}
     was_training = model.training if model is not None else None

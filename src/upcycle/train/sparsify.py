@@ -48,7 +48,7 @@ def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int
         ffn = adapter.ffn(i)
         x_held, x_fit = x[:held_tokens], x[held_tokens:]
         report.recall_init.append(predictor_recall(ffn, x_held))
-        if config.warmup_steps:
+        if config.warmup_steps and any(True for _ in ffn.predictor.parameters()):
             fit_predictor(ffn, x_fit, config.warmup_steps, config.warmup_lr, config.warmup_batch, generator)
         report.recall.append(predictor_recall(ffn, x_held))
         bar.set_postfix(layer=i, recall=f"{report.recall[-1]:.3f}")

@@ -1,0 +1,130 @@
+"""The predictor family: the shadow predictor against hand-worked and independent computations,
+its fast path against the reference, saving, densify, and that it follows the FFN as it trains."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import upcycle
+from upcycle import hub, kernels
+from upcycle.eval.selection import predictor_recall
+from upcycle.eval.speed import ffn_limit, weight_bytes
+from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
+from upcycle.modules.bank_sparse import ShadowPredictor, dequantize_groups, quantize_groups
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
+
+
+def test_quantization_of_a_hand_worked_row():
+    w = torch.tensor([[0.7, -0.35, 0.1, 0.0]])
+    codes, scale = quantize_groups(w, bits=3, group=2)  # Q = 3: codes in [-3, 3]
+    assert scale[0].tolist() == pytest.approx([0.7 / 3, 0.1 / 3])
+    assert codes.tolist() == [[3, -2, 3, 0]]  # -0.35 / (0.7/3) = -1.5 rounds to even: -2
+    assert dequantize_groups(codes, scale, 2)[0].tolist() == pytest.approx([0.7, -0.7 * 2 / 3, 0.1, 0.0])
+    zero_codes, zero_scale = quantize_groups(torch.zeros(1, 4), bits=4, group=4)
+    assert zero_codes.abs().sum() == 0 and zero_scale.item() == 1.0
+
+
+@pytest.mark.parametrize("bits, group", [(2, 8), (4, 16), (8, 32)])
+def test_quantization_against_an_element_by_element_loop(bits, group):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(6, 64, generator=g)
+    codes, scale = quantize_groups(w, bits, group)
+    q = 2 ** (bits - 1) - 1
+    for r in range(6):
+        for start in range(0, 64, group):
+            s = max(abs(float(v)) for v in w[r, start:start + group]) / q
+            assert scale[r, start // group].item() == pytest.approx(s, rel=1e-6)
+            for c in range(start, start + group):
+                want = max(-q, min(q, round(float(w[r, c]) / s)))
+                assert abs(int(codes[r, c]) - want) <= (1 if abs(abs(float(w[r, c]) / s) % 1 - 0.5) < 1e-5 else 0)
+    error = (dequantize_groups(codes, scale, group) - w).abs()
+    assert (error <= scale.repeat_interleave(group, 1) / 2 + 1e-6).all()  # at most half a step
+
+
+def _shadow_ffn(hidden=64, width=128, bank=32, keep=8, bits=4, group=16, gate="hard", seed=0):
+    torch.manual_seed(seed)
+    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, gate=gate, predictor="shadow", bits=bits, group=group))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return ffn.eval()
+
+
+def shadow_logits(ffn, x):
+    """|silu(x Ĝ^T) * (x Û^T)| written out from the quantized copies."""
+    s = ffn.sparsity
+    g = dequantize_groups(*quantize_groups(ffn.gate_proj.weight, s.bits, s.group), s.group)
+    u = dequantize_groups(*quantize_groups(ffn.up_proj.weight, s.bits, s.group), s.group)
+    return (F.silu(x @ g.T) * (x @ u.T)).abs()
+
+
+def test_shadow_logits_and_its_selection_against_an_independent_computation():
+    ffn = _shadow_ffn()
+    x = torch.randn(5, 64)
+    with torch.no_grad(), kernels.disabled():
+        torch.testing.assert_close(ffn.logits(x), shadow_logits(ffn, x))
+        mask = torch.zeros(5, 4, 32).scatter(-1, shadow_logits(ffn, x).reshape(5, 4, 32).topk(8, -1).indices, 1.0)
+        h = F.silu(ffn.gate_proj(x)) * ffn.up_proj(x)
+        torch.testing.assert_close(ffn(x), ffn.down_proj(h * mask.reshape(5, 128)))
+    assert not list(ffn.predictor.parameters()) and not any("predictor" in k for k in ffn.state_dict())
+
+
+def test_the_shadow_follows_the_weights_when_they_change_in_place():
+    ffn = _shadow_ffn()
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        before = ffn.logits(x).clone()
+        ffn.gate_proj.weight.mul_(-1)
+        torch.testing.assert_close(ffn.logits(x), shadow_logits(ffn, x))
+    assert not torch.allclose(before, ffn.logits(x))
+
+
+def test_more_bits_recall_more_of_the_oracle():
+    ffn = _shadow_ffn(hidden=64, width=256, bank=64, keep=16, group=16)
+    x = torch.randn(512, 64)
+    recalls = []
+    for bits in (2, 4, 8):
+        ffn.predictor = ShadowPredictor(bits, 16, ffn.act_fn)
+        recalls.append(predictor_recall(ffn, x))
+    assert recalls[0] < recalls[1] < recalls[2] and recalls[2] > 0.97
+
+
+@pytest.mark.skipif(not kernels.available(), reason="kernel unavailable")
+@pytest.mark.parametrize("shape", [(64, 128, 32, 8), (48, 192, 64, 16), (576, 1536, 64, 16)])
+@pytest.mark.parametrize("rows", [1, 3])
+@pytest.mark.parametrize("keep", ["k", 1, "bank"])
+def test_shadow_fast_path_equals_the_reference(shape, rows, keep):
+    hidden, width, bank, k = shape
+    k = {"k": k, "bank": bank}.get(keep, keep)
+    ffn = _shadow_ffn(hidden, width, bank, k, group=16)
+    x = torch.randn(rows, hidden)
+    with torch.no_grad():
+        got = kernels.run_kernel(ffn, x)
+        with kernels.disabled():
+            want = ffn(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+def test_a_shadow_model_saves_reloads_identically_and_densifies(tmp_path):
+    sparsity = BankSparsity(32, 8, predictor="shadow", bits=3, group=16)
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama"), sparsity, [0, 1]).eval()
+    upcycle.save(sparse, hub.byte_tokenizer(), tmp_path / "m")
+    reloaded, _ = upcycle.load(tmp_path / "m")
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        assert torch.equal(sparse(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+    assert reloaded.config.sparsity["predictor"] == "shadow" and reloaded.config.sparsity["bits"] == 3
+    dense = upcycle.densify(reloaded)
+    assert dense.config.model_type == "llama"
+
+
+def test_the_shadow_bytes_are_counted():
+    hidden, width = 576, 1536
+    sparsity = BankSparsity(64, 16, predictor="shadow", bits=4, group=64)
+    per_layer = 2 * width * (hidden // 2 + 4 * hidden // 64)  # two packed copies + fp32 scales
+    assert per_layer == 995_328
+    dense, kept = 3 * hidden * width * 4, 3 * hidden * width * 4 / 4
+    assert ffn_limit(hidden, width, sparsity) == pytest.approx(dense / (kept + per_layer))
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", ffn=128), BankSparsity(32, 8, predictor="shadow",
+                                                                                         group=16), [0, 1])
+    assert weight_bytes(sparse)["predictor"] == 2 * 2 * 128 * (64 // 2 + 4 * 64 // 16)
