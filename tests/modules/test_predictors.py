@@ -90,18 +90,21 @@ def test_more_bits_recall_more_of_the_oracle():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="kernel unavailable")
-@pytest.mark.parametrize("shape", [(64, 128, 32, 8), (48, 192, 64, 16), (576, 1536, 64, 16)])
+@pytest.mark.parametrize("shape", [(64, 128, 32, 8, 32), (48, 192, 64, 16, 16), (576, 1536, 64, 16, 64),
+                                   (64, 128, 32, 8, 8)])  # groups: vector path (multiples of 32), scalar path
 @pytest.mark.parametrize("rows", [1, 3])
 @pytest.mark.parametrize("keep", ["k", 1, "bank"])
-def test_shadow_fast_path_equals_the_reference(shape, rows, keep):
-    hidden, width, bank, k = shape
+@pytest.mark.parametrize("bits", [2, 4, 6])  # 6 bits: the kernel takes the logits computed in PyTorch
+def test_shadow_fast_path_equals_the_reference(shape, rows, keep, bits):
+    hidden, width, bank, k, group = shape
     k = {"k": k, "bank": bank}.get(keep, keep)
-    ffn = _shadow_ffn(hidden, width, bank, k, group=16)
+    ffn = _shadow_ffn(hidden, width, bank, k, bits=bits, group=group)
     x = torch.randn(rows, hidden)
     with torch.no_grad():
         got = kernels.run_kernel(ffn, x)
         with kernels.disabled():
             want = ffn(x)
+    assert (kernels.plan_for(ffn).shadow is not None) == (bits <= 4)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
@@ -128,3 +131,12 @@ def test_the_shadow_bytes_are_counted():
     sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", ffn=128), BankSparsity(32, 8, predictor="shadow",
                                                                                          group=16), [0, 1])
     assert weight_bytes(sparse)["predictor"] == 2 * 2 * 128 * (64 // 2 + 4 * 64 // 16)
+
+
+def test_nibble_packing_against_a_hand_worked_group():
+    from upcycle.kernels import pack_shadow
+
+    codes = torch.tensor([[-8, -1, 0, 7, 1, 2, -3, 3]], dtype=torch.int8)  # one group of 8: halves 0-3 and 4-7
+    packed = pack_shadow(codes, 8)
+    # byte k = (code[k] + 8) | (code[k + 4] + 8) << 4
+    assert packed.tolist() == [[0 | 9 << 4, 7 | 10 << 4, 8 | 5 << 4, 15 | 11 << 4]]

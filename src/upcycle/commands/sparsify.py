@@ -13,7 +13,7 @@ from upcycle.eval import compare
 from upcycle.ops.calibrate import ffn_inputs
 from upcycle.ops.sparsify import SparsifyConfig, SparsifyReport, sparse_layers, to_bank_sparse
 from upcycle.report import RunFolder, markdown_table, plot_per_layer
-from upcycle.train.sparsify import warm_up_predictors
+from upcycle.train.sparsify import convert_layerwise, warm_up_predictors
 
 
 @dataclass
@@ -28,7 +28,8 @@ def sparsify(model, tokenizer=None, config: SparsifyConfig | None = None, **opti
 
     calibrate (each chosen layer's FFN inputs on calibration text, 1/8 held out) -> transform
     (ops.sparsify.to_bank_sparse) -> warm up each predictor on the dense model's own oracle, base
-    frozen (train.sparsify) -> verify (recall@k on the held-out tokens; sparse vs dense outputs)."""
+    frozen -> (convert_steps) fit each layer's sparse FFN to the dense one, bottom up (train.sparsify)
+    -> verify (recall@k on the held-out tokens; sparse vs dense outputs)."""
     cfg = replace(config, **options) if config is not None else SparsifyConfig(**options)
     layers = sparse_layers(model, cfg)  # refuse a model or layer choice that cannot work before any calibration
     inputs, held_blocks, held_tokens = {}, None, 0
@@ -43,6 +44,8 @@ def sparsify(model, tokenizer=None, config: SparsifyConfig | None = None, **opti
     sparse, report = to_bank_sparse(model, cfg, inputs, held_tokens)
     if cfg.selection == "predictor":
         warm_up_predictors(sparse, inputs, held_tokens, cfg, report)
+    if cfg.convert_steps:
+        convert_layerwise(sparse, model, blocks[len(held_blocks):], held_blocks, cfg, report)
     if held_blocks is not None:
         report.equivalence = asdict(compare(model, sparse, held_blocks))
     return sparse, report
@@ -71,6 +74,10 @@ def run(model: str, out: str, config: SparsifyCommandConfig = SparsifyCommandCon
     return report
 
 
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
 def write_report(report: SparsifyReport, folder: Path, *, source: str = "", reload_check: str = "") -> Path:
     cfg = report.config
     run_folder = RunFolder(folder, report="sparsify_report.md", metrics="sparsify_report.json")
@@ -92,8 +99,22 @@ def write_report(report: SparsifyReport, folder: Path, *, source: str = "", relo
                               run_folder.figure("recall.png"), ylabel=f"recall of oracle top-{cfg['keep']}",
                               title="predictor recall per layer (held-out calibration tokens)", layers=report.layers)
         run_folder.section(None, f"![recall per layer]({plot.name})")
-    rows = [[layer, report.recall_init[n] if report.recall_init else "-", report.recall[n] if report.recall else "-",
-             report.density[n] if report.density else "-"] for n, layer in enumerate(report.layers)]
-    run_folder.section(None, markdown_table(["layer", "recall (init)", "recall (warm-up)", "density"], rows))
+    if report.convert_error_after:
+        run_folder.section(None, f"Layer-wise conversion ({cfg['convert_steps']} steps per layer): relative output error "
+                           f"vs the dense FFN on held-out rows, mean {_mean(report.convert_error_before):.3f} -> "
+                           f"**{_mean(report.convert_error_after):.3f}**.")
+        plot = plot_per_layer({"before": report.convert_error_before, "after": report.convert_error_after},
+                              run_folder.figure("conversion.png"), ylabel="relative output error",
+                              title="sparse FFN vs dense FFN, per layer (held-out rows)", layers=report.layers)
+        run_folder.section(None, f"![conversion error per layer]({plot.name})")
+
+    def column(values, n):
+        return values[n] if values else "-"
+
+    rows = [[layer, column(report.recall_init, n), column(report.recall, n), column(report.density, n),
+             column(report.convert_error_before, n), column(report.convert_error_after, n)]
+            for n, layer in enumerate(report.layers)]
+    run_folder.section(None, markdown_table(["layer", "recall (init)", "recall (warm-up)", "density",
+                                             "error before conversion", "error after"], rows))
     run_folder.metrics.update(report.to_dict())
     return run_folder.write(f"sparsify {source}")

@@ -28,7 +28,7 @@ from upcycle.modules.bank_sparse import ShadowPredictor
 QWEN7B_FFN = (3584, 18944)  # hidden, FFN width of Qwen2.5-7B: the issue's large shape
 
 
-def _median_pair(first, second, repeats: int, calls: int) -> tuple[float, float]:
+def median_pair(first, second, repeats: int, calls: int) -> tuple[float, float]:
     """Median seconds per call of two functions, measured alternately (drift hits both alike)."""
     a, b = [], []
     for _ in range(repeats):
@@ -79,7 +79,7 @@ def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), spars
         t0 = time.perf_counter()
         dense()
         calls = max(1, int(target_seconds / max(time.perf_counter() - t0, 1e-6)))
-        dense_s, sparse_s = _median_pair(dense, sparse, repeats, calls)
+        dense_s, sparse_s = median_pair(dense, sparse, repeats, calls)
         rows[f"{name}_b{batch}"] = {"shape": [hidden, width], "batch": batch, "dense_ms": dense_s * 1e3,
                                     "sparse_ms": sparse_s * 1e3, "speedup": dense_s / sparse_s,
                                     "limit": ffn_limit(hidden, width, sparsity) if batch == 1 else None}

@@ -92,6 +92,11 @@ class KernelPlan:
         self.packed = huge_page_copy(torch.stack([gate, up, down.t()], dim=1))
         self.predictor = [t.contiguous() for t in predictor]  # empty for a shadow predictor
         self.struct = _ffn_struct(self.packed, *self.predictor)
+        self.shadow = _packed_shadow(module) if not self.predictor else None
+        if self.shadow is not None:
+            codes, scales, group = self.shadow
+            self.struct.shadow_codes, self.struct.shadow_scales, self.struct.shadow_group = (
+                codes.data_ptr(), scales.data_ptr(), group)
         self.ref = ctypes.byref(self.struct)
         self.hidden = gate.shape[1]
 
@@ -101,6 +106,27 @@ class KernelPlan:
     def current(self, module) -> bool:
         tensors = _weights(module)
         return all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
+
+
+def pack_shadow(codes: torch.Tensor, group: int) -> torch.Tensor:
+    """int8 codes [I, H] in [-8, 7] -> uint8 [I, H/2] as the kernel reads them: code + 8, and in each
+    group of G inputs byte k holds input k (low nibble) and input k + G/2 (high nibble)."""
+    width, hidden = codes.shape
+    biased = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(width, hidden // group, 2, group // 2)
+    return (biased[:, :, 0] | (biased[:, :, 1] << 4)).reshape(width, hidden // 2).contiguous()
+
+
+def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
+    """A shadow predictor's copies as the kernel reads them ([I, 2, H/2] codes, [I, 2, H/G] scales),
+    or None where it cannot (more than 4 bits, or a group the nibble layout does not fit)."""
+    shadow = module.predictor
+    hidden = module.gate_proj.weight.shape[1]
+    if shadow.bits > 4 or shadow.group % 2 or hidden % shadow.group:
+        return None
+    shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
+    codes = torch.stack([pack_shadow(c, shadow.group) for c in shadow.codes], dim=1).contiguous()
+    scales = torch.stack([s.float() for s in shadow.scales], dim=1).contiguous()
+    return codes, scales, shadow.group
 
 
 def plan_for(module) -> KernelPlan:
@@ -123,7 +149,7 @@ def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: K
     if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     out = torch.empty_like(x2d)
-    if z is None and not plan.predictor:  # a shadow predictor: its logits, as the reference computes them
+    if z is None and not plan.predictor and plan.shadow is None:  # a shadow the kernel cannot read (> 4 bits)
         z = module.logits(x2d)
     if z is not None:
         z = z.contiguous()

@@ -12,6 +12,10 @@
 // batch is read once and used for all of them, so a batch reads the union of its tokens' channels.
 // Threads split the banks; each accumulates into its own output rows, summed at the end.
 //
+// The logits z come from the caller, from a low-rank predictor (z = (x A) B + c) or from a shadow: the
+// FFN's own activation |silu(x . Ĝ[j]) * (x . Û[j])| from 4-bit copies of its gate and up rows (codes
+// q + 8 packed two to a byte, one fp32 scale per group of inputs), read at an eighth of the fp32 bytes.
+//
 // Plain C ABI (called through ctypes with raw pointers, fp32, row-major, contiguous). OpenMP comes
 // from the runtime torch has already loaded (same soname), so torch and this code share one pool.
 
@@ -90,6 +94,42 @@ inline void down_axpys(const float* __restrict d, float* const* acc, const float
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
+// One packed shadow row against one token: sum over groups of scale_g * sum_k (code_k - 8) * x_k. In a
+// group of G inputs, byte k holds input k (low nibble) and input k + G/2 (high nibble); the -8 is taken
+// out once per group through xsum (the group's sum of x).
+inline float shadow_dot(const uint8_t* __restrict codes, const float* __restrict scales, const float* __restrict x,
+                        const float* __restrict xsum, int64_t H, int64_t G) {
+    const int64_t half = G / 2;
+    float offset = 0.f;
+#if defined(__AVX512F__)
+    if (G % 32 == 0) {
+        const __m512i low = _mm512_set1_epi32(15);
+        __m512 acc = _mm512_setzero_ps();
+        for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
+            const uint8_t* c = codes + g0 / 2;
+            __m512 ag = _mm512_setzero_ps();
+            for (int64_t o = 0; o < half; o += 16) {
+                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + o)));
+                ag = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), _mm512_loadu_ps(x + g0 + o), ag);
+                ag = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + g0 + half + o), ag);
+            }
+            acc = _mm512_fmadd_ps(_mm512_set1_ps(scales[gi]), ag, acc);
+            offset += scales[gi] * xsum[gi];
+        }
+        return _mm512_reduce_add_ps(acc) - 8.f * offset;
+    }
+#endif
+    float total = 0.f;
+    for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
+        const uint8_t* c = codes + g0 / 2;
+        float s = 0.f;
+        for (int64_t k = 0; k < half; ++k) s += static_cast<float>(c[k] & 15) * x[g0 + k] + static_cast<float>(c[k] >> 4) * x[g0 + half + k];
+        total += scales[gi] * s;
+        offset += scales[gi] * xsum[gi];
+    }
+    return total - 8.f * offset;
+}
+
 // One channel for the tokens that kept it (count up to 4 at a time).
 template <int N>
 inline void channel_block(const float* g, const float* u, const float* d, const float* ng, const float* nu,
@@ -159,7 +199,7 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 2; }
+int upcycle_kernels_abi_version() { return 3; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -173,6 +213,9 @@ struct FFNWeights {
     int64_t stride;
     int64_t hidden;
     int64_t width;
+    const uint8_t* shadow_codes;  // [I, 2, H/2]: the gate row's packed codes, then the up row's; or null
+    const float* shadow_scales;   // [I, 2, H/G]
+    int64_t shadow_group;         // G: inputs per scale (even, divides H)
 };
 
 // x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
@@ -183,11 +226,23 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     const float *pred_down = w->pred_down, *pred_up = w->pred_up, *pred_bias = w->pred_bias;
     const float *w_gate = w->w_gate, *w_up = w->w_up, *w_down_t = w->w_down_t;
     if (T < 1 || H < 1 || I < 1 || bank < 1 || keep < 1 || keep > bank || I % bank != 0) return -1;
-    if (z_in == nullptr && (pred_down == nullptr || pred_up == nullptr || r < 1)) return -2;
+    const uint8_t* shadow = w->shadow_codes;
+    const int64_t G = w->shadow_group;
+    const bool lowrank = pred_down != nullptr && pred_up != nullptr && r >= 1;
+    if (z_in == nullptr && !lowrank && shadow == nullptr) return -2;
+    if (z_in == nullptr && !lowrank && (G < 2 || G % 2 != 0 || H % G != 0 || w->shadow_scales == nullptr)) return -3;
+    const bool shadow_z = z_in == nullptr && !lowrank;
     const int64_t banks = I / bank;
     const int threads = omp_get_max_threads();
 
-    std::vector<float> z_own(z_in ? 0 : T * I), y(z_in ? 0 : T * r);
+    std::vector<float> z_own(z_in ? 0 : T * I), y(z_in || shadow_z ? 0 : T * r);
+    std::vector<float> xsum(shadow_z ? T * (H / G) : 0);  // per token, each group's sum of x
+    for (int64_t t = 0; shadow_z && t < T; ++t)
+        for (int64_t g = 0; g < H / G; ++g) {
+            float v = 0.f;
+            for (int64_t k = 0; k < G; ++k) v += x[t * H + g * G + k];
+            xsum[t * (H / G) + g] = v;
+        }
     std::vector<float> scale(I * T, 0.f);
     std::vector<float> partial(static_cast<size_t>(threads) * T * H);
     const float* z = z_in ? z_in : z_own.data();
@@ -196,7 +251,7 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     {
         const int me = omp_get_thread_num();
         const int team = omp_get_num_threads();
-        if (!z_in) {  // the predictor's first factor, y = x A (read once for the whole batch)
+        if (!z_in && !shadow_z) {  // the predictor's first factor, y = x A (read once for the whole batch)
 #pragma omp for schedule(static)
             for (int64_t q = 0; q < r; ++q)
                 for (int64_t t = 0; t < T; ++t) y[t * r + q] = dot(pred_down + q * H, x + t * H, H);
@@ -213,7 +268,19 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         const int64_t lo = banks * me / team, hi = banks * (me + 1) / team;
         for (int64_t bi = lo; bi < hi; ++bi) {
             const int64_t b0 = bi * bank;
-            if (!z_in) {
+            if (shadow_z) {
+                const int64_t ng = H / G;
+                for (int64_t j = b0; j < b0 + bank; ++j) {
+                    const uint8_t* cg = shadow + j * H;  // 2 rows of H/2 bytes
+                    const float* sg = w->shadow_scales + j * 2 * ng;
+                    for (int64_t t = 0; t < T; ++t) {
+                        const float* xt = x + t * H;
+                        const float* st = xsum.data() + t * ng;
+                        const float gv = shadow_dot(cg, sg, xt, st, H, G), uv = shadow_dot(cg + H / 2, sg + ng, xt, st, H, G);
+                        z_own[t * I + j] = std::fabs(silu(gv) * uv);
+                    }
+                }
+            } else if (!z_in) {
                 for (int64_t j = b0; j < b0 + bank; ++j)
                     for (int64_t t = 0; t < T; ++t)
                         z_own[t * I + j] = dot(pred_up + j * r, y.data() + t * r, r) + (pred_bias ? pred_bias[j] : 0.f);

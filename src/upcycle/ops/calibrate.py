@@ -36,27 +36,40 @@ def hooked(modules: dict, pre: Callable | None = None, post: Callable | None = N
             h.remove()
 
 
+class StopForward(Exception):
+    """Raised by a hook that has what it needs: the rest of that forward pass is skipped."""
+
+
 @torch.no_grad()
 def run_blocks(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "calibration"):
-    """The model's forward over token blocks (n, T) in eval mode, its training flag restored after."""
+    """The model's forward over token blocks (n, T) in eval mode, its training flag restored after.
+    A hook may end a batch's forward early by raising StopForward."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     try:
         for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
-            model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+            try:
+                model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
+            except StopForward:
+                pass
     finally:
         model.train(was_training)
 
 
-def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8,
-                  progress: bool = False) -> dict:
-    """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU."""
+def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False,
+                  stop: bool = False) -> dict:
+    """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU.
+    With `stop` (one module), each forward ends there: the layers above it are not computed."""
     cache: dict = {key: [] for key in modules}
 
     def keep(key, module, args):
         cache[key].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+        if stop:
+            raise StopForward
 
+    if stop and len(modules) != 1:
+        raise ValueError("module_inputs(stop=True) takes exactly one module")
     with hooked(modules, pre=keep):
         run_blocks(model, blocks, batch_size=batch_size, progress=progress)
     return {key: torch.cat(rows) for key, rows in cache.items()}

@@ -46,6 +46,11 @@ class SparsifyConfig(Config):
     calibration: str = option("shakespeare+pystdlib", "text for calibration and the warm-up ('a+b' mixes)")
     calibration_tokens: int = option(32768, "calibration tokens (1/8 held out to measure recall)")
     seq_len: int = option(256, "length of the calibration blocks")
+    convert_steps: int = option(0, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
+                                "and weights) to the dense FFN's output, bottom up (0: none)")
+    convert_rows: int = option(2048, "layer-wise conversion: rows per step")
+    convert_lr: float = option(1e-3, "layer-wise conversion: predictor learning rate")
+    convert_ffn_lr_scale: float = option(0.1, "layer-wise conversion: FFN weights' learning rate / the predictor's")
     layers: list[int] | None = option(None, "comma-separated layer indices (default: all)")
     permute: bool = option(False, "co-activation clustering of channels before banking")
     pad: bool = option(False, "pad the FFN width with zero channels to a multiple of BANK")
@@ -57,6 +62,10 @@ class SparsifyConfig(Config):
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
         check(self.warmup_lr > 0, "warmup_lr", self.warmup_lr, "> 0")
         check(self.warmup_batch >= 1, "warmup_batch", self.warmup_batch, ">= 1")
+        check(self.convert_steps >= 0, "convert_steps", self.convert_steps, ">= 0")
+        check(self.convert_rows >= 1, "convert_rows", self.convert_rows, ">= 1")
+        check(self.convert_lr > 0, "convert_lr", self.convert_lr, "> 0")
+        check(self.convert_ffn_lr_scale >= 0, "convert_ffn_lr_scale", self.convert_ffn_lr_scale, ">= 0")
         check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
         check(self.calibration_tokens >= 2 * self.seq_len, "calibration_tokens", self.calibration_tokens,
               f">= two blocks of seq_len ({2 * self.seq_len})")
@@ -69,7 +78,8 @@ class SparsifyConfig(Config):
 
     @property
     def needs_calibration(self) -> bool:
-        return (self.warmup_steps > 0 and self.selection == "predictor") or self.permute or self.selection == "threshold"
+        return ((self.warmup_steps > 0 and self.selection == "predictor") or self.permute
+                or self.selection == "threshold" or self.convert_steps > 0)
 
 
 @dataclass
@@ -80,6 +90,8 @@ class SparsifyReport:
     recall_init: list[float] = field(default_factory=list)  # per layer, held-out calibration tokens
     recall: list[float] = field(default_factory=list)  # after warm-up
     density: list[float] = field(default_factory=list)  # fraction of channels kept, per layer
+    convert_error_before: list[float] = field(default_factory=list)  # per layer, held-out rows: relative
+    convert_error_after: list[float] = field(default_factory=list)  # output error vs the dense FFN
     equivalence: dict | None = None  # sparse vs dense outputs on held-out calibration blocks
 
     @property

@@ -18,6 +18,7 @@ from upcycle.eval.localise import sparse_ffns
 from upcycle.modules import BankSparseFFN
 from upcycle.ops.calibrate import module_inputs
 from upcycle.train.layerwise import fit
+from upcycle.train.sparsify import distillation_loss, ffn_groups
 
 OBJECTIVES = ("local", "end_to_end")
 
@@ -48,10 +49,7 @@ def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: i
         raise ConfigError(f"layer {layer} has no bank-sparse FFN (sparse layers: {sorted(sparse_ffns(model))})")
     if objective not in OBJECTIVES:
         raise ConfigError(f"objective {objective!r}: expected local or end_to_end")
-    groups = [{"params": list(ffn.predictor.parameters()), "lr": lr}]
-    if train_ffn:
-        groups.append({"params": [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight],
-                       "lr": lr * ffn_lr_scale})
+    groups = ffn_groups(ffn, lr, train_ffn=train_ffn, ffn_lr_scale=ffn_lr_scale)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(blocks), generator=generator)  # drawn for both objectives: same row samples as before
     reference.eval()
@@ -60,14 +58,7 @@ def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: i
         dense = adapter_for(reference).ffn(layer)
         with torch.no_grad():
             targets = torch.cat([dense(chunk) for chunk in rows.split(4096)])
-
-        def loss(pick):
-            target = targets[pick]
-            error = ffn.reference_forward(rows[pick]) - target
-            router = ffn.router_loss()
-            return error.pow(2).mean() / target.pow(2).mean() + (router_weight * router if router is not None else 0.0)
-
-        n_rows = len(rows)
+        loss, n_rows = distillation_loss(ffn, rows, targets, router_weight), len(rows)
     else:
         def loss(step):
             return _end_to_end_loss(model, reference, ffn, blocks[order[step % len(blocks)]][None], router_weight)

@@ -1,6 +1,8 @@
-"""sparsify's training glue: the predictor warm-up (layer-local), the router loss, k annealing, the stage transform.
+"""sparsify's training glue: the predictor warm-up and the layer-wise conversion (both layer-local),
+the router loss, k annealing, the stage transform.
 
     warm_up_predictors(sparse, inputs, held_tokens, config, report)   # each layer's predictor on its cached inputs
+    convert_layerwise(sparse, dense, fit_blocks, held_blocks, config, report)   # each sparse FFN fitted to its dense one
     stages: [{transform: sparsify, ...}]                               # in a run config
     losses: [{name: router}]    callbacks: [{name: anneal_keep}]
 """
@@ -15,6 +17,7 @@ from upcycle.errors import check
 from upcycle.eval.selection import oracle_masks, predictor_recall
 from upcycle.modules import BankSparseFFN
 from upcycle.modules.bank_sparse import oracle_ranking_loss
+from upcycle.ops.calibrate import module_inputs
 from upcycle.train.layerwise import fit
 from upcycle.train.losses import LossInputs, register_loss
 from upcycle.train.trainer import Callback, register_callback, register_transform
@@ -52,6 +55,69 @@ def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int
             fit_predictor(ffn, x_fit, config.warmup_steps, config.warmup_lr, config.warmup_batch, generator)
         report.recall.append(predictor_recall(ffn, x_held))
         bar.set_postfix(layer=i, recall=f"{report.recall[-1]:.3f}")
+    sparse.eval()
+
+
+# ---- distilling a sparse FFN into its dense one, on cached rows ------------------------------------
+
+def ffn_groups(ffn: BankSparseFFN, lr: float, *, train_ffn: bool = True, ffn_lr_scale: float = 0.1) -> list[dict]:
+    """The predictor (lr; none for a shadow) and, with train_ffn, the FFN weights (lr * ffn_lr_scale)."""
+    groups = [{"params": list(ffn.predictor.parameters()), "lr": lr}]
+    if train_ffn:
+        groups.append({"params": [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight],
+                       "lr": lr * ffn_lr_scale})
+    return groups
+
+
+def distillation_loss(ffn: BankSparseFFN, rows: torch.Tensor, targets: torch.Tensor, router_weight: float = 1.0):
+    """loss(index) = ||ffn(rows) - targets||^2 / ||targets||^2 on the sampled rows, + the router loss
+    (the predictor tracking its own FFN's top-k; a shadow has none): layer-local KD of a dense FFN."""
+
+    def loss(pick):
+        target = targets[pick]
+        error = ffn.reference_forward(rows[pick]) - target
+        router = ffn.router_loss()
+        return error.pow(2).mean() / target.pow(2).mean() + (router_weight * router if router is not None else 0.0)
+
+    return loss
+
+
+@torch.no_grad()
+def relative_error(ffn: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
+    """||ffn(rows) - targets||^2 / ||targets||^2, in eval mode."""
+    was_training = ffn.training
+    ffn.eval()
+    error = sum(float((ffn(r) - t).pow(2).sum()) for r, t in zip(rows.split(chunk), targets.split(chunk)))
+    ffn.train(was_training)
+    return error / float(targets.pow(2).sum())
+
+
+@torch.no_grad()
+def _dense_outputs(dense_ffn: torch.nn.Module, rows: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    return torch.cat([dense_ffn(r) for r in rows.split(chunk)])
+
+
+def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report) -> None:
+    """Layer by layer, bottom up: take the rows the layer's FFN sees in the sparse model as converted so
+    far (the layers below already fitted), and fit its predictor and FFN weights so that its output
+    reproduces the dense model's FFN of that layer on those rows (`convert_steps` steps of
+    `convert_rows` rows). The relative output error on held-out rows, before and after, goes into the
+    report (`convert_error_before`, `convert_error_after`)."""
+    sparse_adapter, dense_adapter = adapter_for(sparse), adapter_for(dense)
+    generator = torch.Generator().manual_seed(config.seed)
+    bar = tqdm(report.layers, desc="layer-wise conversion", disable=not config.progress, leave=False)
+    for i in bar:
+        ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
+        rows = module_inputs(sparse, {i: ffn}, fit_blocks, stop=True)[i]
+        held = module_inputs(sparse, {i: ffn}, held_blocks, stop=True)[i]
+        targets, held_targets = _dense_outputs(target_ffn, rows), _dense_outputs(target_ffn, held)
+        report.convert_error_before.append(relative_error(ffn, held, held_targets))
+        fit(ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
+            distillation_loss(ffn, rows, targets), steps=config.convert_steps, rows=len(rows), batch=config.convert_rows,
+            generator=generator, optimizer="adamw", weight_decay=0.0, model=sparse, train_mode=True)
+        ffn.router_inputs = None
+        report.convert_error_after.append(relative_error(ffn, held, held_targets))
+        bar.set_postfix(layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}")
     sparse.eval()
 
 
