@@ -88,7 +88,10 @@ def test_tied_logits_keep_exactly_k_per_bank_lower_index_first(bank):
 
 
 @needs_kernel
-def test_eval_forward_takes_the_fast_path_for_any_leading_shape():
+def test_eval_forward_takes_the_fast_path_for_any_leading_shape(monkeypatch):
+    # several rows take the kernel where it measured faster than the reference: a timing, not what this
+    # test is about (under load it may lose), so the measurement is taken as a win here
+    monkeypatch.setattr(kernels, "_kernel_wins", lambda module, x2d, plan: True)
     ffn = _ffn()
     x = torch.randn(2, 3, 48)
     with torch.no_grad():

@@ -140,3 +140,20 @@ def test_nibble_packing_against_a_hand_worked_group():
     packed = pack_shadow(codes, 8)
     # byte k = (code[k] + 8) | (code[k + 4] + 8) << 4
     assert packed.tolist() == [[0 | 9 << 4, 7 | 10 << 4, 8 | 5 << 4, 15 | 11 << 4]]
+
+
+@needs_kernel
+def test_a_compiled_shadow_ffn_calls_the_kernel_operator_and_matches_the_reference():
+    ffn = _shadow_ffn(576, 1536, 64, 16, group=64)
+    x = torch.randn(1, 1, 576)
+    with torch.no_grad():
+        eager = ffn(x)  # builds the plan the compiled graph uses
+        graph = torch.compile(ffn, backend="aot_eager", fullgraph=True)
+        compiled = graph(x)
+        with kernels.disabled():
+            want = ffn(x)
+    torch.testing.assert_close(compiled, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(eager, compiled)
+    got = torch.ops.upcycle.bank_sparse_ffn_shadow(x[0], kernels.plan_for(ffn).packed, *kernels.plan_for(ffn).shadow,
+                                                   64, 16, 0)
+    torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-5 * want.abs().max().item())

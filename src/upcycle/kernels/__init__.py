@@ -146,16 +146,18 @@ def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: K
     """The bank-sparse FFN of rows x2d [T, H] by the compiled kernel (z: the predictor logits [T, I],
     or None to compute them in the kernel)."""
     plan = plan or plan_for(module)
-    if not x2d.is_contiguous():
-        x2d = x2d.contiguous()
-    out = torch.empty_like(x2d)
     if z is None and not plan.predictor and plan.shadow is None:  # a shadow the kernel cannot read (> 4 bits)
         z = module.logits(x2d)
-    if z is not None:
-        z = z.contiguous()
-    code = load().upcycle_bank_sparse_ffn_f32(plan.ref, x2d.data_ptr(), x2d.shape[0], None if z is None else z.data_ptr(),
-                                              module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate],
-                                              out.data_ptr())
+    return _launch(plan.ref, x2d, z, module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate])
+
+
+def _launch(weights_ref, x: torch.Tensor, z: torch.Tensor | None, bank: int, keep: int, gate: int) -> torch.Tensor:
+    """One call of the C kernel on rows x [T, H] (logits z [T, I], or None: computed in the kernel)."""
+    x = x.contiguous()
+    z = z.contiguous() if z is not None else None
+    out = torch.empty_like(x)
+    code = load().upcycle_bank_sparse_ffn_f32(weights_ref, x.data_ptr(), x.shape[0], None if z is None else z.data_ptr(),
+                                              bank, keep, gate, out.data_ptr())
     if code != 0:
         raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
     return out
@@ -191,26 +193,29 @@ _operator_kind: str | None = None
 def _python_operator(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
                      pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
     """The operator's kernel where the C++ registration cannot be built: the C function via ctypes."""
-    weights = _ffn_struct(packed, pred_down, pred_up, pred_bias)
-    x = x.contiguous()
-    out = torch.empty_like(x)
-    code = load().upcycle_bank_sparse_ffn_f32(ctypes.byref(weights), x.data_ptr(), x.shape[0], None, bank, keep, gate,
-                                              out.data_ptr())
-    if code != 0:
-        raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
-    return out
+    return _launch(ctypes.byref(_ffn_struct(packed, pred_down, pred_up, pred_bias)), x, None, bank, keep, gate)
+
+
+def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                            group: int, bank: int, keep: int, gate: int) -> torch.Tensor:
+    """upcycle::bank_sparse_ffn_shadow where the C++ registration cannot be built."""
+    weights = _ffn_struct(packed)
+    weights.shadow_codes, weights.shadow_scales, weights.shadow_group = codes.data_ptr(), scales.data_ptr(), group
+    return _launch(ctypes.byref(weights), x, None, bank, keep, gate)
 
 
 def operator_kind() -> str:
-    """Register upcycle::bank_sparse_ffn once and say how: "C++" or "Python"."""
+    """Register upcycle::bank_sparse_ffn (and _shadow) once and say how: "C++" or "Python"."""
     global _operator_kind
     if _operator_kind is None:
         if load_operator():
             _operator_kind = "C++"
         else:
             torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())(_python_operator)
+            torch.library.custom_op("upcycle::bank_sparse_ffn_shadow", mutates_args=())(_python_shadow_operator)
             _operator_kind = "Python"
-        torch.library.register_fake("upcycle::bank_sparse_ffn")(lambda x, *weights_and_sizes: torch.empty_like(x))
+        for name in ("upcycle::bank_sparse_ffn", "upcycle::bank_sparse_ffn_shadow"):
+            torch.library.register_fake(name)(lambda x, *weights_and_sizes: torch.empty_like(x))
     return _operator_kind
 
 
@@ -218,14 +223,16 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """What torch.compile traces: the kernel operator where an eager call has already built the plan
     (and, for several rows, measured the kernel faster); otherwise None (the reference is traced)."""
     plan = module.__dict__.get("_kernel_plan")
-    if plan is None or not plan.usable or not plan.predictor or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
+    if plan is None or not plan.usable or not (plan.predictor or plan.shadow) or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
         return None
     x2d = x.reshape(-1, x.shape[-1])
     rows = x2d.shape[0]
     if rows > MAX_TOKENS or (rows > 1 and not _kernel_faster.get(_shape_key(module, rows, plan), False)):
         return None
-    return torch.ops.upcycle.bank_sparse_ffn(x2d, plan.packed, *plan.predictor, module.sparsity.bank, module.keep,
-                                             GATE_CODES[module.sparsity.gate]).reshape(x.shape)
+    sizes = (module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate])
+    if plan.shadow is not None:
+        return torch.ops.upcycle.bank_sparse_ffn_shadow(x2d, plan.packed, *plan.shadow, *sizes).reshape(x.shape)
+    return torch.ops.upcycle.bank_sparse_ffn(x2d, plan.packed, *plan.predictor, *sizes).reshape(x.shape)
 
 
 def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
