@@ -8,8 +8,12 @@ Every trained model gets the same recipe (LM + KD from the original dense model,
 embeddings frozen) and the same token budget:
   dense            the original, untrained
   dense_companion  the dense model continued on the same tokens
-  sparse           sparsify (SVD init + predictor warm-up on the dense oracle), then a predictor-only
-                   stage and an end-to-end stage at k = 16, with the `router` loss keeping each
+  sparse           sparsify with the default predictor (PREDICTOR below: the 4-bit shadow of each
+                   FFN's own gate/up weights), the layer-wise conversion (each layer's sparse FFN fitted
+                   to the dense FFN's output, bottom up), then end-to-end training at k = 16
+                   ("sparse_converted": after the conversion, before any end-to-end training)
+  sparse_lowrank   the paper's rank-64 low-rank predictor (SVD init + warm-up on the dense oracle),
+                   a predictor-only stage and an end-to-end stage, the `router` loss keeping each
                    predictor on its own FFN's top-16 as the FFN trains
   oracle           the true top-16 of every bank (an upper bound for a predictor; untrained)
   teal75           TEAL-style per-layer magnitude thresholds at 75% sparsity (training-free)
@@ -47,6 +51,18 @@ MODEL = "smollm2-135m"
 DATA = "shakespeare+pystdlib"
 SEQ = 256
 BATCH = 8  # sequences per optimizer step: 2048 tokens
+# the default predictor of sparsify, and the layer-wise conversion before training
+PREDICTOR = {"predictor": "shadow", "bits": 4, "group": 64}
+CONVERT = {"convert_steps": 60, "convert_rows": 1024, "convert_lr": 1e-3}
+LOWRANK = {"predictor": "lowrank", "rank": 64}
+
+
+def predictor_name(options: dict) -> str:
+    if options.get("predictor") == "shadow":
+        name = f"shadow {options['bits']}-bit, group {options['group']}"
+    else:
+        name = f"lowrank rank {options.get('rank', 64)}"
+    return name + (f", layer-wise conversion {options['convert_steps']} steps" if options.get("convert_steps") else "")
 
 
 def held_out(tok, blocks_each: int) -> dict[str, torch.Tensor]:
@@ -65,6 +81,7 @@ def score(model, val: dict[str, torch.Tensor]) -> dict:
 
 
 def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False, lr: float = 2e-4) -> TrainConfig:
+    """sparse: the model has trained predictors (low-rank), which get the router loss and their own group."""
     losses = [{"name": "lm", "weight": 1.0}] + ([{"name": "kd", "weight": 1.0}] if kd else [])
     if sparse:  # keeps each predictor ranking like its own FFN's top-k while the FFN trains
         losses.append({"name": "router", "weight": 1.0})
@@ -88,7 +105,9 @@ def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, s
     return trained.eval(), curve
 
 
-def sparse_stages(budget: int, anneal: bool = False) -> list[dict]:
+def sparse_stages(budget: int, anneal: bool = False, predictor_stage: bool = True) -> list[dict]:
+    if not predictor_stage:  # a shadow predictor has nothing of its own to train
+        return [{"name": "end-to-end", "tokens": budget}]
     first = max(BATCH * SEQ, budget // 8)
     e2e = {"name": "end-to-end", "tokens": budget - first}
     if anneal:
@@ -101,12 +120,16 @@ def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
     options = {"bank": 64, "keep": 16, "rank": 64, "calibration": DATA, "calibration_tokens": 16384,
                "progress": True, **options}
     model, report = sparsify(dense, tok, **options)
+    trained_predictor = options.get("predictor", "lowrank") == "lowrank"
     result = {"options": {k: v for k, v in options.items() if k != "progress"}, "kd": kd, "tokens": budget,
+              "predictor": predictor_name(options),
               "recall_warmup": report.recall, "recall_warmup_mean": report.recall_mean,
               "recall_init_mean": sum(report.recall_init) / len(report.recall_init) if report.recall_init else None,
+              "convert_error": {"before": report.convert_error_before, "after": report.convert_error_after},
               "ppl_untrained": score(model, val)}
     if budget:  # 0: the warm-up only
-        trained, curve = train(name, model, tok, dense, sparse_stages(budget), kd, sparse=True)
+        trained, curve = train(name, model, tok, dense, sparse_stages(budget, predictor_stage=trained_predictor), kd,
+                               sparse=trained_predictor)
         stats = selection_stats(trained, val["shakespeare"][:4])
         result.update({"ppl": score(trained, val), "recall_trained": stats["recall"],
                        "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]), "curve": curve})
@@ -118,7 +141,8 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=98304, help="training tokens of every trained model")
     parser.add_argument("--ablation-budget", type=int, default=16384)
     parser.add_argument("--val-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
-    parser.add_argument("--skip-ablations", action="store_true")
+    parser.add_argument("--skip-ablations", action="store_true",
+                        help="skip the low-rank predictor's ablations (rank, init, gate, KD)")
     args = parser.parse_args()
     torch.manual_seed(0)
     RESULTS.mkdir(exist_ok=True)
@@ -141,12 +165,18 @@ def main() -> None:
         ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0)[0], val)
         save()
     if "sparse" not in ppl:
-        run = sparse_run("sparse", dense, tok, val, args.budget)
-        ppl["sparse"], ppl["sparse_untrained"] = run["ppl"], run["ppl_untrained"]
-        res["sparse_run"] = run
+        run = sparse_run("sparse", dense, tok, val, args.budget, **PREDICTOR, **CONVERT)
+        ppl["sparse"], ppl["sparse_converted"] = run["ppl"], run["ppl_untrained"]
+        res["sparse_run"], res["predictor"] = run, run["predictor"]
         res["recall_per_layer"], res["recall_mean"] = run["recall_warmup"], run["recall_warmup_mean"]
         res["recall_trained_per_layer"], res["recall_trained_mean"] = run["recall_trained"], run["recall_trained_mean"]
         res.setdefault("curves", {})["sparse"] = run["curve"]
+        save()
+    if "sparse_lowrank" not in ppl:
+        run = sparse_run("sparse_lowrank", dense, tok, val, args.budget, **LOWRANK)
+        ppl["sparse_lowrank"], ppl["sparse_lowrank_untrained"] = run["ppl"], run["ppl_untrained"]
+        res["sparse_lowrank_run"] = run
+        res.setdefault("curves", {})["sparse_lowrank"] = run["curve"]
         save()
     if "teal75" not in ppl:
         teal, report = sparsify(dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384)
@@ -189,8 +219,11 @@ def main() -> None:
 
 def write_outputs(res: dict) -> None:
     (RESULTS / "sparsify_quality.json").write_text(json.dumps(res, indent=1) + "\n")
-    plot_per_layer({"after warm-up (dense oracle)": res["recall_per_layer"],
-                    "after training (own oracle)": res["recall_trained_per_layer"]},
+    lowrank = res.get("sparse_lowrank_run", {})
+    plot_per_layer({f"{res.get('predictor', 'default')}: calibration (dense oracle)": res["recall_per_layer"],
+                    "... after training (own oracle)": res["recall_trained_per_layer"],
+                    "lowrank r64 after warm-up": lowrank.get("recall_warmup", []),
+                    "lowrank r64 after training": lowrank.get("recall_trained", [])},
                    RESULTS / "sparsify_recall.png", ylabel="recall of oracle top-16 of 64",
                    title="smollm2-135m 16-of-64: predictor recall per layer")
     import matplotlib

@@ -51,11 +51,18 @@ def _shadow_ffn(hidden=64, width=128, bank=32, keep=8, bits=4, group=16, gate="h
 
 
 def shadow_logits(ffn, x):
-    """|silu(x Ĝ^T) * (x Û^T)| written out from the quantized copies."""
+    """|silu(x̂ Ĝ^T) * (x̂ Û^T)| written out from the quantized copies and the input rounded to 8 bits
+    per group (an element-by-element loop for the input)."""
     s = ffn.sparsity
     g = dequantize_groups(*quantize_groups(ffn.gate_proj.weight, s.bits, s.group), s.group)
     u = dequantize_groups(*quantize_groups(ffn.up_proj.weight, s.bits, s.group), s.group)
-    return (F.silu(x @ g.T) * (x @ u.T)).abs()
+    xhat = torch.empty_like(x)
+    for r in range(x.shape[0]):
+        for start in range(0, x.shape[1], s.group):
+            scale = float(x[r, start:start + s.group].abs().max()) / 127 or 1.0
+            for c in range(start, start + s.group):
+                xhat[r, c] = max(-127, min(127, round(float(x[r, c]) / scale))) * scale
+    return (F.silu(xhat @ g.T) * (xhat @ u.T)).abs()
 
 
 def test_shadow_logits_and_its_selection_against_an_independent_computation():

@@ -13,8 +13,10 @@
 // Threads split the banks; each accumulates into its own output rows, summed at the end.
 //
 // The logits z come from the caller, from a low-rank predictor (z = (x A) B + c) or from a shadow: the
-// FFN's own activation |silu(x . Ĝ[j]) * (x . Û[j])| from 4-bit copies of its gate and up rows (codes
-// q + 8 packed two to a byte, one fp32 scale per group of inputs), read at an eighth of the fp32 bytes.
+// FFN's own activation |silu(x̂ . Ĝ[j]) * (x̂ . Û[j])| from 4-bit copies of its gate and up rows (codes
+// q + 8 packed two to a byte, one fp32 scale per group of inputs), read at an eighth of the fp32 bytes,
+// against x̂, the token quantized to 8 bits per group (so that the group dots are integer dot products:
+// AVX-512 VNNI does 64 of them per instruction).
 //
 // Plain C ABI (called through ctypes with raw pointers, fp32, row-major, contiguous). OpenMP comes
 // from the runtime torch has already loaded (same soname), so torch and this code share one pool.
@@ -94,38 +96,80 @@ inline void down_axpys(const float* __restrict d, float* const* acc, const float
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
-// One packed shadow row against one token: sum over groups of scale_g * sum_k (code_k - 8) * x_k. In a
-// group of G inputs, byte k holds input k (low nibble) and input k + G/2 (high nibble); the -8 is taken
-// out once per group through xsum (the group's sum of x).
-inline float shadow_dot(const uint8_t* __restrict codes, const float* __restrict scales, const float* __restrict x,
-                        const float* __restrict xsum, int64_t H, int64_t G) {
+// One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127
+// and codes xq = round(x / sx) in [-127, 127] (x̂ = xq * sx), the group's sum of codes, and for the
+// vector path the codes reordered to match the packed weight bytes (in each 64-input block of a group:
+// inputs k, then k + G/2).
+struct ShadowInput {
+    std::vector<int8_t> xq, ordered;
+    std::vector<float> sx, xhat, xhat_sum, offset;  // offset[g] = sx_g * (sum of the group's codes)
+};
+
+void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
+    const int64_t ng = H / G, half = G / 2;
+    in.xq.resize(H), in.ordered.resize(H), in.xhat.resize(H), in.sx.resize(ng), in.offset.resize(ng), in.xhat_sum.resize(ng);
+    for (int64_t g = 0; g < ng; ++g) {
+        float m = 0.f;
+        for (int64_t k = 0; k < G; ++k) m = std::max(m, std::fabs(x[g * G + k]));
+        const float sx = m > 0.f ? m / 127.f : 1.f;
+        int32_t qs = 0;
+        float xs = 0.f;
+        for (int64_t k = 0; k < G; ++k) {
+            const float q = std::min(127.f, std::max(-127.f, std::nearbyint(x[g * G + k] / sx)));
+            in.xq[g * G + k] = static_cast<int8_t>(q);
+            in.xhat[g * G + k] = q * sx;
+            qs += static_cast<int32_t>(q);
+            xs += q * sx;
+        }
+        in.sx[g] = sx, in.offset[g] = sx * static_cast<float>(qs), in.xhat_sum[g] = xs;
+        for (int64_t o = 0; G % 64 == 0 && o < half; o += 32)  // [inputs o..o+31 | inputs G/2+o..G/2+o+31]
+            for (int64_t k = 0; k < 32; ++k) {
+                in.ordered[g * G + 2 * o + k] = in.xq[g * G + o + k];
+                in.ordered[g * G + 2 * o + 32 + k] = in.xq[g * G + half + o + k];
+            }
+    }
+}
+
+// One packed shadow row (G/2 bytes a group: byte k holds input k in its low nibble and input k + G/2 in
+// its high one, each as code + 8) against one quantized token: sum over groups of scale_g * sx_g *
+// sum_k (code_k - 8) * xq_k, the -8 taken out once per group through the group's sum of codes.
+inline float shadow_dot(const uint8_t* __restrict codes, const float* __restrict scales, const ShadowInput& in,
+                        int64_t H, int64_t G, const uint8_t* next = nullptr) {
     const int64_t half = G / 2;
     float offset = 0.f;
-#if defined(__AVX512F__)
-    if (G % 32 == 0) {
-        const __m512i low = _mm512_set1_epi32(15);
-        __m512 acc = _mm512_setzero_ps();
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    if (G % 64 == 0) {
+        // four accumulators, so consecutive groups do not wait on each other's multiply-add; the next
+        // row's codes are prefetched a line per group (the rows of a bank are adjacent, so this streams)
+        const __m256i low = _mm256_set1_epi8(15);
+        const int8_t* xq = in.ordered.data();
+        const float* sx = in.sx.data();
+        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
         for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
-            const uint8_t* c = codes + g0 / 2;
-            __m512 ag = _mm512_setzero_ps();
-            for (int64_t o = 0; o < half; o += 16) {
-                const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c + o)));
-                ag = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(b, low)), _mm512_loadu_ps(x + g0 + o), ag);
-                ag = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(b, 4)), _mm512_loadu_ps(x + g0 + half + o), ag);
+            if (next != nullptr) prefetch(reinterpret_cast<const float*>(next + g0 / 2));
+            __m512i dots = _mm512_setzero_si512();
+            for (int64_t o = 0; o < half; o += 32) {
+                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g0 / 2 + o));
+                const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
+                dots = _mm512_dpbusd_epi32(dots, c, _mm512_loadu_si512(xq + g0 + 2 * o));
             }
-            acc = _mm512_fmadd_ps(_mm512_set1_ps(scales[gi]), ag, acc);
-            offset += scales[gi] * xsum[gi];
+            acc[gi & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(scales[gi] * sx[gi]), acc[gi & 3]);
         }
-        return _mm512_reduce_add_ps(acc) - 8.f * offset;
+        const int64_t ng = H / G;
+        offset = dot(scales, in.offset.data(), ng);  // sum_g scale_g * sx_g * (sum of the group's codes)
+        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) -
+               8.f * offset;
     }
 #endif
+    const float* x = in.xhat.data();
     float total = 0.f;
     for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
         const uint8_t* c = codes + g0 / 2;
         float s = 0.f;
         for (int64_t k = 0; k < half; ++k) s += static_cast<float>(c[k] & 15) * x[g0 + k] + static_cast<float>(c[k] >> 4) * x[g0 + half + k];
         total += scales[gi] * s;
-        offset += scales[gi] * xsum[gi];
+        offset += scales[gi] * in.xhat_sum[gi];
     }
     return total - 8.f * offset;
 }
@@ -236,13 +280,8 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     const int threads = omp_get_max_threads();
 
     std::vector<float> z_own(z_in ? 0 : T * I), y(z_in || shadow_z ? 0 : T * r);
-    std::vector<float> xsum(shadow_z ? T * (H / G) : 0);  // per token, each group's sum of x
-    for (int64_t t = 0; shadow_z && t < T; ++t)
-        for (int64_t g = 0; g < H / G; ++g) {
-            float v = 0.f;
-            for (int64_t k = 0; k < G; ++k) v += x[t * H + g * G + k];
-            xsum[t * (H / G) + g] = v;
-        }
+    std::vector<ShadowInput> tokens(shadow_z ? T : 0);  // each token quantized once for the whole layer
+    for (int64_t t = 0; shadow_z && t < T; ++t) quantize_token(x + t * H, H, G, tokens[t]);
     std::vector<float> scale(I * T, 0.f);
     std::vector<float> partial(static_cast<size_t>(threads) * T * H);
     const float* z = z_in ? z_in : z_own.data();
@@ -274,9 +313,9 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
                     const uint8_t* cg = shadow + j * H;  // 2 rows of H/2 bytes
                     const float* sg = w->shadow_scales + j * 2 * ng;
                     for (int64_t t = 0; t < T; ++t) {
-                        const float* xt = x + t * H;
-                        const float* st = xsum.data() + t * ng;
-                        const float gv = shadow_dot(cg, sg, xt, st, H, G), uv = shadow_dot(cg + H / 2, sg + ng, xt, st, H, G);
+                        const uint8_t* after = j + 1 < b0 + bank ? cg + H : nullptr;  // the next channel's rows
+                        const float gv = shadow_dot(cg, sg, tokens[t], H, G, cg + H / 2);
+                        const float uv = shadow_dot(cg + H / 2, sg + ng, tokens[t], H, G, t + 1 == T ? after : nullptr);
                         z_own[t * I + j] = std::fabs(silu(gv) * uv);
                     }
                 }

@@ -15,8 +15,9 @@ Two other selection rules share the module so that baselines run through the sam
 
 Predictors (BankSparsity.predictor):
     lowrank  z = (x A) B + c, rank r (the paper's; trained: the warm-up and the router loss)
-    shadow   z = |act(x Ĝ^T) * (x Û^T)|: the FFN's own activation from `bits`-bit copies of its gate and
-             up weights (symmetric, one scale per `group` inputs). Nothing to train: the copies are
+    shadow   z = |act(x̂ Ĝ^T) * (x̂ Û^T)|: the FFN's own activation from `bits`-bit copies of its gate and
+             up weights (symmetric, one scale per `group` inputs), against x̂, the input quantized to 8
+             bits per group (integer group dots: the CPU kernel's VNNI path). Nothing to train: the copies are
              re-derived from the FFN's weights whenever those change, so the shadow follows the FFN
              through training and is never stale; it is not saved (it is a function of the weights).
 
@@ -139,8 +140,18 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, group: int) -> t
     return (codes.float().reshape(codes.shape[0], -1, group) * scale[..., None]).reshape(codes.shape)
 
 
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x̂: the rows of x (..., H) rounded to 8 bits per group of `group` inputs (scale max|x| / 127,
+    codes in [-127, 127], ties to even), returned dequantized."""
+    grouped = x.float().reshape(*x.shape[:-1], -1, group)
+    scale = grouped.abs().amax(-1, keepdim=True) / 127
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    return (torch.round(grouped / scale).clamp_(-127, 127) * scale).reshape(x.shape).to(x.dtype)
+
+
 class ShadowPredictor(nn.Module):
-    """z = |act(x Ĝ^T) * (x Û^T)| from low-bit copies Ĝ, Û of the FFN's gate and up weights.
+    """z = |act(x̂ Ĝ^T) * (x̂ Û^T)| from low-bit copies Ĝ, Û of the FFN's gate and up weights and the
+    input x̂ rounded to 8 bits per group.
 
     Holds no parameters and saves nothing: `refresh(gate, up)` re-derives the copies (codes, scales
     and their dequantized values) and the owning FFN calls it whenever its weights changed."""
@@ -165,6 +176,7 @@ class ShadowPredictor(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.weights
+        x = quantize_activations(x.detach(), self.group)
         return (self.act_fn(x @ g.T) * (x @ u.T)).abs()
 
     def bytes_per_token(self, width: int, hidden: int) -> int:
