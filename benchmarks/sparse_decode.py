@@ -2,7 +2,8 @@
 
   1. One FFN layer, fp32, dense SwiGLU (three nn.Linear, as Hugging Face runs it) vs the bank-sparse
      module in eval mode (predictor + top-k + kept channels through upcycle.kernels), 16 of 64 kept,
-     predictor rank 64; at SmolLM2-135M's shape (576 x 1536) and Qwen2.5-7B's (3584 x 18944); batch
+     with the predictor of `--predictor` (default: the 4-bit shadow, sparsify_quality's default; or the
+     rank-64 low-rank one); at SmolLM2-135M's shape (576 x 1536) and Qwen2.5-7B's (3584 x 18944); batch
      1, 4 and 16. The limit at batch 1 is bytes(dense) / bytes(kept channels + predictor).
   2. Greedy decoding of smollm2-135m, dense (the stock Hugging Face model) vs sparsified 16-of-64
      (warm-up fitted predictors), same prompt, length and threads; run at 2 threads (this machine's
@@ -14,9 +15,10 @@
      `decode_speedup` is the compiled run (both models compiled alike: the faster dense baseline).
 
 Every ratio comes from timings taken in one process, alternating dense and sparse, medians.
-Result: benchmarks/results/sparse_decode.json and sparse_decode.png.
+Result: benchmarks/results/sparse_decode.json and sparse_decode.png (sparse_decode_lowrank.* for
+--predictor lowrank).
 
-    python benchmarks/sparse_decode.py [--repeats 7] [--new-tokens 128]
+    python benchmarks/sparse_decode.py [--predictor shadow|lowrank] [--repeats 7] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from upcycle.eval import speed
 from upcycle.modules import BankSparsity
 
 RESULTS = Path(__file__).parent / "results"
+PREDICTORS = {"shadow": {"predictor": "shadow", "bits": 4, "group": 64}, "lowrank": {"predictor": "lowrank", "rank": 64}}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -73,10 +76,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--predictor", choices=sorted(PREDICTORS), default="shadow")
     args = parser.parse_args()
     if not kernels.available():
         raise SystemExit(f"the kernel is unavailable here: {kernels.why_unavailable()}")
-    sparsity = BankSparsity(bank=64, keep=16, rank=64)
+    sparsity = BankSparsity(bank=64, keep=16, **PREDICTORS[args.predictor])
+    name = "sparse_decode" if args.predictor == "shadow" else f"sparse_decode_{args.predictor}"
     threads = torch.get_num_threads()
 
     shapes = {"smollm2": (576, 1536), "qwen7b": speed.QWEN7B_FFN}
@@ -100,14 +105,16 @@ def main() -> None:
         "decode_speedup_eager": round(runs[0]["speedup"], 3),
         "ffn": ffn,
         "decode_runs": runs,
+        "predictor": (f"shadow {sparsity.bits}-bit, group {sparsity.group}" if sparsity.predictor == "shadow"
+                      else f"lowrank rank {sparsity.rank}"),
         "sparsity": sparsity.to_dict(),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
                     "torch": torch.__version__, "operator": kernels.operator_kind()},
-        "command": "python benchmarks/sparse_decode.py",
+        "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor}",
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "sparse_decode.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(result, RESULTS / "sparse_decode.png")
+    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / f"{name}.png")
     report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())
     for run in runs[:-1]:

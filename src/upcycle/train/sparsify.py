@@ -13,7 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
-from upcycle.errors import check
+from upcycle.errors import ConfigError, check
 from upcycle.eval.selection import oracle_masks, predictor_recall
 from upcycle.modules import BankSparseFFN
 from upcycle.modules.bank_sparse import oracle_ranking_loss
@@ -160,5 +160,6 @@ def router_loss(inputs: LossInputs) -> torch.Tensor:
     values = [m.router_loss() for m in inputs.model.modules() if isinstance(m, BankSparseFFN)]
     values = [v for v in values if v is not None]
     if not values:
-        raise ValueError("the router loss needs bank-sparse FFNs with a predictor, in training mode")
+        raise ConfigError("the router loss needs bank-sparse FFNs with a trained (low-rank) predictor, in training "
+                          "mode; a shadow predictor has nothing to train: drop `router` from the losses")
     return torch.stack(values).mean()
