@@ -61,11 +61,16 @@ def run(model: str, out: str, config: SparsifyCommandConfig = SparsifyCommandCon
     sparse, report = sparsify(loaded, tokenizer, config)
     folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=config.overwrite)
     write_report(report, folder, source=model, reload_check=reload_check.summary())
-    lines = [f"saved {folder} (bank-sparse {config.keep} of {config.bank}, rank {config.rank}, gate {config.gate}, "
+    predictor = (f"shadow {config.bits}-bit/{config.group}" if config.predictor == "shadow" else f"rank {config.rank}")
+    lines = [f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "
              f"{len(report.layers)} layers); reloaded: {reload_check.summary()}"]
     if report.recall:
+        before = (f" (before warm-up {_mean(report.recall_init):.3f})" if config.predictor == "lowrank" else "")
         lines.append(f"predictor recall of the oracle's top-{config.keep} per bank (held-out calibration): "
-                     f"{report.recall_mean:.3f} mean (before warm-up {sum(report.recall_init) / len(report.recall_init):.3f})")
+                     f"{report.recall_mean:.3f} mean{before}")
+    if report.convert_error_after:
+        lines.append(f"layer-wise conversion: relative FFN output error {_mean(report.convert_error_before):.3f} -> "
+                     f"{_mean(report.convert_error_after):.3f} (mean over layers, held-out rows)")
     if report.equivalence:
         eq = report.equivalence
         lines.append(f"vs the dense model: mean KL {eq['mean_kl']:.3g}, top-1 agreement {eq['top1_agreement']:.3f}")
