@@ -361,3 +361,16 @@ def test_a_model_with_a_plan_deep_copies_and_the_copy_builds_its_own():
         twin.down_proj.weight.mul_(3)  # its own weights: its own plan
         torch.testing.assert_close(twin(x), expected(twin, x), rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(ffn(x), expected(ffn, x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("predictor", ["lowrank", "shadow"])
+def test_both_sides_of_a_decode_comparison_from_a_dense_or_a_sparse_model(predictor):
+    from upcycle.commands.bench import sparse_and_dense
+
+    model, tok = hub.load("tiny-llama")
+    sparsity = BankSparsity(32, 8, 4, predictor=predictor, group=16)
+    dense, sparse = sparse_and_dense(model, tok, sparsity, warmup_steps=2)
+    assert dense is model and all(isinstance(sparse.model.layers[i].mlp, BankSparseFFN) for i in range(2))
+    assert sparse.model.layers[0].mlp.sparsity.predictor == predictor
+    back, again = sparse_and_dense(sparse, tok, sparsity)
+    assert again is sparse and back.config.model_type == "llama"

@@ -85,7 +85,8 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
     """Both sides of a decode comparison from either kind of model: a bank-sparse model and its
     densified twin, or a dense model and a sparsified copy (the predictor's quality does not change
     the speed; a short warm-up gives it a realistic selection pattern)."""
-    from upcycle.ops import densify, sparsify
+    from upcycle.commands.sparsify import sparsify
+    from upcycle.ops import densify
 
     if any(isinstance(m, BankSparseFFN) for m in model.modules()):
         return densify(model), model
