@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
 from upcycle.modules import BankSparseFFN, BankSparsity
-from upcycle.modules.bank_sparse import ShadowPredictor
+from upcycle.modules.bank_sparse import shadow_bytes
 
 QWEN7B_FFN = (3584, 18944)  # hidden, FFN width of Qwen2.5-7B: the issue's large shape
 
@@ -44,7 +44,7 @@ def ffn_limit(hidden: int, width: int, sparsity: BankSparsity) -> float:
     """bytes(dense FFN) / bytes(kept channels + predictor): the batch-1 speedup memory allows."""
     dense = 3 * hidden * width * 4
     if sparsity.predictor == "shadow":
-        predictor = ShadowPredictor(sparsity.bits, sparsity.group, None).bytes_per_token(width, hidden)
+        predictor = shadow_bytes(width, hidden, sparsity.bits, sparsity.group)
     else:
         predictor = (hidden * sparsity.rank + sparsity.rank * width + width) * 4
     return dense / (dense * sparsity.keep / sparsity.bank + predictor)

@@ -142,11 +142,16 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, group: int) -> t
 
 def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     """x̂: the rows of x (..., H) rounded to 8 bits per group of `group` inputs (scale max|x| / 127,
-    codes in [-127, 127], ties to even), returned dequantized."""
-    grouped = x.float().reshape(*x.shape[:-1], -1, group)
-    scale = grouped.abs().amax(-1, keepdim=True) / 127
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    return (torch.round(grouped / scale).clamp_(-127, 127) * scale).reshape(x.shape).to(x.dtype)
+    codes in [-127, 127], ties to even), returned dequantized: the weights' quantizer at 8 bits."""
+    rows = x.reshape(-1, x.shape[-1])
+    return dequantize_groups(*quantize_groups(rows, 8, group), group).reshape(x.shape).to(x.dtype)
+
+
+def shadow_bytes(width: int, hidden: int, bits: int, group: int) -> int:
+    """Bytes a decoding step reads of a shadow predictor: both copies packed (codes of up to 4 bits two
+    to a byte, wider ones a byte each) and one fp32 scale per group."""
+    code_bytes = hidden // 2 if bits <= 4 else hidden
+    return 2 * width * (code_bytes + 4 * (hidden // group))
 
 
 class ShadowPredictor(nn.Module):
@@ -178,12 +183,6 @@ class ShadowPredictor(nn.Module):
         g, u = self.weights
         x = quantize_activations(x.detach(), self.group)
         return (self.act_fn(x @ g.T) * (x @ u.T)).abs()
-
-    def bytes_per_token(self, width: int, hidden: int) -> int:
-        """What a decoding step reads: both copies packed (4-bit codes two to a byte, wider ones a
-        byte each) and one fp32 scale per group."""
-        code_bytes = hidden // 2 if self.bits <= 4 else hidden
-        return 2 * width * (code_bytes + 4 * (hidden // self.group))
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group={self.group}"
@@ -236,7 +235,7 @@ class BankSparseFFN(nn.Module):
     def predictor_bytes(self) -> int:
         """Bytes of predictor weights a decoding step reads."""
         if isinstance(self.predictor, ShadowPredictor):
-            return self.predictor.bytes_per_token(*self.gate_proj.weight.shape)
+            return shadow_bytes(*self.gate_proj.weight.shape, self.predictor.bits, self.predictor.group)
         return sum(p.numel() * p.element_size() for p in self.predictor.parameters())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
