@@ -93,7 +93,7 @@ def _sparse_with_a_broken_layer(broken=2, layers=4):
     torch.manual_seed(0)
     dense = hub.tiny("llama", layers=layers, hidden=64, ffn=128)
     sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=layers, hidden=64, ffn=128),
-                                                 BankSparsity(32, 8, 64), list(range(layers))).eval()
+                                                 BankSparsity(32, 8, 64, predictor="lowrank"), list(range(layers))).eval()
     for i, ffn in sparse_ffns(sparse).items():
         ffn.predictor.init_svd(ffn.gate_proj.weight)  # a fair predictor: the gate's own ranking
         ffn.keep = 24  # mild sparsity everywhere ...
@@ -151,7 +151,7 @@ def test_repair_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
     dense = hub.tiny("llama", layers=2, hidden=64, ffn=128)
     hub.save(dense, hub.byte_tokenizer(), tmp_path / "dense")
     sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=2, hidden=64, ffn=128),
-                                                 BankSparsity(32, 8, 16), [1])
+                                                 BankSparsity(32, 8, 16, predictor="lowrank"), [1])
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     out = tmp_path / "out"
     capsys.readouterr()  # the saves' progress bars

@@ -19,7 +19,7 @@ needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unava
 
 def _ffn(hidden=48, width=192, bank=32, keep=8, rank=12, gate="hard", seed=1):
     torch.manual_seed(seed)
-    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, rank, gate))
+    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, rank, gate, predictor="lowrank"))
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return ffn.eval()
@@ -167,7 +167,7 @@ def test_a_failed_build_is_reported_and_the_model_still_runs(tmp_path):
         "import torch, upcycle\n"
         "from upcycle import kernels\n"
         "from upcycle.modules import BankSparseFFN, BankSparsity\n"
-        "ffn = BankSparseFFN(32, 64, BankSparsity(16, 4, 8)).eval()\n"
+        "ffn = BankSparseFFN(32, 64, BankSparsity(16, 4, 8, predictor='lowrank')).eval()\n"
         "with torch.no_grad(): out = ffn(torch.randn(1, 32))\n"
         "print(kernels.available(), kernels.why_unavailable(), tuple(out.shape))\n"
     )
@@ -181,7 +181,7 @@ def test_a_failed_build_is_reported_and_the_model_still_runs(tmp_path):
 def _tiny_sparse_model():
     """Two bank-sparse layers whose predictors (std 0.5) pick channels that matter to the output."""
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
-    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1]).eval()
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="lowrank"), [0, 1]).eval()
     for ffn in (sparse.model.layers[i].mlp for i in range(2)):
         for p in ffn.predictor.parameters():
             torch.nn.init.normal_(p, std=0.5)
@@ -259,7 +259,7 @@ def test_without_the_cpp_operator_a_python_one_of_the_same_name_is_compiled_in()
         "from upcycle import kernels\n"
         "from upcycle.modules import BankSparseFFN, BankSparsity\n"
         "torch.manual_seed(0)\n"
-        "ffn = BankSparseFFN(96, 256, BankSparsity(32, 8, 16)).eval()\n"
+        "ffn = BankSparseFFN(96, 256, BankSparsity(32, 8, 16, predictor='lowrank')).eval()\n"
         "for p in ffn.parameters(): torch.nn.init.normal_(p, std=0.3)\n"
         "x = torch.randn(1, 96)\n"
         "graphs = []\n"
@@ -297,9 +297,9 @@ def test_byte_limits_match_a_hand_count():
 
     # 576 x 1536, 16 of 64, rank 64: 3*576*1536 = 2654208 weights dense; kept 663552; predictor
     # 576*64 + 64*1536 + 1536 = 136704
-    assert ffn_limit(576, 1536, BankSparsity(64, 16, 64)) == pytest.approx(2654208 / (663552 + 136704))
+    assert ffn_limit(576, 1536, BankSparsity(64, 16, 64, predictor="lowrank")) == pytest.approx(2654208 / (663552 + 136704))
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)  # untied head: vocab x 64
-    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0])  # layer 1 stays dense
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="lowrank"), [0])  # layer 1 stays dense
     parts = weight_bytes(sparse)
     assert parts["ffn"] == 4 * (3 * 64 * 128 / 4 + 3 * 64 * 128)  # layer 0: a quarter; layer 1: all
     assert parts["predictor"] == 4 * (64 * 16 + 16 * 128 + 128)
@@ -328,7 +328,7 @@ def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
     from upcycle.cli import main
 
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
-    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16), [0, 1])
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="lowrank"), [0, 1])
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     out = tmp_path / "bench"
     argv = ["bench", str(tmp_path / "sparse"), "--shapes", "model", "--batches", "1,4", "--new-tokens", "4",

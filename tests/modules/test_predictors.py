@@ -98,8 +98,9 @@ def test_more_bits_recall_more_of_the_oracle():
 
 @pytest.mark.skipif(not kernels.available(), reason="kernel unavailable")
 @pytest.mark.parametrize("shape", [(64, 128, 32, 8, 32), (48, 192, 64, 16, 16), (576, 1536, 64, 16, 64),
-                                   (64, 128, 32, 8, 8)])  # groups: vector path (multiples of 32), scalar path
-@pytest.mark.parametrize("rows", [1, 3])
+                                   (64, 128, 32, 8, 8),
+                                   (48, 96, 24, 6, 4), (64, 128, 8, 2, 16)])  # the kernel cannot read these two
+@pytest.mark.parametrize("rows", [1, 3, 6])  # 6: a block of four tokens, then two
 @pytest.mark.parametrize("keep", ["k", 1, "bank"])
 @pytest.mark.parametrize("bits", [2, 4, 6])  # 6 bits: the kernel takes the logits computed in PyTorch
 def test_shadow_fast_path_equals_the_reference(shape, rows, keep, bits):
@@ -111,7 +112,8 @@ def test_shadow_fast_path_equals_the_reference(shape, rows, keep, bits):
         got = kernels.run_kernel(ffn, x)
         with kernels.disabled():
             want = ffn(x)
-    assert (kernels.plan_for(ffn).shadow is not None) == (bits <= 4)
+    readable = bits <= 4 and group % 8 == 0 and bank % 16 == 0
+    assert (kernels.plan_for(ffn).shadow is not None) == readable
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
@@ -140,13 +142,22 @@ def test_the_shadow_bytes_are_counted():
     assert weight_bytes(sparse)["predictor"] == 2 * 2 * 128 * (64 // 2 + 4 * 64 // 16)
 
 
-def test_nibble_packing_against_a_hand_worked_group():
-    from upcycle.kernels import pack_shadow
+def test_nibble_packing_against_a_hand_worked_block():
+    from upcycle.kernels import pack_shadow, pack_shadow_scales
 
-    codes = torch.tensor([[-8, -1, 0, 7, 1, 2, -3, 3]], dtype=torch.int8)  # one group of 8: halves 0-3 and 4-7
-    packed = pack_shadow(codes, 8)
-    # byte k = (code[k] + 8) | (code[k + 4] + 8) << 4
-    assert packed.tolist() == [[0 | 9 << 4, 7 | 10 << 4, 8 | 5 << 4, 15 | 11 << 4]]
+    codes = torch.zeros(16, 16, dtype=torch.int8)  # one block of 16 channels, two runs of 8 inputs
+    codes[0, :8] = torch.tensor([-8, -1, 0, 7, 1, 2, -3, 3])
+    codes[1, 8:] = torch.tensor([1, 1, 1, 1, -2, -2, -2, -2])
+    packed = pack_shadow(codes)
+    assert packed.shape == (1, 2, 64)
+    # run 0, channel 0: byte k = (code[k] + 8) | (code[k + 4] + 8) << 4
+    assert packed[0, 0, :4].tolist() == [0 | 9 << 4, 7 | 10 << 4, 8 | 5 << 4, 15 | 11 << 4]
+    # run 1, channel 1 (bytes 4..7): inputs 8..11 low, 12..15 high
+    assert packed[0, 1, 4:8].tolist() == [9 | 6 << 4] * 4
+    zero = 8 | 8 << 4  # every other byte holds two zero codes
+    assert packed[0, 0, 4:].tolist() == [zero] * 60 and packed[0, 1, :4].tolist() == [zero] * 4
+    scales = torch.arange(32.0).reshape(16, 2)  # channel c, group g -> 2c + g
+    assert pack_shadow_scales(scales)[0, 1].tolist() == [2 * c + 1 for c in range(16)]
 
 
 @needs_kernel

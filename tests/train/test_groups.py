@@ -43,7 +43,7 @@ def test_canonical_groups_hold_the_parameters_their_names_say(family):
 
 
 def test_the_predictor_is_its_own_group_not_part_of_ffn():
-    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama"), BankSparsity(32, 8, 4), [1])
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama"), BankSparsity(32, 8, 4, predictor="lowrank"), [1])
     groups = adapter_for(sparse).parameter_groups()
     assert groups["predictor"] and all(".layers.1.mlp.predictor." in n for n in groups["predictor"])
     assert not set(groups["predictor"]) & set(groups["ffn"])

@@ -108,24 +108,36 @@ class KernelPlan:
         return all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
 
 
-def pack_shadow(codes: torch.Tensor, group: int) -> torch.Tensor:
-    """int8 codes [I, H] in [-8, 7] -> uint8 [I, H/2] as the kernel reads them: code + 8, and in each
-    group of G inputs byte k holds input k (low nibble) and input k + G/2 (high nibble)."""
+SHADOW_LANES = 16  # channels the kernel scores at once (one fp32 vector)
+
+
+def pack_shadow(codes: torch.Tensor) -> torch.Tensor:
+    """int8 codes [I, H] in [-8, 7] -> uint8 [I/16, H/8, 64] as the kernel reads them: per block of 16
+    channels and run o of 8 inputs, byte 4c + k holds channel c's input 8o + k (low nibble) and input
+    8o + 4 + k (high nibble), each as code + 8."""
     width, hidden = codes.shape
-    biased = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(width, hidden // group, 2, group // 2)
-    return (biased[:, :, 0] | (biased[:, :, 1] << 4)).reshape(width, hidden // 2).contiguous()
+    biased = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(width // SHADOW_LANES, SHADOW_LANES, hidden // 8, 2, 4)
+    runs = biased[..., 0, :] | (biased[..., 1, :] << 4)  # [blocks, channel, run, 4]
+    return runs.permute(0, 2, 1, 3).reshape(width // SHADOW_LANES, hidden // 8, 4 * SHADOW_LANES).contiguous()
+
+
+def pack_shadow_scales(scales: torch.Tensor) -> torch.Tensor:
+    """fp32 scales [I, H/G] -> [I/16, H/G, 16]: per group, a block's 16 channels side by side."""
+    width, groups = scales.shape
+    return scales.float().reshape(width // SHADOW_LANES, SHADOW_LANES, groups).transpose(1, 2).contiguous()
 
 
 def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """A shadow predictor's copies as the kernel reads them ([I, 2, H/2] codes, [I, 2, H/G] scales),
-    or None where it cannot (more than 4 bits, or a group the nibble layout does not fit)."""
+    """A shadow predictor's copies as the kernel reads them (codes [I/16, 2, H/8, 64], scales
+    [I/16, 2, H/G, 16]), or None where it cannot (more than 4 bits, a group that is not a multiple of 8,
+    a bank that is not a multiple of 16 channels): then the logits are computed in PyTorch."""
     shadow = module.predictor
     hidden = module.gate_proj.weight.shape[1]
-    if shadow.bits > 4 or shadow.group % 2 or hidden % shadow.group:
+    if shadow.bits > 4 or shadow.group % 8 or hidden % shadow.group or module.sparsity.bank % SHADOW_LANES:
         return None
     shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
-    codes = torch.stack([pack_shadow(c, shadow.group) for c in shadow.codes], dim=1).contiguous()
-    scales = torch.stack([s.float() for s in shadow.scales], dim=1).contiguous()
+    codes = torch.stack([pack_shadow(c) for c in shadow.codes], dim=1).contiguous()
+    scales = torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1).contiguous()
     return codes, scales, shadow.group
 
 

@@ -13,10 +13,10 @@
 // Threads split the banks; each accumulates into its own output rows, summed at the end.
 //
 // The logits z come from the caller, from a low-rank predictor (z = (x A) B + c) or from a shadow: the
-// FFN's own activation |silu(x̂ . Ĝ[j]) * (x̂ . Û[j])| from 4-bit copies of its gate and up rows (codes
-// q + 8 packed two to a byte, one fp32 scale per group of inputs), read at an eighth of the fp32 bytes,
-// against x̂, the token quantized to 8 bits per group (so that the group dots are integer dot products:
-// AVX-512 VNNI does 64 of them per instruction).
+// FFN's own activation |silu(x̂ . Ĝ[j]) * (x̂ . Û[j])| from 4-bit copies of its gate and up rows (one fp32
+// scale per group of inputs), read at an eighth of the fp32 bytes, against x̂, the token quantized to 8
+// bits per group, so that the group dots are integer dot products (AVX-512 VNNI: 64 per instruction),
+// computed 16 channels at a time (see shadow_block for the layout).
 //
 // Plain C ABI (called through ctypes with raw pointers, fp32, row-major, contiguous). OpenMP comes
 // from the runtime torch has already loaded (same soname), so torch and this code share one pool.
@@ -94,84 +94,136 @@ inline void down_axpys(const float* __restrict d, float* const* acc, const float
         for (int k = 0; k < N; ++k) acc[k][i] += h[k] * d[i];
 }
 
-inline float silu(float v) { return v / (1.f + std::exp(-v)); }
-
-// One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127
-// and codes xq = round(x / sx) in [-127, 127] (x̂ = xq * sx), the group's sum of codes, and for the
-// vector path the codes reordered to match the packed weight bytes (in each 64-input block of a group:
-// inputs k, then k + G/2).
+// One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127 and
+// codes xq = round(x / sx) in [-127, 127] (x̂ = xq * sx), and the group's bias -8 * sx * (sum of its
+// codes), which takes the +8 of the stored weight codes back out.
 struct ShadowInput {
-    std::vector<int8_t> xq, ordered;
-    std::vector<float> sx, xhat, xhat_sum, offset;  // offset[g] = sx_g * (sum of the group's codes)
+    std::vector<int8_t> xq;
+    std::vector<float> sx, bias;
 };
 
 void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
-    const int64_t ng = H / G, half = G / 2;
-    in.xq.resize(H), in.ordered.resize(H), in.xhat.resize(H), in.sx.resize(ng), in.offset.resize(ng), in.xhat_sum.resize(ng);
+    const int64_t ng = H / G;
+    in.xq.resize(H), in.sx.resize(ng), in.bias.resize(ng);
     for (int64_t g = 0; g < ng; ++g) {
         float m = 0.f;
         for (int64_t k = 0; k < G; ++k) m = std::max(m, std::fabs(x[g * G + k]));
         const float sx = m > 0.f ? m / 127.f : 1.f;
         int32_t qs = 0;
-        float xs = 0.f;
         for (int64_t k = 0; k < G; ++k) {
             const float q = std::min(127.f, std::max(-127.f, std::nearbyint(x[g * G + k] / sx)));
             in.xq[g * G + k] = static_cast<int8_t>(q);
-            in.xhat[g * G + k] = q * sx;
             qs += static_cast<int32_t>(q);
-            xs += q * sx;
         }
-        in.sx[g] = sx, in.offset[g] = sx * static_cast<float>(qs), in.xhat_sum[g] = xs;
-        for (int64_t o = 0; G % 64 == 0 && o < half; o += 32)  // [inputs o..o+31 | inputs G/2+o..G/2+o+31]
-            for (int64_t k = 0; k < 32; ++k) {
-                in.ordered[g * G + 2 * o + k] = in.xq[g * G + o + k];
-                in.ordered[g * G + 2 * o + 32 + k] = in.xq[g * G + half + o + k];
-            }
+        in.sx[g] = sx, in.bias[g] = -8.f * sx * static_cast<float>(qs);
     }
 }
 
-// One packed shadow row (G/2 bytes a group: byte k holds input k in its low nibble and input k + G/2 in
-// its high one, each as code + 8) against one quantized token: sum over groups of scale_g * sx_g *
-// sum_k (code_k - 8) * xq_k, the -8 taken out once per group through the group's sum of codes.
-inline float shadow_dot(const uint8_t* __restrict codes, const float* __restrict scales, const ShadowInput& in,
-                        int64_t H, int64_t G, const uint8_t* next = nullptr) {
-    const int64_t half = G / 2;
-    float offset = 0.f;
+// The shadow is read 16 channels at a time (one fp32 vector of results, no horizontal sums). A block of
+// 16 channels holds, per matrix (gate, then up), H/8 runs of 64 bytes, run o covering inputs 8o..8o+7:
+// byte 4c + k is channel c's input 8o + k (low nibble) and input 8o + 4 + k (high nibble), each as
+// code + 8; then the scales, per matrix and group the 16 channels' scales side by side. So one load and
+// two masks give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8 inputs,
+// broadcast) adds them into 16 lanes: the codes are unpacked once for all the tokens of a batch.
+constexpr int64_t SHADOW_LANES = 16;
+
+inline int32_t four_codes(const int8_t* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return v;
+}
+
+// Gate and up pre-activations (as the shadow sees them) of one block of 16 channels for N tokens:
+// gate[k * 16 + c], up[k * 16 + c].
+template <int N>
+void shadow_block(const uint8_t* __restrict codes, const float* __restrict scales, const ShadowInput* const* in,
+                  int64_t H, int64_t G, float* gate, float* up) {
+    const int64_t ng = H / G, runs = G / 8;
+    const uint8_t* up_codes = codes + (H / 8) * 64;
+    const float* up_scales = scales + ng * SHADOW_LANES;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    if (G % 64 == 0) {
-        // four accumulators, so consecutive groups do not wait on each other's multiply-add; the next
-        // row's codes are prefetched a line per group (the rows of a bank are adjacent, so this streams)
-        const __m256i low = _mm256_set1_epi8(15);
-        const int8_t* xq = in.ordered.data();
-        const float* sx = in.sx.data();
-        __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
-            if (next != nullptr) prefetch(reinterpret_cast<const float*>(next + g0 / 2));
-            __m512i dots = _mm512_setzero_si512();
-            for (int64_t o = 0; o < half; o += 32) {
-                const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + g0 / 2 + o));
-                const __m512i c = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(b, low)),
-                                                     _mm256_and_si256(_mm256_srli_epi16(b, 4), low), 1);
-                dots = _mm512_dpbusd_epi32(dots, c, _mm512_loadu_si512(xq + g0 + 2 * o));
+    // a single token splits each sum in two (low and high nibbles) so the dot products do not all wait
+    // on one another; with several tokens, the tokens are the independent chains
+    constexpr int S = N == 1 ? 2 : 1;
+    const __m512i low = _mm512_set1_epi8(15);
+    __m512 fg[N], fu[N];
+    for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m512i ig[N][S], iu[N][S];
+        for (int k = 0; k < N; ++k)
+            for (int s = 0; s < S; ++s) ig[k][s] = iu[k][s] = _mm512_setzero_si512();
+        for (int64_t o = g * runs; o < (g + 1) * runs; ++o) {
+            const __m512i vg = _mm512_loadu_si512(codes + o * 64), vu = _mm512_loadu_si512(up_codes + o * 64);
+            const __m512i glo = _mm512_and_si512(vg, low), ghi = _mm512_and_si512(_mm512_srli_epi16(vg, 4), low);
+            const __m512i ulo = _mm512_and_si512(vu, low), uhi = _mm512_and_si512(_mm512_srli_epi16(vu, 4), low);
+            for (int k = 0; k < N; ++k) {
+                const int8_t* x = in[k]->xq.data() + 8 * o;
+                const __m512i xa = _mm512_set1_epi32(four_codes(x)), xb = _mm512_set1_epi32(four_codes(x + 4));
+                ig[k][0] = _mm512_dpbusd_epi32(ig[k][0], glo, xa);
+                ig[k][S - 1] = _mm512_dpbusd_epi32(ig[k][S - 1], ghi, xb);
+                iu[k][0] = _mm512_dpbusd_epi32(iu[k][0], ulo, xa);
+                iu[k][S - 1] = _mm512_dpbusd_epi32(iu[k][S - 1], uhi, xb);
             }
-            acc[gi & 3] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dots), _mm512_set1_ps(scales[gi] * sx[gi]), acc[gi & 3]);
         }
-        const int64_t ng = H / G;
-        offset = dot(scales, in.offset.data(), ng);  // sum_g scale_g * sx_g * (sum of the group's codes)
-        return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) -
-               8.f * offset;
+        const __m512 sg = _mm512_loadu_ps(scales + g * SHADOW_LANES), su = _mm512_loadu_ps(up_scales + g * SHADOW_LANES);
+        for (int k = 0; k < N; ++k) {
+            const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(in[k]->bias[g]);
+            __m512i dg = ig[k][0], du = iu[k][0];
+            if (S == 2) dg = _mm512_add_epi32(dg, ig[k][1]), du = _mm512_add_epi32(du, iu[k][1]);
+            fg[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), sx, bias), sg, fg[k]);
+            fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
+        }
     }
+    for (int k = 0; k < N; ++k) {
+        _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
+        _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
+    }
+#else
+    for (int k = 0; k < N; ++k)
+        for (int64_t c = 0; c < SHADOW_LANES; ++c)
+            for (int m = 0; m < 2; ++m) {
+                const uint8_t* cm = m == 0 ? codes : up_codes;
+                const float* sm = m == 0 ? scales : up_scales;
+                float total = 0.f;
+                for (int64_t g = 0; g < ng; ++g) {
+                    int32_t dots = 0;
+                    for (int64_t o = g * runs; o < (g + 1) * runs; ++o)
+                        for (int q = 0; q < 4; ++q) {
+                            const uint8_t b = cm[o * 64 + 4 * c + q];
+                            dots += (b & 15) * in[k]->xq[8 * o + q] + (b >> 4) * in[k]->xq[8 * o + 4 + q];
+                        }
+                    total += sm[g * SHADOW_LANES + c] * (static_cast<float>(dots) * in[k]->sx[g] + in[k]->bias[g]);
+                }
+                (m == 0 ? gate : up)[k * SHADOW_LANES + c] = total;
+            }
 #endif
-    const float* x = in.xhat.data();
-    float total = 0.f;
-    for (int64_t g0 = 0, gi = 0; g0 < H; g0 += G, ++gi) {
-        const uint8_t* c = codes + g0 / 2;
-        float s = 0.f;
-        for (int64_t k = 0; k < half; ++k) s += static_cast<float>(c[k] & 15) * x[g0 + k] + static_cast<float>(c[k] >> 4) * x[g0 + half + k];
-        total += scales[gi] * s;
-        offset += scales[gi] * in.xhat_sum[gi];
+}
+
+inline float silu(float v) { return v / (1.f + std::exp(-v)); }
+
+// The shadow logits |silu(gate) * up| of channels [c0, c1) (whole 16-channel blocks) for all T tokens
+// into z [T, I], four tokens at a time: each block's codes come from memory once (from L1 for the next
+// four tokens).
+void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t G, int64_t I,
+                   const ShadowInput* tokens, int64_t T, int64_t c0, int64_t c1, float* z) {
+    const int64_t block_bytes = 2 * (H / 8) * 64, block_scales = 2 * (H / G) * SHADOW_LANES;
+    float gate[4 * SHADOW_LANES], up[4 * SHADOW_LANES];
+    const ShadowInput* in[4];
+    for (int64_t c = c0; c < c1; c += SHADOW_LANES) {
+        const uint8_t* cb = codes + (c / SHADOW_LANES) * block_bytes;
+        const float* sb = scales + (c / SHADOW_LANES) * block_scales;
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const int n = static_cast<int>(std::min<int64_t>(4, T - t0));
+            for (int k = 0; k < n; ++k) in[k] = tokens + t0 + k;
+            if (n == 4) shadow_block<4>(cb, sb, in, H, G, gate, up);
+            else if (n == 3) shadow_block<3>(cb, sb, in, H, G, gate, up);
+            else if (n == 2) shadow_block<2>(cb, sb, in, H, G, gate, up);
+            else shadow_block<1>(cb, sb, in, H, G, gate, up);
+            for (int k = 0; k < n; ++k)
+                for (int64_t l = 0; l < SHADOW_LANES; ++l)
+                    z[(t0 + k) * I + c + l] = std::fabs(silu(gate[k * SHADOW_LANES + l]) * up[k * SHADOW_LANES + l]);
+        }
     }
-    return total - 8.f * offset;
 }
 
 // One channel for the tokens that kept it (count up to 4 at a time).
@@ -243,7 +295,7 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 3; }
+int upcycle_kernels_abi_version() { return 4; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -257,9 +309,9 @@ struct FFNWeights {
     int64_t stride;
     int64_t hidden;
     int64_t width;
-    const uint8_t* shadow_codes;  // [I, 2, H/2]: the gate row's packed codes, then the up row's; or null
-    const float* shadow_scales;   // [I, 2, H/G]
-    int64_t shadow_group;         // G: inputs per scale (even, divides H)
+    const uint8_t* shadow_codes;  // [I/16, 2, H/8, 64] packed 4-bit codes (see shadow_block), or null
+    const float* shadow_scales;   // [I/16, 2, H/G, 16]
+    int64_t shadow_group;         // G: inputs per scale (a multiple of 8 that divides H)
 };
 
 // x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
@@ -274,7 +326,9 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     const int64_t G = w->shadow_group;
     const bool lowrank = pred_down != nullptr && pred_up != nullptr && r >= 1;
     if (z_in == nullptr && !lowrank && shadow == nullptr) return -2;
-    if (z_in == nullptr && !lowrank && (G < 2 || G % 2 != 0 || H % G != 0 || w->shadow_scales == nullptr)) return -3;
+    if (z_in == nullptr && !lowrank &&
+        (G < 8 || G % 8 != 0 || H % G != 0 || bank % SHADOW_LANES != 0 || w->shadow_scales == nullptr))
+        return -3;
     const bool shadow_z = z_in == nullptr && !lowrank;
     const int64_t banks = I / bank;
     const int threads = omp_get_max_threads();
@@ -308,17 +362,7 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         for (int64_t bi = lo; bi < hi; ++bi) {
             const int64_t b0 = bi * bank;
             if (shadow_z) {
-                const int64_t ng = H / G;
-                for (int64_t j = b0; j < b0 + bank; ++j) {
-                    const uint8_t* cg = shadow + j * H;  // 2 rows of H/2 bytes
-                    const float* sg = w->shadow_scales + j * 2 * ng;
-                    for (int64_t t = 0; t < T; ++t) {
-                        const uint8_t* after = j + 1 < b0 + bank ? cg + H : nullptr;  // the next channel's rows
-                        const float gv = shadow_dot(cg, sg, tokens[t], H, G, cg + H / 2);
-                        const float uv = shadow_dot(cg + H / 2, sg + ng, tokens[t], H, G, t + 1 == T ? after : nullptr);
-                        z_own[t * I + j] = std::fabs(silu(gv) * uv);
-                    }
-                }
+                shadow_logits(shadow, w->shadow_scales, H, G, I, tokens.data(), T, b0, b0 + bank, z_own.data());
             } else if (!z_in) {
                 for (int64_t j = b0; j < b0 + bank; ++j)
                     for (int64_t t = 0; t < T; ++t)

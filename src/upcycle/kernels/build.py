@@ -30,7 +30,7 @@ from upcycle.cache import cache_dir
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None

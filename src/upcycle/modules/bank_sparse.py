@@ -44,14 +44,16 @@ PREDICTORS = ("lowrank", "shadow")
 
 @dataclass
 class BankSparsity:
-    """How an FFN is made bank-sparse: `keep` of every `bank` channels, scored by a rank-`rank` predictor."""
+    """How an FFN is made bank-sparse: `keep` of every `bank` channels, scored by a predictor: the
+    shadow (`bits`-bit copies of the FFN's own gate/up weights, `group` inputs per scale: the default)
+    or a rank-`rank` low-rank one (the paper's)."""
 
     bank: int = 64
     keep: int = 16
     rank: int = 64
     gate: str = "hard"
     selection: str = "predictor"
-    predictor: str = "lowrank"
+    predictor: str = "shadow"
     bits: int = 4  # shadow: bits per weight of the gate/up copies
     group: int = 64  # shadow: inputs per quantization scale
 

@@ -43,7 +43,9 @@ class UpcycleSparseConfig(PretrainedConfig):
         return AutoConfig.for_model(self.base_model_type, **fields)
 
     def layer_sparsity(self) -> BankSparsity:
-        return BankSparsity(**{k: v for k, v in self.sparsity.items() if k != "layers"})
+        saved = {k: v for k, v in self.sparsity.items() if k != "layers"}
+        saved.setdefault("predictor", "lowrank")  # saved before there was a choice: the low-rank one
+        return BankSparsity(**saved)
 
 
 class UpcycleSparseForCausalLM(PreTrainedModel, GenerationMixin):

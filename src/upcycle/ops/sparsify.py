@@ -31,8 +31,8 @@ INITS = ("svd", "random")
 class SparsifyConfig(Config):
     bank: int = option(64, "channels per bank (must divide the FFN width, or --pad)")
     keep: int = option(16, "channels kept in every bank per token")
-    predictor: str = option("lowrank", "how channels are scored: lowrank (z = x A B, trained) or shadow "
-                            "(the FFN's own activation from low-bit copies of its gate/up weights)",
+    predictor: str = option("shadow", "how channels are scored: shadow (the FFN's own activation from "
+                            "low-bit copies of its gate/up weights) or lowrank (z = x A B, trained: the paper's)",
                             choices=("lowrank", "shadow"))
     rank: int = option(64, "rank of the low-rank predictor")
     bits: int = option(4, "shadow predictor: bits per weight of the gate/up copies (2-8)")
