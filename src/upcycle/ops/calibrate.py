@@ -1,6 +1,7 @@
 """Calibration: what layers see and do on real text, captured with forward hooks.
 
     inputs = ffn_inputs(model, blocks, layers)              # {layer: (tokens, hidden)} FFN inputs
+    stream = LayerStream(model, blocks)                     # the same, one layer at a time, bottom up
     with hooked({"l3": adapter.ffn(3)}, pre=fn): ...        # any hook, always removed
 
 The statistics feed the transforms: predictor warm-up (the cached FFN inputs), TEAL thresholds
@@ -73,6 +74,68 @@ def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int
     with hooked(modules, pre=keep):
         run_blocks(model, blocks, batch_size=batch_size, progress=progress)
     return {key: torch.cat(rows) for key, rows in cache.items()}
+
+
+class LayerStream:
+    """The hidden states entering each decoder layer for a fixed set of token blocks, carried up the
+    model one layer at a time. Reading what a module of layer i receives and then stepping past layer i
+    costs one layer's forward, where `module_inputs(stop=True)` recomputes every layer below it (a
+    bottom-up pass over all layers is quadratic that way). Each layer runs with the arguments the model
+    gave layer 0 (position embeddings, masks), and layer i as it is when `advance()` is called: change
+    layer i first, and layer i + 1 sees what a full forward of the changed model would give it.
+
+        stream = LayerStream(model, blocks)
+        for i in range(n): x = stream.module_inputs(adapter.ffn(i)); ...change layer i...; stream.advance()
+    """
+
+    def __init__(self, model, blocks: torch.Tensor, *, batch_size: int = 8):
+        self.model, self.adapter, self.layer = model, adapter_for(model), 0
+        self.batches: list[list] = []  # per batch: [hidden states, positional args after them, keyword args]
+
+        def grab(module, args, kwargs):
+            hidden = args[0] if args else kwargs.pop("hidden_states")
+            self.batches.append([hidden, args[1:], kwargs])
+            raise StopForward
+
+        handle = self.adapter.layer(0).register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            run_blocks(model, blocks, batch_size=batch_size)
+        finally:
+            handle.remove()
+
+    @contextlib.contextmanager
+    def _eval(self):
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                yield self.adapter.layer(self.layer)
+        finally:
+            self.model.train(was_training)
+
+    def module_inputs(self, module: torch.nn.Module) -> torch.Tensor:
+        """What `module`, a part of the current layer, receives: (tokens, features), fp32, CPU."""
+        rows = []
+
+        def keep(key, m, args):
+            rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+            raise StopForward
+
+        with self._eval() as layer, hooked({0: module}, pre=keep):
+            for hidden, args, kwargs in self.batches:
+                try:
+                    layer(hidden, *args, **kwargs)
+                except StopForward:
+                    pass
+        return torch.cat(rows)
+
+    def advance(self) -> None:
+        """Run the current layer (as it is now) on the stream: the next layer's inputs."""
+        with self._eval() as layer:
+            for batch in self.batches:
+                out = layer(batch[0], *batch[1], **batch[2])
+                batch[0] = out[0] if isinstance(out, tuple) else out
+        self.layer += 1
 
 
 def ffn_inputs(model, blocks: torch.Tensor, layers: list[int], *, batch_size: int = 8,

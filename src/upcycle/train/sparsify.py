@@ -17,7 +17,7 @@ from upcycle.errors import ConfigError, check
 from upcycle.eval.selection import oracle_masks, predictor_recall
 from upcycle.modules import BankSparseFFN
 from upcycle.modules.bank_sparse import oracle_ranking_loss
-from upcycle.ops.calibrate import module_inputs
+from upcycle.ops.calibrate import LayerStream
 from upcycle.train.layerwise import fit
 from upcycle.train.losses import LossInputs, register_loss
 from upcycle.train.trainer import Callback, register_callback, register_transform
@@ -99,25 +99,30 @@ def _dense_outputs(dense_ffn: torch.nn.Module, rows: torch.Tensor, chunk: int = 
 
 def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report) -> None:
     """Layer by layer, bottom up: take the rows the layer's FFN sees in the sparse model as converted so
-    far (the layers below already fitted), and fit its predictor and FFN weights so that its output
+    far (the layers below already fitted; carried up one layer at a time, ops.calibrate.LayerStream), and fit its predictor and FFN weights so that its output
     reproduces the dense model's FFN of that layer on those rows (`convert_steps` steps of
     `convert_rows` rows). The relative output error on held-out rows, before and after, goes into the
     report (`convert_error_before`, `convert_error_after`)."""
     sparse_adapter, dense_adapter = adapter_for(sparse), adapter_for(dense)
     generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(report.layers, desc="layer-wise conversion", disable=not config.progress, leave=False)
+    fit_stream, held_stream = LayerStream(sparse, fit_blocks), LayerStream(sparse, held_blocks)
+    converting = set(report.layers)
+    bar = tqdm(range(max(converting) + 1), desc="layer-wise conversion", disable=not config.progress, leave=False)
     for i in bar:
-        ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
-        rows = module_inputs(sparse, {i: ffn}, fit_blocks, stop=True)[i]
-        held = module_inputs(sparse, {i: ffn}, held_blocks, stop=True)[i]
-        targets, held_targets = _dense_outputs(target_ffn, rows), _dense_outputs(target_ffn, held)
-        report.convert_error_before.append(relative_error(ffn, held, held_targets))
-        fit(ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
-            distillation_loss(ffn, rows, targets), steps=config.convert_steps, rows=len(rows), batch=config.convert_rows,
-            generator=generator, optimizer="adamw", weight_decay=0.0, model=sparse, train_mode=True)
-        ffn.router_inputs = None
-        report.convert_error_after.append(relative_error(ffn, held, held_targets))
-        bar.set_postfix(layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}")
+        if i in converting:
+            ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
+            rows, held = fit_stream.module_inputs(ffn), held_stream.module_inputs(ffn)
+            targets, held_targets = _dense_outputs(target_ffn, rows), _dense_outputs(target_ffn, held)
+            report.convert_error_before.append(relative_error(ffn, held, held_targets))
+            fit(ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
+                distillation_loss(ffn, rows, targets), steps=config.convert_steps, rows=len(rows),
+                batch=config.convert_rows, generator=generator, optimizer="adamw", weight_decay=0.0, model=sparse,
+                train_mode=True)
+            ffn.router_inputs = None
+            report.convert_error_after.append(relative_error(ffn, held, held_targets))
+            bar.set_postfix(layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}")
+        if i < max(converting):  # the layer as converted feeds the next one
+            fit_stream.advance(), held_stream.advance()
     sparse.eval()
 
 
