@@ -154,22 +154,26 @@ def release(model) -> None:
         module.__dict__.pop("_kernel_plan", None)
 
 
-def run_kernel(module, x2d: torch.Tensor, z: torch.Tensor | None = None, plan: KernelPlan | None = None) -> torch.Tensor:
-    """The bank-sparse FFN of rows x2d [T, H] by the compiled kernel (z: the predictor logits [T, I],
+def run_kernel(module, x: torch.Tensor, z: torch.Tensor | None = None, plan: KernelPlan | None = None) -> torch.Tensor:
+    """The bank-sparse FFN of rows x [..., H] by the compiled kernel (z: the predictor logits [T, I],
     or None to compute them in the kernel)."""
     plan = plan or plan_for(module)
     if z is None and not plan.predictor and plan.shadow is None:  # a shadow the kernel cannot read (> 4 bits)
-        z = module.logits(x2d)
-    return _launch(plan.ref, x2d, z, module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate])
+        z = module.logits(x.reshape(-1, x.shape[-1]))
+    return _launch(plan.ref, x, z, module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate])
 
 
 def _launch(weights_ref, x: torch.Tensor, z: torch.Tensor | None, bank: int, keep: int, gate: int) -> torch.Tensor:
-    """One call of the C kernel on rows x [T, H] (logits z [T, I], or None: computed in the kernel)."""
-    x = x.contiguous()
-    z = z.contiguous() if z is not None else None
+    """One call of the C kernel on rows x [..., H] (logits z [T, I], or None: computed in the kernel); the
+    output has x's shape. No reshapes: at batch 1 every tensor operation around the kernel costs
+    microseconds (the kernel has just streamed megabytes of weights through the caches)."""
+    if not x.is_contiguous():
+        x = x.contiguous()
+    if z is not None and not z.is_contiguous():
+        z = z.contiguous()
     out = torch.empty_like(x)
-    code = load().upcycle_bank_sparse_ffn_f32(weights_ref, x.data_ptr(), x.shape[0], None if z is None else z.data_ptr(),
-                                              bank, keep, gate, out.data_ptr())
+    code = load().upcycle_bank_sparse_ffn_f32(weights_ref, x.data_ptr(), x.numel() // x.shape[-1],
+                                                None if z is None else z.data_ptr(), bank, keep, gate, out.data_ptr())
     if code != 0:
         raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
     return out
@@ -248,23 +252,26 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
 
 
 def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
-    """The fast path's output for x [..., H], or None where the reference must run."""
+    """The fast path's output for x [..., H], or None where the reference must run. The cheap refusals
+    come first, and the common case (eval, batch 1, a current plan) does no tensor operation but the
+    output's allocation."""
+    if not _enabled or module.training:
+        return None
     if torch.compiler.is_compiling():
-        return _compiled_forward(module, x) if _enabled and module.sparsity.selection == "predictor" else None
-    if not _enabled or module.training or module.sparsity.selection != "predictor":
+        return _compiled_forward(module, x) if module.sparsity.selection == "predictor" else None
+    if module.sparsity.selection != "predictor":
         return None
     if torch.is_grad_enabled() and (x.requires_grad or module.gate_proj.weight.requires_grad):
         return None
-    if x.dtype is not torch.float32 or x.device.type != "cpu" or not available():
+    if x.dtype is not torch.float32 or not x.is_cpu or not available():
         return None
     plan = plan_for(module)
     if not plan.usable:
         return None
-    x2d = x.reshape(-1, x.shape[-1])
-    rows = x2d.shape[0]
-    if rows > MAX_TOKENS or (rows > 1 and not _kernel_wins(module, x2d, plan)):
+    rows = x.numel() // x.shape[-1]
+    if rows > MAX_TOKENS or (rows > 1 and not _kernel_wins(module, x.reshape(rows, x.shape[-1]), plan)):
         return None
-    return run_kernel(module, x2d, plan=plan).reshape(x.shape)
+    return run_kernel(module, x, plan=plan)
 
 
 __all__ = ["available", "enabled", "disabled", "plan_for", "release", "run_kernel", "sparse_ffn_forward",
