@@ -53,7 +53,7 @@ SEQ = 256
 BATCH = 8  # sequences per optimizer step: 2048 tokens
 # the default predictor of sparsify, and the layer-wise conversion before training
 PREDICTOR = {"predictor": "shadow", "bits": 4, "group": 64}
-CONVERT = {"convert_steps": 60, "convert_rows": 1024, "convert_lr": 1e-3}
+CONVERT = {"convert_steps": 60, "convert_rows": 1024, "convert_lr": 1e-3, "convert_ffn_lr_scale": 1.0}
 LOWRANK = {"predictor": "lowrank", "rank": 64}
 
 
@@ -93,11 +93,22 @@ def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False,
         stages=stages, val_every=8, val_blocks=8, ckpt_every=10_000, progress=True)
 
 
-def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, sparse: bool = False):
-    """Train (or reuse a finished run) and return (model, validation curve [(tokens, val_loss)])."""
+def _reuse_marker(out: str) -> dict | None:
+    marker = Path(out) / "sparsified_with.json"
+    return json.loads(marker.read_text()) if marker.exists() else None
+
+
+def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, sparse: bool = False,
+          sparsified: dict | None = None):
+    """Train (or reuse a finished run made from the same sparsify options: `sparsified`) and return
+    (model, validation curve [(tokens, val_loss)])."""
     config = recipe(name, stages, kd, sparse)
     final = Path(config.out) / "final"
+    if (final / "config.json").exists() and sparsified != _reuse_marker(config.out):
+        raise SystemExit(f"{config.out} holds a run from other settings; delete it to re-run this row")
     if not (final / "config.json").exists():
+        Path(config.out).mkdir(parents=True, exist_ok=True)
+        (Path(config.out) / "sparsified_with.json").write_text(json.dumps(sparsified, sort_keys=True))
         Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
     trained, _ = upcycle.load(final)
     curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (Path(config.out) / "metrics.jsonl").open())
@@ -129,7 +140,7 @@ def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
               "ppl_untrained": score(model, val)}
     if budget:  # 0: the warm-up only
         trained, curve = train(name, model, tok, dense, sparse_stages(budget, predictor_stage=trained_predictor), kd,
-                               sparse=trained_predictor)
+                               sparse=trained_predictor, sparsified=result["options"])
         stats = selection_stats(trained, val["shakespeare"][:4])
         result.update({"ppl": score(trained, val), "recall_trained": stats["recall"],
                        "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]), "curve": curve})

@@ -18,6 +18,10 @@ from upcycle.train.sparsify import convert_layerwise, warm_up_predictors
 
 @dataclass
 class SparsifyCommandConfig(SparsifyConfig):
+    # the verb runs the whole pipeline: the conversion is what makes the sparse model close to dense
+    # (the Python transform keeps 0, so that it needs no calibration text unless asked)
+    convert_steps: int = option(60, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
+                                "and weights) to the dense FFN's output, bottom up (0: none)")
     progress: bool = option(True, "progress bars")
     overwrite: bool = option(False, "replace a non-empty OUT")
     trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")

@@ -48,9 +48,10 @@ class SparsifyConfig(Config):
     seq_len: int = option(256, "length of the calibration blocks")
     convert_steps: int = option(0, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
                                 "and weights) to the dense FFN's output, bottom up (0: none)")
-    convert_rows: int = option(2048, "layer-wise conversion: rows per step")
+    convert_rows: int = option(1024, "layer-wise conversion: rows per step")
     convert_lr: float = option(1e-3, "layer-wise conversion: predictor learning rate")
-    convert_ffn_lr_scale: float = option(0.1, "layer-wise conversion: FFN weights' learning rate / the predictor's")
+    convert_ffn_lr_scale: float = option(1.0, "layer-wise conversion: FFN weights' learning rate / the predictor's "
+                                         "(1.0 measured best for the shadow: benchmarks/sparsify_quality.py)")
     layers: list[int] | None = option(None, "comma-separated layer indices (default: all)")
     permute: bool = option(False, "co-activation clustering of channels before banking")
     pad: bool = option(False, "pad the FFN width with zero channels to a multiple of BANK")
