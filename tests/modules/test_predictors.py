@@ -112,7 +112,7 @@ def test_shadow_fast_path_equals_the_reference(shape, rows, keep, bits):
         got = kernels.run_kernel(ffn, x)
         with kernels.disabled():
             want = ffn(x)
-    readable = bits <= 4 and group % 8 == 0 and bank % 16 == 0
+    readable = bits <= 4 and group % (16 if bits == 2 else 8) == 0 and bank % 16 == 0  # a run: 32 / stored bits
     assert (kernels.plan_for(ffn).shadow is not None) == readable
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
@@ -137,6 +137,8 @@ def test_the_shadow_bytes_are_counted():
     assert per_layer == 995_328
     dense, kept = 3 * hidden * width * 4, 3 * hidden * width * 4 / 4
     assert ffn_limit(hidden, width, sparsity) == pytest.approx(dense / (kept + per_layer))
+    two_bit = BankSparsity(64, 16, predictor="shadow", bits=2, group=64)
+    assert ffn_limit(hidden, width, two_bit) == pytest.approx(dense / (kept + 2 * width * (hidden // 4 + 4 * hidden // 64)))
     sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", ffn=128), BankSparsity(32, 8, predictor="shadow",
                                                                                          group=16), [0, 1])
     assert weight_bytes(sparse)["predictor"] == 2 * 2 * 128 * (64 // 2 + 4 * 64 // 16)
@@ -156,6 +158,14 @@ def test_nibble_packing_against_a_hand_worked_block():
     assert packed[0, 1, 4:8].tolist() == [9 | 6 << 4] * 4
     zero = 8 | 8 << 4  # every other byte holds two zero codes
     assert packed[0, 0, 4:].tolist() == [zero] * 60 and packed[0, 1, :4].tolist() == [zero] * 4
+    # 2-bit codes, four to a byte: one run covers 16 inputs, field f of byte 4c + k holds input 4f + k
+    two = torch.zeros(16, 16, dtype=torch.int8)
+    two[2] = torch.tensor([-1, 0, 1, 0] * 2 + [1, 1, -1, -1] * 2)
+    packed2 = pack_shadow(two, bits=2)
+    assert packed2.shape == (1, 1, 64)
+    assert packed2[0, 0, 8:12].tolist() == [1 | 1 << 2 | 3 << 4 | 3 << 6, 2 | 2 << 2 | 3 << 4 | 3 << 6,
+                                            3 | 3 << 2 | 1 << 4 | 1 << 6, 2 | 2 << 2 | 1 << 4 | 1 << 6]
+    assert packed2[0, 0, :4].tolist() == [2 | 2 << 2 | 2 << 4 | 2 << 6] * 4  # channel 0: all zero codes
     scales = torch.arange(32.0).reshape(16, 2)  # channel c, group g -> 2c + g
     assert pack_shadow_scales(scales)[0, 1].tolist() == [2 * c + 1 for c in range(16)]
 

@@ -97,6 +97,7 @@ class KernelPlan:
             codes, scales, group = self.shadow
             self.struct.shadow_codes, self.struct.shadow_scales, self.struct.shadow_group = (
                 codes.data_ptr(), scales.data_ptr(), group)
+            self.struct.shadow_bits = _stored_bits(codes, self.packed)
         self.ref = ctypes.byref(self.struct)
         self.hidden = gate.shape[1]
 
@@ -111,14 +112,23 @@ class KernelPlan:
 SHADOW_LANES = 16  # channels the kernel scores at once (one fp32 vector)
 
 
-def pack_shadow(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [I, H] in [-8, 7] -> uint8 [I/16, H/8, 64] as the kernel reads them: per block of 16
-    channels and run o of 8 inputs, byte 4c + k holds channel c's input 8o + k (low nibble) and input
-    8o + 4 + k (high nibble), each as code + 8."""
+def container_bits(bits: int) -> int:
+    """The width the kernel stores a `bits`-bit shadow code in: 2 bits as 2, 3 and 4 bits as 4."""
+    return 2 if bits == 2 else 4
+
+
+def pack_shadow(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
+    """int8 codes [I, H] in [-2^(B-1), 2^(B-1) - 1] (B = `bits`, 4 or 2: the container) -> uint8
+    [I/16, H B/32, 64] as the kernel reads them: per block of 16 channels and run o of R = 32/B inputs,
+    byte 4c + k holds channel c's input R o + 4f + k in its B-bit field f, each as code + 2^(B-1)."""
     width, hidden = codes.shape
-    biased = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(width // SHADOW_LANES, SHADOW_LANES, hidden // 8, 2, 4)
-    runs = biased[..., 0, :] | (biased[..., 1, :] << 4)  # [blocks, channel, run, 4]
-    return runs.permute(0, 2, 1, 3).reshape(width // SHADOW_LANES, hidden // 8, 4 * SHADOW_LANES).contiguous()
+    fields = 8 // bits
+    biased = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    biased = biased.reshape(width // SHADOW_LANES, SHADOW_LANES, hidden // (4 * fields), fields, 4)
+    runs = biased[..., 0, :].clone()  # [blocks, channel, run, 4]
+    for f in range(1, fields):
+        runs |= biased[..., f, :] << (f * bits)
+    return runs.permute(0, 2, 1, 3).reshape(width // SHADOW_LANES, -1, 4 * SHADOW_LANES).contiguous()
 
 
 def pack_shadow_scales(scales: torch.Tensor) -> torch.Tensor:
@@ -128,17 +138,25 @@ def pack_shadow_scales(scales: torch.Tensor) -> torch.Tensor:
 
 
 def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
-    """A shadow predictor's copies as the kernel reads them (codes [I/16, 2, H/8, 64], scales
-    [I/16, 2, H/G, 16]), or None where it cannot (more than 4 bits, a group that is not a multiple of 8,
-    a bank that is not a multiple of 16 channels): then the logits are computed in PyTorch."""
+    """A shadow predictor's copies as the kernel reads them (codes [I/16, 2, H B/32, 64], scales
+    [I/16, 2, H/G, 16]), or None where it cannot (more than 4 bits, a group that is not a multiple of a
+    run, a bank that is not a multiple of 16 channels): then the logits are computed in PyTorch."""
     shadow = module.predictor
     hidden = module.gate_proj.weight.shape[1]
-    if shadow.bits > 4 or shadow.group % 8 or hidden % shadow.group or module.sparsity.bank % SHADOW_LANES:
+    if shadow.bits > 4 or shadow.group % (32 // container_bits(shadow.bits)) or hidden % shadow.group \
+            or module.sparsity.bank % SHADOW_LANES:
         return None
     shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
-    codes = torch.stack([pack_shadow(c) for c in shadow.codes], dim=1).contiguous()
+    bits = container_bits(shadow.bits)
+    codes = torch.stack([pack_shadow(c, bits) for c in shadow.codes], dim=1).contiguous()
     scales = torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1).contiguous()
     return codes, scales, shadow.group
+
+
+def _stored_bits(codes: torch.Tensor, packed: torch.Tensor) -> int:
+    """4 or 2: read off the packed codes' size (2 copies of I x H codes)."""
+    width, _, hidden = packed.shape
+    return 8 * codes.numel() // (2 * width * hidden)
 
 
 def plan_for(module) -> KernelPlan:
@@ -217,6 +235,7 @@ def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, codes: torch.
     """upcycle::bank_sparse_ffn_shadow where the C++ registration cannot be built."""
     weights = _ffn_struct(packed)
     weights.shadow_codes, weights.shadow_scales, weights.shadow_group = codes.data_ptr(), scales.data_ptr(), group
+    weights.shadow_bits = _stored_bits(codes, packed)
     return _launch(ctypes.byref(weights), x, None, bank, keep, gate)
 
 

@@ -13,8 +13,8 @@
 // Threads split the banks; each accumulates into its own output rows, summed at the end.
 //
 // The logits z come from the caller, from a low-rank predictor (z = (x A) B + c) or from a shadow: the
-// FFN's own activation |silu(x̂ . Ĝ[j]) * (x̂ . Û[j])| from 4-bit copies of its gate and up rows (one fp32
-// scale per group of inputs), read at an eighth of the fp32 bytes, against x̂, the token quantized to 8
+// FFN's own activation |silu(x̂ . Ĝ[j]) * (x̂ . Û[j])| from 2- or 4-bit copies of its gate and up rows (one
+// fp32 scale per group of inputs), read at a sixteenth or an eighth of the fp32 bytes, against x̂, the token quantized to 8
 // bits per group, so that the group dots are integer dot products (AVX-512 VNNI: 64 per instruction),
 // computed 16 channels at a time (see shadow_block for the layout).
 //
@@ -95,16 +95,16 @@ inline void down_axpys(const float* __restrict d, float* const* acc, const float
 }
 
 // One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127 and
-// codes xq = round(x / sx) in [-127, 127] (x̂ = xq * sx), and the group's bias -8 * sx * (sum of its
-// codes), which takes the +8 of the stored weight codes back out.
+// codes xq = round(x / sx) in [-127, 127] (x̂ = xq * sx), and sx * (sum of the group's codes), which
+// takes the bias of the stored weight codes back out.
 struct ShadowInput {
     std::vector<int8_t> xq;
-    std::vector<float> sx, bias;
+    std::vector<float> sx, sx_sum;
 };
 
 void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
     const int64_t ng = H / G;
-    in.xq.resize(H), in.sx.resize(ng), in.bias.resize(ng);
+    in.xq.resize(H), in.sx.resize(ng), in.sx_sum.resize(ng);
     for (int64_t g = 0; g < ng; ++g) {
         float m = 0.f;
         for (int64_t k = 0; k < G; ++k) m = std::max(m, std::fabs(x[g * G + k]));
@@ -115,16 +115,17 @@ void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
             in.xq[g * G + k] = static_cast<int8_t>(q);
             qs += static_cast<int32_t>(q);
         }
-        in.sx[g] = sx, in.bias[g] = -8.f * sx * static_cast<float>(qs);
+        in.sx[g] = sx, in.sx_sum[g] = sx * static_cast<float>(qs);
     }
 }
 
-// The shadow is read 16 channels at a time (one fp32 vector of results, no horizontal sums). A block of
-// 16 channels holds, per matrix (gate, then up), H/8 runs of 64 bytes, run o covering inputs 8o..8o+7:
-// byte 4c + k is channel c's input 8o + k (low nibble) and input 8o + 4 + k (high nibble), each as
-// code + 8; then the scales, per matrix and group the 16 channels' scales side by side. So one load and
-// two masks give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8 inputs,
-// broadcast) adds them into 16 lanes: the codes are unpacked once for all the tokens of a batch.
+// The shadow is read 16 channels at a time (one fp32 vector of results, no horizontal sums). Codes are
+// stored in BITS-bit fields (4: codes of 3 or 4 bits; 2: codes of 2 bits), each as code + 2^(BITS-1),
+// 8 / BITS to a byte. A block of 16 channels holds, per matrix (gate, then up), runs of 64 bytes, run o
+// covering R = 32 / BITS inputs: byte 4c + k holds channel c's inputs R o + 4p + k in its field p. Then
+// the scales, per matrix and group the 16 channels' scales side by side. So one load and a shift and a
+// mask per field give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8
+// inputs, broadcast) adds them into 16 lanes: the codes are unpacked once for up to 4 tokens.
 constexpr int64_t SHADOW_LANES = 16;
 
 inline int32_t four_codes(const int8_t* p) {
@@ -135,17 +136,19 @@ inline int32_t four_codes(const int8_t* p) {
 
 // Gate and up pre-activations (as the shadow sees them) of one block of 16 channels for N tokens:
 // gate[k * 16 + c], up[k * 16 + c].
-template <int N>
+template <int N, int BITS>
 void shadow_block(const uint8_t* __restrict codes, const float* __restrict scales, const ShadowInput* const* in,
                   int64_t H, int64_t G, float* gate, float* up) {
-    const int64_t ng = H / G, runs = G / 8;
-    const uint8_t* up_codes = codes + (H / 8) * 64;
+    constexpr int FIELDS = 8 / BITS, RUN = 4 * FIELDS;
+    const float offset = static_cast<float>(1 << (BITS - 1));
+    const int64_t ng = H / G, runs = G / RUN;
+    const uint8_t* up_codes = codes + (H / RUN) * 64;
     const float* up_scales = scales + ng * SHADOW_LANES;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    // a single token splits each sum in two (low and high nibbles) so the dot products do not all wait
-    // on one another; with several tokens, the tokens are the independent chains
+    // a single token splits each sum in two so the dot products do not all wait on one another; with
+    // several tokens, the tokens are the independent chains
     constexpr int S = N == 1 ? 2 : 1;
-    const __m512i low = _mm512_set1_epi8(15);
+    const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
     __m512 fg[N], fu[N];
     for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
     for (int64_t g = 0; g < ng; ++g) {
@@ -154,20 +157,19 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
             for (int s = 0; s < S; ++s) ig[k][s] = iu[k][s] = _mm512_setzero_si512();
         for (int64_t o = g * runs; o < (g + 1) * runs; ++o) {
             const __m512i vg = _mm512_loadu_si512(codes + o * 64), vu = _mm512_loadu_si512(up_codes + o * 64);
-            const __m512i glo = _mm512_and_si512(vg, low), ghi = _mm512_and_si512(_mm512_srli_epi16(vg, 4), low);
-            const __m512i ulo = _mm512_and_si512(vu, low), uhi = _mm512_and_si512(_mm512_srli_epi16(vu, 4), low);
-            for (int k = 0; k < N; ++k) {
-                const int8_t* x = in[k]->xq.data() + 8 * o;
-                const __m512i xa = _mm512_set1_epi32(four_codes(x)), xb = _mm512_set1_epi32(four_codes(x + 4));
-                ig[k][0] = _mm512_dpbusd_epi32(ig[k][0], glo, xa);
-                ig[k][S - 1] = _mm512_dpbusd_epi32(ig[k][S - 1], ghi, xb);
-                iu[k][0] = _mm512_dpbusd_epi32(iu[k][0], ulo, xa);
-                iu[k][S - 1] = _mm512_dpbusd_epi32(iu[k][S - 1], uhi, xb);
+            for (int f = 0; f < FIELDS; ++f) {
+                const __m512i cg = _mm512_and_si512(f ? _mm512_srli_epi16(vg, f * BITS) : vg, mask);
+                const __m512i cu = _mm512_and_si512(f ? _mm512_srli_epi16(vu, f * BITS) : vu, mask);
+                for (int k = 0; k < N; ++k) {
+                    const __m512i xv = _mm512_set1_epi32(four_codes(in[k]->xq.data() + RUN * o + 4 * f));
+                    ig[k][f % S] = _mm512_dpbusd_epi32(ig[k][f % S], cg, xv);
+                    iu[k][f % S] = _mm512_dpbusd_epi32(iu[k][f % S], cu, xv);
+                }
             }
         }
         const __m512 sg = _mm512_loadu_ps(scales + g * SHADOW_LANES), su = _mm512_loadu_ps(up_scales + g * SHADOW_LANES);
         for (int k = 0; k < N; ++k) {
-            const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(in[k]->bias[g]);
+            const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(-offset * in[k]->sx_sum[g]);
             __m512i dg = ig[k][0], du = iu[k][0];
             if (S == 2) dg = _mm512_add_epi32(dg, ig[k][1]), du = _mm512_add_epi32(du, iu[k][1]);
             fg[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), sx, bias), sg, fg[k]);
@@ -188,11 +190,13 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
                 for (int64_t g = 0; g < ng; ++g) {
                     int32_t dots = 0;
                     for (int64_t o = g * runs; o < (g + 1) * runs; ++o)
-                        for (int q = 0; q < 4; ++q) {
-                            const uint8_t b = cm[o * 64 + 4 * c + q];
-                            dots += (b & 15) * in[k]->xq[8 * o + q] + (b >> 4) * in[k]->xq[8 * o + 4 + q];
-                        }
-                    total += sm[g * SHADOW_LANES + c] * (static_cast<float>(dots) * in[k]->sx[g] + in[k]->bias[g]);
+                        for (int f = 0; f < FIELDS; ++f)
+                            for (int q = 0; q < 4; ++q) {
+                                const int code = (cm[o * 64 + 4 * c + q] >> (f * BITS)) & ((1 << BITS) - 1);
+                                dots += code * in[k]->xq[RUN * o + 4 * f + q];
+                            }
+                    total += sm[g * SHADOW_LANES + c] *
+                             (static_cast<float>(dots) * in[k]->sx[g] - offset * in[k]->sx_sum[g]);
                 }
                 (m == 0 ? gate : up)[k * SHADOW_LANES + c] = total;
             }
@@ -204,9 +208,10 @@ inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 // The shadow logits |silu(gate) * up| of channels [c0, c1) (whole 16-channel blocks) for all T tokens
 // into z [T, I], four tokens at a time: each block's codes come from memory once (from L1 for the next
 // four tokens).
+template <int BITS>
 void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t G, int64_t I,
                    const ShadowInput* tokens, int64_t T, int64_t c0, int64_t c1, float* z) {
-    const int64_t block_bytes = 2 * (H / 8) * 64, block_scales = 2 * (H / G) * SHADOW_LANES;
+    const int64_t block_bytes = 2 * H * SHADOW_LANES * BITS / 8, block_scales = 2 * (H / G) * SHADOW_LANES;
     float gate[4 * SHADOW_LANES], up[4 * SHADOW_LANES];
     const ShadowInput* in[4];
     for (int64_t c = c0; c < c1; c += SHADOW_LANES) {
@@ -215,10 +220,10 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
             const int n = static_cast<int>(std::min<int64_t>(4, T - t0));
             for (int k = 0; k < n; ++k) in[k] = tokens + t0 + k;
-            if (n == 4) shadow_block<4>(cb, sb, in, H, G, gate, up);
-            else if (n == 3) shadow_block<3>(cb, sb, in, H, G, gate, up);
-            else if (n == 2) shadow_block<2>(cb, sb, in, H, G, gate, up);
-            else shadow_block<1>(cb, sb, in, H, G, gate, up);
+            if (n == 4) shadow_block<4, BITS>(cb, sb, in, H, G, gate, up);
+            else if (n == 3) shadow_block<3, BITS>(cb, sb, in, H, G, gate, up);
+            else if (n == 2) shadow_block<2, BITS>(cb, sb, in, H, G, gate, up);
+            else shadow_block<1, BITS>(cb, sb, in, H, G, gate, up);
             for (int k = 0; k < n; ++k)
                 for (int64_t l = 0; l < SHADOW_LANES; ++l)
                     z[(t0 + k) * I + c + l] = std::fabs(silu(gate[k * SHADOW_LANES + l]) * up[k * SHADOW_LANES + l]);
@@ -295,7 +300,7 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 4; }
+int upcycle_kernels_abi_version() { return 5; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -309,9 +314,10 @@ struct FFNWeights {
     int64_t stride;
     int64_t hidden;
     int64_t width;
-    const uint8_t* shadow_codes;  // [I/16, 2, H/8, 64] packed 4-bit codes (see shadow_block), or null
+    const uint8_t* shadow_codes;  // [I/16, 2, H * BITS / 32, 64] packed codes (see shadow_block), or null
     const float* shadow_scales;   // [I/16, 2, H/G, 16]
-    int64_t shadow_group;         // G: inputs per scale (a multiple of 8 that divides H)
+    int64_t shadow_group;         // G: inputs per scale (a multiple of 32 / BITS that divides H)
+    int64_t shadow_bits;          // BITS: 4 or 2, the width of each stored code
 };
 
 // x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
@@ -327,7 +333,8 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     const bool lowrank = pred_down != nullptr && pred_up != nullptr && r >= 1;
     if (z_in == nullptr && !lowrank && shadow == nullptr) return -2;
     if (z_in == nullptr && !lowrank &&
-        (G < 8 || G % 8 != 0 || H % G != 0 || bank % SHADOW_LANES != 0 || w->shadow_scales == nullptr))
+        (w->shadow_bits != 2 && w->shadow_bits != 4 || G % (32 / w->shadow_bits) != 0 || H % G != 0 ||
+         bank % SHADOW_LANES != 0 || w->shadow_scales == nullptr))
         return -3;
     const bool shadow_z = z_in == nullptr && !lowrank;
     const int64_t banks = I / bank;
@@ -362,7 +369,10 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         for (int64_t bi = lo; bi < hi; ++bi) {
             const int64_t b0 = bi * bank;
             if (shadow_z) {
-                shadow_logits(shadow, w->shadow_scales, H, G, I, tokens.data(), T, b0, b0 + bank, z_own.data());
+                if (w->shadow_bits == 2)
+                    shadow_logits<2>(shadow, w->shadow_scales, H, G, I, tokens.data(), T, b0, b0 + bank, z_own.data());
+                else
+                    shadow_logits<4>(shadow, w->shadow_scales, H, G, I, tokens.data(), T, b0, b0 + bank, z_own.data());
             } else if (!z_in) {
                 for (int64_t j = b0; j < b0 + bank; ++j)
                     for (int64_t t = 0; t < T; ++t)

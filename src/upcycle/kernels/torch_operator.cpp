@@ -8,7 +8,8 @@
 //
 // Schema: bank_sparse_ffn(x [T, H], packed [I, 3, H] (gate, up, down^T rows of each channel side by
 // side), pred_down [r, H], pred_up [I, r], pred_bias [I], bank, keep, gate) -> [T, H]; fp32, CPU.
-// bank_sparse_ffn_shadow(x, packed, codes [I/16, 2, H/8, 64] uint8, scales [I/16, 2, H/G, 16], group, bank, keep, gate):
+// bank_sparse_ffn_shadow(x, packed, codes [I/16, 2, H BITS/32, 64] uint8 (BITS = 4 or 2: from the size),
+// scales [I/16, 2, H/G, 16], group, bank, keep, gate):
 // the same with a shadow predictor (see bank_sparse_ffn.cpp).
 
 #include "bank_sparse_ffn.cpp"
@@ -45,8 +46,9 @@ Tensor bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up
 Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scales, int64_t group, int64_t bank,
                               int64_t keep, int64_t gate) {
     STD_TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == 3 && packed.size(2) == x.size(1) &&
-                        codes.numel() == packed.size(0) * x.size(1) && scales.numel() * group == 2 * packed.size(0) * x.size(1),
-                    "bank_sparse_ffn_shadow: x must be [T, H], packed [I, 3, H], codes I * H bytes, scales 2 I H / group");
+                        (codes.numel() == packed.size(0) * x.size(1) || 2 * codes.numel() == packed.size(0) * x.size(1)) &&
+                        scales.numel() * group == 2 * packed.size(0) * x.size(1),
+                    "bank_sparse_ffn_shadow: x must be [T, H], packed [I, 3, H], codes I H or I H / 2 bytes, scales 2 I H / group");
     STD_TORCH_CHECK(packed.is_contiguous() && codes.is_contiguous() && scales.is_contiguous(),
                     "bank_sparse_ffn_shadow: weights must be contiguous");
     if (!x.is_contiguous()) x = torch::stable::contiguous(x);
@@ -54,7 +56,8 @@ Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scal
     const int64_t hidden = packed.size(2);
     const float* base = floats(packed);
     const FFNWeights weights{nullptr, nullptr, nullptr, 0, base, base + hidden, base + 2 * hidden, 3 * hidden, hidden,
-                             packed.size(0), static_cast<const uint8_t*>(codes.data_ptr()), floats(scales), group};
+                             packed.size(0), static_cast<const uint8_t*>(codes.data_ptr()), floats(scales), group,
+                             codes.numel() == packed.size(0) * hidden ? 4 : 2};
     const int code = upcycle_bank_sparse_ffn_f32(&weights, floats(x), x.size(0), nullptr, bank, keep,
                                                  static_cast<int>(gate), static_cast<float*>(out.data_ptr()));
     STD_TORCH_CHECK(code == 0, "bank-sparse kernel rejected its arguments (code ", code, ")");

@@ -150,9 +150,10 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 def shadow_bytes(width: int, hidden: int, bits: int, group: int) -> int:
-    """Bytes a decoding step reads of a shadow predictor: both copies packed (codes of up to 4 bits two
-    to a byte, wider ones a byte each) and one fp32 scale per group."""
-    code_bytes = hidden // 2 if bits <= 4 else hidden
+    """Bytes a decoding step reads of a shadow predictor: both copies packed as the kernel stores them
+    (2-bit codes four to a byte, 3- and 4-bit ones two, wider ones a byte each) and one fp32 scale per
+    group."""
+    code_bytes = hidden // 4 if bits == 2 else hidden // 2 if bits <= 4 else hidden
     return 2 * width * (code_bytes + 4 * (hidden // group))
 
 
