@@ -35,7 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "predictor_pareto.json"
 SEQ = 256
 BASE = dict(bank=64, keep=16, calibration="shakespeare+pystdlib", calibration_tokens=16384, seq_len=SEQ)
-CONVERT = dict(convert_steps=60, convert_rows=1024, convert_lr=1e-3)
+CONVERT = dict(convert_steps=60, convert_rows=1024, convert_lr=1e-3, convert_ffn_lr_scale=1.0)
 SETTINGS = {  # name -> sparsify options
     "lowrank64": dict(predictor="lowrank", rank=64),
     "lowrank64+convert": dict(predictor="lowrank", rank=64, **CONVERT),
