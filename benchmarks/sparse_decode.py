@@ -18,7 +18,7 @@ Every ratio comes from timings taken in one process, alternating dense and spars
 Result: benchmarks/results/sparse_decode.json and sparse_decode.png (sparse_decode_lowrank.* for
 --predictor lowrank).
 
-    python benchmarks/sparse_decode.py [--predictor shadow|lowrank] [--repeats 7] [--new-tokens 128]
+    python benchmarks/sparse_decode.py [--predictor shadow|lowrank] [--repeats 7] [--ffn-repeats 11] [--new-tokens 128]
 """
 
 from __future__ import annotations
@@ -74,7 +74,9 @@ def plot(result: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=7, help="decoding runs per model and setting")
+    parser.add_argument("--ffn-repeats", type=int, default=11,
+                        help="FFN-layer samples per row (each ~0.2 s of calls; this machine's timings are noisy)")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--predictor", choices=sorted(PREDICTORS), default="shadow")
     args = parser.parse_args()
@@ -85,7 +87,7 @@ def main() -> None:
     threads = torch.get_num_threads()
 
     shapes = {"smollm2": (576, 1536), "qwen7b": speed.QWEN7B_FFN}
-    ffn = speed.ffn_microbench(shapes, (1, 4, 16), sparsity, repeats=args.repeats)
+    ffn = speed.ffn_microbench(shapes, (1, 4, 16), sparsity, repeats=args.ffn_repeats, target_seconds=0.2)
 
     model, tokenizer = hub.load("smollm2-135m")
     dense, sparse = sparse_and_dense(model, tokenizer, sparsity, warmup_steps=100)
@@ -110,7 +112,7 @@ def main() -> None:
         "sparsity": sparsity.to_dict(),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
                     "torch": torch.__version__, "operator": kernels.operator_kind()},
-        "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor}",
+        "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor} --repeats {args.repeats}",
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
