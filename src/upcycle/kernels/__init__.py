@@ -148,8 +148,9 @@ def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
         return None
     shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
     bits = container_bits(shadow.bits)
-    codes = torch.stack([pack_shadow(c, bits) for c in shadow.codes], dim=1).contiguous()
-    scales = torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1).contiguous()
+    # on huge pages like the packed weights: at 7B the codes are 76 MB streamed every token
+    codes = huge_page_copy(torch.stack([pack_shadow(c, bits) for c in shadow.codes], dim=1))
+    scales = huge_page_copy(torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1))
     return codes, scales, shadow.group
 
 
