@@ -143,11 +143,10 @@ def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     run, a bank that is not a multiple of 16 channels): then the logits are computed in PyTorch."""
     shadow = module.predictor
     hidden = module.gate_proj.weight.shape[1]
-    if shadow.bits > 4 or shadow.group % (32 // container_bits(shadow.bits)) or hidden % shadow.group \
-            or module.sparsity.bank % SHADOW_LANES:
+    bits = container_bits(shadow.bits)
+    if shadow.bits > 4 or shadow.group % (32 // bits) or hidden % shadow.group or module.sparsity.bank % SHADOW_LANES:
         return None
     shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
-    bits = container_bits(shadow.bits)
     # on huge pages like the packed weights: at 7B the codes are 76 MB streamed every token
     codes = huge_page_copy(torch.stack([pack_shadow(c, bits) for c in shadow.codes], dim=1))
     scales = huge_page_copy(torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1))

@@ -58,6 +58,11 @@ def run_blocks(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bo
         model.train(was_training)
 
 
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """A module input as the calibration caches keep it: (tokens, features), fp32, CPU."""
+    return x.reshape(-1, x.shape[-1]).float().cpu()
+
+
 def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False,
                   stop: bool = False) -> dict:
     """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU.
@@ -65,7 +70,7 @@ def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int
     cache: dict = {key: [] for key in modules}
 
     def keep(key, module, args):
-        cache[key].append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+        cache[key].append(_rows(args[0]))
         if stop:
             raise StopForward
 
@@ -118,7 +123,7 @@ class LayerStream:
         rows = []
 
         def keep(key, m, args):
-            rows.append(args[0].reshape(-1, args[0].shape[-1]).float().cpu())
+            rows.append(_rows(args[0]))
             raise StopForward
 
         with self._eval() as layer, hooked({0: module}, pre=keep):

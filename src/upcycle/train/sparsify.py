@@ -99,15 +99,15 @@ def _dense_outputs(dense_ffn: torch.nn.Module, rows: torch.Tensor, chunk: int = 
 
 def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report) -> None:
     """Layer by layer, bottom up: take the rows the layer's FFN sees in the sparse model as converted so
-    far (the layers below already fitted; carried up one layer at a time, ops.calibrate.LayerStream), and fit its predictor and FFN weights so that its output
-    reproduces the dense model's FFN of that layer on those rows (`convert_steps` steps of
-    `convert_rows` rows). The relative output error on held-out rows, before and after, goes into the
-    report (`convert_error_before`, `convert_error_after`)."""
+    far (the layers below already fitted; carried up one layer at a time, ops.calibrate.LayerStream),
+    and fit its predictor and FFN weights so that its output reproduces the dense model's FFN of that
+    layer on those rows (`convert_steps` steps of `convert_rows` rows). The relative output error on
+    held-out rows, before and after, goes into the report (`convert_error_before`, `convert_error_after`)."""
     sparse_adapter, dense_adapter = adapter_for(sparse), adapter_for(dense)
     generator = torch.Generator().manual_seed(config.seed)
     fit_stream, held_stream = LayerStream(sparse, fit_blocks), LayerStream(sparse, held_blocks)
-    converting = set(report.layers)
-    bar = tqdm(range(max(converting) + 1), desc="layer-wise conversion", disable=not config.progress, leave=False)
+    converting, top = set(report.layers), max(report.layers)
+    bar = tqdm(range(top + 1), desc="layer-wise conversion", disable=not config.progress, leave=False)
     for i in bar:
         if i in converting:
             ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
@@ -121,7 +121,7 @@ def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torc
             ffn.router_inputs = None
             report.convert_error_after.append(relative_error(ffn, held, held_targets))
             bar.set_postfix(layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}")
-        if i < max(converting):  # the layer as converted feeds the next one
+        if i < top:  # the layer as converted feeds the next one
             fit_stream.advance(), held_stream.advance()
     sparse.eval()
 
