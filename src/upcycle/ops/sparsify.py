@@ -105,7 +105,8 @@ class SparsifyReport:
 
 def sparse_layers(model, config: SparsifyConfig) -> list[int]:
     """The layers to make sparse (default: all), each checked to hold a dense SwiGLU FFN whose width
-    the bank divides (unless the config pads it)."""
+    the bank divides (unless the config pads it), and the shadow's group checked against the hidden
+    size: all before any calibration runs."""
     adapter = adapter_for(model)  # UnsupportedArchitecture for a family upcycle does not know
     layers = sorted(set(config.layers)) if config.layers is not None else list(range(adapter.num_layers))
     for i in layers:
@@ -114,6 +115,7 @@ def sparse_layers(model, config: SparsifyConfig) -> list[int]:
             raise ConfigError(f"sparsify needs a dense SwiGLU FFN: layer {i}'s FFN is {adapter.ffn_kind(i)}")
         if not config.pad:
             config.sparsity.check_width(adapter.ffn_weights(i).width)
+    config.sparsity.check_hidden(adapter.hidden_size)
     return layers
 
 
