@@ -62,6 +62,8 @@ class Adapter:
         "num_layers": "num_hidden_layers",
         "ffn_size": "intermediate_size",
         "vocab_size": "vocab_size",
+        "head_dim": "head_dim",
+        "norm_eps": "rms_norm_eps",
     }
 
     def __init__(self, model: nn.Module):
@@ -196,6 +198,123 @@ class Adapter:
         if not 0 <= e < n:
             raise ConfigError(f"expert={e} is out of range: layer {i} has {n} experts")
 
+    def experts(self, i: int) -> SwiGLUWeights:
+        """All routed experts of layer i stacked: gate, up (E, F, H) and down (E, H, F) (views of the
+        fused parameters)."""
+        experts = self._moe(i).experts
+        gate, up = experts.gate_up_proj.chunk(2, dim=1)
+        return SwiGLUWeights(gate, up, experts.down_proj)
+
+    def set_experts(self, i: int, weights: SwiGLUWeights) -> None:
+        """Replace layer i's routed experts with stacked gate, up (E, F, H) and down (E, H, F); the
+        number of experts and their width may change (set the config to match: set_config)."""
+        experts = self._moe(i).experts
+        gate_up = torch.cat([weights.gate, weights.up], dim=1).detach()
+        for name, value in (("gate_up_proj", gate_up), ("down_proj", weights.down.detach())):
+            old = getattr(experts, name)
+            if old.shape == value.shape:
+                with torch.no_grad():
+                    old.copy_(value)
+            else:
+                setattr(experts, name, nn.Parameter(value.clone().to(old.dtype)))
+
+    def set_router(self, i: int, weight: torch.Tensor) -> None:
+        """Replace layer i's router weight (E, H); E may change (set the config to match)."""
+        router = self.router(i)
+        with torch.no_grad():
+            if router.weight.shape == weight.shape:
+                router.weight.copy_(weight)
+            else:
+                router.weight = nn.Parameter(weight.detach().clone().to(router.weight.dtype))
+
+    def shared_expert_gate(self, i: int) -> nn.Linear | None:
+        """The (1, H) linear whose sigmoid scales the shared expert (Qwen2-MoE), if there is one."""
+        return getattr(self._moe(i), "shared_expert_gate", None)
+
+    def residual_writers(self, i: int) -> list[torch.Tensor]:
+        """Every parameter through which layer i adds to the residual stream: the attention output
+        projection (and its bias) and the FFN's down projections (dense, routed, shared). Zeroing
+        them makes the layer an identity."""
+        o = self.attention(i)["o"]
+        writers = [o.weight] + ([o.bias] if o.bias is not None else [])
+        kind = self.ffn_kind(i)
+        if kind == "dense":
+            writers.append(self.ffn_weights(i).down)
+        elif kind == "moe":
+            writers.append(self._moe(i).experts.down_proj)
+            shared = self.shared_expert(i)
+            if shared is not None:
+                writers.append(shared.down)
+        else:
+            raise ConfigError(f"layer {i}'s FFN is {kind}: upcycle cannot say where it writes")
+        return writers
+
+    def set_layers(self, layers: list[nn.Module], origin: list[int]) -> None:
+        """Make `layers` the decoder stack; origin[j] is the index (in the current stack) of the layer
+        that new layer j was made from, so per-layer config lists (attention types, dense-only
+        layers) follow their layers. Renumbers each layer's KV-cache slot."""
+        config = self.config
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[o] for o in origin]
+        if getattr(config, "mlp_only_layers", None):
+            config.mlp_only_layers = [j for j, o in enumerate(origin) if o in set(config.mlp_only_layers)]
+        for j, layer in enumerate(layers):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = j
+        self.model.model.layers = nn.ModuleList(layers)
+        setattr(config, self._key("num_layers"), len(layers))
+        if getattr(config, "max_window_layers", None) is not None:
+            config.max_window_layers = min(config.max_window_layers, len(layers))
+
+    def hidden_parameters(self) -> dict[str, tuple[int, str]]:
+        """Every parameter with an axis of the hidden size: name -> (axis, role), role one of
+        'embedding' (a row per token, read into the residual stream), 'writes' (produces a
+        residual-stream vector), 'reads' (consumes a normed one) and 'norm' (a per-channel scale).
+        A tied LM head appears once, as the embedding."""
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        roles: dict[str, tuple[int, str]] = {}
+
+        def add(param, axis, role):
+            if param is not None and id(param) in names and names[id(param)] not in roles:
+                roles[names[id(param)]] = (axis, role)
+
+        add(self.embedding().weight, 1, "embedding")
+        add(self.lm_head().weight, 1, "reads")
+        add(self.final_norm().weight, 0, "norm")
+        for i in range(self.num_layers):
+            for norm in self.norms(i).values():
+                add(norm.weight, 0, "norm")
+            for name, proj in self.attention(i).items():
+                if name == "o":
+                    add(proj.weight, 0, "writes")
+                    add(proj.bias, 0, "writes")
+                else:
+                    add(proj.weight, 1, "reads")
+            kind = self.ffn_kind(i)
+            if kind == "dense":
+                w = self.ffn_weights(i)
+                add(w.gate, 1, "reads"), add(w.up, 1, "reads"), add(w.down, 0, "writes")
+            elif kind == "moe":
+                block = self._moe(i)
+                add(block.gate.weight, 1, "reads")
+                add(block.experts.gate_up_proj, 2, "reads")
+                add(block.experts.down_proj, 1, "writes")
+                shared = self.shared_expert(i)
+                if shared is not None:
+                    add(shared.gate, 1, "reads"), add(shared.up, 1, "reads"), add(shared.down, 0, "writes")
+                gate = self.shared_expert_gate(i)
+                if gate is not None:
+                    add(gate.weight, 1, "reads")
+            else:
+                raise ConfigError(f"layer {i}'s FFN is {kind}: upcycle cannot resize it")
+        unknown = [n for n, p in self.model.named_parameters() if n not in roles and self.hidden_size in p.shape
+                   and not n.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias",
+                                       "v_proj.bias"))]
+        if unknown:
+            raise ConfigError(f"{self.family}: upcycle does not know the hidden axis of {unknown[0]}")
+        return roles
+
     # ---- configuration -----------------------------------------------------------------------
     def get_config(self, name: str):
         return getattr(self.config, self._key(name))
@@ -228,10 +347,27 @@ class Adapter:
                               f"choose from {', '.join(sorted(self.config_keys))}")
         return self.config_keys[name]
 
+    def rebuilt(self, config, changes: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+        """A new model of this class from `config` (a copy the caller owns) with canonical `changes`
+        applied, holding the tensors of `state_dict` themselves (no copy: a resized model is built
+        without a second copy of its weights in memory)."""
+        from transformers.initialization import no_init_weights
+
+        for name, value in changes.items():
+            setattr(config, self._key(name), value)
+        with no_init_weights():  # untouched uninitialised memory costs nothing until it is replaced
+            fresh = type(self.model)(config)
+        fresh.load_state_dict(state_dict, strict=True, assign=True)
+        fresh.tie_weights()
+        return fresh.to(next(self.model.parameters()).dtype).eval()
+
     def rebuild(self, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A fresh model of the same class built from the current config, holding `state_dict`
         (default: this model's). Proves that the config describes the weights."""
-        fresh = type(self.model)(self.config)
+        from transformers.initialization import no_init_weights
+
+        with no_init_weights():  # every parameter is loaded next: drawing them first is wasted time
+            fresh = type(self.model)(self.config)
         fresh.load_state_dict(state_dict if state_dict is not None else self.model.state_dict(), strict=True)
         return fresh.to(next(self.model.parameters()).dtype).eval()
 

@@ -49,7 +49,7 @@ class Mixtral(Adapter):
 
     family, model_types = "mixtral", ("mixtral",)
     config_keys = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "vocab_size": "vocab_size",
-                   "num_experts": "num_local_experts", "top_k": "num_experts_per_tok",
+                   "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "num_experts": "num_local_experts", "top_k": "num_experts_per_tok",
                    "expert_ffn_size": "intermediate_size"}
 
 

@@ -41,3 +41,96 @@ def llama_as_qwen2(model) -> Qwen2ForCausalLM:
                 param.zero_()
     qwen.tie_weights()
     return qwen.eval()
+
+
+# ---- a dense model as a stock mixture of experts -----------------------------------------------------
+
+# the MoE families a dense family's layers can be written into with the same attention: Qwen2-MoE has
+# q/k/v biases (zero when the source has none) and no output bias; Mixtral has no attention biases;
+# Qwen3's q/k norms exist only in Qwen3-MoE
+MOE_TARGETS = {"llama": ("qwen2_moe", "mixtral"), "mistral": ("qwen2_moe", "mixtral"), "qwen2": ("qwen2_moe",),
+               "qwen3": ("qwen3_moe",)}
+# config fields that mean the same thing in every dense and MoE family here
+_COMMON_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
+                  "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int, shared_width: int | None = None,
+              normalize: bool = True):
+    """A stock `family` MoE model with `model`'s embeddings, attention, norms and LM head, and every
+    layer's FFN an MoE block of `experts` routed experts of `expert_width` (plus a shared expert of
+    `shared_width` in Qwen2-MoE) whose weights are left for the caller to write (uninitialised).
+    `normalize`: the top-k router weights renormalised to sum to one (Mixtral always does)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    source = model.config
+    allowed = MOE_TARGETS.get(source.model_type, ())
+    if family not in allowed:
+        raise UnsupportedArchitecture(
+            f"a {source.model_type} model cannot become {family}: its attention has no exact form there"
+            + (f"; choose from {', '.join(allowed)}" if allowed else " (dense → MoE needs a dense source)"))
+    if getattr(source, "mlp_bias", False):
+        raise UnsupportedArchitecture("an FFN with biases has no MoE form in the stock families")
+    head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
+    attention_bias = _attention_bias(model)
+    fields = {f: getattr(source, f) for f in _COMMON_FIELDS if hasattr(source, f)}
+    fields.update(head_dim=head_dim, num_experts_per_tok=top_k)
+    if _uses_sliding_window(source):
+        raise UnsupportedArchitecture("dense → MoE of a sliding-window model is not supported (its window would be lost)")
+    if family == "qwen2_moe":
+        if attention_bias == "output":
+            raise UnsupportedArchitecture("Qwen2-MoE has no attention output bias: this model's would be lost")
+        fields.update(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
+                      shared_expert_intermediate_size=shared_width or expert_width, norm_topk_prob=normalize,
+                      decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=attention_bias is not None,
+                      use_sliding_window=False)
+    elif family == "qwen3_moe":
+        fields.update(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
+                      norm_topk_prob=normalize, decoder_sparse_step=1, mlp_only_layers=[],
+                      attention_bias=attention_bias is not None, use_sliding_window=False)
+    else:  # mixtral
+        if attention_bias is not None:
+            raise UnsupportedArchitecture("Mixtral has no attention biases: this model's would be lost")
+        if not normalize:
+            raise UnsupportedArchitecture("Mixtral always renormalises its top-k router weights")
+        fields.update(num_local_experts=experts, intermediate_size=expert_width, sliding_window=None)
+    config = AutoConfig.for_model(family, **fields)
+    config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():  # the caller writes every FFN weight; the rest is copied below
+        target = AutoModelForCausalLM.from_config(config).to(dtype)
+    own = dict(target.named_parameters())
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp." in name:
+                continue
+            if name not in own or own[name].shape != param.shape:
+                raise UnsupportedArchitecture(f"{family}: the source parameter {name} has no place in the MoE model")
+            own.pop(name).copy_(param)
+        for name in list(own):
+            if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):  # Qwen2-MoE's biases a Llama lacks
+                own.pop(name).zero_()
+    leftover = [n for n in own if ".mlp." not in n and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if leftover:
+        raise UnsupportedArchitecture(f"{family}: {leftover[0]} has no source in the dense model")
+    target.tie_weights()
+    return target.eval()
+
+
+def _attention_bias(model) -> str | None:
+    """None (no attention biases), 'qkv' (q/k/v only) or 'output' (the output projection too)."""
+    names = [n for n, _ in model.named_parameters() if ".self_attn." in n and n.endswith(".bias")]
+    if any(".o_proj." in n for n in names):
+        return "output"
+    return "qkv" if names else None
+
+
+def _uses_sliding_window(config) -> bool:
+    window = getattr(config, "sliding_window", None)
+    if window is None or window >= config.max_position_embeddings:
+        return False
+    if config.model_type in ("qwen2", "qwen3"):
+        return bool(getattr(config, "use_sliding_window", False))
+    return True

@@ -21,6 +21,14 @@ class Equivalence:
     mean_kl: float
     top1_agreement: float
     tokens: int
+    logit_cosine: float = 1.0  # mean over positions of cos(reference logits, candidate logits)
+    loss_reference: float = 0.0  # next-token cross-entropy of each model on the blocks
+    loss_candidate: float = 0.0
+
+    @property
+    def loss_change(self) -> float:
+        """Relative change of the next-token loss, candidate vs reference."""
+        return (self.loss_candidate - self.loss_reference) / self.loss_reference if self.loss_reference else 0.0
 
     def preserved(self, logit_tol: float = 1e-3, kl_tol: float = 1e-6) -> bool:
         """True when the candidate computes the reference's function up to float error."""
@@ -47,7 +55,8 @@ def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) 
         raise ConfigError(f"blocks has shape {tuple(blocks.shape)}: expected (n, seq_len)")
     states = reference.training, candidate.training
     reference.eval(), candidate.eval()
-    max_diff, kl_sum, agree, count = 0.0, 0.0, 0, 0
+    max_diff, kl_sum, cos_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
+    loss_sums = [0.0, 0.0]
     for start in range(0, len(blocks), batch_size):
         batch = blocks[start:start + batch_size]
         ref = reference(input_ids=batch.to(_device(reference))).logits.float().cpu()
@@ -58,9 +67,16 @@ def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) 
         ref_logp, cand_logp = F.log_softmax(ref, -1), F.log_softmax(cand, -1)
         kl_sum += kl_divergence(ref_logp, cand_logp).double().sum().item()
         agree += (ref.argmax(-1) == cand.argmax(-1)).sum().item()
+        cos_sum += F.cosine_similarity(ref, cand, dim=-1).double().sum().item()
+        targets = batch[:, 1:].reshape(-1)
+        for n, logp in enumerate((ref_logp, cand_logp)):
+            loss_sums[n] += -logp[:, :-1].reshape(-1, logp.shape[-1]).gather(1, targets[:, None]).double().sum().item()
         count += ref.shape[0] * ref.shape[1]
     reference.train(states[0]), candidate.train(states[1])
-    return Equivalence(max_abs_logit=max_diff, mean_kl=max(kl_sum / count, 0.0), top1_agreement=agree / count, tokens=count)
+    predicted = max(count - len(blocks), 1)  # the last position of a block predicts nothing here
+    return Equivalence(max_abs_logit=max_diff, mean_kl=max(kl_sum / count, 0.0), top1_agreement=agree / count,
+                       tokens=count, logit_cosine=cos_sum / count, loss_reference=loss_sums[0] / predicted,
+                       loss_candidate=loss_sums[1] / predicted)
 
 
 def _device(model) -> torch.device:
