@@ -4,6 +4,7 @@ from upcycle.train.config import GroupConfig, LossTerm, StageConfig, TrainConfig
 from upcycle.train.losses import LOSSES, LossInputs, register_loss
 from upcycle.train.trainer import CALLBACKS, TRANSFORMS, Callback, Trainer, TrainingDiverged, register_callback, register_transform
 from upcycle.train import sparsify as _sparsify  # noqa: F401  registers the router loss, anneal_keep, the sparsify stage
+from upcycle.train import moe as _moe  # noqa: F401  registers the balance and router_z losses, the top_k stage
 
 __all__ = ["Trainer", "TrainConfig", "StageConfig", "LossTerm", "GroupConfig", "Callback", "LOSSES", "LossInputs",
            "register_loss", "TRANSFORMS", "register_transform", "CALLBACKS", "register_callback", "TrainingDiverged",

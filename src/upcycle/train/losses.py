@@ -24,6 +24,12 @@ class LossInputs:
     input_ids: torch.Tensor  # (B, T)
     teacher_logits: torch.Tensor | None = None
     model: torch.nn.Module | None = None
+    router_logits: tuple[torch.Tensor, ...] | None = None  # per MoE layer (tokens, experts), when a term asks
+
+
+def needs_router_logits(names) -> bool:
+    """Whether any of these loss terms reads the routers' logits (the forward then returns them)."""
+    return any(getattr(LOSSES[name], "needs_router_logits", False) for name in names)
 
 
 def register_loss(name: str):

@@ -54,17 +54,20 @@ class StepReport:
         return out
 
 
-def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks: GrowChecks | None = None):
+def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks: GrowChecks | None = None, *,
+               calibration: torch.Tensor | None = None):
     """(grown model, StepReport): the step applied to `model` (left unchanged), verified on `blocks`
-    (token ids, held-out text) when given. A step that fails its check raises GrowthNotPreserved."""
+    (token ids, held-out text) when given. A k-means router is fitted on `calibration` blocks
+    (default: `blocks`). A step that fails its check raises GrowthNotPreserved."""
     if step.op is None:
         raise ConfigError("a growth step needs op: one of moe, experts, top_k, depth, ffn_width, hidden")
     start = time.perf_counter()
     if step.op == "moe":
         inputs = None
-        if step.router == "kmeans" and blocks is not None:
+        text = calibration if calibration is not None else blocks
+        if step.router == "kmeans" and text is not None:
             layers = list(range(adapter_for(model).num_layers))
-            inputs = {i: x[:KMEANS_ROWS] for i, x in ffn_inputs(model, blocks, layers).items()}
+            inputs = {i: x[:KMEANS_ROWS] for i, x in ffn_inputs(model, text, layers).items()}
         grown, facts = to_moe(model, step, inputs)
     else:
         operator = {"experts": clone_experts, "top_k": raise_top_k, "depth": add_layers, "ffn_width": widen_ffn,
