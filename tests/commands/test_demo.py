@@ -14,3 +14,7 @@ def test_the_demo_runs_every_step_on_a_tiny_model(tmp_path, tmp_cache):
     ppl = metrics["sparsify"]["ppl"]
     assert set(ppl) == {"dense", "oracle 16/64", "sparse, converted", "dense, trained", "sparse, trained"}
     assert metrics["sparsify"]["sparse_vs_dense_trained"] == round(ppl["sparse, trained"] / ppl["dense, trained"], 3)
+    assert "Grow: dense → mixture of experts" in text
+    grow = metrics["grow"]
+    assert grow["kind"] == "exact" and grow["preservation"]["max_dlogit"] <= 1e-4 and grow["params"][1] > grow["params"][0]
+    assert (tmp_path / "demo" / "grown" / "config.json").exists()

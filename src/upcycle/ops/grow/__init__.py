@@ -17,10 +17,10 @@ import torch
 
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError
-from upcycle.ops.calibrate import ffn_inputs
+from upcycle.ops.calibrate import LayerStream
 from upcycle.ops.grow.depth import add_layers
 from upcycle.ops.grow.experts import clone_experts, raise_top_k
-from upcycle.ops.grow.moe import to_moe
+from upcycle.ops.grow.moe import distinct_routes, kmeans_rows, to_moe
 from upcycle.ops.grow.step import GrowStep
 from upcycle.ops.grow.verify import GrowChecks, GrowthNotPreserved, Preservation, preservation
 from upcycle.ops.grow.width import widen_ffn, widen_hidden
@@ -65,10 +65,8 @@ def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks
     if step.op == "moe":
         inputs = None
         text = calibration if calibration is not None else blocks
-        if step.router == "kmeans" and text is not None:
-            layers = list(range(adapter_for(model).num_layers))
-            inputs = {i: x[:KMEANS_ROWS] for i, x in ffn_inputs(model, text, layers).items()}
-        grown, facts = to_moe(model, step, inputs)
+        routers = kmeans_routers(model, step, text) if step.router == "kmeans" and text is not None else None
+        grown, facts = to_moe(model, step, routers)
     else:
         operator = {"experts": clone_experts, "top_k": raise_top_k, "depth": add_layers, "ffn_width": widen_ffn,
                     "hidden": widen_hidden}[step.op]
@@ -82,6 +80,19 @@ def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks
         if not report.preservation.passed:
             raise GrowthNotPreserved(f"{report.step}: {report.preservation.line()}")
     return grown, report
+
+
+def kmeans_routers(model, step: GrowStep, blocks: torch.Tensor) -> dict[int, torch.Tensor]:
+    """Each layer's k-means router rows from its FFN inputs on `blocks`, one layer at a time (only one
+    layer's inputs are ever in memory)."""
+    adapter = adapter_for(model)
+    stream = LayerStream(model, blocks)
+    generator = torch.Generator().manual_seed(step.seed)
+    routers = {}
+    for i in range(adapter.num_layers):
+        routers[i] = kmeans_rows(stream.module_inputs(adapter.ffn(i))[:KMEANS_ROWS], distinct_routes(step), generator)
+        stream.advance()
+    return routers
 
 
 def _params(model) -> int:

@@ -38,8 +38,9 @@ def target_family(model, step: GrowStep) -> str:
     return MOE_TARGETS[source][0] if step.family == "auto" else step.family
 
 
-def to_moe(model, step: GrowStep, inputs: dict[int, torch.Tensor] | None = None):
-    """(MoE model, facts) from a dense model; `inputs` (layer -> FFN input rows) feed a k-means router.
+def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None):
+    """(MoE model, facts) from a dense model; `routers` (layer -> k-means router rows, see
+    kmeans_rows and distinct_routes) are needed for router kmeans.
     facts: {"kind": "exact" | "diversity" | "changed", "why": ..., "family": ..., "router": ...}."""
     source = adapter_for(model)
     family = target_family(model, step)
@@ -50,7 +51,7 @@ def to_moe(model, step: GrowStep, inputs: dict[int, torch.Tensor] | None = None)
         raise ConfigError(f"granularity={step.granularity} does not divide the FFN width {width}")
     if step.mode == "partition" and width % step.experts:
         raise ConfigError(f"experts={step.experts} does not divide the FFN width {width} (mode partition)")
-    if step.router == "kmeans" and inputs is None:
+    if step.router == "kmeans" and routers is None:
         raise ConfigError("router kmeans needs calibration text (the FFN inputs); pass it, or router random")
     if any(source.ffn_weights(i).width != width for i in range(source.num_layers)):
         raise UnsupportedArchitecture("dense → MoE needs one FFN width in every layer")
@@ -63,7 +64,7 @@ def to_moe(model, step: GrowStep, inputs: dict[int, torch.Tensor] | None = None)
         ffn = source.ffn_weights(i)
         experts, shared, shared_gate = _experts(step, ffn, target.shared_expert(i) is not None, generator)
         target.set_experts(i, experts)
-        rows = _router_rows(step, inputs.get(i) if inputs else None, target.hidden_size, generator)
+        rows = _router_rows(step, routers.get(i) if routers else None, target.hidden_size, generator)
         target.set_router(i, rows.to(experts.gate.dtype))
         if target.shared_expert(i) is not None:
             with torch.no_grad():
@@ -137,15 +138,20 @@ def _expert(experts: SwiGLUWeights, e: int) -> SwiGLUWeights:
     return SwiGLUWeights(experts.gate[e], experts.up[e], experts.down[e])
 
 
-def _router_rows(step: GrowStep, x: torch.Tensor | None, hidden: int, generator) -> torch.Tensor:
-    """(experts, hidden) router weights. Granular shards of one copy share a row (see module doc)."""
-    distinct = step.experts // step.granularity if step.mode == "granular" else step.experts
+def distinct_routes(step: GrowStep) -> int:
+    """How many different router rows a layer has: the granular shards of one copy share a row."""
+    return step.experts // step.granularity if step.mode == "granular" else step.experts
+
+
+def _router_rows(step: GrowStep, kmeans: torch.Tensor | None, hidden: int, generator) -> torch.Tensor:
+    """(experts, hidden) router weights (see module doc for the granular rows)."""
+    distinct = distinct_routes(step)
     if step.router == "zero":
         rows = torch.zeros(distinct, hidden)
     elif step.router == "random":
         rows = torch.randn(distinct, hidden, generator=generator) * step.router_std
     else:
-        rows = kmeans_rows(x.float(), distinct, generator)
+        rows = kmeans
     return rows.repeat_interleave(step.granularity, dim=0) if step.mode == "granular" else rows
 
 

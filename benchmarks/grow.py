@@ -1,0 +1,344 @@
+"""grow on smollm2-135m: does each operator keep the function, how long and how much memory does it
+take, how does mergekit-moe compare, and does a grown MoE beat one trained from scratch?
+
+    python benchmarks/grow.py                      # everything (about 40 minutes on 2 CPU cores)
+    python benchmarks/grow.py --part preservation  # operators and mergekit-moe only
+    python benchmarks/grow.py --part train --tokens 32768
+
+Preservation: every operator runs in a child process of its own (so its peak memory is its own):
+load the source, apply the step (timed; resident memory sampled every 5 ms while it runs), then
+compare the grown model with the source on held-out text (16 blocks × 256 tokens of shakespeare +
+pystdlib validation; k-means routers fitted on the train split). The MoE-source operators start from
+the 8-expert grown model (`moe_shared`). mergekit-moe (0.1.5, gate_mode random, 8 copies top-2 into
+Mixtral: the same operator as `moe_copy`) runs from a throwaway virtual environment (made in /tmp on
+first use, torch pinned) and is measured the same way; if it cannot be installed or run, the error
+is recorded.
+Train: the grown MoE (dense → 8 experts top-2 + shared expert), the same architecture from random
+initialisation, and the dense source continued, each trained on the same N tokens with the same
+recipe (LM loss + balance 0.01 + router z 0.001 for the MoEs, AdamW 3e-4 cosine); validation
+perplexity on the same held-out blocks every few steps.
+Results: benchmarks/results/grow.json and grow.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RUNS = Path("runs/bench-grow")
+MODEL = "smollm2-135m"
+TEXT = "shakespeare+pystdlib"
+SEQ = 256
+HELD_BLOCKS = 16
+CALIBRATION_TOKENS = 8192
+MERGEKIT = "mergekit==0.1.5"
+TORCH = "torch==2.13.0"
+RELAXED = {"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0}  # measure, never fail
+
+# name -> (source, step); "moe8" is the model `moe_shared` makes (saved once, then the MoE operators' source)
+OPERATORS = {
+    "moe_copy": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "copy"}),
+    "moe_shared": ("dense", {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"}),
+    "moe_granular": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "granular",
+                               "granularity": 2}),
+    "moe_partition": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "partition"}),
+    "moe_drop": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "drop",
+                           "drop_ratio": 0.5}),
+    "experts_clone": ("moe8", {"op": "experts", "factor": 2}),
+    "experts_noise": ("moe8", {"op": "experts", "factor": 2, "noise": 0.05}),
+    "top_k": ("moe8", {"op": "top_k", "top_k": 4}),
+    "depth_identity": ("dense", {"op": "depth", "add": 6}),
+    "depth_map": ("dense", {"op": "depth", "layer_map": list(range(0, 21)) + list(range(15, 30))}),
+    "ffn_width": ("dense", {"op": "ffn_width", "width": 2048}),
+    "hidden": ("dense", {"op": "hidden", "factor": 2}),
+}
+PLAN = [{"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"},
+        {"op": "experts", "factor": 2}, {"op": "depth", "add": 6}]
+
+
+class PeakRSS:
+    """The largest resident set size of this process while the block runs, sampled every 5 ms."""
+
+    def __enter__(self):
+        self.peak, self._stop = rss_mb(), threading.Event()
+        self._thread = threading.Thread(target=self._watch, daemon=True)
+        self._thread.start()
+        return self
+
+    def _watch(self):
+        while not self._stop.wait(0.005):
+            self.peak = max(self.peak, rss_mb())
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb())
+
+
+def rss_mb() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def param_mb(model) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+
+def held_out(tokenizer):
+    from upcycle import data
+    return data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
+
+
+def calibration(tokenizer):
+    from upcycle import data
+    return data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_TOKENS // SEQ)
+
+
+# ---- one operator, in a child process ---------------------------------------------------------------
+
+def one_operator(name: str, source: str, out_json: str) -> None:
+    base_rss = rss_mb()
+    import torch
+    from upcycle import hub
+    from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
+    from upcycle.ops.grow.verify import preservation
+
+    torch.manual_seed(0)
+    imported_rss = rss_mb()
+    model, tokenizer = hub.load(source)
+    held, calib = held_out(tokenizer), calibration(tokenizer)
+    steps = PLAN if name == "plan" else [OPERATORS[name][1]]
+    loaded_rss = rss_mb()
+    start = time.perf_counter()
+    kinds, origin = [], None
+    with PeakRSS() as peak:
+        grown = model
+        for options in steps:  # the plan keeps only the source and the newest model
+            grown, report = apply_step(grown, GrowStep(**options), None, calibration=calib)
+            kinds.append(report.kind)
+            origin = report.facts.get("origin") if options["op"] == "experts" else None
+    seconds = time.perf_counter() - start
+    kind = "exact" if all(k == "exact" for k in kinds) else ("diversity" if "diversity" in kinds else "changed")
+    p = preservation(model, grown, held, kind, GrowChecks(**RELAXED), origin)
+    result = {"step": steps if name == "plan" else steps[0], "kind": kind, "family": grown.config.model_type,
+              "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1, "logit_cosine": p.logit_cosine,
+              "loss_before": p.loss_before, "loss_after": p.loss_after, "loss_change": p.loss_change,
+              "router_kl": p.router_kl, "seconds": seconds, "peak_rss_mb": peak.peak,
+              "rss_after_imports_mb": imported_rss, "rss_before_mb": loaded_rss, "python_rss_mb": base_rss,
+              "source_mb": param_mb(model), "output_mb": param_mb(grown),
+              "params_source": sum(p.numel() for p in model.parameters()),
+              "params_output": sum(p.numel() for p in grown.parameters())}
+    result["memory_ratio"] = (result["peak_rss_mb"] - imported_rss) / (result["source_mb"] + result["output_mb"])
+    Path(out_json).write_text(json.dumps(result))
+
+
+def run_child(args: list[str]) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    proc = subprocess.run([sys.executable, __file__, *args, "--json", out], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
+    return json.loads(Path(out).read_text())
+
+
+# ---- mergekit-moe -----------------------------------------------------------------------------------
+
+def mergekit_exe() -> Path:
+    venv = Path(tempfile.gettempdir()) / "upcycle-bench-mergekit"
+    exe = venv / "bin" / "mergekit-moe"
+    if not exe.exists():
+        print(f"installing {MERGEKIT} into {venv} (a throwaway environment, {TORCH} pinned) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
+        subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
+        subprocess.run(pip + [MERGEKIT], check=True, capture_output=True, text=True)
+    return exe
+
+
+def run_mergekit(source_folder: Path) -> dict:
+    import torch
+    import yaml
+    from upcycle import hub
+    from upcycle.ops.grow import GrowChecks
+    from upcycle.ops.grow.verify import preservation
+
+    try:
+        exe = mergekit_exe()
+    except subprocess.CalledProcessError as e:
+        return {"error": f"{MERGEKIT} could not be installed: {(e.stderr or str(e)).strip().splitlines()[-1]}"}
+    work = RUNS / "mergekit"
+    work.mkdir(parents=True, exist_ok=True)
+    config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2,
+              "experts": [{"source_model": str(source_folder)} for _ in range(8)]}
+    (work / "moe.yaml").write_text(yaml.safe_dump(config))
+    out = work / "out"
+    if out.exists():
+        import shutil
+        shutil.rmtree(out)
+    # the child's own peak resident memory, from the kernel's accounting of a wrapper's children
+    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+               "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+               "sys.stderr.write(r.stderr[-2000:])")
+    proc = subprocess.run([sys.executable, "-c", wrapper, str(exe), str(work / "moe.yaml"), str(out),
+                           "--i-understand-this-is-not-useful-without-training", "--quiet"],
+                          capture_output=True, text=True)
+    code, seconds, peak_kb = proc.stdout.split()
+    if code != "0":
+        return {"error": f"mergekit-moe exited {code}: {proc.stderr.strip().splitlines()[-1]}"}
+    source, tokenizer = hub.load(source_folder)
+    merged, _ = hub.load(out)
+    p = preservation(source, merged, held_out(tokenizer), "exact", GrowChecks(**RELAXED))
+    return {"tool": MERGEKIT, "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
+            "family": merged.config.model_type, "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1,
+            "logit_cosine": p.logit_cosine, "loss_change": p.loss_change, "seconds": float(seconds),
+            "peak_rss_mb": int(peak_kb) / 1024, "source_mb": param_mb(source), "output_mb": param_mb(merged),
+            "note": "whole process (imports, load, merge, write); verifies nothing"}
+
+
+# ---- training: grown vs scratch vs dense continued ---------------------------------------------------
+
+def train_part(tokens: int, moe_folder: Path) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+    from upcycle import hub
+    from upcycle.train import Trainer, TrainConfig
+
+    runs = {}
+    grown, tokenizer = hub.load(moe_folder)
+    torch.manual_seed(0)
+    scratch = AutoModelForCausalLM.from_config(grown.config).eval()
+    dense, _ = hub.load(MODEL)
+    router_terms = [{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]
+    steps = tokens // (SEQ * 8)
+    for name, model, losses in (("grown", grown, router_terms), ("scratch", scratch, router_terms),
+                                ("dense_continued", dense, [{"name": "lm"}])):
+        out = RUNS / f"train-{name}-{tokens}"
+        cfg = TrainConfig.from_dict(dict(
+            model=str(moe_folder) if name != "dense_continued" else MODEL, data=TEXT, out=str(out), seq_len=SEQ,
+            global_batch=8, micro_batch=4, lr=3e-4, warmup_steps=2, losses=losses, stages=[{"name": "main",
+                                                                                             "tokens": tokens}],
+            val_every=max(1, steps // 8), val_blocks=HELD_BLOCKS, ckpt_every=10_000, progress=False))
+        start = time.perf_counter()
+        if not (out / "metrics.jsonl").exists() or not any("val_loss" in json.loads(line) and
+                                                          json.loads(line)["tokens"] >= tokens
+                                                          for line in open(out / "metrics.jsonl")):
+            if out.exists():
+                import shutil
+                shutil.rmtree(out)
+            Trainer(cfg, model=model, tokenizer=tokenizer).fit()
+        records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        curve = [(r["tokens"], math.exp(r["val_loss"])) for r in records if "val_loss" in r]
+        start_ppl = math.exp(_val_loss(model if name != "grown" else hub.load(moe_folder)[0], tokenizer))
+        runs[name] = {"curve": [(0, start_ppl)] + curve, "final_ppl": curve[-1][1], "start_ppl": start_ppl,
+                      "seconds": time.perf_counter() - start, "params": sum(p.numel() for p in model.parameters())}
+        print(f"{name}: ppl {start_ppl:.2f} → {curve[-1][1]:.2f} after {tokens} tokens", flush=True)
+    return {"tokens": tokens, "data": TEXT, "ppl": {k: v["final_ppl"] for k, v in runs.items()}, "runs": runs}
+
+
+def _val_loss(model, tokenizer) -> float:
+    """The trainer's validation measure at step 0: mean next-token loss on the same held-out blocks."""
+    import torch
+    from upcycle import data
+    from upcycle.eval.equivalence import compare
+
+    blocks = data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
+    with torch.no_grad():
+        return compare(model, model, blocks).loss_reference
+
+
+# ---- the report ---------------------------------------------------------------------------------------
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    pres = results.get("preservation", {})
+    names = [n for n in pres if "max_dlogit" in pres[n]]
+    if names:
+        colors = {"exact": "tab:green", "diversity": "tab:orange", "changed": "tab:red"}
+        axes[0].barh(names, [max(pres[n]["max_dlogit"], 1e-8) for n in names],
+                     color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names])
+        axes[0].set_xscale("log")
+        axes[0].axvline(1e-3, color="k", ls="--", lw=1)
+        axes[0].set_xlabel("max |Δlogit| vs the source (log; dashed: 1e-3)")
+        axes[0].set_title("preservation per operator (green exact, orange diversity, red changed)")
+        axes[0].invert_yaxis()
+    train = results.get("train")
+    if train:
+        for name, run in train["runs"].items():
+            xs, ys = zip(*run["curve"])
+            axes[1].plot(xs, ys, marker="o", label=name)
+        axes[1].set_yscale("log")
+        axes[1].set_xlabel("training tokens")
+        axes[1].set_ylabel("validation perplexity (log)")
+        axes[1].set_title(f"grown MoE vs scratch vs dense continued ({train['tokens']} tokens)")
+        axes[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("all", "preservation", "train"), default="all")
+    parser.add_argument("--tokens", type=int, default=32768, help="training tokens of each run (train part)")
+    parser.add_argument("--only", nargs="*", help="operators to (re-)measure; the others are kept from the JSON")
+    parser.add_argument("--one", help=argparse.SUPPRESS)
+    parser.add_argument("--source", help=argparse.SUPPRESS)
+    parser.add_argument("--json", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:
+        return one_operator(args.one, args.source, args.json)
+
+    from upcycle import hub
+    from upcycle.commands.grow import GrowConfig, run as grow_run
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "grow.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    dense_folder = hub.builtin_folder(MODEL)
+    moe8 = RUNS / "moe8"
+    if not (moe8 / "config.json").exists():
+        RUNS.mkdir(parents=True, exist_ok=True)
+        grow_run(MODEL, str(moe8), GrowConfig(**OPERATORS["moe_shared"][1], progress=False, overwrite=True))
+    if args.part in ("all", "preservation"):
+        pres = results.setdefault("preservation", {})
+        for name, (source, _) in list(OPERATORS.items()) + [("plan", ("dense", None))]:
+            if args.only and name not in args.only:
+                continue
+            print(f"{name} ...", flush=True)
+            try:
+                pres[name] = run_child(["--one", name, "--source", str(dense_folder if source == "dense" else moe8)])
+            except RuntimeError as e:
+                pres[name] = {"error": str(e)}
+            print(f"  {pres[name]}", flush=True)
+            path.write_text(json.dumps(results, indent=2) + "\n")
+        if not args.only or "mergekit" in args.only:
+            print("mergekit-moe ...", flush=True)
+            results["mergekit_moe"] = run_mergekit(dense_folder)
+            print(f"  {results['mergekit_moe']}", flush=True)
+        results["memory_rule"] = ("peak resident memory while the operator runs, less the process after imports, "
+                                  "over (source + output parameter bytes); the target is ≤ 1.25")
+    if args.part in ("all", "train"):
+        results["train"] = train_part(args.tokens, moe8)
+    results["model"], results["text"], results["held_out_tokens"] = MODEL, TEXT, HELD_BLOCKS * SEQ
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "grow.png")
+    print(f"wrote {path} and {RESULTS / 'grow.png'}")
+
+
+if __name__ == "__main__":
+    main()
