@@ -9,9 +9,10 @@ import torch
 
 from conftest import ALL_FAMILIES, tokens_for
 from upcycle import arch, hub
-from upcycle.arch import DENSE_FAMILIES
+from upcycle.arch import DENSE_FAMILIES, MOE_FAMILIES
 from upcycle.ops import SparsifyConfig, densify, to_bank_sparse
 from upcycle.ops.calibrate import ffn_inputs
+from upcycle.ops.grow import GrowStep, apply_step
 
 
 def _sparse(model, **options):
@@ -47,9 +48,27 @@ def qwen2_reexpression(model, tmp_path):
     return arch.reexpress.llama_as_qwen2(model)
 
 
+def grow_moe(model, tmp_path):
+    """dense → MoE by copies (grow), random router"""
+    return apply_step(model, GrowStep(op="moe", experts=4, top_k=2, router="random"))[0]
+
+
+def grow_experts(model, tmp_path):
+    """MoE → twice the experts and twice the top-k (grow)"""
+    return apply_step(model, GrowStep(op="experts", factor=2))[0]
+
+
+def grow_depth_and_width(model, tmp_path):
+    """+1 identity layer, a wider FFN, a doubled hidden size (grow)"""
+    for step in (GrowStep(op="depth", add=1), GrowStep(op="ffn_width", width=160), GrowStep(op="hidden", factor=2)):
+        model = apply_step(model, step)[0]
+    return model
+
+
 # transform -> the families it applies to (the sparsify transforms need a dense SwiGLU FFN)
 APPLIES = {permute: DENSE_FAMILIES, pad: DENSE_FAMILIES, keep_equals_bank: DENSE_FAMILIES,
-           convert: ALL_FAMILIES, qwen2_reexpression: ("llama",)}
+           convert: ALL_FAMILIES, qwen2_reexpression: ("llama",), grow_moe: DENSE_FAMILIES,
+           grow_experts: MOE_FAMILIES, grow_depth_and_width: ALL_FAMILIES}
 CASES = [pytest.param(t, f, id=f"{t.__name__}-{f}") for t, families in APPLIES.items() for f in families]
 
 
