@@ -23,6 +23,7 @@ Results: benchmarks/results/grow.json and grow.png.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import os
@@ -115,8 +116,15 @@ def one_operator(name: str, source: str, out_json: str) -> None:
     from upcycle.ops.grow.verify import preservation
 
     torch.manual_seed(0)
-    imported_rss = rss_mb()
     model, tokenizer = hub.load(source)
+    # the loaded weights may still be pages of the mapped safetensors file, which count in the resident
+    # set once touched and again after a write: make them private memory first, as a model in training
+    # is, so the measurement is the conversion's and not the loader's
+    with torch.no_grad():
+        for p in model.parameters():
+            p.data = p.data.clone()
+    gc.collect()
+    imported_rss = rss_mb() - param_mb(model)  # the process without the source: what the ratio is over
     held, calib = held_out(tokenizer), calibration(tokenizer)
     steps = PLAN if name == "plan" else [OPERATORS[name][1]]
     loaded_rss = rss_mb()
@@ -135,7 +143,7 @@ def one_operator(name: str, source: str, out_json: str) -> None:
               "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1, "logit_cosine": p.logit_cosine,
               "loss_before": p.loss_before, "loss_after": p.loss_after, "loss_change": p.loss_change,
               "router_kl": p.router_kl, "seconds": seconds, "peak_rss_mb": peak.peak,
-              "rss_after_imports_mb": imported_rss, "rss_before_mb": loaded_rss, "python_rss_mb": base_rss,
+              "rss_without_source_mb": imported_rss, "rss_before_mb": loaded_rss, "python_rss_mb": base_rss,
               "source_mb": param_mb(model), "output_mb": param_mb(grown),
               "params_source": sum(p.numel() for p in model.parameters()),
               "params_output": sum(p.numel() for p in grown.parameters())}
@@ -330,8 +338,9 @@ def main() -> None:
             print("mergekit-moe ...", flush=True)
             results["mergekit_moe"] = run_mergekit(dense_folder)
             print(f"  {results['mergekit_moe']}", flush=True)
-        results["memory_rule"] = ("peak resident memory while the operator runs, less the process after imports, "
-                                  "over (source + output parameter bytes); the target is ≤ 1.25")
+        results["memory_rule"] = ("peak resident memory while the operator runs, less the process without the "
+                                  "source (its weights made private memory first), over (source + output parameter "
+                                  "bytes); the target is ≤ 1.25")
     if args.part in ("all", "train"):
         results["train"] = train_part(args.tokens, moe8)
     results["model"], results["text"], results["held_out_tokens"] = MODEL, TEXT, HELD_BLOCKS * SEQ

@@ -109,3 +109,48 @@ def test_a_bad_plan_file(source, tmp_path, capsys):
     assert "op='grow-wings' is not allowed" in one_line_error(["grow", str(source), str(tmp_path / "o"), "--plan",
                                                                str(plan)], capsys)
     assert not (tmp_path / "o").exists()
+
+
+# one grown folder per target family and operator kind; all of them read back by one fresh process
+TARGETS = [("llama", {"op": "moe", "family": "mixtral", "experts": 4, "top_k": 2, "router": "random"}),
+           ("qwen3", {"op": "moe", "experts": 4, "top_k": 2, "mode": "granular", "router": "random"}),
+           ("qwen2", {"op": "moe", "experts": 4, "top_k": 1, "mode": "shared", "router": "random"}),
+           ("mixtral", {"op": "experts", "factor": 2}),
+           ("qwen3", {"op": "hidden", "factor": 2}),
+           ("mistral", {"op": "depth", "add": 2}),
+           ("qwen2_moe", {"op": "ffn_width", "width": 96})]
+
+FRESH_MANY = """
+import json, sys, torch
+from transformers import AutoModelForCausalLM
+ids = torch.tensor(json.loads(sys.argv[1]))
+out = {}
+for folder in sys.argv[2:]:
+    model = AutoModelForCausalLM.from_pretrained(folder).eval()
+    with torch.no_grad():
+        out[folder] = [type(model).__name__, model(input_ids=ids).logits.tolist()]
+assert "upcycle" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def test_every_target_family_reloads_without_upcycle_with_the_sources_logits(tmp_path):
+    from upcycle.ops.grow import GrowStep, apply_step
+
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    folders, expected = [], {}
+    for n, (family, step) in enumerate(TARGETS):
+        source = hub.tiny(family)
+        grown, report = apply_step(source, GrowStep(**step))
+        assert report.kind == "exact"
+        folder = str(tmp_path / f"{n}-{family}-{step['op']}")
+        hub.save(grown, None, folder)
+        with torch.no_grad():
+            expected[folder] = (type(grown).__name__, source(input_ids=ids).logits)
+        folders.append(folder)
+    result = subprocess.run([sys.executable, "-c", FRESH_MANY, json.dumps(ids.tolist()), *folders],
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    for folder, (cls, logits) in json.loads(result.stdout).items():
+        assert cls == expected[folder][0]
+        assert (torch.tensor(logits) - expected[folder][1]).abs().max().item() <= 1e-4, folder

@@ -207,16 +207,19 @@ class Adapter:
 
     def set_experts(self, i: int, weights: SwiGLUWeights) -> None:
         """Replace layer i's routed experts with stacked gate, up (E, F, H) and down (E, H, F); the
-        number of experts and their width may change (set the config to match: set_config)."""
+        number of experts and their width may change (set the config to match: set_config). The
+        values are copied straight into the fused tensors (no concatenated temporary)."""
         experts = self._moe(i).experts
-        gate_up = torch.cat([weights.gate, weights.up], dim=1).detach()
-        for name, value in (("gate_up_proj", gate_up), ("down_proj", weights.down.detach())):
-            old = getattr(experts, name)
-            if old.shape == value.shape:
-                with torch.no_grad():
-                    old.copy_(value)
-            else:
-                setattr(experts, name, nn.Parameter(value.clone().to(old.dtype)))
+        E, F, H = weights.gate.shape
+        with torch.no_grad():
+            gate_up = experts.gate_up_proj
+            if gate_up.shape != (E, 2 * F, H):
+                experts.gate_up_proj = gate_up = nn.Parameter(torch.empty(E, 2 * F, H, dtype=gate_up.dtype))
+            gate_up[:, :F].copy_(weights.gate)
+            gate_up[:, F:].copy_(weights.up)
+            if experts.down_proj.shape != weights.down.shape:
+                experts.down_proj = nn.Parameter(torch.empty(weights.down.shape, dtype=experts.down_proj.dtype))
+            experts.down_proj.copy_(weights.down)
 
     def set_router(self, i: int, weight: torch.Tensor) -> None:
         """Replace layer i's router weight (E, H); E may change (set the config to match)."""
