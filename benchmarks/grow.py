@@ -1,15 +1,15 @@
 """grow on smollm2-135m: does each operator keep the function, how long and how much memory does it
 take, how does mergekit-moe compare, and does a grown MoE beat one trained from scratch?
 
-    python benchmarks/grow.py                      # everything (about 40 minutes on 2 CPU cores)
+    python benchmarks/grow.py                      # everything (about an hour on 2 CPU cores)
     python benchmarks/grow.py --part preservation  # operators and mergekit-moe only
-    python benchmarks/grow.py --part train --tokens 32768
+    python benchmarks/grow.py --part train --tokens 65536
 
 Preservation: every operator runs in a child process of its own (so its peak memory is its own):
 load the source, apply the step (timed; resident memory sampled every 5 ms while it runs), then
 compare the grown model with the source on held-out text (16 blocks × 256 tokens of shakespeare +
 pystdlib validation; k-means routers fitted on the train split). The MoE-source operators start from
-the 8-expert grown model (`moe_shared`). mergekit-moe (0.1.5, gate_mode random, 8 copies top-2 into
+the 8-expert grown model (`moe_shared`) after the train part trained it. mergekit-moe (0.1.5, gate_mode random, 8 copies top-2 into
 Mixtral: the same operator as `moe_copy`) runs from a throwaway virtual environment (made in /tmp on
 first use, torch pinned) and is measured the same way; if it cannot be installed or run, the error
 is recorded.
@@ -47,7 +47,9 @@ MERGEKIT = "mergekit==0.1.5"
 TORCH = "torch==2.13.0"
 RELAXED = {"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0}  # measure, never fail
 
-# name -> (source, step); "moe8" is the model `moe_shared` makes (saved once, then the MoE operators' source)
+# name -> (source, step). "moe8" is the model `moe_shared` makes; the MoE operators start from it *after*
+# the train part has trained it (its routed experts enter with zero output, so on the untrained model
+# routing changes nothing and every MoE operator would look exact for free)
 OPERATORS = {
     "moe_copy": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "copy"}),
     "moe_shared": ("dense", {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"}),
@@ -56,9 +58,9 @@ OPERATORS = {
     "moe_partition": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "partition"}),
     "moe_drop": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "drop",
                            "drop_ratio": 0.5}),
-    "experts_clone": ("moe8", {"op": "experts", "factor": 2}),
-    "experts_noise": ("moe8", {"op": "experts", "factor": 2, "noise": 0.05}),
-    "top_k": ("moe8", {"op": "top_k", "top_k": 4}),
+    "experts_clone": ("moe8_trained", {"op": "experts", "factor": 2}),
+    "experts_noise": ("moe8_trained", {"op": "experts", "factor": 2, "noise": 0.05}),
+    "top_k": ("moe8_trained", {"op": "top_k", "top_k": 4}),
     "depth_identity": ("dense", {"op": "depth", "add": 6}),
     "depth_map": ("dense", {"op": "depth", "layer_map": list(range(0, 21)) + list(range(15, 30))}),
     "ffn_width": ("dense", {"op": "ffn_width", "width": 2048}),
@@ -212,6 +214,7 @@ def run_mergekit(source_folder: Path) -> dict:
             "family": merged.config.model_type, "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1,
             "logit_cosine": p.logit_cosine, "loss_change": p.loss_change, "seconds": float(seconds),
             "peak_rss_mb": int(peak_kb) / 1024, "source_mb": param_mb(source), "output_mb": param_mb(merged),
+            "params_output": sum(p.numel() for p in merged.parameters()),
             "note": "whole process (imports, load, merge, write); verifies nothing"}
 
 
@@ -299,17 +302,40 @@ def plot(results: dict, path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def table(results: dict) -> str:
+    """The README's table: one row per operator (and mergekit-moe), from the JSON."""
+    rows = ["| operator | kind | output | max \\|Δlogit\\| | mean KL | loss change | router KL | s | peak / (source + output) |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    entries = list(results.get("preservation", {}).items())
+    if "mergekit_moe" in results:
+        entries.append(("mergekit-moe (8 copies, Mixtral)", results["mergekit_moe"]))
+    for name, r in entries:
+        if "error" in r:
+            rows.append(f"| {name} | error: {r['error']} | | | | | | | |")
+            continue
+        router = "-" if r.get("router_kl") is None else f"{r['router_kl']:.2g}"
+        ratio = (f"{r['memory_ratio']:.2f}" if "memory_ratio" in r
+                 else f"{r['peak_rss_mb'] / (r['source_mb'] + r['output_mb']):.2f} (whole process)")
+        rows.append(f"| {name} | {r.get('kind', '-')} | {r['family']} {r.get('params_output', 0) / 1e6:.0f}M | "
+                    f"{r['max_dlogit']:.2g} | {r['kl']:.2g} | {100 * r['loss_change']:+.2f} % | {router} | "
+                    f"{r['seconds']:.1f} | {ratio} |")
+    return "\n".join(rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", choices=("all", "preservation", "train"), default="all")
-    parser.add_argument("--tokens", type=int, default=32768, help="training tokens of each run (train part)")
+    parser.add_argument("--tokens", type=int, default=65536, help="training tokens of each run (train part)")
     parser.add_argument("--only", nargs="*", help="operators to (re-)measure; the others are kept from the JSON")
+    parser.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
     parser.add_argument("--one", help=argparse.SUPPRESS)
     parser.add_argument("--source", help=argparse.SUPPRESS)
     parser.add_argument("--json", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
         return one_operator(args.one, args.source, args.json)
+    if args.table:
+        return print(table(json.loads((RESULTS / "grow.json").read_text())))
 
     from upcycle import hub
     from upcycle.commands.grow import GrowConfig, run as grow_run
@@ -322,6 +348,10 @@ def main() -> None:
     if not (moe8 / "config.json").exists():
         RUNS.mkdir(parents=True, exist_ok=True)
         grow_run(MODEL, str(moe8), GrowConfig(**OPERATORS["moe_shared"][1], progress=False, overwrite=True))
+    if args.part in ("all", "train"):
+        results["train"] = train_part(args.tokens, moe8)
+    trained = RUNS / f"train-grown-{results.get('train', {}).get('tokens', args.tokens)}" / "final"
+    sources = {"dense": dense_folder, "moe8": moe8, "moe8_trained": trained if trained.exists() else moe8}
     if args.part in ("all", "preservation"):
         pres = results.setdefault("preservation", {})
         for name, (source, _) in list(OPERATORS.items()) + [("plan", ("dense", None))]:
@@ -329,7 +359,8 @@ def main() -> None:
                 continue
             print(f"{name} ...", flush=True)
             try:
-                pres[name] = run_child(["--one", name, "--source", str(dense_folder if source == "dense" else moe8)])
+                pres[name] = run_child(["--one", name, "--source", str(sources[source])])
+                pres[name]["source"] = source if sources[source] != moe8 else "moe8"
             except RuntimeError as e:
                 pres[name] = {"error": str(e)}
             print(f"  {pres[name]}", flush=True)
@@ -341,11 +372,10 @@ def main() -> None:
         results["memory_rule"] = ("peak resident memory while the operator runs, less the process without the "
                                   "source (its weights made private memory first), over (source + output parameter "
                                   "bytes); the target is ≤ 1.25")
-    if args.part in ("all", "train"):
-        results["train"] = train_part(args.tokens, moe8)
     results["model"], results["text"], results["held_out_tokens"] = MODEL, TEXT, HELD_BLOCKS * SEQ
     path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "grow.png")
+    print(table(results))
     print(f"wrote {path} and {RESULTS / 'grow.png'}")
 
 

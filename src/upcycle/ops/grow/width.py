@@ -80,14 +80,14 @@ def widen_hidden(model, step: GrowStep):
     new: dict[int, torch.Tensor] = {}
     for name, (axis, role) in roles.items():
         p = params[name].detach()
-        tiled = torch.cat([p] * m, dim=axis)
-        if role in ("embedding", "writes"):
-            tiled = tiled * scale
+        tiled = torch.cat([p] * m, dim=axis)  # in-place from here: no second temporary of the big ones
+        if role in ("embedding", "writes") and scale != 1.0:
+            tiled.mul_(scale)
         elif role == "reads":
-            tiled = tiled / m
+            tiled.div_(m)
             if step.noise:
-                tiled = tiled + _copies_noise(p, axis, m, step.noise, generator)
-        new[id(params[name])] = tiled.contiguous()
+                tiled.add_(_copies_noise(p, axis, m, step.noise, generator))
+        new[id(params[name])] = tiled
     state = {n: new.get(id(t), t) for n, t in model.state_dict(keep_vars=True).items()}
     config = copy.deepcopy(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
