@@ -107,10 +107,13 @@ def test_bad_steps_are_one_line_errors():
         apply_step(dense, GrowStep(op="moe"))
 
 
-def test_drop_upcycling_deviation_matches_an_independent_recomputation():
-    source = hub.tiny("llama")
+@pytest.mark.parametrize("family,step", [
+    ("llama", GrowStep(op="moe", experts=4, top_k=2, mode="drop", drop_ratio=0.25, router="random")),
+    ("mixtral", GrowStep(op="experts", factor=2, redraw=0.5)),
+], ids=["drop-upcycling", "clones-redrawn"])
+def test_diversity_deviation_matches_an_independent_recomputation(family, step):
+    source = hub.tiny(family)
     blocks = tokens_for(source, n=4, length=32, seed=3)
-    step = GrowStep(op="moe", experts=4, top_k=2, mode="drop", drop_ratio=0.25, router="random")
     grown, report = apply_step(source, step, blocks, RELAXED)
     p = report.preservation
     assert report.kind == "diversity" and p.max_dlogit > 1e-2  # a deliberate change ...
