@@ -162,6 +162,10 @@ class Adapter:
     def top_k(self, i: int) -> int:
         return self._moe(i).gate.top_k
 
+    def normalizes_top_k(self, i: int) -> bool:
+        """Whether layer i renormalises its top-k router weights to sum to one (Mixtral always does)."""
+        return bool(getattr(self._moe(i).gate, "norm_topk_prob", True))
+
     def expert_weights(self, i: int, e: int) -> SwiGLUWeights:
         """Expert e of layer i as views into the fused tensors (writes through them change the model)."""
         experts = self._moe(i).experts
@@ -269,6 +273,16 @@ class Adapter:
         setattr(config, self._key("num_layers"), len(layers))
         if getattr(config, "max_window_layers", None) is not None:
             config.max_window_layers = min(config.max_window_layers, len(layers))
+
+    def set_query_heads(self, heads: int) -> None:
+        """Record that every layer now has `heads` query heads (their q/o projections already cut): the
+        config and the grouping each attention module cached at construction."""
+        self.config.num_attention_heads = heads
+        groups = heads // self.config.num_key_value_heads
+        for i in range(self.num_layers):
+            attention = self.layer(i).self_attn
+            if hasattr(attention, "num_key_value_groups"):
+                attention.num_key_value_groups = groups
 
     def hidden_parameters(self) -> dict[str, tuple[int, str]]:
         """Every parameter with an axis of the hidden size: name -> (axis, role), role one of

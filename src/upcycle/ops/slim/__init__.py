@@ -1,0 +1,66 @@
+"""slim: a smaller model cut from the one you have — fewer layers, hidden channels, FFN neurons, query
+heads or experts — each cut measured against the model it came from before any training.
+
+    slim, report = apply_cut(model, SlimStep(op="depth", layers=8, criterion="block_influence"), calibration, held)
+
+importance.py (the criteria), cuts.py (the cuts), step.py (a cut as data).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+from upcycle.errors import ConfigError
+from upcycle.eval import compare
+from upcycle.ops.slim.cuts import cut_depth, cut_experts, cut_ffn_width, cut_heads, cut_hidden
+from upcycle.ops.slim.step import SlimStep
+
+__all__ = ["SlimStep", "CutReport", "apply_cut"]
+
+CUTS = {"depth": cut_depth, "hidden": cut_hidden, "ffn_width": cut_ffn_width, "heads": cut_heads,
+        "experts": cut_experts}
+
+
+@dataclass
+class CutReport:
+    step: str
+    params_before: int
+    params_after: int
+    seconds: float
+    removed: dict  # what the cut took away (layers, channels, experts and their groups), and the scores
+    ppl_before: float | None = None  # on the held-out blocks, before any training
+    ppl_after: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+
+    def line(self) -> str:
+        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}, top-1 "
+                   f"{self.top1:.3f}" if self.ppl_after is not None else "")
+        return (f"{self.step}: {self.params_before / 1e6:.1f}M → {self.params_after / 1e6:.1f}M parameters "
+                f"({100 * (1 - self.params_after / self.params_before):.0f} % fewer), {self.seconds:.1f} s{quality}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tensor | None = None):
+    """(smaller copy, CutReport): the cut chosen by importance on `calibration` blocks, measured on
+    `held` blocks (perplexity before/after, KL, top-1) when given. The input model is left alone."""
+    if step.op is None:
+        raise ConfigError("a cut needs op: one of depth, hidden, ffn_width, heads, experts")
+    start = time.perf_counter()
+    slim, removed = CUTS[step.op](model, step, calibration)
+    report = CutReport(step.describe(), _params(model), _params(slim), time.perf_counter() - start, removed)
+    if held is not None:
+        eq = compare(model, slim, held)
+        report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
+        report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
+    return slim.eval(), report
+
+
+def _params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
