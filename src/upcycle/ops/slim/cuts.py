@@ -191,6 +191,13 @@ def _plan_merge(step: SlimStep, order: torch.Tensor, similarity: torch.Tensor, u
     ranked = order.tolist()
     if step.mode == "prune":
         return [(e, [e]) for e in sorted(ranked[:target])]
+    # an expert identical to one already kept is not kept beside it: it merges into it (a clone
+    # merged back into its original is the exact inverse of grow's expert cloning)
+    picked = []
+    for e in ranked:
+        if len(picked) < target and not any(float(similarity[e, p]) > 1 - 1e-6 for p in picked):
+            picked.append(e)
+    ranked = picked + [e for e in ranked if e not in picked]
     if step.mode == "merge":
         kept, bases = ranked[:target], ranked[:target]
     else:  # partial: the top half kept unchanged, the next ones are merge bases for the rest

@@ -3,7 +3,7 @@
     block_influence(model, blocks)     ShortGPT: per layer, 1 - mean cos(layer input, layer output)
     angular_distance(model, blocks, n) Gromov et al.: per start ℓ, arccos(cos(x_ℓ, x_ℓ+n)) / π, last token
     hidden_importance(model, blocks)   SlimQwen / Minitron: per hidden channel, Σ over norms of mean |norm output|
-    head_importance(model, blocks)     Minitron: per layer and query head, mean ‖head output‖ (o_proj input)
+    head_importance(model, blocks)     Minitron-style: per layer and query head, mean ‖head output through o_proj‖
     expert_importance(model, blocks)   per layer and expert: frequency, soft, reap (see ExpertStats)
 
 Each reads the model only through upcycle.arch and forward hooks; none changes the model.
@@ -77,16 +77,18 @@ def hidden_importance(model, blocks: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def head_importance(model, blocks: torch.Tensor) -> torch.Tensor:
-    """(layers, query heads) mean over tokens of the L2 norm of each head's attention output (the
-    input of o_proj, split by head)."""
+    """(layers, query heads) mean over tokens of the L2 norm of what each head adds to the residual
+    stream (its attention output through its columns of o_proj). Minitron scores the attention output
+    before o_proj; through it, a head whose output projection is zero scores zero, as it should."""
     adapter = adapter_for(model)
     heads = model.config.num_attention_heads
     sums = torch.zeros(adapter.num_layers, heads, dtype=torch.float64)
     count = {"tokens": 0}
 
     def add(i, module, args):
-        rows = _rows(args[0])
-        sums[i] += rows.reshape(len(rows), heads, -1).norm(dim=-1).double().sum(0)
+        rows = _rows(args[0]).reshape(-1, heads, module.weight.shape[1] // heads)  # (tokens, heads, head_dim)
+        w = module.weight.detach().float().reshape(module.weight.shape[0], heads, -1)  # (H, heads, head_dim)
+        sums[i] += torch.einsum("thd,Hhd->thH", rows, w).norm(dim=-1).double().sum(0)
         if i == 0:
             count["tokens"] += len(rows)
 
@@ -120,22 +122,28 @@ def expert_importance(model, blocks: torch.Tensor) -> dict[int, ExpertStats]:
         run_blocks(model, blocks)
     stats = {}
     for i in layers:
-        x = torch.cat(inputs.pop(i))
-        experts, k = adapter.experts(i), adapter.top_k(i)
-        logits = x @ adapter.router(i).weight.detach().float().T
-        weights, index = route(logits, k, normalize=adapter.normalizes_top_k(i))
-        E = logits.shape[1]
-        chosen = torch.zeros(len(x), E).scatter_(1, index, 1.0)
-        dense_weights = torch.zeros(len(x), E).scatter_(1, index, weights)
-        reap = torch.zeros(E)
-        for e in range(E):
-            rows = chosen[:, e].bool()
-            if rows.any():
-                xe = x[rows]
-                out = (F.silu(xe @ experts.gate[e].float().T) * (xe @ experts.up[e].float().T)) @ experts.down[e].float().T
-                reap[e] = (dense_weights[rows, e] * out.norm(dim=-1)).mean()
-        stats[i] = ExpertStats(chosen.mean(0), dense_weights.mean(0), reap, logits)
+        stats[i] = expert_stats(torch.cat(inputs.pop(i)), adapter.router(i).weight.detach().float(),
+                                adapter.experts(i), adapter.top_k(i), normalize=adapter.normalizes_top_k(i))
     return stats
+
+
+@torch.no_grad()
+def expert_stats(x: torch.Tensor, router: torch.Tensor, experts, k: int, *, normalize: bool) -> ExpertStats:
+    """ExpertStats of one layer from its MoE inputs x (tokens, H), router weight (E, H) and stacked
+    experts (SwiGLUWeights of (E, F, H), (E, F, H), (E, H, F))."""
+    logits = x.float() @ router.float().T
+    weights, index = route(logits, k, normalize=normalize)
+    E = logits.shape[1]
+    chosen = torch.zeros(len(x), E).scatter_(1, index, 1.0)
+    dense_weights = torch.zeros(len(x), E).scatter_(1, index, weights)
+    reap = torch.zeros(E)
+    for e in range(E):
+        rows = chosen[:, e].bool()
+        if rows.any():
+            xe = x[rows].float()
+            out = (F.silu(xe @ experts.gate[e].float().T) * (xe @ experts.up[e].float().T)) @ experts.down[e].float().T
+            reap[e] = (dense_weights[rows, e] * out.norm(dim=-1)).mean()
+    return ExpertStats(chosen.mean(0), dense_weights.mean(0), reap, logits)
 
 
 def route(logits: torch.Tensor, k: int, *, normalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
