@@ -145,6 +145,7 @@ def _recover(model_name: str, source, tokenizer, stages: list[SlimStage], config
     without tokens hands its cuts to the next stage (and the last ones are made after training)."""
     from upcycle.train import Trainer, TrainConfig
     from upcycle.train import slim as slim_stage
+    from upcycle.train.mtp import detach_mtp
 
     calibration = {"calibration": config.calibration, "calibration_tokens": config.calibration_tokens,
                    "seq_len": config.seq_len, "held_tokens": config.calibration_tokens}
@@ -153,7 +154,8 @@ def _recover(model_name: str, source, tokenizer, stages: list[SlimStage], config
         pending += [s.to_dict() for s in stage.cuts]
         if stage.tokens:
             train_stages.append({"name": stage.name, "tokens": stage.tokens, "transform": "slim",
-                                 "transform_options": {"cuts": pending, **calibration}})
+                                 "transform_options": {"cuts": pending, "mtp": config.recovery.endswith("mtp"),
+                                                       **calibration}})
             pending = []
     cfg = TrainConfig.from_dict(dict(
         model=model_name, data=config.data, out=str(run_dir), seq_len=config.seq_len, global_batch=config.global_batch,
@@ -162,7 +164,7 @@ def _recover(model_name: str, source, tokenizer, stages: list[SlimStage], config
         val_blocks=8))
     trainer = Trainer(cfg, model=copy.deepcopy(source), tokenizer=tokenizer, teacher=source)
     trainer.fit()
-    slim = trainer.model.eval()
+    slim = detach_mtp(trainer.model).eval()
     if pending:
         slim = slim_stage.slim_stage(slim, tokenizer, pending, **calibration)
     return slim

@@ -25,11 +25,18 @@ class LossInputs:
     teacher_logits: torch.Tensor | None = None
     model: torch.nn.Module | None = None
     router_logits: tuple[torch.Tensor, ...] | None = None  # per MoE layer (tokens, experts), when a term asks
+    hidden_states: torch.Tensor | None = None  # the last layer's (normed) hidden states, when a term asks
 
 
-def needs_router_logits(names) -> bool:
-    """Whether any of these loss terms reads the routers' logits (the forward then returns them)."""
-    return any(getattr(LOSSES[name], "needs_router_logits", False) for name in names)
+def forward_options(names) -> dict:
+    """The extra outputs the forward must return for these loss terms (router logits, hidden states)."""
+    options = {}
+    for name in names:
+        if getattr(LOSSES[name], "needs_router_logits", False):
+            options["output_router_logits"] = True
+        if getattr(LOSSES[name], "needs_hidden_states", False):
+            options["output_hidden_states"] = True
+    return options
 
 
 def register_loss(name: str):

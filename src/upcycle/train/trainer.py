@@ -26,7 +26,7 @@ from upcycle.eval import perplexity
 from upcycle.train import checkpoint, distributed
 from upcycle.train.config import TrainConfig
 from upcycle.train.groups import configure_trainable
-from upcycle.train.losses import LOSSES, LossInputs, needs_router_logits
+from upcycle.train.losses import LOSSES, LossInputs, forward_options
 from upcycle.train.records import MetricsLog, plot_loss, write_report
 from upcycle.train.schedules import lr_factor, weight_at
 
@@ -183,19 +183,20 @@ class Trainer:
         total = torch.zeros((), device=self.world.device)
         terms = {t.name: torch.zeros((), device=self.world.device) for t in cfg.losses}
         autocast = torch.autocast(self.world.device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
-        router = {"output_router_logits": True} if needs_router_logits(t.name for t in cfg.losses) else {}
+        extra = forward_options(t.name for t in cfg.losses)
         for i, ids in enumerate(micro):
             ids = ids.to(self.world.device)
             with distributed.no_sync(self.wrapped, i == len(micro) - 1), autocast:
                 # use_cache=False: a KV cache is for generation; in training it only costs copies
-                output = self.wrapped(input_ids=ids, use_cache=False, **router)
+                output = self.wrapped(input_ids=ids, use_cache=False, **extra)
                 logits = output.logits
                 teacher_logits = None
                 if self.teacher is not None:
                     with torch.no_grad():
                         teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
+                hidden = getattr(output, "hidden_states", None)
                 inputs = LossInputs(logits, ids, teacher_logits, distributed.unwrap(self.wrapped),
-                                    getattr(output, "router_logits", None))
+                                    getattr(output, "router_logits", None), hidden[-1] if hidden else None)
                 loss = torch.zeros((), device=self.world.device)
                 for term in cfg.losses:
                     value = LOSSES[term.name](inputs, **term.options)
