@@ -18,3 +18,6 @@ def test_the_demo_runs_every_step_on_a_tiny_model(tmp_path, tmp_cache):
     grow = metrics["grow"]
     assert grow["kind"] == "exact" and grow["preservation"]["max_dlogit"] <= 1e-4 and grow["params"][1] > grow["params"][0]
     assert (tmp_path / "demo" / "grown" / "config.json").exists()
+    slim = metrics["slim"]
+    assert "Slim: fewer layers" in text and slim["params_after"] < slim["params_before"]
+    assert len(slim["removed"]["removed_layers"]) == 1  # a fifth of the tiny model's 2 layers, at least one

