@@ -56,6 +56,8 @@ class SlimConfig(SlimStep):
     global_batch: int = option(8, "recovery sequences per optimizer step")
     micro_batch: int = option(4, "recovery sequences per forward pass")
     data: str = option("shakespeare+pystdlib", "recovery training text")
+    teacher: str | None = option(None, "the KD teacher of the recovery (default: the source model itself)")
+    val_every: int = option(4, "recovery steps between validations (the curve in recovery/metrics.jsonl)")
     calibration: str = option("shakespeare+pystdlib", "text for importance (train split) and for the one-shot "
                               "measurements (validation split)")
     calibration_tokens: int = option(8192, "tokens of calibration text, and of held-out text, each")
@@ -161,8 +163,9 @@ def _recover(model_name: str, source, tokenizer, stages: list[SlimStage], config
         model=model_name, data=config.data, out=str(run_dir), seq_len=config.seq_len, global_batch=config.global_batch,
         micro_batch=config.micro_batch, lr=config.lr, warmup_steps=2, seed=config.seed,
         losses=RECOVERY[config.recovery], stages=train_stages, ckpt_every=10_000, progress=config.progress, teacher="self",
-        val_blocks=8))
-    trainer = Trainer(cfg, model=copy.deepcopy(source), tokenizer=tokenizer, teacher=source)
+        val_blocks=8, val_every=config.val_every))
+    teacher = source if config.teacher is None else hub.load(config.teacher)[0]
+    trainer = Trainer(cfg, model=copy.deepcopy(source), tokenizer=tokenizer, teacher=teacher)
     trainer.fit()
     slim = detach_mtp(trainer.model).eval()
     if pending:

@@ -1,0 +1,207 @@
+"""slim on smollm2-135m: cut to about half its non-embedding parameters and recovered by distillation —
+does it beat the same architecture from scratch, which recovery losses help, is progressive better
+than one-shot, which criteria cut best, and how do expert cuts compare on a grown MoE?
+
+    python benchmarks/slim.py                 # everything (about an hour on 2 CPU cores)
+    python benchmarks/slim.py --tokens 16384  # shorter
+    python benchmarks/slim.py --part criteria # one-shot criteria only (minutes)
+
+The shape: 30 → 20 layers (block influence) and hidden 576 → 448 (RMSNorm importance): 20 layers ×
+hidden 448 (9 query / 3 key-value heads, FFN 1536), 55.0M of the 106.2M non-embedding parameters.
+Every trained arm gets the same N recovery tokens of shakespeare + pystdlib (seq 256, batch 8, AdamW
+3e-4 cosine) and is scored on the same held-out blocks (32 × 256 tokens of both corpora):
+  pruned_kd_lm      both cuts at once, then KD from the source + LM (the KD share 1.0 → 0.75)
+  pruned_kd / pruned_lm / pruned_kd_lm_mtp   the same cuts, KD alone, LM alone, KD + LM + MTP
+  progressive       the depth cut, 10 % of the tokens, the width cut, the other 90 % (KD + LM)
+  scratch           the same architecture from random initialisation, KD + LM from the source
+  one_shot          = pruned_kd_lm (every cut at stage 1)
+Criteria: the one-shot perplexity of each depth criterion (10 layers) and of the width cuts, and the
+depth criteria again after N tokens (depth cut alone, KD + LM). Experts: the grown MoE of
+benchmarks/grow.py (8 routed experts + a shared expert, trained), cut to 4 experts by each criterion ×
+mode one-shot, and the three modes with REAP after N tokens. Runs are kept in runs/bench-slim/ and
+reused when the script is run again with the same settings.
+Results: benchmarks/results/slim.json and slim.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RUNS = Path("runs/bench-slim")
+MODEL = "smollm2-135m"
+TEXT = "shakespeare+pystdlib"
+DEPTH = {"op": "depth", "layers": 10, "criterion": "block_influence"}
+WIDTH = {"op": "hidden", "hidden": 448}
+SHAPE = "20 layers × hidden 448 (9 query / 3 key-value heads, FFN 1536)"
+GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
+
+
+def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed: int = 0, source: str = MODEL,
+         teacher: str | None = None) -> dict:
+    """One arm through `upcycle slim` (reused when its folder holds the same settings)."""
+    from upcycle.commands.slim import SlimConfig, run
+
+    out = RUNS / name
+    settings = {"plan": plan, "tokens": tokens, "recovery": recovery, "seed": seed, "source": source,
+                "teacher": teacher}
+    marker = out / "bench_settings.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return json.loads((out / "slim_report.json").read_text())
+    stages = [{"name": s.get("name", f"stage{n}"), "cuts": s["cuts"], "tokens": s["tokens"]} for n, s in enumerate(plan)]
+    config = SlimConfig(stages=stages, recovery=recovery, seed=seed, teacher=teacher, progress=False, overwrite=True)
+    start = time.perf_counter()
+    result = run(source, str(out), config)
+    result["seconds"] = time.perf_counter() - start
+    (out / "slim_report.json").write_text(json.dumps(result, indent=2))
+    marker.write_text(json.dumps(settings))
+    return result
+
+
+def curve(name: str) -> list[tuple[int, float]]:
+    path = RUNS / name / "recovery" / "metrics.jsonl"
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in open(path)]
+    return [(r["tokens"], r["val_ppl"]) for r in records if "val_ppl" in r]
+
+
+def scratch_folder() -> str:
+    """The pruned architecture with random weights (a stock folder), for the from-scratch arm."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from upcycle import hub
+
+    folder = RUNS / "scratch-init"
+    if not (folder / "config.json").exists():
+        pruned, tokenizer = hub.load(RUNS / "criteria-oneshot-both")
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(pruned.config)
+        hub.save(model, tokenizer, folder, overwrite=True)
+    return str(folder)
+
+
+def criteria_part(tokens: int) -> dict:
+    """One-shot cost of every criterion; the depth criteria again after `tokens`."""
+    out = {"depth": {}, "width": {}}
+    for criterion in ("last", "block_influence", "angular"):
+        cut = {**DEPTH, "criterion": criterion}
+        one = slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
+        trained = slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
+        out["depth"][criterion] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "removed": one["removed"][
+            "removed_layers"], "ppl_after_tokens": trained["ppl"]["slim"], "params": one["params_after"]}
+        print(f"depth {criterion}: one-shot {one['ppl_after']:.2f}, after {tokens} tokens {trained['ppl']['slim']:.2f}",
+              flush=True)
+    for name, cut in (("hidden_rmsnorm_448", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
+                      ("heads_output_norm_6", {"op": "heads", "heads": 6})):
+        one = slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
+        out["width"][name] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "params": one["params_after"]}
+        print(f"width {name}: one-shot {one['ppl_after']:.2f}", flush=True)
+    both = slim("criteria-oneshot-both", [{"cuts": [DEPTH, WIDTH], "tokens": 0}], 0)
+    out["both_one_shot_ppl"] = both["ppl"]["slim"]
+    out["teacher_ppl"] = both["ppl"]["source"]
+    out["params"] = {"source": both["cuts"][0]["params_before"], "slim": both["cuts"][-1]["params_after"]}
+    return out
+
+
+def recovery_part(tokens: int, seeds: int) -> dict:
+    one_shot = [{"name": "cuts", "cuts": [DEPTH, WIDTH], "tokens": tokens}]
+    tenth = (tokens // 10) // 2048 * 2048 or 2048
+    progressive = [{"name": "depth", "cuts": [DEPTH], "tokens": tenth},
+                   {"name": "width", "cuts": [WIDTH], "tokens": tokens - tenth}]
+    arms = {"pruned_kd_lm": (one_shot, "kd_lm"), "pruned_kd": (one_shot, "kd"), "pruned_lm": (one_shot, "lm"),
+            "pruned_kd_lm_mtp": (one_shot, "kd_lm_mtp"), "progressive": (progressive, "kd_lm")}
+    ppl, spread, curves = {}, {}, {}
+    for arm, (plan, recovery) in arms.items():
+        values = []
+        for seed in range(seeds):
+            result = slim(f"{arm}-s{seed}", plan, tokens, recovery, seed)
+            values.append(result["ppl"]["slim"])
+            print(f"{arm} seed {seed}: {values[-1]:.3f}", flush=True)
+        ppl[arm], spread[arm] = statistics.mean(values), values
+        curves[arm] = curve(f"{arm}-s0")
+    scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, "kd_lm", 0, source=scratch_folder(),
+                   teacher=MODEL)
+    ppl["scratch"], spread["scratch"], curves["scratch"] = scratch["ppl"]["slim"], [scratch["ppl"]["slim"]], curve("scratch")
+    ppl["one_shot"] = ppl["pruned_kd_lm"]
+    return {"ppl": ppl, "seeds": spread, "curves": curves}
+
+
+def experts_part(tokens: int) -> dict:
+    if not (GROWN_MOE / "config.json").exists():
+        return {"skipped": f"{GROWN_MOE} is missing: run `python benchmarks/grow.py --part train` first"}
+    out = {"source": str(GROWN_MOE), "cut": "8 → 4 routed experts per layer (top-2 kept), shared expert kept"}
+    one_shot = {}
+    for criterion in ("frequency", "soft", "reap"):
+        for mode in ("prune", "merge", "partial"):
+            cut = {"op": "experts", "experts": 4, "criterion": criterion, "mode": mode}
+            r = slim(f"experts-{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(GROWN_MOE))
+            one_shot[f"{criterion}/{mode}"] = {"ppl": r["cuts"][0]["ppl_after"], "kl": r["cuts"][0]["kl"]}
+            out["source_ppl"] = r["cuts"][0]["ppl_before"]
+            print(f"experts {criterion}/{mode}: one-shot {one_shot[f'{criterion}/{mode}']['ppl']:.3f}", flush=True)
+    trained = {}
+    for mode in ("prune", "merge", "partial"):
+        cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": mode}
+        r = slim(f"experts-reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(GROWN_MOE))
+        trained[f"reap/{mode}"] = r["ppl"]["slim"]
+        print(f"experts reap/{mode} after {tokens}: {trained[f'reap/{mode}']:.3f}", flush=True)
+    out.update({"one_shot": one_shot, "after_tokens": trained})
+    return out
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = results.get("recovery", {}).get("curves", {})
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for arm, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", ms=3, label=arm)
+    teacher = results.get("ppl", {}).get("teacher")
+    if teacher:
+        ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher (source)")
+    ax.set_yscale("log")
+    ax.set_xlabel("recovery tokens")
+    ax.set_ylabel("validation perplexity (log)")
+    ax.set_title(f"smollm2-135m → {results.get('shape', '')}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=32768, help="recovery tokens of every trained arm")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
+    parser.add_argument("--part", choices=("all", "criteria", "recovery", "experts"), default="all")
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "slim.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.update({"model": MODEL, "shape": SHAPE, "tokens": args.tokens, "text": TEXT})
+    if args.part in ("all", "criteria", "recovery"):
+        results["criteria"] = criteria_part(args.tokens)
+        results["params"] = results["criteria"]["params"]
+    if args.part in ("all", "recovery"):
+        recovery = recovery_part(args.tokens, args.seeds)
+        results["recovery"] = recovery
+        results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
+    if args.part in ("all", "experts"):
+        results["experts"] = experts_part(args.tokens)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "slim.png")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
