@@ -241,7 +241,8 @@ def train_part(tokens: int, moe_folder: Path) -> dict:
             global_batch=8, micro_batch=4, lr=3e-4, warmup_steps=2, losses=losses, stages=[{"name": "main",
                                                                                              "tokens": tokens}],
             val_every=max(1, steps // 8), val_blocks=HELD_BLOCKS, ckpt_every=10_000, progress=False))
-        start = time.perf_counter()
+        start_ppl = math.exp(_val_loss(model, tokenizer))  # before training: the trainer changes `model` in place
+        start, trained_now = time.perf_counter(), False
         if not (out / "metrics.jsonl").exists() or not any("val_loss" in json.loads(line) and
                                                           json.loads(line)["tokens"] >= tokens
                                                           for line in open(out / "metrics.jsonl")):
@@ -249,11 +250,12 @@ def train_part(tokens: int, moe_folder: Path) -> dict:
                 import shutil
                 shutil.rmtree(out)
             Trainer(cfg, model=model, tokenizer=tokenizer).fit()
+            trained_now = True
         records = [json.loads(line) for line in open(out / "metrics.jsonl")]
         curve = [(r["tokens"], math.exp(r["val_loss"])) for r in records if "val_loss" in r]
-        start_ppl = math.exp(_val_loss(model if name != "grown" else hub.load(moe_folder)[0], tokenizer))
         runs[name] = {"curve": [(0, start_ppl)] + curve, "final_ppl": curve[-1][1], "start_ppl": start_ppl,
-                      "seconds": time.perf_counter() - start, "params": sum(p.numel() for p in model.parameters())}
+                      "seconds": time.perf_counter() - start if trained_now else None,  # None: a reused run
+                      "params": sum(p.numel() for p in model.parameters())}
         print(f"{name}: ppl {start_ppl:.2f} → {curve[-1][1]:.2f} after {tokens} tokens", flush=True)
     return {"tokens": tokens, "data": TEXT, "ppl": {k: v["final_ppl"] for k, v in runs.items()}, "runs": runs}
 
@@ -276,7 +278,7 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     pres = results.get("preservation", {})
     names = [n for n in pres if "max_dlogit" in pres[n]]
     if names:
@@ -285,19 +287,23 @@ def plot(results: dict, path: Path) -> None:
                      color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names])
         axes[0].set_xscale("log")
         axes[0].axvline(1e-3, color="k", ls="--", lw=1)
-        axes[0].set_xlabel("max |Δlogit| vs the source (log; dashed: 1e-3)")
-        axes[0].set_title("preservation per operator (green exact, orange diversity, red changed)")
+        axes[0].set_xlabel("max |Δlogit| vs the source (log; 0 drawn at 1e-8; dashed: 1e-3)")
+        axes[0].set_title("preservation (green exact, orange diversity, red changed)", fontsize=10)
         axes[0].invert_yaxis()
     train = results.get("train")
     if train:
         for name, run in train["runs"].items():
             xs, ys = zip(*run["curve"])
-            axes[1].plot(xs, ys, marker="o", label=name)
+            axes[1].plot(xs, ys, marker="o", ms=3, label=name)
+            if name != "scratch":
+                axes[2].plot(xs, ys, marker="o", ms=3, label=name, color=axes[1].lines[-1].get_color())
         axes[1].set_yscale("log")
-        axes[1].set_xlabel("training tokens")
-        axes[1].set_ylabel("validation perplexity (log)")
-        axes[1].set_title(f"grown MoE vs scratch vs dense continued ({train['tokens']} tokens)")
-        axes[1].legend()
+        axes[1].set_title(f"validation perplexity over {train['tokens']} tokens (log)", fontsize=10)
+        axes[2].set_title("grown MoE vs dense continued (linear)", fontsize=10)
+        for ax in axes[1:]:
+            ax.set_xlabel("training tokens")
+            ax.legend(fontsize=8)
+        axes[1].set_ylabel("validation perplexity")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -334,8 +340,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.one:
         return one_operator(args.one, args.source, args.json)
-    if args.table:
-        return print(table(json.loads((RESULTS / "grow.json").read_text())))
+    if args.table:  # the README table, and the plot again, from the JSON
+        results = json.loads((RESULTS / "grow.json").read_text())
+        plot(results, RESULTS / "grow.png")
+        return print(table(results))
 
     from upcycle import hub
     from upcycle.commands.grow import GrowConfig, run as grow_run
