@@ -189,16 +189,21 @@ def main() -> None:
     path = RESULTS / "slim.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update({"model": MODEL, "shape": SHAPE, "tokens": args.tokens, "text": TEXT})
+    def save():  # after every part: a long run that stops keeps what it measured
+        path.write_text(json.dumps(results, indent=2) + "\n")
+
     if args.part in ("all", "criteria", "recovery"):
         results["criteria"] = criteria_part(args.tokens)
         results["params"] = results["criteria"]["params"]
+        save()
     if args.part in ("all", "recovery"):
         recovery = recovery_part(args.tokens, args.seeds)
         results["recovery"] = recovery
         results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
+        save()
     if args.part in ("all", "experts"):
         results["experts"] = experts_part(args.tokens)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    save()
     plot(results, RESULTS / "slim.png")
     print(f"wrote {path}")
 
