@@ -4,7 +4,7 @@ than one-shot, which criteria cut best, and how do expert cuts compare on a grow
 
     python benchmarks/slim.py                 # everything (about an hour on 2 CPU cores)
     python benchmarks/slim.py --tokens 16384  # shorter
-    python benchmarks/slim.py --part criteria # one-shot criteria only (minutes)
+    python benchmarks/slim.py --part oneshot  # every criterion's one-shot cost, no training (minutes)
 
 The shape: 30 → 20 layers (block influence) and hidden 576 → 448 (RMSNorm importance): 20 layers ×
 hidden 448 (9 query / 3 key-value heads, FFN 1536), 55.0M of the 106.2M non-embedding parameters.
@@ -87,17 +87,18 @@ def scratch_folder() -> str:
     return str(folder)
 
 
-def criteria_part(tokens: int) -> dict:
-    """One-shot cost of every criterion; the depth criteria again after `tokens`."""
+def criteria_part(tokens: int, trained: bool = True) -> dict:
+    """One-shot cost of every criterion; the depth criteria again after `tokens` (when `trained`)."""
     out = {"depth": {}, "width": {}}
     for criterion in ("last", "block_influence", "angular"):
         cut = {**DEPTH, "criterion": criterion}
         one = slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
-        trained = slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
         out["depth"][criterion] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "removed": one["removed"][
-            "removed_layers"], "ppl_after_tokens": trained["ppl"]["slim"], "params": one["params_after"]}
-        print(f"depth {criterion}: one-shot {one['ppl_after']:.2f}, after {tokens} tokens {trained['ppl']['slim']:.2f}",
-              flush=True)
+            "removed_layers"], "params": one["params_after"]}
+        if trained:
+            after = slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
+            out["depth"][criterion]["ppl_after_tokens"] = after["ppl"]["slim"]
+        print(f"depth {criterion}: {out['depth'][criterion]}", flush=True)
     for name, cut in (("hidden_rmsnorm_448", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
                       ("heads_output_norm_6", {"op": "heads", "heads": 6})):
         one = slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
@@ -182,7 +183,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=32768, help="recovery tokens of every trained arm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
-    parser.add_argument("--part", choices=("all", "criteria", "recovery", "experts"), default="all")
+    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts"), default="all",
+                        help="oneshot: every criterion's one-shot cost only, no training (minutes)")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -192,6 +194,9 @@ def main() -> None:
     def save():  # after every part: a long run that stops keeps what it measured
         path.write_text(json.dumps(results, indent=2) + "\n")
 
+    if args.part == "oneshot":
+        results["criteria_one_shot"] = criteria_part(args.tokens, trained=False)
+        save()
     if args.part in ("all", "criteria", "recovery"):
         results["criteria"] = criteria_part(args.tokens)
         results["params"] = results["criteria"]["params"]
