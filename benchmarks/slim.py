@@ -6,8 +6,8 @@ than one-shot, which criteria cut best, and how do expert cuts compare on a grow
     python benchmarks/slim.py --tokens 16384  # shorter
     python benchmarks/slim.py --part oneshot  # every criterion's one-shot cost, no training (minutes)
 
-The shape: 30 → 20 layers (block influence) and hidden 576 → 448 (RMSNorm importance): 20 layers ×
-hidden 448 (9 query / 3 key-value heads, FFN 1536), 55.0M of the 106.2M non-embedding parameters.
+The shape: 30 → 20 layers (block influence) and hidden 576 → 432 (RMSNorm importance): 20 layers ×
+hidden 432 (9 query / 3 key-value heads, FFN 1536), 53.1M of the 106.2M non-embedding parameters.
 Every trained arm gets the same N recovery tokens of shakespeare + pystdlib (seq 256, batch 8, AdamW
 3e-4 cosine) and is scored on the same held-out blocks (32 × 256 tokens of both corpora):
   pruned_kd_lm      both cuts at once, then KD from the source + LM (the KD share 1.0 → 0.75)
@@ -38,8 +38,8 @@ RUNS = Path("runs/bench-slim")
 MODEL = "smollm2-135m"
 TEXT = "shakespeare+pystdlib"
 DEPTH = {"op": "depth", "layers": 10, "criterion": "block_influence"}
-WIDTH = {"op": "hidden", "hidden": 448}
-SHAPE = "20 layers × hidden 448 (9 query / 3 key-value heads, FFN 1536)"
+WIDTH = {"op": "hidden", "hidden": 432}
+SHAPE = "20 layers × hidden 432 (9 query / 3 key-value heads, FFN 1536)"
 GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
 
 
@@ -99,7 +99,7 @@ def criteria_part(tokens: int, trained: bool = True) -> dict:
             after = slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
             out["depth"][criterion]["ppl_after_tokens"] = after["ppl"]["slim"]
         print(f"depth {criterion}: {out['depth'][criterion]}", flush=True)
-    for name, cut in (("hidden_rmsnorm_448", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
+    for name, cut in (("hidden_rmsnorm_432", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
                       ("heads_output_norm_6", {"op": "heads", "heads": 6})):
         one = slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
         out["width"][name] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "params": one["params_after"]}

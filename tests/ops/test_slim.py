@@ -205,5 +205,7 @@ def test_bad_cuts_are_one_line_errors():
         apply_cut(moe, SlimStep(op="experts", experts=4), blocks)
     with pytest.raises(ConfigError, match="hidden=64 is not allowed"):
         apply_cut(dense, SlimStep(op="hidden", hidden=64), blocks)
+    with pytest.raises(ConfigError, match="hidden=50 is not allowed: a multiple of the 4 attention heads"):
+        apply_cut(dense, SlimStep(op="hidden", hidden=50), blocks)  # a width the heads cannot hold
     with pytest.raises(ConfigError, match="criterion='reap' is not allowed: for op depth"):
         SlimStep(op="depth", layers=1, criterion="reap")

@@ -52,6 +52,10 @@ def cut_hidden(model, step: SlimStep, blocks: torch.Tensor):
     H, keep = adapter.hidden_size, step.hidden
     if keep >= H:
         raise ConfigError(f"hidden={keep} is not allowed: smaller than the model's hidden size {H}")
+    heads = model.config.num_attention_heads
+    if keep % heads:  # transformers' configs refuse a hidden size the attention heads cannot divide
+        raise ConfigError(f"hidden={keep} is not allowed: a multiple of the {heads} attention heads "
+                          f"(e.g. {keep // heads * heads} or {(keep // heads + 1) * heads})")
     scores = importance.hidden_importance(model, blocks)
     index = scores.topk(keep).indices.sort().values
     params = dict(model.named_parameters())
