@@ -62,7 +62,7 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
     generator = torch.Generator().manual_seed(step.seed)
     for i in range(source.num_layers):
         ffn = source.ffn_weights(i)
-        experts, shared, shared_gate = _experts(step, ffn, target.shared_expert(i) is not None, generator)
+        experts, shared = _experts(step, ffn, generator)
         target.set_experts(i, experts)
         rows = _router_rows(step, routers.get(i) if routers else None, target.hidden_size, generator)
         target.set_router(i, rows.to(experts.gate.dtype))
@@ -71,7 +71,7 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
                 for live, value in zip((target.shared_expert(i).gate, target.shared_expert(i).up,
                                         target.shared_expert(i).down), (shared.gate, shared.up, shared.down)):
                     live.copy_(value)
-                target.shared_expert_gate(i).weight.fill_(shared_gate)
+                target.shared_expert_gate(i).weight.zero_()  # sigmoid(0) = 1/2: see shared mode's ×2
     if not all(torch.isfinite(p).all() for p in grown.parameters()):
         raise RuntimeError("dense → MoE left a weight unwritten")  # a bug, not the user's input
     kind, why = _kind(step, family)
@@ -93,8 +93,8 @@ def _widths(step: GrowStep, width: int) -> tuple[int, int]:
     return expert_width, width
 
 
-def _experts(step: GrowStep, ffn: SwiGLUWeights, has_shared: bool, generator) -> tuple[SwiGLUWeights, SwiGLUWeights, float]:
-    """The stacked routed experts, the shared expert's weights and its gate's constant weight."""
+def _experts(step: GrowStep, ffn: SwiGLUWeights, generator) -> tuple[SwiGLUWeights, SwiGLUWeights]:
+    """The stacked routed experts and the shared expert's weights (used where the family has one)."""
     E, F = step.experts, ffn.width
     if step.mode in ("copy", "drop"):
         experts = stack([ffn] * E)
@@ -127,11 +127,11 @@ def _experts(step: GrowStep, ffn: SwiGLUWeights, has_shared: bool, generator) ->
     if step.mode == "shared":
         shared = ffn.clone()
         shared.down.mul_(2.0)  # sigmoid(0) = 1/2 exactly, and ×2 is exact in floating point
-        return experts, shared, 0.0
+        return experts, shared
     # a family with a shared expert (Qwen2-MoE) always has one: here it enters with zero output
     zero = ffn.clone() if step.mode in ("copy", "drop") else neurons(ffn, torch.arange(experts.gate.shape[1]))
     zero.down.zero_()
-    return experts, zero, 0.0
+    return experts, zero
 
 
 def _expert(experts: SwiGLUWeights, e: int) -> SwiGLUWeights:
