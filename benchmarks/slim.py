@@ -3,7 +3,7 @@ does it beat the same architecture from scratch, which recovery losses help, is 
 than one-shot, which criteria cut best, and how do expert cuts compare on a grown MoE?
 
     python benchmarks/slim.py                 # everything (about an hour on 2 CPU cores)
-    python benchmarks/slim.py --tokens 16384  # shorter
+    python benchmarks/slim.py --tokens 16384  # shorter (default 24576 a trained arm)
     python benchmarks/slim.py --part oneshot  # every criterion's one-shot cost, no training (minutes)
 
 The shape: 30 → 20 layers (block influence) and hidden 576 → 432 (RMSNorm importance): 20 layers ×
@@ -29,6 +29,9 @@ import argparse
 import json
 import math
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -156,6 +159,75 @@ def experts_part(tokens: int) -> dict:
     return out
 
 
+PEERS = {"llmcompressor": "llmcompressor==0.14.0.1", "modelopt": "nvidia-modelopt==0.47.0"}
+TORCH = "torch==2.13.0"
+
+
+def peer_python() -> Path:
+    """A throwaway environment with the peers (torch pinned first, as the project's own setup does)."""
+    venv = Path(tempfile.gettempdir()) / "upcycle-bench-slim-peers"
+    python = venv / "bin" / "python"
+    if not (venv / ".installed").exists():
+        print(f"installing {', '.join(PEERS.values())} into {venv} (a throwaway environment) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
+        subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
+        subprocess.run(pip + [TORCH, *PEERS.values()], check=True, capture_output=True, text=True)
+        (venv / ".installed").touch()
+    return python
+
+
+def peers_part() -> dict:
+    """The peers' one-shot results on the same model and text: llm-compressor's REAP expert pruning on the
+    grown MoE (perplexity on the held-out blocks of upcycle's own cut, kept experts compared with ours), and
+    NVIDIA Model Optimizer's pruning on smollm2-135m (its outcome, or the exact error)."""
+    from upcycle import data, hub
+    from upcycle.eval import perplexity
+
+    try:
+        python = peer_python()
+    except subprocess.CalledProcessError as e:
+        return {"skipped": f"installing the peers failed: {(e.stderr or '').strip().splitlines()[-1:]}"}
+    out, work = {}, RUNS / "peers"
+    work.mkdir(parents=True, exist_ok=True)
+    peers = HERE / "peers"
+    if (GROWN_MOE / "config.json").exists():
+        model, tokenizer = hub.load(GROWN_MOE)
+        # The same 32 × 256 calibration and held-out blocks `upcycle slim` reads (its defaults).
+        calibration = data.blocks(TEXT, tokenizer, "train", 256, max_blocks=32)
+        held = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=32)
+        (work / "calibration.json").write_text(json.dumps({"input_ids": calibration.tolist()}))
+        folder = work / "llmcompressor-reap"
+        proc = subprocess.run([str(python), str(peers / "llmcompressor_reap.py"), str(GROWN_MOE),
+                               str(work / "calibration.json"), str(folder), "--sparsity", "0.5"],
+                              capture_output=True, text=True)
+        if proc.returncode:
+            out["llmcompressor_reap"] = {"error": proc.stderr.strip().splitlines()[-1]}
+        else:
+            run = json.loads(proc.stdout.strip().splitlines()[-1])
+            pruned, _ = hub.load(folder)
+            ppl = perplexity(pruned, held, progress=False).ppl
+            retained = json.loads((folder / "retained.json").read_text())
+            cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": "prune"}
+            ours = slim("experts-reap-prune", [{"cuts": [cut], "tokens": 0}], 0, source=str(GROWN_MOE))
+            # Kept experts per layer, theirs (keyed by module name) against ours (by layer index).
+            theirs = {int(next(p for p in name.split(".") if p.isdigit())): sorted(kept)
+                      for name, kept in retained.items()}
+            mine = {int(i): sorted(layer["kept"]) for i, layer in ours["cuts"][0]["removed"]["layers"].items()}
+            same = sum(len(set(theirs[i]) & set(mine[i])) for i in mine) / sum(len(k) for k in mine.values())
+            out["llmcompressor_reap"] = {"one_shot_ppl": ppl, "source_ppl": perplexity(model, held, progress=False).ppl,
+                                         "experts": pruned.config.num_experts, "kept_theirs": theirs,
+                                         "kept_ours": mine, "kept_agreement": same,
+                                         "upcycle_reap_prune_ppl": ours["cuts"][0]["ppl_after"], **run}
+        print(f"llm-compressor REAP: {out['llmcompressor_reap']}", flush=True)
+    proc = subprocess.run([str(python), str(peers / "modelopt_prune.py"), str(hub.builtin_folder(MODEL)),
+                           str(work / "modelopt"), "--params", "0.5"], capture_output=True, text=True)
+    lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    out["modelopt"] = lines or {"error": proc.stderr.strip().splitlines()[-1:]}
+    print(f"modelopt: {out['modelopt']}", flush=True)
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -181,9 +253,9 @@ def plot(results: dict, path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tokens", type=int, default=32768, help="recovery tokens of every trained arm")
+    parser.add_argument("--tokens", type=int, default=24576, help="recovery tokens of every trained arm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
-    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts"), default="all",
+    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "peers"), default="all",
                         help="oneshot: every criterion's one-shot cost only, no training (minutes)")
     args = parser.parse_args()
     RUNS.mkdir(parents=True, exist_ok=True)
@@ -191,23 +263,35 @@ def main() -> None:
     path = RESULTS / "slim.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results.update({"model": MODEL, "shape": SHAPE, "tokens": args.tokens, "text": TEXT})
-    def save():  # after every part: a long run that stops keeps what it measured
+    started = time.perf_counter()
+    results.setdefault("seconds", {})
+
+    def save(part=None):  # after every part: a long run that stops keeps what it measured
+        if part:
+            results["seconds"][part] = round(time.perf_counter() - started - sum(
+                v for k, v in results["seconds"].items() if k in done), 1)
+            done.append(part)
         path.write_text(json.dumps(results, indent=2) + "\n")
+    done: list = []
 
     if args.part == "oneshot":
         results["criteria_one_shot"] = criteria_part(args.tokens, trained=False)
-        save()
+        save("oneshot")
     if args.part in ("all", "criteria", "recovery"):
         results["criteria"] = criteria_part(args.tokens)
         results["params"] = results["criteria"]["params"]
-        save()
+        save("criteria")
     if args.part in ("all", "recovery"):
         recovery = recovery_part(args.tokens, args.seeds)
         results["recovery"] = recovery
         results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
-        save()
+        save("recovery")
     if args.part in ("all", "experts"):
         results["experts"] = experts_part(args.tokens)
+        save("experts")
+    if args.part in ("all", "peers"):
+        results["peers"] = peers_part()
+        save("peers")
     save()
     plot(results, RESULTS / "slim.png")
     print(f"wrote {path}")

@@ -105,6 +105,18 @@ class Adapter:
         attn = self.layer(i).self_attn
         return {name: getattr(attn, f"{name}_proj") for name in ("q", "k", "v", "o")}
 
+    def linears(self, i: int) -> dict[str, nn.Linear]:
+        """Every nn.Linear of layer i that computes (attention, FFN, shared expert), by its name in the
+        layer: what weight pruning sparsifies. A router and a shared-expert gate are left out: their rows
+        choose between paths, and a zero there is not a cheaper product."""
+        layer, skip = self.layer(i), set()
+        if self.ffn_kind(i) == "moe":
+            skip.add(id(self.router(i)))
+            if self.shared_expert_gate(i) is not None:
+                skip.add(id(self.shared_expert_gate(i)))
+        return {name: module for name, module in layer.named_modules()
+                if isinstance(module, nn.Linear) and id(module) not in skip}
+
     def norms(self, i: int) -> dict[str, nn.Module]:
         layer = self.layer(i)
         return {"input": layer.input_layernorm, "post_attention": layer.post_attention_layernorm}

@@ -31,7 +31,7 @@ class DemoConfig(Config):
     model: str = option("smollm2-135m", "the model to demonstrate on")
     max_blocks: int = option(32, "validation blocks per corpus")
     seq_len: int = option(512, "tokens per validation block")
-    sparse_tokens: int = option(16384, "training tokens of the sparsify part, for the sparse model and the dense "
+    sparse_tokens: int = option(8192, "training tokens of the sparsify part, for the sparse model and the dense "
                                 "companion alike (0: skip the sparsify part)")
     convert_steps: int = option(30, "layer-wise conversion steps per layer (demo-sized: the benchmark uses 60)")
     grow: bool = option(True, "show one growth step: dense → 8 experts top-2 with a shared expert, verified")

@@ -134,6 +134,13 @@ class LayerStream:
                     pass
         return torch.cat(rows)
 
+    def run(self) -> None:
+        """Run the current layer on the stream without moving on: for hooks that gather statistics
+        (set them with `hooked` around the call) before the layer is changed and `advance`d."""
+        with self._eval() as layer:
+            for hidden, args, kwargs in self.batches:
+                layer(hidden, *args, **kwargs)
+
     def advance(self) -> None:
         """Run the current layer (as it is now) on the stream: the next layer's inputs."""
         with self._eval() as layer:

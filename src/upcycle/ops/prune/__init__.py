@@ -1,0 +1,189 @@
+"""prune: zero most of a model's weights, one-shot — magnitude, Wanda or SparseGPT; unstructured or N:M —
+layer by layer, each layer's statistics taken from the inputs the already-pruned layers below give it
+(as SparseGPT does), so memory stays at one layer's statistics.
+
+    pruned, report = prune(model, PruneSpec(method="sparsegpt", sparsity=0.5), calibration, held)
+    pruned, report = prune(model, PruneSpec(method="wanda", nm="2:4"), calibration)
+
+masks.py (scores and masks), sparsegpt.py (the reconstruction). The zeros are in a stock model's weights;
+`report.matrices` says exactly how many each matrix holds.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from upcycle.arch import adapter_for
+from upcycle.config import Config, option
+from upcycle.errors import ConfigError, check
+from upcycle.eval import compare
+from upcycle.ops.calibrate import LayerStream, _rows, hooked
+from upcycle.ops.prune.masks import (magnitude_scores, nm_holds, nm_mask, parse_nm, pruned_count, unstructured_mask,
+                                     wanda_scores)
+from upcycle.ops.prune.sparsegpt import sparsegpt
+
+__all__ = ["PruneSpec", "PruneReport", "prune", "sparsity_of"]
+
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+@dataclass
+class PruneSpec(Config):
+    method: str = option("wanda", "magnitude (|W|), wanda (|W|·‖X‖ per output row) or sparsegpt (OBS reconstruction "
+                         "with the inputs' Hessian)", choices=METHODS)
+    sparsity: float = option(0.5, "fraction of each matrix's weights set to zero, in [0, 1) (unstructured)")
+    nm: str | None = option(None, "N:M instead: at most N nonzeros in every M consecutive inputs (2:4, 4:8)")
+    per: str = option("row", "magnitude/wanda unstructured: compare weights within each output row (Wanda's "
+                      "choice) or across the whole matrix", choices=("row", "layer"))
+    block: int = option(128, "sparsegpt: columns per block of lazy updates")
+    damp: float = option(0.01, "sparsegpt: Hessian dampening, a fraction of its mean diagonal")
+
+    def validate(self) -> None:
+        check(0.0 <= self.sparsity < 1.0, "sparsity", self.sparsity, "in [0, 1)")
+        if self.nm is not None:
+            parse_nm(self.nm)
+        check(self.block >= 1, "block", self.block, ">= 1")
+        check(self.damp > 0, "damp", self.damp, "> 0")
+
+    @property
+    def pattern(self) -> tuple[int, int] | None:
+        return parse_nm(self.nm) if self.nm else None
+
+    def describe(self) -> str:
+        target = f"{self.nm} (N:M)" if self.nm else f"{self.sparsity:.0%} unstructured"
+        return f"{self.method}, {target}" + (f" per {self.per}" if self.method != "sparsegpt" and not self.nm else "")
+
+
+@dataclass
+class PruneReport:
+    spec: str
+    seconds: float
+    matrices: dict = field(default_factory=dict)  # name -> {"zeros", "numel", "sparsity"}
+    target_zeros: int = 0  # what the spec promises over the pruned matrices
+    zeros: int = 0  # what they hold
+    ppl_before: float | None = None
+    ppl_after: float | None = None
+    kl: float | None = None
+    top1: float | None = None
+    skipped: list = field(default_factory=list)  # parameters left dense, and why
+
+    @property
+    def sparsity(self) -> float:
+        numel = sum(m["numel"] for m in self.matrices.values())
+        return self.zeros / numel if numel else 0.0
+
+    @property
+    def exact(self) -> bool:
+        return self.zeros == self.target_zeros
+
+    def line(self) -> str:
+        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}"
+                   if self.ppl_after is not None else "")
+        return (f"{self.spec}: {len(self.matrices)} matrices, {self.zeros:,} of "
+                f"{sum(m['numel'] for m in self.matrices.values()):,} weights zero ({self.sparsity:.4%}; "
+                f"{'exactly the target' if self.exact else f'target {self.target_zeros:,}'}), "
+                f"{self.seconds:.1f} s{quality}")
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "sparsity": self.sparsity, "exact": self.exact}
+
+
+def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held: torch.Tensor | None = None, *,
+          progress: bool = False):
+    """(pruned copy, PruneReport). `calibration` (n, T) token blocks feed Wanda's and SparseGPT's statistics
+    (magnitude needs none); `held` blocks, when given, measure the one-shot cost. The input model is left alone."""
+    if spec.method != "magnitude" and calibration is None:
+        raise ConfigError(f"method {spec.method} needs calibration text (magnitude does not)")
+    start = time.perf_counter()
+    pruned = copy.deepcopy(model).eval()
+    adapter = adapter_for(pruned)
+    nm = spec.pattern
+    if nm is not None:  # every matrix must hold the pattern before any is changed: nothing half-pruned
+        for i in range(adapter.num_layers):
+            for name, linear in adapter.linears(i).items():
+                if linear.in_features % nm[1]:
+                    raise ConfigError(f"N:M = {spec.nm} needs input widths divisible by {nm[1]}: layer {i} "
+                                      f"{name} has {linear.in_features}")
+    report = PruneReport(spec.describe(), 0.0)
+    stream = LayerStream(pruned, calibration) if spec.method != "magnitude" else None
+    for i in tqdm(range(adapter.num_layers), desc=f"prune ({spec.method})", disable=not progress, leave=False):
+        linears = adapter.linears(i)
+        stats = _layer_statistics(stream, linears, spec.method) if stream is not None else {}
+        for name, linear in linears.items():
+            weight, count = _prune_matrix(linear.weight, stats.get(name), spec, nm)
+            with torch.no_grad():
+                linear.weight.copy_(weight)
+            zeros = int((linear.weight == 0).sum())
+            report.matrices[f"layers.{i}.{name}"] = {"zeros": zeros, "numel": linear.weight.numel(),
+                                                     "sparsity": zeros / linear.weight.numel()}
+            report.zeros += zeros
+            report.target_zeros += count
+        if stream is not None:
+            stream.advance()
+    report.skipped = _left_dense(pruned, adapter)
+    pruned.config.upcycle_pruning = {"method": spec.method, "sparsity": report.sparsity, "nm": spec.nm,
+                                     "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
+                                     "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
+                                                 "or the LM head); zeros stored in the weights"}
+    report.seconds = time.perf_counter() - start
+    if held is not None:
+        eq = compare(model, pruned, held)
+        report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
+        report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
+    return pruned, report
+
+
+def _layer_statistics(stream: LayerStream, linears: dict, method: str) -> dict:
+    """Per linear of the current layer: the sums of squares of its inputs (Wanda) or XᵀX (SparseGPT)."""
+    stats: dict = {}
+
+    def gather(name, module, args):
+        x = _rows(args[0])
+        value = x.T @ x if method == "sparsegpt" else (x * x).sum(0)
+        stats[name] = value if name not in stats else stats[name] + value
+
+    with hooked(linears, pre=gather):
+        stream.run()
+    return stats
+
+
+def _prune_matrix(weight: torch.Tensor, stat, spec: PruneSpec, nm) -> tuple[torch.Tensor, int]:
+    """(new weight, the zeros it promises)."""
+    rows, cols = weight.shape
+    target = rows * (cols // nm[1]) * (nm[1] - nm[0]) if nm else (
+        rows * pruned_count(cols, spec.sparsity) if spec.per == "row" and spec.method != "sparsegpt"
+        else pruned_count(rows * cols, spec.sparsity))
+    if spec.method == "sparsegpt":
+        new, _ = sparsegpt(weight, stat, sparsity=spec.sparsity, nm=nm, block=spec.block, damp=spec.damp)
+        return new, target
+    scores = magnitude_scores(weight) if spec.method == "magnitude" else wanda_scores(weight, stat)
+    mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, spec.sparsity, per=spec.per)
+    return weight.detach().masked_fill(mask, 0.0), target
+
+
+def _left_dense(model, adapter) -> list[str]:
+    """What a reader might expect pruned and is not: fused expert tensors, routers."""
+    notes = []
+    for i in range(adapter.num_layers):
+        if adapter.ffn_kind(i) == "moe":
+            notes.append(f"layer {i}: routed experts (fused expert tensors) and router left dense")
+    return notes
+
+
+def sparsity_of(model) -> dict:
+    """{name: fraction of zeros} for every nn.Linear of every decoder layer: an independent count."""
+    adapter = adapter_for(model)
+    return {f"layers.{i}.{name}": float((linear.weight == 0).float().mean())
+            for i in range(adapter.num_layers) for name, linear in adapter.linears(i).items()}
+
+
+def holds_nm(model, n: int, m: int) -> bool:
+    adapter = adapter_for(model)
+    return all(nm_holds(linear.weight, n, m) for i in range(adapter.num_layers)
+               for linear in adapter.linears(i).values())
