@@ -30,10 +30,10 @@ import json
 import math
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
+
+from peers import driver, peer_python
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -159,24 +159,6 @@ def experts_part(tokens: int) -> dict:
     return out
 
 
-PEERS = {"llmcompressor": "llmcompressor==0.14.0.1", "modelopt": "nvidia-modelopt==0.47.0"}
-TORCH = "torch==2.13.0"
-
-
-def peer_python() -> Path:
-    """A throwaway environment with the peers (torch pinned first, as the project's own setup does)."""
-    venv = Path(tempfile.gettempdir()) / "upcycle-bench-slim-peers"
-    python = venv / "bin" / "python"
-    if not (venv / ".installed").exists():
-        print(f"installing {', '.join(PEERS.values())} into {venv} (a throwaway environment) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
-        subprocess.run(pip + [TORCH, *PEERS.values()], check=True, capture_output=True, text=True)
-        (venv / ".installed").touch()
-    return python
-
-
 def peers_part() -> dict:
     """The peers' one-shot results on the same model and text: llm-compressor's REAP expert pruning on the
     grown MoE (perplexity on the held-out blocks of upcycle's own cut, kept experts compared with ours), and
@@ -190,7 +172,6 @@ def peers_part() -> dict:
         return {"skipped": f"installing the peers failed: {(e.stderr or '').strip().splitlines()[-1:]}"}
     out, work = {}, RUNS / "peers"
     work.mkdir(parents=True, exist_ok=True)
-    peers = HERE / "peers"
     if (GROWN_MOE / "config.json").exists():
         model, tokenizer = hub.load(GROWN_MOE)
         # The same 32 × 256 calibration and held-out blocks `upcycle slim` reads (its defaults).
@@ -198,7 +179,7 @@ def peers_part() -> dict:
         held = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=32)
         (work / "calibration.json").write_text(json.dumps({"input_ids": calibration.tolist()}))
         folder = work / "llmcompressor-reap"
-        proc = subprocess.run([str(python), str(peers / "llmcompressor_reap.py"), str(GROWN_MOE),
+        proc = subprocess.run([str(python), driver("llmcompressor_reap"), str(GROWN_MOE),
                                str(work / "calibration.json"), str(folder), "--sparsity", "0.5"],
                               capture_output=True, text=True)
         if proc.returncode:
@@ -220,7 +201,7 @@ def peers_part() -> dict:
                                          "kept_ours": mine, "kept_agreement": same,
                                          "upcycle_reap_prune_ppl": ours["cuts"][0]["ppl_after"], **run}
         print(f"llm-compressor REAP: {out['llmcompressor_reap']}", flush=True)
-    proc = subprocess.run([str(python), str(peers / "modelopt_prune.py"), str(hub.builtin_folder(MODEL)),
+    proc = subprocess.run([str(python), driver("modelopt_prune"), str(hub.builtin_folder(MODEL)),
                            str(work / "modelopt"), "--params", "0.5"], capture_output=True, text=True)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     out["modelopt"] = lines or {"error": proc.stderr.strip().splitlines()[-1:]}

@@ -128,3 +128,13 @@ def test_nm_on_a_width_it_cannot_group_is_refused_before_anything_changes():
 def test_wanda_without_calibration_is_refused():
     with pytest.raises(ConfigError, match="calibration"):
         prune(hub.tiny("llama"), PruneSpec(method="wanda"))
+
+
+def test_in_place_pruning_gives_the_copys_weights_and_perplexities():
+    model = hub.tiny("qwen2")
+    calibration, held = tokens_for(model, n=4, length=32, seed=0), tokens_for(model, n=4, length=32, seed=1)
+    spec = PruneSpec(method="sparsegpt", sparsity=0.5)
+    copied, report = prune(model, spec, calibration, held)
+    same, in_place = prune(hub.tiny("qwen2"), spec, calibration, held, inplace=True)
+    assert all(torch.equal(a, b) for a, b in zip(_linears(copied).values(), _linears(same).values()))
+    assert abs(in_place.ppl_after - report.ppl_after) < 1e-6 * report.ppl_after and in_place.kl is None

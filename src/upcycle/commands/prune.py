@@ -46,7 +46,9 @@ def run(model: str, out: str, config: PruneConfig = PruneConfig()) -> dict:
         calibration = data.blocks(config.calibration, tokenizer, "train", config.seq_len, max_blocks=n_blocks)
     held = data.blocks(config.calibration, tokenizer, "validation", config.seq_len, max_blocks=8192 // config.seq_len)
     spec = PruneSpec(**{f.name: getattr(config, f.name) for f in dataclasses.fields(PruneSpec)})
-    pruned, report = prune(source, spec, calibration, held, progress=config.progress)
+    # in place: one model in memory, as a user pruning a large model needs (the one-shot cost is then
+    # perplexity before/after; the Python API's copy adds KL against the source)
+    pruned, report = prune(source, spec, calibration, held, progress=config.progress, inplace=True)
     print(f"pruned: {report.line()}", flush=True)
     folder, reload_check = hub.save_verified(pruned, tokenizer, out_path, overwrite=config.overwrite)
     reloaded, _ = hub.load(folder)
@@ -71,7 +73,6 @@ def write_report(folder, source: str, report: PruneReport, config: PruneConfig) 
                        markdown_table(["matrix", "weights", "zeros", "sparsity"], rows))
     if report.ppl_after is not None:
         run_folder.section("One-shot cost", f"Held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}; "
-                           f"mean KL {report.kl:.4g}; top-1 agreement {report.top1:.4f} "
                            f"({config.calibration}, validation split).")
     run_folder.metrics.update({"source": source, "config": json.loads(json.dumps(config.to_dict(), default=str)),
                                **report.as_dict()})

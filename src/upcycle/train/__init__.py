@@ -7,6 +7,7 @@ from upcycle.train import sparsify as _sparsify  # noqa: F401  registers the rou
 from upcycle.train import moe as _moe  # noqa: F401  registers the balance and router_z losses, the top_k stage
 from upcycle.train import slim as _slim  # noqa: F401  registers the slim stage (cuts inside a schedule)
 from upcycle.train import mtp as _mtp  # noqa: F401  registers the mtp loss
+from upcycle.train import seft as _seft  # noqa: F401  registers the seft stage and callbacks seft, masked
 
 __all__ = ["Trainer", "TrainConfig", "StageConfig", "LossTerm", "GroupConfig", "Callback", "LOSSES", "LossInputs",
            "register_loss", "TRANSFORMS", "register_transform", "CALLBACKS", "register_callback", "TrainingDiverged",

@@ -62,7 +62,7 @@ class Callback:
     def on_stage_start(self, trainer: "Trainer") -> None: ...
 
     def on_after_backward(self, trainer: "Trainer") -> None:
-        """Gradients of this step are in the parameters' .grad; the optimizer has not stepped."""
+        """Gradients of this step are in the parameters' .grad, not yet clipped; the optimizer has not stepped."""
 
     def on_step_end(self, trainer: "Trainer", record: dict) -> None: ...
 
@@ -209,12 +209,12 @@ class Trainer:
             last = checkpoint.latest(self.out)
             raise TrainingDiverged(f"loss became {total.item()} at step {self.progress.step + 1} (stage {stage.name!r}); "
                                    f"stopped; last good checkpoint: {last or 'none yet'}")
+        for cb in callbacks:  # before clipping: a callback that edits gradients does so before the norm is taken
+            cb.on_after_backward(self)
         grad_norm = None
         if cfg.clip is not None:
             params = [p for g in self.optimizer.param_groups for p in g["params"]]
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
-        for cb in callbacks:
-            cb.on_after_backward(self)
         self.optimizer.step()
         self.progress.stage_step += 1
         self.progress.step += 1

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from upcycle.arch import adapter_for
 from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
-from upcycle.eval import compare
+from upcycle.eval import compare, perplexity
 from upcycle.ops.calibrate import LayerStream, _rows, hooked
 from upcycle.ops.prune.masks import (magnitude_scores, nm_holds, nm_mask, parse_nm, pruned_count, unstructured_mask,
                                      wanda_scores)
@@ -83,8 +83,8 @@ class PruneReport:
         return self.zeros == self.target_zeros
 
     def line(self) -> str:
-        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}"
-                   if self.ppl_after is not None else "")
+        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}" if self.ppl_after is not None else "")
+        quality += f", mean KL {self.kl:.3g}" if self.kl is not None else ""
         return (f"{self.spec}: {len(self.matrices)} matrices, {self.zeros:,} of "
                 f"{sum(m['numel'] for m in self.matrices.values()):,} weights zero ({self.sparsity:.4%}; "
                 f"{'exactly the target' if self.exact else f'target {self.target_zeros:,}'}), "
@@ -95,13 +95,16 @@ class PruneReport:
 
 
 def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held: torch.Tensor | None = None, *,
-          progress: bool = False):
+          progress: bool = False, inplace: bool = False):
     """(pruned copy, PruneReport). `calibration` (n, T) token blocks feed Wanda's and SparseGPT's statistics
-    (magnitude needs none); `held` blocks, when given, measure the one-shot cost. The input model is left alone."""
+    (magnitude needs none); `held` blocks, when given, measure the one-shot cost (perplexity before and after,
+    and KL and top-1 against the source). The input model is left alone, unless `inplace`: then it is the
+    one pruned (memory: one model, as llm-compressor works; perplexity before/after only, no KL)."""
     if spec.method != "magnitude" and calibration is None:
         raise ConfigError(f"method {spec.method} needs calibration text (magnitude does not)")
+    before = perplexity(model, held, progress=False).ppl if inplace and held is not None else None
     start = time.perf_counter()
-    pruned = copy.deepcopy(model).eval()
+    pruned = model.eval() if inplace else copy.deepcopy(model).eval()
     adapter = adapter_for(pruned)
     nm = spec.pattern
     if nm is not None:  # every matrix must hold the pattern before any is changed: nothing half-pruned
@@ -132,7 +135,9 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
                                      "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
                                                  "or the LM head); zeros stored in the weights"}
     report.seconds = time.perf_counter() - start
-    if held is not None:
+    if held is not None and inplace:
+        report.ppl_before, report.ppl_after = before, perplexity(pruned, held, progress=False).ppl
+    elif held is not None:
         eq = compare(model, pruned, held)
         report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
         report.kl, report.top1 = eq.mean_kl, eq.top1_agreement

@@ -1,0 +1,170 @@
+"""prune on smollm2-135m: one-shot magnitude / Wanda / SparseGPT at 50 % and 70 % unstructured and 2:4, each
+in its own process (seconds of the pruning itself, the process's peak memory, held-out perplexity), side by
+side with llm-compressor's one-shot Wanda and SparseGPT on the same model, calibration blocks and sparsity,
+measured the same way (its output scored by upcycle's own perplexity on the same held-out blocks).
+
+    python benchmarks/prune_seft.py                 # the one-shot part (about 20 minutes on 2 CPU cores)
+    python benchmarks/prune_seft.py --no-peer       # upcycle only
+
+Calibration: 128 blocks × 256 tokens of shakespeare + pystdlib (train split); held-out: 32 × 256
+(validation split). llm-compressor 0.14.0.1 is installed by the script into a throwaway environment
+(benchmarks/peers: torch pinned). Results: benchmarks/results/prune_seft.json and prune_seft.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from peers import PEERS, driver, peer_python
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RUNS = Path("runs/bench-prune")
+MODEL = "smollm2-135m"
+TEXT = "shakespeare+pystdlib"
+CALIBRATION_BLOCKS, HELD_BLOCKS, SEQ = 128, 32, 256
+TARGETS = {"50": {"sparsity": 0.5}, "70": {"sparsity": 0.7}, "2:4": {"nm": "2:4"}}
+METHODS = ("magnitude", "wanda", "sparsegpt")
+
+
+def blocks(tokenizer):
+    from upcycle import data
+
+    return (data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_BLOCKS),
+            data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS))
+
+
+def child(method: str, target: str, out_json: str) -> None:
+    """One upcycle run in this process: load, prune in place, score; the parent reads the peak memory."""
+    import resource
+
+    from upcycle import hub
+    from upcycle.ops.prune import PruneSpec, prune
+
+    model, tokenizer = hub.load(MODEL)
+    calibration, held = blocks(tokenizer)
+    spec = PruneSpec(method=method, **TARGETS[target])
+    _, report = prune(model, spec, calibration if method != "magnitude" else None, held, inplace=True)
+    Path(out_json).write_text(json.dumps({
+        "ppl": report.ppl_after, "ppl_dense": report.ppl_before, "seconds": report.seconds,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "sparsity": report.sparsity,
+        "exact": report.exact}))
+
+
+def run_child(method: str, target: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        out = f.name
+    proc = subprocess.run([sys.executable, __file__, "--child", method, target, out], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    return json.loads(Path(out).read_text())
+
+
+def run_peer(python: Path, method: str, target: str, calibration_json: Path, held, count_zeros) -> dict:
+    from upcycle import hub
+    from upcycle.eval import perplexity
+
+    out = RUNS / f"llmcompressor-{method}-{target.replace(':', 'of')}"
+    args = ["--nm", TARGETS[target]["nm"]] if "nm" in TARGETS[target] else ["--sparsity", str(TARGETS[target]["sparsity"])]
+    proc = subprocess.run([str(python), driver("llmcompressor_prune"), str(hub.builtin_folder(MODEL)),
+                           str(calibration_json), str(out), "--method", method, *args], capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    pruned, _ = hub.load(out)
+    return {**result, "ppl": perplexity(pruned, held, progress=False).ppl, "sparsity": count_zeros(pruned)}
+
+
+def oneshot_part(peer: bool) -> tuple[dict, dict]:
+    from upcycle import hub
+    from upcycle.ops.prune import sparsity_of
+
+    ours = {}
+    for target in TARGETS:
+        for method in METHODS:
+            key = f"{method}_{target}"
+            ours[key] = run_child(method, target)
+            print(f"upcycle {key}: {ours[key]}", flush=True)
+    if not peer:
+        return ours, {"skipped": "--no-peer"}
+    try:
+        python = peer_python()
+    except subprocess.CalledProcessError as e:
+        return ours, {"error": f"installing {PEERS[0]} failed: {(e.stderr or '').strip().splitlines()[-1:]}"}
+    _, tokenizer = hub.load(MODEL)
+    calibration, held = blocks(tokenizer)
+    RUNS.mkdir(parents=True, exist_ok=True)
+    calibration_json = RUNS / "calibration.json"
+    calibration_json.write_text(json.dumps({"input_ids": calibration.tolist()}))
+
+    def count_zeros(model):
+        fractions = sparsity_of(model)
+        return sum(fractions.values()) / len(fractions)  # every matrix of a layer kind has the same size
+
+    theirs = {}
+    for target in TARGETS:
+        for method in ("wanda", "sparsegpt"):
+            key = f"{method}_{target}"
+            theirs[key] = run_peer(python, method, target, calibration_json, held, count_zeros)
+            print(f"llm-compressor {key}: {theirs[key]}", flush=True)
+    return ours, {"tool": PEERS[0], **theirs}
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    targets = list(TARGETS)
+    arms = [("upcycle " + m, results["oneshot"], m) for m in METHODS]
+    arms += [("llm-compressor " + m, results.get("llmcompressor", {}), m) for m in ("wanda", "sparsegpt")]
+    width = 0.8 / len(arms)
+    for n, (label, table, method) in enumerate(arms):
+        ppl = [table.get(f"{method}_{t}", {}).get("ppl", float("nan")) for t in targets]
+        secs = [table.get(f"{method}_{t}", {}).get("seconds", float("nan")) for t in targets]
+        xs = [i + (n - len(arms) / 2 + 0.5) * width for i in range(len(targets))]
+        axes[0].bar(xs, ppl, width, label=label)
+        axes[1].bar(xs, secs, width, label=label)
+    dense = next(iter(results["oneshot"].values())).get("ppl_dense")
+    if dense:
+        axes[0].axhline(dense, color="k", ls="--", lw=1, label="dense")
+    for ax, title in zip(axes, ("held-out perplexity (log)", "seconds of pruning")):
+        ax.set_xticks(range(len(targets)), [f"{t} %" if ":" not in t else t for t in targets])
+        ax.set_title(title)
+    axes[0].set_yscale("log")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"one-shot pruning of {MODEL} on 2 CPU cores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child(*args.child)
+        return
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "prune_seft.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    started = time.perf_counter()
+    results["oneshot"], results["llmcompressor"] = oneshot_part(not args.no_peer)
+    results.update({"model": MODEL, "calibration": f"{CALIBRATION_BLOCKS} × {SEQ} tokens of {TEXT} (train split)",
+                    "held_out": f"{HELD_BLOCKS} × {SEQ} tokens (validation split)",
+                    "seconds_oneshot_part": round(time.perf_counter() - started, 1)})
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    plot(results, RESULTS / "prune_seft.png")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
