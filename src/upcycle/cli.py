@@ -15,8 +15,8 @@ from upcycle.config import plain
 from upcycle.errors import UpcycleError
 
 # the registry: adding a verb is a module upcycle/commands/<verb>.py with `run` and one name here
-VERBS = ("inspect", "eval", "convert", "densify", "sparsify", "repair", "grow", "slim", "prune", "bench", "train",
-         "demo")
+VERBS = ("inspect", "eval", "convert", "densify", "sparsify", "repair", "grow", "slim", "prune", "finetune", "bench",
+         "train", "demo")
 
 
 def main(argv: list[str] | None = None) -> int:

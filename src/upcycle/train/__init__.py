@@ -8,6 +8,7 @@ from upcycle.train import moe as _moe  # noqa: F401  registers the balance and r
 from upcycle.train import slim as _slim  # noqa: F401  registers the slim stage (cuts inside a schedule)
 from upcycle.train import mtp as _mtp  # noqa: F401  registers the mtp loss
 from upcycle.train import seft as _seft  # noqa: F401  registers the seft stage and callbacks seft, masked
+from upcycle.train import lora as _lora  # noqa: F401  registers the lora stage (peft imported on use)
 
 __all__ = ["Trainer", "TrainConfig", "StageConfig", "LossTerm", "GroupConfig", "Callback", "LOSSES", "LossInputs",
            "register_loss", "TRANSFORMS", "register_transform", "CALLBACKS", "register_callback", "TrainingDiverged",

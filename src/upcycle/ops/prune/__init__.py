@@ -131,6 +131,7 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
             stream.advance()
     report.skipped = _left_dense(pruned, adapter)
     pruned.config.upcycle_pruning = {"method": spec.method, "sparsity": report.sparsity, "nm": spec.nm,
+                                     "target": None if spec.nm else spec.sparsity,
                                      "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
                                      "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
                                                  "or the LM head); zeros stored in the weights"}
