@@ -3,7 +3,8 @@ in its own process (seconds of the pruning itself, the process's peak memory, he
 side with llm-compressor's one-shot Wanda and SparseGPT on the same model, calibration blocks and sparsity,
 measured the same way (its output scored by upcycle's own perplexity on the same held-out blocks).
 
-    python benchmarks/prune_seft.py                 # the one-shot part (about 20 minutes on 2 CPU cores)
+    python benchmarks/prune_seft.py --part oneshot  # the one-shot part (about 20 minutes on 2 CPU cores)
+    python benchmarks/prune_seft.py --part finetune # SEFT vs masked vs LoRA vs LoRA* at 50 % (--targets 50,70,2:4)
     python benchmarks/prune_seft.py --no-peer       # upcycle only
 
 Calibration: 128 blocks × 256 tokens of shakespeare + pystdlib (train split); held-out: 32 × 256
@@ -116,7 +117,63 @@ def oneshot_part(peer: bool) -> tuple[dict, dict]:
     return ours, {"tool": PEERS[0], **theirs}
 
 
+# ---- fine-tuning ----------------------------------------------------------------------------------
+# Every arm: the same pruned model, task data, steps and held-out text; each in its own process (peak memory).
+FINETUNE = {"seft": (["--sparse", "seft", "--budget-rank", "16", "--every", "3", "--window", "2"], 1e-3),
+            "masked": (["--sparse", "masked"], 1e-4),
+            "lora": (["--lora", "16"], 1e-3),
+            "lora_star": (["--lora", "16", "--lora-star"], 1e-3)}
+
+
+def pruned_source(method: str, target: str) -> Path:
+    folder = RUNS / f"source-{method}-{target.replace(':', 'of')}"
+    if not (folder / "config.json").exists():
+        args = ["--nm", TARGETS[target]["nm"]] if "nm" in TARGETS[target] else ["--sparsity", str(TARGETS[target]["sparsity"])]
+        subprocess.run([sys.executable, "-m", "upcycle.cli", "prune", MODEL, str(folder), "--method", method, *args,
+                        "--no-progress", "--overwrite"], check=True, capture_output=True, text=True)
+    return folder
+
+
+def finetune_arm(source: Path, arm: str, tokens: int, seed: int) -> dict:
+    args, lr = FINETUNE[arm]
+    out = RUNS / f"finetune-{source.name}-{arm}-s{seed}"
+    marker = out / "bench_settings.json"
+    settings = {"args": args, "lr": lr, "tokens": tokens, "seed": seed}
+    if marker.exists() and json.loads(marker.read_text()) == settings:
+        return json.loads((out / "finetune_report.json").read_text())
+    proc = subprocess.run([sys.executable, "-m", "upcycle.cli", "finetune", str(source), str(out), *args, "--lr", str(lr),
+                           "--tokens", str(tokens), "--seed", str(seed), "--no-progress", "--overwrite"],
+                          capture_output=True, text=True)
+    if proc.returncode:
+        return {"error": proc.stderr.strip().splitlines()[-1]}
+    marker.write_text(json.dumps(settings))
+    return json.loads((out / "finetune_report.json").read_text())
+
+
+def finetune_part(target: str, tokens: int, seeds: int) -> dict:
+    source = pruned_source("wanda", target)
+    out = {}
+    for arm in FINETUNE:
+        runs = [finetune_arm(source, arm, tokens, seed) for seed in range(seeds if arm in ("seft", "lora_star") else 1)]
+        ok = [r for r in runs if "error" not in r]
+        if not ok:
+            out[arm] = runs[0]
+            continue
+        mean = lambda key: sum(r["after"][key] for r in ok) / len(ok)  # noqa: E731
+        out[arm] = {"task_accuracy": mean("task_accuracy"), "ppl": mean("ppl"),
+                    "task_accuracy_seeds": [r["after"]["task_accuracy"] for r in ok],
+                    "ppl_seeds": [r["after"]["ppl"] for r in ok],
+                    "before": ok[0]["before"], "sparsity_exact": all(r["sparsity_exact"] for r in ok),
+                    "sparsity_after": ok[0]["sparsity_after"], "peak_rss_mb": ok[0]["peak_rss_mb"],
+                    "s_per_step": ok[0]["s_per_step"], "trainable_params": ok[0]["trainable_params"],
+                    "optimizer_state_mb": ok[0]["optimizer_state_mb"], "steps": ok[0]["steps"]}
+        print(f"finetune {target} {arm}: {out[arm]}", flush=True)
+    return out
+
+
 def plot(results: dict, path: Path) -> None:
+    if "oneshot" not in results:
+        return
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -148,6 +205,10 @@ def plot(results: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
+    parser.add_argument("--part", choices=("all", "oneshot", "finetune"), default="all")
+    parser.add_argument("--tokens", type=int, default=24576, help="fine-tuning tokens of every arm")
+    parser.add_argument("--seeds", type=int, default=2, help="seeds of the SEFT and LoRA* arms")
+    parser.add_argument("--targets", default="50", help="sparsities to fine-tune at, comma-separated (50,70,2:4)")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -156,11 +217,25 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "prune_seft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    started = time.perf_counter()
-    results["oneshot"], results["llmcompressor"] = oneshot_part(not args.no_peer)
     results.update({"model": MODEL, "calibration": f"{CALIBRATION_BLOCKS} × {SEQ} tokens of {TEXT} (train split)",
-                    "held_out": f"{HELD_BLOCKS} × {SEQ} tokens (validation split)",
-                    "seconds_oneshot_part": round(time.perf_counter() - started, 1)})
+                    "held_out": f"{HELD_BLOCKS} × {SEQ} tokens (validation split)"})
+    if args.part in ("all", "oneshot"):
+        started = time.perf_counter()
+        results["oneshot"], results["llmcompressor"] = oneshot_part(not args.no_peer)
+        results["seconds_oneshot_part"] = round(time.perf_counter() - started, 1)
+        path.write_text(json.dumps(results, indent=2) + "\n")
+    if args.part in ("all", "finetune"):
+        started = time.perf_counter()
+        by_target = results.setdefault("finetune_by_target", {})
+        for target in args.targets.split(","):
+            by_target[target] = finetune_part(target, args.tokens, args.seeds)
+            path.write_text(json.dumps(results, indent=2) + "\n")
+        results["finetune"] = by_target.get("50") or next(iter(by_target.values()))
+        results["finetune_setup"] = {"tokens": args.tokens, "task": "record extraction (eval/extract.py), exact match "
+                                     "on 96 held-out examples", "held_out_ppl": "pystdlib, 16 × 256 tokens",
+                                     "source": "wanda-pruned smollm2-135m", "arms": {k: {"args": v[0], "lr": v[1]}
+                                                                                     for k, v in FINETUNE.items()}}
+        results["seconds_finetune_part"] = round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "prune_seft.png")
     print(f"wrote {path}")

@@ -75,6 +75,17 @@ def test_a_one_shot_cut_from_the_python_api(tmp_path, text_folder):
     assert slim.config.num_experts == 2 and slim.config.num_experts_per_tok == 2
 
 
+def test_a_plan_without_recompute_reads_the_sources_importance_in_training_stages(source, tmp_path, text_folder):
+    stages = [{"name": "depth", "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}], "tokens": 256},
+              {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 256}]
+    config = SlimConfig(stages=stages, recompute=False, data=str(text_folder), calibration=str(text_folder),
+                        calibration_tokens=256, seq_len=64, global_batch=4, micro_batch=4, progress=False)
+    result = slim_run(str(source), str(tmp_path / "slim"), config)
+    assert [c["removed"]["importance_from"] for c in result["cuts"]] == ["source", "source"]
+    again = slim_run(str(source), str(tmp_path / "again"), SlimConfig(**{**config.to_dict(), "recompute": True}))
+    assert [c["removed"]["importance_from"] for c in again["cuts"]] == ["this model", "this model"]
+
+
 @pytest.mark.parametrize("args,message", [
     (["--op", "depth", "--layers", "3"], "layers=3 is not allowed: this model has 3 layers"),
     (["--op", "heads", "--heads", "3"], "a multiple of the 2 key/value heads"),

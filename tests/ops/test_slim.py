@@ -11,6 +11,7 @@ from upcycle import arch, hub
 from upcycle.errors import ConfigError
 from upcycle.ops.grow import GrowStep, apply_step
 from upcycle.ops.slim import SlimStep, apply_cut
+from upcycle.ops import calibrate
 from upcycle.ops.slim import importance
 
 from tests.conftest import logits, tokens_for
@@ -209,3 +210,36 @@ def test_bad_cuts_are_one_line_errors():
         apply_cut(dense, SlimStep(op="hidden", hidden=50), blocks)  # a width the heads cannot hold
     with pytest.raises(ConfigError, match="criterion='reap' is not allowed: for op depth"):
         SlimStep(op="depth", layers=1, criterion="reap")
+
+
+def test_without_recompute_every_cut_reads_the_sources_scores_through_the_earlier_cuts():
+    from upcycle.ops.slim.lineage import Lineage, source_scores
+
+    model = hub.tiny("llama", layers=4)
+    blocks = _blocks(model)
+    steps = [SlimStep(op="depth", layers=1, criterion="block_influence")] * 2 + [
+        SlimStep(op="heads", heads=2), SlimStep(op="ffn_width", width=96), SlimStep(op="hidden", hidden=48)]
+    scores, lineage, slim = source_scores(model, steps, blocks), Lineage.of(model), model
+    for step in steps:
+        slim, report = apply_cut(slim, step, blocks, scores=lineage.read(scores, step))
+        assert report.removed["importance_from"] == "source"
+        lineage = lineage.after(step, report.removed)
+    # independently, on the source: the two least influential layers go; in each kept layer the best query head of
+    # each key/value group, the 96 most important FFN neurons, and the 48 most important hidden channels stay
+    layers = sorted(importance.block_influence(model, blocks).argsort()[2:].tolist())
+    heads = importance.head_importance(model, blocks)
+    channels = importance.hidden_importance(model, blocks).topk(48).indices.sort().values
+    assert list(lineage.layers) == layers and list(lineage.channels) == channels.tolist()
+    src, out = arch.adapter_for(model), arch.adapter_for(slim)
+    stream = calibrate.LayerStream(model, blocks)
+    neurons = {}
+    for i in range(4):
+        neurons[i] = calibrate.channel_importance(src.ffn_weights(i), stream.module_inputs(src.ffn(i))).topk(96).indices
+        stream.advance()
+    for new, old in enumerate(layers):
+        kept_heads = [int(heads[old, :2].argmax()), 2 + int(heads[old, 2:].argmax())]
+        rows = torch.cat([torch.arange(h * 16, (h + 1) * 16) for h in kept_heads])
+        expected_q = src.attention(old)["q"].weight[rows][:, channels]
+        assert torch.equal(out.attention(new)["q"].weight, expected_q)
+        expected_up = src.ffn_weights(old).up[neurons[old].sort().values][:, channels]
+        assert torch.equal(out.ffn_weights(new).up, expected_up)

@@ -17,7 +17,8 @@ from upcycle.commands import quiet_transformers
 from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare
-from upcycle.ops.slim import CutReport, SlimStep, apply_cut
+from upcycle.ops.slim import CutReport, SlimStep
+from upcycle.ops.slim.lineage import Lineage, source_scores
 from upcycle.report import RunFolder, markdown_table
 from upcycle.yamlfile import read_mapping
 
@@ -58,6 +59,9 @@ class SlimConfig(SlimStep):
     data: str = option("shakespeare+pystdlib", "recovery training text")
     teacher: str | None = option(None, "the KD teacher of the recovery (default: the source model itself)")
     val_every: int = option(4, "recovery steps between validations (the curve in recovery/metrics.jsonl)")
+    recompute: bool = option(True, "measure each cut's importance on the model as it is then (after the cuts and "
+                             "training before it); --no-recompute: once, on the source, for the whole plan "
+                             "(block influence, hidden, heads, FFN neurons; angular and experts always anew)")
     calibration: str = option("shakespeare+pystdlib", "text for importance (train split) and for the one-shot "
                               "measurements (validation split)")
     calibration_tokens: int = option(8192, "tokens of calibration text, and of held-out text, each")
@@ -111,13 +115,13 @@ def run(model: str, out: str, config: SlimConfig = SlimConfig()) -> dict:
     held = data.blocks(config.calibration, tokenizer, "validation", config.seq_len, max_blocks=n_blocks)
     training = any(s.tokens for s in stages)
     run_dir = None
-    slim_stage.REPORTS.clear()
+    slim_stage.reset(source_scores(source, [c for s in stages for c in s.cuts], calibration)
+                     if not config.recompute else None, Lineage.of(source))
     if not training:
         slim = source
         for stage in stages:
             for step in stage.cuts:
-                slim, report = apply_cut(slim, step, calibration, held)
-                slim_stage.REPORTS.append(report)
+                slim, report = slim_stage.cut(slim, step, calibration, held)
                 print(f"cut: {report.line()}", flush=True)
     else:
         run_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.recovery.", dir=_existing_parent(out_path)))
@@ -150,7 +154,7 @@ def _recover(model_name: str, source, tokenizer, stages: list[SlimStage], config
     from upcycle.train.mtp import detach_mtp
 
     calibration = {"calibration": config.calibration, "calibration_tokens": config.calibration_tokens,
-                   "seq_len": config.seq_len, "held_tokens": config.calibration_tokens}
+                   "seq_len": config.seq_len, "held_tokens": config.calibration_tokens, "recompute": config.recompute}
     train_stages, pending = [], []
     for stage in stages:
         pending += [s.to_dict() for s in stage.cuts]

@@ -47,13 +47,19 @@ class CutReport:
         return asdict(self)
 
 
-def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tensor | None = None):
-    """(smaller copy, CutReport): the cut chosen by importance on `calibration` blocks, measured on
-    `held` blocks (perplexity before/after, KL, top-1) when given. The input model is left alone."""
+def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tensor | None = None, *, scores=None):
+    """(smaller copy, CutReport): the cut chosen by importance on `calibration` blocks (or by `scores`
+    measured before, in this model's indices: see lineage.py), measured on `held` blocks (perplexity
+    before/after, KL, top-1) when given. The input model is left alone."""
     if step.op is None:
         raise ConfigError("a cut needs op: one of depth, hidden, ffn_width, heads, experts")
     start = time.perf_counter()
-    slim, removed = CUTS[step.op](model, step, calibration)
+    if scores is not None and step.op in ("depth", "hidden", "ffn_width", "heads"):
+        slim, removed = CUTS[step.op](model, step, calibration, scores=scores)
+    else:
+        slim, removed = CUTS[step.op](model, step, calibration)
+    removed["importance_from"] = "source" if scores is not None else "this model"
+
     report = CutReport(step.describe(), _params(model), _params(slim), time.perf_counter() - start, removed)
     if held is not None:
         eq = compare(model, slim, held)

@@ -24,7 +24,7 @@ from upcycle.ops.slim import importance
 from upcycle.ops.slim.step import SlimStep
 
 
-def cut_depth(model, step: SlimStep, blocks: torch.Tensor):
+def cut_depth(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor | None = None):
     adapter = adapter_for(model)
     n, drop = adapter.num_layers, step.layers
     if drop >= n:
@@ -33,9 +33,9 @@ def cut_depth(model, step: SlimStep, blocks: torch.Tensor):
     if step.rule == "last":
         removed = list(range(n - drop, n))
     elif step.rule == "block_influence":
-        scores = importance.block_influence(model, blocks)
+        scores = importance.block_influence(model, blocks) if scores is None else scores
         removed = sorted(scores.argsort()[:drop].tolist())
-    else:
+    else:  # angular: always measured on the model as it is (see lineage.py)
         scores = importance.angular_distance(model, blocks, drop)
         start = int(scores.argmin())
         removed = list(range(start, start + drop))
@@ -47,7 +47,7 @@ def cut_depth(model, step: SlimStep, blocks: torch.Tensor):
 
 
 @torch.no_grad()
-def cut_hidden(model, step: SlimStep, blocks: torch.Tensor):
+def cut_hidden(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor | None = None):
     adapter = adapter_for(model)
     H, keep = adapter.hidden_size, step.hidden
     if keep >= H:
@@ -56,7 +56,7 @@ def cut_hidden(model, step: SlimStep, blocks: torch.Tensor):
     if keep % heads:  # transformers' configs refuse a hidden size the attention heads cannot divide
         raise ConfigError(f"hidden={keep} is not allowed: a multiple of the {heads} attention heads "
                           f"(e.g. {keep // heads * heads} or {(keep // heads + 1) * heads})")
-    scores = importance.hidden_importance(model, blocks)
+    scores = importance.hidden_importance(model, blocks) if scores is None else scores
     index = scores.topk(keep).indices.sort().values
     params = dict(model.named_parameters())
     new = {}
@@ -75,7 +75,7 @@ def cut_hidden(model, step: SlimStep, blocks: torch.Tensor):
 
 
 @torch.no_grad()
-def cut_ffn_width(model, step: SlimStep, blocks: torch.Tensor):
+def cut_ffn_width(model, step: SlimStep, blocks: torch.Tensor, scores: list | None = None):
     adapter = adapter_for(model)
     kinds = {adapter.ffn_kind(i) for i in range(adapter.num_layers)}
     if kinds != {"dense"}:
@@ -87,20 +87,24 @@ def cut_ffn_width(model, step: SlimStep, blocks: torch.Tensor):
     groups, params = adapter.parameter_groups(), dict(model.named_parameters())
     slim = copy_except(model, [params[n] for n in groups["ffn"]])
     target = adapter_for(slim)
-    stream, shares = LayerStream(model, blocks), []
+    stream, shares, kept = (LayerStream(model, blocks) if scores is None else None), [], []
     for i in range(adapter.num_layers):
         w = adapter.ffn_weights(i)
-        score = channel_importance(w, stream.module_inputs(adapter.ffn(i)))
-        stream.advance()
+        if stream is not None:
+            score = channel_importance(w, stream.module_inputs(adapter.ffn(i)))
+            stream.advance()
+        else:
+            score = scores[i]
         index = score.topk(step.width).indices.sort().values
         shares.append(float(score[index].sum() / score.sum()))
+        kept.append(index.tolist())
         target.set_ffn_weights(i, SwiGLUWeights(w.gate[index].clone(), w.up[index].clone(), w.down[:, index].clone()))
     target.set_config(ffn_size=step.width)
-    return slim, {"kept_importance_per_layer": shares}
+    return slim, {"kept_importance_per_layer": shares, "kept_neurons": kept}
 
 
 @torch.no_grad()
-def cut_heads(model, step: SlimStep, blocks: torch.Tensor):
+def cut_heads(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor | None = None):
     adapter = adapter_for(model)
     config = model.config
     heads, kv = config.num_attention_heads, config.num_key_value_heads
@@ -108,7 +112,7 @@ def cut_heads(model, step: SlimStep, blocks: torch.Tensor):
         raise ConfigError(f"heads={step.heads} is not allowed: fewer than the {heads} query heads and a multiple of "
                           f"the {kv} key/value heads (each key/value head keeps the same number of queries)")
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    scores = importance.head_importance(model, blocks)
+    scores = importance.head_importance(model, blocks) if scores is None else scores
     per_group, group = step.heads // kv, heads // kv
     slim = copy.deepcopy(model)
     target = adapter_for(slim)
