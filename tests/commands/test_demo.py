@@ -21,3 +21,6 @@ def test_the_demo_runs_every_step_on_a_tiny_model(tmp_path, tmp_cache):
     slim = metrics["slim"]
     assert "Slim: fewer layers" in text and slim["params_after"] < slim["params_before"]
     assert len(slim["removed"]["removed_layers"]) == 1  # a fifth of the tiny model's 2 layers, at least one
+    prune = metrics["prune"]
+    assert "Prune and fine-tune sparse" in text and prune["exact"] and prune["seft"]["sparsity_exact"]
+    assert abs(prune["sparsity"] - 0.5) < 0.01 and (tmp_path / "demo" / "seft" / "config.json").exists()

