@@ -148,14 +148,18 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
 def _layer_statistics(stream: LayerStream, linears: dict, method: str) -> dict:
     """Per linear of the current layer: the sums of squares of its inputs (Wanda) or XᵀX (SparseGPT)."""
     stats: dict = {}
+    last: dict = {}  # q/k/v (and gate/up) read one tensor: its statistic is computed once
 
     def gather(name, module, args):
-        x = _rows(args[0])
-        value = x.T @ x if method == "sparsegpt" else (x * x).sum(0)
-        stats[name] = value if name not in stats else stats[name] + value
+        if last.get("input") is not args[0]:
+            x = _rows(args[0])
+            last.update(input=args[0], value=x.T @ x if method == "sparsegpt" else (x * x).sum(0))
+        value = last["value"]
+        stats[name] = value.clone() if name not in stats else stats[name] + value
 
     with hooked(linears, pre=gather):
         stream.run()
+    last.clear()
     return stats
 
 
