@@ -106,7 +106,10 @@ def criteria_part(tokens: int, trained: bool = True) -> dict:
                       ("heads_output_norm_6", {"op": "heads", "heads": 6})):
         one = slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
         out["width"][name] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "params": one["params_after"]}
-        print(f"width {name}: one-shot {one['ppl_after']:.2f}", flush=True)
+        if trained:
+            after = slim(f"criteria-{name}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
+            out["width"][name]["ppl_after_tokens"] = after["ppl"]["slim"]
+        print(f"width {name}: {out['width'][name]}", flush=True)
     both = slim("criteria-oneshot-both", [{"cuts": [DEPTH, WIDTH], "tokens": 0}], 0)
     out["both_one_shot_ppl"] = both["ppl"]["slim"]
     out["teacher_ppl"] = both["ppl"]["source"]
