@@ -204,10 +204,22 @@ def peers_part() -> dict:
                                          "kept_ours": mine, "kept_agreement": same,
                                          "upcycle_reap_prune_ppl": ours["cuts"][0]["ppl_after"], **run}
         print(f"llm-compressor REAP: {out['llmcompressor_reap']}", flush=True)
+    # NVIDIA Model Optimizer on the dense model: FastNAS's search space is the FFN width, so it is set the
+    # parameter count of upcycle's own FFN cut (1536 → 1024 by activation importance) and compared with it
+    model, tokenizer = hub.load(MODEL)
+    calibration = data.blocks(TEXT, tokenizer, "train", 256, max_blocks=32)
+    held = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=32)
+    (work / "dense_calibration.json").write_text(json.dumps({"input_ids": calibration.tolist()}))
+    (work / "dense_held.json").write_text(json.dumps({"input_ids": held.tolist()}))
+    ours = slim("criteria-ffn_activation_1024", [{"cuts": [{"op": "ffn_width", "width": 1024}], "tokens": 0}], 0)
+    share = ours["cuts"][0]["params_after"] / ours["cuts"][0]["params_before"]
     proc = subprocess.run([str(python), driver("modelopt_prune"), str(hub.builtin_folder(MODEL)),
-                           str(work / "modelopt"), "--params", "0.5"], capture_output=True, text=True)
+                           str(work / "dense_calibration.json"), str(work / "dense_held.json"), "--params",
+                           f"{share:.4f}"], capture_output=True, text=True)
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    out["modelopt"] = lines or {"error": proc.stderr.strip().splitlines()[-1:]}
+    out["modelopt"] = {"runs": lines or [{"error": proc.stderr.strip().splitlines()[-1:]}],
+                       "upcycle_ffn_1024": {"ppl": ours["cuts"][0]["ppl_after"], "params": ours["cuts"][0]["params_after"],
+                                            "seconds": ours["cuts"][0]["seconds"]}}
     print(f"modelopt: {out['modelopt']}", flush=True)
     return out
 

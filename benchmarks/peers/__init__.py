@@ -8,7 +8,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-PEERS = ("llmcompressor==0.14.0.1", "nvidia-modelopt==0.47.0")
+# modelopt's Minitron plugin imports megatron-core (and, through it, transformer_engine); its FastNAS mode
+# profiles with torchprofile 0.0.4 (later releases lack the module it reads)
+PEERS = ("llmcompressor==0.14.0.1", "nvidia-modelopt==0.47.0", "megatron-core==0.16.1", "torchprofile==0.0.4")
 TORCH = "torch==2.13.0"
 HERE = Path(__file__).parent
 

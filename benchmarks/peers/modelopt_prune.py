@@ -1,15 +1,20 @@
 """NVIDIA Model Optimizer's pruning on a Hugging Face Llama folder — run inside a throwaway environment
-holding nvidia-modelopt (benchmarks/slim.py --part peers makes one); upcycle is not importable there.
+holding nvidia-modelopt (benchmarks/peers makes one); upcycle is not importable there.
 
-    python modelopt_prune.py MODEL OUT --params 0.5
+    python modelopt_prune.py MODEL CALIBRATION.json HELD.json --params 0.803
 
-Tries the two pruning modes modelopt has: `mcore_minitron` (the Minitron method; needs a Megatron-Core
-model) and `fastnas` (its generic search-space pruning, params constraint, scored by the negative loss
-on a calibration batch). Prints one JSON line per mode: {"mode", "ok", "error" | "params", "seconds"}.
+Tries both pruning modes modelopt has. `mcore_minitron` (the Minitron method) needs a Megatron-Core
+model and its plugin imports transformer_engine (CUDA only): the exact error is the result on a CPU.
+`fastnas` (its generic search-space pruning) runs on the Hugging Face model: its search space is the
+FFN width of each layer; the constraint is a share of the parameters, the score the negative loss on
+two calibration blocks; the pruned model's perplexity on the held-out blocks (each block scored on its
+own, as upcycle scores) is measured here, since its per-layer widths are not a stock config.
+Prints one JSON line per mode: {"mode", "ok", "error" | "params", "ppl", "seconds"}.
 """
 
 import argparse
 import json
+import math
 import time
 import traceback
 
@@ -17,25 +22,36 @@ import torch
 from transformers import AutoModelForCausalLM
 
 
-def attempt(mode: str, model_dir: str, params: float) -> dict:
-    import modelopt.torch.prune as mtp
+def held_ppl(model, held) -> float:
+    model.eval()
+    with torch.no_grad():
+        losses = [float(model(input_ids=b.unsqueeze(0), labels=b.unsqueeze(0)).loss) for b in held]
+    return math.exp(sum(losses) / len(losses))  # equal-length blocks: the mean over every predicted token
 
+
+def attempt(mode: str, model_dir: str, params: float, calibration, held) -> dict:
     start = time.perf_counter()
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    ids = torch.randint(0, model.config.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
-
-    def score(m):
-        with torch.no_grad():
-            return -float(m(input_ids=ids, labels=ids).loss)
-
     try:
-        config = {"score_func": score, "data_loader": [ids], "collect_func": lambda batch: {"input_ids": batch}}
+        import modelopt.torch.prune as mtp
+
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        batch = calibration[:2]
+
+        def score(m):
+            with torch.no_grad():
+                return -float(m(input_ids=batch, labels=batch).loss)
+
+        config = {"score_func": score, "data_loader": [batch], "collect_func": lambda b: {"input_ids": b}}
         if mode == "mcore_minitron":
-            config = {"forward_loop": lambda m: m(input_ids=ids)}
-        pruned, _ = mtp.prune(model, mode=mode, constraints={"params": f"{int(params * 100)}%"},
-                              dummy_input=(ids,), config=config)
+            import modelopt.torch.prune.plugins.mcore_minitron  # noqa: F401  why the mode is missing, if it is
+            config = {"forward_loop": lambda m: m(input_ids=batch)}
+        pruned, _ = mtp.prune(model, mode=mode, constraints={"params": f"{params * 100:.1f}%"},
+                              dummy_input=(batch[:1],), config=config)
+        seconds = time.perf_counter() - start
         n = sum(p.numel() for p in pruned.parameters())
-        return {"mode": mode, "ok": True, "params": n, "seconds": round(time.perf_counter() - start, 1)}
+        widths = sorted({m.out_features for name, m in pruned.named_modules() if name.endswith("gate_proj")})
+        return {"mode": mode, "ok": True, "params": n, "ffn_widths": widths, "ppl": held_ppl(pruned, held),
+                "seconds": round(seconds, 1)}
     except Exception as e:  # noqa: BLE001 - the exact error is the result
         last = traceback.format_exception_only(type(e), e)[-1].strip()
         return {"mode": mode, "ok": False, "error": last[:500], "seconds": round(time.perf_counter() - start, 1)}
@@ -44,11 +60,15 @@ def attempt(mode: str, model_dir: str, params: float) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("model")
-    parser.add_argument("out")
-    parser.add_argument("--params", type=float, default=0.5)
+    parser.add_argument("calibration")
+    parser.add_argument("held")
+    parser.add_argument("--params", type=float, default=0.8)
     args = parser.parse_args()
+    calibration = torch.tensor(json.load(open(args.calibration))["input_ids"])
+    held = torch.tensor(json.load(open(args.held))["input_ids"])
     for mode in ("mcore_minitron", "fastnas"):
-        print(json.dumps(attempt(mode, args.model, args.params)), flush=True)
+        print(json.dumps({**attempt(mode, args.model, args.params, calibration, held), "params_target": args.params}),
+              flush=True)
 
 
 if __name__ == "__main__":
