@@ -224,6 +224,58 @@ def peers_part() -> dict:
     return out
 
 
+def _verdict(better: str, worse: str, ppl: dict, seeds: dict) -> str:
+    """'reproduced' when `better`'s mean perplexity is lower than `worse`'s by more than the seed spread."""
+    margin = ppl[worse] - ppl[better]
+    spread = max(max(seeds.get(a, [ppl[a]])) - min(seeds.get(a, [ppl[a]])) for a in (better, worse))
+    word = "reproduced" if margin > spread else ("not reproduced" if margin < 0 else "within the seed spread")
+    return f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}, seed spread ≤ {spread:.2f})"
+
+
+def tables(results: dict) -> str:
+    """The README's tables and claims, from the JSON."""
+    lines = []
+    rec, crit = results.get("recovery", {}), results.get("criteria", {})
+    if rec:
+        ppl, seeds = rec["ppl"], rec["seeds"]
+        lines += [f"Recovery, {results['tokens']:,} tokens each ({results['shape']}; teacher ppl "
+                  f"{results['ppl']['teacher']:.2f}):", "", "| arm | held-out ppl (mean) | seeds |", "|---|---|---|"]
+        for arm in ("pruned_kd_lm", "pruned_kd", "pruned_lm", "pruned_kd_lm_mtp", "progressive", "scratch"):
+            lines.append(f"| {arm} | {ppl[arm]:.2f} | {', '.join(f'{v:.2f}' for v in seeds[arm])} |")
+        lines += ["", "Claims:",
+                  f"- pruned + KD + LM beats the same architecture from scratch: {_verdict('pruned_kd_lm', 'scratch', ppl, seeds)}",
+                  f"- KD + LM beats KD alone: {_verdict('pruned_kd_lm', 'pruned_kd', ppl, seeds)}",
+                  f"- KD + LM beats LM alone: {_verdict('pruned_kd_lm', 'pruned_lm', ppl, seeds)}",
+                  f"- + MTP helps: {_verdict('pruned_kd_lm_mtp', 'pruned_kd_lm', ppl, seeds)}",
+                  f"- progressive beats one-shot: {_verdict('progressive', 'pruned_kd_lm', ppl, seeds)}", ""]
+    if crit:
+        lines += [f"Criteria (teacher ppl {crit['teacher_ppl']:.2f}):", "",
+                  "| cut | criterion | parameters | one-shot ppl | after N tokens |", "|---|---|---|---|---|"]
+        for name, row in crit["depth"].items():
+            lines.append(f"| 10 of 30 layers | {name} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | "
+                         f"{row.get('ppl_after_tokens', float('nan')):.4g} |")
+        for name, row in crit["width"].items():
+            cut, criterion = {"hidden_rmsnorm_432": ("hidden 576 → 432", "rmsnorm"),
+                              "ffn_activation_1024": ("FFN 1536 → 1024", "activation"),
+                              "heads_output_norm_6": ("query heads 9 → 6", "output_norm")}[name]
+            after = row.get("ppl_after_tokens")
+            lines.append(f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | "
+                         f"{after:.4g} |" if after else f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | "
+                         f"{row['one_shot_ppl']:.4g} | — |")
+        lines.append("")
+    exp = results.get("experts", {})
+    if "one_shot" in exp:
+        lines += [f"Experts ({exp['cut']}; source ppl {exp['source_ppl']:.2f}), one-shot ppl:", "",
+                  "| criterion | prune | merge | partial |", "|---|---|---|---|"]
+        for criterion in ("frequency", "soft", "reap"):
+            lines.append(f"| {criterion} | " + " | ".join(f"{exp['one_shot'][f'{criterion}/{m}']['ppl']:.3f}"
+                                                       for m in ("prune", "merge", "partial")) + " |")
+        lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items()), ""]
+    if "seconds" in results:
+        lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -253,7 +305,11 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
     parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "peers"), default="all",
                         help="oneshot: every criterion's one-shot cost only, no training (minutes)")
+    parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     args = parser.parse_args()
+    if args.table:
+        print(tables(json.loads((RESULTS / "slim.json").read_text())))
+        return
     RUNS.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "slim.json"
