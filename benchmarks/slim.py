@@ -225,9 +225,18 @@ def peers_part() -> dict:
 
 
 def _verdict(better: str, worse: str, ppl: dict, seeds: dict) -> str:
-    """'reproduced' when `better`'s mean perplexity is lower than `worse`'s by more than the seed spread."""
+    """Reproduced when `better`'s perplexity is lower seed by seed (the same data order for both arms:
+    a paired comparison) — or, with one seed on a side, lower by more than the other side's seed spread."""
+    a, b = seeds.get(better, [ppl[better]]), seeds.get(worse, [ppl[worse]])
     margin = ppl[worse] - ppl[better]
-    spread = max(max(seeds.get(a, [ppl[a]])) - min(seeds.get(a, [ppl[a]])) for a in (better, worse))
+    if len(a) == len(b) > 1:
+        diffs = [y - x for x, y in zip(a, b)]
+        word = ("reproduced" if all(d > 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
+                else "mixed across seeds")
+        return (f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}; per seed "
+                f"{', '.join(f'{d:+.2f}' for d in diffs)}; seed-to-seed spread of an arm ≤ "
+                f"{max(max(a) - min(a), max(b) - min(b)):.2f})")
+    spread = max(max(a) - min(a), max(b) - min(b))
     word = "reproduced" if margin > spread else ("not reproduced" if margin < 0 else "within the seed spread")
     return f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}, seed spread ≤ {spread:.2f})"
 
