@@ -114,7 +114,7 @@ def test_offline_hub_id_fails_at_once_with_one_line(monkeypatch, tmp_path):
     started = time.perf_counter()
     with pytest.raises(HubUnreachable) as err:
         hub.load("some-org/some-model")
-    assert time.perf_counter() - started < 20
+    assert time.perf_counter() - started < 60  # "at once": no network retries (minutes); generous for a loaded machine
     message = _one_line(err)
     assert "unreachable" in message and "smollm2-135m" in message
 
