@@ -140,22 +140,52 @@ def recovery_part(tokens: int, seeds: int) -> dict:
     return {"ppl": ppl, "seeds": spread, "curves": curves}
 
 
-def experts_part(tokens: int) -> dict:
-    if not (GROWN_MOE / "config.json").exists():
-        return {"skipped": f"{GROWN_MOE} is missing: run `python benchmarks/grow.py --part train` first"}
-    out = {"source": str(GROWN_MOE), "cut": "8 → 4 routed experts per layer (top-2 kept), shared expert kept"}
+DROP_MOE = RUNS / "moe-drop"
+
+
+def drop_moe(tokens: int) -> Path:
+    """The expert test bed: smollm2-135m grown into a stock Mixtral of 8 experts (top-2, k-means router) by
+    Drop-Upcycling (half of each expert's neurons re-drawn, so the experts differ and no shared expert
+    carries the dense FFN), then trained `tokens` (LM + balance + router z-loss). Returns its folder."""
+    from upcycle import hub
+    from upcycle.commands.grow import GrowConfig, run as grow_run
+    from upcycle.train import Trainer, TrainConfig
+
+    final = DROP_MOE / f"trained-{tokens}" / "final"
+    if (final / "config.json").exists():
+        return final
+    grown = DROP_MOE / "grown"
+    if not (grown / "config.json").exists():
+        grow_run(MODEL, str(grown), GrowConfig(op="moe", family="mixtral", experts=8, top_k=2, mode="drop",
+                                               drop_ratio=0.5, progress=False, overwrite=True))
+    model, tokenizer = hub.load(grown)
+    cfg = TrainConfig.from_dict(dict(
+        model=str(grown), data=TEXT, out=str(final.parent), seq_len=256, global_batch=8, micro_batch=4, lr=3e-4,
+        warmup_steps=2, stages=[{"name": "main", "tokens": tokens}], ckpt_every=10_000, progress=False,
+        losses=[{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]))
+    Trainer(cfg, model=model, tokenizer=tokenizer).fit()
+    return final
+
+
+def experts_part(tokens: int, bed: str = "shared") -> dict:
+    source = GROWN_MOE if bed == "shared" else drop_moe(tokens)
+    if not (source / "config.json").exists():
+        return {"skipped": f"{source} is missing: run `python benchmarks/grow.py --part train` first"}
+    kept = "shared expert kept" if bed == "shared" else "no shared expert"
+    out = {"source": str(source), "cut": f"8 → 4 routed experts per layer (top-2 kept), {kept}"}
+    tag = "" if bed == "shared" else "drop-"
     one_shot = {}
     for criterion in ("frequency", "soft", "reap"):
         for mode in ("prune", "merge", "partial"):
             cut = {"op": "experts", "experts": 4, "criterion": criterion, "mode": mode}
-            r = slim(f"experts-{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(GROWN_MOE))
+            r = slim(f"experts-{tag}{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(source))
             one_shot[f"{criterion}/{mode}"] = {"ppl": r["cuts"][0]["ppl_after"], "kl": r["cuts"][0]["kl"]}
             out["source_ppl"] = r["cuts"][0]["ppl_before"]
             print(f"experts {criterion}/{mode}: one-shot {one_shot[f'{criterion}/{mode}']['ppl']:.3f}", flush=True)
     trained = {}
     for mode in ("prune", "merge", "partial"):
         cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": mode}
-        r = slim(f"experts-reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(GROWN_MOE))
+        r = slim(f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(source))
         trained[f"reap/{mode}"] = r["ppl"]["slim"]
         print(f"experts reap/{mode} after {tokens}: {trained[f'reap/{mode}']:.3f}", flush=True)
     out.update({"one_shot": one_shot, "after_tokens": trained})
@@ -272,14 +302,17 @@ def tables(results: dict) -> str:
                          f"{after:.4g} |" if after else f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | "
                          f"{row['one_shot_ppl']:.4g} | — |")
         lines.append("")
-    exp = results.get("experts", {})
-    if "one_shot" in exp:
+    for key in ("experts", "experts_drop"):
+        exp = results.get(key, {})
+        if "one_shot" not in exp:
+            continue
         lines += [f"Experts ({exp['cut']}; source ppl {exp['source_ppl']:.2f}), one-shot ppl:", "",
                   "| criterion | prune | merge | partial |", "|---|---|---|---|"]
         for criterion in ("frequency", "soft", "reap"):
             lines.append(f"| {criterion} | " + " | ".join(f"{exp['one_shot'][f'{criterion}/{m}']['ppl']:.3f}"
                                                        for m in ("prune", "merge", "partial")) + " |")
-        lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items()), ""]
+        lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items()),
+                  ""]
     if "seconds" in results:
         lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
     return "\n".join(lines)
@@ -312,7 +345,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=24576, help="recovery tokens of every trained arm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
-    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "peers"), default="all",
+    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "experts_drop", "peers"), default="all",
                         help="oneshot: every criterion's one-shot cost only, no training (minutes)")
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     args = parser.parse_args()
@@ -350,6 +383,9 @@ def main() -> None:
     if args.part in ("all", "experts"):
         results["experts"] = experts_part(args.tokens)
         save("experts")
+    if args.part in ("all", "experts_drop"):
+        results["experts_drop"] = experts_part(args.tokens, bed="drop")
+        save("experts_drop")
     if args.part in ("all", "peers"):
         results["peers"] = peers_part()
         save("peers")
