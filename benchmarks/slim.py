@@ -167,7 +167,7 @@ def drop_moe(tokens: int) -> Path:
     return final
 
 
-def experts_part(tokens: int, bed: str = "shared") -> dict:
+def experts_part(tokens: int, bed: str = "shared", trained_arms: bool = True) -> dict:
     source = GROWN_MOE if bed == "shared" else drop_moe(tokens)
     if not (source / "config.json").exists():
         return {"skipped": f"{source} is missing: run `python benchmarks/grow.py --part train` first"}
@@ -183,7 +183,7 @@ def experts_part(tokens: int, bed: str = "shared") -> dict:
             out["source_ppl"] = r["cuts"][0]["ppl_before"]
             print(f"experts {criterion}/{mode}: one-shot {one_shot[f'{criterion}/{mode}']['ppl']:.3f}", flush=True)
     trained = {}
-    for mode in ("prune", "merge", "partial"):
+    for mode in ("prune", "merge", "partial") if trained_arms else ():
         cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": mode}
         r = slim(f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(source))
         trained[f"reap/{mode}"] = r["ppl"]["slim"]
@@ -311,8 +311,9 @@ def tables(results: dict) -> str:
         for criterion in ("frequency", "soft", "reap"):
             lines.append(f"| {criterion} | " + " | ".join(f"{exp['one_shot'][f'{criterion}/{m}']['ppl']:.3f}"
                                                        for m in ("prune", "merge", "partial")) + " |")
-        lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items()),
-                  ""]
+        if exp["after_tokens"]:
+            lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items())]
+        lines.append("")
     if "seconds" in results:
         lines.append("Seconds per part: " + ", ".join(f"{k} {v:.0f}" for k, v in results["seconds"].items()))
     return "\n".join(lines)
@@ -347,6 +348,8 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
     parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "experts_drop", "peers"), default="all",
                         help="oneshot: every criterion's one-shot cost only, no training (minutes)")
+    parser.add_argument("--experts-one-shot", action="store_true",
+                        help="the shared-expert test bed one-shot only (its cuts cost < 0.1 %%: training them tells nothing)")
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     args = parser.parse_args()
     if args.table:
@@ -381,7 +384,7 @@ def main() -> None:
         results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
         save("recovery")
     if args.part in ("all", "experts"):
-        results["experts"] = experts_part(args.tokens)
+        results["experts"] = experts_part(args.tokens, trained_arms=not args.experts_one_shot)
         save("experts")
     if args.part in ("all", "experts_drop"):
         results["experts_drop"] = experts_part(args.tokens, bed="drop")
