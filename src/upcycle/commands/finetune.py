@@ -76,8 +76,6 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig()) -> dict
     SEFT, masked, LoRA, LoRA* or full — merge what it trained into stock linear layers, score it again,
     check every matrix's zeros against the source's, save OUT (a stock Hugging Face folder) and write
     finetune_report.{md,json} (the run in OUT/run)."""
-    from upcycle.ops.prune import sparsity_of
-
     quiet_transformers()
     out_path = hub.check_out(out, config.overwrite)
     source, tokenizer = hub.load(model, trust_remote_code=config.trust_remote_code)
@@ -106,10 +104,9 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig()) -> dict
     for heavy in ("checkpoints", "final"):
         shutil.rmtree(run_dir / heavy, ignore_errors=True)
     shutil.move(str(run_dir), str(folder / "run"))
-    sparsity = sparsity_of(tuned)
     result = {"source": model, "method": config.method, "before": before, "after": after,
               "sparsity_before": sum(zeros_before.values()) / _numel(tuned),
-              "sparsity_after": sum(sparsity[k] * n for k, n in _sizes(tuned).items()) / _numel(tuned),
+              "sparsity_after": sum(zeros_after.values()) / _numel(tuned),
               "sparsity_exact": all(kept.values()), "matrices_changed_zeros": [k for k, ok in kept.items() if not ok],
               **train_info, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               "config": json.loads(json.dumps(config.to_dict(), default=str))}
@@ -187,19 +184,15 @@ def _nm(model) -> str | None:
 
 
 def _zeros(model) -> dict[str, int]:
-    from upcycle.train.seft import pruned_linears
+    from upcycle.ops.prune import prunable_linears
 
-    return {k: int((m.weight == 0).sum()) for k, m in pruned_linears(model).items()}
-
-
-def _sizes(model) -> dict[str, int]:
-    from upcycle.train.seft import pruned_linears
-
-    return {f"layers.{k}": m.weight.numel() for k, m in pruned_linears(model).items()}
+    return {k: int((m.weight == 0).sum()) for k, m in prunable_linears(model).items()}
 
 
 def _numel(model) -> int:
-    return sum(_sizes(model).values())
+    from upcycle.ops.prune import prunable_linears
+
+    return sum(m.weight.numel() for m in prunable_linears(model).values())
 
 
 def _score(model, tokenizer, held, tasks, config: FinetuneConfig) -> dict:

@@ -24,11 +24,11 @@ def _peft():
 
 @register_transform("lora")
 def attach_lora(model, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
-    from upcycle.train.seft import pruned_linears
+    from upcycle.ops.prune import prunable_linears
 
     check(rank >= 1, "lora rank", rank, ">= 1")
     peft = _peft()
-    targets = sorted({name.split(".")[-1] for name in pruned_linears(model)})
+    targets = sorted({name.split(".")[-1] for name in prunable_linears(model)})
     config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
                              target_modules=targets)
     model.requires_grad_(False)

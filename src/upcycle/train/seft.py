@@ -28,16 +28,14 @@ import math
 import torch
 from torch import nn
 
-from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError, check
+from upcycle.ops.prune import prunable_linears
 from upcycle.ops.prune.masks import check_nm
 from upcycle.train.sparse_delta import SparseDeltaLinear
 from upcycle.train.trainer import Callback, register_callback, register_transform
 
 
-def pruned_linears(model) -> dict[str, nn.Linear]:
-    adapter = adapter_for(model)
-    return {f"{i}.{name}": m for i in range(adapter.num_layers) for name, m in adapter.linears(i).items()}
+pruned_linears = prunable_linears  # the linears SEFT and masked fine-tuning act on: those prune sparsified
 
 
 @register_transform("seft")
@@ -173,7 +171,7 @@ class SEFT(Callback):
             raise ConfigError("the seft callback needs SparseDeltaLinear layers: put the `seft` transform on the stage")
         for layer in self.layers:
             if not hasattr(layer, "target_live"):
-                layer.target_live = int(layer.live.sum()) if self.nm is None else int(layer.live.sum())
+                layer.target_live = int(layer.live.sum())
         stage = trainer.config.stages[trainer.progress.stage_index]
         self.steps = trainer.stage_steps(stage)
         self._set_collect(trainer.progress.stage_step + 1)

@@ -28,7 +28,7 @@ from upcycle.ops.prune.masks import (magnitude_scores, nm_holds, nm_mask, parse_
                                      wanda_scores)
 from upcycle.ops.prune.sparsegpt import sparsegpt
 
-__all__ = ["PruneSpec", "PruneReport", "prune", "sparsity_of"]
+__all__ = ["PruneSpec", "PruneReport", "prune", "prunable_linears", "sparsity_of"]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -186,14 +186,16 @@ def _left_dense(model, adapter) -> list[str]:
     return notes
 
 
-def sparsity_of(model) -> dict:
-    """{name: fraction of zeros} for every nn.Linear of every decoder layer: an independent count."""
+def prunable_linears(model) -> dict:
+    """{"layers.i.name": nn.Linear} for every computing linear of every decoder layer (what prune sparsifies)."""
     adapter = adapter_for(model)
-    return {f"layers.{i}.{name}": float((linear.weight == 0).float().mean())
-            for i in range(adapter.num_layers) for name, linear in adapter.linears(i).items()}
+    return {f"layers.{i}.{name}": linear for i in range(adapter.num_layers) for name, linear in adapter.linears(i).items()}
+
+
+def sparsity_of(model) -> dict:
+    """{name: fraction of zeros} for every prunable linear: an independent count."""
+    return {name: float((linear.weight == 0).float().mean()) for name, linear in prunable_linears(model).items()}
 
 
 def holds_nm(model, n: int, m: int) -> bool:
-    adapter = adapter_for(model)
-    return all(nm_holds(linear.weight, n, m) for i in range(adapter.num_layers)
-               for linear in adapter.linears(i).values())
+    return all(nm_holds(linear.weight, n, m) for linear in prunable_linears(model).values())
