@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from upcycle.errors import ConfigError
 from upcycle.eval import compare
+from upcycle.eval.equivalence import Equivalence
 from upcycle.ops.slim.cuts import cut_depth, cut_experts, cut_ffn_width, cut_heads, cut_hidden
 from upcycle.ops.slim.step import SlimStep
 
@@ -36,6 +37,8 @@ class CutReport:
     ppl_after: float | None = None
     kl: float | None = None
     top1: float | None = None
+    # the whole comparison with the model it was cut from (kept out of the report: its figures are above)
+    equivalence: Equivalence | None = field(default=None, repr=False)
 
     def line(self) -> str:
         quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}, top-1 "
@@ -44,7 +47,7 @@ class CutReport:
                 f"({100 * (1 - self.params_after / self.params_before):.0f} % fewer), {self.seconds:.1f} s{quality}")
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "equivalence"}
 
 
 def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tensor | None = None, *, scores=None):
@@ -64,7 +67,7 @@ def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tens
     if held is not None:
         eq = compare(model, slim, held)
         report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
-        report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
+        report.kl, report.top1, report.equivalence = eq.mean_kl, eq.top1_agreement, eq
     return slim.eval(), report
 
 
