@@ -171,7 +171,9 @@ def drop_moe(tokens: int) -> Path:
     grown = DROP_MOE / "grown"
     if not (grown / "config.json").exists():
         grow_run(MODEL, str(grown), GrowConfig(op="moe", family="mixtral", experts=8, top_k=2, mode="drop",
-                                               drop_ratio=0.5, progress=False, overwrite=True))
+                                               drop_ratio=0.5, progress=False, overwrite=True,
+                                               # an initialisation for training, far from the FFN by design
+                                               max_loss_change=1e9, min_logit_cosine=-1.0, max_router_kl=1e9))
     model, tokenizer = hub.load(grown)
     cfg = TrainConfig.from_dict(dict(
         model=str(grown), data=TEXT, out=str(final.parent), seq_len=256, global_batch=8, micro_batch=4, lr=3e-4,
