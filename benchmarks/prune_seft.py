@@ -42,20 +42,22 @@ def blocks(tokenizer):
 
 
 def child(method: str, target: str, out_json: str) -> None:
-    """One upcycle run in this process: load, prune in place, score; the parent reads the peak memory."""
+    """One upcycle run in this process: load, prune in place, then score. The peak memory is read before
+    scoring, so it covers what llm-compressor's does (load and prune; scoring is done outside it)."""
     import resource
 
     from upcycle import hub
+    from upcycle.eval import perplexity
     from upcycle.ops.prune import PruneSpec, prune
 
     model, tokenizer = hub.load(MODEL)
     calibration, held = blocks(tokenizer)
     spec = PruneSpec(method=method, **TARGETS[target])
-    _, report = prune(model, spec, calibration if method != "magnitude" else None, held, inplace=True)
+    _, report = prune(model, spec, calibration if method != "magnitude" else None, None, inplace=True)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     Path(out_json).write_text(json.dumps({
-        "ppl": report.ppl_after, "ppl_dense": report.ppl_before, "seconds": report.seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "sparsity": report.sparsity,
-        "exact": report.exact}))
+        "ppl": perplexity(model, held, progress=False).ppl, "seconds": report.seconds, "peak_rss_mb": peak,
+        "sparsity": report.sparsity, "exact": report.exact}))
 
 
 def run_child(method: str, target: str) -> dict:
@@ -84,6 +86,7 @@ def run_peer(python: Path, method: str, target: str, calibration_json: Path, hel
 
 def oneshot_part(peer: bool) -> tuple[dict, dict]:
     from upcycle import hub
+    from upcycle.eval import perplexity
     from upcycle.ops.prune import sparsity_of
 
     ours = {}
@@ -92,14 +95,18 @@ def oneshot_part(peer: bool) -> tuple[dict, dict]:
             key = f"{method}_{target}"
             ours[key] = run_child(method, target)
             print(f"upcycle {key}: {ours[key]}", flush=True)
+    dense, tokenizer = hub.load(MODEL)
+    calibration, held = blocks(tokenizer)
+    dense_ppl = perplexity(dense, held, progress=False).ppl
+    for row in ours.values():
+        row["ppl_dense"] = dense_ppl
+    del dense
     if not peer:
         return ours, {"skipped": "--no-peer"}
     try:
         python = peer_python()
     except subprocess.CalledProcessError as e:
         return ours, {"error": f"installing {PEERS[0]} failed: {(e.stderr or '').strip().splitlines()[-1:]}"}
-    _, tokenizer = hub.load(MODEL)
-    calibration, held = blocks(tokenizer)
     RUNS.mkdir(parents=True, exist_ok=True)
     calibration_json = RUNS / "calibration.json"
     calibration_json.write_text(json.dumps({"input_ids": calibration.tolist()}))
@@ -171,6 +178,63 @@ def finetune_part(target: str, tokens: int, seeds: int) -> dict:
     return out
 
 
+def _paired(a: list, b: list, higher_better: bool = True) -> str:
+    """Seed by seed (the same data order for both arms), or against the other arm's spread with one seed."""
+    sign = 1 if higher_better else -1
+    if len(a) == len(b) > 1:
+        diffs = [sign * (x - y) for x, y in zip(a, b)]
+        word = ("reproduced" if all(d >= 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
+                else "mixed across seeds")
+        return f"{word} (per seed {', '.join(f'{d:+.3f}' for d in diffs)})"
+    margin = sign * (sum(a) / len(a) - sum(b) / len(b))
+    spread = max(max(a) - min(a), max(b) - min(b))
+    word = "reproduced" if margin >= spread else ("not reproduced" if margin < -spread else "within the seed spread")
+    return f"{word} (margin {margin:+.3f}, seed spread {spread:.3f})"
+
+
+def tables(results: dict) -> str:
+    """The README's tables and claims, from the JSON."""
+    lines = []
+    ours, theirs = results.get("oneshot", {}), results.get("llmcompressor", {})
+    if ours:
+        dense = next(iter(ours.values())).get("ppl_dense")
+        lines += [f"One shot (dense ppl {dense:.2f}); seconds of the pruning itself; peak memory of the whole "
+                  "process (load, prune, score):", "",
+                  "| target | method | upcycle ppl | s | peak MB | llm-compressor ppl | s | peak MB |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for target in TARGETS:
+            for method in METHODS:
+                u, t = ours.get(f"{method}_{target}", {}), theirs.get(f"{method}_{target}", {})
+                cell = (lambda r, k, f: format(r[k], f) if k in r else "—")  # noqa: E731
+                lines.append(f"| {target if ':' in target else target + ' %'} | {method} | {cell(u, 'ppl', '.2f')} | "
+                             f"{cell(u, 'seconds', '.1f')} | {cell(u, 'peak_rss_mb', '.0f')} | {cell(t, 'ppl', '.2f')} | "
+                             f"{cell(t, 'seconds', '.1f')} | {cell(t, 'peak_rss_mb', '.0f')} |")
+        lines.append("")
+    setup = results.get("finetune_setup", {})
+    for target, arms in results.get("finetune_by_target", {}).items():
+        ok = {k: v for k, v in arms.items() if "task_accuracy" in v}
+        if not ok:
+            continue
+        before = next(iter(ok.values()))["before"]
+        lines += [f"Fine-tuning the Wanda {target if ':' in target else target + ' %'} model, {setup.get('tokens', 0):,} "
+                  f"tokens each (before: exact match {before['task_accuracy']:.3f}, ppl {before['ppl']:.2f}):", "",
+                  "| arm | exact match (seeds) | ppl (seeds) | sparsity kept exactly | peak MB | s / step | trainable |",
+                  "|---|---|---|---|---|---|---|"]
+        for arm, r in ok.items():
+            lines.append(f"| {arm} | {r['task_accuracy']:.3f} ({', '.join(f'{v:.3f}' for v in r['task_accuracy_seeds'])}) | "
+                         f"{r['ppl']:.2f} ({', '.join(f'{v:.2f}' for v in r['ppl_seeds'])}) | "
+                         f"{'yes' if r['sparsity_exact'] else 'no (dense)' if arm == 'lora' else 'no'} | "
+                         f"{r['peak_rss_mb']:.0f} | {r['s_per_step']:.2f} | {r['trainable_params']:,} |")
+        if "seft" in ok and "lora_star" in ok:
+            s, l = ok["seft"], ok["lora_star"]
+            lines += ["", f"- SEFT ≥ LoRA* in exact match: {_paired(s['task_accuracy_seeds'], l['task_accuracy_seeds'])}; "
+                      f"in held-out ppl: {_paired(s['ppl_seeds'], l['ppl_seeds'], higher_better=False)}",
+                      f"- SEFT's peak memory vs LoRA*'s: {s['peak_rss_mb']:.0f} vs {l['peak_rss_mb']:.0f} MB "
+                      f"({'less' if s['peak_rss_mb'] < l['peak_rss_mb'] else 'not less'})"]
+        lines.append("")
+    return "\n".join(lines)
+
+
 def plot(results: dict, path: Path) -> None:
     if "oneshot" not in results:
         return
@@ -206,13 +270,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--no-peer", action="store_true", help="skip llm-compressor")
     parser.add_argument("--part", choices=("all", "oneshot", "finetune"), default="all")
-    parser.add_argument("--tokens", type=int, default=24576, help="fine-tuning tokens of every arm")
+    parser.add_argument("--tokens", type=int, default=12288, help="fine-tuning tokens of every arm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the SEFT and LoRA* arms")
-    parser.add_argument("--targets", default="50", help="sparsities to fine-tune at, comma-separated (50,70,2:4)")
+    parser.add_argument("--targets", default="50,70,2:4", help="sparsities to fine-tune at, comma-separated")
+    parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(*args.child)
+        return
+    if args.table:
+        print(tables(json.loads((RESULTS / "prune_seft.json").read_text())))
         return
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "prune_seft.json"

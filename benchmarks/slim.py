@@ -105,20 +105,23 @@ def criteria_part(tokens: int, trained: bool = True) -> dict:
     out = {"depth": {}, "width": {}}
     for criterion in ("last", "block_influence", "angular"):
         cut = {**DEPTH, "criterion": criterion}
-        one = slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
+        # a trained arm reports its cut one shot before training: no separate one-shot run is needed
+        run = (slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens) if trained
+               else slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0))
+        one = run["cuts"][0]
         out["depth"][criterion] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "removed": one["removed"][
             "removed_layers"], "params": one["params_after"]}
         if trained:
-            after = slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
-            out["depth"][criterion]["ppl_after_tokens"] = after["ppl"]["slim"]
+            out["depth"][criterion]["ppl_after_tokens"] = run["ppl"]["slim"]
         print(f"depth {criterion}: {out['depth'][criterion]}", flush=True)
     for name, cut in (("hidden_rmsnorm_432", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
                       ("heads_output_norm_6", {"op": "heads", "heads": 6})):
-        one = slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)["cuts"][0]
+        run = (slim(f"criteria-{name}-trained", [{"cuts": [cut], "tokens": tokens}], tokens) if trained
+               else slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0))
+        one = run["cuts"][0]
         out["width"][name] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "params": one["params_after"]}
         if trained:
-            after = slim(f"criteria-{name}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
-            out["width"][name]["ppl_after_tokens"] = after["ppl"]["slim"]
+            out["width"][name]["ppl_after_tokens"] = run["ppl"]["slim"]
         print(f"width {name}: {out['width'][name]}", flush=True)
     both = slim("criteria-oneshot-both", [{"cuts": [DEPTH, WIDTH], "tokens": 0}], 0)
     out["both_one_shot_ppl"] = both["ppl"]["slim"]
