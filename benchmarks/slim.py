@@ -50,7 +50,7 @@ DEPTH = {"op": "depth", "layers": 10, "criterion": "block_influence"}
 WIDTH = {"op": "hidden", "hidden": 432}
 SHAPE = "20 layers × hidden 432 (9 query / 3 key-value heads, FFN 1536)"
 GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
-KEEP_WEIGHTS = ("criteria-oneshot-both",)  # the scratch arm's architecture is read from it
+KEEP_WEIGHTS = ()  # the reports are enough (the scratch arm reads a pruned arm's config only)
 
 
 def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed: int = 0, source: str = MODEL,
@@ -85,18 +85,18 @@ def curve(name: str) -> list[tuple[int, float]]:
     return [(r["tokens"], r["val_ppl"]) for r in records if "val_ppl" in r]
 
 
-def scratch_folder() -> str:
-    """The pruned architecture with random weights (a stock folder), for the from-scratch arm."""
+def scratch_folder(pruned: Path) -> str:
+    """The architecture of the pruned arm in folder `pruned` with random weights (a stock folder), for the
+    from-scratch arm (only the pruned folder's config and tokenizer are read)."""
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from upcycle import hub
 
     folder = RUNS / "scratch-init"
     if not (folder / "config.json").exists():
-        pruned, tokenizer = hub.load(RUNS / "criteria-oneshot-both")
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(pruned.config)
-        hub.save(model, tokenizer, folder, overwrite=True)
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pruned))
+        hub.save(model, AutoTokenizer.from_pretrained(pruned), folder, overwrite=True)
     return str(folder)
 
 
@@ -123,10 +123,7 @@ def criteria_part(tokens: int, trained: bool = True) -> dict:
         if trained:
             out["width"][name]["ppl_after_tokens"] = run["ppl"]["slim"]
         print(f"width {name}: {out['width'][name]}", flush=True)
-    both = slim("criteria-oneshot-both", [{"cuts": [DEPTH, WIDTH], "tokens": 0}], 0)
-    out["both_one_shot_ppl"] = both["ppl"]["slim"]
-    out["teacher_ppl"] = both["ppl"]["source"]
-    out["params"] = {"source": both["cuts"][0]["params_before"], "slim": both["cuts"][-1]["params_after"]}
+    out["teacher_ppl"] = run["ppl"]["source"]
     return out
 
 
@@ -150,11 +147,14 @@ def recovery_part(tokens: int, seeds: int) -> dict:
             print(f"{arm} seed {seed}: {values[-1]:.3f}", flush=True)
         ppl[arm], spread[arm] = statistics.mean(values), values
         curves[arm] = curve(f"{arm}-s0")
-    scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, "kd_lm", 0, source=scratch_folder(),
-                   teacher=MODEL)
+    scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, "kd_lm", 0,
+                   source=scratch_folder(RUNS / "pruned_kd_lm-s0"), teacher=MODEL)
     ppl["scratch"], spread["scratch"], curves["scratch"] = scratch["ppl"]["slim"], [scratch["ppl"]["slim"]], curve("scratch")
     ppl["one_shot"] = ppl["pruned_kd_lm"]
-    return {"ppl": ppl, "seeds": spread, "curves": curves}
+    # both cuts one shot, before training: the last cut of the one-shot arm reports the model with both
+    cuts = json.loads((RUNS / "pruned_kd_lm-s0" / "slim_report.json").read_text())["cuts"]
+    return {"ppl": ppl, "seeds": spread, "curves": curves, "both_one_shot_ppl": cuts[-1]["ppl_after"],
+            "params": {"source": cuts[0]["params_before"], "slim": cuts[-1]["params_after"]}}
 
 
 DROP_MOE = RUNS / "moe-drop"
@@ -194,27 +194,29 @@ def experts_part(tokens: int, bed: str = "drop", trained_arms: bool = True) -> d
     kept = "shared expert kept" if bed == "shared" else "no shared expert"
     out = {"source": str(source), "cut": f"8 → 4 routed experts per layer (top-2 kept), {kept}"}
     tag = "" if bed == "shared" else "drop-"
-    one_shot = {}
+    one_shot, trained = {}, {}
     for criterion in ("frequency", "soft", "reap"):
         for mode in ("prune", "merge", "partial"):
             cut = {"op": "experts", "experts": 4, "criterion": criterion, "mode": mode}
-            r = slim(f"experts-{tag}{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(source))
-            one_shot[f"{criterion}/{mode}"] = {"ppl": r["cuts"][0]["ppl_after"], "kl": r["cuts"][0]["kl"]}
+            if criterion == "reap" and trained_arms:  # trained after N tokens; its report has the cut one shot
+                r = slim(f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens,
+                         source=str(source))
+                trained[f"reap/{mode}"] = r["ppl"]["slim"]
+                print(f"experts reap/{mode} after {tokens}: {trained[f'reap/{mode}']:.3f}", flush=True)
+            else:
+                r = slim(f"experts-{tag}{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(source))
+            one_shot[f"{criterion}/{mode}"] = {"ppl": r["cuts"][0]["ppl_after"], "kl": r["cuts"][0]["kl"],
+                                               "kept": {i: layer["kept"] for i, layer in r["cuts"][0]["removed"]["layers"].items()}}
             out["source_ppl"] = r["cuts"][0]["ppl_before"]
             print(f"experts {criterion}/{mode}: one-shot {one_shot[f'{criterion}/{mode}']['ppl']:.3f}", flush=True)
-    trained = {}
-    for mode in ("prune", "merge", "partial") if trained_arms else ():
-        cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": mode}
-        r = slim(f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(source))
-        trained[f"reap/{mode}"] = r["ppl"]["slim"]
-        print(f"experts reap/{mode} after {tokens}: {trained[f'reap/{mode}']:.3f}", flush=True)
     out.update({"one_shot": one_shot, "after_tokens": trained})
     return out
 
 
-def peers_part(moe: Path) -> dict:
+def peers_part(experts: dict) -> dict:
     """The peers' one-shot results on the same model and text: llm-compressor's REAP expert pruning on the
-    MoE `moe` (perplexity on the held-out blocks of upcycle's own cut, kept experts compared with ours), and
+    expert test bed of `experts` (experts_part's result; perplexity on the held-out blocks of upcycle's own
+    cut, kept experts compared with ours), and
     NVIDIA Model Optimizer's pruning on smollm2-135m (its outcome, or the exact error)."""
     from upcycle import data, hub
     from upcycle.eval import perplexity
@@ -225,8 +227,11 @@ def peers_part(moe: Path) -> dict:
         return {"skipped": f"installing the peers failed: {(e.stderr or '').strip().splitlines()[-1:]}"}
     out, work = {}, RUNS / "peers"
     work.mkdir(parents=True, exist_ok=True)
-    if (moe / "config.json").exists():
-        model, tokenizer = hub.load(moe)
+    moe = Path(experts.get("source", "-"))
+    if "one_shot" in experts and (moe / "config.json").exists():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(moe)  # the model itself is not needed here
         # The same 32 × 256 calibration and held-out blocks `upcycle slim` reads (its defaults).
         calibration = data.blocks(TEXT, tokenizer, "train", 256, max_blocks=32)
         held = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=32)
@@ -242,18 +247,16 @@ def peers_part(moe: Path) -> dict:
             pruned, _ = hub.load(folder)
             ppl = perplexity(pruned, held, progress=False).ppl
             retained = json.loads((folder / "retained.json").read_text())
-            cut = {"op": "experts", "experts": 4, "criterion": "reap", "mode": "prune"}
-            tag = "" if moe == GROWN_MOE else "drop-"
-            ours = slim(f"experts-{tag}reap-prune", [{"cuts": [cut], "tokens": 0}], 0, source=str(moe))
+            ours = experts["one_shot"]["reap/prune"]  # upcycle's REAP prune, one shot, on the same blocks
             # Kept experts per layer, theirs (keyed by module name) against ours (by layer index).
             theirs = {int(next(p for p in name.split(".") if p.isdigit())): sorted(kept)
                       for name, kept in retained.items()}
-            mine = {int(i): sorted(layer["kept"]) for i, layer in ours["cuts"][0]["removed"]["layers"].items()}
+            mine = {int(i): sorted(kept) for i, kept in ours["kept"].items()}
             same = sum(len(set(theirs[i]) & set(mine[i])) for i in mine) / sum(len(k) for k in mine.values())
-            out["llmcompressor_reap"] = {"one_shot_ppl": ppl, "source_ppl": perplexity(model, held, progress=False).ppl,
+            out["llmcompressor_reap"] = {"one_shot_ppl": ppl, "source_ppl": experts["source_ppl"],
                                          "experts": pruned.config.num_experts, "kept_theirs": theirs,
                                          "kept_ours": mine, "kept_agreement": same,
-                                         "upcycle_reap_prune_ppl": ours["cuts"][0]["ppl_after"], **run}
+                                         "upcycle_reap_prune_ppl": ours["ppl"], **run}
         print(f"llm-compressor REAP: {out['llmcompressor_reap']}", flush=True)
     # NVIDIA Model Optimizer on the dense model: FastNAS's search space is the FFN width, so it is set the
     # parameter count of upcycle's own FFN cut (1536 → 1024 by activation importance) and compared with it
@@ -402,18 +405,18 @@ def main() -> None:
         save("experts")
     if args.part in ("all", "criteria", "recovery"):
         results["criteria"] = criteria_part(args.tokens)
-        results["params"] = results["criteria"]["params"]
         save("criteria")
     if args.part in ("all", "recovery"):
         recovery = recovery_part(args.tokens, args.seeds)
         results["recovery"] = recovery
+        results["params"] = recovery["params"]
         results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
         save("recovery")
     if args.part == "experts_shared":  # its cuts cost < 0.1 %: training them tells nothing
         results["experts_shared"] = experts_part(args.tokens, bed="shared", trained_arms=False)
         save("experts_shared")
     if args.part in ("all", "peers"):
-        results["peers"] = peers_part(drop_moe(args.tokens))
+        results["peers"] = peers_part(results.get("experts", {}))
         save("peers")
     if args.part == "all":
         results["seconds"]["all"] = round(time.perf_counter() - started, 1)
