@@ -77,12 +77,13 @@ def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed
     return result
 
 
-def curve(name: str) -> list[tuple[int, float]]:
+def curve(name: str, key: str = "val_ppl") -> list[tuple[int, float]]:
+    """(tokens, value) of a recovery run's metrics: validation perplexity, or the training `loss` per step."""
     path = RUNS / name / "recovery" / "metrics.jsonl"
     if not path.exists():
         return []
     records = [json.loads(line) for line in open(path)]
-    return [(r["tokens"], r["val_ppl"]) for r in records if "val_ppl" in r]
+    return [(r["tokens"], r[key]) for r in records if key in r]
 
 
 def scratch_folder(pruned: Path) -> str:
@@ -138,7 +139,7 @@ def recovery_part(tokens: int, seeds: int) -> dict:
                    {"name": "width", "cuts": [WIDTH], "tokens": tokens - tenth}]
     arms = {"pruned_kd_lm": (one_shot, "kd_lm"), "pruned_kd": (one_shot, "kd"), "pruned_lm": (one_shot, "lm"),
             "pruned_kd_lm_mtp": (one_shot, "kd_lm_mtp"), "progressive": (progressive, "kd_lm")}
-    ppl, spread, curves = {}, {}, {}
+    ppl, spread, curves, losses = {}, {}, {}, {}
     for arm, (plan, recovery) in arms.items():
         values = []
         for seed in range(1 if arm in ONE_SEED else seeds):
@@ -146,14 +147,15 @@ def recovery_part(tokens: int, seeds: int) -> dict:
             values.append(result["ppl"]["slim"])
             print(f"{arm} seed {seed}: {values[-1]:.3f}", flush=True)
         ppl[arm], spread[arm] = statistics.mean(values), values
-        curves[arm] = curve(f"{arm}-s0")
+        curves[arm], losses[arm] = curve(f"{arm}-s0"), curve(f"{arm}-s0", "loss")
     scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, "kd_lm", 0,
                    source=scratch_folder(RUNS / "pruned_kd_lm-s0"), teacher=MODEL)
     ppl["scratch"], spread["scratch"], curves["scratch"] = scratch["ppl"]["slim"], [scratch["ppl"]["slim"]], curve("scratch")
+    losses["scratch"] = curve("scratch", "loss")
     ppl["one_shot"] = ppl["pruned_kd_lm"]
     # both cuts one shot, before training: the last cut of the one-shot arm reports the model with both
     cuts = json.loads((RUNS / "pruned_kd_lm-s0" / "slim_report.json").read_text())["cuts"]
-    return {"ppl": ppl, "seeds": spread, "curves": curves, "both_one_shot_ppl": cuts[-1]["ppl_after"],
+    return {"ppl": ppl, "seeds": spread, "curves": curves, "loss_curves": losses, "both_one_shot_ppl": cuts[-1]["ppl_after"],
             "params": {"source": cuts[0]["params_before"], "slim": cuts[-1]["params_after"]}}
 
 
@@ -245,7 +247,11 @@ def peers_part(experts: dict) -> dict:
         else:
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             pruned, _ = hub.load(folder)
+            as_saved = perplexity(pruned, held, progress=False).ppl
+            if _mixtral_expert_names(folder):  # its folder as transformers 5 can read it: see below
+                pruned, _ = hub.load(folder)
             ppl = perplexity(pruned, held, progress=False).ppl
+            run["ppl_as_saved"] = as_saved
             retained = json.loads((folder / "retained.json").read_text())
             ours = experts["one_shot"]["reap/prune"]  # upcycle's REAP prune, one shot, on the same blocks
             # Kept experts per layer, theirs (keyed by module name) against ours (by layer index).
@@ -276,6 +282,25 @@ def peers_part(experts: dict) -> dict:
                                             "seconds": ours["cuts"][0]["seconds"]}}
     print(f"modelopt: {out['modelopt']}", flush=True)
     return out
+
+
+def _mixtral_expert_names(folder: Path) -> bool:
+    """llm-compressor 0.14 saves a Mixtral's experts as `block_sparse_moe.experts.N.{gate,up,down}_proj`, names
+    transformers 5's Mixtral loader does not map (it reads the original `w1`/`w3`/`w2`): loaded as saved, the
+    experts are left at random initialisation. Rename them in place; True when something was renamed."""
+    import re
+
+    from safetensors.torch import load_file, save_file
+
+    renamed = False
+    for path in folder.glob("*.safetensors"):
+        tensors = load_file(path)
+        names = {k: re.sub(r"(\.experts\.\d+\.)(gate|up|down)_proj\.", lambda m: m.group(1) + {
+            "gate": "w1.", "up": "w3.", "down": "w2."}[m.group(2)], k) for k in tensors}
+        if any(k != v for k, v in names.items()):
+            save_file({names[k]: v for k, v in tensors.items()}, path, metadata={"format": "pt"})
+            renamed = True
+    return renamed
 
 
 def _verdict(better: str, worse: str, ppl: dict, seeds: dict) -> str:
@@ -344,24 +369,27 @@ def tables(results: dict) -> str:
 
 
 def plot(results: dict, path: Path) -> None:
+    """Training loss per step (left) and validation perplexity (right) of each recovery arm, seed 0."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = results.get("recovery", {}).get("curves", {})
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    for arm, points in curves.items():
-        if points:
-            xs, ys = zip(*points)
-            ax.plot(xs, ys, marker="o", ms=3, label=arm)
+    recovery = results.get("recovery", {})
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, curves in zip(axes, (recovery.get("loss_curves", {}), recovery.get("curves", {}))):
+        for arm, points in curves.items():
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o", ms=3, label=arm)
+        ax.set_yscale("log")
+        ax.set_xlabel("recovery tokens")
     teacher = results.get("ppl", {}).get("teacher")
     if teacher:
-        ax.axhline(teacher, color="k", ls="--", lw=1, label="teacher (source)")
-    ax.set_yscale("log")
-    ax.set_xlabel("recovery tokens")
-    ax.set_ylabel("validation perplexity (log)")
-    ax.set_title(f"smollm2-135m → {results.get('shape', '')}")
-    ax.legend(fontsize=8)
+        axes[1].axhline(teacher, color="k", ls="--", lw=1, label="teacher (source)")
+    axes[0].set_ylabel("training loss (its recovery loss, log)")
+    axes[1].set_ylabel("validation perplexity (log)")
+    axes[1].legend(fontsize=8)
+    fig.suptitle(f"smollm2-135m → {results.get('shape', '')}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
