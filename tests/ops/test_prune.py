@@ -138,3 +138,17 @@ def test_in_place_pruning_gives_the_copys_weights_and_perplexities():
     same, in_place = prune(hub.tiny("qwen2"), spec, calibration, held, inplace=True)
     assert all(torch.equal(a, b) for a, b in zip(_linears(copied).values(), _linears(same).values()))
     assert abs(in_place.ppl_after - report.ppl_after) < 1e-6 * report.ppl_after and in_place.kl is None
+
+
+def test_nm_keeps_a_weights_own_zeros_and_calls_that_exact():
+    """A group of 4 that already holds 3 zeros keeps them under 2:4: one more zero than the target count.
+    The pattern holds, so the report calls it exact (an unstructured target counts such zeros instead)."""
+    model = hub.tiny("llama")
+    first = next(iter(_linears(model)))
+    with torch.no_grad():
+        _linears(model)[first][0, :3] = 0.0  # one group: three zeros of its own
+    pruned, report = prune(model, PruneSpec(method="magnitude", nm="2:4"))
+    w = _linears(pruned)[first]
+    assert int((w == 0).sum()) == w.numel() // 2 + 1
+    assert report.zeros == report.target_zeros + 1 and report.pattern_holds and report.exact
+    assert "the pattern in every matrix" in report.line()

@@ -72,6 +72,9 @@ class PruneReport:
     kl: float | None = None
     top1: float | None = None
     skipped: list = field(default_factory=list)  # parameters left dense, and why
+    # N:M: whether every pruned matrix holds the pattern. Its zeros can exceed the target count: a group of M
+    # that already held more than M - N zeros keeps them (unstructured pruning counts them in its target)
+    pattern_holds: bool | None = None
 
     @property
     def sparsity(self) -> float:
@@ -80,15 +83,24 @@ class PruneReport:
 
     @property
     def exact(self) -> bool:
-        return self.zeros == self.target_zeros
+        """Unstructured: exactly the target count of zeros. N:M: the pattern in every matrix, at least the
+        target count (the weights' own zeros are kept)."""
+        if self.pattern_holds is None:
+            return self.zeros == self.target_zeros
+        return self.pattern_holds and self.zeros >= self.target_zeros
 
     def line(self) -> str:
         quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}" if self.ppl_after is not None else "")
         quality += f", mean KL {self.kl:.3g}" if self.kl is not None else ""
         return (f"{self.spec}: {len(self.matrices)} matrices, {self.zeros:,} of "
                 f"{sum(m['numel'] for m in self.matrices.values()):,} weights zero ({self.sparsity:.4%}; "
-                f"{'exactly the target' if self.exact else f'target {self.target_zeros:,}'}), "
+                f"{self._target_words()}), "
                 f"{self.seconds:.1f} s{quality}")
+
+    def _target_words(self) -> str:
+        if self.pattern_holds is not None:
+            return "the pattern in every matrix" if self.exact else "PATTERN BROKEN"
+        return "exactly the target" if self.exact else f"target {self.target_zeros:,}"
 
     def as_dict(self) -> dict:
         return {**asdict(self), "sparsity": self.sparsity, "exact": self.exact}
@@ -130,6 +142,8 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
         if stream is not None:
             stream.advance()
     report.skipped = _left_dense(pruned, adapter)
+    if nm is not None:
+        report.pattern_holds = holds_nm(pruned, *nm)
     pruned.config.upcycle_pruning = {"method": spec.method, "sparsity": report.sparsity, "nm": spec.nm,
                                      "target": None if spec.nm else spec.sparsity,
                                      "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
