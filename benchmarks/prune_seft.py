@@ -198,8 +198,9 @@ def tables(results: dict) -> str:
     ours, theirs = results.get("oneshot", {}), results.get("llmcompressor", {})
     if ours:
         dense = next(iter(ours.values())).get("ppl_dense")
-        lines += [f"One shot (dense ppl {dense:.2f}); seconds of the pruning itself; peak memory of the whole "
-                  "process (load, prune, score):", "",
+        lines += [f"One shot (dense ppl {dense:.2f}); seconds of the pruning itself (upcycle: `prune`; llm-compressor: "
+                  "its `oneshot` call); peak memory of the process through load and prune (upcycle: read before "
+                  "scoring; llm-compressor: at exit, after saving):", "",
                   "| target | method | upcycle ppl | s | peak MB | llm-compressor ppl | s | peak MB |",
                   "|---|---|---|---|---|---|---|---|"]
         for target in TARGETS:
