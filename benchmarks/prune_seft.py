@@ -183,7 +183,8 @@ def _paired(a: list, b: list, higher_better: bool = True) -> str:
     sign = 1 if higher_better else -1
     if len(a) == len(b) > 1:
         diffs = [sign * (x - y) for x, y in zip(a, b)]
-        word = ("reproduced" if all(d >= 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
+        word = ("tied (equal in every seed)" if all(d == 0 for d in diffs) else
+                "reproduced" if all(d >= 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
                 else "mixed across seeds")
         return f"{word} (per seed {', '.join(f'{d:+.3f}' for d in diffs)})"
     margin = sign * (sum(a) / len(a) - sum(b) / len(b))
