@@ -3,7 +3,7 @@ in its own process (seconds of the pruning itself, the process's peak memory, he
 side with llm-compressor's one-shot Wanda and SparseGPT on the same model, calibration blocks and sparsity,
 measured the same way (its output scored by upcycle's own perplexity on the same held-out blocks).
 
-    python benchmarks/prune_seft.py --part oneshot  # the one-shot part (about 20 minutes on 2 CPU cores)
+    python benchmarks/prune_seft.py --part oneshot  # the one-shot part (about 26 minutes on 2 CPU cores)
     python benchmarks/prune_seft.py --part finetune # SEFT vs masked vs LoRA vs LoRA* at 50 and 70 % (--targets 50,70,2:4)
     python benchmarks/prune_seft.py --no-peer       # upcycle only
 
@@ -193,6 +193,10 @@ def _paired(a: list, b: list, higher_better: bool = True) -> str:
     return f"{word} (margin {margin:+.3f}, seed spread {spread:.3f})"
 
 
+def cell(row: dict, key: str, spec: str) -> str:
+    return format(row[key], spec) if key in row else "—"
+
+
 def tables(results: dict) -> str:
     """The README's tables and claims, from the JSON."""
     lines = []
@@ -207,7 +211,6 @@ def tables(results: dict) -> str:
         for target in TARGETS:
             for method in METHODS:
                 u, t = ours.get(f"{method}_{target}", {}), theirs.get(f"{method}_{target}", {})
-                cell = (lambda r, k, f: format(r[k], f) if k in r else "—")  # noqa: E731
                 lines.append(f"| {target if ':' in target else target + ' %'} | {method} | {cell(u, 'ppl', '.2f')} | "
                              f"{cell(u, 'seconds', '.1f')} | {cell(u, 'peak_rss_mb', '.0f')} | {cell(t, 'ppl', '.2f')} | "
                              f"{cell(t, 'seconds', '.1f')} | {cell(t, 'peak_rss_mb', '.0f')} |")

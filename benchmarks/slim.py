@@ -50,7 +50,6 @@ DEPTH = {"op": "depth", "layers": 10, "criterion": "block_influence"}
 WIDTH = {"op": "hidden", "hidden": 432}
 SHAPE = "20 layers × hidden 432 (9 query / 3 key-value heads, FFN 1536)"
 GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
-KEEP_WEIGHTS = ()  # the reports are enough (the scratch arm reads a pruned arm's config only)
 
 
 def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed: int = 0, source: str = MODEL,
@@ -71,9 +70,8 @@ def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed
     result["seconds"] = time.perf_counter() - start
     (out / "slim_report.json").write_text(json.dumps(result, indent=2))
     marker.write_text(json.dumps(settings))
-    if name not in KEEP_WEIGHTS:  # the reports are what the benchmark reads; 30-odd models would fill the disk
-        for weights in out.glob("*.safetensors"):
-            weights.unlink()
+    for weights in out.glob("*.safetensors"):  # the benchmark reads the reports; 30-odd models would fill the disk
+        weights.unlink()
     return result
 
 
@@ -247,11 +245,10 @@ def peers_part(experts: dict) -> dict:
         else:
             run = json.loads(proc.stdout.strip().splitlines()[-1])
             pruned, _ = hub.load(folder)
-            as_saved = perplexity(pruned, held, progress=False).ppl
+            ppl = run["ppl_as_saved"] = perplexity(pruned, held, progress=False).ppl
             if _mixtral_expert_names(folder):  # its folder as transformers 5 can read it: see below
                 pruned, _ = hub.load(folder)
-            ppl = perplexity(pruned, held, progress=False).ppl
-            run["ppl_as_saved"] = as_saved
+                ppl = perplexity(pruned, held, progress=False).ppl
             retained = json.loads((folder / "retained.json").read_text())
             ours = experts["one_shot"]["reap/prune"]  # upcycle's REAP prune, one shot, on the same blocks
             # Kept experts per layer, theirs (keyed by module name) against ours (by layer index).

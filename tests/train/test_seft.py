@@ -12,7 +12,8 @@ from upcycle import hub
 from upcycle.errors import ConfigError
 from upcycle.ops.prune import PruneSpec, prune
 from upcycle.train import Trainer, TrainConfig
-from upcycle.train.seft import attach_deltas, delta_layers, evolve, merge_deltas, prune_back, pruned_linears
+from upcycle.ops.prune import prunable_linears
+from upcycle.train.seft import attach_deltas, delta_layers, evolve, merge_deltas, prune_back
 from upcycle.train.sparse_delta import SparseDeltaLinear
 
 from tests.conftest import tokens_for
@@ -133,8 +134,8 @@ def pruned(tmp_cache):
 
 def test_a_seft_run_evolves_and_ends_at_exactly_the_pruned_sparsity(pruned, tmp_path, text_folder):
     model, tokenizer, report = pruned
-    zeros = {k: int((m.weight == 0).sum()) for k, m in pruned_linears(model).items()}
-    before = {k: m.weight.detach().clone() for k, m in pruned_linears(model).items()}
+    zeros = {k: int((m.weight == 0).sum()) for k, m in prunable_linears(model).items()}
+    before = {k: m.weight.detach().clone() for k, m in prunable_linears(model).items()}
     trainer = _run(tmp_path, text_folder, model, tokenizer, dict(
         groups=[{"name": "deltas", "patterns": [r"\.delta$"]}, {"name": "rest", "frozen": True}],
         transform="seft", transform_options={"density": 0.05},
@@ -147,7 +148,7 @@ def test_a_seft_run_evolves_and_ends_at_exactly_the_pruned_sparsity(pruned, tmp_
     budgets = [layer.budget for layer in delta_layers(trainer.model)]
     merged = merge_deltas(trainer.model)
     assert not delta_layers(merged)
-    after = pruned_linears(merged)
+    after = prunable_linears(merged)
     assert {k: int((m.weight == 0).sum()) for k, m in after.items()} == zeros
     assert all(type(m) is nn.Linear for m in after.values())
     changed = sum(int((after[k].weight != before[k]).sum()) for k in before)
@@ -156,10 +157,10 @@ def test_a_seft_run_evolves_and_ends_at_exactly_the_pruned_sparsity(pruned, tmp_
 
 def test_a_masked_run_keeps_every_zero(pruned, tmp_path, text_folder):
     model, tokenizer, _ = pruned
-    masks = {k: m.weight == 0 for k, m in pruned_linears(model).items()}
-    before = {k: m.weight.detach().clone() for k, m in pruned_linears(model).items()}
+    masks = {k: m.weight == 0 for k, m in prunable_linears(model).items()}
+    before = {k: m.weight.detach().clone() for k, m in prunable_linears(model).items()}
     trainer = _run(tmp_path, text_folder, model, tokenizer, dict(callbacks=[{"name": "masked"}]), "masked")
-    for k, m in pruned_linears(trainer.model).items():
+    for k, m in prunable_linears(trainer.model).items():
         assert bool((m.weight[masks[k]] == 0).all()) and not torch.equal(m.weight, before[k]), k
 
 

@@ -35,9 +35,6 @@ from upcycle.train.sparse_delta import SparseDeltaLinear
 from upcycle.train.trainer import Callback, register_callback, register_transform
 
 
-pruned_linears = prunable_linears  # the linears SEFT and masked fine-tuning act on: those prune sparsified
-
-
 @register_transform("seft")
 def attach_deltas(model, density: float | None = None, lora_rank: int | None = None, seed: int = 0):
     """Every linear of the decoder layers that holds zeros becomes a SparseDeltaLinear. Budget per matrix:
@@ -46,7 +43,7 @@ def attach_deltas(model, density: float | None = None, lora_rank: int | None = N
           "exactly one of density or lora_rank")
     check(density is None or 0 < density < 1, "density", density, "in (0, 1)")
     check(lora_rank is None or lora_rank >= 1, "lora_rank", lora_rank, ">= 1")
-    linears = pruned_linears(model)
+    linears = prunable_linears(model)
     if not any(bool((m.weight == 0).any()) for m in linears.values()):
         raise ConfigError("SEFT fine-tunes a pruned model, and this one has no zero weights in its linear layers: "
                           "run `upcycle prune` first")
@@ -223,7 +220,7 @@ class Masked(Callback):
 
     def on_stage_start(self, trainer) -> None:
         self.masks = {}
-        for linear in pruned_linears(trainer.model).values():
+        for linear in prunable_linears(trainer.model).values():
             zero = linear.weight == 0
             if bool(zero.any()):
                 self.masks[linear.weight] = ~zero

@@ -15,8 +15,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from upcycle.errors import ConfigError
-from upcycle.eval import compare
-from upcycle.eval.equivalence import Equivalence
+from upcycle.eval import Equivalence, compare
 from upcycle.ops.slim.cuts import cut_depth, cut_experts, cut_ffn_width, cut_heads, cut_hidden
 from upcycle.ops.slim.step import SlimStep
 
