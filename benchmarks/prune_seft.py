@@ -147,7 +147,9 @@ def finetune_arm(source: Path, arm: str, tokens: int, seed: int) -> dict:
     marker = out / "bench_settings.json"
     settings = {"args": args, "lr": lr, "tokens": tokens, "seed": seed}
     if marker.exists() and json.loads(marker.read_text()) == settings:
-        return json.loads((out / "finetune_report.json").read_text())
+        report = json.loads((out / "finetune_report.json").read_text())
+        if "train_peak_rss_mb" in report:  # (runs from before the training's own peak was measured run again)
+            return report
     proc = subprocess.run([sys.executable, "-m", "upcycle.cli", "finetune", str(source), str(out), *args, "--lr", str(lr),
                            "--tokens", str(tokens), "--seed", str(seed), "--no-progress", "--overwrite"],
                           capture_output=True, text=True)
@@ -157,8 +159,8 @@ def finetune_arm(source: Path, arm: str, tokens: int, seed: int) -> dict:
     return json.loads((out / "finetune_report.json").read_text())
 
 
-def finetune_part(target: str, tokens: int, seeds: int) -> dict:
-    source = pruned_source("wanda", target)
+def finetune_part(target: str, tokens: int, seeds: int, method: str = "wanda") -> dict:
+    source = pruned_source(method, target)
     out = {}
     for arm in FINETUNE:
         runs = [finetune_arm(source, arm, tokens, seed) for seed in range(seeds if arm in ("seft", "lora_star") else 1)]
@@ -172,6 +174,7 @@ def finetune_part(target: str, tokens: int, seeds: int) -> dict:
                     "ppl_seeds": [r["after"]["ppl"] for r in ok],
                     "before": ok[0]["before"], "sparsity_exact": all(r["sparsity_exact"] for r in ok),
                     "sparsity_after": ok[0]["sparsity_after"], "peak_rss_mb": ok[0]["peak_rss_mb"],
+                    "train_peak_rss_mb": ok[0]["train_peak_rss_mb"], "rss_before_train_mb": ok[0]["rss_before_train_mb"],
                     "s_per_step": ok[0]["s_per_step"], "trainable_params": ok[0]["trainable_params"],
                     "optimizer_state_mb": ok[0]["optimizer_state_mb"], "steps": ok[0]["steps"]}
         print(f"finetune {target} {arm}: {out[arm]}", flush=True)
@@ -216,26 +219,33 @@ def tables(results: dict) -> str:
                              f"{cell(t, 'seconds', '.1f')} | {cell(t, 'peak_rss_mb', '.0f')} |")
         lines.append("")
     setup = results.get("finetune_setup", {})
-    for target, arms in results.get("finetune_by_target", {}).items():
-        ok = {k: v for k, v in arms.items() if "task_accuracy" in v}
+    for key, arms in results.get("finetune_by_target", {}).items():
+        ok = {k: v for k, v in arms.items() if isinstance(v, dict) and "task_accuracy" in v}
         if not ok:
             continue
+        target, source = key.split("-")[0], arms.get("source", "wanda")
         before = next(iter(ok.values()))["before"]
-        lines += [f"Fine-tuning the Wanda {target if ':' in target else target + ' %'} model, {setup.get('tokens', 0):,} "
-                  f"tokens each (before: exact match {before['task_accuracy']:.3f}, ppl {before['ppl']:.2f}):", "",
-                  "| arm | exact match (seeds) | ppl (seeds) | sparsity kept exactly | peak MB | s / step | trainable |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [f"Fine-tuning the {source} {target if ':' in target else target + ' %'} model, "
+                  f"{setup.get('tokens', 0):,} tokens each (before: exact match {before['task_accuracy']:.3f}, "
+                  f"ppl {before['ppl']:.2f}); peak memory while training (from the trainer's start to its end) and "
+                  "of the whole run (load, score, train, merge, score, save):", "",
+                  "| arm | exact match (seeds) | ppl (seeds) | sparsity kept exactly | peak MB training | peak MB run "
+                  "| optimizer state MB | s / step | trainable |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for arm, r in ok.items():
             lines.append(f"| {arm} | {r['task_accuracy']:.3f} ({', '.join(f'{v:.3f}' for v in r['task_accuracy_seeds'])}) | "
                          f"{r['ppl']:.2f} ({', '.join(f'{v:.2f}' for v in r['ppl_seeds'])}) | "
                          f"{'yes' if r['sparsity_exact'] else 'no (dense)' if arm == 'lora' else 'no'} | "
-                         f"{r['peak_rss_mb']:.0f} | {r['s_per_step']:.2f} | {r['trainable_params']:,} |")
+                         f"{cell(r, 'train_peak_rss_mb', '.0f')} | {r['peak_rss_mb']:.0f} | "
+                         f"{r['optimizer_state_mb']:.1f} | {r['s_per_step']:.2f} | {r['trainable_params']:,} |")
         if "seft" in ok and "lora_star" in ok:
             s, l = ok["seft"], ok["lora_star"]
+            peak = "train_peak_rss_mb" if "train_peak_rss_mb" in s and "train_peak_rss_mb" in l else "peak_rss_mb"
             lines += ["", f"- SEFT ≥ LoRA* in exact match: {_paired(s['task_accuracy_seeds'], l['task_accuracy_seeds'])}; "
                       f"in held-out ppl: {_paired(s['ppl_seeds'], l['ppl_seeds'], higher_better=False)}",
-                      f"- SEFT's peak memory vs LoRA*'s: {s['peak_rss_mb']:.0f} vs {l['peak_rss_mb']:.0f} MB "
-                      f"({'less' if s['peak_rss_mb'] < l['peak_rss_mb'] else 'not less'})"]
+                      f"- SEFT's peak memory vs LoRA*'s ({'training' if peak != 'peak_rss_mb' else 'whole run'}): "
+                      f"{s[peak]:.0f} vs {l[peak]:.0f} MB ({'less' if s[peak] < l[peak] else 'not less'}; "
+                      f"masked full fine-tuning {ok.get('masked', {}).get(peak, float('nan')):.0f} MB)"]
         lines.append("")
     return "\n".join(lines)
 
@@ -247,7 +257,10 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    tuned = {k: {a: r for a, r in v.items() if isinstance(r, dict) and "task_accuracy" in r}
+             for k, v in results.get("finetune_by_target", {}).items()}
+    tuned = {k: v for k, v in tuned.items() if v}
+    fig, axes = plt.subplots(1, 3 if tuned else 2, figsize=(15 if tuned else 10, 4))
     targets = list(TARGETS)
     arms = [("upcycle " + m, results["oneshot"], m) for m in METHODS]
     arms += [("llm-compressor " + m, results.get("llmcompressor", {}), m) for m in ("wanda", "sparsegpt")]
@@ -266,7 +279,22 @@ def plot(results: dict, path: Path) -> None:
         ax.set_title(title)
     axes[0].set_yscale("log")
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"one-shot pruning of {MODEL} on 2 CPU cores")
+    if tuned:  # fine-tuning: task exact match after, per arm and pruned model (seeds as dots)
+        names = list(next(iter(tuned.values())))
+        width = 0.8 / len(names)
+        for n, arm in enumerate(names):
+            for i, arms in enumerate(tuned.values()):
+                if arm in arms:
+                    x = i + (n - len(names) / 2 + 0.5) * width
+                    axes[2].bar(x, arms[arm]["task_accuracy"], width, color=f"C{n}", label=arm if i == 0 else None)
+                    axes[2].plot([x] * len(arms[arm]["task_accuracy_seeds"]), arms[arm]["task_accuracy_seeds"], "k.", ms=3)
+        for i, arms in enumerate(tuned.values()):
+            before = next(iter(arms.values()))["before"]["task_accuracy"]
+            axes[2].hlines(before, i - 0.45, i + 0.45, colors="k", linestyles=":", label="before" if i == 0 else None)
+        axes[2].set_xticks(range(len(tuned)), [k.replace("-", "\n") for k in tuned])
+        axes[2].set_title("task exact match after fine-tuning")
+        axes[2].legend(fontsize=7)
+    fig.suptitle(f"pruning {MODEL} on 2 CPU cores: one shot, then fine-tuning that keeps the zeros")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -278,6 +306,8 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="fine-tuning tokens of every arm (4 steps of 8 × 256)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the SEFT and LoRA* arms")
     parser.add_argument("--targets", default="50,70", help="sparsities to fine-tune at, comma-separated (also 2:4)")
+    parser.add_argument("--source", default="wanda", choices=METHODS,
+                        help="how the model fine-tuned is pruned (results of a source other than wanda: key TARGET-SOURCE)")
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -301,12 +331,14 @@ def main() -> None:
         started = time.perf_counter()
         by_target = results.setdefault("finetune_by_target", {})
         for target in args.targets.split(","):
-            by_target[target] = finetune_part(target, args.tokens, args.seeds)
+            key = target if args.source == "wanda" else f"{target}-{args.source}"
+            by_target[key] = {**finetune_part(target, args.tokens, args.seeds, args.source), "source": args.source}
             path.write_text(json.dumps(results, indent=2) + "\n")
         results["finetune"] = by_target.get("50") or next(iter(by_target.values()))
         results["finetune_setup"] = {"tokens": args.tokens, "task": "record extraction (eval/extract.py), exact match "
                                      "on 96 held-out examples", "held_out_ppl": "pystdlib, 16 × 256 tokens",
-                                     "source": "wanda-pruned smollm2-135m", "arms": {k: {"args": v[0], "lr": v[1]}
+                                     "source": "smollm2-135m pruned by Wanda (by the method after the "
+                                     "target's dash where there is one)", "arms": {k: {"args": v[0], "lr": v[1]}
                                                                                      for k, v in FINETUNE.items()}}
         results["seconds_finetune_part"] = round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(results, indent=2) + "\n")

@@ -15,17 +15,28 @@ TORCH = "torch==2.13.0"
 HERE = Path(__file__).parent
 
 
-def peer_python() -> Path:
-    """The environment's python, made on first use (a few minutes); CalledProcessError if pip fails."""
-    venv = Path(tempfile.gettempdir()) / "upcycle-bench-peers"
+# llama.cpp through its Python binding, built from the sdist (about 4½ minutes on 2 cores; needs a C++
+# compiler; cmake and ninja come from PyPI); no torch
+LLAMACPP = ("llama-cpp-python==0.3.36",)
+
+
+def peer_python(name: str = "upcycle-bench-peers", packages: tuple[str, ...] = PEERS, torch: bool = True) -> Path:
+    """The environment's python, made on first use (minutes); CalledProcessError if pip fails."""
+    venv = Path(tempfile.gettempdir()) / name
     if not (venv / ".installed").exists():
-        print(f"installing {', '.join(PEERS)} into {venv} (a throwaway environment, {TORCH} pinned) ...", flush=True)
+        pinned = f", {TORCH} pinned" if torch else ""
+        print(f"installing {', '.join(packages)} into {venv} (a throwaway environment{pinned}) ...", flush=True)
         subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
         pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-        subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
-        subprocess.run(pip + [TORCH, *PEERS], check=True, capture_output=True, text=True)
+        if torch:
+            subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
+        subprocess.run(pip + ([TORCH] if torch else []) + list(packages), check=True, capture_output=True, text=True)
         (venv / ".installed").touch()
     return venv / "bin" / "python"
+
+
+def llamacpp_python() -> Path:
+    return peer_python("upcycle-bench-llamacpp", LLAMACPP, torch=False)
 
 
 def driver(name: str) -> str:

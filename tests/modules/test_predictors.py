@@ -182,6 +182,6 @@ def test_a_compiled_shadow_ffn_calls_the_kernel_operator_and_matches_the_referen
             want = ffn(x)
     torch.testing.assert_close(compiled, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
     torch.testing.assert_close(eager, compiled)
-    got = torch.ops.upcycle.bank_sparse_ffn_shadow(x[0], kernels.plan_for(ffn).packed, *kernels.plan_for(ffn).shadow,
-                                                   64, 16, 0)
+    plan = kernels.plan_for(ffn)
+    got = torch.ops.upcycle.bank_sparse_ffn_shadow(x[0], plan.packed, plan.row_scales, *plan.shadow, 64, 16, 0)
     torch.testing.assert_close(got, want[0], rtol=1e-4, atol=1e-5 * want.abs().max().item())

@@ -15,6 +15,7 @@ from upcycle.commands import quiet_transformers
 from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval.speed import QWEN7B_FFN, decode_bench, ffn_microbench
+from upcycle.kernels.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 from upcycle.report import RunFolder
 
@@ -32,6 +33,8 @@ class BenchConfig(Config):
     repeats: int = option(5, "alternating measurements per figure (median)")
     decode: bool = option(True, "also time greedy decoding (--no-decode: only the FFN microbenchmark)")
     compile: bool = option(False, "decode both models under torch.compile (static cache; the first run compiles, ~1 min)")
+    precision: str = option("fp32", "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
+                            "activations (the FFN microbenchmark stays fp32)", choices=PRECISIONS)
     progress: bool = option(True, "progress bars")
 
     def validate(self):
@@ -68,7 +71,7 @@ class BenchReport:
         if self.decode:
             d = self.decode
             mb = {k: v["total"] / 1e6 for k, v in d["bytes_per_token"].items()}
-            lines += ["", f"Greedy decoding, {d['new_tokens']} tokens, {d['threads']} threads: dense "
+            lines += ["", f"Greedy decoding ({d.get('precision', 'fp32')}), {d['new_tokens']} tokens, {d['threads']} threads: dense "
                       f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
                       f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
                       f"limit {d['limit']:.2f}×; with no FFN at all {d['ceiling']:.2f}×)"
@@ -114,9 +117,10 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
     if config.decode:
         if tokenizer is None:
             raise ConfigError(f"{model}: no tokenizer, so no decoding benchmark (pass --no-decode)")
-        dense, sparse = sparse_and_dense(loaded, tokenizer, sparsity)
+        dense, sparse = (to_precision(m, config.precision) for m in sparse_and_dense(loaded, tokenizer, sparsity))
         report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=config.new_tokens, repeats=config.repeats,
                                      compiled=config.compile, progress=config.progress)
+        report.decode["precision"] = config.precision
     print(report.table())
     if out is not None:
         folder = RunFolder(out, report="bench.md", metrics="bench.json")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 import shutil
 import tempfile
 import time
@@ -17,6 +16,7 @@ from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval import perplexity
 from upcycle.eval.extract import exact_match, extract_examples, write_extract_data
+from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, rss_mb
 from upcycle.report import RunFolder, markdown_table
 
 METHODS = ("seft", "masked", "lora", "lora_star", "full")
@@ -108,7 +108,7 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig()) -> dict
               "sparsity_before": sum(zeros_before.values()) / _numel(tuned),
               "sparsity_after": sum(zeros_after.values()) / _numel(tuned),
               "sparsity_exact": all(kept.values()), "matrices_changed_zeros": [k for k, ok in kept.items() if not ok],
-              **train_info, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              **train_info, "peak_rss_mb": max(train_info["peak_before_train_mb"], peak_rss_mb()),
               "config": json.loads(json.dumps(config.to_dict(), default=str))}
     write_report(folder, result)
     print(f"saved {folder}; every matrix's zeros {'as in the source' if result['sparsity_exact'] else 'CHANGED'} "
@@ -143,10 +143,14 @@ def _train(model_name: str, source, tokenizer, config: FinetuneConfig, run_dir: 
         model=model_name, data=train_data, out=str(run_dir), seq_len=config.seq_len, global_batch=config.global_batch,
         micro_batch=config.micro_batch, lr=config.lr, warmup_steps=2, seed=config.seed, losses=[{"name": "lm"}],
         groups=groups, stages=[stage], ckpt_every=1_000_000, progress=config.progress, val_blocks=4))
+    # the training's own peak, apart from the loading and scoring around it (which every method shares)
+    held_before, peak_before = rss_mb(), peak_rss_mb()
+    reset_peak()  # (this resets getrusage's peak too: the whole run's peak is the larger of the two)
     trainer = Trainer(cfg, model=source, tokenizer=tokenizer)
     started = time.perf_counter()
     trainer.fit()
     wall = time.perf_counter() - started
+    train_peak = peak_rss_mb()
     steps = trainer.progress.step
     trainable = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
@@ -154,6 +158,8 @@ def _train(model_name: str, source, tokenizer, config: FinetuneConfig, run_dir: 
     info = {"steps": steps, "tokens": trainer.progress.tokens, "train_seconds": wall,
             "s_per_step": sorted(step_s)[len(step_s) // 2] if step_s else wall / steps,
             "trainable_params": trainable, "optimizer_state_mb": 2 * 4 * trainable / 2**20,
+            "train_peak_rss_mb": train_peak, "rss_before_train_mb": held_before,
+            "peak_before_train_mb": peak_before,
             "lora_params": lora_parameters(trainer.model) if config.method.startswith("lora") else None}
     return trainer.model, info
 
@@ -220,7 +226,8 @@ def write_report(folder: Path, result: dict) -> None:
             ["sparsity of the decoder's linears", f"{result['sparsity_before']:.4%}", f"{result['sparsity_after']:.4%}"]]
     run_folder.section(None, f"Fine-tuned `{result['source']}` with {result['method']} on {result['tokens']} tokens "
                        f"({result['steps']} steps, {result['s_per_step']:.2f} s a step, {result['trainable_params']:,} "
-                       f"trainable parameters, peak memory {result['peak_rss_mb']:.0f} MB). Every matrix's zeros "
+                       f"trainable parameters, peak memory {result['train_peak_rss_mb']:.0f} MB while training, "
+                       f"{result['peak_rss_mb']:.0f} MB in all). Every matrix's zeros "
                        f"{'are exactly the source' + chr(39) + 's' if result['sparsity_exact'] else 'changed'}.")
     run_folder.section("Before and after", markdown_table(["", "before", "after"], rows))
     run_folder.metrics.update(result)

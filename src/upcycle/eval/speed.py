@@ -93,25 +93,40 @@ def _ffn_modules(model) -> list[torch.nn.Module]:
     return [adapter.ffn(i) for i in range(adapter.num_layers)]
 
 
+def _stored_bytes(module: torch.nn.Module) -> float:
+    """Bytes of weights `module` holds as inference reads them: parameters and weight buffers (an
+    Int8Linear's codes and scales); a bank-sparse FFN marked for int8 holds one byte a weight and one
+    fp32 scale per row of its packed kernel copy."""
+    if getattr(module, "kernel_precision", None) == "int8":
+        width, hidden = module.gate_proj.weight.shape
+        return 3 * width * hidden + 3 * width * 4
+    own = [t for t in module.parameters()] + [b for n, b in module.named_buffers() if n.endswith(("codes", "scales"))]
+    return float(sum(t.numel() * t.element_size() for t in own))
+
+
 def weight_bytes(model) -> dict[str, float]:
     """Bytes of weights read to decode one token, by part: the kept share of each bank-sparse FFN,
-    its predictor, every dense FFN, attention + norms, the LM head (an embedding lookup reads one row)."""
+    its predictor, every dense FFN, attention + norms, the LM head (an embedding lookup reads one row),
+    each in the precision it is stored in (fp32, bf16, or int8 codes with their scales)."""
     parts = {"ffn": 0.0, "predictor": 0.0, "attention_and_norms": 0.0, "lm_head": 0.0}
-    head = model.get_output_embeddings().weight
-    parts["lm_head"] = head.numel() * head.element_size()
-    counted = {id(head), id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    parts["lm_head"] = _stored_bytes(head)
+    counted = {id(t) for t in (*head.parameters(), *head.buffers())}
+    counted.add(id(model.get_input_embeddings().weight))
     for ffn in _ffn_modules(model):
         sparse = isinstance(ffn, BankSparseFFN)
         predictor = {id(p) for p in ffn.predictor.parameters()} if sparse else set()
         if sparse:
             parts["predictor"] += ffn.predictor_bytes()
-        for p in ffn.parameters():
-            if id(p) not in predictor:
-                size = p.numel() * p.element_size()
-                parts["ffn"] += size * ffn.keep / ffn.bank if sparse else size
-            counted.add(id(p))
-    parts["attention_and_norms"] = float(sum(p.numel() * p.element_size() for p in model.parameters()
-                                             if id(p) not in counted))
+            weights = torch.nn.ModuleList([ffn.gate_proj, ffn.up_proj, ffn.down_proj])
+            stored = _stored_bytes(ffn) if getattr(ffn, "kernel_precision", None) == "int8" else _stored_bytes(weights)
+            parts["ffn"] += stored * ffn.keep / ffn.bank
+        else:
+            parts["ffn"] += _stored_bytes(ffn)
+        counted |= {id(t) for t in (*ffn.parameters(), *ffn.buffers())} | predictor
+    rest = [t for t in model.parameters() if id(t) not in counted]
+    rest += [b for n, b in model.named_buffers() if n.endswith(("codes", "scales")) and id(b) not in counted]
+    parts["attention_and_norms"] = float(sum(t.numel() * t.element_size() for t in rest))
     parts["total"] = sum(parts.values())
     return parts
 

@@ -1,9 +1,15 @@
 """Fast CPU inference for bank-sparse FFNs: read only the kept channels' weights.
 
 `BankSparseFFN.forward` calls `sparse_ffn_forward` first; it returns None wherever the fast path does
-not apply (training mode, a gradient wanted, not CPU fp32, an activation other than SiLU, oracle or
+not apply (training mode, a gradient wanted, not CPU fp32 or bf16, an activation other than SiLU, oracle or
 threshold selection, the extension unavailable, more than MAX_TOKENS rows, or a batch for which the
 masked dense reference measured faster) and the module then runs its reference computation.
+
+The packed copy holds the FFN's weights in their own precision — fp32, or bf16 for a bf16 model — or
+as int8 codes with one fp32 scale per row where the module is marked for int8
+(`upcycle.kernels.precision.to_precision(model, "int8")` puts its weights on that grid first, so the
+reference computes with the very values the kernel reads). Activations enter and leave the kernel in
+fp32 (a bf16 model's rows are widened and the output narrowed around it).
 
 Switches: the environment variable UPCYCLE_KERNELS=off, or `with upcycle.kernels.disabled():`.
 """
@@ -62,15 +68,43 @@ def _state(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-def _ffn_struct(packed: torch.Tensor, pred_down: torch.Tensor | None = None, pred_up: torch.Tensor | None = None,
-                pred_bias: torch.Tensor | None = None) -> FFNWeights:
-    """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy and the
-    low-rank predictor (null pointers without one: the caller passes the logits)."""
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the kernel's codes for a packed copy
+NO_SCALES = torch.empty(0)  # the row scales of a packed copy that has none (fp32, bf16)
+
+
+def _ffn_struct(packed: torch.Tensor, row_scales: torch.Tensor = NO_SCALES, pred_down: torch.Tensor | None = None,
+                pred_up: torch.Tensor | None = None, pred_bias: torch.Tensor | None = None) -> FFNWeights:
+    """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy (fp32, bf16, or
+    int8 with row scales [width, 3]) and the low-rank predictor (null pointers without one: the caller
+    passes the logits, or the shadow fields are filled in after)."""
     width, _, hidden = packed.shape
     base, row = packed.data_ptr(), hidden * packed.element_size()
     pointers = [t.data_ptr() if t is not None else None for t in (pred_down, pred_up, pred_bias)]
     rank = pred_down.shape[0] if pred_down is not None else 0
-    return FFNWeights(*pointers, rank, base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    weights = FFNWeights(*pointers, rank, base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    weights.weight_type = WEIGHT_TYPES[packed.dtype]
+    weights.row_scales = row_scales.data_ptr() if packed.dtype == torch.int8 else None
+    return weights
+
+
+def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row along the last axis and one fp32 scale per row (max |row| /
+    127; 1 for an all-zero row): rows ≈ codes * scales[..., None]."""
+    rows = rows.float()
+    scales = rows.abs().amax(-1) / 127
+    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
+    codes = torch.round(rows / scales[..., None]).clamp_(-127, 127).to(torch.int8)
+    return codes, scales
+
+
+def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[width, 3, hidden] rows W_gate[j], W_up[j], W_down^T[j] in the weights' own dtype, or as int8 with
+    [width, 3] row scales where the module is marked for int8 (module.kernel_precision)."""
+    rows = torch.stack([gate, up, down.t()], dim=1)
+    if getattr(module, "kernel_precision", None) == "int8":
+        codes, scales = int8_rows(rows)
+        return huge_page_copy(codes), scales.contiguous()
+    return huge_page_copy(rows), NO_SCALES
 
 
 class KernelPlan:
@@ -82,16 +116,17 @@ class KernelPlan:
     def __init__(self, module):
         self.tensors = _weights(module)
         self.state = _state(self.tensors)
+        self.precision = getattr(module, "kernel_precision", None)
         gate, up, down, *predictor = (t.detach() for t in self.tensors)
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
-        cpu_fp32 = all(t.device.type == "cpu" and t.dtype == torch.float32 for t in self.tensors)
-        self.usable = silu and cpu_fp32
+        cpu = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in self.tensors)
+        self.usable = silu and cpu
         if not self.usable:
             return
         operator_kind()  # registered before any compiled graph can ask for it
-        self.packed = huge_page_copy(torch.stack([gate, up, down.t()], dim=1))
-        self.predictor = [t.contiguous() for t in predictor]  # empty for a shadow predictor
-        self.struct = _ffn_struct(self.packed, *self.predictor)
+        self.packed, self.row_scales = _packed_copy(module, gate, up, down)
+        self.predictor = [t.float().contiguous() for t in predictor]  # empty for a shadow predictor
+        self.struct = _ffn_struct(self.packed, self.row_scales, *self.predictor)
         self.shadow = _packed_shadow(module) if not self.predictor else None
         if self.shadow is not None:
             codes, scales, group = self.shadow
@@ -106,7 +141,8 @@ class KernelPlan:
 
     def current(self, module) -> bool:
         tensors = _weights(module)
-        return all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
+        return (all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
+                and getattr(module, "kernel_precision", None) == self.precision)
 
 
 SHADOW_LANES = 16  # channels the kernel scores at once (one fp32 vector)
@@ -183,12 +219,15 @@ def run_kernel(module, x: torch.Tensor, z: torch.Tensor | None = None, plan: Ker
 
 def _launch(weights_ref, x: torch.Tensor, z: torch.Tensor | None, bank: int, keep: int, gate: int) -> torch.Tensor:
     """One call of the C kernel on rows x [..., H] (logits z [T, I], or None: computed in the kernel); the
-    output has x's shape. No reshapes: at batch 1 every tensor operation around the kernel costs
-    microseconds (the kernel has just streamed megabytes of weights through the caches)."""
+    output has x's shape and dtype (a bf16 x is widened to fp32 for the kernel and its output narrowed).
+    No reshapes: at batch 1 every tensor operation around the kernel costs microseconds (the kernel has
+    just streamed megabytes of weights through the caches)."""
+    if x.dtype is not torch.float32:
+        return _launch(weights_ref, x.float(), z, bank, keep, gate).to(x.dtype)
     if not x.is_contiguous():
         x = x.contiguous()
-    if z is not None and not z.is_contiguous():
-        z = z.contiguous()
+    if z is not None and (z.dtype is not torch.float32 or not z.is_contiguous()):
+        z = z.float().contiguous()
     out = torch.empty_like(x)
     code = load().upcycle_bank_sparse_ffn_f32(weights_ref, x.data_ptr(), x.numel() // x.shape[-1],
                                                 None if z is None else z.data_ptr(), bank, keep, gate, out.data_ptr())
@@ -198,7 +237,7 @@ def _launch(weights_ref, x: torch.Tensor, z: torch.Tensor | None, bank: int, kee
 
 
 def _shape_key(module, rows: int, plan: KernelPlan) -> tuple:
-    return (rows, plan.hidden, plan.packed.shape[0], module.sparsity.bank, module.keep)
+    return (rows, plan.hidden, plan.packed.shape[0], plan.packed.dtype, module.sparsity.bank, module.keep)
 
 
 def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
@@ -224,16 +263,16 @@ def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
 _operator_kind: str | None = None
 
 
-def _python_operator(x: torch.Tensor, packed: torch.Tensor, pred_down: torch.Tensor, pred_up: torch.Tensor,
-                     pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
+def _python_operator(x: torch.Tensor, packed: torch.Tensor, row_scales: torch.Tensor, pred_down: torch.Tensor,
+                     pred_up: torch.Tensor, pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
     """The operator's kernel where the C++ registration cannot be built: the C function via ctypes."""
-    return _launch(ctypes.byref(_ffn_struct(packed, pred_down, pred_up, pred_bias)), x, None, bank, keep, gate)
+    return _launch(ctypes.byref(_ffn_struct(packed, row_scales, pred_down, pred_up, pred_bias)), x, None, bank, keep, gate)
 
 
-def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                            group: int, bank: int, keep: int, gate: int) -> torch.Tensor:
+def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, row_scales: torch.Tensor, codes: torch.Tensor,
+                            scales: torch.Tensor, group: int, bank: int, keep: int, gate: int) -> torch.Tensor:
     """upcycle::bank_sparse_ffn_shadow where the C++ registration cannot be built."""
-    weights = _ffn_struct(packed)
+    weights = _ffn_struct(packed, row_scales)
     weights.shadow_codes, weights.shadow_scales, weights.shadow_group = codes.data_ptr(), scales.data_ptr(), group
     weights.shadow_bits = _stored_bits(codes, packed)
     return _launch(ctypes.byref(weights), x, None, bank, keep, gate)
@@ -258,16 +297,20 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """What torch.compile traces: the kernel operator where an eager call has already built the plan
     (and, for several rows, measured the kernel faster); otherwise None (the reference is traced)."""
     plan = module.__dict__.get("_kernel_plan")
-    if plan is None or not plan.usable or not (plan.predictor or plan.shadow) or module.training or x.dtype is not torch.float32 or x.device.type != "cpu":
+    if (plan is None or not plan.usable or not (plan.predictor or plan.shadow) or module.training
+            or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"):
         return None
     x2d = x.reshape(-1, x.shape[-1])
     rows = x2d.shape[0]
     if rows > MAX_TOKENS or (rows > 1 and not _kernel_faster.get(_shape_key(module, rows, plan), False)):
         return None
     sizes = (module.sparsity.bank, module.keep, GATE_CODES[module.sparsity.gate])
+    x32 = x2d.float()  # the kernel's activations are fp32; inductor fuses the casts into the ops around
     if plan.shadow is not None:
-        return torch.ops.upcycle.bank_sparse_ffn_shadow(x2d, plan.packed, *plan.shadow, *sizes).reshape(x.shape)
-    return torch.ops.upcycle.bank_sparse_ffn(x2d, plan.packed, *plan.predictor, *sizes).reshape(x.shape)
+        out = torch.ops.upcycle.bank_sparse_ffn_shadow(x32, plan.packed, plan.row_scales, *plan.shadow, *sizes)
+    else:
+        out = torch.ops.upcycle.bank_sparse_ffn(x32, plan.packed, plan.row_scales, *plan.predictor, *sizes)
+    return out.to(x.dtype).reshape(x.shape)
 
 
 def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
@@ -282,7 +325,7 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
         return None
     if torch.is_grad_enabled() and (x.requires_grad or module.gate_proj.weight.requires_grad):
         return None
-    if x.dtype is not torch.float32 or not x.is_cpu or not available():
+    if x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or not available():
         return None
     plan = plan_for(module)
     if not plan.usable:

@@ -18,7 +18,11 @@
 // bits per group, so that the group dots are integer dot products (AVX-512 VNNI: 64 per instruction),
 // computed 16 channels at a time (see shadow_block for the layout).
 //
-// Plain C ABI (called through ctypes with raw pointers, fp32, row-major, contiguous). OpenMP comes
+// The packed weights are fp32, bf16 or int8 (one fp32 scale per row: W[j] = scale[j] * code[j]); each is
+// widened to fp32 in registers and every product and sum is fp32, so a narrower copy reads 1/2 or 1/4 of
+// the bytes (decoding is memory-bound) and computes what fp32 arithmetic on the stored values gives.
+//
+// Plain C ABI (called through ctypes with raw pointers, row-major, contiguous; activations fp32). OpenMP comes
 // from the runtime torch has already loaded (same soname), so torch and this code share one pool.
 
 #include <algorithm>
@@ -41,22 +45,50 @@ inline float dot(const float* __restrict a, const float* __restrict x, int64_t n
     return acc;
 }
 
-inline void prefetch(const float* p) { __builtin_prefetch(p, 0, 2); }
+inline void prefetch(const void* p) { __builtin_prefetch(p, 0, 2); }
+
+// The weight types a packed copy may hold: fp32, bf16 (the upper half of an fp32, so widening is a
+// shift) and int8 codes (the row's scale applied to the finished dot product or to h).
+using bf16_t = uint16_t;
+inline float to_float(float v) { return v; }
+inline float to_float(bf16_t v) {
+    const uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    std::memcpy(&f, &bits, 4);
+    return f;
+}
+inline float to_float(int8_t v) { return static_cast<float>(v); }
+
+#if defined(__AVX512F__)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16_t* p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+inline __m512 load16(const int8_t* p) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+}
+#endif
+
+// Prefetch a cache line ahead in a row of W at element i (a multiple of 16): once per 64 bytes.
+template <typename W>
+inline void prefetch_line(const W* row, int64_t i) {
+    if (i % (64 / static_cast<int64_t>(sizeof(W))) == 0) prefetch(row + i);
+}
 
 // The gate and up dots of one channel (rows g, u) with N token rows at once, so each weight element
 // loaded serves N tokens; the next kept channel's rows (ng, nu) are prefetched a cache line per step,
 // since the hardware prefetcher restarts at every row (the rows of kept channels are not adjacent).
-template <int N>
-inline void gate_up_dots(const float* __restrict g, const float* __restrict u, const float* const* xs,
-                         int64_t n, const float* ng, const float* nu, float* gv, float* uv) {
+template <int N, typename W>
+inline void gate_up_dots(const W* __restrict g, const W* __restrict u, const float* const* xs,
+                         int64_t n, const W* ng, const W* nu, float* gv, float* uv) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 ag[N], au[N];
     for (int k = 0; k < N; ++k) ag[k] = au[k] = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        prefetch(ng + i);
-        prefetch(nu + i);
-        const __m512 wg = _mm512_loadu_ps(g + i), wu = _mm512_loadu_ps(u + i);
+        prefetch_line(ng, i);
+        prefetch_line(nu, i);
+        const __m512 wg = load16(g + i), wu = load16(u + i);
         for (int k = 0; k < N; ++k) {
             const __m512 xv = _mm512_loadu_ps(xs[k] + i);
             ag[k] = _mm512_fmadd_ps(wg, xv, ag[k]);
@@ -72,26 +104,26 @@ inline void gate_up_dots(const float* __restrict g, const float* __restrict u, c
 #endif
     for (; i < n; ++i)  // the tail (or everything, without AVX-512)
         for (int k = 0; k < N; ++k) {
-            gv[k] += g[i] * xs[k][i];
-            uv[k] += u[i] * xs[k][i];
+            gv[k] += to_float(g[i]) * xs[k][i];
+            uv[k] += to_float(u[i]) * xs[k][i];
         }
 }
 
 // acc_k += h_k * d for N output rows, reading the down row d once; prefetch the next channel's.
-template <int N>
-inline void down_axpys(const float* __restrict d, float* const* acc, const float* h, int64_t n, const float* nd) {
+template <int N, typename W>
+inline void down_axpys(const W* __restrict d, float* const* acc, const float* h, int64_t n, const W* nd) {
     int64_t i = 0;
 #if defined(__AVX512F__)
     __m512 hv[N];
     for (int k = 0; k < N; ++k) hv[k] = _mm512_set1_ps(h[k]);
     for (; i + 16 <= n; i += 16) {
-        prefetch(nd + i);
-        const __m512 dv = _mm512_loadu_ps(d + i);
+        prefetch_line(nd, i);
+        const __m512 dv = load16(d + i);
         for (int k = 0; k < N; ++k) _mm512_storeu_ps(acc[k] + i, _mm512_fmadd_ps(hv[k], dv, _mm512_loadu_ps(acc[k] + i)));
     }
 #endif
     for (; i < n; ++i)
-        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * d[i];
+        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * to_float(d[i]);
 }
 
 // One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127 and
@@ -231,14 +263,48 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
     }
 }
 
-// One channel for the tokens that kept it (count up to 4 at a time).
-template <int N>
-inline void channel_block(const float* g, const float* u, const float* d, const float* ng, const float* nu,
-                          const float* nd, const float* const* xs, float* const* acc, const float* s, int64_t H) {
+// One channel for the tokens that kept it (count up to 4 at a time); rs: the channel's three row scales
+// (gate, up, down) for int8 codes, null otherwise.
+template <int N, typename W>
+inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const W* nu, const W* nd,
+                          const float* const* xs, float* const* acc, const float* s, const float* rs, int64_t H) {
     float gv[N], uv[N], h[N];
     gate_up_dots<N>(g, u, xs, H, ng, nu, gv, uv);
-    for (int k = 0; k < N; ++k) h[k] = s[k] * uv[k] * silu(gv[k]);
+    if (rs)
+        for (int k = 0; k < N; ++k) gv[k] *= rs[0], uv[k] *= rs[1];
+    for (int k = 0; k < N; ++k) h[k] = s[k] * uv[k] * silu(gv[k]) * (rs ? rs[2] : 1.f);
     down_axpys<N>(d, acc, h, H, nd);
+}
+
+// Phase 2 of the kernel for one thread: stream its kept channels as one list (no stall at bank
+// boundaries), each channel's successor prefetched while it is computed. Rows of channel j: W_gate[j] at
+// base + j * stride, W_up[j] at + hidden, W_down^T[j] at + 2 hidden (elements of W).
+template <typename W>
+void stream_channels(const W* base, const float* row_scales, int64_t stride, int64_t H, const std::vector<int64_t>& kept,
+                     const float* x, const float* scale, int64_t T, float* acc) {
+    std::vector<const float*> xs(T);
+    std::vector<float*> outs(T);
+    std::vector<float> ss(T);
+    for (size_t a = 0; a < kept.size(); ++a) {
+        const int64_t j = kept[a];
+        const int64_t nj = kept[std::min(a + 2, kept.size() - 1)];
+        const W *g = base + j * stride, *u = g + H, *d = g + 2 * H;
+        const W *ng = base + nj * stride, *nu = ng + H, *nd = ng + 2 * H;
+        const float* rs = row_scales ? row_scales + 3 * j : nullptr;
+        int m = 0;  // the tokens that kept channel j
+        for (int64_t t = 0; t < T; ++t) {
+            const float st = scale[j * T + t];
+            if (st == 0.f) continue;
+            xs[m] = x + t * H;
+            outs[m] = acc + t * H;
+            ss[m++] = st;
+        }
+        int k = 0;
+        for (; k + 4 <= m; k += 4) channel_block<4>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], rs, H);
+        if (m - k == 3) channel_block<3>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], rs, H);
+        if (m - k == 2) channel_block<2>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], rs, H);
+        if (m - k == 1) channel_block<1>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], rs, H);
+    }
 }
 
 enum GateMode { HARD = 0, SIGMOID = 1, SOFTMAX = 2 };
@@ -300,7 +366,7 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 5; }
+int upcycle_kernels_abi_version() { return 6; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -308,9 +374,9 @@ struct FFNWeights {
     const float* pred_up;    // [I, r]
     const float* pred_bias;  // [I] or null
     int64_t rank;
-    const float* w_gate;  // row j at w_gate + j * stride, H floats; likewise w_up and w_down_t
-    const float* w_up;
-    const float* w_down_t;
+    const void* w_gate;  // row j at w_gate + j * stride (elements of the weight type), H of them;
+    const void* w_up;    // likewise w_up and w_down_t (in a packed copy: w_gate + H, w_gate + 2 H)
+    const void* w_down_t;
     int64_t stride;
     int64_t hidden;
     int64_t width;
@@ -318,6 +384,8 @@ struct FFNWeights {
     const float* shadow_scales;   // [I/16, 2, H/G, 16]
     int64_t shadow_group;         // G: inputs per scale (a multiple of 32 / BITS that divides H)
     int64_t shadow_bits;          // BITS: 4 or 2, the width of each stored code
+    int64_t weight_type;          // of w_gate / w_up / w_down_t: 0 fp32, 1 bf16, 2 int8
+    const float* row_scales;      // int8: [I, 3] (gate, up, down^T row of each channel); else null
 };
 
 // x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
@@ -326,8 +394,14 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
                                 int64_t keep, int mode, float* out) {
     const int64_t H = w->hidden, I = w->width, r = w->rank, stride = w->stride;
     const float *pred_down = w->pred_down, *pred_up = w->pred_up, *pred_bias = w->pred_bias;
-    const float *w_gate = w->w_gate, *w_up = w->w_up, *w_down_t = w->w_down_t;
     if (T < 1 || H < 1 || I < 1 || bank < 1 || keep < 1 || keep > bank || I % bank != 0) return -1;
+    const int64_t wtype = w->weight_type;
+    if (wtype < 0 || wtype > 2 || (wtype == 2) != (w->row_scales != nullptr)) return -4;
+    // the kernel walks rows from w_gate (the packed layout: up and down^T follow each gate row)
+    const char* w_base = static_cast<const char*>(w->w_gate);
+    const int64_t wsize = wtype == 0 ? 4 : wtype == 1 ? 2 : 1;
+    if (static_cast<const char*>(w->w_up) != w_base + H * wsize || static_cast<const char*>(w->w_down_t) != w_base + 2 * H * wsize)
+        return -5;
     const uint8_t* shadow = w->shadow_codes;
     const int64_t G = w->shadow_group;
     const bool lowrank = pred_down != nullptr && pred_up != nullptr && r >= 1;
@@ -360,9 +434,6 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         std::memset(acc, 0, sizeof(float) * T * H);
         std::vector<int> chosen(bank);
         std::vector<int64_t> kept;  // this thread's channels kept by at least one token, in order
-        std::vector<const float*> xs(T);
-        std::vector<float*> outs(T);
-        std::vector<float> ss(T);
         // Phase 1: this thread's banks (a contiguous share) - their logits and top-k. The predictor rows
         // are read in order, so the hardware prefetcher streams them.
         const int64_t lo = banks * me / team, hi = banks * (me + 1) / team;
@@ -387,32 +458,17 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
                     }
             if (bi == lo)  // start fetching the first kept channels while selecting the rest
                 for (size_t a = 0; a < std::min<size_t>(2, kept.size()); ++a) {
-                    const char* first = reinterpret_cast<const char*>(w_gate + kept[a] * stride);
-                    for (int64_t off = 0; off < 3 * H * static_cast<int64_t>(sizeof(float)); off += 64)
-                        prefetch(reinterpret_cast<const float*>(first + off));
+                    const char* first = w_base + kept[a] * stride * wsize;
+                    for (int64_t off = 0; off < 3 * H * wsize; off += 64) prefetch(first + off);
                 }
         }
-        // Phase 2: stream the kept channels as one list (no stall at bank boundaries), each channel's
-        // successor prefetched while it is computed.
-        for (size_t a = 0; a < kept.size(); ++a) {
-            const int64_t j = kept[a];
-            const int64_t nj = kept[std::min(a + 2, kept.size() - 1)];
-            const float *g = w_gate + j * stride, *u = w_up + j * stride, *d = w_down_t + j * stride;
-            const float *ng = w_gate + nj * stride, *nu = w_up + nj * stride, *nd = w_down_t + nj * stride;
-            int m = 0;  // the tokens that kept channel j
-            for (int64_t t = 0; t < T; ++t) {
-                const float st = scale[j * T + t];
-                if (st == 0.f) continue;
-                xs[m] = x + t * H;
-                outs[m] = acc + t * H;
-                ss[m++] = st;
-            }
-            int k = 0;
-            for (; k + 4 <= m; k += 4) channel_block<4>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-            if (m - k == 3) channel_block<3>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-            if (m - k == 2) channel_block<2>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-            if (m - k == 1) channel_block<1>(g, u, d, ng, nu, nd, &xs[k], &outs[k], &ss[k], H);
-        }
+        // Phase 2: stream the kept channels as one list
+        if (wtype == 0)
+            stream_channels(reinterpret_cast<const float*>(w_base), nullptr, stride, H, kept, x, scale.data(), T, acc);
+        else if (wtype == 1)
+            stream_channels(reinterpret_cast<const bf16_t*>(w_base), nullptr, stride, H, kept, x, scale.data(), T, acc);
+        else
+            stream_channels(reinterpret_cast<const int8_t*>(w_base), w->row_scales, stride, H, kept, x, scale.data(), T, acc);
 #pragma omp barrier
         // sum the per-thread partial outputs
 #pragma omp for schedule(static)

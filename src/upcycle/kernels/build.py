@@ -30,7 +30,7 @@ from upcycle.cache import cache_dir
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 5
+ABI_VERSION = 6
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -75,7 +75,8 @@ class FFNWeights(ctypes.Structure):
                 ("rank", ctypes.c_int64), ("w_gate", ctypes.c_void_p), ("w_up", ctypes.c_void_p),
                 ("w_down_t", ctypes.c_void_p), ("stride", ctypes.c_int64), ("hidden", ctypes.c_int64),
                 ("width", ctypes.c_int64), ("shadow_codes", ctypes.c_void_p), ("shadow_scales", ctypes.c_void_p),
-                ("shadow_group", ctypes.c_int64), ("shadow_bits", ctypes.c_int64)]
+                ("shadow_group", ctypes.c_int64), ("shadow_bits", ctypes.c_int64), ("weight_type", ctypes.c_int64),
+                ("row_scales", ctypes.c_void_p)]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

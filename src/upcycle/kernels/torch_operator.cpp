@@ -7,8 +7,9 @@
 // stable C ABI (torch/csrc/stable), so it builds in seconds and needs only torch's headers.
 //
 // Schema: bank_sparse_ffn(x [T, H], packed [I, 3, H] (gate, up, down^T rows of each channel side by
-// side), pred_down [r, H], pred_up [I, r], pred_bias [I], bank, keep, gate) -> [T, H]; fp32, CPU.
-// bank_sparse_ffn_shadow(x, packed, codes [I/16, 2, H BITS/32, 64] uint8 (BITS = 4 or 2: from the size),
+// side; fp32, bf16 or int8, told apart by the element size), row_scales ([I, 3] fp32 for int8, else
+// empty), pred_down [r, H], pred_up [I, r], pred_bias [I], bank, keep, gate) -> [T, H]; x fp32, CPU.
+// bank_sparse_ffn_shadow(x, packed, row_scales, codes [I/16, 2, H BITS/32, 64] uint8 (BITS = 4 or 2: from the size),
 // scales [I/16, 2, H/G, 16], group, bank, keep, gate):
 // the same with a shadow predictor (see bank_sparse_ffn.cpp).
 
@@ -24,7 +25,20 @@ using torch::stable::Tensor;
 
 const float* floats(const Tensor& t) { return static_cast<const float*>(t.data_ptr()); }
 
-Tensor bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up, Tensor pred_bias, int64_t bank,
+// The packed weights' part of the struct: rows from the packed copy, its type from its element size.
+void packed_weights(const Tensor& packed, const Tensor& row_scales, FFNWeights& w) {
+    const int64_t hidden = packed.size(2), size = static_cast<int64_t>(packed.element_size());
+    STD_TORCH_CHECK(size == 4 || size == 2 || size == 1, "bank_sparse_ffn: packed weights must be fp32, bf16 or int8");
+    STD_TORCH_CHECK(size != 1 || (row_scales.numel() == 3 * packed.size(0) && row_scales.is_contiguous()),
+                    "bank_sparse_ffn: int8 weights need row_scales [I, 3]");
+    const char* base = static_cast<const char*>(packed.data_ptr());
+    w.w_gate = base, w.w_up = base + hidden * size, w.w_down_t = base + 2 * hidden * size;
+    w.stride = 3 * hidden, w.hidden = hidden, w.width = packed.size(0);
+    w.weight_type = size == 4 ? 0 : size == 2 ? 1 : 2;
+    w.row_scales = size == 1 ? floats(row_scales) : nullptr;
+}
+
+Tensor bank_sparse_ffn(Tensor x, Tensor packed, Tensor row_scales, Tensor pred_down, Tensor pred_up, Tensor pred_bias, int64_t bank,
                        int64_t keep, int64_t gate) {
     STD_TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == 3 && packed.size(2) == x.size(1),
                     "bank_sparse_ffn: x must be [T, H] and packed [I, 3, H]");
@@ -33,17 +47,15 @@ Tensor bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up
                     "bank_sparse_ffn: weights must be contiguous");
     if (!x.is_contiguous()) x = torch::stable::contiguous(x);
     Tensor out = torch::stable::empty_like(x);
-    const int64_t hidden = packed.size(2);
-    const float* base = floats(packed);
-    const FFNWeights weights{floats(pred_down), floats(pred_up), floats(pred_bias), pred_down.size(0),
-                             base, base + hidden, base + 2 * hidden, 3 * hidden, hidden, packed.size(0)};
+    FFNWeights weights{floats(pred_down), floats(pred_up), floats(pred_bias), pred_down.size(0)};
+    packed_weights(packed, row_scales, weights);
     const int code = upcycle_bank_sparse_ffn_f32(&weights, floats(x), x.size(0), nullptr, bank, keep,
                                                  static_cast<int>(gate), static_cast<float*>(out.data_ptr()));
     STD_TORCH_CHECK(code == 0, "bank-sparse kernel rejected its arguments (code ", code, ")");
     return out;
 }
 
-Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scales, int64_t group, int64_t bank,
+Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor row_scales, Tensor codes, Tensor scales, int64_t group, int64_t bank,
                               int64_t keep, int64_t gate) {
     STD_TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.size(1) == 3 && packed.size(2) == x.size(1) &&
                         (codes.numel() == packed.size(0) * x.size(1) || 2 * codes.numel() == packed.size(0) * x.size(1)) &&
@@ -53,11 +65,12 @@ Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scal
                     "bank_sparse_ffn_shadow: weights must be contiguous");
     if (!x.is_contiguous()) x = torch::stable::contiguous(x);
     Tensor out = torch::stable::empty_like(x);
-    const int64_t hidden = packed.size(2);
-    const float* base = floats(packed);
-    const FFNWeights weights{nullptr, nullptr, nullptr, 0, base, base + hidden, base + 2 * hidden, 3 * hidden, hidden,
-                             packed.size(0), static_cast<const uint8_t*>(codes.data_ptr()), floats(scales), group,
-                             codes.numel() == packed.size(0) * hidden ? 4 : 2};
+    FFNWeights weights{};
+    packed_weights(packed, row_scales, weights);
+    weights.shadow_codes = static_cast<const uint8_t*>(codes.data_ptr());
+    weights.shadow_scales = floats(scales);
+    weights.shadow_group = group;
+    weights.shadow_bits = codes.numel() == packed.size(0) * packed.size(2) ? 4 : 2;
     const int code = upcycle_bank_sparse_ffn_f32(&weights, floats(x), x.size(0), nullptr, bank, keep,
                                                  static_cast<int>(gate), static_cast<float*>(out.data_ptr()));
     STD_TORCH_CHECK(code == 0, "bank-sparse kernel rejected its arguments (code ", code, ")");
@@ -67,9 +80,9 @@ Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scal
 }  // namespace
 
 STABLE_TORCH_LIBRARY(upcycle, m) {
-    m.def("bank_sparse_ffn(Tensor x, Tensor packed, Tensor pred_down, Tensor pred_up, Tensor pred_bias, "
+    m.def("bank_sparse_ffn(Tensor x, Tensor packed, Tensor row_scales, Tensor pred_down, Tensor pred_up, Tensor pred_bias, "
           "int bank, int keep, int gate) -> Tensor");
-    m.def("bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor codes, Tensor scales, int group, "
+    m.def("bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor row_scales, Tensor codes, Tensor scales, int group, "
           "int bank, int keep, int gate) -> Tensor");
 }
 

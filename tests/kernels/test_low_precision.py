@@ -1,0 +1,169 @@
+"""Low-precision inference: the bf16 and int8 kernel variants against an independent fp32 computation on
+the values they store, the int8 linear layer, whole-model precision conversion, and the lean greedy
+decoder against Hugging Face's generate."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from upcycle import hub, kernels
+from upcycle.errors import ConfigError
+from upcycle.eval.decode import GreedyDecoder
+from upcycle.kernels.precision import Int8Linear, to_precision
+from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
+
+needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
+
+
+def _ffn(hidden, width, bank, keep, predictor="lowrank", seed=1):
+    torch.manual_seed(seed)
+    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, 12, predictor=predictor))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return ffn.eval()
+
+
+def int8_by_hand(w: torch.Tensor) -> torch.Tensor:
+    """Each row rounded to 255 levels, symmetric, scale max|row| / 127: the dequantized values."""
+    out = torch.empty_like(w, dtype=torch.float32)
+    for j, row in enumerate(w.float()):
+        scale = row.abs().max() / 127 if row.abs().max() > 0 else torch.tensor(1.0)
+        out[j] = torch.clamp(torch.round(row / scale), -127, 127) * scale
+    return out
+
+
+def expected(gate_w, up_w, down_w, pred, x, bank, keep):
+    """Hard top-k of the low-rank predictor per bank, then SwiGLU over the kept channels, all fp32."""
+    z = (x @ pred.down.weight.float().T) @ pred.up.weight.float().T + pred.up.bias.float()
+    zb = z.reshape(z.shape[0], -1, bank)
+    mask = torch.zeros_like(zb).scatter(-1, zb.topk(keep, dim=-1).indices, 1.0).reshape(z.shape)
+    h = F.silu(x @ gate_w.T) * (x @ up_w.T)
+    return (h * mask) @ down_w.T
+
+
+SHAPES = [(48, 192, 32, 8), (64, 256, 64, 1), (64, 256, 64, 64), (576, 1536, 64, 16)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_bf16_kernel_computes_in_fp32_on_the_bf16_weights(shape, rows):
+    hidden, width, bank, keep = shape
+    ffn = _ffn(hidden, width, bank, keep).to(torch.bfloat16)
+    x = torch.randn(rows, hidden).to(torch.bfloat16)
+    with torch.no_grad():
+        plan = kernels.plan_for(ffn)
+        assert plan.packed.dtype == torch.bfloat16
+        w = [m.weight.float() for m in (ffn.gate_proj, ffn.up_proj, ffn.down_proj)]
+        want = expected(*w, ffn.predictor, x.float(), bank, keep)
+        got32 = kernels._launch(plan.ref, x.float(), None, bank, keep, 0)  # the kernel's own fp32 output
+        torch.testing.assert_close(got32, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+        got = kernels.run_kernel(ffn, x)  # bf16 in, bf16 out: the fp32 result rounded once
+        assert got.dtype == torch.bfloat16
+        # within one bf16 step of the reference (the two fp32 sums may straddle a rounding boundary)
+        torch.testing.assert_close(got.float(), want, rtol=2**-8, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int8_kernel_equals_fp32_arithmetic_on_the_rounded_weights(shape, rows):
+    hidden, width, bank, keep = shape
+    ffn = _ffn(hidden, width, bank, keep)
+    ffn.kernel_precision = "int8"  # the kernel rounds its packed rows (per channel) to int8
+    x = torch.randn(rows, hidden)
+    with torch.no_grad():
+        plan = kernels.plan_for(ffn)
+        assert plan.packed.dtype == torch.int8 and plan.row_scales.shape == (width, 3)
+        gate, up = int8_by_hand(ffn.gate_proj.weight), int8_by_hand(ffn.up_proj.weight)
+        down = int8_by_hand(ffn.down_proj.weight.t()).t()  # W_down^T's rows: one scale per channel
+        want = expected(gate, up, down, ffn.predictor, x, bank, keep)
+        got = kernels.run_kernel(ffn, x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+
+
+@needs_kernel
+def test_shadow_predictor_runs_in_bf16_and_int8_and_matches_its_reference():
+    torch.manual_seed(0)
+    ffn = _ffn(128, 512, 64, 16, predictor="shadow").to(torch.bfloat16)
+    x = torch.randn(3, 128).to(torch.bfloat16)
+    with torch.no_grad():
+        got = ffn(x)
+        with kernels.disabled():
+            ref = BankSparseFFN.reference_forward(copy.deepcopy(ffn).float(), x.float())
+        torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
+        to_precision_ffn = copy.deepcopy(ffn)
+        from upcycle.kernels.precision import int8_grid
+        int8_grid(to_precision_ffn)
+        assert kernels.plan_for(to_precision_ffn).packed.dtype == torch.int8
+        got8 = to_precision_ffn(x)
+        with kernels.disabled():
+            ref8 = BankSparseFFN.reference_forward(copy.deepcopy(to_precision_ffn).float(), x.float())
+        torch.testing.assert_close(got8.float(), ref8, rtol=2e-2, atol=2e-2 * ref8.abs().max().item())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_linear_equals_a_linear_on_its_rounded_weight(dtype):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(96, 40, bias=True)
+    q = Int8Linear(linear, dtype)
+    x = torch.randn(2, 3, 96)
+    want = F.linear(x, int8_by_hand(linear.weight), linear.bias)
+    got = q(x.to(dtype))
+    assert got.shape == (2, 3, 40) and q.codes.dtype == torch.int8
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def _tiny_sparse():
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    return model, UpcycleSparseForCausalLM.from_dense(copy.deepcopy(model), BankSparsity(32, 8, 16, predictor="shadow",
+                                                                                       group=32), [0, 1]).eval()
+
+
+def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
+    dense, sparse = _tiny_sparse()
+    ids = torch.randint(0, dense.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        want = sparse(ids).logits
+        to_precision(sparse, "int8")
+        got = sparse(ids).logits.float()
+    layer = sparse.model.layers[0]
+    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(sparse.lm_head, Int8Linear)
+    assert type(layer.mlp.gate_proj) is torch.nn.Linear and layer.mlp.kernel_precision == "int8"
+    assert sparse.model.embed_tokens.weight.dtype == torch.bfloat16
+    plan = kernels.plan_for(layer.mlp)  # its int8 rows stand for the module's (bf16) weights, to bf16's rounding
+    assert plan.packed.dtype == torch.int8
+    grid = plan.packed[:, 0].float() * plan.row_scales[:, 0:1]
+    torch.testing.assert_close(grid, layer.mlp.gate_proj.weight.float(), rtol=2**-7, atol=1e-6)
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
+    with pytest.raises(ConfigError, match="precision"):
+        to_precision(dense, "fp8")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+def test_the_lean_decoder_generates_what_generate_does(precision):
+    dense, sparse = _tiny_sparse()
+    ids = torch.randint(0, dense.config.vocab_size, (1, 7))
+    for model in (dense, sparse):
+        to_precision(model, precision)
+        with torch.no_grad():
+            # (no min_new_tokens: generate would forbid end-of-sequence, which a plain greedy loop may emit;
+            # where generate stops there, the tokens up to it must agree)
+            want = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                                  pad_token_id=0)[0, 7:]
+        got = GreedyDecoder(model, max_len=32, compiled=False).generate(ids, 12)
+        assert len(want) >= 3 and torch.equal(got[:len(want)], want), (precision, type(model).__name__)
+
+
+@needs_kernel
+def test_the_compiled_lean_decoder_matches_the_eager_one_with_the_kernel_inside():
+    _, sparse = _tiny_sparse()
+    ids = torch.randint(0, sparse.config.vocab_size, (1, 5))
+    eager = GreedyDecoder(sparse, max_len=24, compiled=False).generate(ids, 8)
+    compiled = GreedyDecoder(sparse, max_len=24, compiled=True).generate(ids, 8)
+    assert torch.equal(eager, compiled)
+    with pytest.raises(ValueError, match="at most"):
+        GreedyDecoder(sparse, max_len=10, compiled=False).generate(ids, 8)
