@@ -76,12 +76,19 @@ def source_gguf() -> Path:
 
 
 def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json") as f:
-        cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
-               "--formats", ",".join(LLAMA_FORMATS.values()), "--prompt-ids", ",".join(map(str, prompt)),
-               "--new-tokens", str(new_tokens), "--threads", str(threads)] + (["--quantize-only"] if quantize_only else [])
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-        return json.loads(Path(f.name).read_text())
+    """Every format made (quantize_only) or decoded: one process per format (llama-cpp-python 0.3.36
+    crashed decoding a second model in the same process)."""
+    result = {"formats": {}}
+    for fmt in LLAMA_FORMATS.values():
+        with tempfile.NamedTemporaryFile(suffix=".json") as f:
+            cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
+                   "--formats", fmt, "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
+                   "--threads", str(threads)] + (["--quantize-only"] if quantize_only else [])
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            one = json.loads(Path(f.name).read_text())
+        result["llama_cpp_python"] = one["llama_cpp_python"]
+        result["formats"].update(one["formats"])
+    return result
 
 
 def held_out(tokenizer, blocks: int) -> dict[str, torch.Tensor]:

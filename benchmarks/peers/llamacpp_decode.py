@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import ctypes
+import gc
 import time
 from pathlib import Path
 
@@ -40,16 +41,19 @@ def quantized(source: Path, folder: Path, fmt: str, threads: int) -> Path:
 def decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
     llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
                           n_threads_batch=threads, verbose=False)
-    llm.generate(prompt[:1], temp=0.0, top_k=1).__next__()  # warm: first evaluation's allocations
+    llm.eval(prompt[:1])  # warm: the first evaluation's allocations
+    llm.reset()
     out = []
     t0 = time.perf_counter()
-    for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+    tokens = llm.generate(prompt, temp=0.0, top_k=1, reset=True)
+    for token in tokens:
         out.append(token)
         if len(out) == new_tokens:
             break
     seconds = time.perf_counter() - t0
-    if hasattr(llm, "close"):
-        llm.close()
+    tokens.close()  # finish the generator before the model goes (a live one crashed the next model's decode)
+    del tokens, llm
+    gc.collect()
     return new_tokens / seconds, out
 
 
@@ -67,6 +71,7 @@ def main() -> None:
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = [int(t) for t in args.prompt_ids.split(",")]
+    llama_cpp.llama_backend_init()  # quantizing before any model is loaded needs the backend up
     result = {"llama_cpp_python": llama_cpp.__version__, "formats": {}}
     for fmt in args.formats.split(","):
         path = quantized(Path(args.source), folder, fmt, args.threads)
