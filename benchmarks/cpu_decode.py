@@ -84,7 +84,11 @@ def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int,
             cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
                    "--formats", fmt, "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
                    "--threads", str(threads)] + (["--quantize-only"] if quantize_only else [])
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:  # one format failing (Q8_0 segfaulted in llama_decode here) skips its row
+                tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
+                result["formats"][fmt] = {"error": f"exit {proc.returncode}: {tail[0]}"}
+                continue
             one = json.loads(Path(f.name).read_text())
         result["llama_cpp_python"] = one["llama_cpp_python"]
         result["formats"].update(one["formats"])
@@ -126,8 +130,8 @@ def main() -> None:
         try:
             llama = llamacpp_python()
             made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True)
-            result["llamacpp"] = {"version": made["llama_cpp_python"], "file_bytes": {
-                k: made["formats"][f]["file_bytes"] for k, f in LLAMA_FORMATS.items()}}
+            result["llamacpp"] = {"version": made.get("llama_cpp_python"), "file_bytes": {
+                k: made["formats"][f]["file_bytes"] for k, f in LLAMA_FORMATS.items() if "file_bytes" in made["formats"][f]}}
         except subprocess.CalledProcessError as e:
             tail = ((e.stderr or "") + (e.stdout or "")).strip().splitlines()[-3:]
             result["llamacpp"] = {"error": f"{LLAMACPP[0]}: {' | '.join(tail) or e}"}
@@ -159,8 +163,12 @@ def main() -> None:
         if llama is not None:
             run = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads)
             for precision, fmt in LLAMA_FORMATS.items():
-                rates.setdefault(f"llamacpp_{fmt}", []).append(run["formats"][fmt]["tok_s"])
-                tokens[f"llamacpp_{fmt}"] = run["formats"][fmt]["tokens"]
+                row = run["formats"][fmt]
+                if "error" in row:
+                    result.setdefault("llamacpp_errors", {})[fmt] = row["error"]
+                    continue
+                rates.setdefault(f"llamacpp_{fmt}", []).append(row["tok_s"])
+                tokens[f"llamacpp_{fmt}"] = row["tokens"]
         for name, decoder in decoders.items():
             rate, out = decoder.tokens_per_second(prompt, args.new_tokens)
             rates[name].append(rate)
@@ -170,7 +178,8 @@ def main() -> None:
     result["tok_s"] = {(k if k.startswith("llamacpp") else f"upcycle_{k}"): statistics.median(v) for k, v in rates.items()}
     if llama is not None:
         for precision, fmt in LLAMA_FORMATS.items():
-            result["bytes_per_token"][f"llamacpp_{fmt}"] = result["llamacpp"]["file_bytes"][precision]
+            if precision in result["llamacpp"]["file_bytes"]:
+                result["bytes_per_token"][f"llamacpp_{fmt}"] = result["llamacpp"]["file_bytes"][precision]
     result["bandwidth_gb_s"] = read_bandwidth()
     result["limit_tok_s"] = {k: result["bandwidth_gb_s"] * 1e9 / v for k, v in result["bytes_per_token"].items()}
     reference = tokens.get("dense_fp32")
