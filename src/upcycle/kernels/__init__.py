@@ -89,12 +89,13 @@ def _ffn_struct(packed: torch.Tensor, row_scales: torch.Tensor = NO_SCALES, pred
 
 def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of each row along the last axis and one fp32 scale per row (max |row| /
-    127; 1 for an all-zero row): rows ≈ codes * scales[..., None]."""
-    rows = rows.float()
-    scales = rows.abs().amax(-1) / 127
-    scales = torch.where(scales > 0, scales, torch.ones_like(scales))
-    codes = torch.round(rows / scales[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes, scales
+    127; 1 for an all-zero row): rows ≈ codes * scales[..., None]. The shadow's quantizer with one
+    group per row."""
+    from upcycle.modules.bank_sparse import quantize_groups  # here: that module imports this one
+
+    flat = rows.reshape(-1, rows.shape[-1])
+    codes, scales = quantize_groups(flat, 8, flat.shape[1])
+    return codes.reshape(rows.shape), scales.reshape(rows.shape[:-1])
 
 
 def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
