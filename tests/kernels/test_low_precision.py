@@ -1,5 +1,5 @@
 """Low-precision inference: the bf16 and int8 kernel variants against an independent fp32 computation on
-the values they store, the int8 linear layer, whole-model precision conversion, and the lean greedy
+the values they store, the row-dot linear layer (fp32, bf16, int8), whole-model precision conversion, and the lean greedy
 decoder against Hugging Face's generate."""
 
 import copy
@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from upcycle import hub, kernels
 from upcycle.errors import ConfigError
 from upcycle.eval.decode import GreedyDecoder
-from upcycle.kernels.precision import Int8Linear, to_precision
+from upcycle.kernels.precision import to_precision
+from upcycle.kernels.rows import MAX_ROWS, RowLinear
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
@@ -108,13 +109,46 @@ def test_shadow_predictor_runs_in_bf16_and_int8_and_matches_its_reference():
 def test_int8_linear_equals_a_linear_on_its_rounded_weight(dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=True)
-    q = Int8Linear(linear, dtype)
-    x = torch.randn(2, 3, 96)
-    want = F.linear(x, int8_by_hand(linear.weight), linear.bias)
-    got = q(x.to(dtype))
-    assert got.shape == (2, 3, 40) and q.codes.dtype == torch.int8
-    tol = 1e-4 if dtype == torch.float32 else 3e-2
-    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    q = RowLinear(copy.deepcopy(linear).to(dtype), "int8")
+    for rows in (1, 3, 6):  # the kernel's row dots (up to MAX_ROWS rows), then torch's int8 matmul
+        x = torch.randn(2, rows, 96)
+        want = F.linear(x, int8_by_hand(linear.weight), linear.bias)
+        with torch.no_grad():
+            got = q(x.to(dtype))
+        assert got.shape == (2, rows, 40) and q.codes.dtype == torch.int8 and got.dtype == dtype
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(576, 192), (97, 31), (40, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rows", [1, 2, 4])
+def test_row_dots_equal_fp32_arithmetic_on_the_stored_weights(shape, rows):
+    """fp32 and bf16 weights: the product in fp64 of the stored values (odd row counts, inputs that are
+    not a multiple of a vector); the layer is the kernel's at these rows, a matmul beyond."""
+    inputs, outputs = shape
+    torch.manual_seed(rows)
+    assert rows <= MAX_ROWS
+    for dtype in (torch.float32, torch.bfloat16):
+        linear = torch.nn.Linear(inputs, outputs, bias=False).to(dtype)
+        layer = RowLinear(linear, "fp32" if dtype == torch.float32 else "bf16")
+        assert layer.weight is linear.weight  # shared, not copied: a tied head stays tied
+        x = torch.randn(rows, inputs).to(dtype)
+        want = x.double() @ linear.weight.double().T
+        with torch.no_grad():
+            got = torch.ops.upcycle.row_dots(x.float(), linear.weight, kernels.NO_SCALES)
+            via_layer = layer(x)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+        torch.testing.assert_close(via_layer, got.to(dtype))
+
+
+def test_row_linear_trains_as_a_plain_linear():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(24, 8)
+    layer = RowLinear(linear, "fp32")
+    x = torch.randn(1, 24, requires_grad=True)
+    layer(x).sum().backward()  # one row, but a gradient is wanted: the plain matmul, differentiable
+    assert linear.weight.grad is not None and torch.allclose(x.grad, linear.weight.sum(0).detach())
 
 
 def _tiny_sparse():
@@ -131,7 +165,8 @@ def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
         to_precision(sparse, "int8")
         got = sparse(ids).logits.float()
     layer = sparse.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, Int8Linear) and isinstance(sparse.lm_head, Int8Linear)
+    assert isinstance(layer.self_attn.q_proj, RowLinear) and isinstance(sparse.lm_head, RowLinear)
+    assert sparse.lm_head.precision == "int8"
     assert type(layer.mlp.gate_proj) is torch.nn.Linear and layer.mlp.kernel_precision == "int8"
     assert sparse.model.embed_tokens.weight.dtype == torch.bfloat16
     plan = kernels.plan_for(layer.mlp)  # its int8 rows stand for the module's (bf16) weights, to bf16's rounding

@@ -22,6 +22,17 @@ def compile_options() -> dict:
     return {"cpp_wrapper": True}
 
 
+def _own_code(method):
+    """`method` called through a function with a code object of its own. Dynamo keeps compiled graphs per
+    code object and, at every call, checks the guards of that object's graphs one after another: the
+    decoders of several models sharing `_forward_step` would share one list (each model's graph a
+    recompilation, eight at most), and every step would pay the guards of the graphs before its own."""
+    namespace = {}
+    exec(compile("def step(token, position):\n    return method(token, position)\n", "<GreedyDecoder step>", "exec"),
+         {"method": method}, namespace)
+    return namespace["step"]
+
+
 class GreedyDecoder:
     """Greedy decoding of one sequence (batch 1) with a static cache of `max_len` positions."""
 
@@ -32,8 +43,8 @@ class GreedyDecoder:
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.compiled = compiled
-        self._step = torch.compile(self._forward_step, dynamic=False, options=compile_options()) if compiled \
-            else self._forward_step
+        self._step = torch.compile(_own_code(self._forward_step), dynamic=False, options=compile_options()) \
+            if compiled else self._forward_step
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position,

@@ -279,8 +279,20 @@ def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, row_scales: t
     return _launch(ctypes.byref(weights), x, None, bank, keep, gate)
 
 
+def _python_row_dots(x: torch.Tensor, w: torch.Tensor, row_scales: torch.Tensor) -> torch.Tensor:
+    """upcycle::row_dots where the C++ registration cannot be built: the C function via ctypes."""
+    x = x.contiguous()
+    out = x.new_empty(x.shape[0], w.shape[0])
+    scales = row_scales.data_ptr() if w.dtype == torch.int8 else None
+    code = load().upcycle_row_dots(w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0],
+                                   w.shape[1], out.data_ptr())
+    if code != 0:
+        raise RuntimeError(f"row_dots rejected its arguments (code {code})")
+    return out
+
+
 def operator_kind() -> str:
-    """Register upcycle::bank_sparse_ffn (and _shadow) once and say how: "C++" or "Python"."""
+    """Register upcycle::bank_sparse_ffn (and _shadow, and row_dots) once and say how: "C++" or "Python"."""
     global _operator_kind
     if _operator_kind is None:
         if load_operator():
@@ -288,9 +300,11 @@ def operator_kind() -> str:
         else:
             torch.library.custom_op("upcycle::bank_sparse_ffn", mutates_args=())(_python_operator)
             torch.library.custom_op("upcycle::bank_sparse_ffn_shadow", mutates_args=())(_python_shadow_operator)
+            torch.library.custom_op("upcycle::row_dots", mutates_args=())(_python_row_dots)
             _operator_kind = "Python"
         for name in ("upcycle::bank_sparse_ffn", "upcycle::bank_sparse_ffn_shadow"):
             torch.library.register_fake(name)(lambda x, *weights_and_sizes: torch.empty_like(x))
+        torch.library.register_fake("upcycle::row_dots")(lambda x, w, row_scales: x.new_empty(x.shape[0], w.shape[0]))
     return _operator_kind
 
 

@@ -362,11 +362,44 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
     }
 }
 
+// Dense rows for the layers outside the sparse FFNs (attention, dense FFNs, the LM head) at batch 1 to
+// 4: y[t, n] = s[n] * (W[n] . x[t]) for rows n of W [N, K] (fp32, bf16, or int8 with row scales s; else
+// s = 1). Two rows at a time for up to 4 tokens, with the gate/up dot of the FFN kernel (the same
+// widening in registers and fp32 sums); threads split the rows. What it replaces: PyTorch's bf16 matmul
+// at one row costs 25-45 us a call even on a 0.2-0.7 MB matrix in cache (oneDNN), several times what
+// reading the matrix takes, and attention makes 120 such calls a token in SmolLM2.
+template <typename W>
+void row_dots(const W* w, const float* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
+    const int64_t pairs = (N + 1) / 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = 0; p < pairs; ++p) {
+        const int64_t n = 2 * p, m = std::min(n + 1, N - 1);  // an odd N's last row pairs with itself
+        const W *a = w + n * K, *b = w + m * K;
+        const W* next = w + std::min(n + 2, N - 1) * K;
+        const W* after = w + std::min(n + 3, N - 1) * K;
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const float* xs[4];
+            const int c = static_cast<int>(std::min<int64_t>(4, T - t0));
+            for (int k = 0; k < c; ++k) xs[k] = x + (t0 + k) * K;
+            float av[4], bv[4];
+            if (c == 4) gate_up_dots<4>(a, b, xs, K, next, after, av, bv);
+            else if (c == 3) gate_up_dots<3>(a, b, xs, K, next, after, av, bv);
+            else if (c == 2) gate_up_dots<2>(a, b, xs, K, next, after, av, bv);
+            else gate_up_dots<1>(a, b, xs, K, next, after, av, bv);
+            const float sa = scales ? scales[n] : 1.f, sb = scales ? scales[m] : 1.f;
+            for (int k = 0; k < c; ++k) {
+                y[(t0 + k) * N + n] = av[k] * sa;
+                y[(t0 + k) * N + m] = bv[k] * sb;
+            }
+        }
+    }
+}
+
 }  // namespace
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 6; }
+int upcycle_kernels_abi_version() { return 7; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -478,6 +511,18 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
             out[i] = v;
         }
     }
+    return 0;
+}
+
+// Dense rows (see row_dots): w [N, K] of weight_type 0 fp32, 1 bf16, 2 int8 (row_scales [N], else
+// null); x [T, K] fp32; y [T, N] fp32. Returns 0, or a negative value on bad arguments.
+int upcycle_row_dots(const void* w, int64_t weight_type, const float* row_scales, const float* x, int64_t T,
+                     int64_t N, int64_t K, float* y) {
+    if (T < 1 || N < 1 || K < 1 || weight_type < 0 || weight_type > 2 || (weight_type == 2) != (row_scales != nullptr))
+        return -1;
+    if (weight_type == 0) row_dots(static_cast<const float*>(w), row_scales, x, T, N, K, y);
+    else if (weight_type == 1) row_dots(static_cast<const bf16_t*>(w), row_scales, x, T, N, K, y);
+    else row_dots(static_cast<const int8_t*>(w), row_scales, x, T, N, K, y);
     return 0;
 }
 

@@ -30,7 +30,7 @@ from upcycle.cache import cache_dir
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 6
+ABI_VERSION = 7
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -86,6 +86,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64 = ctypes.c_void_p, ctypes.c_int64
     f.argtypes = [ctypes.POINTER(FFNWeights), p, i64, p, i64, i64, ctypes.c_int, p]
     f.restype = ctypes.c_int
+    g = lib.upcycle_row_dots
+    g.argtypes = [p, i64, p, p, i64, i64, i64, p]
+    g.restype = ctypes.c_int
     return lib
 
 

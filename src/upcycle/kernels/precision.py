@@ -4,10 +4,15 @@
     bf16  every weight and activation bf16 (norms and softmax as Hugging Face runs them in bf16); the
           bank-sparse kernel packs its copy in bf16 and computes in fp32 registers
     int8  bf16 activations; every linear layer's weight int8 with one scale per output row — attention,
-          dense FFNs and the LM head as `Int8Linear` (torch's weight-only int8 matmul), a bank-sparse
+          dense FFNs and the LM head as int8 `RowLinear`s, a bank-sparse
           FFN's gate/up/down put on the int8 grid of its kernel rows (one scale per row of W_gate, of
           W_up and of W_down^T: per channel), so that its reference path and its kernel compute with
           the same values; the embedding table stays bf16 (a token reads one row of it)
+
+At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
+become `upcycle.kernels.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
+dots, which read the weights at the memory's pace where PyTorch's small bf16 matmuls do not; at more
+rows, the plain matmul. Dense and sparse models are converted alike, so their speeds compare honestly.
 
 A decoding step is memory-bound, so bytes are time: bf16 halves what every token reads, int8 quarters
 it. `to_precision` converts in place, like nn.Module.to, and returns the model.
@@ -21,38 +26,10 @@ from torch import nn
 from upcycle.arch import adapter_for
 from upcycle.errors import check
 from upcycle.kernels import int8_rows, release
+from upcycle.kernels.rows import RowLinear
 
 PRECISIONS = ("fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
-
-
-class Int8Linear(nn.Module):
-    """y = x (codes * scales)^T + b: a linear layer whose weight is stored as int8 codes [out, in] and one
-    scale per output row, multiplied by torch's weight-only int8 kernel (the codes are widened in
-    registers: a quarter of fp32's bytes read)."""
-
-    def __init__(self, linear: nn.Linear, dtype: torch.dtype = torch.bfloat16):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        codes, scales = int8_rows(linear.weight.detach())
-        self.register_buffer("codes", codes)
-        self.register_buffer("scales", scales.to(dtype))  # the matmul wants them in the activations' dtype
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
-
-    @property
-    def weight(self) -> torch.Tensor:
-        """The weight these codes stand for (dequantized; what the matmul computes with)."""
-        return self.codes.float() * self.scales.float()[:, None]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.reshape(-1, self.in_features)
-        y = torch._weight_int8pack_mm(rows, self.codes, self.scales)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 per-row"
 
 
 def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -80,23 +57,36 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
     check(precision in PRECISIONS, "precision", precision, f"one of {', '.join(PRECISIONS)}")
     release(model)  # packed copies are rebuilt in the new precision on the next call
     model.to(DTYPES[precision])
-    if precision != "int8":
-        return model
     adapter = adapter_for(model)
     for i in range(adapter.num_layers):
         ffn = adapter.ffn(i)
         inside_sparse = set()
         if isinstance(ffn, BankSparseFFN):
-            int8_grid(ffn)
+            if precision == "int8":
+                int8_grid(ffn)
             inside_sparse = {id(m) for m in ffn.modules()}
         layer = adapter.layer(i)
-        for name, linear in adapter.linears(i).items():
+        converted = {name: m for name, m in layer.named_modules() if isinstance(m, RowLinear)}  # by an earlier call
+        for name, linear in {**adapter.linears(i), **converted}.items():
             if id(linear) not in inside_sparse:
-                _replace(layer, name, Int8Linear(linear))
+                _replace(layer, name, RowLinear(_plain(linear), precision))
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if isinstance(head, nn.Linear):
-        tied = head.weight is embedding.weight
-        model.set_output_embeddings(Int8Linear(head))
-        if tied:  # the head is its own int8 copy now; the embedding keeps the bf16 table
+    if isinstance(head, (nn.Linear, RowLinear)):
+        tied = _plain(head).weight is embedding.weight
+        model.set_output_embeddings(RowLinear(_plain(head), precision))
+        if tied and precision == "int8":  # the head is its own int8 copy now; the embedding keeps the bf16 table
             model.config.tie_word_embeddings = False
     return model
+
+
+def _plain(linear: nn.Module) -> nn.Linear:
+    """An nn.Linear with the weight a linear layer (plain, or a RowLinear from an earlier conversion)
+    computes with, in the model's current dtype."""
+    if isinstance(linear, nn.Linear):
+        return linear
+    weight = linear.dequantized()
+    plain = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+    plain.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight, requires_grad=False)
+    if linear.bias is not None:
+        plain.bias = linear.bias
+    return plain

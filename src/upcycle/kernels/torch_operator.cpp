@@ -12,6 +12,8 @@
 // bank_sparse_ffn_shadow(x, packed, row_scales, codes [I/16, 2, H BITS/32, 64] uint8 (BITS = 4 or 2: from the size),
 // scales [I/16, 2, H/G, 16], group, bank, keep, gate):
 // the same with a shadow predictor (see bank_sparse_ffn.cpp).
+// row_dots(x [T, K] fp32, w [N, K] fp32, bf16 or int8, row_scales [N] fp32 for int8, else empty) -> [T, N]
+// fp32: x w^T (times the row scales), for the dense layers at a few rows (see row_dots).
 
 #include "bank_sparse_ffn.cpp"
 
@@ -77,6 +79,21 @@ Tensor bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor row_scales, Tensor
     return out;
 }
 
+Tensor row_dots_operator(Tensor x, Tensor w, Tensor row_scales) {
+    STD_TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && w.size(1) == x.size(1), "row_dots: x must be [T, K] and w [N, K]");
+    const int64_t size = static_cast<int64_t>(w.element_size());
+    STD_TORCH_CHECK(w.is_contiguous() && (size == 4 || size == 2 || size == 1), "row_dots: w must be contiguous fp32, bf16 or int8");
+    STD_TORCH_CHECK(size != 1 || (row_scales.numel() == w.size(0) && row_scales.is_contiguous()),
+                    "row_dots: int8 weights need row_scales [N]");
+    if (!x.is_contiguous()) x = torch::stable::contiguous(x);
+    const int64_t shape[2] = {x.size(0), w.size(0)};
+    Tensor out = torch::stable::new_empty(x, torch::headeronly::IntHeaderOnlyArrayRef(shape, 2));
+    const int code = upcycle_row_dots(w.data_ptr(), size == 4 ? 0 : size == 2 ? 1 : 2, size == 1 ? floats(row_scales) : nullptr,
+                                      floats(x), x.size(0), w.size(0), w.size(1), static_cast<float*>(out.data_ptr()));
+    STD_TORCH_CHECK(code == 0, "row_dots rejected its arguments (code ", code, ")");
+    return out;
+}
+
 }  // namespace
 
 STABLE_TORCH_LIBRARY(upcycle, m) {
@@ -84,9 +101,11 @@ STABLE_TORCH_LIBRARY(upcycle, m) {
           "int bank, int keep, int gate) -> Tensor");
     m.def("bank_sparse_ffn_shadow(Tensor x, Tensor packed, Tensor row_scales, Tensor codes, Tensor scales, int group, "
           "int bank, int keep, int gate) -> Tensor");
+    m.def("row_dots(Tensor x, Tensor w, Tensor row_scales) -> Tensor");
 }
 
 STABLE_TORCH_LIBRARY_IMPL(upcycle, CPU, m) {
     m.impl("bank_sparse_ffn", TORCH_BOX(&bank_sparse_ffn));
     m.impl("bank_sparse_ffn_shadow", TORCH_BOX(&bank_sparse_ffn_shadow));
+    m.impl("row_dots", TORCH_BOX(&row_dots_operator));
 }
