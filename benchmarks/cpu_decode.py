@@ -75,23 +75,35 @@ def source_gguf() -> Path:
     return out
 
 
+_plain_buffers: dict[str, str] = {}  # format -> how it failed with llama.cpp's extra buffer types
+
+
 def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False) -> dict:
     """Every format made (quantize_only) or decoded: one process per format (llama-cpp-python 0.3.36
-    crashed decoding a second model in the same process)."""
+    crashed decoding a second model in the same process). A format whose process fails is run again
+    without llama.cpp's extra buffer types (Q8_0 segfaults with them here: see the driver), the first
+    failure kept in its row; failing again, its row holds the error."""
     result = {"formats": {}}
     for fmt in LLAMA_FORMATS.values():
-        with tempfile.NamedTemporaryFile(suffix=".json") as f:
-            cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
-                   "--formats", fmt, "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
-                   "--threads", str(threads)] + (["--quantize-only"] if quantize_only else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:  # one format failing (Q8_0 segfaulted in llama_decode here) skips its row
-                tail = (proc.stderr or "").strip().splitlines()[-1:] or [f"exit {proc.returncode}"]
-                result["formats"][fmt] = {"error": f"exit {proc.returncode}: {tail[0]}"}
-                continue
-            one = json.loads(Path(f.name).read_text())
-        result["llama_cpp_python"] = one["llama_cpp_python"]
-        result["formats"].update(one["formats"])
+        first_error = _plain_buffers.get(fmt)
+        for extra in ([] if quantize_only or first_error else [[]]) + [["--no-extra-buffers"]]:
+            with tempfile.NamedTemporaryFile(suffix=".json") as f:
+                cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
+                       "--formats", fmt, "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
+                       "--threads", str(threads)] + (["--quantize-only"] if quantize_only else []) + extra
+                proc = subprocess.run(cmd, capture_output=True, text=True)
+                if proc.returncode != 0:
+                    tail = (proc.stderr or "").strip().splitlines()[-1:] or [
+                        "segmentation fault, no output" if proc.returncode == -11 else "no output"]
+                    first_error = first_error or f"exit {proc.returncode}: {tail[0]}"
+                    result["formats"][fmt] = {"error": first_error}
+                    continue
+                one = json.loads(Path(f.name).read_text())
+            result["llama_cpp_python"] = one["llama_cpp_python"]
+            result["formats"][fmt] = {**one["formats"][fmt], **({"extra_buffers_error": first_error} if first_error else {})}
+            if first_error and not quantize_only:
+                _plain_buffers[fmt] = first_error  # the later rounds go straight to the run that works
+            break
     return result
 
 
@@ -167,6 +179,8 @@ def main() -> None:
                 if "error" in row:
                     result.setdefault("llamacpp_errors", {})[fmt] = row["error"]
                     continue
+                if "extra_buffers_error" in row:
+                    result.setdefault("llamacpp_without_extra_buffers", {})[fmt] = row["extra_buffers_error"]
                 rates.setdefault(f"llamacpp_{fmt}", []).append(row["tok_s"])
                 tokens[f"llamacpp_{fmt}"] = row["tokens"]
         for name, decoder in decoders.items():

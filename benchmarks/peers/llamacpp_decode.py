@@ -8,6 +8,10 @@ source is the embedded Q4_1 file, whose values the F32 copy holds exactly), then
 prompt's tokens evaluated and `new_tokens` greedy tokens generated (end-of-sequence not honoured, so
 every run makes the same count), wall time from the first evaluation to the last token. Writes, per
 format: tokens/s, the file's bytes, the generated ids.
+
+--no-extra-buffers loads the weights without llama.cpp's extra CPU buffer types (its weight repacking and
+AMX paths; model parameter use_extra_bufts, which llama-cpp-python does not expose): on this machine
+(AVX-512 + AMX) a Q8_0 or Q4_1 model segfaults in llama_decode with them and decodes without.
 """
 
 from __future__ import annotations
@@ -36,6 +40,19 @@ def quantized(source: Path, folder: Path, fmt: str, threads: int) -> Path:
             raise SystemExit(f"llama_model_quantize to {fmt} failed ({code})")
         tmp.rename(out)
     return out
+
+
+def without_extra_buffers() -> None:
+    """Every model loaded from here on with use_extra_bufts = false (see the module docstring)."""
+    default = llama_cpp.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    llama_cpp.llama.llama_cpp.llama_model_default_params = params  # the name Llama() looks it up by
 
 
 def decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
@@ -67,7 +84,10 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=96)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize-only", action="store_true")
+    parser.add_argument("--no-extra-buffers", action="store_true")
     args = parser.parse_args()
+    if args.no_extra_buffers:
+        without_extra_buffers()
     folder = Path(args.folder)
     folder.mkdir(parents=True, exist_ok=True)
     prompt = [int(t) for t in args.prompt_ids.split(",")]
@@ -75,7 +95,7 @@ def main() -> None:
     result = {"llama_cpp_python": llama_cpp.__version__, "formats": {}}
     for fmt in args.formats.split(","):
         path = quantized(Path(args.source), folder, fmt, args.threads)
-        row = {"file_bytes": path.stat().st_size}
+        row = {"file_bytes": path.stat().st_size, "extra_buffers": not args.no_extra_buffers}
         if not args.quantize_only:
             row["tok_s"], row["tokens"] = decode(path, prompt, args.new_tokens, args.threads)
         result["formats"][fmt] = row
