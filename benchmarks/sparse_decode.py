@@ -11,8 +11,11 @@
      torch.compile (inductor, C++ wrapper, static KV cache; the kernel is one operator in the graph).
      Two bounds: bytes of weights read per token, dense vs sparse (the attention, the norms and the
      tied 49k x 576 LM head are read in full by both), and measured, the dense model with its FFNs
-     skipped (what everything but the FFNs takes: no FFN speed-up can beat it). The headline
-     `decode_speedup` is the compiled run (both models compiled alike: the faster dense baseline).
+     skipped (what everything but the FFNs takes: no FFN speed-up can beat it). And both models
+     through upcycle's lean decoder (upcycle.eval.decode: one compiled step, static cache, the dense
+     layers' single rows through the kernel's row dots, no generate() around it; what `upcycle
+     generate` runs). The headline `decode_speedup` is the lean run (both models alike, the fastest
+     dense baseline here); `decode_speedup_generate` the compiled generate() run.
 
 Every ratio comes from timings taken in one process, alternating dense and sparse, medians.
 Result: benchmarks/results/sparse_decode.json and sparse_decode.png (sparse_decode_lowrank.* for
@@ -55,7 +58,8 @@ def plot(result: dict, path: Path) -> None:
     left.set(xscale="log", xticks=[1, 4, 16], xticklabels=["1", "4", "16"], xlabel="batch (tokens)",
              ylabel="speedup over dense", title="FFN layer, fp32 (dotted: byte limit at batch 1)")
     left.legend()
-    names = [f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}" + (", compiled" if d.get("compiled") else "")
+    names = [f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}"
+             + (", lean decoder" if d.get("decoder") == "lean" else ", compiled" if d.get("compiled") else "")
              for d in result["decode_runs"]]
     measured = [d["speedup"] for d in result["decode_runs"]]
     limits = [d["limit"] for d in result["decode_runs"]]
@@ -98,10 +102,13 @@ def main() -> None:
     torch.set_num_threads(threads)
     runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
                                    compiled=True))
+    runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
+                                   lean=True))
 
     result = {
         "ffn_speedup": {k: round(r["speedup"], 3) for k, r in ffn.items()},
-        "decode_speedup": round(runs[-1]["speedup"], 3),  # compiled, all threads
+        "decode_speedup": round(runs[-1]["speedup"], 3),  # lean decoder, all threads
+        "decode_speedup_generate": round(runs[-2]["speedup"], 3),  # generate(), compiled, all threads
         "decode_limit": round(runs[-1]["limit"], 3),
         "decode_ceiling": round(runs[-1]["ceiling"], 3),
         "decode_speedup_eager": round(runs[0]["speedup"], 3),
@@ -120,7 +127,7 @@ def main() -> None:
     report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())
     for run in runs[:-1]:
-        print(f"at {run['threads']} thread(s){', compiled' if run['compiled'] else ''}: {run['speedup']:.2f}× "
+        print(f"at {run['threads']} thread(s){', compiled generate()' if run['compiled'] else ''}: {run['speedup']:.2f}× "
               f"({run['dense_tokens_per_s']:.1f} → {run['sparse_tokens_per_s']:.1f} tok/s; limit {run['limit']:.2f}×, "
               f"no FFN {run['ceiling']:.2f}×)")
 

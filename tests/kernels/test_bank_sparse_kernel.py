@@ -349,6 +349,31 @@ def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
 
 
 @needs_kernel
+def test_bench_through_the_lean_decoder_at_bf16(tmp_path):
+    """Both models through the lean decoder, converted alike; the tokens/s are real, the tokens are the
+    ones the dense and sparse models themselves produce (an eager greedy loop on bf16 copies)."""
+    from upcycle.cli import main
+    from upcycle.eval.decode import GreedyDecoder
+    from upcycle.kernels.precision import to_precision
+
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
+    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="shadow", group=32), [0, 1])
+    hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
+    out = tmp_path / "bench"
+    argv = ["bench", str(tmp_path / "sparse"), "--shapes", "model", "--batches", "1", "--new-tokens", "6",
+            "--repeats", "1", "--lean", "--precision", "bf16", "--out", str(out)]
+    assert main(argv) == 0
+    decode = __import__("json").loads((out / "bench.json").read_text())["decode"]
+    assert decode["decoder"] == "lean" and decode["compiled"] and decode["precision"] == "bf16"
+    assert decode["dense_tokens_per_s"] > 0 and decode["sparse_tokens_per_s"] > 0 and decode["no_ffn_tokens_per_s"] > 0
+    tok = hub.byte_tokenizer()
+    ids = tok("The king said to the queen:", return_tensors="pt").input_ids
+    loaded, _ = hub.load(str(tmp_path / "sparse"))
+    eager = GreedyDecoder(to_precision(loaded, "bf16"), ids.shape[1] + 8, compiled=False).generate(ids, 6)
+    assert decode["sample"]["sparse"] == tok.decode(eager)
+
+
+@needs_kernel
 def test_a_model_with_a_plan_deep_copies_and_the_copy_builds_its_own():
     import copy
 

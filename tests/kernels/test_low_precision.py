@@ -203,3 +203,13 @@ def test_the_compiled_lean_decoder_matches_the_eager_one_with_the_kernel_inside(
     assert torch.equal(eager, decoder.generate(ids, 8))  # warm: the compiled step without its guards
     with pytest.raises(ValueError, match="at most"):
         GreedyDecoder(sparse, max_len=10, compiled=False).generate(ids, 8)
+
+
+def test_row_linear_leaves_fp16_weights_to_the_matmul():
+    """The operator tells bf16 from fp32 and int8 by element size; fp16 must not be read as bf16."""
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(32, 8, bias=False).half()
+    x = torch.randn(1, 32).half()
+    with torch.no_grad():
+        got = RowLinear(linear, "fp16")(x)
+    torch.testing.assert_close(got.float(), x.float() @ linear.weight.float().T, rtol=2e-3, atol=2e-3)

@@ -33,6 +33,8 @@ class BenchConfig(Config):
     repeats: int = option(5, "alternating measurements per figure (median)")
     decode: bool = option(True, "also time greedy decoding (--no-decode: only the FFN microbenchmark)")
     compile: bool = option(False, "decode both models under torch.compile (static cache; the first run compiles, ~1 min)")
+    lean: bool = option(False, "decode both models through upcycle's lean decoder (one compiled step, no generate(); "
+                        "what `upcycle generate` runs)")
     precision: str = option("fp32", "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
                             "activations (the FFN microbenchmark stays fp32)", choices=PRECISIONS)
     progress: bool = option(True, "progress bars")
@@ -119,7 +121,8 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
             raise ConfigError(f"{model}: no tokenizer, so no decoding benchmark (pass --no-decode)")
         dense, sparse = (to_precision(m, config.precision) for m in sparse_and_dense(loaded, tokenizer, sparsity))
         report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=config.new_tokens, repeats=config.repeats,
-                                     compiled=config.compile, progress=config.progress)
+                                     compiled=config.compile, lean=config.lean, precision=config.precision,
+                                     progress=config.progress)
         report.decode["precision"] = config.precision
     print(report.table())
     if out is not None:

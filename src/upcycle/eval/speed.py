@@ -193,25 +193,53 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
 
 
+def _lean_rates(models: dict, ids: torch.Tensor, new_tokens: int, precision: str):
+    """Per model, a function giving one run's (tokens/s, tokens) through upcycle's lean decoder: a copy
+    of each model converted alike (to_precision: the dense layers at one row through the kernel's row
+    dots) and its step compiled once here."""
+    from upcycle.eval.decode import GreedyDecoder
+    from upcycle.kernels.precision import to_precision
+
+    runs = {}
+    for name, model in models.items():
+        lean = to_precision(copy.deepcopy(model), precision).eval()
+        with torch.no_grad():
+            lean(ids[:, :1])  # kernel plans built eagerly, before the step is traced
+        decoder = GreedyDecoder(lean, ids.shape[1] + new_tokens + 8)
+        decoder.generate(ids, 4), decoder.generate(ids, new_tokens)  # compiled, then warm
+        runs[name] = lambda decoder=decoder: decoder.tokens_per_second(ids, new_tokens)
+    return runs
+
+
 def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
-                 repeats: int = 5, compiled: bool = False, progress: bool = True) -> dict:
+                 repeats: int = 5, compiled: bool = False, lean: bool = False, precision: str = "fp32",
+                 progress: bool = True) -> dict:
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
-    `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does."""
+    `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does;
+    `lean`: both through upcycle's lean decoder (upcycle.eval.decode: one compiled step, no generate()),
+    converted to `precision` first."""
     dense.eval(), sparse.eval()
     no_ffn = without_ffns(dense).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
+    compiled = compiled or lean
     kwargs = compile_kwargs() if compiled else {}
-    for model in (dense, sparse, no_ffn):  # warm: kernel plans built (eagerly), then graphs compiled
-        _greedy_tokens_per_second(model, ids, 8)
-        if compiled:
-            _greedy_tokens_per_second(model, ids, new_tokens, **kwargs)
+    if lean:
+        runs = _lean_rates({"dense": dense, "sparse": sparse, "no_ffn": no_ffn}, ids, new_tokens, precision)
+    else:
+        runs = {name: (lambda m=m: _greedy_tokens_per_second(m, ids, new_tokens, **kwargs))
+                for name, m in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn))}
+        for model in (dense, sparse, no_ffn):  # warm: kernel plans built (eagerly), then graphs compiled
+            _greedy_tokens_per_second(model, ids, 8)
+            if compiled:
+                _greedy_tokens_per_second(model, ids, new_tokens, **kwargs)
     dense_tps, sparse_tps, no_ffn_tps = [], [], []
-    for _ in tqdm(range(repeats), desc="greedy decoding" + (" (compiled)" if compiled else ""), disable=not progress):
-        tps, dense_out = _greedy_tokens_per_second(dense, ids, new_tokens, **kwargs)
+    label = "greedy decoding" + (" (lean decoder)" if lean else " (compiled)" if compiled else "")
+    for _ in tqdm(range(repeats), desc=label, disable=not progress):
+        tps, dense_out = runs["dense"]()
         dense_tps.append(tps)
-        tps, sparse_out = _greedy_tokens_per_second(sparse, ids, new_tokens, **kwargs)
+        tps, sparse_out = runs["sparse"]()
         sparse_tps.append(tps)
-        no_ffn_tps.append(_greedy_tokens_per_second(no_ffn, ids, new_tokens, **kwargs)[0])
+        no_ffn_tps.append(runs["no_ffn"]()[0])
     # where the time goes needs hooks, which compiled graphs do not run: measured eagerly only
     split = None if compiled else {"dense": ffn_time_per_token(dense, ids, new_tokens),
                                    "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
@@ -219,7 +247,7 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
     bytes_dense, bytes_sparse = weight_bytes(dense), weight_bytes(sparse)
     limit = bytes_dense["total"] / bytes_sparse["total"]
     return {"prompt": prompt, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
-            "compiled": compiled, "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
+            "compiled": compiled, "decoder": "lean" if lean else "generate", "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
             "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
             "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
             "no_ffn_tokens_per_s": ceiling, "ceiling": ceiling / d,

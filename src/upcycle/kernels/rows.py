@@ -38,7 +38,9 @@ class RowLinear(nn.Module):
             self.weight = linear.weight
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         # decided here, once: a compiled graph must not call into the loader (ctypes) to ask
-        self.kernel_ready = kernels.enabled() and kernels.operator_kind() is not None
+        self.kernel_ready = kernels.enabled()
+        if self.kernel_ready:
+            kernels.operator_kind()  # registered before any graph is traced
 
     @property
     def stored(self) -> torch.Tensor:
@@ -51,8 +53,9 @@ class RowLinear(nn.Module):
         return self.weight
 
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
+        # the operator tells the weight type by its element size: fp16 (2 bytes, like bf16) stays on the matmul
         return (rows.shape[0] <= MAX_ROWS and rows.device.type == "cpu" and self.kernel_ready and kernels._enabled
-                and not (torch.is_grad_enabled() and (rows.requires_grad or self.stored.requires_grad)))
+                and self.stored.dtype in kernels.WEIGHT_TYPES and not (torch.is_grad_enabled() and (rows.requires_grad or self.stored.requires_grad)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
