@@ -236,12 +236,19 @@ def table(result: dict) -> str:
             if rate is None:
                 continue
             p = ppl.get(key, {})
-            lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | "
-                         f"{p.get('shakespeare', float('nan')):.2f} | {p.get('pystdlib', float('nan')):.2f} |")
+            quality = " | ".join(f"{p[c]:.2f}" if c in p else "—" for c in CORPORA)
+            lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | {quality} |")
     crit = result.get("criteria", {})
     if crit:
         lines += [""] + [f"- {p}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[p].upper()} = {c['ratio']:.2f}× "
                          f"(target ≥ {c['target']}: {'met' if c['met'] else 'not met'})" for p, c in crit.items()]
+    for fmt, why in result.get("llamacpp_without_extra_buffers", {}).items():
+        lines += [f"- llama.cpp {fmt.upper()} ran without its extra CPU buffer types (repacking/AMX): with them it "
+                  f"failed ({why})"]
+    split = result.get("ms_split", {})
+    if split:
+        lines += [f"- ms a token, sparse model: " + "; ".join(
+            f"{p} FFNs {v['sparse_ffn_ms']:.1f} + rest {v['other_ms']:.1f}" for p, v in split.items())]
     if "error" in result.get("llamacpp", {}):
         lines += ["", f"- llama.cpp not run: {result['llamacpp']['error']}"]
     return "\n".join(lines)
