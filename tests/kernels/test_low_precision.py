@@ -213,3 +213,19 @@ def test_row_linear_leaves_fp16_weights_to_the_matmul():
     with torch.no_grad():
         got = RowLinear(linear, "fp16")(x)
     torch.testing.assert_close(got.float(), x.float() @ linear.weight.float().T, rtol=2e-3, atol=2e-3)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_to_precision_fp32_keeps_the_function(family):
+    """fp32 conversion changes how one-row products are computed, not what: a prompt (matmuls) gives
+    the same logits, one token (row dots) the same to fp32 rounding; qwen2 has biased q/k/v."""
+    model = hub.tiny(family, layers=2, hidden=64, ffn=128)
+    ids = torch.randint(0, model.config.vocab_size, (1, 6))
+    with torch.no_grad():
+        want_prompt, want_token = model(ids).logits, model(ids[:, :1]).logits
+        to_precision(model, "fp32")
+        got_prompt, got_token = model(ids).logits, model(ids[:, :1]).logits
+    assert isinstance(model.model.layers[0].self_attn.q_proj, RowLinear)
+    assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
+    torch.testing.assert_close(got_prompt, want_prompt)
+    torch.testing.assert_close(got_token, want_token, rtol=1e-5, atol=1e-5)

@@ -22,8 +22,9 @@ MAX_ROWS = 4  # the kernel computes up to 4 rows per pass over the weights; beyo
 
 
 class RowLinear(nn.Module):
-    """y = x W^T + b for inference, W stored as `precision`: fp32 or bf16 (the linear's own parameter,
-    shared: a tied LM head stays tied) or int8 codes [out, in] with one fp32 scale per output row."""
+    """y = x W^T + b for inference, W stored as `precision`: fp32 or bf16 (the linear's own parameters,
+    shared: a tied LM head stays tied) or int8 codes [out, in] with one fp32 scale per output row (and a
+    copy of the bias in the activations' dtype)."""
 
     def __init__(self, linear: nn.Linear, precision: str, dtype: torch.dtype | None = None):
         super().__init__()
@@ -34,9 +35,9 @@ class RowLinear(nn.Module):
             self.register_buffer("codes", codes)
             self.register_buffer("scales", scales.float())
             self.register_buffer("scales_for_matmul", scales.to(dtype))  # torch's int8 matmul wants the activations' dtype
+            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
         else:
-            self.weight = linear.weight
-        self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+            self.weight, self.bias = linear.weight, linear.bias
         # decided here, once: a compiled graph must not call into the loader (ctypes) to ask
         self.kernel_ready = kernels.enabled()
         if self.kernel_ready:
