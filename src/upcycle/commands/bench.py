@@ -119,7 +119,9 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
     if config.decode:
         if tokenizer is None:
             raise ConfigError(f"{model}: no tokenizer, so no decoding benchmark (pass --no-decode)")
-        dense, sparse = (to_precision(m, config.precision) for m in sparse_and_dense(loaded, tokenizer, sparsity))
+        dense, sparse = sparse_and_dense(loaded, tokenizer, sparsity)
+        if not config.lean:  # the lean decoder converts its own copies
+            dense, sparse = (to_precision(m, config.precision) for m in (dense, sparse))
         report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=config.new_tokens, repeats=config.repeats,
                                      compiled=config.compile, lean=config.lean, precision=config.precision,
                                      progress=config.progress)

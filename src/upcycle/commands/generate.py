@@ -8,6 +8,7 @@ the dense model runs the same way, so the two texts and tokens/s read side by si
 from __future__ import annotations
 
 import copy
+import statistics
 from dataclasses import dataclass
 
 from upcycle import hub
@@ -36,8 +37,6 @@ class GenerateConfig(Config):
 
 def run(model: str, config: GenerateConfig = GenerateConfig()) -> dict:
     """Generate from MODEL (and its dense or sparse twin); print each text and tokens/s; return them."""
-    import statistics
-
     from upcycle.commands.bench import sparse_and_dense
     from upcycle.eval.decode import GreedyDecoder
 

@@ -94,8 +94,8 @@ def _ffn_modules(model) -> list[torch.nn.Module]:
 
 
 def _stored_bytes(module: torch.nn.Module) -> float:
-    """Bytes of weights `module` holds as inference reads them: parameters and weight buffers (an
-    Int8Linear's codes and scales); a bank-sparse FFN marked for int8 holds one byte a weight and one
+    """Bytes of weights `module` holds as inference reads them: parameters and weight buffers (an int8
+    RowLinear's codes and scales); a bank-sparse FFN marked for int8 holds one byte a weight and one
     fp32 scale per row of its packed kernel copy."""
     if getattr(module, "kernel_precision", None) == "int8":
         width, hidden = module.gate_proj.weight.shape
@@ -193,22 +193,19 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
 
 
-def _lean_rates(models: dict, ids: torch.Tensor, new_tokens: int, precision: str):
-    """Per model, a function giving one run's (tokens/s, tokens) through upcycle's lean decoder: a copy
-    of each model converted alike (to_precision: the dense layers at one row through the kernel's row
-    dots) and its step compiled once here."""
+def _lean_run(model, ids: torch.Tensor, new_tokens: int, precision: str):
+    """`model`'s copy converted to `precision` (to_precision: the dense layers at one row through the
+    kernel's row dots) and a function giving one run's (tokens/s, tokens) through upcycle's lean decoder,
+    its step compiled and warmed here."""
     from upcycle.eval.decode import GreedyDecoder
     from upcycle.kernels.precision import to_precision
 
-    runs = {}
-    for name, model in models.items():
-        lean = to_precision(copy.deepcopy(model), precision).eval()
-        with torch.no_grad():
-            lean(ids[:, :1])  # kernel plans built eagerly, before the step is traced
-        decoder = GreedyDecoder(lean, ids.shape[1] + new_tokens + 8)
-        decoder.generate(ids, 4), decoder.generate(ids, new_tokens)  # compiled, then warm
-        runs[name] = lambda decoder=decoder: decoder.tokens_per_second(ids, new_tokens)
-    return runs
+    lean = to_precision(copy.deepcopy(model), precision).eval()
+    with torch.no_grad():
+        lean(ids[:, :1])  # kernel plans built eagerly, before the step is traced
+    decoder = GreedyDecoder(lean, ids.shape[1] + new_tokens + 8)
+    decoder.generate(ids, 4), decoder.generate(ids, new_tokens)  # compiled, then warm
+    return lean, lambda: decoder.tokens_per_second(ids, new_tokens)
 
 
 def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
@@ -216,18 +213,20 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
                  progress: bool = True) -> dict:
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
     `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does;
-    `lean`: both through upcycle's lean decoder (upcycle.eval.decode: one compiled step, no generate()),
-    converted to `precision` first."""
+    `lean`: copies of both converted to `precision` and run through upcycle's lean decoder
+    (upcycle.eval.decode: one compiled step, no generate()); otherwise the models run as given."""
     dense.eval(), sparse.eval()
     no_ffn = without_ffns(dense).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
     compiled = compiled or lean
     kwargs = compile_kwargs() if compiled else {}
-    if lean:
-        runs = _lean_rates({"dense": dense, "sparse": sparse, "no_ffn": no_ffn}, ids, new_tokens, precision)
+    runs = {}
+    if lean:  # the copies that run are the models measured (bytes included)
+        (dense, runs["dense"]), (sparse, runs["sparse"]), (no_ffn, runs["no_ffn"]) = (
+            _lean_run(m, ids, new_tokens, precision) for m in (dense, sparse, no_ffn))
     else:
-        runs = {name: (lambda m=m: _greedy_tokens_per_second(m, ids, new_tokens, **kwargs))
-                for name, m in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn))}
+        for name, m in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
+            runs[name] = lambda m=m: _greedy_tokens_per_second(m, ids, new_tokens, **kwargs)
         for model in (dense, sparse, no_ffn):  # warm: kernel plans built (eagerly), then graphs compiled
             _greedy_tokens_per_second(model, ids, 8)
             if compiled:

@@ -32,11 +32,6 @@ PRECISIONS = ("fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
 
 
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, leaf, module)
-
-
 @torch.no_grad()
 def int8_grid(ffn) -> None:
     """Put a bank-sparse FFN's gate, up and down weights on the int8 grid its kernel reads (per channel:
@@ -69,11 +64,12 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
         converted = {name: m for name, m in layer.named_modules() if isinstance(m, RowLinear)}  # by an earlier call
         for name, linear in {**adapter.linears(i), **converted}.items():
             if id(linear) not in inside_sparse:
-                _replace(layer, name, RowLinear(_plain(linear), precision))
+                layer.set_submodule(name, RowLinear(_plain(linear), precision))
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(head, (nn.Linear, RowLinear)):
-        tied = _plain(head).weight is embedding.weight
-        model.set_output_embeddings(RowLinear(_plain(head), precision))
+        plain = _plain(head)
+        tied = plain.weight is embedding.weight
+        model.set_output_embeddings(RowLinear(plain, precision))
         if tied and precision == "int8":  # the head is its own int8 copy now; the embedding keeps the bf16 table
             model.config.tie_word_embeddings = False
     return model
