@@ -29,6 +29,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include <omp.h>
@@ -177,40 +178,101 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
     const uint8_t* up_codes = codes + (H / RUN) * 64;
     const float* up_scales = scales + ng * SHADOW_LANES;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
-    // a single token splits each sum in two so the dot products do not all wait on one another; with
-    // several tokens, the tokens are the independent chains
-    constexpr int S = N == 1 ? 2 : 1;
-    const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
-    __m512 fg[N], fu[N];
-    for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < ng; ++g) {
-        __m512i ig[N][S], iu[N][S];
-        for (int k = 0; k < N; ++k)
-            for (int s = 0; s < S; ++s) ig[k][s] = iu[k][s] = _mm512_setzero_si512();
-        for (int64_t o = g * runs; o < (g + 1) * runs; ++o) {
-            const __m512i vg = _mm512_loadu_si512(codes + o * 64), vu = _mm512_loadu_si512(up_codes + o * 64);
-            for (int f = 0; f < FIELDS; ++f) {
-                const __m512i cg = _mm512_and_si512(f ? _mm512_srli_epi16(vg, f * BITS) : vg, mask);
-                const __m512i cu = _mm512_and_si512(f ? _mm512_srli_epi16(vu, f * BITS) : vu, mask);
-                for (int k = 0; k < N; ++k) {
-                    const __m512i xv = _mm512_set1_epi32(four_codes(in[k]->xq.data() + RUN * o + 4 * f));
-                    ig[k][f % S] = _mm512_dpbusd_epi32(ig[k][f % S], cg, xv);
-                    iu[k][f % S] = _mm512_dpbusd_epi32(iu[k][f % S], cu, xv);
+    if constexpr (BITS == 4) {
+        // Each field is masked in place, not shifted down: field f's byte holds code * 2^(f BITS), so its dot
+        // products land 2^(f BITS) times too large, in an accumulator of its own, shifted back (exactly: a
+        // multiple of 2^(f BITS)) once per group. That saves a shift per field and run - the shifts and masks
+        // cost more than the dot products did. A single token also splits each field's sum between even and
+        // odd runs so that the dot products do not wait on one another (5 cycles each); with several tokens,
+        // the tokens are the independent chains.
+        constexpr int C = N == 1 ? 2 : 1;
+        __m512i fmask[FIELDS];
+        for (int f = 0; f < FIELDS; ++f) fmask[f] = _mm512_set1_epi8(static_cast<char>(((1 << BITS) - 1) << (f * BITS)));
+        __m512 fg[N], fu[N];
+        for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
+        const int8_t* xq[N];
+        for (int k = 0; k < N; ++k) xq[k] = in[k]->xq.data();
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512i ig[N][C][FIELDS], iu[N][C][FIELDS];
+            for (int k = 0; k < N; ++k)
+                for (int c = 0; c < C; ++c)
+                    for (int f = 0; f < FIELDS; ++f) ig[k][c][f] = iu[k][c][f] = _mm512_setzero_si512();
+            // run o into chain c (every index a constant once unrolled, so the accumulators stay in registers)
+            const auto run = [&](int64_t o, auto c) {
+                const uint8_t *pg = codes + o * 64, *pu = up_codes + o * 64;
+#pragma GCC unroll 8
+                for (int f = 0; f < FIELDS; ++f) {
+                    const __m512i cg = _mm512_and_si512(_mm512_loadu_si512(pg), fmask[f]);
+                    const __m512i cu = _mm512_and_si512(_mm512_loadu_si512(pu), fmask[f]);
+#pragma GCC unroll 4
+                    for (int k = 0; k < N; ++k) {
+                        const __m512i xv = _mm512_set1_epi32(four_codes(xq[k] + RUN * o + 4 * f));
+                        ig[k][c][f] = _mm512_dpbusd_epi32(ig[k][c][f], cg, xv);
+                        iu[k][c][f] = _mm512_dpbusd_epi32(iu[k][c][f], cu, xv);
+                    }
                 }
+            };
+            const int64_t end = (g + 1) * runs;
+            int64_t o = g * runs;
+            for (; o + C <= end; o += C) {
+                run(o, std::integral_constant<int, 0>{});
+                if constexpr (C == 2) run(o + 1, std::integral_constant<int, C - 1>{});
+            }
+            if (o < end) run(o, std::integral_constant<int, 0>{});  // an odd number of runs: the last in chain 0
+            const __m512 sg = _mm512_loadu_ps(scales + g * SHADOW_LANES), su = _mm512_loadu_ps(up_scales + g * SHADOW_LANES);
+            for (int k = 0; k < N; ++k) {
+                const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(-offset * in[k]->sx_sum[g]);
+                __m512i dg = _mm512_setzero_si512(), du = _mm512_setzero_si512();
+                for (int f = 0; f < FIELDS; ++f) {
+                    __m512i sg_f = ig[k][0][f], su_f = iu[k][0][f];
+                    if (C == 2) sg_f = _mm512_add_epi32(sg_f, ig[k][C - 1][f]), su_f = _mm512_add_epi32(su_f, iu[k][C - 1][f]);
+                    dg = _mm512_add_epi32(dg, _mm512_srai_epi32(sg_f, f * BITS));
+                    du = _mm512_add_epi32(du, _mm512_srai_epi32(su_f, f * BITS));
+                }
+                fg[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), sx, bias), sg, fg[k]);
+                fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
             }
         }
-        const __m512 sg = _mm512_loadu_ps(scales + g * SHADOW_LANES), su = _mm512_loadu_ps(up_scales + g * SHADOW_LANES);
         for (int k = 0; k < N; ++k) {
-            const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(-offset * in[k]->sx_sum[g]);
-            __m512i dg = ig[k][0], du = iu[k][0];
-            if (S == 2) dg = _mm512_add_epi32(dg, ig[k][1]), du = _mm512_add_epi32(du, iu[k][1]);
-            fg[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), sx, bias), sg, fg[k]);
-            fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
+            _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
+            _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
         }
-    }
-    for (int k = 0; k < N; ++k) {
-        _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
-        _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
+    } else {  // 2 bits: four fields, too many accumulators to keep apart - shift each field down
+        // a single token splits each sum in two so the dot products do not all wait on one another; with
+        // several tokens, the tokens are the independent chains
+        constexpr int S = N == 1 ? 2 : 1;
+        const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
+        __m512 fg[N], fu[N];
+        for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
+        for (int64_t g = 0; g < ng; ++g) {
+            __m512i ig[N][S], iu[N][S];
+            for (int k = 0; k < N; ++k)
+                for (int s = 0; s < S; ++s) ig[k][s] = iu[k][s] = _mm512_setzero_si512();
+            for (int64_t o = g * runs; o < (g + 1) * runs; ++o) {
+                const __m512i vg = _mm512_loadu_si512(codes + o * 64), vu = _mm512_loadu_si512(up_codes + o * 64);
+                for (int f = 0; f < FIELDS; ++f) {
+                    const __m512i cg = _mm512_and_si512(f ? _mm512_srli_epi16(vg, f * BITS) : vg, mask);
+                    const __m512i cu = _mm512_and_si512(f ? _mm512_srli_epi16(vu, f * BITS) : vu, mask);
+                    for (int k = 0; k < N; ++k) {
+                        const __m512i xv = _mm512_set1_epi32(four_codes(in[k]->xq.data() + RUN * o + 4 * f));
+                        ig[k][f % S] = _mm512_dpbusd_epi32(ig[k][f % S], cg, xv);
+                        iu[k][f % S] = _mm512_dpbusd_epi32(iu[k][f % S], cu, xv);
+                    }
+                }
+            }
+            const __m512 sg = _mm512_loadu_ps(scales + g * SHADOW_LANES), su = _mm512_loadu_ps(up_scales + g * SHADOW_LANES);
+            for (int k = 0; k < N; ++k) {
+                const __m512 sx = _mm512_set1_ps(in[k]->sx[g]), bias = _mm512_set1_ps(-offset * in[k]->sx_sum[g]);
+                __m512i dg = ig[k][0], du = iu[k][0];
+                if (S == 2) dg = _mm512_add_epi32(dg, ig[k][1]), du = _mm512_add_epi32(du, iu[k][1]);
+                fg[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(dg), sx, bias), sg, fg[k]);
+                fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
+            }
+        }
+        for (int k = 0; k < N; ++k) {
+            _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
+            _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
+        }
     }
 #else
     for (int k = 0; k < N; ++k)
@@ -237,6 +299,29 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
 
 inline float silu(float v) { return v / (1.f + std::exp(-v)); }
 
+#if defined(__AVX512F__)
+// e^v for 16 lanes: v = n ln2 + r with |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial (relative
+// error below 2e-7 there), times 2^n by scalef (which saturates to 0 and inf as e^v does). The scalar
+// expf per channel cost as much as the shadow's dot products of a 576-input layer.
+inline __m512 exp16(__m512 v) {
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), v);  // ln2 in two parts: exact n * hi
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187e-06f), r);
+    __m512 p = _mm512_set1_ps(1.f / 720.f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 120.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 24.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f / 6.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.f));
+    return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 silu16(__m512 v) {
+    return _mm512_div_ps(v, _mm512_add_ps(_mm512_set1_ps(1.f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), v))));
+}
+#endif
+
 // The shadow logits |silu(gate) * up| of channels [c0, c1) (whole 16-channel blocks) for all T tokens
 // into z [T, I], four tokens at a time: each block's codes come from memory once (from L1 for the next
 // four tokens).
@@ -256,9 +341,15 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
             else if (n == 3) shadow_block<3, BITS>(cb, sb, in, H, G, gate, up);
             else if (n == 2) shadow_block<2, BITS>(cb, sb, in, H, G, gate, up);
             else shadow_block<1, BITS>(cb, sb, in, H, G, gate, up);
-            for (int k = 0; k < n; ++k)
+            for (int k = 0; k < n; ++k) {
+#if defined(__AVX512F__)
+                const __m512 gv = _mm512_loadu_ps(gate + k * SHADOW_LANES), uv = _mm512_loadu_ps(up + k * SHADOW_LANES);
+                _mm512_storeu_ps(z + (t0 + k) * I + c, _mm512_abs_ps(_mm512_mul_ps(silu16(gv), uv)));
+#else
                 for (int64_t l = 0; l < SHADOW_LANES; ++l)
                     z[(t0 + k) * I + c + l] = std::fabs(silu(gate[k * SHADOW_LANES + l]) * up[k * SHADOW_LANES + l]);
+#endif
+            }
         }
     }
 }
