@@ -3,6 +3,7 @@ the values they store, the row-dot linear layer (fp32, bf16, int8), whole-model 
 decoder against Hugging Face's generate."""
 
 import copy
+import sys
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from upcycle import hub, kernels
 from upcycle.errors import ConfigError
 from upcycle.eval.decode import GreedyDecoder
+from upcycle.kernels.memory import HUGE_PAGE
 from upcycle.kernels.precision import to_precision
 from upcycle.kernels.rows import MAX_ROWS, RowLinear
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
@@ -229,3 +231,25 @@ def test_to_precision_fp32_keeps_the_function(family):
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
     torch.testing.assert_close(got_prompt, want_prompt)
     torch.testing.assert_close(got_token, want_token, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="huge-page advice is Linux only")
+@pytest.mark.parametrize("precision", ["fp32", "int8"])
+def test_to_precision_streams_from_huge_pages_and_keeps_the_tied_head_tied(precision):
+    """The weights the row dots read start on a 2 MiB boundary (those of 2 MiB and more: smaller ones are
+    ordinary copies), hold the same values, and a tied head is still the embedding's tensor."""
+    model = hub.tiny("llama", layers=1, hidden=512, ffn=1024, vocab=4608)  # fp32: FFN 2 MiB a matrix; int8: head 2.25 MiB
+    model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    model.config.tie_word_embeddings = True
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    to_precision(model, precision)
+    rows = [m for m in model.modules() if isinstance(m, RowLinear)]
+    big = [m.stored for m in rows if m.stored.numel() * m.stored.element_size() >= HUGE_PAGE]
+    assert len(big) >= (4 if precision == "fp32" else 1) and all(t.data_ptr() % HUGE_PAGE == 0 for t in big)
+    head = model.get_output_embeddings()
+    if precision == "fp32":
+        assert head.weight is model.get_input_embeddings().weight
+        for name, p in model.named_parameters():
+            assert torch.equal(p, before[name]), name
+    else:
+        torch.testing.assert_close(head.dequantized(), before["model.embed_tokens.weight"], rtol=0, atol=1e-2)
