@@ -186,12 +186,14 @@ def test_the_lean_decoder_generates_what_generate_does(precision):
     ids = torch.randint(0, dense.config.vocab_size, (1, 7))
     for model in (dense, sparse):
         to_precision(model, precision)
+        decoder = GreedyDecoder(model, max_len=32, compiled=False)  # sets eager attention on the model
+        assert model.config._attn_implementation == "eager"
         with torch.no_grad():
             # (no min_new_tokens: generate would forbid end-of-sequence, which a plain greedy loop may emit;
             # where generate stops there, the tokens up to it must agree)
             want = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
                                   pad_token_id=0)[0, 7:]
-        got = GreedyDecoder(model, max_len=32, compiled=False).generate(ids, 12)
+        got = decoder.generate(ids, 12)
         assert len(want) >= 3 and torch.equal(got[:len(want)], want), (precision, type(model).__name__)
 
 
