@@ -156,8 +156,8 @@ void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
 // stored in BITS-bit fields (4: codes of 3 or 4 bits; 2: codes of 2 bits), each as code + 2^(BITS-1),
 // 8 / BITS to a byte. A block of 16 channels holds, per matrix (gate, then up), runs of 64 bytes, run o
 // covering R = 32 / BITS inputs: byte 4c + k holds channel c's inputs R o + 4p + k in its field p. Then
-// the scales, per matrix and group the 16 channels' scales side by side. So one load and a shift and a
-// mask per field give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8
+// the scales, per matrix and group the 16 channels' scales side by side. So one load and a mask per field
+// (for 2 bits also a shift) give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8
 // inputs, broadcast) adds them into 16 lanes: the codes are unpacked once for up to 4 tokens.
 constexpr int64_t SHADOW_LANES = 16;
 
