@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from sparse_decode import PREDICTORS, predictor_label
 from upcycle import kernels
 from upcycle.modules import BankSparseFFN, BankSparsity
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS, HIDDEN, WIDTH, BANK, KEEP = 30, 576, 1536, 64, 16
-PREDICTORS = {"shadow": {"predictor": "shadow", "bits": 4, "group": 64}, "lowrank": {"predictor": "lowrank", "rank": 64}}
 
 
 def read_rate(nbytes: int, repeats: int = 15) -> float:
@@ -90,10 +90,8 @@ def main() -> None:
     ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     rate = {name: nbytes[name] / ms[name] / 1e6 for name in ms}
     ceiling = {"same_size": read_rate(nbytes["sparse_with_predictor"]), "400MB": read_rate(400 << 20)}
-    sparsity = BankSparsity(BANK, KEEP, **PREDICTORS[args.predictor])
     result = {"layers": LAYERS, "shape": [HIDDEN, WIDTH], "bank": BANK, "keep": KEEP, "threads": torch.get_num_threads(),
-              "predictor": (f"shadow {sparsity.bits}-bit, group {sparsity.group}" if sparsity.predictor == "shadow"
-                            else f"lowrank rank {sparsity.rank}"),
+              "predictor": predictor_label(ffns[0].sparsity),
               "ms_per_pass": ms, "speedup": {n: ms["dense"] / v for n, v in ms.items() if n != "dense"},
               "mb_per_pass": {n: b / 1e6 for n, b in nbytes.items()}, "gb_per_s": rate,
               "plain_read_gb_per_s": ceiling,

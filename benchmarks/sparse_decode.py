@@ -42,6 +42,13 @@ RESULTS = Path(__file__).parent / "results"
 PREDICTORS = {"shadow": {"predictor": "shadow", "bits": 4, "group": 64}, "lowrank": {"predictor": "lowrank", "rank": 64}}
 
 
+def predictor_label(sparsity: BankSparsity) -> str:
+    """The predictor as the result files name it."""
+    if sparsity.predictor == "shadow":
+        return f"shadow {sparsity.bits}-bit, group {sparsity.group}"
+    return f"lowrank rank {sparsity.rank}"
+
+
 def plot(result: dict, path: Path) -> None:
     import matplotlib
 
@@ -114,8 +121,7 @@ def main() -> None:
         "decode_speedup_eager": round(runs[0]["speedup"], 3),
         "ffn": ffn,
         "decode_runs": runs,
-        "predictor": (f"shadow {sparsity.bits}-bit, group {sparsity.group}" if sparsity.predictor == "shadow"
-                      else f"lowrank rank {sparsity.rank}"),
+        "predictor": predictor_label(sparsity),
         "sparsity": sparsity.to_dict(),
         "machine": {"processor": platform.processor() or platform.machine(), "threads": threads,
                     "torch": torch.__version__, "operator": kernels.operator_kind()},

@@ -178,6 +178,8 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
     const uint8_t* up_codes = codes + (H / RUN) * 64;
     const float* up_scales = scales + ng * SHADOW_LANES;
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+    __m512 fg[N], fu[N];  // the finished sums, group scales applied
+    for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
     if constexpr (BITS == 4) {
         // Each field is masked in place, not shifted down: field f's byte holds code * 2^(f BITS), so its dot
         // products land 2^(f BITS) times too large, in an accumulator of its own, shifted back (exactly: a
@@ -188,8 +190,6 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
         constexpr int C = N == 1 ? 2 : 1;
         __m512i fmask[FIELDS];
         for (int f = 0; f < FIELDS; ++f) fmask[f] = _mm512_set1_epi8(static_cast<char>(((1 << BITS) - 1) << (f * BITS)));
-        __m512 fg[N], fu[N];
-        for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
         const int8_t* xq[N];
         for (int k = 0; k < N; ++k) xq[k] = in[k]->xq.data();
         for (int64_t g = 0; g < ng; ++g) {
@@ -233,17 +233,11 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
                 fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
             }
         }
-        for (int k = 0; k < N; ++k) {
-            _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
-            _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
-        }
     } else {  // 2 bits: four fields, too many accumulators to keep apart - shift each field down
         // a single token splits each sum in two so the dot products do not all wait on one another; with
         // several tokens, the tokens are the independent chains
         constexpr int S = N == 1 ? 2 : 1;
         const __m512i mask = _mm512_set1_epi8(static_cast<char>((1 << BITS) - 1));
-        __m512 fg[N], fu[N];
-        for (int k = 0; k < N; ++k) fg[k] = fu[k] = _mm512_setzero_ps();
         for (int64_t g = 0; g < ng; ++g) {
             __m512i ig[N][S], iu[N][S];
             for (int k = 0; k < N; ++k)
@@ -269,10 +263,10 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
                 fu[k] = _mm512_fmadd_ps(_mm512_fmadd_ps(_mm512_cvtepi32_ps(du), sx, bias), su, fu[k]);
             }
         }
-        for (int k = 0; k < N; ++k) {
-            _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
-            _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
-        }
+    }
+    for (int k = 0; k < N; ++k) {
+        _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
+        _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
     }
 #else
     for (int k = 0; k < N; ++k)
