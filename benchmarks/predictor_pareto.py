@@ -45,6 +45,10 @@ SETTINGS = {  # name -> sparsify options
     "shadow3+convert": dict(predictor="shadow", bits=3, group=64, **CONVERT),
     "shadow2": dict(predictor="shadow", bits=2, group=64),
     "shadow2+convert": dict(predictor="shadow", bits=2, group=64, **CONVERT),
+    "shadow4-gptq": dict(predictor="shadow", bits=4, group=64, quantizer="gptq"),
+    "shadow4-gptq+convert": dict(predictor="shadow", bits=4, group=64, quantizer="gptq", **CONVERT),
+    "shadow2-gptq": dict(predictor="shadow", bits=2, group=64, quantizer="gptq"),
+    "shadow2-gptq+convert": dict(predictor="shadow", bits=2, group=64, quantizer="gptq", **CONVERT),
 }
 
 
@@ -58,8 +62,9 @@ def score(model, val: dict[str, torch.Tensor]) -> dict:
     return out
 
 
-# 3-bit codes are stored in 4-bit fields: the kernel does the same work as for 4 bits
-SAME_KERNEL = {"shadow3": "shadow4"}
+# 3-bit codes are stored in 4-bit fields: the kernel does the same work as for 4 bits; how the codes were
+# rounded (rtn or gptq) changes nothing the kernel does
+SAME_KERNEL = {"shadow3": "shadow4", "shadow4-gptq": "shadow4", "shadow2-gptq": "shadow2"}
 
 
 def speed(results: dict) -> None:

@@ -9,7 +9,7 @@ embeddings frozen) and the same token budget:
   dense            the original, untrained
   dense_companion  the dense model continued on the same tokens
   sparse           sparsify with the default predictor (PREDICTOR below: the 4-bit shadow of each
-                   FFN's own gate/up weights), the layer-wise conversion (each layer's sparse FFN fitted
+                   FFN's own gate/up weights, GPTQ-rounded), the layer-wise conversion (each layer's sparse FFN fitted
                    to the dense FFN's output, bottom up), then end-to-end training at k = 16
                    ("sparse_converted": after the conversion, before any end-to-end training)
   sparse_lowrank   the paper's rank-64 low-rank predictor (SVD init + warm-up on the dense oracle),
@@ -52,14 +52,14 @@ DATA = "shakespeare+pystdlib"
 SEQ = 256
 BATCH = 8  # sequences per optimizer step: 2048 tokens
 # the default predictor of sparsify, and the layer-wise conversion before training
-PREDICTOR = {"predictor": "shadow", "bits": 4, "group": 64}
+PREDICTOR = {"predictor": "shadow", "bits": 4, "group": 64, "quantizer": "gptq"}
 CONVERT = {"convert_steps": 60, "convert_rows": 1024, "convert_lr": 1e-3, "convert_ffn_lr_scale": 1.0}
 LOWRANK = {"predictor": "lowrank", "rank": 64}
 
 
 def predictor_name(options: dict) -> str:
     if options.get("predictor") == "shadow":
-        name = f"shadow {options['bits']}-bit, group {options['group']}"
+        name = f"shadow {options['bits']}-bit, group {options['group']}, {options.get('quantizer', 'rtn')}"
     else:
         name = f"lowrank rank {options.get('rank', 64)}"
     return name + (f", layer-wise conversion {options['convert_steps']} steps" if options.get("convert_steps") else "")

@@ -10,36 +10,81 @@ from upcycle import hub, kernels
 from upcycle.eval.selection import predictor_recall
 from upcycle.eval.speed import ffn_limit, weight_bytes
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
-from upcycle.modules.bank_sparse import ShadowPredictor, dequantize_groups, quantize_groups
+from upcycle.modules.bank_sparse import ShadowPredictor, dequantize_groups
+from upcycle.modules.shadow_quant import quantize_gptq, quantize_rtn
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
 
 
 def test_quantization_of_a_hand_worked_row():
-    w = torch.tensor([[0.7, -0.35, 0.1, 0.0]])
-    codes, scale = quantize_groups(w, bits=3, group=2)  # Q = 3: codes in [-3, 3]
-    assert scale[0].tolist() == pytest.approx([0.7 / 3, 0.1 / 3])
-    assert codes.tolist() == [[3, -2, 3, 0]]  # -0.35 / (0.7/3) = -1.5 rounds to even: -2
-    assert dequantize_groups(codes, scale, 2)[0].tolist() == pytest.approx([0.7, -0.7 * 2 / 3, 0.1, 0.0])
-    zero_codes, zero_scale = quantize_groups(torch.zeros(1, 4), bits=4, group=4)
-    assert zero_codes.abs().sum() == 0 and zero_scale.item() == 1.0
+    # a group on the 2-bit midrise grid of step 0.5 (levels ±0.25, ±0.75): represented exactly
+    w = torch.tensor([[0.75, 0.25, -0.25, -0.75, 0.0, 0.0, 0.0, 0.0]])
+    codes, scale = quantize_rtn(w, bits=2, group=4)
+    assert codes.tolist() == [[3, 1, -1, -3, 1, 1, 1, 1]]  # doubled level indices: odd
+    assert scale.tolist() == [[0.25, 0.0]]  # step / 2; an all-zero group: step 0, so it stays zero
+    assert dequantize_groups(codes, scale, 4).tolist() == w.tolist()
 
 
-@pytest.mark.parametrize("bits, group", [(2, 8), (4, 16), (8, 32)])
+def midrise_reference(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
+    """The dequantized copy written out element by element: per group, each clipping ratio's step, each
+    value to its nearest level (an argmin over the list of levels), the step of least squared error."""
+    levels = 2 ** bits
+    ratios = [0.4 + 0.05 * i for i in range(13)]
+    out = torch.empty_like(w)
+    for r in range(w.shape[0]):
+        for start in range(0, w.shape[1], group):
+            values = [float(v) for v in w[r, start:start + group]]
+            top, best = max(abs(v) for v in values), None
+            for ratio in ratios:
+                step = ratio * top / (levels / 2 - 0.5)
+                grid = [(c - (levels - 1) / 2) * step for c in range(levels)]
+                rounded = [min(grid, key=lambda q: abs(q - v)) for v in values]
+                error = sum((q - v) ** 2 for q, v in zip(rounded, values))
+                if best is None or error < best[0] - 1e-9:
+                    best = (error, rounded)
+            out[r, start:start + group] = torch.tensor(best[1])
+    return out
+
+
+@pytest.mark.parametrize("bits, group", [(2, 8), (3, 16), (4, 16)])
 def test_quantization_against_an_element_by_element_loop(bits, group):
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(6, 64, generator=g)
-    codes, scale = quantize_groups(w, bits, group)
-    q = 2 ** (bits - 1) - 1
-    for r in range(6):
-        for start in range(0, 64, group):
-            s = max(abs(float(v)) for v in w[r, start:start + group]) / q
-            assert scale[r, start // group].item() == pytest.approx(s, rel=1e-6)
-            for c in range(start, start + group):
-                want = max(-q, min(q, round(float(w[r, c]) / s)))
-                assert abs(int(codes[r, c]) - want) <= (1 if abs(abs(float(w[r, c]) / s) % 1 - 0.5) < 1e-5 else 0)
-    error = (dequantize_groups(codes, scale, group) - w).abs()
-    assert (error <= scale.repeat_interleave(group, 1) / 2 + 1e-6).all()  # at most half a step
+    codes, scale = quantize_rtn(w, bits, group)
+    assert (codes % 2 != 0).all() and codes.abs().max() <= 2 ** bits - 1
+    torch.testing.assert_close(dequantize_groups(codes, scale, group), midrise_reference(w, bits, group),
+                               rtol=0, atol=1e-5)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    w = torch.randn(8, 32, generator=torch.Generator().manual_seed(0))
+    for bits in (2, 4):
+        got, want = quantize_gptq(w, 3.0 * torch.eye(32), bits, 16), quantize_rtn(w, bits, 16)
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_gptq_of_two_correlated_inputs_by_hand():
+    # H = [[1, rho], [rho, 1]] (+ 1 % damping on the diagonal): the second input absorbs rho / 1.01 of the
+    # first one's rounding error before it is rounded (OBQ's update for two inputs), on the step chosen
+    # from the group as it was
+    rho, w = 0.6, torch.tensor([[0.37, -0.21], [0.05, 0.9]])
+    codes, scale = quantize_gptq(w, torch.tensor([[1.0, rho], [rho, 1.0]]), 2, 2)
+    for r in range(2):
+        step = 2 * float(quantize_rtn(w[r:r + 1], 2, 2)[1])
+        grid = [(c - 1.5) * step for c in range(4)]
+        q0 = min(grid, key=lambda q: abs(q - float(w[r, 0])))
+        q1 = min(grid, key=lambda q: abs(q - (float(w[r, 1]) + (float(w[r, 0]) - q0) * rho / 1.01)))
+        assert dequantize_groups(codes[r:r + 1], scale[r:r + 1], 2)[0].tolist() == pytest.approx([q0, q1])
+
+
+def test_gptq_lowers_the_output_error_the_shadow_sees():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2048, 64, generator=g) @ torch.randn(64, 64, generator=g)  # correlated inputs
+    w = torch.randn(96, 64, generator=g)
+    errors = {}
+    for name, (codes, scale) in {"rtn": quantize_rtn(w, 2, 16), "gptq": quantize_gptq(w, x.T @ x, 2, 16)}.items():
+        errors[name] = float((x @ (dequantize_groups(codes, scale, 16) - w).T).pow(2).mean())
+    assert errors["gptq"] < 0.7 * errors["rtn"]
 
 
 def _shadow_ffn(hidden=64, width=128, bank=32, keep=8, bits=4, group=16, gate="hard", seed=0):
@@ -54,8 +99,7 @@ def shadow_logits(ffn, x):
     """|silu(x̂ Ĝ^T) * (x̂ Û^T)| written out from the quantized copies and the input rounded to 8 bits
     per group (an element-by-element loop for the input)."""
     s = ffn.sparsity
-    g = dequantize_groups(*quantize_groups(ffn.gate_proj.weight, s.bits, s.group), s.group)
-    u = dequantize_groups(*quantize_groups(ffn.up_proj.weight, s.bits, s.group), s.group)
+    g, u = (midrise_reference(w.detach(), s.bits, s.group) for w in (ffn.gate_proj.weight, ffn.up_proj.weight))
     xhat = torch.empty_like(x)
     for r in range(x.shape[0]):
         for start in range(0, x.shape[1], s.group):
@@ -117,17 +161,51 @@ def test_shadow_fast_path_equals_the_reference(shape, rows, keep, bits):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
 
 
-def test_a_shadow_model_saves_reloads_identically_and_densifies(tmp_path):
-    sparsity = BankSparsity(32, 8, predictor="shadow", bits=3, group=16)
+@pytest.mark.parametrize("quantizer", ["rtn", "gptq"])
+def test_a_shadow_model_saves_reloads_identically_and_densifies(tmp_path, quantizer):
+    sparsity = BankSparsity(32, 8, predictor="shadow", bits=3, group=16, quantizer=quantizer)
     sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama"), sparsity, [0, 1]).eval()
+    if quantizer == "gptq":  # the input moment is the one thing of a shadow that is saved
+        for i, layer in enumerate(sparse.model.layers):
+            layer.mlp.predictor.set_input_moment(torch.randn(256, 64, generator=torch.Generator().manual_seed(i)))
     upcycle.save(sparse, hub.byte_tokenizer(), tmp_path / "m")
     reloaded, _ = upcycle.load(tmp_path / "m")
     ids = torch.randint(0, 256, (2, 24))
     with torch.no_grad():
         assert torch.equal(sparse(input_ids=ids).logits, reloaded(input_ids=ids).logits)
     assert reloaded.config.sparsity["predictor"] == "shadow" and reloaded.config.sparsity["bits"] == 3
+    assert reloaded.config.sparsity["quantizer"] == quantizer
+    if quantizer == "gptq":
+        assert torch.equal(reloaded.model.layers[1].mlp.predictor.input_moment,
+                           sparse.model.layers[1].mlp.predictor.input_moment)
     dense = upcycle.densify(reloaded)
-    assert dense.config.model_type == "llama"
+    assert dense.config.model_type == "llama" and not any("predictor" in k for k in dense.state_dict())
+
+
+def test_a_gptq_shadow_follows_training_cheaply_and_is_gptq_again_for_inference():
+    torch.manual_seed(0)
+    ffn = BankSparseFFN(64, 128, BankSparsity(32, 8, predictor="shadow", bits=2, group=16, quantizer="gptq"))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)
+    ffn.predictor.set_input_moment(x)
+    torch.testing.assert_close(ffn.predictor.input_moment, x.T @ x / 512)
+    shadow = ffn.predictor
+
+    def gptq(w):
+        return dequantize_groups(*quantize_gptq(w.detach(), x.T @ x / 512, 2, 16), 16)
+
+    with torch.no_grad():
+        ffn.eval().logits(x[:4])
+        w0 = ffn.gate_proj.weight.clone()
+        torch.testing.assert_close(shadow.weights[0], gptq(w0), rtol=0, atol=0)
+        delta = 0.01 * torch.randn_like(w0)
+        ffn.gate_proj.weight.add_(delta)
+        ffn.train().logits(x[:4])  # training: the last pass's copy plus the weights' change, no new pass
+        torch.testing.assert_close(shadow.weights[0], gptq(w0) + delta)
+        ffn.eval().logits(x[:4])  # inference: GPTQ of the weights as they are now
+        torch.testing.assert_close(shadow.weights[0], gptq(w0 + delta), rtol=0, atol=0)
+    assert not torch.equal(gptq(w0 + delta), gptq(w0) + delta)
 
 
 def test_the_shadow_bytes_are_counted():
@@ -147,27 +225,28 @@ def test_the_shadow_bytes_are_counted():
 def test_nibble_packing_against_a_hand_worked_block():
     from upcycle.kernels import pack_shadow, pack_shadow_scales
 
-    codes = torch.zeros(16, 16, dtype=torch.int8)  # one block of 16 channels, two runs of 8 inputs
-    codes[0, :8] = torch.tensor([-8, -1, 0, 7, 1, 2, -3, 3])
-    codes[1, 8:] = torch.tensor([1, 1, 1, 1, -2, -2, -2, -2])
+    # doubled midrise codes (odd), stored as level indices (code + 2^B - 1) / 2
+    codes = torch.ones(16, 16, dtype=torch.int8)  # one block of 16 channels, two runs of 8 inputs
+    codes[0, :8] = torch.tensor([-15, -1, 1, 15, 3, 5, -7, 7])  # levels 0, 7, 8, 15, 9, 10, 4, 11
+    codes[1, 8:] = torch.tensor([1, 1, 1, 1, -3, -3, -3, -3])  # levels 8 and 6
     packed = pack_shadow(codes)
     assert packed.shape == (1, 2, 64)
-    # run 0, channel 0: byte k = (code[k] + 8) | (code[k + 4] + 8) << 4
-    assert packed[0, 0, :4].tolist() == [0 | 9 << 4, 7 | 10 << 4, 8 | 5 << 4, 15 | 11 << 4]
+    # run 0, channel 0: byte k = level[k] | level[k + 4] << 4
+    assert packed[0, 0, :4].tolist() == [0 | 9 << 4, 7 | 10 << 4, 8 | 4 << 4, 15 | 11 << 4]
     # run 1, channel 1 (bytes 4..7): inputs 8..11 low, 12..15 high
-    assert packed[0, 1, 4:8].tolist() == [9 | 6 << 4] * 4
-    zero = 8 | 8 << 4  # every other byte holds two zero codes
-    assert packed[0, 0, 4:].tolist() == [zero] * 60 and packed[0, 1, :4].tolist() == [zero] * 4
+    assert packed[0, 1, 4:8].tolist() == [8 | 6 << 4] * 4
+    ones = 8 | 8 << 4  # every other byte holds two codes 1 (level 8)
+    assert packed[0, 0, 4:].tolist() == [ones] * 60 and packed[0, 1, :4].tolist() == [ones] * 4
     # 2-bit codes, four to a byte: one run covers 16 inputs, field f of byte 4c + k holds input 4f + k
-    two = torch.zeros(16, 16, dtype=torch.int8)
-    two[2] = torch.tensor([-1, 0, 1, 0] * 2 + [1, 1, -1, -1] * 2)
+    two = torch.ones(16, 16, dtype=torch.int8)
+    two[2] = torch.tensor([-3, -1, 1, 3] * 2 + [1, 1, -1, -1] * 2)  # levels 0 1 2 3 0 1 2 3 2 2 1 1 2 2 1 1
     packed2 = pack_shadow(two, bits=2)
     assert packed2.shape == (1, 1, 64)
-    assert packed2[0, 0, 8:12].tolist() == [1 | 1 << 2 | 3 << 4 | 3 << 6, 2 | 2 << 2 | 3 << 4 | 3 << 6,
-                                            3 | 3 << 2 | 1 << 4 | 1 << 6, 2 | 2 << 2 | 1 << 4 | 1 << 6]
-    assert packed2[0, 0, :4].tolist() == [2 | 2 << 2 | 2 << 4 | 2 << 6] * 4  # channel 0: all zero codes
+    assert packed2[0, 0, 8:12].tolist() == [0 | 0 << 2 | 2 << 4 | 2 << 6, 1 | 1 << 2 | 2 << 4 | 2 << 6,
+                                            2 | 2 << 2 | 1 << 4 | 1 << 6, 3 | 3 << 2 | 1 << 4 | 1 << 6]
+    assert packed2[0, 0, :4].tolist() == [2 | 2 << 2 | 2 << 4 | 2 << 6] * 4  # channel 0: all codes 1 (level 2)
     scales = torch.arange(32.0).reshape(16, 2)  # channel c, group g -> 2c + g
-    assert pack_shadow_scales(scales)[0, 1].tolist() == [2 * c + 1 for c in range(16)]
+    assert pack_shadow_scales(scales)[0, 1].tolist() == [2 * (2 * c + 1) for c in range(16)]  # steps: twice
 
 
 @needs_kernel

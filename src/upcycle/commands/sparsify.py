@@ -65,7 +65,7 @@ def run(model: str, out: str, config: SparsifyCommandConfig = SparsifyCommandCon
     sparse, report = sparsify(loaded, tokenizer, config)
     folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=config.overwrite)
     write_report(report, folder, source=model, reload_check=reload_check.summary())
-    predictor = (f"shadow {config.bits}-bit/{config.group}" if config.predictor == "shadow" else f"rank {config.rank}")
+    predictor = (f"shadow {config.bits}-bit/{config.group} {config.quantizer}" if config.predictor == "shadow" else f"rank {config.rank}")
     lines = [f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "
              f"{len(report.layers)} layers); reloaded: {reload_check.summary()}"]
     if report.recall:

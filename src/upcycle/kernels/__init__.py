@@ -155,12 +155,13 @@ def container_bits(bits: int) -> int:
 
 
 def pack_shadow(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
-    """int8 codes [I, H] in [-2^(B-1), 2^(B-1) - 1] (B = `bits`, 4 or 2: the container) -> uint8
-    [I/16, H B/32, 64] as the kernel reads them: per block of 16 channels and run o of R = 32/B inputs,
-    byte 4c + k holds channel c's input R o + 4f + k in its B-bit field f, each as code + 2^(B-1)."""
+    """Doubled midrise codes [I, H] (odd, |code| < 2^b for b <= B = `bits`, 4 or 2: the container;
+    modules.shadow_quant) -> uint8 [I/16, H B/32, 64] as the kernel reads them: per block of 16 channels
+    and run o of R = 32/B inputs, byte 4c + k holds channel c's input R o + 4f + k in its B-bit field f,
+    each as the level index (code + 2^B - 1) / 2, so that the kernel's level - (2^B - 1) / 2 is code / 2."""
     width, hidden = codes.shape
     fields = 8 // bits
-    biased = (codes.to(torch.int16) + 2 ** (bits - 1)).to(torch.uint8)
+    biased = ((codes.to(torch.int16) + 2 ** bits - 1) // 2).to(torch.uint8)
     biased = biased.reshape(width // SHADOW_LANES, SHADOW_LANES, hidden // (4 * fields), fields, 4)
     runs = biased[..., 0, :].clone()  # [blocks, channel, run, 4]
     for f in range(1, fields):
@@ -169,9 +170,10 @@ def pack_shadow(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
 
 
 def pack_shadow_scales(scales: torch.Tensor) -> torch.Tensor:
-    """fp32 scales [I, H/G] -> [I/16, H/G, 16]: per group, a block's 16 channels side by side."""
+    """fp32 scales [I, H/G] (of the doubled codes) -> steps [I/16, H/G, 16]: per group, a block's 16
+    channels side by side, each twice its scale (the kernel's levels are whole steps apart)."""
     width, groups = scales.shape
-    return scales.float().reshape(width // SHADOW_LANES, SHADOW_LANES, groups).transpose(1, 2).contiguous()
+    return (2 * scales.float()).reshape(width // SHADOW_LANES, SHADOW_LANES, groups).transpose(1, 2).contiguous()
 
 
 def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:

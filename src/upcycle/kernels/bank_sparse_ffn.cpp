@@ -153,8 +153,8 @@ void quantize_token(const float* x, int64_t H, int64_t G, ShadowInput& in) {
 }
 
 // The shadow is read 16 channels at a time (one fp32 vector of results, no horizontal sums). Codes are
-// stored in BITS-bit fields (4: codes of 3 or 4 bits; 2: codes of 2 bits), each as code + 2^(BITS-1),
-// 8 / BITS to a byte. A block of 16 channels holds, per matrix (gate, then up), runs of 64 bytes, run o
+// stored in BITS-bit fields (4: codes of 3 or 4 bits; 2: codes of 2 bits), each as its level c on a
+// midrise grid (worth (c - (2^BITS - 1) / 2) steps; the scales are steps), 8 / BITS to a byte. A block of 16 channels holds, per matrix (gate, then up), runs of 64 bytes, run o
 // covering R = 32 / BITS inputs: byte 4c + k holds channel c's inputs R o + 4p + k in its field p. Then
 // the scales, per matrix and group the 16 channels' scales side by side. So one load and a mask per field
 // (for 2 bits also a shift) give 16 channels x 4 inputs, and one VNNI dot product (u8 codes x the token's 4 s8
@@ -173,7 +173,7 @@ template <int N, int BITS>
 void shadow_block(const uint8_t* __restrict codes, const float* __restrict scales, const ShadowInput* const* in,
                   int64_t H, int64_t G, float* gate, float* up) {
     constexpr int FIELDS = 8 / BITS, RUN = 4 * FIELDS;
-    const float offset = static_cast<float>(1 << (BITS - 1));
+    const float offset = static_cast<float>((1 << BITS) - 1) / 2.f;  // midrise: level c means c - offset steps
     const int64_t ng = H / G, runs = G / RUN;
     const uint8_t* up_codes = codes + (H / RUN) * 64;
     const float* up_scales = scales + ng * SHADOW_LANES;

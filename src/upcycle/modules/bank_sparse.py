@@ -16,10 +16,12 @@ Two other selection rules share the module so that baselines run through the sam
 Predictors (BankSparsity.predictor):
     lowrank  z = (x A) B + c, rank r (the paper's; trained: the warm-up and the router loss)
     shadow   z = |act(x̂ Ĝ^T) * (x̂ Û^T)|: the FFN's own activation from `bits`-bit copies of its gate and
-             up weights (symmetric, one scale per `group` inputs), against x̂, the input quantized to 8
-             bits per group (integer group dots: the CPU kernel's VNNI path). Nothing to train: the copies are
-             re-derived from the FFN's weights whenever those change, so the shadow follows the FFN
-             through training and is never stale; it is not saved (it is a function of the weights).
+             up weights (a midrise grid, one step per `group` inputs; rounded to nearest or by GPTQ:
+             modules.shadow_quant), against x̂, the input quantized to 8 bits per group (integer group
+             dots: the CPU kernel's VNNI path). Nothing to train: the copies are re-derived from the
+             FFN's weights whenever those change, so the shadow follows the FFN through training and is
+             never stale; they are not saved (a function of the weights and, for GPTQ, of the saved
+             input moment).
 
 This is the reference (masked dense) computation, used for training; it computes every channel and
 zeroes the dropped ones. In eval mode with no gradient wanted, `forward` takes the fast inference path
@@ -36,10 +38,12 @@ from transformers.activations import ACT2FN
 
 from upcycle import kernels
 from upcycle.errors import check
+from upcycle.modules.shadow_quant import quantize_gptq, quantize_rtn
 
 GATE_MODES = ("hard", "sigmoid", "softmax")
 SELECTIONS = ("predictor", "oracle", "threshold")
 PREDICTORS = ("lowrank", "shadow")
+QUANTIZERS = ("rtn", "gptq")
 
 
 @dataclass
@@ -56,6 +60,7 @@ class BankSparsity:
     predictor: str = "shadow"
     bits: int = 4  # shadow: bits per weight of the gate/up copies
     group: int = 64  # shadow: inputs per quantization scale
+    quantizer: str = "rtn"  # shadow: how the copies are rounded (modules.shadow_quant)
 
     def __post_init__(self):
         check(isinstance(self.bank, int) and self.bank >= 1, "bank", self.bank, "a positive integer")
@@ -67,6 +72,7 @@ class BankSparsity:
         check(self.predictor in PREDICTORS, "predictor", self.predictor, f"one of {', '.join(PREDICTORS)}")
         check(isinstance(self.bits, int) and 2 <= self.bits <= 8, "bits", self.bits, "an integer from 2 to 8")
         check(isinstance(self.group, int) and self.group >= 1, "group", self.group, "a positive integer")
+        check(self.quantizer in QUANTIZERS, "quantizer", self.quantizer, f"one of {', '.join(QUANTIZERS)}")
 
     def check_hidden(self, hidden: int) -> None:
         if self.predictor == "shadow":
@@ -161,26 +167,57 @@ class ShadowPredictor(nn.Module):
     """z = |act(x̂ Ĝ^T) * (x̂ Û^T)| from low-bit copies Ĝ, Û of the FFN's gate and up weights and the
     input x̂ rounded to 8 bits per group.
 
-    Holds no parameters and saves nothing: `refresh(gate, up)` re-derives the copies (codes, scales
-    and their dequantized values) and the owning FFN calls it whenever its weights changed."""
+    Holds no parameters: `refresh(gate, up)` re-derives the copies (codes, scales and their dequantized
+    values) and the owning FFN calls it whenever its weights changed. With the GPTQ quantizer it holds
+    (and saves) the second moment of the FFN's inputs, E[x x^T], set once from calibration rows; a full
+    GPTQ pass per step would dominate training, so in training mode the copies follow the weights as
+    (copy at the last full pass) + (the weights' change since), and the next refresh outside training
+    runs GPTQ again: what inference reads is always GPTQ of the current weights."""
 
-    def __init__(self, bits: int, group: int, act):
+    def __init__(self, bits: int, group: int, act, quantizer: str = "rtn", hidden: int | None = None):
         super().__init__()
-        self.bits, self.group, self.act_fn = bits, group, act
+        self.bits, self.group, self.act_fn, self.quantizer = bits, group, act, quantizer
         self.source: tuple | None = None  # (pointer, version) of the weights the copies were made from
+        self.exact = False  # the copies are a full pass over those weights (not the training follow-up)
         self.codes: tuple[torch.Tensor, torch.Tensor] | None = None
         self.scales: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.quantized_from: tuple[torch.Tensor, torch.Tensor] | None = None  # GPTQ: the weights of the last pass
+        if quantizer == "gptq":
+            self.register_buffer("input_moment", torch.zeros(hidden, hidden))
+
+    @torch.no_grad()
+    def set_input_moment(self, rows: torch.Tensor, chunk: int = 8192) -> None:
+        """E[x x^T] over calibration rows x [N, H] of the FFN's input (GPTQ's weighting)."""
+        moment = torch.zeros_like(self.input_moment)
+        for part in rows.reshape(-1, rows.shape[-1]).split(chunk):
+            part = part.float()
+            moment += part.T @ part
+        self.input_moment.copy_(moment / max(1, rows.numel() // rows.shape[-1]))
+        self.source = None
+
+    def _quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.quantizer == "gptq" and bool(self.input_moment.diagonal().any()):
+            return quantize_gptq(w, self.input_moment, self.bits, self.group)
+        return quantize_rtn(w, self.bits, self.group)  # also GPTQ before any calibration: nothing to weight by
 
     @torch.no_grad()
     def refresh(self, gate: torch.Tensor, up: torch.Tensor) -> None:
         state = tuple((t.data_ptr(), t._version, t.shape) for t in (gate, up))
-        if state == self.source:
+        if state == self.source and (self.exact or self.training):
             return
-        (cg, sg), (cu, su) = quantize_groups(gate, self.bits, self.group), quantize_groups(up, self.bits, self.group)
+        if self.training and self.quantizer == "gptq" and self.quantized_from is not None and all(
+                a.shape == b.shape for a, b in zip(self.quantized_from, (gate, up))):
+            self.weights = tuple(copy + (w.detach() - w0).to(copy.dtype)
+                                 for copy, w, w0 in zip(self.full_weights, (gate, up), self.quantized_from))
+            self.source, self.exact = state, False
+            return
+        (cg, sg), (cu, su) = self._quantize(gate), self._quantize(up)
         self.codes, self.scales = (cg, cu), (sg, su)
         self.weights = tuple(dequantize_groups(c, s, self.group).to(gate.dtype) for c, s in ((cg, sg), (cu, su)))
-        self.source = state
+        if self.quantizer == "gptq":
+            self.full_weights, self.quantized_from = self.weights, (gate.detach().clone(), up.detach().clone())
+        self.source, self.exact = state, True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         g, u = self.weights
@@ -188,7 +225,7 @@ class ShadowPredictor(nn.Module):
         return (self.act_fn(x @ g.T) * (x @ u.T)).abs()
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, group={self.group}"
+        return f"bits={self.bits}, group={self.group}, quantizer={self.quantizer}"
 
 
 class BankSparseFFN(nn.Module):
@@ -208,7 +245,7 @@ class BankSparseFFN(nn.Module):
         self.act_fn = ACT2FN[act]
         sparsity.check_hidden(hidden)
         if sparsity.predictor == "shadow":
-            self.predictor = ShadowPredictor(sparsity.bits, sparsity.group, self.act_fn)
+            self.predictor = ShadowPredictor(sparsity.bits, sparsity.group, self.act_fn, sparsity.quantizer, hidden)
         else:
             self.predictor = LowRankPredictor(hidden, width, sparsity.rank)
         # TEAL-style selection: |activation| above this value is kept
@@ -282,5 +319,5 @@ class BankSparseFFN(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.sparsity
-        predictor = f"rank={s.rank}" if s.predictor == "lowrank" else f"shadow {s.bits}-bit/{s.group}"
+        predictor = f"rank={s.rank}" if s.predictor == "lowrank" else f"shadow {s.bits}-bit/{s.group} {s.quantizer}"
         return f"keep={self.keep} of bank={s.bank}, {predictor}, gate={s.gate}, selection={s.selection}"

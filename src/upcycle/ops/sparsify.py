@@ -37,6 +37,8 @@ class SparsifyConfig(Config):
     rank: int = option(64, "rank of the low-rank predictor")
     bits: int = option(4, "shadow predictor: bits per weight of the gate/up copies (2-8)")
     group: int = option(64, "shadow predictor: inputs per quantization scale")
+    quantizer: str = option("gptq", "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
+                            "calibration inputs) or rtn (to nearest)", choices=("rtn", "gptq"))
     gate: str = option("hard", "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
     selection: str = option("predictor", "predictor | oracle | threshold (TEAL-style, a baseline)")
     init: str = option("svd", "predictor initialisation", choices=INITS)
@@ -75,11 +77,15 @@ class SparsifyConfig(Config):
     @property
     def sparsity(self) -> BankSparsity:
         return BankSparsity(self.bank, self.keep, self.rank, self.gate, self.selection, self.predictor, self.bits,
-                            self.group)
+                            self.group, self.quantizer)
+
+    @property
+    def gptq(self) -> bool:
+        return self.predictor == "shadow" and self.quantizer == "gptq"
 
     @property
     def needs_calibration(self) -> bool:
-        return ((self.warmup_steps > 0 and self.selection == "predictor") or self.permute
+        return ((self.warmup_steps > 0 and self.selection == "predictor") or self.permute or self.gptq
                 or self.selection == "threshold" or self.convert_steps > 0)
 
 
@@ -144,7 +150,9 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
     generator = torch.Generator().manual_seed(cfg.seed)
     for i in layers:
         ffn = sparse_adapter.ffn(i)
-        if cfg.predictor != "lowrank":
+        if cfg.gptq and i in inputs:  # a shadow is derived from the FFN's weights; GPTQ weights its rounding by
+            ffn.predictor.set_input_moment(inputs[i][held_tokens:])  # the inputs (none given: rounds to nearest)
+        elif cfg.predictor != "lowrank":
             pass  # a shadow is derived from the FFN's weights: nothing to initialise
         elif cfg.init == "svd":
             ffn.predictor.init_svd(ffn.gate_proj.weight)
