@@ -97,6 +97,7 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
         return densify(model), model
     sparse, _ = sparsify(model, tokenizer, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
                          predictor=sparsity.predictor, bits=sparsity.bits, group=sparsity.group,
+                         quantizer=sparsity.quantizer,
                          warmup_steps=warmup_steps, calibration_tokens=8192)
     return model, sparse
 
