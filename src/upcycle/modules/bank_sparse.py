@@ -183,6 +183,7 @@ class ShadowPredictor(nn.Module):
         self.scales: tuple[torch.Tensor, torch.Tensor] | None = None
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantized_from: tuple[torch.Tensor, torch.Tensor] | None = None  # GPTQ: the weights of the last pass
+        self.full_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # GPTQ: the copies it made
         if quantizer == "gptq":
             self.register_buffer("input_moment", torch.zeros(hidden, hidden))
 

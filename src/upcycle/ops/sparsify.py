@@ -22,6 +22,7 @@ from upcycle.arch import SwiGLUWeights, adapter_for
 from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
+from upcycle.modules.bank_sparse import QUANTIZERS
 from upcycle.ops.calibrate import magnitude_quantile, swiglu_activation
 
 INITS = ("svd", "random")
@@ -38,7 +39,7 @@ class SparsifyConfig(Config):
     bits: int = option(4, "shadow predictor: bits per weight of the gate/up copies (2-8)")
     group: int = option(64, "shadow predictor: inputs per quantization scale")
     quantizer: str = option("gptq", "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
-                            "calibration inputs) or rtn (to nearest)", choices=("rtn", "gptq"))
+                            "calibration inputs) or rtn (to nearest)", choices=QUANTIZERS)
     gate: str = option("hard", "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
     selection: str = option("predictor", "predictor | oracle | threshold (TEAL-style, a baseline)")
     init: str = option("svd", "predictor initialisation", choices=INITS)
