@@ -27,22 +27,11 @@ import torch.nn.functional as F
 
 from sparse_decode import PREDICTORS, predictor_label
 from upcycle import kernels
+from upcycle.eval.speed import read_rate
 from upcycle.modules import BankSparseFFN, BankSparsity
 
 RESULTS = Path(__file__).parent / "results"
 LAYERS, HIDDEN, WIDTH, BANK, KEEP = 30, 576, 1536, 64, 16
-
-
-def read_rate(nbytes: int, repeats: int = 15) -> float:
-    """GB/s of a plain sum over a buffer of `nbytes` (fp32), median of `repeats` after one warm pass."""
-    buffer = torch.ones(nbytes // 4)
-    buffer.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        buffer.sum()
-        times.append(time.perf_counter() - t0)
-    return nbytes / statistics.median(times) / 1e9
 
 
 @torch.no_grad()

@@ -14,6 +14,7 @@ is the speedup the hardware allows; the attention, the norms and the LM head are
 from __future__ import annotations
 
 import copy
+import platform
 import statistics
 import time
 
@@ -40,14 +41,45 @@ def median_pair(first, second, repeats: int, calls: int) -> tuple[float, float]:
     return statistics.median(a), statistics.median(b)
 
 
-def ffn_limit(hidden: int, width: int, sparsity: BankSparsity) -> float:
-    """bytes(dense FFN) / bytes(kept channels + predictor): the batch-1 speedup memory allows."""
+def ffn_bytes(hidden: int, width: int, sparsity: BankSparsity) -> tuple[float, float]:
+    """Bytes one token reads of an fp32 FFN layer: (dense, kept channels + predictor)."""
     dense = 3 * hidden * width * 4
     if sparsity.predictor == "shadow":
         predictor = shadow_bytes(width, hidden, sparsity.bits, sparsity.group)
     else:
         predictor = (hidden * sparsity.rank + sparsity.rank * width + width) * 4
-    return dense / (dense * sparsity.keep / sparsity.bank + predictor)
+    return dense, dense * sparsity.keep / sparsity.bank + predictor
+
+
+def ffn_limit(hidden: int, width: int, sparsity: BankSparsity) -> float:
+    """bytes(dense FFN) / bytes(kept channels + predictor): the batch-1 speedup memory allows."""
+    dense, sparse = ffn_bytes(hidden, width, sparsity)
+    return dense / sparse
+
+
+def read_rate(nbytes: int = 400 << 20, repeats: int = 15) -> float:
+    """GB/s of a plain sum over a buffer of `nbytes` (fp32), median of `repeats` after one warm pass:
+    how fast this machine streams memory, the rate the byte limit assumes both sides read at."""
+    buffer = torch.ones(nbytes // 4)
+    buffer.sum()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        buffer.sum()
+        times.append(time.perf_counter() - t0)
+    return nbytes / statistics.median(times) / 1e9
+
+
+def processor_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), or what platform knows: timings differ by machine."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def _random_ffn(hidden: int, width: int, sparsity: BankSparsity, seed: int = 0) -> BankSparseFFN:
@@ -83,6 +115,10 @@ def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), spars
         rows[f"{name}_b{batch}"] = {"shape": [hidden, width], "batch": batch, "dense_ms": dense_s * 1e3,
                                     "sparse_ms": sparse_s * 1e3, "speedup": dense_s / sparse_s,
                                     "limit": ffn_limit(hidden, width, sparsity) if batch == 1 else None}
+        if batch == 1:  # what each side streams at: the limit assumes both alike
+            dense_bytes, sparse_bytes = ffn_bytes(hidden, width, sparsity)
+            rows[f"{name}_b{batch}"].update(dense_gb_per_s=dense_bytes / dense_s / 1e9,
+                                            sparse_gb_per_s=sparse_bytes / sparse_s / 1e9)
         del ffn
     return rows
 
