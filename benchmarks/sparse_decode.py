@@ -101,7 +101,7 @@ def main() -> None:
     # the byte limit assumes dense and sparse stream alike; where torch's dense FFN streams slower than
     # the machine can read, the speedup passes the limit. At the plain read rate the dense FFN would take
     # bytes / rate: the speedup against that dense FFN is the conservative figure.
-    read_rate = speed.read_rate()
+    read_rate, processor = speed.read_rate(), speed.processor_name()
     for row in ffn.values():
         if row["limit"] is not None:
             row["speedup_vs_dense_at_plain_read_rate"] = row["limit"] * row["sparse_gb_per_s"] / read_rate
@@ -131,7 +131,7 @@ def main() -> None:
         "decode_runs": runs,
         "predictor": predictor_label(sparsity),
         "sparsity": sparsity.to_dict(),
-        "machine": {"processor": speed.processor_name(), "threads": threads, "plain_read_gb_per_s": read_rate,
+        "machine": {"processor": processor, "threads": threads, "plain_read_gb_per_s": read_rate,
                     "torch": torch.__version__, "operator": kernels.operator_kind()},
         "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor} --repeats {args.repeats}",
     }
@@ -140,7 +140,7 @@ def main() -> None:
     plot(result, RESULTS / f"{name}.png")
     report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())
-    print(f"plain read {read_rate:.1f} GB/s on {speed.processor_name()}; at batch 1 "
+    print(f"plain read {read_rate:.1f} GB/s on {processor}; at batch 1 "
           + ", ".join(f"{k}: dense {r['dense_gb_per_s']:.1f} GB/s, sparse {r['sparse_gb_per_s']:.1f} GB/s, "
                       f"{r['speedup_vs_dense_at_plain_read_rate']:.2f}× against a dense FFN at the plain read rate"
                       for k, r in ffn.items() if r["limit"] is not None))

@@ -151,10 +151,9 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
     generator = torch.Generator().manual_seed(cfg.seed)
     for i in layers:
         ffn = sparse_adapter.ffn(i)
-        if cfg.gptq and i in inputs:  # a shadow is derived from the FFN's weights; GPTQ weights its rounding by
-            ffn.predictor.set_input_moment(inputs[i][held_tokens:])  # the inputs (none given: rounds to nearest)
-        elif cfg.predictor != "lowrank":
-            pass  # a shadow is derived from the FFN's weights: nothing to initialise
+        if cfg.predictor == "shadow":  # derived from the FFN's weights: nothing to initialise, but GPTQ
+            if cfg.gptq and i in inputs:  # weights its rounding by the inputs (none given: rounds to nearest)
+                ffn.predictor.set_input_moment(inputs[i][held_tokens:])
         elif cfg.init == "svd":
             ffn.predictor.init_svd(ffn.gate_proj.weight)
         else:
