@@ -45,7 +45,8 @@ def expected(ffn, x):
 
 @needs_kernel
 @pytest.mark.parametrize("gate", ["hard", "sigmoid", "softmax"])
-@pytest.mark.parametrize("shape", [(48, 192, 32, 8), (40, 128, 64, 16), (576, 1536, 64, 16)])
+# (48, 192, 32, 7): a thread's kept channels are not a multiple of the 8 a token streams at once
+@pytest.mark.parametrize("shape", [(48, 192, 32, 8), (48, 192, 32, 7), (40, 128, 64, 16), (576, 1536, 64, 16)])
 @pytest.mark.parametrize("rows", [1, 3, 16])
 def test_kernel_equals_an_independent_computation(gate, shape, rows):
     hidden, width, bank, keep = shape
