@@ -78,38 +78,37 @@ inline void prefetch_line(const W* row, int64_t i) {
     if (i % (64 / static_cast<int64_t>(sizeof(W))) == 0) prefetch(row + i);
 }
 
-// The gate and up dots of one channel (rows g, u) with N token rows at once, so each weight element
-// loaded serves N tokens; the next kept channel's rows (ng, nu) are prefetched a cache line per step,
-// since the hardware prefetcher restarts at every row (the rows of kept channels are not adjacent).
-template <int N, typename W>
-inline void gate_up_dots(const W* __restrict g, const W* __restrict u, const float* const* xs,
-                         int64_t n, const W* ng, const W* nu, float* gv, float* uv) {
+// The dot products of R weight rows with N token rows at once (out[r][k] = rows[r] . xs[k]), each weight
+// element loaded once for all N tokens and each token element once for all R rows; the rows `next` (the
+// next kept channels', the next block of dense rows) are prefetched a cache line per step, since the
+// hardware prefetcher restarts at every row (the rows of kept channels are not adjacent). More rows at
+// once keep more row streams in flight (see CHANNELS). Each row's sum is one accumulator chain over the
+// row, whatever R and N, so its value does not depend on what it was computed together with.
+template <int R, int N, typename W>
+inline void block_dots(const W* const* rows, const float* const* xs, int64_t n, const W* const* next, float (*out)[N]) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    __m512 ag[N], au[N];
-    for (int k = 0; k < N; ++k) ag[k] = au[k] = _mm512_setzero_ps();
+    __m512 acc[R][N];
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) acc[r][k] = _mm512_setzero_ps();
     for (; i + 16 <= n; i += 16) {
-        prefetch_line(ng, i);
-        prefetch_line(nu, i);
-        const __m512 wg = load16(g + i), wu = load16(u + i);
-        for (int k = 0; k < N; ++k) {
-            const __m512 xv = _mm512_loadu_ps(xs[k] + i);
-            ag[k] = _mm512_fmadd_ps(wg, xv, ag[k]);
-            au[k] = _mm512_fmadd_ps(wu, xv, au[k]);
+        for (int r = 0; r < R; ++r) prefetch_line(next[r], i);
+        __m512 xv[N];
+        for (int k = 0; k < N; ++k) xv[k] = _mm512_loadu_ps(xs[k] + i);
+        for (int r = 0; r < R; ++r) {
+            const __m512 wv = load16(rows[r] + i);
+            for (int k = 0; k < N; ++k) acc[r][k] = _mm512_fmadd_ps(wv, xv[k], acc[r][k]);
         }
     }
-    for (int k = 0; k < N; ++k) {
-        gv[k] = _mm512_reduce_add_ps(ag[k]);
-        uv[k] = _mm512_reduce_add_ps(au[k]);
-    }
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
 #else
-    for (int k = 0; k < N; ++k) gv[k] = uv[k] = 0.f;
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) out[r][k] = 0.f;
 #endif
-    for (; i < n; ++i)  // the tail (or everything, without AVX-512)
-        for (int k = 0; k < N; ++k) {
-            gv[k] += to_float(g[i]) * xs[k][i];
-            uv[k] += to_float(u[i]) * xs[k][i];
-        }
+    for (; i < n; ++i)
+        for (int r = 0; r < R; ++r)
+            for (int k = 0; k < N; ++k) out[r][k] += to_float(rows[r][i]) * xs[k][i];
 }
 
 // acc_k += h_k * d for N output rows, reading the down row d once; prefetch the next channel's.
@@ -127,33 +126,6 @@ inline void down_axpys(const W* __restrict d, float* const* acc, const float* h,
 #endif
     for (; i < n; ++i)
         for (int k = 0; k < N; ++k) acc[k][i] += h[k] * to_float(d[i]);
-}
-
-// A single token's gate and up dots of C channels at once (gate row c at g[c], up row at u[c]): 2 C row
-// streams in flight where one channel has two, each x element loaded once for all. Each channel's sums are
-// formed exactly as gate_up_dots<1> forms them, so the results are bitwise the same. Prefetches the next
-// group's rows (ng, nu), a cache line per step.
-template <int C, typename W>
-inline void gate_up_dots_channels(const W* const* g, const W* const* u, const float* __restrict x, int64_t n,
-                                  const W* const* ng, const W* const* nu, float* gv, float* uv) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 ag[C], au[C];
-    for (int c = 0; c < C; ++c) ag[c] = au[c] = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        for (int c = 0; c < C; ++c) prefetch_line(ng[c], i), prefetch_line(nu[c], i);
-        const __m512 xv = _mm512_loadu_ps(x + i);
-        for (int c = 0; c < C; ++c) {
-            ag[c] = _mm512_fmadd_ps(load16(g[c] + i), xv, ag[c]);
-            au[c] = _mm512_fmadd_ps(load16(u[c] + i), xv, au[c]);
-        }
-    }
-    for (int c = 0; c < C; ++c) gv[c] = _mm512_reduce_add_ps(ag[c]), uv[c] = _mm512_reduce_add_ps(au[c]);
-#else
-    for (int c = 0; c < C; ++c) gv[c] = uv[c] = 0.f;
-#endif
-    for (; i < n; ++i)
-        for (int c = 0; c < C; ++c) gv[c] += to_float(g[c][i]) * x[i], uv[c] += to_float(u[c][i]) * x[i];
 }
 
 // acc += h[0] * d[0], then += h[1] * d[1], ... (the order C calls of down_axpys<1> would add them in, so
@@ -407,8 +379,10 @@ constexpr int CHANNELS = 8;
 template <int N, typename W>
 inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const W* nu, const W* nd,
                           const float* const* xs, float* const* acc, const float* s, const float* rs, int64_t H) {
-    float gv[N], uv[N], h[N];
-    gate_up_dots<N>(g, u, xs, H, ng, nu, gv, uv);
+    const W *rows[2] = {g, u}, *next[2] = {ng, nu};
+    float dots[2][N], gv[N], uv[N], h[N];
+    block_dots<2, N>(rows, xs, H, next, dots);
+    for (int k = 0; k < N; ++k) gv[k] = dots[0][k], uv[k] = dots[1][k];
     if (rs)
         for (int k = 0; k < N; ++k) gv[k] *= rs[0], uv[k] *= rs[1];
     for (int k = 0; k < N; ++k) h[k] = s[k] * uv[k] * silu(gv[k]) * (rs ? rs[2] : 1.f);
@@ -425,19 +399,22 @@ void stream_channels(const W* base, const float* row_scales, int64_t stride, int
     std::vector<float*> outs(T);
     std::vector<float> ss(T);
     size_t a = 0;
-    if (T == 1)  // decoding: CHANNELS channels at a time (see gate_up_dots_channels); the rest one by one below
+    if (T == 1)  // decoding: CHANNELS channels at a time (2 CHANNELS gate/up row streams); the rest one by one below
         for (const size_t last = kept.size() - 1; a + CHANNELS <= kept.size(); a += CHANNELS) {
-            const W *g[CHANNELS], *u[CHANNELS], *d[CHANNELS], *ng[CHANNELS], *nu[CHANNELS], *nd[CHANNELS];
-            float gv[CHANNELS], uv[CHANNELS], h[CHANNELS];
+            // rows 2c and 2c + 1: channel c's gate and up; its down^T row follows them in the packed copy
+            const W *rows[2 * CHANNELS], *next[2 * CHANNELS], *d[CHANNELS], *nd[CHANNELS];
             for (int c = 0; c < CHANNELS; ++c) {
-                g[c] = base + kept[a + c] * stride, u[c] = g[c] + H, d[c] = g[c] + 2 * H;
-                ng[c] = base + kept[std::min(a + CHANNELS + c, last)] * stride, nu[c] = ng[c] + H, nd[c] = ng[c] + 2 * H;
+                const W *g = base + kept[a + c] * stride, *ng = base + kept[std::min(a + CHANNELS + c, last)] * stride;
+                rows[2 * c] = g, rows[2 * c + 1] = g + H, d[c] = g + 2 * H;
+                next[2 * c] = ng, next[2 * c + 1] = ng + H, nd[c] = ng + 2 * H;
             }
-            gate_up_dots_channels<CHANNELS>(g, u, x, H, ng, nu, gv, uv);
+            float dots[2 * CHANNELS][1], h[CHANNELS];
+            block_dots<2 * CHANNELS, 1>(rows, &x, H, next, dots);
             for (int c = 0; c < CHANNELS; ++c) {
                 const float* rs = row_scales ? row_scales + 3 * kept[a + c] : nullptr;
-                if (rs) gv[c] *= rs[0], uv[c] *= rs[1];
-                h[c] = scale[kept[a + c]] * uv[c] * silu(gv[c]) * (rs ? rs[2] : 1.f);
+                float gv = dots[2 * c][0], uv = dots[2 * c + 1][0];
+                if (rs) gv *= rs[0], uv *= rs[1];
+                h[c] = scale[kept[a + c]] * uv * silu(gv) * (rs ? rs[2] : 1.f);
             }
             down_axpys_channels<CHANNELS>(d, acc, h, H, nd);
         }
@@ -522,37 +499,10 @@ void select_bank(const float* z, int64_t T, int64_t t, int64_t I, int64_t b0, in
 // 4: y[t, n] = s[n] * (W[n] . x[t]) for rows n of W [N, K] (fp32, bf16, or int8 with row scales s; else
 // s = 1). R rows at a time (8 for up to 2 tokens, else 2) for up to 4 tokens: as many row streams in flight
 // as the bank-sparse kernel's decoding path has (see CHANNELS), so that dense and sparse layers stream
-// alike; each row's dot is formed as gate_up_dots forms it (the same widening in registers and fp32
-// sums). Threads split the rows. What it replaces: PyTorch's bf16 matmul
+// alike; each row's dot is block_dots' (the same widening in registers and fp32 sums as the FFN
+// kernel's). Threads split the rows. What it replaces: PyTorch's bf16 matmul
 // at one row costs 25-45 us a call even on a 0.2-0.7 MB matrix in cache (oneDNN), several times what
 // reading the matrix takes, and attention makes 120 such calls a token in SmolLM2.
-template <int R, int N, typename W>
-inline void block_dots(const W* const* rows, const float* const* xs, int64_t n, const W* const* next, float (*out)[N]) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 acc[R][N];
-    for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) acc[r][k] = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
-        for (int r = 0; r < R; ++r) prefetch_line(next[r], i);
-        __m512 xv[N];
-        for (int k = 0; k < N; ++k) xv[k] = _mm512_loadu_ps(xs[k] + i);
-        for (int r = 0; r < R; ++r) {
-            const __m512 wv = load16(rows[r] + i);
-            for (int k = 0; k < N; ++k) acc[r][k] = _mm512_fmadd_ps(wv, xv[k], acc[r][k]);
-        }
-    }
-    for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
-#else
-    for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) out[r][k] = 0.f;
-#endif
-    for (; i < n; ++i)
-        for (int r = 0; r < R; ++r)
-            for (int k = 0; k < N; ++k) out[r][k] += to_float(rows[r][i]) * xs[k][i];
-}
-
 template <int R, int N, typename W>
 inline void block_rows(const W* w, const float* scales, const float* x, int64_t t0, int64_t N_rows, int64_t K,
                        int64_t n0, float* y) {
