@@ -371,7 +371,8 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
 // Decoding (one token) streams its kept channels this many at a time: 16 row streams in flight per thread
 // where one channel has 2 (gate, up) then 1 (down). On an AMD EPYC (2 cores) 30 cold SmolLM2 layers took
 // 2.11-2.21 ms against 2.62-2.71 ms one channel at a time (same process, 31 rounds; 4: 2.26-2.30, 6:
-// 2.16-2.22, 12: 2.12-2.19): the kept rows then stream at about the machine's plain read rate.
+// 2.16-2.22, 12: 2.12-2.19). Without the predictor's reads the kept rows then stream at ~50 GB/s there
+// (benchmarks/ffn_cold_stream.py), where one channel at a time read them at ~31.
 constexpr int CHANNELS = 8;
 
 // One channel for the tokens that kept it (count up to 4 at a time); rs: the channel's three row scales
@@ -390,8 +391,9 @@ inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const
 }
 
 // Phase 2 of the kernel for one thread: stream its kept channels as one list (no stall at bank
-// boundaries), at one token CHANNELS at a time, each group's successor prefetched while it is computed. Rows of channel j: W_gate[j] at
-// base + j * stride, W_up[j] at + hidden, W_down^T[j] at + 2 hidden (elements of W).
+// boundaries), at one token CHANNELS at a time, each channel's (or group's) successor prefetched while it
+// is computed. Rows of channel j: W_gate[j] at base + j * stride, W_up[j] at + hidden, W_down^T[j] at
+// + 2 hidden (elements of W).
 template <typename W>
 void stream_channels(const W* base, const float* row_scales, int64_t stride, int64_t H, const std::vector<int64_t>& kept,
                      const float* x, const float* scale, int64_t T, float* acc) {
