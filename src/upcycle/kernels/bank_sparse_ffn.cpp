@@ -111,40 +111,29 @@ inline void block_dots(const W* const* rows, const float* const* xs, int64_t n, 
             for (int k = 0; k < N; ++k) out[r][k] += to_float(rows[r][i]) * xs[k][i];
 }
 
-// acc_k += h_k * d for N output rows, reading the down row d once; prefetch the next channel's.
-template <int N, typename W>
-inline void down_axpys(const W* __restrict d, float* const* acc, const float* h, int64_t n, const W* nd) {
+// acc[k] += h[r][k] * rows[r] for R weight rows (down^T rows) and N output rows: each weight element loaded
+// once for all N outputs and each output element loaded and stored once for all R rows, the rows added in
+// order r = 0, 1, ... (so R rows at once give bitwise what R calls of one row give); prefetches `next`.
+template <int R, int N, typename W>
+inline void block_axpys(const W* const* rows, float* const* acc, const float (*h)[N], int64_t n, const W* const* next) {
     int64_t i = 0;
 #if defined(__AVX512F__)
-    __m512 hv[N];
-    for (int k = 0; k < N; ++k) hv[k] = _mm512_set1_ps(h[k]);
+    __m512 hv[R][N];
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) hv[r][k] = _mm512_set1_ps(h[r][k]);
     for (; i + 16 <= n; i += 16) {
-        prefetch_line(nd, i);
-        const __m512 dv = load16(d + i);
-        for (int k = 0; k < N; ++k) _mm512_storeu_ps(acc[k] + i, _mm512_fmadd_ps(hv[k], dv, _mm512_loadu_ps(acc[k] + i)));
+        __m512 wv[R];
+        for (int r = 0; r < R; ++r) prefetch_line(next[r], i), wv[r] = load16(rows[r] + i);
+        for (int k = 0; k < N; ++k) {
+            __m512 v = _mm512_loadu_ps(acc[k] + i);
+            for (int r = 0; r < R; ++r) v = _mm512_fmadd_ps(hv[r][k], wv[r], v);
+            _mm512_storeu_ps(acc[k] + i, v);
+        }
     }
 #endif
     for (; i < n; ++i)
-        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * to_float(d[i]);
-}
-
-// acc += h[0] * d[0], then += h[1] * d[1], ... (the order C calls of down_axpys<1> would add them in, so
-// bitwise the same), reading and writing acc once for all; prefetches the next group's down rows.
-template <int C, typename W>
-inline void down_axpys_channels(const W* const* d, float* __restrict acc, const float* h, int64_t n, const W* const* nd) {
-    int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 hv[C];
-    for (int c = 0; c < C; ++c) hv[c] = _mm512_set1_ps(h[c]);
-    for (; i + 16 <= n; i += 16) {
-        for (int c = 0; c < C; ++c) prefetch_line(nd[c], i);
-        __m512 v = _mm512_loadu_ps(acc + i);
-        for (int c = 0; c < C; ++c) v = _mm512_fmadd_ps(hv[c], load16(d[c] + i), v);
-        _mm512_storeu_ps(acc + i, v);
-    }
-#endif
-    for (; i < n; ++i)
-        for (int c = 0; c < C; ++c) acc[i] += h[c] * to_float(d[c][i]);
+        for (int k = 0; k < N; ++k)
+            for (int r = 0; r < R; ++r) acc[k][i] += h[r][k] * to_float(rows[r][i]);
 }
 
 // One token's activations as the shadow reads them: per group of G inputs a scale sx = max|x| / 127 and
@@ -381,13 +370,13 @@ template <int N, typename W>
 inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const W* nu, const W* nd,
                           const float* const* xs, float* const* acc, const float* s, const float* rs, int64_t H) {
     const W *rows[2] = {g, u}, *next[2] = {ng, nu};
-    float dots[2][N], gv[N], uv[N], h[N];
+    float dots[2][N], gv[N], uv[N], h[1][N];
     block_dots<2, N>(rows, xs, H, next, dots);
     for (int k = 0; k < N; ++k) gv[k] = dots[0][k], uv[k] = dots[1][k];
     if (rs)
         for (int k = 0; k < N; ++k) gv[k] *= rs[0], uv[k] *= rs[1];
-    for (int k = 0; k < N; ++k) h[k] = s[k] * uv[k] * silu(gv[k]) * (rs ? rs[2] : 1.f);
-    down_axpys<N>(d, acc, h, H, nd);
+    for (int k = 0; k < N; ++k) h[0][k] = s[k] * uv[k] * silu(gv[k]) * (rs ? rs[2] : 1.f);
+    block_axpys<1, N>(&d, acc, h, H, &nd);
 }
 
 // Phase 2 of the kernel for one thread: stream its kept channels as one list (no stall at bank
@@ -410,15 +399,15 @@ void stream_channels(const W* base, const float* row_scales, int64_t stride, int
                 rows[2 * c] = g, rows[2 * c + 1] = g + H, d[c] = g + 2 * H;
                 next[2 * c] = ng, next[2 * c + 1] = ng + H, nd[c] = ng + 2 * H;
             }
-            float dots[2 * CHANNELS][1], h[CHANNELS];
+            float dots[2 * CHANNELS][1], h[CHANNELS][1];
             block_dots<2 * CHANNELS, 1>(rows, &x, H, next, dots);
             for (int c = 0; c < CHANNELS; ++c) {
                 const float* rs = row_scales ? row_scales + 3 * kept[a + c] : nullptr;
                 float gv = dots[2 * c][0], uv = dots[2 * c + 1][0];
                 if (rs) gv *= rs[0], uv *= rs[1];
-                h[c] = scale[kept[a + c]] * uv * silu(gv) * (rs ? rs[2] : 1.f);
+                h[c][0] = scale[kept[a + c]] * uv * silu(gv) * (rs ? rs[2] : 1.f);
             }
-            down_axpys_channels<CHANNELS>(d, acc, h, H, nd);
+            block_axpys<CHANNELS, 1>(d, &acc, h, H, nd);
         }
     for (; a < kept.size(); ++a) {
         const int64_t j = kept[a];
