@@ -14,6 +14,7 @@ from upcycle.errors import ConfigError
 from upcycle.eval.decode import GreedyDecoder
 from upcycle.kernels.memory import HUGE_PAGE
 from upcycle.kernels.precision import to_precision
+from upcycle.kernels.rows import RowsOf, StackedRows
 from upcycle.kernels.rows import MAX_ROWS, RowLinear
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 
@@ -167,7 +168,8 @@ def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
         to_precision(sparse, "int8")
         got = sparse(ids).logits.float()
     layer = sparse.model.layers[0]
-    assert isinstance(layer.self_attn.q_proj, RowLinear) and isinstance(sparse.lm_head, RowLinear)
+    assert isinstance(layer.self_attn.q_proj, RowsOf) and layer.self_attn.q_proj.precision == "int8"
+    assert isinstance(layer.self_attn.o_proj, RowLinear) and isinstance(sparse.lm_head, RowLinear)
     assert sparse.lm_head.precision == "int8"
     assert type(layer.mlp.gate_proj) is torch.nn.Linear and layer.mlp.kernel_precision == "int8"
     assert sparse.model.embed_tokens.weight.dtype == torch.bfloat16
@@ -178,6 +180,64 @@ def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
     with pytest.raises(ConfigError, match="precision"):
         to_precision(dense, "fp8")
+
+
+def test_stacked_rows_give_each_layer_its_own_product_and_undo_on_reconversion():
+    """q, k, v (with Qwen2's biases) and a dense FFN's gate and up become slices of one stacked layer;
+    each slice equals the plain product with that layer's original weight, at one row (the kernel) and at
+    many (the matmul), a layer called with another input gets its own rows, and converting again (int8,
+    then back to fp32) rebuilds the stacks from the weights they hold."""
+    model = hub.tiny("qwen2", layers=1, hidden=64, ffn=128, vocab=512).eval()
+    attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
+    originals = {n: (getattr(attn, n).weight.detach().clone(), getattr(attn, n).bias.detach().clone())
+                 for n in ("q_proj", "k_proj", "v_proj")}
+    originals.update({n: (getattr(mlp, n).weight.detach().clone(), None) for n in ("gate_proj", "up_proj")})
+    to_precision(model, "fp32")
+    stacks = [m for m in model.modules() if isinstance(m, StackedRows)]
+    assert len(stacks) == 2 and all(isinstance(getattr(attn, n), RowsOf) for n in ("q_proj", "k_proj", "v_proj"))
+    layers = {**{n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")},
+              **{n: getattr(mlp, n) for n in ("gate_proj", "up_proj")}}
+    with torch.no_grad():
+        for rows in (1, 9):
+            x = torch.randn(1, rows, 64)
+            for name, layer in layers.items():  # each called on its own: every call computes afresh
+                weight, bias = originals[name]
+                torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+            x2 = torch.randn(1, rows, 64)
+            q = attn.q_proj(x)
+            torch.testing.assert_close(attn.k_proj(x2), F.linear(x2, *originals["k_proj"]), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(q, F.linear(x, *originals["q_proj"]), rtol=1e-5, atol=1e-5)
+        to_precision(model, "int8")
+        to_precision(model, "fp32")
+        assert len([m for m in model.modules() if isinstance(m, StackedRows)]) == 2  # rebuilt, not added to
+        x = torch.randn(1, 1, 64)
+        for name, layer in layers.items():
+            layer = getattr(attn if name.endswith(("q_proj", "k_proj", "v_proj")) else mlp, name)
+            weight, bias = originals[name]
+            scale = weight.abs().amax(1, keepdim=True) / 127  # one int8 rounding per row, then back to fp32
+            torch.testing.assert_close(layer(x), F.linear(x, weight, bias), rtol=0, atol=float(scale.max()) * 64)
+
+
+@needs_kernel
+def test_a_compiled_step_calls_the_row_dots_once_per_stack():
+    """One token through a compiled 2-layer model: per layer one call for q, k and v, one for o, one for
+    gate and up, one for down, then the head - 9 calls, one graph, and the eager model's logits."""
+    model = to_precision(hub.tiny("llama", layers=2, hidden=64, ffn=128).eval(), "fp32")
+    graphs = []
+
+    def backend(gm, inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    ids = torch.randint(0, model.config.vocab_size, (1, 1))
+    with torch.no_grad():
+        want = model(ids).logits
+        got = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
+    calls = sum(n.target in (torch.ops.upcycle.row_dots, torch.ops.upcycle.row_dots.default)
+                for g in graphs for n in g.graph.nodes)
+    assert len(graphs) == 1 and calls == 9
+    torch.testing.assert_close(got, want)
+    assert all(m._input is None for m in model.modules() if isinstance(m, StackedRows))  # nothing held
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
@@ -229,7 +289,7 @@ def test_to_precision_fp32_keeps_the_function(family):
         want_prompt, want_token = model(ids).logits, model(ids[:, :1]).logits
         to_precision(model, "fp32")
         got_prompt, got_token = model(ids).logits, model(ids[:, :1]).logits
-    assert isinstance(model.model.layers[0].self_attn.q_proj, RowLinear)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, RowsOf)
     assert (model.model.layers[0].self_attn.q_proj.bias is not None) == (family == "qwen2")
     torch.testing.assert_close(got_prompt, want_prompt)
     torch.testing.assert_close(got_token, want_token, rtol=1e-5, atol=1e-5)
@@ -245,13 +305,15 @@ def test_to_precision_streams_from_huge_pages_and_keeps_the_tied_head_tied(preci
     model.config.tie_word_embeddings = True
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     to_precision(model, precision)
-    rows = [m for m in model.modules() if isinstance(m, RowLinear)]
-    big = [m.stored for m in rows if m.stored.numel() * m.stored.element_size() >= HUGE_PAGE]
-    assert len(big) >= (4 if precision == "fp32" else 1) and all(t.data_ptr() % HUGE_PAGE == 0 for t in big)
+    stored = [m.stored for m in model.modules() if isinstance(m, RowLinear)]
+    assert len(stored) == 5  # q, k, v stacked; o; gate, up stacked; down; the head
+    big = [t for t in stored if t.numel() * t.element_size() >= HUGE_PAGE]
+    assert len(big) >= (3 if precision == "fp32" else 1) and all(t.data_ptr() % HUGE_PAGE == 0 for t in big)
     head = model.get_output_embeddings()
     if precision == "fp32":
         assert head.weight is model.get_input_embeddings().weight
-        for name, p in model.named_parameters():
-            assert torch.equal(p, before[name]), name
+        for name, layer in model.named_modules():  # every linear computes with its own weight, unchanged
+            if isinstance(layer, (RowLinear, RowsOf)) and not name.endswith(".rows") and layer is not head:
+                assert torch.equal(layer.dequantized(), before[name + ".weight"]), name
     else:
         torch.testing.assert_close(head.dequantized(), before["model.embed_tokens.weight"], rtol=0, atol=1e-2)

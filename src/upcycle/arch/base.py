@@ -117,6 +117,12 @@ class Adapter:
         return {name: module for name, module in layer.named_modules()
                 if isinstance(module, nn.Linear) and id(module) not in skip}
 
+    def shared_input_linears(self, i: int) -> list[list[str]]:
+        """Groups of layer i's linear layers (names in the layer, as `linears` gives them) that always read
+        the same input, in the order the layer calls them: attention's q, k and v; a SwiGLU FFN's gate and
+        up. A group some of whose names the layer does not have is not a group of this layer."""
+        return [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["mlp.gate_proj", "mlp.up_proj"]]
+
     def norms(self, i: int) -> dict[str, nn.Module]:
         layer = self.layer(i)
         return {"input": layer.input_layernorm, "post_attention": layer.post_attention_layernorm}
