@@ -364,18 +364,21 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
 // (benchmarks/ffn_cold_stream.py), where one channel at a time read them at ~31.
 constexpr int CHANNELS = 8;
 
-// One channel for the tokens that kept it (count up to 4 at a time); rs: the channel's three row scales
-// (gate, up, down) for int8 codes, null otherwise.
+// The weight of one channel's down row for one token: its gate value s times up * silu(gate), from the
+// gate and up dots; rs: the channel's three row scales (gate, up, down) for int8 codes, null otherwise.
+inline float channel_h(float gv, float uv, float s, const float* rs) {
+    if (rs) gv *= rs[0], uv *= rs[1];
+    return s * uv * silu(gv) * (rs ? rs[2] : 1.f);
+}
+
+// One channel for the tokens that kept it (count up to 4 at a time).
 template <int N, typename W>
 inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const W* nu, const W* nd,
                           const float* const* xs, float* const* acc, const float* s, const float* rs, int64_t H) {
     const W *rows[2] = {g, u}, *next[2] = {ng, nu};
-    float dots[2][N], gv[N], uv[N], h[1][N];
+    float dots[2][N], h[1][N];
     block_dots<2, N>(rows, xs, H, next, dots);
-    for (int k = 0; k < N; ++k) gv[k] = dots[0][k], uv[k] = dots[1][k];
-    if (rs)
-        for (int k = 0; k < N; ++k) gv[k] *= rs[0], uv[k] *= rs[1];
-    for (int k = 0; k < N; ++k) h[0][k] = s[k] * uv[k] * silu(gv[k]) * (rs ? rs[2] : 1.f);
+    for (int k = 0; k < N; ++k) h[0][k] = channel_h(dots[0][k], dots[1][k], s[k], rs);
     block_axpys<1, N>(&d, acc, h, H, &nd);
 }
 
@@ -401,12 +404,9 @@ void stream_channels(const W* base, const float* row_scales, int64_t stride, int
             }
             float dots[2 * CHANNELS][1], h[CHANNELS][1];
             block_dots<2 * CHANNELS, 1>(rows, &x, H, next, dots);
-            for (int c = 0; c < CHANNELS; ++c) {
-                const float* rs = row_scales ? row_scales + 3 * kept[a + c] : nullptr;
-                float gv = dots[2 * c][0], uv = dots[2 * c + 1][0];
-                if (rs) gv *= rs[0], uv *= rs[1];
-                h[c][0] = scale[kept[a + c]] * uv * silu(gv) * (rs ? rs[2] : 1.f);
-            }
+            for (int c = 0; c < CHANNELS; ++c)
+                h[c][0] = channel_h(dots[2 * c][0], dots[2 * c + 1][0], scale[kept[a + c]],
+                                    row_scales ? row_scales + 3 * kept[a + c] : nullptr);
             block_axpys<CHANNELS, 1>(d, &acc, h, H, nd);
         }
     for (; a < kept.size(); ++a) {
