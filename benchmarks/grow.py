@@ -346,7 +346,7 @@ def main() -> None:
         return print(table(results))
 
     from upcycle import hub
-    from upcycle.commands.grow import GrowConfig, run as grow_run
+    from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions, run as grow_run
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "grow.json"
@@ -355,7 +355,8 @@ def main() -> None:
     moe8 = RUNS / "moe8"
     if not (moe8 / "config.json").exists():
         RUNS.mkdir(parents=True, exist_ok=True)
-        grow_run(MODEL, str(moe8), GrowConfig(**OPERATORS["moe_shared"][1], progress=False, overwrite=True))
+        grow_run(MODEL, str(moe8), GrowConfig(), GrowStepOptions(**OPERATORS["moe_shared"][1]),
+                 options=RunOptions(progress=False, overwrite=True))
     if args.part in ("all", "train"):
         results["train"] = train_part(args.tokens, moe8)
     trained = RUNS / f"train-grown-{results.get('train', {}).get('tokens', args.tokens)}" / "final"

@@ -35,6 +35,7 @@ RESULTS = Path(__file__).parent / "results"
 OUT = RESULTS / "predictor_pareto.json"
 SEQ = 256
 BASE = dict(bank=64, keep=16, calibration="shakespeare+pystdlib", calibration_tokens=16384, seq_len=SEQ)
+NO_CONVERT = dict(convert_steps=0)  # the settings without CONVERT
 CONVERT = dict(convert_steps=60, convert_rows=1024, convert_lr=1e-3, convert_ffn_lr_scale=1.0)
 SETTINGS = {  # name -> sparsify options
     "lowrank64": dict(predictor="lowrank", rank=64),
@@ -104,7 +105,7 @@ def main() -> None:
         results["dense"] = {"ppl": score(dense, val)}
     for name in args.only:
         started = time.perf_counter()
-        sparse, report = upcycle.sparsify(dense, tok, **BASE, **SETTINGS[name], progress=True)
+        sparse, report = upcycle.sparsify(dense, tok, **BASE, **{**NO_CONVERT, **SETTINGS[name]}, progress=True)
         ffn = adapter_for(sparse).ffn(report.layers[0])
         row = {"options": {**BASE, **SETTINGS[name]}, "predictor_bytes_per_layer": ffn.predictor_bytes(),
                "recall": report.recall_mean, "ppl": score(sparse, val),

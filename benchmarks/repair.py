@@ -26,7 +26,9 @@ from pathlib import Path
 
 from upcycle import hub
 from upcycle import sparsify
-from upcycle.commands.repair import RepairConfig, report_markdown, run_repair
+from upcycle.commands.repair import write_folder
+from upcycle.pipelines.repair import RepairConfig, report_markdown
+from upcycle.pipelines.repair import run as repair
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -48,12 +50,13 @@ def main() -> None:
         model, _ = hub.load(args.sparse)
         made = f"loaded from {args.sparse}"
     else:
-        model, report = sparsify(reference, tokenizer, bank=64, keep=args.keep, rank=64, warmup_steps=args.warmup_steps,
+        model, report = sparsify(reference, tokenizer, bank=64, keep=args.keep, rank=64, warmup_steps=args.warmup_steps, convert_steps=0,
                                   progress=True)
         made = f"sparsify bank 64 keep {args.keep} rank 64, warm-up {args.warmup_steps} steps (recall {report.recall_mean})"
     options = RepairConfig(lengths=tuple(int(v) for v in args.lengths.split(",")), samples=args.samples,
                             steps=args.steps, probe_tokens=args.probe_tokens)
-    result = run_repair(model, tokenizer, reference, args.out, options)
+    repaired, result = repair(model, tokenizer, options, reference=reference)
+    write_folder(args.out, repaired, tokenizer, result)
     result["sparse_model"] = made
     result["command"] = "python benchmarks/repair.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")

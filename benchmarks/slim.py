@@ -55,7 +55,7 @@ GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
 def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed: int = 0, source: str = MODEL,
          teacher: str | None = None) -> dict:
     """One arm through `upcycle slim` (reused when its folder holds the same settings)."""
-    from upcycle.commands.slim import SlimConfig, run
+    from upcycle.commands.slim import RunOptions, SlimConfig, run
 
     out = RUNS / name
     settings = {"plan": plan, "tokens": tokens, "recovery": recovery, "seed": seed, "source": source,
@@ -64,9 +64,9 @@ def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return json.loads((out / "slim_report.json").read_text())
     stages = [{"name": s.get("name", f"stage{n}"), "cuts": s["cuts"], "tokens": s["tokens"]} for n, s in enumerate(plan)]
-    config = SlimConfig(stages=stages, recovery=recovery, seed=seed, teacher=teacher, progress=False, overwrite=True)
+    config = SlimConfig(stages=stages, recovery=recovery, seed=seed, teacher=teacher)
     start = time.perf_counter()
-    result = run(source, str(out), config)
+    result = run(source, str(out), config, options=RunOptions(progress=False, overwrite=True))
     result["seconds"] = time.perf_counter() - start
     (out / "slim_report.json").write_text(json.dumps(result, indent=2))
     marker.write_text(json.dumps(settings))
@@ -165,7 +165,7 @@ def drop_moe(tokens: int) -> Path:
     Drop-Upcycling (half of each expert's neurons re-drawn, so the experts differ and no shared expert
     carries the dense FFN), then trained `tokens` (LM + balance + router z-loss). Returns its folder."""
     from upcycle import hub
-    from upcycle.commands.grow import GrowConfig, run as grow_run
+    from upcycle.commands.grow import GrowChecks, GrowConfig, GrowStepOptions, RunOptions, run as grow_run
     from upcycle.train import Trainer, TrainConfig
 
     final = DROP_MOE / f"trained-{tokens}" / "final"
@@ -173,10 +173,11 @@ def drop_moe(tokens: int) -> Path:
         return final
     grown = DROP_MOE / "grown"
     if not (grown / "config.json").exists():
-        grow_run(MODEL, str(grown), GrowConfig(op="moe", family="mixtral", experts=8, top_k=2, mode="drop",
-                                               drop_ratio=0.5, progress=False, overwrite=True,
-                                               # an initialisation for training, far from the FFN by design
-                                               max_loss_change=1e9, min_logit_cosine=-1.0, max_router_kl=1e9))
+        grow_run(MODEL, str(grown), GrowConfig(), GrowStepOptions(op="moe", family="mixtral", experts=8, top_k=2,
+                                                                  mode="drop", drop_ratio=0.5),
+                 # an initialisation for training, far from the FFN by design
+                 GrowChecks(max_loss_change=1e9, min_logit_cosine=-1.0, max_router_kl=1e9),
+                 RunOptions(progress=False, overwrite=True))
     model, tokenizer = hub.load(grown)
     cfg = TrainConfig.from_dict(dict(
         model=str(grown), data=TEXT, out=str(final.parent), seq_len=256, global_batch=8, micro_batch=4, lr=3e-4,

@@ -132,7 +132,7 @@ def sparse_stages(budget: int, anneal: bool = False, predictor_stage: bool = Tru
 def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
     t0 = time.perf_counter()
     options = {"bank": 64, "keep": 16, "rank": 64, "calibration": DATA, "calibration_tokens": 16384,
-               "progress": True, **options}
+               "convert_steps": 0, "progress": True, **options}
     model, report = sparsify(dense, tok, **options)
     trained_predictor = options.get("predictor", "lowrank") == "lowrank"
     result = {"options": {k: v for k, v in options.items() if k != "progress"}, "kd": kd, "tokens": budget,
@@ -176,7 +176,7 @@ def main() -> None:
         ppl["dense"] = score(dense, val)
         save()
     if "oracle" not in ppl:
-        ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0)[0], val)
+        ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0, convert_steps=0)[0], val)
         save()
     if "sparse" not in ppl:
         run = sparse_run("sparse", dense, tok, val, args.budget, **PREDICTOR, **CONVERT)
@@ -199,7 +199,8 @@ def main() -> None:
         res.setdefault("curves", {})["sparse_lowrank"] = run["curve"]
         save()
     if "teal75" not in ppl:
-        teal, report = sparsify(dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384)
+        teal, report = sparsify(dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384,
+                              convert_steps=0)
         ppl["teal75"], res["teal75_density"] = score(teal, val), report.density
         save()
     if "dense_companion" not in ppl:

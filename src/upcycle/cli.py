@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 
 from upcycle.commandline import parse
-from upcycle.config import plain
+from upcycle.config import Config, plain
 from upcycle.errors import UpcycleError
 
 # the registry: adding a verb is a module upcycle/commands/<verb>.py with `run` and one name here
@@ -25,8 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run, kwargs, print_only = parse(argv, VERBS)
         if print_only:
-            print(yaml.safe_dump(plain({k: v for k, v in kwargs.items() if k != "config"} | kwargs["config"].to_dict()),
-                                 sort_keys=False), end="")
+            sections = {k: v for k, v in kwargs.items() if isinstance(v, Config)}
+            flat = {k: v for k, v in kwargs.items() if k not in sections}
+            for section in sections.values():
+                flat |= section.to_dict()
+            print(yaml.safe_dump(plain(flat), sort_keys=False), end="")
             return 0
         outs = [kwargs.get("out"), getattr(kwargs["config"], "out", None)]
         new_outs = [_first_missing(Path(o)) for o in outs if isinstance(o, (str, Path)) and not Path(o).exists()]

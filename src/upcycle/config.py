@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
@@ -26,9 +27,11 @@ from upcycle.errors import ConfigError
 from upcycle.yamlfile import read_mapping
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, factory=None):
-    """A config field with its help text (and allowed values) for the generated command line."""
-    metadata = {"help": help, "choices": choices}
+def option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, factory=None,
+           cli: bool = True):
+    """A config field with its help text (and allowed values) for the generated command line; `cli=False`:
+    not an option of its own (the command fills it from another section)."""
+    metadata = {"help": help, "choices": choices, "cli": cli}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -62,6 +65,111 @@ class Config:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(plain(self.to_dict()), sort_keys=False)
+
+
+@dataclass
+class RunOptions(Config):
+    """How a command runs, the same for every verb: a section of each command's options, declared once."""
+
+    progress: bool = option(True, "progress bars (on stderr)")
+    overwrite: bool = option(False, "replace a non-empty OUT")
+    trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")
+
+
+class OperatorStep(Config):
+    """A step of a plan whose options depend on its operator: one dataclass per operator under a base
+    (GrowStep, SlimStep), chosen by `op`. `Base(op="depth", add=2)` builds the depth operator's class,
+    and an option that operator does not take is a one-line error naming the ones it does."""
+
+    OPERATORS: typing.ClassVar[dict[str, type]]  # op -> class, on each base
+    OP: typing.ClassVar[str | None] = None  # on each operator class
+    KIND: typing.ClassVar[str] = "step"  # how an error names the base ("growth step", "cut")
+
+    def __new__(cls, *args, op: str | None = None, **options):
+        if cls.OP is None:  # the base: build the operator's own class
+            cls = cls.operator_class(op, options, cls.KIND)
+        return object.__new__(cls)
+
+    def __post_init__(self):
+        if self.op is None:
+            self.op = self.OP
+        if self.op != self.OP:
+            raise ConfigError(f"op={self.op!r} given to the {self.OP} operator's {type(self).__name__}")
+        super().__post_init__()
+
+    @classmethod
+    def operator(cls, op: str, about: str):
+        """Class decorator: register an operator class under this base."""
+        def register(sub):
+            sub.OP, sub.ABOUT = op, about
+            cls.OPERATORS[op] = sub
+            return sub
+        return register
+
+    @classmethod
+    def operator_class(cls, op, options, where: str):
+        if op is None:
+            raise ConfigError(f"{where}: op is required, one of {', '.join(cls.OPERATORS)}")
+        if op not in cls.OPERATORS:
+            raise ConfigError(f"{where}: op={op!r} is not allowed: one of {', '.join(cls.OPERATORS)}")
+        sub = cls.OPERATORS[op]
+        known = [f.name for f in dataclasses.fields(sub) if f.name != "op"]
+        foreign = [str(k).replace("-", "_") for k in options if str(k).replace("-", "_") not in known + ["op"]]
+        if foreign:
+            raise ConfigError(f"{where}: {foreign[0]} does not apply to the {op} operator; its options: "
+                              f"{', '.join(known)}")
+        return sub
+
+    @classmethod
+    def from_dict(cls, values, where: str = "config"):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: expected a mapping such as {{op: ..., ...}}, got {values!r}")
+        sub = cls if cls.OP is not None else cls.operator_class(values.get("op"), values, where)
+        return build(sub, values, where)
+
+    def to_dict(self) -> dict:
+        return {"op": self.op, **{k: v for k, v in dataclasses.asdict(self).items() if k != "op"}}
+
+    @classmethod
+    def command_line(cls, name: str):
+        """A flat Config of every operator's options (each None unless given) for the command line; its
+        `step()` is the base built from the options given, so a foreign one is refused as above."""
+        fields, seen = [("op", str | None, option(None, "the operator: " + "; ".join(
+            f"{op} ({sub.ABOUT})" for op, sub in cls.OPERATORS.items()), choices=tuple(cls.OPERATORS)))], {"op"}
+        for op, sub in cls.OPERATORS.items():
+            hints = typing.get_type_hints(sub)
+            for f in dataclasses.fields(sub):
+                if f.name in seen:
+                    continue
+                seen.add(f.name)
+                users = [o for o, s in cls.OPERATORS.items() if f.name in {g.name for g in dataclasses.fields(s)}]
+                defaults = {o: _default(cls.OPERATORS[o], f.name) for o in users}
+                shown = ", ".join(f"{o}: {d}" for o, d in defaults.items() if d is not None)
+                label = "every operator" if len(users) == len(cls.OPERATORS) else ", ".join(users)
+                fields.append((f.name, hints[f.name] | None, option(
+                    None, f"{label}: {f.metadata.get('help', '')}" + (f" (default {shown})" if shown else ""))))
+        base = cls
+
+        def step(self):
+            given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+            if self.op is None:
+                if given:
+                    raise ConfigError(f"{name}: --{next(iter(given)).replace('_', '-')} needs --op "
+                                      f"({', '.join(base.OPERATORS)})")
+                return None
+            base.operator_class(self.op, {k: v for k, v in given.items() if k != "op"}, name)
+            return base.from_dict(given, name)
+
+        def validate(self):
+            self.step()  # refused when the options are read, before any model is loaded
+
+        return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, bases=(Config,),
+                                          namespace={"step": step, "validate": validate})
+
+
+def _default(cls, name: str):
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return f.default if f.default is not dataclasses.MISSING else None
 
 
 def build(cls, values, where: str):
@@ -100,9 +208,10 @@ def conform(value, tp, key: str):
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        for arg in args:
-            if arg is type(None):
-                continue
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1 and not is_scalar(members[0]):  # its own error says more than "wrong type"
+            return conform(value, members[0], key)
+        for arg in members:
             try:
                 return conform(value, arg, key)
             except ConfigError:
@@ -142,7 +251,7 @@ def conform(value, tp, key: str):
         if isinstance(value, tp):
             return value
         if isinstance(value, dict):
-            return build(tp, value, key)
+            return tp.from_dict(value, key) if issubclass(tp, Config) else build(tp, value, key)
         raise _wrong_type(key, value, tp)
     return value
 

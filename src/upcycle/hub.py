@@ -18,6 +18,7 @@ import socket
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
@@ -65,9 +66,11 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust
                         f"or a built-in ({', '.join(builtin_names())})")
 
 
-def save(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -> Path:
+def save(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None,
+         report: Callable[[Path], object] | None = None) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) in one rename, so a
-    failure never leaves a half-written folder."""
+    failure never leaves a half-written folder. `extra`: more models, each into a subfolder of that
+    name; `report(folder)` writes the run's report files into the folder before the rename."""
     out = Path(out).expanduser()
     if out.exists() and any(out.iterdir()):
         if not overwrite:
@@ -76,9 +79,12 @@ def save(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False) -
     elif out.exists():
         out.rmdir()
     with building(out) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+        for folder, one in [(tmp, model), *((tmp / name, m) for name, m in (extra or {}).items())]:
+            one.save_pretrained(folder, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(folder)
+        if report is not None:
+            report(tmp)
     return out
 
 
@@ -103,13 +109,14 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
 
 
 def save_verified(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, reference=None,
-                  dtype: torch.dtype | None = None, seq_len: int = 64):
+                  dtype: torch.dtype | None = None, seq_len: int = 64, extra: dict | None = None,
+                  report: Callable[[Path], object] | None = None):
     """save, then reload what was written and compare it with `reference` (default: the model saved)
     on random tokens: (folder, Equivalence). A save that does not reload to the same function is
     caught here, not by the user."""
     from upcycle.eval import compare
 
-    out = save(model, tokenizer, out, overwrite=overwrite)
+    out = save(model, tokenizer, out, overwrite=overwrite, extra=extra, report=report)
     reloaded, _ = load(out, dtype=dtype or next(model.parameters()).dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
     probe = torch.randint(0, vocab, (2, seq_len), generator=torch.Generator().manual_seed(0))

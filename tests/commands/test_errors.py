@@ -94,7 +94,7 @@ def test_the_python_api_rejects_what_the_cli_rejects(verb, argv, values, message
     sources = {"sparsify": ["tiny-llama", str(tmp_path / "x")], "repair": ["tiny-llama", "--reference", "tiny-llama"],
                "train": ["--model", "tiny-llama"]}[verb]
     cli_error = one_line_error([verb, *sources, *argv], capsys).removeprefix("upcycle: error: ").strip()
-    config = {"sparsify": sparsify.SparsifyCommandConfig, "repair": repair.RepairConfig,
+    config = {"sparsify": sparsify.SparsifyConfig, "repair": repair.RepairConfig,
               "train": lambda **v: TrainConfig(model="tiny-llama", **v)}[verb]
     with pytest.raises(ConfigError) as python_error:
         config(**values)

@@ -11,7 +11,7 @@ import yaml
 
 from upcycle import hub
 from upcycle.cli import main
-from upcycle.commands.grow import GrowConfig
+from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
 from upcycle.commands.grow import run as grow_run
 
 from tests.commands.test_errors import one_line_error
@@ -67,9 +67,9 @@ def test_a_plan_grows_verifies_and_reloads_without_upcycle(source, tmp_path, tex
 
 
 def test_a_single_step_from_the_python_api(source, tmp_path, text_folder):
-    config = GrowConfig(op="ffn_width", width=192, calibration=str(text_folder), calibration_tokens=256, seq_len=64,
-                        progress=False)
-    result = grow_run(str(source), str(tmp_path / "wide"), config)
+    config = GrowConfig(calibration=str(text_folder), calibration_tokens=256, seq_len=64)
+    result = grow_run(str(source), str(tmp_path / "wide"), config, GrowStepOptions(op="ffn_width", width=192),
+                      options=RunOptions(progress=False))
     assert result["reports"][0]["kind"] == "exact"
     wide, _ = hub.load(tmp_path / "wide")
     assert wide.config.intermediate_size == 192 and type(wide).__name__ == "LlamaForCausalLM"

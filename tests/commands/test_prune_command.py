@@ -60,11 +60,11 @@ def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, text_folder,
 
 
 def test_the_pruned_model_loads_in_upcycle_with_its_weights(source, tmp_path, text_folder):
-    from upcycle.commands.prune import PruneConfig, run
+    from upcycle.commands.prune import PruneConfig, PruneSpec, RunOptions, run
 
     out = tmp_path / "mag"
-    run(str(source), str(out), PruneConfig(method="magnitude", sparsity=0.5, calibration=str(text_folder),
-                                           calibration_tokens=512, seq_len=64, progress=False))
+    run(str(source), str(out), PruneConfig(calibration=str(text_folder), calibration_tokens=512, seq_len=64),
+        PruneSpec(method="magnitude", sparsity=0.5), RunOptions(progress=False))
     model, _ = hub.load(out)
     w = model.model.layers[0].mlp.down_proj.weight
     original = hub.load(source)[0].model.layers[0].mlp.down_proj.weight

@@ -11,7 +11,7 @@ import yaml
 
 from upcycle import hub
 from upcycle.cli import main
-from upcycle.commands.slim import SlimConfig
+from upcycle.commands.slim import CutOptions, RunOptions, SlimConfig
 from upcycle.commands.slim import run as slim_run
 from upcycle.train import LossInputs
 from upcycle.train.mtp import MTPHead, attach_mtp, detach_mtp, mtp_loss
@@ -66,9 +66,9 @@ def test_a_progressive_plan_cuts_recovers_and_reloads_without_upcycle(source, tm
 
 def test_a_one_shot_cut_from_the_python_api(tmp_path, text_folder):
     hub.save(hub.tiny("qwen2_moe", layers=2), hub.byte_tokenizer(), tmp_path / "moe")
-    config = SlimConfig(op="experts", experts=2, mode="partial", criterion="reap", calibration=str(text_folder),
-                        calibration_tokens=256, seq_len=64, progress=False)
-    result = slim_run(str(tmp_path / "moe"), str(tmp_path / "slim"), config)
+    config = SlimConfig(calibration=str(text_folder), calibration_tokens=256, seq_len=64)
+    cut = CutOptions(op="experts", experts=2, mode="partial", criterion="reap")
+    result = slim_run(str(tmp_path / "moe"), str(tmp_path / "slim"), config, cut, RunOptions(progress=False))
     cut = result["cuts"][0]
     assert cut["params_after"] < cut["params_before"] and cut["ppl_after"] > 0
     slim, _ = hub.load(tmp_path / "slim")
@@ -79,10 +79,11 @@ def test_a_plan_without_recompute_reads_the_sources_importance_in_training_stage
     stages = [{"name": "depth", "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}], "tokens": 256},
               {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 256}]
     config = SlimConfig(stages=stages, recompute=False, data=str(text_folder), calibration=str(text_folder),
-                        calibration_tokens=256, seq_len=64, global_batch=4, micro_batch=4, progress=False)
-    result = slim_run(str(source), str(tmp_path / "slim"), config)
+                        calibration_tokens=256, seq_len=64, global_batch=4, micro_batch=4)
+    result = slim_run(str(source), str(tmp_path / "slim"), config, options=RunOptions(progress=False))
     assert [c["removed"]["importance_from"] for c in result["cuts"]] == ["source", "source"]
-    again = slim_run(str(source), str(tmp_path / "again"), SlimConfig(**{**config.to_dict(), "recompute": True}))
+    again = slim_run(str(source), str(tmp_path / "again"), SlimConfig(**{**config.to_dict(), "recompute": True}),
+                     options=RunOptions(progress=False))
     assert [c["removed"]["importance_from"] for c in again["cuts"]] == ["this model", "this model"]
 
 

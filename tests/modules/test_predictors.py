@@ -89,7 +89,8 @@ def test_gptq_lowers_the_output_error_the_shadow_sees():
 
 def _shadow_ffn(hidden=64, width=128, bank=32, keep=8, bits=4, group=16, gate="hard", seed=0):
     torch.manual_seed(seed)
-    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, gate=gate, predictor="shadow", bits=bits, group=group))
+    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, gate=gate, predictor="shadow", bits=bits, group=group,
+                                                                quantizer="rtn"))
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return ffn.eval()

@@ -91,7 +91,7 @@ def test_hard_gate_straight_through_gradient_is_the_activation_times_upstream():
 
 def test_keep_equal_to_bank_is_the_dense_model_exactly():
     dense = hub.tiny("llama")
-    sparse, _ = sparsify(dense, None, bank=32, keep=32, rank=4, predictor="lowrank", warmup_steps=0)
+    sparse, _ = sparsify(dense, None, bank=32, keep=32, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
     ids = tokens_for(dense)
     assert torch.equal(logits(sparse, ids), logits(dense, ids))
     assert adapter_for(sparse).ffn_kind(0) == "bank_sparse"
@@ -100,7 +100,7 @@ def test_keep_equal_to_bank_is_the_dense_model_exactly():
 def test_sparsify_leaves_the_input_model_untouched_and_changes_outputs_when_sparse():
     dense = hub.tiny("qwen2")
     before = copy.deepcopy(dense.state_dict())
-    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0)
+    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
     ids = tokens_for(dense)
     assert all(torch.equal(before[k], v) for k, v in dense.state_dict().items())
     assert adapter_for(dense).ffn_kind(0) == "dense"
@@ -109,7 +109,7 @@ def test_sparsify_leaves_the_input_model_untouched_and_changes_outputs_when_spar
 
 def test_selected_layers_only():
     dense = hub.tiny("llama", layers=3)
-    sparse, report = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, layers=[1])
+    sparse, report = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, layers=[1])
     kinds = [adapter_for(sparse).ffn_kind(i) for i in range(3)]
     assert kinds == ["dense", "bank_sparse", "dense"] and report.layers == [1]
 
@@ -117,7 +117,7 @@ def test_selected_layers_only():
 def test_channel_permutation_preserves_logits(text_folder, tmp_cache):
     dense = hub.tiny("llama")
     tok = hub.byte_tokenizer()
-    sparse, _ = sparsify(dense, tok, bank=32, keep=32, rank=4, predictor="lowrank", warmup_steps=0, permute=True,
+    sparse, _ = sparsify(dense, tok, bank=32, keep=32, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, permute=True,
                          calibration=str(text_folder), calibration_tokens=2048, seq_len=64)
     gate_before = adapter_for(dense).ffn_weights(0).gate
     gate_after = adapter_for(sparse).ffn_weights(0).gate
@@ -139,8 +139,8 @@ def test_coactivation_order_groups_channels_that_fire_together():
 def test_padding_makes_a_width_fit_the_bank_without_changing_the_function():
     dense = hub.tiny("llama", ffn=120)
     with pytest.raises(ConfigError, match="bank=64"):
-        sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", warmup_steps=0)
-    sparse, report = sparsify(dense, None, bank=64, keep=64, rank=4, predictor="lowrank", warmup_steps=0, pad=True)
+        sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
+    sparse, report = sparsify(dense, None, bank=64, keep=64, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, pad=True)
     assert report.width == 128
     torch.testing.assert_close(logits(sparse, tokens_for(dense)), logits(dense, tokens_for(dense)))
 
@@ -150,7 +150,7 @@ def test_save_load_gives_identical_logits_through_upcycle_and_transformers(tmp_p
                          num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
     torch.manual_seed(0)
     dense = LlamaForCausalLM(config).eval()
-    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", gate="softmax", warmup_steps=0, init="random")
+    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", gate="softmax", warmup_steps=0, convert_steps=0, init="random")
     with torch.no_grad():
         sparse.model.layers[0].mlp.threshold.fill_(0.5)  # buffers travel too
     hub.save(sparse, None, tmp_path / "m")
@@ -165,7 +165,7 @@ def test_save_load_gives_identical_logits_through_upcycle_and_transformers(tmp_p
 
 def test_save_load_through_upcycle_hub(tmp_path, tmp_cache):
     dense = hub.tiny("mistral")
-    sparse, _ = sparsify(dense, None, bank=64, keep=16, rank=8, predictor="lowrank", gate="sigmoid", warmup_steps=0)
+    sparse, _ = sparsify(dense, None, bank=64, keep=16, rank=8, predictor="lowrank", gate="sigmoid", warmup_steps=0, convert_steps=0)
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "m")
     reloaded, tok = upcycle.load(tmp_path / "m")
     ids = tokens_for(dense)
@@ -175,7 +175,7 @@ def test_save_load_through_upcycle_hub(tmp_path, tmp_cache):
 
 def test_densify_gives_the_stock_family_with_every_channel():
     dense = hub.tiny("qwen3")
-    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0)
+    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
     back = upcycle.densify(sparse)
     assert type(back) is type(dense)
     assert torch.equal(logits(back, tokens_for(dense)), logits(dense, tokens_for(dense)))
@@ -184,7 +184,7 @@ def test_densify_gives_the_stock_family_with_every_channel():
 
 
 def test_generation_works_on_the_sparse_type():
-    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0)
+    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
     out = sparse.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
     # greedy decoding with the KV cache agrees with re-running the full sequence
@@ -195,7 +195,8 @@ def test_generation_works_on_the_sparse_type():
 def test_warmup_raises_recall_of_the_oracle(text_folder, tmp_cache):
     dense = hub.tiny("llama", ffn=256)
     tok = hub.byte_tokenizer()
-    common = dict(bank=64, keep=16, rank=16, predictor="lowrank", calibration=str(text_folder), calibration_tokens=4096, seq_len=64)
+    common = dict(bank=64, keep=16, rank=16, predictor="lowrank", calibration=str(text_folder), calibration_tokens=4096, seq_len=64,
+                  convert_steps=0)
     _, cold = sparsify(dense, tok, warmup_steps=1, warmup_lr=1e-9, **common)
     _, warm = sparsify(dense, tok, warmup_steps=200, **common)
     assert len(warm.recall) == 2
@@ -222,11 +223,11 @@ def test_oracle_and_threshold_baselines(text_folder, tmp_cache):
     dense = hub.tiny("llama", ffn=256)
     tok = hub.byte_tokenizer()
     ids = tokens_for(dense, n=4, length=32)
-    oracle, _ = sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", selection="oracle", warmup_steps=0)
+    oracle, _ = sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", selection="oracle", warmup_steps=0, convert_steps=0)
     stats = selection_stats(oracle, ids)
     assert stats["recall"] == [1.0, 1.0] and stats["density"] == [0.25, 0.25]
     teal, report = sparsify(dense, tok, bank=64, keep=16, rank=4, predictor="lowrank", selection="threshold",
-                            calibration=str(text_folder), calibration_tokens=4096, seq_len=64)
+                            calibration=str(text_folder), calibration_tokens=4096, seq_len=64, convert_steps=0)
     assert all(abs(d - 0.25) < 0.02 for d in report.density)  # calibrated to 75% sparsity
     # the threshold module keeps exactly the activations above its threshold
     ffn = adapter_for(teal).ffn(0)
@@ -260,7 +261,7 @@ def test_narrow_keeps_the_most_important_channels():
 ])
 def test_bad_configs_give_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
-        sparsify(hub.tiny("llama"), None, **{"bank": 64, "keep": 16, "rank": 4, "predictor": "lowrank", "warmup_steps": 0, **kwargs})
+        sparsify(hub.tiny("llama"), None, **{"bank": 64, "keep": 16, "rank": 4, "predictor": "lowrank", "warmup_steps": 0, "convert_steps": 0, **kwargs})
     assert "\n" not in str(err.value)
 
 
@@ -280,7 +281,7 @@ def test_calibration_needs_a_tokenizer():
 
 
 def test_anneal_keep_goes_from_the_bank_to_the_target():
-    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0)
+    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
 
     class FakeTrainer:  # what the callback reads from the trainer
         model = sparse
@@ -389,9 +390,9 @@ def test_router_loss_is_the_per_bank_ranking_cross_entropy_and_trains_only_the_p
 def test_layerwise_conversion_lowers_every_layers_error_on_held_out_rows(predictor, text_folder, tmp_cache):
     dense, tok = hub.load("tiny-llama")
     options = dict(bank=32, keep=8, rank=8, predictor=predictor, group=16, warmup_steps=20, calibration=str(text_folder),
-                   calibration_tokens=2048, seq_len=64, seed=0)
+                   calibration_tokens=2048, seq_len=64, seed=0, convert_steps=0)
     plain, _ = sparsify(dense, tok, **options)
-    converted, report = sparsify(dense, tok, convert_steps=60, convert_rows=256, convert_lr=3e-3, **options)
+    converted, report = sparsify(dense, tok, **{**options, "convert_steps": 60, "convert_rows": 256, "convert_lr": 3e-3})
     assert len(report.convert_error_after) == len(report.layers) == 2
     assert all(a < b for a, b in zip(report.convert_error_after, report.convert_error_before)), report
     # and the whole model moved toward the dense one on held-out text (an independent measurement)

@@ -17,6 +17,8 @@ from upcycle.errors import ConfigError, check
 from upcycle.eval.speed import QWEN7B_FFN, decode_bench, ffn_microbench
 from upcycle.kernels.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
+from upcycle.ops import densify
+from upcycle.pipelines.sparsify import run as sparsify
 from upcycle.report import RunFolder
 
 SHAPES = ("model", "qwen7b")
@@ -90,12 +92,9 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
     """Both sides of a decode comparison from either kind of model: a bank-sparse model and its
     densified twin, or a dense model and a sparsified copy (the predictor's quality does not change
     the speed; a short warm-up gives it a realistic selection pattern)."""
-    from upcycle.commands.sparsify import sparsify
-    from upcycle.ops import densify
-
     if any(isinstance(m, BankSparseFFN) for m in model.modules()):
         return densify(model), model
-    sparse, _ = sparsify(model, tokenizer, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
+    sparse, _ = sparsify(model, tokenizer, convert_steps=0, progress=False, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
                          predictor=sparsity.predictor, bits=sparsity.bits, group=sparsity.group,
                          quantizer=sparsity.quantizer,
                          warmup_steps=warmup_steps, calibration_tokens=8192)

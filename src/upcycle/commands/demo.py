@@ -9,16 +9,19 @@ one-shot cost of the cut."""
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import upcycle
 from upcycle import data, hub
 from upcycle.commands import quiet_transformers
 from upcycle.commands.eval import EvalConfig, evaluate
+from upcycle.commands.sparsify import write_report as write_sparsify_report
+from upcycle.eval import perplexity
+from upcycle.ops.sparsify import SparsifyConfig
+from upcycle.train import Trainer, TrainConfig
 from upcycle.config import Config, option
 from upcycle.errors import check
 from upcycle.report import RunFolder, markdown_table
@@ -81,11 +84,11 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
     if sparse_tokens:
         _sparsify_steps(run_folder, model_name, model, tokenizer, sparse_tokens, convert_steps)
     if config.grow:
-        _grow_step(run_folder, model_name)
+        _grow_step(run_folder, model_name, model, tokenizer)
     if config.slim:  # a fifth of the layers: 6 of smollm2's 30
-        _slim_step(run_folder, model_name, max(1, summary.as_dict()["layers"] // 5))
+        _slim_step(run_folder, model_name, model, tokenizer, max(1, summary.as_dict()["layers"] // 5))
     if config.prune:
-        _prune_step(run_folder, model_name, tokenizer)
+        _prune_step(run_folder, model_name, model, tokenizer)
     run_folder.metrics["wall_s"] = round(time.perf_counter() - started, 1)
     report = run_folder.write(f"upcycle demo — {model_name}")
     print(f"\nreport: {report}  ({run_folder.metrics['wall_s']}s)")
@@ -95,23 +98,25 @@ def run(config: DemoConfig = DemoConfig()) -> Path:
 def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, tokens: int, convert_steps: int) -> None:
     """Steps 4 and 5: sparsify with the layer-wise conversion, then a short continual-training run of
     the sparse model and of the dense one on the same tokens (the honest baseline)."""
-    from upcycle.commands import sparsify as sparsify_command
-    from upcycle.eval import perplexity
-    from upcycle.train import Trainer, TrainConfig
-
     mix = "shakespeare+pystdlib"
     val = data.blocks(mix, tokenizer, "validation", 256, max_blocks=16)
     print("\n[4/8] sparsify: keep 16 of every 64 FFN channels per token, scored by a 4-bit copy of each FFN's own "
           f"gate/up weights; then fit each layer's sparse FFN to the dense one, bottom up ({convert_steps} steps a layer)")
-    config = sparsify_command.SparsifyCommandConfig(bank=64, keep=16, predictor="shadow", bits=4, group=64,
-                                                    calibration=mix, calibration_tokens=16384,
-                                                    convert_steps=convert_steps, convert_rows=1024, overwrite=True)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):  # the verb's own summary, indented as a demo step
-        sparsify_command.run(model_name, str(run_folder.path / "sparse"), config)
-    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
-    sparse, _ = hub.load(run_folder.path / "sparse")
-    oracle, _ = sparsify_command.sparsify(model, tokenizer, selection="oracle", warmup_steps=0)
+    config = SparsifyConfig(bank=64, keep=16, predictor="shadow", bits=4, group=64, calibration=mix,
+                            calibration_tokens=16384, convert_steps=convert_steps, convert_rows=1024)
+    converted, report = upcycle.sparsify(model, tokenizer, config)
+    folder, reload_check = hub.save_verified(converted, tokenizer, run_folder.path / "sparse", overwrite=True,
+                                             report=lambda tmp: write_sparsify_report(report, tmp, source=model_name))
+    eq = report.equivalence
+    _indented(f"saved {folder} (bank-sparse 16 of 64, shadow 4-bit/64 {config.quantizer}, {len(report.layers)} "
+              f"layers); reloaded: {reload_check.summary()}\n"
+              f"predictor recall of the oracle's top-16 per bank (held-out calibration): {report.recall_mean:.3f} mean\n"
+              f"layer-wise conversion: relative FFN output error {_mean(report.convert_error_before):.3f} -> "
+              f"{_mean(report.convert_error_after):.3f} (mean over layers, held-out rows)\n"
+              f"vs the dense model: mean KL {eq['mean_kl']:.3g}, top-1 agreement {eq['top1_agreement']:.3f}")
+    sparse, _ = hub.load(folder)
+    oracle, _ = upcycle.sparsify(model, tokenizer, selection="oracle", warmup_steps=0, convert_steps=0,
+                                 predictor="lowrank", progress=False)
 
     print(f"\n[5/8] continual training on {tokens} tokens (LM + KD from the dense model), the sparse model at k = 16 "
           "and the dense one alike")
@@ -150,18 +155,17 @@ def _sparsify_steps(run_folder: RunFolder, model_name: str, model, tokenizer, to
         + f"\n\nSparse / dense after the same training: **{versus:.3f}x**.")
 
 
-def _grow_step(run_folder: RunFolder, model_name: str) -> None:
+def _grow_step(run_folder: RunFolder, model_name: str, model, tokenizer) -> None:
     """Step 6: one growth step, dense → MoE, with its preservation line."""
-    from upcycle.commands import grow as grow_command
-
     print("\n[6/8] grow: dense → a Qwen2-MoE with 8 routed experts (top-2, k-means router) and a shared expert "
           "that is the dense FFN; verified on held-out text")
-    config = grow_command.GrowConfig(op="moe", family="qwen2_moe", experts=8, top_k=2, mode="shared",
-                                     calibration_tokens=2048, progress=False, overwrite=True)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = grow_command.run(model_name, str(run_folder.path / "grown"), config)
-    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
+    step = upcycle.GrowStep(op="moe", family="qwen2_moe", experts=8, top_k=2, mode="shared")
+    grown, report = upcycle.grow(model, tokenizer, upcycle.GrowConfig(steps=[step], calibration_tokens=2048),
+                                 progress=False)
+    folder, reload_check = hub.save_verified(grown, tokenizer, run_folder.path / "grown", overwrite=True)
+    _indented(f"step 1/1: {report.reports[0].line()}\nsaved {folder} ({grown.config.architectures[0]}); "
+              f"reloaded: {reload_check.summary()}")
+    result = report.as_dict()
     step = result["reports"][0]
     run_folder.metrics["grow"] = {"step": step["step"], "kind": step["kind"], "preservation": step["preservation"],
                                   "params": [step["params_before"], step["params_after"]]}
@@ -174,18 +178,16 @@ def _grow_step(run_folder: RunFolder, model_name: str) -> None:
         f"{step['kind']}. `benchmarks/grow.py` measures every operator.")
 
 
-def _slim_step(run_folder: RunFolder, model_name: str, layers: int) -> None:
+def _slim_step(run_folder: RunFolder, model_name: str, model, tokenizer, layers: int) -> None:
     """Step 7: one slimming cut, with its parameter count and one-shot perplexity."""
-    from upcycle.commands import slim as slim_command
-
     print(f"\n[7/8] slim: drop the {layers} layers that turn the residual stream least (ShortGPT's block influence); "
           "one-shot perplexity on held-out text, before any recovery training")
-    config = slim_command.SlimConfig(op="depth", layers=layers, criterion="block_influence", calibration_tokens=2048,
-                                     progress=False, overwrite=True)
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = slim_command.run(model_name, str(run_folder.path / "slim"), config)
-    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
+    cut = upcycle.SlimStep(op="depth", layers=layers, criterion="block_influence")
+    slim, report = upcycle.slim(model, tokenizer, upcycle.SlimConfig(
+        stages=[upcycle.SlimStage(name="cut", cuts=[cut])], calibration_tokens=2048), progress=False)
+    folder, reload_check = hub.save_verified(slim, tokenizer, run_folder.path / "slim", overwrite=True)
+    _indented(f"cut: {report.cuts[0].line()}\nsaved {folder}; reloaded: {reload_check.summary()}")
+    result = report.as_dict()
     cut = result["cuts"][0]
     run_folder.metrics["slim"] = {k: cut[k] for k in ("step", "params_before", "params_after", "ppl_before", "ppl_after",
                                                       "kl", "removed")}
@@ -197,24 +199,24 @@ def _slim_step(run_folder: RunFolder, model_name: str, layers: int) -> None:
         "by distillation: `upcycle slim … --tokens N`, or a plan (`recipes/slim/`); `benchmarks/slim.py` measures it.")
 
 
-def _prune_step(run_folder: RunFolder, model_name: str, tokenizer) -> None:
+def _prune_step(run_folder: RunFolder, model_name: str, model, tokenizer) -> None:
     """Step 8: Wanda to 50 %, then a short SEFT fine-tuning on the record-extraction task, with the exact
     sparsity line (every matrix's zeros as the pruning left them)."""
-    from upcycle.commands import finetune as finetune_command
-    from upcycle.commands import prune as prune_command
-
     task = "extract" if getattr(tokenizer, "chat_template", None) else "none"  # tiny test models have no chat template
     print("\n[8/8] prune: Wanda, 50 % of every linear weight of the decoder layers; then SEFT: 8,192 tokens of the "
           "record-extraction task through sparse deltas whose positions evolve, ending at exactly the same zeros")
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        pruned = prune_command.run(model_name, str(run_folder.path / "pruned"), prune_command.PruneConfig(
-            method="wanda", sparsity=0.5, calibration_tokens=8192, progress=False, overwrite=True))
-        tuned = finetune_command.run(str(run_folder.path / "pruned"), str(run_folder.path / "seft"),
-                                     finetune_command.FinetuneConfig(
-            sparse="seft", task=task, data="shakespeare" if task == "none" else None, examples=400, eval_examples=32,
-            held_blocks=8, tokens=8192, lr=1e-3, every=2, window=1, progress=False, overwrite=True))
-    print("      " + printed.getvalue().strip().replace("\n", "\n      "))
+    pruned_model, prune_report = upcycle.prune(model, tokenizer, upcycle.PruneConfig(
+        spec=upcycle.PruneSpec(method="wanda", sparsity=0.5), calibration_tokens=8192), progress=False)
+    hub.save_verified(pruned_model, tokenizer, run_folder.path / "pruned", overwrite=True)
+    pruned = prune_report.as_dict()
+    tuned_model, tune_report = upcycle.finetune(pruned_model, tokenizer, upcycle.FinetuneConfig(
+        sparse="seft", task=task, data="shakespeare" if task == "none" else None, examples=400, eval_examples=32,
+        held_blocks=8, tokens=8192, lr=1e-3, every=2, window=1), progress=False, run_dir=run_folder.path / "seft-run")
+    hub.save_verified(tuned_model, tokenizer, run_folder.path / "seft", overwrite=True)
+    tuned = tune_report.as_dict()
+    _indented(f"pruned: {prune_report.line()}\nSEFT: held-out ppl {tuned['before']['ppl']:.3f} → "
+              f"{tuned['after']['ppl']:.3f}; every matrix's zeros "
+              f"{'as in the source' if tuned['sparsity_exact'] else 'CHANGED'}")
     b, a = tuned["before"], tuned["after"]
     task_line = (f"task exact match {b['task_accuracy']:.3f} → {a['task_accuracy']:.3f}, "
                  if b["task_accuracy"] is not None else "")
@@ -230,3 +232,11 @@ def _prune_step(run_folder: RunFolder, model_name: str, tokenizer) -> None:
         f"{b['ppl']:.2f} → {a['ppl']:.2f}; every matrix's zeros "
         f"{'exactly as pruned' if tuned['sparsity_exact'] else 'CHANGED'} (`seft/`). `benchmarks/prune_seft.py` "
         "compares SEFT with masked fine-tuning, LoRA and LoRA*.")
+
+
+def _indented(text: str) -> None:
+    print("      " + text.strip().replace("\n", "\n      "))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)

@@ -2,68 +2,26 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
-from upcycle import data, hub
+from upcycle import hub
 from upcycle.commands import quiet_transformers
-from upcycle.config import option
-from upcycle.errors import ConfigError
-from upcycle.eval import compare
-from upcycle.ops.calibrate import ffn_inputs
-from upcycle.ops.sparsify import SparsifyConfig, SparsifyReport, sparse_layers, to_bank_sparse
+from upcycle.config import RunOptions
+from upcycle.ops.sparsify import SparsifyConfig, SparsifyReport
+from upcycle.pipelines import sparsify as pipeline
 from upcycle.report import RunFolder, markdown_table, plot_per_layer
-from upcycle.train.sparsify import convert_layerwise, warm_up_predictors
 
 
-@dataclass
-class SparsifyCommandConfig(SparsifyConfig):
-    # the verb runs the whole pipeline: the conversion is what makes the sparse model close to dense
-    # (the Python transform keeps 0, so that it needs no calibration text unless asked)
-    convert_steps: int = option(60, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
-                                "and weights) to the dense FFN's output, bottom up (0: none)")
-    progress: bool = option(True, "progress bars")
-    overwrite: bool = option(False, "replace a non-empty OUT")
-    trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")
-
-
-def sparsify(model, tokenizer=None, config: SparsifyConfig | None = None, **options):
-    """A bank-sparse copy of `model` and a SparsifyReport; `options` are SparsifyConfig fields.
-
-    calibrate (each chosen layer's FFN inputs on calibration text, 1/8 held out) -> transform
-    (ops.sparsify.to_bank_sparse) -> warm up each predictor on the dense model's own oracle, base
-    frozen -> (convert_steps) fit each layer's sparse FFN to the dense one, bottom up (train.sparsify)
-    -> verify (recall@k on the held-out tokens; sparse vs dense outputs)."""
-    cfg = replace(config, **options) if config is not None else SparsifyConfig(**options)
-    layers = sparse_layers(model, cfg)  # refuse a model or layer choice that cannot work before any calibration
-    inputs, held_blocks, held_tokens = {}, None, 0
-    if cfg.needs_calibration:
-        if tokenizer is None:
-            raise ConfigError("sparsify: calibration (warm-up, permute or threshold) needs the model's tokenizer")
-        blocks = data.blocks(cfg.calibration, tokenizer, "train", cfg.seq_len,
-                             max_blocks=max(2, cfg.calibration_tokens // cfg.seq_len))
-        n_held = max(1, len(blocks) // 8)  # held out from fitting: recall is measured on them
-        held_blocks, held_tokens = blocks[:n_held], n_held * cfg.seq_len
-        inputs = ffn_inputs(model, blocks, layers, progress=cfg.progress)
-    sparse, report = to_bank_sparse(model, cfg, inputs, held_tokens)
-    if cfg.selection == "predictor":
-        warm_up_predictors(sparse, inputs, held_tokens, cfg, report)
-    if cfg.convert_steps:
-        convert_layerwise(sparse, model, blocks[len(held_blocks):], held_blocks, cfg, report)
-    if held_blocks is not None:
-        report.equivalence = asdict(compare(model, sparse, held_blocks))
-    return sparse, report
-
-
-def run(model: str, out: str, config: SparsifyCommandConfig = SparsifyCommandConfig()) -> SparsifyReport:
+def run(model: str, out: str, config: SparsifyConfig = SparsifyConfig(),
+        options: RunOptions = RunOptions()) -> SparsifyReport:
     """Load MODEL, sparsify it, save OUT (safetensors + a config of model_type upcycle_sparse),
     reload it and check the logits are identical, and write sparsify_report.{md,json} and
     recall.png beside it."""
     quiet_transformers()
-    hub.check_out(out, config.overwrite)
-    loaded, tokenizer = hub.load(model, trust_remote_code=config.trust_remote_code)
-    sparse, report = sparsify(loaded, tokenizer, config)
-    folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=config.overwrite)
+    hub.check_out(out, options.overwrite)
+    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
+    sparse, report = pipeline.run(loaded, tokenizer, config, progress=options.progress)
+    folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=options.overwrite)
     write_report(report, folder, source=model, reload_check=reload_check.summary())
     predictor = (f"shadow {config.bits}-bit/{config.group} {config.quantizer}" if config.predictor == "shadow" else f"rank {config.rank}")
     lines = [f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "

@@ -60,7 +60,9 @@ class BankSparsity:
     predictor: str = "shadow"
     bits: int = 4  # shadow: bits per weight of the gate/up copies
     group: int = 64  # shadow: inputs per quantization scale
-    quantizer: str = "rtn"  # shadow: how the copies are rounded (modules.shadow_quant)
+    # shadow: how the copies are rounded (modules.shadow_quant); GPTQ rounds to nearest until it is given
+    # the layer's calibration inputs
+    quantizer: str = "gptq"
 
     def __post_init__(self):
         check(isinstance(self.bank, int) and self.bank >= 1, "bank", self.bank, "a positive integer")

@@ -44,7 +44,10 @@ class UpcycleSparseConfig(PretrainedConfig):
 
     def layer_sparsity(self) -> BankSparsity:
         saved = {k: v for k, v in self.sparsity.items() if k != "layers"}
-        saved.setdefault("predictor", "lowrank")  # saved before there was a choice: the low-rank one
+        # a model saved before there was a choice made its FFNs with the only one there was then: these
+        # are facts about old files, not defaults
+        saved.setdefault("predictor", "lowrank")
+        saved.setdefault("quantizer", "rtn")
         return BankSparsity(**saved)
 
 

@@ -8,7 +8,7 @@ unchanged), from calibration statistics (each layer's FFN inputs); swaps in the 
 same weights; initialises the predictors (`svd` of W_gate or `random`) and, for the TEAL baseline,
 calibrates thresholds. The input model is not modified. Nothing here trains: the predictor warm-up is
 upcycle.train.sparsify, and the whole verb (calibrate -> transform -> warm up -> verify) is
-upcycle.commands.sparsify.sparsify.
+upcycle.pipelines.sparsify.
 """
 
 from __future__ import annotations
@@ -26,22 +26,23 @@ from upcycle.modules.bank_sparse import QUANTIZERS
 from upcycle.ops.calibrate import magnitude_quantile, swiglu_activation
 
 INITS = ("svd", "random")
+_MODULE = BankSparsity()  # the sparse FFN's own settings have their defaults there, declared once
 
 
 @dataclass
 class SparsifyConfig(Config):
-    bank: int = option(64, "channels per bank (must divide the FFN width, or --pad)")
-    keep: int = option(16, "channels kept in every bank per token")
-    predictor: str = option("shadow", "how channels are scored: shadow (the FFN's own activation from "
+    bank: int = option(_MODULE.bank, "channels per bank (must divide the FFN width, or --pad)")
+    keep: int = option(_MODULE.keep, "channels kept in every bank per token")
+    predictor: str = option(_MODULE.predictor, "how channels are scored: shadow (the FFN's own activation from "
                             "low-bit copies of its gate/up weights) or lowrank (z = x A B, trained: the paper's)",
                             choices=("lowrank", "shadow"))
-    rank: int = option(64, "rank of the low-rank predictor")
-    bits: int = option(4, "shadow predictor: bits per weight of the gate/up copies (2-8)")
-    group: int = option(64, "shadow predictor: inputs per quantization scale")
-    quantizer: str = option("gptq", "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
+    rank: int = option(_MODULE.rank, "rank of the low-rank predictor")
+    bits: int = option(_MODULE.bits, "shadow predictor: bits per weight of the gate/up copies (2-8)")
+    group: int = option(_MODULE.group, "shadow predictor: inputs per quantization scale")
+    quantizer: str = option(_MODULE.quantizer, "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
                             "calibration inputs) or rtn (to nearest)", choices=QUANTIZERS)
-    gate: str = option("hard", "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
-    selection: str = option("predictor", "predictor | oracle | threshold (TEAL-style, a baseline)")
+    gate: str = option(_MODULE.gate, "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
+    selection: str = option(_MODULE.selection, "predictor | oracle | threshold (TEAL-style, a baseline)")
     init: str = option("svd", "predictor initialisation", choices=INITS)
     warmup_steps: int = option(200, "predictor fitting steps per layer on the dense oracle (0: none)")
     warmup_lr: float = option(1e-2, "learning rate of the predictor warm-up")
@@ -49,7 +50,7 @@ class SparsifyConfig(Config):
     calibration: str = option("shakespeare+pystdlib", "text for calibration and the warm-up ('a+b' mixes)")
     calibration_tokens: int = option(32768, "calibration tokens (1/8 held out to measure recall)")
     seq_len: int = option(256, "length of the calibration blocks")
-    convert_steps: int = option(0, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
+    convert_steps: int = option(60, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
                                 "and weights) to the dense FFN's output, bottom up (0: none)")
     convert_rows: int = option(1024, "layer-wise conversion: rows per step")
     convert_lr: float = option(1e-3, "layer-wise conversion: predictor learning rate")
@@ -59,7 +60,6 @@ class SparsifyConfig(Config):
     permute: bool = option(False, "co-activation clustering of channels before banking")
     pad: bool = option(False, "pad the FFN width with zero channels to a multiple of BANK")
     seed: int = option(0, "seed of the predictor initialisation and warm-up sampling")
-    progress: bool = option(False, "progress bars")
 
     def validate(self):
         self.sparsity  # validates bank, keep, rank, gate, selection

@@ -2,7 +2,8 @@
 
 from upcycle.train.config import GroupConfig, LossTerm, StageConfig, TrainConfig
 from upcycle.train.losses import LOSSES, LossInputs, register_loss
-from upcycle.train.trainer import CALLBACKS, TRANSFORMS, Callback, Trainer, TrainingDiverged, register_callback, register_transform
+from upcycle.train.registry import CALLBACKS, TRANSFORMS, register_callback, register_transform
+from upcycle.train.trainer import Callback, Trainer, TrainingDiverged
 from upcycle.train import sparsify as _sparsify  # noqa: F401  registers the router loss, anneal_keep, the sparsify stage
 from upcycle.train import moe as _moe  # noqa: F401  registers the balance and router_z losses, the top_k stage
 from upcycle.train import slim as _slim  # noqa: F401  registers the slim stage (cuts inside a schedule)

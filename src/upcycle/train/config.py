@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 from upcycle.arch import PARAMETER_GROUPS
 from upcycle.config import Config, option
 from upcycle.errors import check
+from upcycle.train.losses import LOSSES
+from upcycle.train.registry import check_callback, check_transform
 
 SCHEDULES = ("cosine", "linear", "constant")
 DISTRIBUTED = ("ddp", "fsdp")
@@ -91,9 +93,15 @@ class StageConfig(Config):
     def validate(self):
         check(self.tokens > 0, f"stage {self.name!r} tokens", self.tokens,
               "a positive number of tokens")
+        if self.transform is not None:
+            check_transform(self.transform, self.transform_options, f"stage {self.name!r}")
+        else:
+            check(not self.transform_options, f"stage {self.name!r} transform_options", self.transform_options,
+                  "empty when the stage names no transform")
         for cb in self.callbacks:
             check(isinstance(cb, dict) and "name" in cb and set(cb) <= {"name", "options"},
                   f"stage {self.name!r} callbacks", cb, "{name: registered callback, options: {...}}")
+            check_callback(cb["name"], cb.get("options") or {}, f"stage {self.name!r}")
 
 
 @dataclass
@@ -149,8 +157,6 @@ class TrainConfig(Config):
         for stage in self.stages:
             for g in stage.train or []:
                 check(g in groups, f"stage {stage.name!r} train", g, f"one of the groups {sorted(groups)}")
-        from upcycle.train.losses import LOSSES  # the registry may grow after import
-
         for term in self.losses:
             check(term.name in LOSSES, "loss", term.name, f"one of {', '.join(sorted(LOSSES))}")
             if term.name == "kd":

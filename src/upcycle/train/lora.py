@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 from upcycle.errors import ConfigError, check
-from upcycle.train.trainer import register_transform
+from upcycle.train.registry import register_transform
 
 
 def _peft():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError
 from upcycle.train.losses import LossInputs, register_loss
-from upcycle.train.trainer import register_transform
+from upcycle.train.registry import register_transform
 
 
 def _router_logits(inputs: LossInputs, name: str) -> tuple[torch.Tensor, ...]:

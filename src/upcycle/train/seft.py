@@ -32,7 +32,8 @@ from upcycle.errors import ConfigError, check
 from upcycle.ops.prune import prunable_linears
 from upcycle.ops.prune.masks import check_nm
 from upcycle.train.sparse_delta import SparseDeltaLinear
-from upcycle.train.trainer import Callback, register_callback, register_transform
+from upcycle.train.registry import register_callback, register_transform
+from upcycle.train.trainer import Callback
 
 
 @register_transform("seft")

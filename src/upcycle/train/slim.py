@@ -6,53 +6,77 @@ training is a list of stages (progressive), and one-shot is every cut at the fir
 
 Importance is measured on the model as it is when the stage starts (after the cuts and training before
 it), on calibration text — unless `recompute: false`: then every cut reads the scores measured once on the
-source (ops/slim/lineage.py). Each cut's report is kept in REPORTS (the slim command writes them out).
+source (ops/slim/lineage.py). The transform returns the stage's cut reports (the trainer keeps them in
+`stage_reports`); what one stage hands the next (the source's scores and the lineage) lives in the run's
+`state`, never in this module.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from upcycle import data
-from upcycle.ops.slim import CutReport, SlimStep, apply_cut
+from upcycle.config import Config, option
+from upcycle.errors import ConfigError
+from upcycle.ops.slim import CutReport, SlimStep, apply_cut, parse_step
 from upcycle.ops.slim.lineage import Lineage, source_scores
 from upcycle.train.mtp import attach_mtp, detach_mtp
-from upcycle.train.trainer import register_transform
-
-REPORTS: list[CutReport] = []  # the cuts the slim transform made in this process, in order
-# recompute false: the source's scores and where each part of the current model came from
-STATE: dict = {"scores": None, "lineage": None}
+from upcycle.train.registry import register_transform
 
 
-def reset(scores: dict | None = None, lineage: Lineage | None = None) -> None:
-    """A new plan: no reports yet; the source's scores (None: measure every cut anew) and lineage."""
-    REPORTS.clear()
-    STATE.update(scores=scores, lineage=lineage)
+@dataclass
+class SlimStageOptions(Config):
+    cuts: list[dict] = option(help="the cuts, in order (each a mapping: op and its options)", factory=list)
+    calibration: str = option("shakespeare+pystdlib", "text for importance (train split) and the one-shot "
+                              "measurements (validation split)")
+    calibration_tokens: int = option(8192, "tokens of calibration text")
+    seq_len: int = option(256, "length of the text blocks")
+    held_tokens: int = option(4096, "tokens of held-out text")
+    mtp: bool = option(False, "give the result a multi-token-prediction head (for the mtp loss)")
+    recompute: bool = option(True, "measure each cut's importance anew (false: once, on the source)")
+
+    def validate(self) -> None:
+        self.steps  # every cut parsed now: a bad cut fails when the run config loads
+
+    @property
+    def steps(self) -> list[SlimStep]:
+        return [c if isinstance(c, SlimStep) else parse_step(c, f"cuts[{n}]") for n, c in enumerate(self.cuts)]
 
 
-def cut(model, step: SlimStep, blocks, held):
-    """One cut, with the source's scores where the plan keeps them; its report recorded."""
-    lineage = STATE["lineage"]
-    scores = lineage.read(STATE["scores"], step) if lineage is not None else None
-    model, report = apply_cut(model, step, blocks, held, scores=scores)
-    if lineage is not None:
-        STATE["lineage"] = lineage.after(step, report.removed)
-    REPORTS.append(report)
-    return model, report
+class SlimState:
+    """What a slimming plan carries from cut to cut: the source's scores (None: measure every cut anew)
+    and where each part of the current model came from."""
+
+    def __init__(self, scores: dict | None = None, lineage: Lineage | None = None):
+        self.scores, self.lineage = scores, lineage
+
+    def cut(self, model, step: SlimStep, blocks, held) -> tuple[object, CutReport]:
+        scores = self.lineage.read(self.scores, step) if self.lineage is not None else None
+        model, report = apply_cut(model, step, blocks, held, scores=scores)
+        if self.lineage is not None:
+            self.lineage = self.lineage.after(step, report.removed)
+        return model, report
 
 
-@register_transform("slim")
-def slim_stage(model, tokenizer=None, cuts: list | None = None, calibration: str = "shakespeare+pystdlib",
-               calibration_tokens: int = 8192, seq_len: int = 256, held_tokens: int = 4096, mtp: bool = False,
-               recompute: bool = True):
-    """Apply `cuts` (SlimStep mappings) in order, each chosen on calibration text (train split) and
-    measured on held-out text (validation split); with `mtp`, the result gets a multi-token-prediction
-    head of its (new) hidden size for the `mtp` loss."""
+@register_transform("slim", options=SlimStageOptions)
+def slim_stage(model, tokenizer=None, state: dict | None = None, **options):
+    """Apply the cuts in order, each chosen on calibration text (train split) and measured on held-out
+    text (validation split); with `mtp`, the result gets a multi-token-prediction head of its (new)
+    hidden size. Returns (model, the cuts' reports)."""
     if tokenizer is None:
-        raise ValueError("the slim stage transform needs the run's tokenizer")
-    blocks = data.blocks(calibration, tokenizer, "train", seq_len, max_blocks=max(1, calibration_tokens // seq_len))
-    held = data.blocks(calibration, tokenizer, "validation", seq_len, max_blocks=max(1, held_tokens // seq_len))
-    steps = [o if isinstance(o, SlimStep) else SlimStep.from_dict(o, f"cuts[{n}]") for n, o in enumerate(cuts or [])]
-    if not recompute and STATE["lineage"] is None:  # first stage of a plan run outside `upcycle slim`: its model is the source
-        reset(source_scores(detach_mtp(model), steps, blocks), Lineage.of(detach_mtp(model)))
-    for step in steps:
-        model, _ = cut(detach_mtp(model), step, blocks, held)
-    return attach_mtp(model) if mtp else model
+        raise ConfigError("the slim stage transform needs the run's tokenizer")
+    opts = SlimStageOptions(**options)
+    blocks = data.blocks(opts.calibration, tokenizer, "train", opts.seq_len,
+                         max_blocks=max(1, opts.calibration_tokens // opts.seq_len))
+    held = data.blocks(opts.calibration, tokenizer, "validation", opts.seq_len,
+                       max_blocks=max(1, opts.held_tokens // opts.seq_len))
+    state = {} if state is None else state
+    if "slim" not in state:  # the plan's first stage: its model is the source
+        source = detach_mtp(model)
+        state["slim"] = (SlimState(source_scores(source, opts.steps, blocks), Lineage.of(source))
+                         if not opts.recompute else SlimState())
+    reports = []
+    for step in opts.steps:
+        model, report = state["slim"].cut(detach_mtp(model), step, blocks, held)
+        reports.append(report)
+    return (attach_mtp(model) if opts.mtp else model), reports

@@ -1,9 +1,8 @@
 """sparsify's training glue: the predictor warm-up and the layer-wise conversion (both layer-local),
-the router loss, k annealing, the stage transform.
+the router loss, k annealing (the `sparsify` stage transform is the pipeline's: upcycle.pipelines.sparsify).
 
     warm_up_predictors(sparse, inputs, held_tokens, config, report)   # each layer's predictor on its cached inputs
     convert_layerwise(sparse, dense, fit_blocks, held_blocks, config, report)   # each sparse FFN fitted to its dense one
-    stages: [{transform: sparsify, ...}]                               # in a run config
     losses: [{name: router}]    callbacks: [{name: anneal_keep}]
 """
 
@@ -20,7 +19,8 @@ from upcycle.modules.bank_sparse import oracle_ranking_loss
 from upcycle.ops.calibrate import LayerStream
 from upcycle.train.layerwise import fit
 from upcycle.train.losses import LossInputs, register_loss
-from upcycle.train.trainer import Callback, register_callback, register_transform
+from upcycle.train.registry import register_callback
+from upcycle.train.trainer import Callback
 
 
 def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, batch: int,
@@ -37,13 +37,14 @@ def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, ba
                optimizer="adam")
 
 
-def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int, config, report) -> None:
+def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int, config, report, *,
+                       progress: bool = False) -> None:
     """Per layer with calibration inputs: recall before, fit the predictor on the rows after the
     first `held_tokens` (warmup_steps of them), recall after on the held-out rows; into `report`.
     The inputs are freed layer by layer."""
     adapter = adapter_for(sparse)
     generator = torch.Generator().manual_seed(config.seed)
-    bar = tqdm(report.layers, desc="predictors", disable=not config.progress, leave=False)
+    bar = tqdm(report.layers, desc="predictors", disable=not progress, leave=False)
     for i in bar:
         x = inputs.pop(i, None)
         if x is None:
@@ -97,7 +98,8 @@ def _dense_outputs(dense_ffn: torch.nn.Module, rows: torch.Tensor, chunk: int = 
     return torch.cat([dense_ffn(r) for r in rows.split(chunk)])
 
 
-def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report) -> None:
+def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report, *,
+                      progress: bool = False) -> None:
     """Layer by layer, bottom up: take the rows the layer's FFN sees in the sparse model as converted so
     far (the layers below already fitted; carried up one layer at a time, ops.calibrate.LayerStream),
     and fit its predictor and FFN weights so that its output reproduces the dense model's FFN of that
@@ -107,7 +109,7 @@ def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torc
     generator = torch.Generator().manual_seed(config.seed)
     fit_stream, held_stream = LayerStream(sparse, fit_blocks), LayerStream(sparse, held_blocks)
     converting, top = set(report.layers), max(report.layers)
-    bar = tqdm(range(top + 1), desc="layer-wise conversion", disable=not config.progress, leave=False)
+    bar = tqdm(range(top + 1), desc="layer-wise conversion", disable=not progress, leave=False)
     for i in bar:
         if i in converting:
             ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
@@ -124,13 +126,6 @@ def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torc
         if i < top:  # the layer as converted feeds the next one
             fit_stream.advance(), held_stream.advance()
     sparse.eval()
-
-
-@register_transform("sparsify")
-def _sparsify_stage(model, tokenizer=None, **options):
-    from upcycle.commands.sparsify import sparsify  # the verb's whole in-memory pipeline
-
-    return sparsify(model, tokenizer, **options)
 
 
 @register_callback("anneal_keep")

@@ -15,7 +15,6 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -28,27 +27,8 @@ from upcycle.train.config import TrainConfig
 from upcycle.train.groups import configure_trainable
 from upcycle.train.losses import LOSSES, LossInputs, forward_options
 from upcycle.train.records import MetricsLog, plot_loss, write_report
+from upcycle.train.registry import CALLBACKS, TRANSFORMS, options_for
 from upcycle.train.schedules import lr_factor, weight_at
-
-# name -> fn(model, **options) -> model: structural changes applied when a stage starts
-TRANSFORMS: dict[str, Callable] = {}
-# name -> Callback class, instantiated with the stage's options while that stage runs
-CALLBACKS: dict[str, type] = {}
-
-
-def _registrar(registry: dict):
-    def register(name: str):
-        def wrap(obj):
-            registry[name] = obj
-            return obj
-        return wrap
-    return register
-
-
-register_transform = _registrar(TRANSFORMS)
-# a Callback class usable from a run config: stages: [{..., callbacks: [{name, options}]}]
-register_callback = _registrar(CALLBACKS)
-
 
 class TrainingDiverged(UpcycleError):
     """The loss stopped being a finite number; the last good checkpoint is kept."""
@@ -106,18 +86,15 @@ class Trainer:
                               f"({config.micro_batch} x {self.world.size})")
         for stage in config.stages:
             self.stage_steps(stage)  # refuse a stage too small for one step before any work
-            if stage.transform is not None and stage.transform not in TRANSFORMS:
-                raise ConfigError(f"stage {stage.name!r} transform={stage.transform!r} is not registered; "
-                                  f"known: {', '.join(sorted(TRANSFORMS)) or 'none'}")
-            for cb in stage.callbacks:
-                if cb["name"] not in CALLBACKS:
-                    raise ConfigError(f"stage {stage.name!r} callback {cb['name']!r} is not registered; "
-                                      f"known: {', '.join(sorted(CALLBACKS)) or 'none'}")
         self.progress = Progress()
         self.optimizer = None
         self.wrapped = None
         self._order: tuple[int, torch.Tensor] | None = None  # (epoch, permutation) of the current epoch
         self._applied: set[int] = set()
+        # what the stage transforms report, by stage name, and what they carry from one stage to the next
+        # (e.g. the slim transform's lineage): the run's, never a module's
+        self.stage_reports: dict[str, object] = {}
+        self.state: dict = {}
 
     # ---- set-up ----------------------------------------------------------------------------------
     def _teacher(self, teacher):
@@ -146,9 +123,12 @@ class Trainer:
         if stage.transform is None or index in self._applied:
             return
         fn = TRANSFORMS[stage.transform]
-        extra = {"tokenizer": self.tokenizer} if "tokenizer" in inspect.signature(fn).parameters else {}
-        result = fn(self.model, **stage.transform_options, **extra)
-        self.model = (result[0] if isinstance(result, tuple) else result).to(self.world.device)
+        takes = inspect.signature(fn).parameters
+        extra = {k: v for k, v in (("tokenizer", self.tokenizer), ("state", self.state)) if k in takes}
+        result = fn(self.model, **options_for(stage.transform, stage.transform_options), **extra)
+        if isinstance(result, tuple):  # (model, report): the report is the stage's result
+            result, self.stage_reports[stage.name] = result
+        self.model = result.to(self.world.device)
         self._applied.add(index)
 
     # ---- data ----------------------------------------------------------------------------------

@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import torch
 
 from upcycle.arch import adapter_for
-from upcycle.errors import ConfigError
 from upcycle.ops.calibrate import LayerStream
 from upcycle.ops.grow.depth import add_layers
 from upcycle.ops.grow.experts import clone_experts, raise_top_k
@@ -59,11 +58,8 @@ def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks
     """(grown model, StepReport): the step applied to `model` (left unchanged), verified on `blocks`
     (token ids, held-out text) when given. A k-means router is fitted on `calibration` blocks
     (default: `blocks`). A step that fails its check raises GrowthNotPreserved."""
-    if step.op is None:
-        raise ConfigError("a growth step needs op: one of moe, experts, top_k, depth, ffn_width, hidden")
     start = time.perf_counter()
     if step.op == "moe":
-        inputs = None
         text = calibration if calibration is not None else blocks
         routers = kmeans_routers(model, step, text) if step.router == "kmeans" and text is not None else None
         grown, facts = to_moe(model, step, routers)

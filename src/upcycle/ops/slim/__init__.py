@@ -14,12 +14,13 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from upcycle.errors import ConfigError
 from upcycle.eval import Equivalence, compare
 from upcycle.ops.slim.cuts import cut_depth, cut_experts, cut_ffn_width, cut_heads, cut_hidden
 from upcycle.ops.slim.step import SlimStep
 
-__all__ = ["SlimStep", "CutReport", "apply_cut"]
+parse_step = SlimStep.from_dict  # a cut from a mapping {op, ...options}
+
+__all__ = ["SlimStep", "CutReport", "apply_cut", "parse_step"]
 
 CUTS = {"depth": cut_depth, "hidden": cut_hidden, "ffn_width": cut_ffn_width, "heads": cut_heads,
         "experts": cut_experts}
@@ -53,8 +54,6 @@ def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tens
     """(smaller copy, CutReport): the cut chosen by importance on `calibration` blocks (or by `scores`
     measured before, in this model's indices: see lineage.py), measured on `held` blocks (perplexity
     before/after, KL, top-1) when given. The input model is left alone."""
-    if step.op is None:
-        raise ConfigError("a cut needs op: one of depth, hidden, ffn_width, heads, experts")
     start = time.perf_counter()
     if scores is not None and step.op in ("depth", "hidden", "ffn_width", "heads"):
         slim, removed = CUTS[step.op](model, step, calibration, scores=scores)
