@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field
 from upcycle import hub, kernels
 from upcycle.arch import adapter_for
 from upcycle.commands import quiet_transformers
-from upcycle.config import Config, option
+from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval.speed import QWEN7B_FFN, decode_bench, ffn_microbench
 from upcycle.kernels.precision import PRECISIONS, to_precision
@@ -39,7 +39,6 @@ class BenchConfig(Config):
                         "what `upcycle generate` runs)")
     precision: str = option("fp32", "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
                             "activations (the FFN microbenchmark stays fp32)", choices=PRECISIONS)
-    progress: bool = option(True, "progress bars")
 
     def validate(self):
         check(bool(self.batches) and min(self.batches) >= 1, "batches", self.batches, "positive integers")
@@ -101,13 +100,14 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
     return model, sparse
 
 
-def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = None) -> BenchReport:
+def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = None,
+        options: RunOptions = RunOptions()) -> BenchReport:
     """Time MODEL's FFN layer and greedy decoding, dense vs sparse; print the table; with OUT, write
     bench.json and bench.md there."""
     quiet_transformers()
     if out is not None:
-        hub.check_out(out, overwrite=True)
-    loaded, tokenizer = hub.load(model)
+        hub.check_out(out, overwrite=True)  # a report folder: refreshed, never a model
+    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
     adapter = adapter_for(loaded)
     found = next((i for i in range(adapter.num_layers) if isinstance(adapter.ffn(i), BankSparseFFN)), None)
     sparsity = config.sparsity or (adapter.ffn(found).sparsity if found is not None else BankSparsity())
@@ -115,7 +115,7 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
     known = {"model": (loaded.config.hidden_size, width), "qwen7b": QWEN7B_FFN}
     shapes = {name: known[name] for name in config.shapes}
     report = BenchReport(model=str(model), kernel="compiled" if kernels.available() else str(kernels.why_unavailable()))
-    report.ffn = ffn_microbench(shapes, config.batches, sparsity, repeats=config.repeats, progress=config.progress)
+    report.ffn = ffn_microbench(shapes, config.batches, sparsity, repeats=config.repeats, progress=options.progress)
     if config.decode:
         if tokenizer is None:
             raise ConfigError(f"{model}: no tokenizer, so no decoding benchmark (pass --no-decode)")
@@ -124,7 +124,7 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
             dense, sparse = (to_precision(m, config.precision) for m in (dense, sparse))
         report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=config.new_tokens, repeats=config.repeats,
                                      compiled=config.compile, lean=config.lean, precision=config.precision,
-                                     progress=config.progress)
+                                     progress=options.progress)
         report.decode["precision"] = config.precision
     print(report.table())
     if out is not None:

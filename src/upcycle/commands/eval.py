@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from upcycle import data, hub
 from upcycle.commands import quiet_transformers
-from upcycle.config import Config, option
+from upcycle.config import Config, RunOptions, option
 from upcycle.data import SPLITS
 from upcycle.errors import check
 from upcycle.eval import Perplexity, perplexity
@@ -23,7 +23,6 @@ class EvalConfig(Config):
     val_fraction: float = option(0.1, "share of the documents held out for validation")
     seed: int = option(0, "seed of the document split")
     json: bool = option(False, "print the result as JSON")
-    trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")
 
     def validate(self):
         if self.max_blocks == 0:
@@ -41,11 +40,11 @@ def evaluate(model, tokenizer, config: EvalConfig, *, progress: bool = True) -> 
                       desc=f"{config.data} {config.split}")
 
 
-def run(model: str, config: EvalConfig = EvalConfig()) -> Perplexity:
+def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = RunOptions()) -> Perplexity:
     """Load MODEL, score it on the split, print the result."""
     quiet_transformers()
-    loaded, tokenizer = hub.load(model, trust_remote_code=config.trust_remote_code)
-    result = evaluate(loaded, tokenizer, config)
+    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
+    result = evaluate(loaded, tokenizer, config, progress=options.progress)
     if config.json:
         print(json.dumps({"model": model, "data": config.data, "split": config.split, **result.as_dict()}, indent=2))
     else:

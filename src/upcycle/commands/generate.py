@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 from upcycle import hub
 from upcycle.commands import quiet_transformers
-from upcycle.config import Config, option
+from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
+from upcycle.commands.bench import sparse_and_dense
+from upcycle.eval.decode import GreedyDecoder
 from upcycle.kernels.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 
@@ -35,13 +37,10 @@ class GenerateConfig(Config):
         check(bool(self.prompt), "prompt", self.prompt, "some text")
 
 
-def run(model: str, config: GenerateConfig = GenerateConfig()) -> dict:
+def run(model: str, config: GenerateConfig = GenerateConfig(), options: RunOptions = RunOptions()) -> dict:
     """Generate from MODEL (and its dense or sparse twin); print each text and tokens/s; return them."""
-    from upcycle.commands.bench import sparse_and_dense
-    from upcycle.eval.decode import GreedyDecoder
-
     quiet_transformers()
-    loaded, tokenizer = hub.load(model)
+    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
     if tokenizer is None:
         raise ConfigError(f"{model} has no tokenizer: nothing to generate text with")
     is_sparse = any(isinstance(m, BankSparseFFN) for m in loaded.modules())
