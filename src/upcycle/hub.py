@@ -271,17 +271,11 @@ def tiny(family: str, *, layers: int = 2, hidden: int = 64, ffn: int = 128, expe
                   num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads,
                   max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
                   eos_token_id=256, bos_token_id=256, pad_token_id=256)
-    moe = {
-        "qwen2_moe": dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn // 2,
-                          shared_expert_intermediate_size=ffn, norm_topk_prob=False),
-        "qwen3_moe": dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn // 2,
-                          norm_topk_prob=True),
-        "mixtral": dict(num_local_experts=experts, num_experts_per_tok=top_k),
-    }.get(family, {})
-    config = AutoConfig.for_model(family, **common, **moe)
-    config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[family]]
+    own = arch.FAMILIES[family].tiny_fields(experts=experts, top_k=top_k, ffn=ffn)
+    config = AutoConfig.for_model(family, **common, **own)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
+    model.config.architectures = [type(model).__name__]
     with torch.no_grad():  # norms and routers start at constants; draw them so tests see their effect
         for name, param in model.named_parameters():
             if name.endswith(("norm.weight", "layernorm.weight")):

@@ -3,17 +3,19 @@
     adapter = upcycle.arch.adapter_for(model)
     w = adapter.ffn_weights(3)          # SwiGLUWeights(gate, up, down)
     adapter.set_ffn(3, MyFFN(...))      # replace a layer's FFN
+
+A new family is one adapter class and one registry line (`@register`; see families.py).
 """
 
 from __future__ import annotations
 
 from upcycle.arch.base import PARAMETER_GROUPS, Adapter, LayerShape, SwiGLUWeights
 from upcycle.arch import reexpress
-from upcycle.arch.families import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES
+from upcycle.arch.families import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES, dense_families, moe_families, register
 from upcycle.errors import UnsupportedArchitecture
 
 __all__ = ["PARAMETER_GROUPS", "Adapter", "LayerShape", "SwiGLUWeights", "FAMILIES", "DENSE_FAMILIES", "MOE_FAMILIES",
-           "adapter_for", "family_of"]
+           "adapter_for", "family_of", "register", "dense_families", "moe_families", "reexpress"]
 
 
 def family_of(config) -> str:

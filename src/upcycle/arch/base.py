@@ -19,7 +19,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from upcycle.errors import ConfigError
+from upcycle.errors import ConfigError, UnsupportedArchitecture
 
 
 @dataclass
@@ -55,7 +55,10 @@ class Adapter:
     """Reads and writes the parts of one causal LM. Subclasses name their family's config keys."""
 
     family: ClassVar[str] = ""
-    model_types: ClassVar[tuple[str, ...]] = ()
+    model_types: ClassVar[tuple[str, ...]] = ()  # the transformers model_type(s) this adapter reads
+    is_moe: ClassVar[bool] = False  # its FFNs are mixtures of experts
+    has_shared_expert: ClassVar[bool] = False  # MoE: an always-on shared expert beside the routed ones
+    moe_targets: ClassVar[tuple[str, ...]] = ()  # dense: the MoE families its layers can become (first: default)
     # canonical name -> this family's config key; transforms speak only canonical names
     config_keys: ClassVar[dict[str, str]] = {
         "hidden_size": "hidden_size",
@@ -65,6 +68,18 @@ class Adapter:
         "head_dim": "head_dim",
         "norm_eps": "rms_norm_eps",
     }
+
+    @classmethod
+    def moe_fields(cls, *, experts: int, expert_width: int, shared_width: int | None, normalize: bool,
+                   attention_bias: str | None) -> dict:
+        """MoE families: the config fields (beyond the dense ones) of a model of this family whose layers
+        hold `experts` routed experts; UnsupportedArchitecture where the source cannot be written so."""
+        raise UnsupportedArchitecture(f"{cls.family} is not a mixture-of-experts family")
+
+    @classmethod
+    def tiny_fields(cls, *, experts: int, top_k: int, ffn: int) -> dict:
+        """The config fields a tiny random test model of this family adds to the common ones."""
+        return {}
 
     def __init__(self, model: nn.Module):
         self.model = model

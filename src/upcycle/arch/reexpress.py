@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers.initialization import no_init_weights
 
+from upcycle.arch.families import FAMILIES
 from upcycle.errors import UnsupportedArchitecture
 
 # config fields that mean the same thing in Llama and Qwen2
@@ -45,11 +47,6 @@ def llama_as_qwen2(model) -> Qwen2ForCausalLM:
 
 # ---- a dense model as a stock mixture of experts -----------------------------------------------------
 
-# the MoE families a dense family's layers can be written into with the same attention: Qwen2-MoE has
-# q/k/v biases (zero when the source has none) and no output bias; Mixtral has no attention biases;
-# Qwen3's q/k norms exist only in Qwen3-MoE
-MOE_TARGETS = {"llama": ("qwen2_moe", "mixtral"), "mistral": ("qwen2_moe", "mixtral"), "qwen2": ("qwen2_moe",),
-               "qwen3": ("qwen3_moe",)}
 # config fields that mean the same thing in every dense and MoE family here
 _COMMON_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                   "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
@@ -60,13 +57,10 @@ def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int
               normalize: bool = True):
     """A stock `family` MoE model with `model`'s embeddings, attention, norms and LM head, and every
     layer's FFN an MoE block of `experts` routed experts of `expert_width` (plus a shared expert of
-    `shared_width` in Qwen2-MoE) whose weights are left for the caller to write (uninitialised).
+    `shared_width` where the family has a shared expert) whose weights are left for the caller to write (uninitialised).
     `normalize`: the top-k router weights renormalised to sum to one (Mixtral always does)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
     source = model.config
-    allowed = MOE_TARGETS.get(source.model_type, ())
+    allowed = FAMILIES[source.model_type].moe_targets if source.model_type in FAMILIES else ()
     if family not in allowed:
         raise UnsupportedArchitecture(
             f"a {source.model_type} model cannot become {family}: its attention has no exact form there"
@@ -79,23 +73,8 @@ def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int
     fields.update(head_dim=head_dim, num_experts_per_tok=top_k)
     if _uses_sliding_window(source):
         raise UnsupportedArchitecture("dense → MoE of a sliding-window model is not supported (its window would be lost)")
-    if family == "qwen2_moe":
-        if attention_bias == "output":
-            raise UnsupportedArchitecture("Qwen2-MoE has no attention output bias: this model's would be lost")
-        fields.update(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
-                      shared_expert_intermediate_size=shared_width or expert_width, norm_topk_prob=normalize,
-                      decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=attention_bias is not None,
-                      use_sliding_window=False)
-    elif family == "qwen3_moe":
-        fields.update(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
-                      norm_topk_prob=normalize, decoder_sparse_step=1, mlp_only_layers=[],
-                      attention_bias=attention_bias is not None, use_sliding_window=False)
-    else:  # mixtral
-        if attention_bias is not None:
-            raise UnsupportedArchitecture("Mixtral has no attention biases: this model's would be lost")
-        if not normalize:
-            raise UnsupportedArchitecture("Mixtral always renormalises its top-k router weights")
-        fields.update(num_local_experts=experts, intermediate_size=expert_width, sliding_window=None)
+    fields.update(FAMILIES[family].moe_fields(experts=experts, expert_width=expert_width, shared_width=shared_width,
+                                              normalize=normalize, attention_bias=attention_bias))
     config = AutoConfig.for_model(family, **fields)
     config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     dtype = next(model.parameters()).dtype

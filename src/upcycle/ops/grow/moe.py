@@ -22,7 +22,8 @@ import math
 import torch
 
 from upcycle.arch import SwiGLUWeights, adapter_for
-from upcycle.arch.reexpress import MOE_TARGETS, moe_shell
+from upcycle.arch import FAMILIES
+from upcycle.arch.reexpress import moe_shell
 from upcycle.errors import ConfigError, UnsupportedArchitecture
 from upcycle.ops.grow.copying import neurons, redraw, stack
 from upcycle.ops.grow.step import GrowStep
@@ -32,10 +33,10 @@ KMEANS_LOGIT = 4.0  # a k-means router gives a token at the mean input norm a lo
 
 def target_family(model, step: GrowStep) -> str:
     source = model.config.model_type
-    if source not in MOE_TARGETS:
+    if source not in FAMILIES or not FAMILIES[source].moe_targets:
         raise UnsupportedArchitecture(f"op moe needs a dense model; this one is {source} (use op experts or top_k "
                                       "to grow an MoE)")
-    return MOE_TARGETS[source][0] if step.family == "auto" else step.family
+    return FAMILIES[source].moe_targets[0] if step.family == "auto" else step.family
 
 
 def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None):
@@ -45,8 +46,9 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
     source = adapter_for(model)
     family = target_family(model, step)
     width = source.ffn_weights(0).width
-    if step.mode == "shared" and family != "qwen2_moe":
-        raise ConfigError(f"mode shared needs a family with a shared expert (qwen2_moe), not {family}")
+    if step.mode == "shared" and not FAMILIES[family].has_shared_expert:
+        with_shared = [f for f, cls in FAMILIES.items() if cls.has_shared_expert]
+        raise ConfigError(f"mode shared needs a family with a shared expert ({', '.join(with_shared)}), not {family}")
     if step.mode == "granular" and width % step.granularity:
         raise ConfigError(f"granularity={step.granularity} does not divide the FFN width {width}")
     if step.mode == "partition" and width % step.experts:
@@ -76,7 +78,7 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
         raise RuntimeError("dense → MoE left a weight unwritten")  # a bug, not the user's input
     kind, why = _kind(step, family)
     return grown, {"kind": kind, "why": why, "family": family, "router": step.router, "expert_width": expert_width,
-                   "shared_width": shared_width if family == "qwen2_moe" else None}
+                   "shared_width": shared_width if FAMILIES[family].has_shared_expert else None}
 
 
 def _widths(step: GrowStep, width: int) -> tuple[int, int]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from upcycle.arch import moe_families
 from upcycle.config import OperatorStep, option
 from upcycle.errors import check
 
@@ -33,8 +34,8 @@ class GrowStep(OperatorStep):
 @GrowStep.operator("moe", "dense → MoE")
 @dataclass(kw_only=True)
 class MoeStep(GrowStep):
-    family: str = option("auto", "the stock MoE family written (auto: Qwen2-MoE for Llama/Mistral/Qwen2, Qwen3-MoE "
-                         "for Qwen3)", choices=("auto", "qwen2_moe", "qwen3_moe", "mixtral"))
+    family: str = option("auto", "the stock MoE family written: auto (the source family's first: Qwen2-MoE for "
+                         "Llama/Mistral/Qwen2, Qwen3-MoE for Qwen3) or an MoE family (qwen2_moe, qwen3_moe, mixtral)")
     experts: int = option(8, "routed experts per layer")
     top_k: int = option(2, "experts each token is routed to")
     mode: str = option("copy", "copy (experts = copies of the FFN, exact), shared (shared expert = the FFN, routed "
@@ -56,6 +57,8 @@ class MoeStep(GrowStep):
                              "granular modes)")
 
     def validate(self) -> None:
+        check(self.family == "auto" or self.family in moe_families(), "family", self.family,
+              f"auto or an MoE family ({', '.join(moe_families())})")
         check(self.experts >= 1, "experts", self.experts, "an integer >= 1")
         check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
         check(self.top_k <= self.experts, "top_k", self.top_k, f"at most experts={self.experts}")
