@@ -1,5 +1,7 @@
 # make demo  — fetch the embedded model, inspect it, evaluate it, write runs/demo/report.md
-# make test  — the whole test suite (tiny models and the real embedded model)
+# make test  — lint (ruff), the import layers (import-linter), then the whole test suite (tiny models and the real
+#              embedded model)
+# make lint  — ruff check, ruff format --check and the import-linter contracts alone
 # make bench — every benchmark in benchmarks/, results in benchmarks/results/
 
 PYTHON ?= python3
@@ -10,7 +12,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +25,12 @@ $(STAMP): pyproject.toml constraints.txt
 demo: setup
 	$(VENV)/bin/upcycle demo --out runs/demo
 
-test: setup
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks docs
+	$(VENV)/bin/ruff format --check src tests benchmarks docs
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q
 
 test-fast: setup

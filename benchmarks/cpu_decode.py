@@ -1,5 +1,5 @@
 """The fastest way to run SmolLM2-135M on this CPU: upcycle's dense and bank-sparse models at fp32, bf16
-and int8 through the lean decoder (upcycle.eval.decode: static KV cache, one compiled step), side by side
+and int8 through the lean decoder (upcycle.infer.decode: static KV cache, one compiled step), side by side
 with llama.cpp's dense model at F32, F16 and Q8_0 — same prompt tokens, threads and new tokens, the runs
 alternating in one process, medians.
 
@@ -33,15 +33,14 @@ import zipfile
 from pathlib import Path
 
 import torch
+from peers import LLAMACPP, driver, llamacpp_python
 
 from upcycle import data, hub
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
-from upcycle.eval.decode import GreedyDecoder
-from upcycle.kernels.precision import PRECISIONS, to_precision
+from upcycle.infer.decode import GreedyDecoder
+from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparsity
-
-from peers import LLAMACPP, driver, llamacpp_python
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -76,19 +75,39 @@ def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int,
         first_error = _plain_buffers.get(fmt)
         for extra in ([] if quantize_only or first_error else [[]]) + [["--no-extra-buffers"]]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = [str(python), driver("llamacpp_decode"), str(source_gguf()), str(RUNS / "llamacpp"), f.name,
-                       "--formats", fmt, "--prompt-ids", ",".join(map(str, prompt)), "--new-tokens", str(new_tokens),
-                       "--threads", str(threads)] + (["--quantize-only"] if quantize_only else []) + extra
+                cmd = (
+                    [
+                        str(python),
+                        driver("llamacpp_decode"),
+                        str(source_gguf()),
+                        str(RUNS / "llamacpp"),
+                        f.name,
+                        "--formats",
+                        fmt,
+                        "--prompt-ids",
+                        ",".join(map(str, prompt)),
+                        "--new-tokens",
+                        str(new_tokens),
+                        "--threads",
+                        str(threads),
+                    ]
+                    + (["--quantize-only"] if quantize_only else [])
+                    + extra
+                )
                 proc = subprocess.run(cmd, capture_output=True, text=True)
                 if proc.returncode != 0:
                     tail = (proc.stderr or "").strip().splitlines()[-1:] or [
-                        "segmentation fault, no output" if proc.returncode == -11 else "no output"]
+                        "segmentation fault, no output" if proc.returncode == -11 else "no output"
+                    ]
                     first_error = first_error or f"exit {proc.returncode}: {tail[0]}"
                     result["formats"][fmt] = {"error": first_error}
                     continue
                 one = json.loads(Path(f.name).read_text())
             result["llama_cpp_python"] = one["llama_cpp_python"]
-            result["formats"][fmt] = {**one["formats"][fmt], **({"extra_buffers_error": first_error} if first_error else {})}
+            result["formats"][fmt] = {
+                **one["formats"][fmt],
+                **({"extra_buffers_error": first_error} if first_error else {}),
+            }
             if first_error and not quantize_only:
                 _plain_buffers[fmt] = first_error  # the later rounds go straight to the run that works
             break
@@ -121,8 +140,14 @@ def main() -> None:
         print(table(json.loads((RESULTS / "cpu_decode.json").read_text())))
         return
     threads = torch.get_num_threads()
-    result = {"model": MODEL, "prompt": PROMPT, "new_tokens": args.new_tokens, "threads": threads,
-              "repeats": args.repeats, "sparsity": "16 of 64, 4-bit shadow predictor (no training)"}
+    result = {
+        "model": MODEL,
+        "prompt": PROMPT,
+        "new_tokens": args.new_tokens,
+        "threads": threads,
+        "repeats": args.repeats,
+        "sparsity": "16 of 64, 4-bit shadow predictor (no training)",
+    }
     llama = None
     dense, tokenizer = hub.load(MODEL)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -130,8 +155,14 @@ def main() -> None:
         try:
             llama = llamacpp_python()
             made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True)
-            result["llamacpp"] = {"version": made.get("llama_cpp_python"), "file_bytes": {
-                k: made["formats"][f]["file_bytes"] for k, f in LLAMA_FORMATS.items() if "file_bytes" in made["formats"][f]}}
+            result["llamacpp"] = {
+                "version": made.get("llama_cpp_python"),
+                "file_bytes": {
+                    k: made["formats"][f]["file_bytes"]
+                    for k, f in LLAMA_FORMATS.items()
+                    if "file_bytes" in made["formats"][f]
+                },
+            }
         except subprocess.CalledProcessError as e:
             tail = ((e.stderr or "") + (e.stdout or "")).strip().splitlines()[-3:]
             result["llamacpp"] = {"error": f"{LLAMACPP[0]}: {' | '.join(tail) or e}"}
@@ -177,7 +208,9 @@ def main() -> None:
             tokens[name] = out.tolist()
         print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
     result["tok_s_runs"] = rates
-    result["tok_s"] = {(k if k.startswith("llamacpp") else f"upcycle_{k}"): statistics.median(v) for k, v in rates.items()}
+    result["tok_s"] = {
+        (k if k.startswith("llamacpp") else f"upcycle_{k}"): statistics.median(v) for k, v in rates.items()
+    }
     if llama is not None:
         for precision, fmt in LLAMA_FORMATS.items():
             if precision in result["llamacpp"]["file_bytes"]:
@@ -185,10 +218,19 @@ def main() -> None:
     result["bandwidth_gb_s"] = speed.read_rate(2**30, repeats=7)  # a sum over 1 GiB
     result["limit_tok_s"] = {k: result["bandwidth_gb_s"] * 1e9 / v for k, v in result["bytes_per_token"].items()}
     reference = tokens.get("dense_fp32")
-    result["same_tokens_as_dense_fp32"] = {k: sum(a == b for a, b in zip(v, reference)) / len(reference)
-                                           for k, v in tokens.items() if reference and not k.startswith("no_ffn")}
-    result["ms_split"] = {p: {"sparse_ffn_ms": 1e3 / statistics.median(rates[f"sparse_{p}"]) - 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
-                              "other_ms": 1e3 / statistics.median(rates[f"no_ffn_{p}"])} for p in PRECISIONS}
+    result["same_tokens_as_dense_fp32"] = {
+        k: sum(a == b for a, b in zip(v, reference)) / len(reference)
+        for k, v in tokens.items()
+        if reference and not k.startswith("no_ffn")
+    }
+    result["ms_split"] = {
+        p: {
+            "sparse_ffn_ms": 1e3 / statistics.median(rates[f"sparse_{p}"])
+            - 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
+            "other_ms": 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
+        }
+        for p in PRECISIONS
+    }
     result["criteria"] = criteria(result)
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "cpu_decode.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -210,16 +252,21 @@ def criteria(result: dict) -> dict:
 
 def table(result: dict) -> str:
     tok, nbytes, limit, ppl = result["tok_s"], result["bytes_per_token"], result["limit_tok_s"], result.get("ppl", {})
-    lines = [f"Greedy decoding of {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, "
-             f"median of {result['repeats']} alternating runs; read bandwidth {result['bandwidth_gb_s']:.1f} GB/s:", "",
-             "| row | tokens/s | MB read / token | byte limit tokens/s | ppl shakespeare | ppl pystdlib |",
-             "|---|---|---|---|---|---|"]
+    lines = [
+        f"Greedy decoding of {result['model']}, {result['new_tokens']} new tokens, {result['threads']} threads, "
+        f"median of {result['repeats']} alternating runs; read bandwidth {result['bandwidth_gb_s']:.1f} GB/s:",
+        "",
+        "| row | tokens/s | MB read / token | byte limit tokens/s | ppl shakespeare | ppl pystdlib |",
+        "|---|---|---|---|---|---|",
+    ]
     for precision in PRECISIONS:
         fmt = LLAMA_FORMATS[precision]
-        for key, name in ((f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}"),
-                          (f"dense_{precision}", f"upcycle dense {precision}"),
-                          (f"sparse_{precision}", f"upcycle sparse {precision}"),
-                          (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})")):
+        for key, name in (
+            (f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}"),
+            (f"dense_{precision}", f"upcycle dense {precision}"),
+            (f"sparse_{precision}", f"upcycle sparse {precision}"),
+            (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})"),
+        ):
             rate = tok.get(key) or tok.get(f"upcycle_{key}")
             if rate is None:
                 continue
@@ -228,15 +275,22 @@ def table(result: dict) -> str:
             lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | {quality} |")
     crit = result.get("criteria", {})
     if crit:
-        lines += [""] + [f"- {p}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[p].upper()} = {c['ratio']:.2f}× "
-                         f"(target ≥ {c['target']}: {'met' if c['met'] else 'not met'})" for p, c in crit.items()]
+        lines += [""] + [
+            f"- {p}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[p].upper()} = {c['ratio']:.2f}× "
+            f"(target ≥ {c['target']}: {'met' if c['met'] else 'not met'})"
+            for p, c in crit.items()
+        ]
     for fmt, why in result.get("llamacpp_without_extra_buffers", {}).items():
-        lines += [f"- llama.cpp {fmt.upper()} ran without its extra CPU buffer types (repacking/AMX): with them it "
-                  f"failed ({why})"]
+        lines += [
+            f"- llama.cpp {fmt.upper()} ran without its extra CPU buffer types (repacking/AMX): with them it "
+            f"failed ({why})"
+        ]
     split = result.get("ms_split", {})
     if split:
-        lines += [f"- ms a token, sparse model: " + "; ".join(
-            f"{p} FFNs {v['sparse_ffn_ms']:.1f} + rest {v['other_ms']:.1f}" for p, v in split.items())]
+        lines += [
+            "- ms a token, sparse model: "
+            + "; ".join(f"{p} FFNs {v['sparse_ffn_ms']:.1f} + rest {v['other_ms']:.1f}" for p, v in split.items())
+        ]
     if "error" in result.get("llamacpp", {}):
         lines += ["", f"- llama.cpp not run: {result['llamacpp']['error']}"]
     return "\n".join(lines)

@@ -47,7 +47,9 @@ def main() -> None:
     layers = len(speed._ffn_modules(sparse))
     op_ms_per_token = op.cpu_time_total / 1e3 / op.count * layers
     result = {
-        "model": "smollm2-135m", "new_tokens": NEW_TOKENS, "threads": torch.get_num_threads(),
+        "model": "smollm2-135m",
+        "new_tokens": NEW_TOKENS,
+        "threads": torch.get_num_threads(),
         "ms_per_token": {k: round(v, 2) for k, v in ms.items()},
         "speedup": round(ms["dense"] / ms["sparse"], 3),
         "operator_us_per_call": round(op.cpu_time_total / op.count, 1),

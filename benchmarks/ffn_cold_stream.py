@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from sparse_decode import PREDICTORS, predictor_label
+
 from upcycle import kernels
 from upcycle.eval.speed import read_rate
 from upcycle.modules import BankSparseFFN, BankSparsity
@@ -46,7 +46,7 @@ def main() -> None:
     for _ in range(LAYERS):
         ffn = BankSparseFFN(HIDDEN, WIDTH, BankSparsity(BANK, KEEP, **PREDICTORS[args.predictor])).eval()
         for p in ffn.parameters():
-            torch.nn.init.normal_(p, std=HIDDEN ** -0.5)
+            torch.nn.init.normal_(p, std=HIDDEN**-0.5)
         ffns.append(ffn)
     plans = [kernels.plan_for(f) for f in ffns]
     kernel = kernels.load().upcycle_bank_sparse_ffn_f32
@@ -63,13 +63,20 @@ def main() -> None:
         for plan, z in zip(plans, logits):
             kernel(plan.ref, x.data_ptr(), 1, None if z is None else z.data_ptr(), BANK, KEEP, 0, out.data_ptr())
 
-    runs = {"dense": dense, "sparse_with_predictor": lambda: sparse([None] * LAYERS),
-            "sparse_random_selection": lambda: sparse(random_logits),
-            "sparse_contiguous_selection": lambda: sparse([contiguous] * LAYERS)}
+    runs = {
+        "dense": dense,
+        "sparse_with_predictor": lambda: sparse([None] * LAYERS),
+        "sparse_random_selection": lambda: sparse(random_logits),
+        "sparse_contiguous_selection": lambda: sparse([contiguous] * LAYERS),
+    }
     dense_bytes = LAYERS * 3 * HIDDEN * WIDTH * 4
     kept_bytes = dense_bytes * KEEP // BANK
-    nbytes = {"dense": dense_bytes, "sparse_with_predictor": kept_bytes + LAYERS * ffns[0].predictor_bytes(),
-              "sparse_random_selection": kept_bytes, "sparse_contiguous_selection": kept_bytes}
+    nbytes = {
+        "dense": dense_bytes,
+        "sparse_with_predictor": kept_bytes + LAYERS * ffns[0].predictor_bytes(),
+        "sparse_random_selection": kept_bytes,
+        "sparse_contiguous_selection": kept_bytes,
+    }
     times = {name: [] for name in runs}
     for _ in range(15):
         for name, fn in runs.items():
@@ -79,19 +86,31 @@ def main() -> None:
     ms = {name: statistics.median(v) * 1e3 for name, v in times.items()}
     rate = {name: nbytes[name] / ms[name] / 1e6 for name in ms}
     ceiling = {"same_size": read_rate(nbytes["sparse_with_predictor"]), "400MB": read_rate(400 << 20)}
-    result = {"layers": LAYERS, "shape": [HIDDEN, WIDTH], "bank": BANK, "keep": KEEP, "threads": torch.get_num_threads(),
-              "predictor": predictor_label(ffns[0].sparsity),
-              "ms_per_pass": ms, "speedup": {n: ms["dense"] / v for n, v in ms.items() if n != "dense"},
-              "mb_per_pass": {n: b / 1e6 for n, b in nbytes.items()}, "gb_per_s": rate,
-              "plain_read_gb_per_s": ceiling,
-              "command": f"python benchmarks/ffn_cold_stream.py --predictor {args.predictor}"}
+    result = {
+        "layers": LAYERS,
+        "shape": [HIDDEN, WIDTH],
+        "bank": BANK,
+        "keep": KEEP,
+        "threads": torch.get_num_threads(),
+        "predictor": predictor_label(ffns[0].sparsity),
+        "ms_per_pass": ms,
+        "speedup": {n: ms["dense"] / v for n, v in ms.items() if n != "dense"},
+        "mb_per_pass": {n: b / 1e6 for n, b in nbytes.items()},
+        "gb_per_s": rate,
+        "plain_read_gb_per_s": ceiling,
+        "command": f"python benchmarks/ffn_cold_stream.py --predictor {args.predictor}",
+    }
     RESULTS.mkdir(exist_ok=True)
     name = "ffn_cold_stream" if args.predictor == "shadow" else f"ffn_cold_stream_{args.predictor}"
     (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     for n, v in ms.items():
-        print(f"{n:28s} {v:6.2f} ms per {LAYERS} layers  ({ms['dense'] / v:.2f}×)  {nbytes[n] / 1e6:6.1f} MB at {rate[n]:5.1f} GB/s")
-    print(f"plain read: {ceiling['same_size']:.1f} GB/s over {nbytes['sparse_with_predictor'] / 1e6:.0f} MB, "
-          f"{ceiling['400MB']:.1f} GB/s over 400 MB")
+        print(
+            f"{n:28s} {v:6.2f} ms per {LAYERS} layers  ({ms['dense'] / v:.2f}×)  {nbytes[n] / 1e6:6.1f} MB at {rate[n]:5.1f} GB/s"
+        )
+    print(
+        f"plain read: {ceiling['same_size']:.1f} GB/s over {nbytes['sparse_with_predictor'] / 1e6:.0f} MB, "
+        f"{ceiling['400MB']:.1f} GB/s over 400 MB"
+    )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import gc
 import json
 import math
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -53,11 +52,15 @@ RELAXED = {"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 
 OPERATORS = {
     "moe_copy": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "copy"}),
     "moe_shared": ("dense", {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"}),
-    "moe_granular": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "granular",
-                               "granularity": 2}),
+    "moe_granular": (
+        "dense",
+        {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "granular", "granularity": 2},
+    ),
     "moe_partition": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "partition"}),
-    "moe_drop": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "drop",
-                           "drop_ratio": 0.5}),
+    "moe_drop": (
+        "dense",
+        {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "drop", "drop_ratio": 0.5},
+    ),
     "experts_clone": ("moe8_trained", {"op": "experts", "factor": 2}),
     "experts_noise": ("moe8_trained", {"op": "experts", "factor": 2, "noise": 0.05}),
     "top_k": ("moe8_trained", {"op": "top_k", "top_k": 4}),
@@ -66,8 +69,11 @@ OPERATORS = {
     "ffn_width": ("dense", {"op": "ffn_width", "width": 2048}),
     "hidden": ("dense", {"op": "hidden", "factor": 2}),
 }
-PLAN = [{"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"},
-        {"op": "experts", "factor": 2}, {"op": "depth", "add": 6}]
+PLAN = [
+    {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"},
+    {"op": "experts", "factor": 2},
+    {"op": "depth", "add": 6},
+]
 
 
 class PeakRSS:
@@ -100,19 +106,23 @@ def param_mb(model) -> float:
 
 def held_out(tokenizer):
     from upcycle import data
+
     return data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
 
 
 def calibration(tokenizer):
     from upcycle import data
+
     return data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_TOKENS // SEQ)
 
 
 # ---- one operator, in a child process ---------------------------------------------------------------
 
+
 def one_operator(name: str, source: str, out_json: str) -> None:
     base_rss = rss_mb()
     import torch
+
     from upcycle import hub
     from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
     from upcycle.ops.grow.verify import preservation
@@ -141,14 +151,28 @@ def one_operator(name: str, source: str, out_json: str) -> None:
     seconds = time.perf_counter() - start
     kind = "exact" if all(k == "exact" for k in kinds) else ("diversity" if "diversity" in kinds else "changed")
     p = preservation(model, grown, held, kind, GrowChecks(**RELAXED), origin)
-    result = {"step": steps if name == "plan" else steps[0], "kind": kind, "family": grown.config.model_type,
-              "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1, "logit_cosine": p.logit_cosine,
-              "loss_before": p.loss_before, "loss_after": p.loss_after, "loss_change": p.loss_change,
-              "router_kl": p.router_kl, "seconds": seconds, "peak_rss_mb": peak.peak,
-              "rss_without_source_mb": imported_rss, "rss_before_mb": loaded_rss, "python_rss_mb": base_rss,
-              "source_mb": param_mb(model), "output_mb": param_mb(grown),
-              "params_source": sum(p.numel() for p in model.parameters()),
-              "params_output": sum(p.numel() for p in grown.parameters())}
+    result = {
+        "step": steps if name == "plan" else steps[0],
+        "kind": kind,
+        "family": grown.config.model_type,
+        "max_dlogit": p.max_dlogit,
+        "kl": p.kl,
+        "top1": p.top1,
+        "logit_cosine": p.logit_cosine,
+        "loss_before": p.loss_before,
+        "loss_after": p.loss_after,
+        "loss_change": p.loss_change,
+        "router_kl": p.router_kl,
+        "seconds": seconds,
+        "peak_rss_mb": peak.peak,
+        "rss_without_source_mb": imported_rss,
+        "rss_before_mb": loaded_rss,
+        "python_rss_mb": base_rss,
+        "source_mb": param_mb(model),
+        "output_mb": param_mb(grown),
+        "params_source": sum(p.numel() for p in model.parameters()),
+        "params_output": sum(p.numel() for p in grown.parameters()),
+    }
     result["memory_ratio"] = (result["peak_rss_mb"] - imported_rss) / (result["source_mb"] + result["output_mb"])
     Path(out_json).write_text(json.dumps(result))
 
@@ -164,6 +188,7 @@ def run_child(args: list[str]) -> dict:
 
 # ---- mergekit-moe -----------------------------------------------------------------------------------
 
+
 def mergekit_exe() -> Path:
     venv = Path(tempfile.gettempdir()) / "upcycle-bench-mergekit"
     exe = venv / "bin" / "mergekit-moe"
@@ -177,8 +202,8 @@ def mergekit_exe() -> Path:
 
 
 def run_mergekit(source_folder: Path) -> dict:
-    import torch
     import yaml
+
     from upcycle import hub
     from upcycle.ops.grow import GrowChecks
     from upcycle.ops.grow.verify import preservation
@@ -189,42 +214,73 @@ def run_mergekit(source_folder: Path) -> dict:
         return {"error": f"{MERGEKIT} could not be installed: {(e.stderr or str(e)).strip().splitlines()[-1]}"}
     work = RUNS / "mergekit"
     work.mkdir(parents=True, exist_ok=True)
-    config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2,
-              "experts": [{"source_model": str(source_folder)} for _ in range(8)]}
+    config = {
+        "base_model": str(source_folder),
+        "gate_mode": "random",
+        "dtype": "float32",
+        "experts_per_token": 2,
+        "experts": [{"source_model": str(source_folder)} for _ in range(8)],
+    }
     (work / "moe.yaml").write_text(yaml.safe_dump(config))
     out = work / "out"
     if out.exists():
         import shutil
+
         shutil.rmtree(out)
     # the child's own peak resident memory, from the kernel's accounting of a wrapper's children
-    wrapper = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
-               "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-               "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-               "sys.stderr.write(r.stderr[-2000:])")
-    proc = subprocess.run([sys.executable, "-c", wrapper, str(exe), str(work / "moe.yaml"), str(out),
-                           "--i-understand-this-is-not-useful-without-training", "--quiet"],
-                          capture_output=True, text=True)
+    wrapper = (
+        "import resource, subprocess, sys, time; t = time.perf_counter(); "
+        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+        "sys.stderr.write(r.stderr[-2000:])"
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            wrapper,
+            str(exe),
+            str(work / "moe.yaml"),
+            str(out),
+            "--i-understand-this-is-not-useful-without-training",
+            "--quiet",
+        ],
+        capture_output=True,
+        text=True,
+    )
     code, seconds, peak_kb = proc.stdout.split()
     if code != "0":
         return {"error": f"mergekit-moe exited {code}: {proc.stderr.strip().splitlines()[-1]}"}
     source, tokenizer = hub.load(source_folder)
     merged, _ = hub.load(out)
     p = preservation(source, merged, held_out(tokenizer), "exact", GrowChecks(**RELAXED))
-    return {"tool": MERGEKIT, "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
-            "family": merged.config.model_type, "max_dlogit": p.max_dlogit, "kl": p.kl, "top1": p.top1,
-            "logit_cosine": p.logit_cosine, "loss_change": p.loss_change, "seconds": float(seconds),
-            "peak_rss_mb": int(peak_kb) / 1024, "source_mb": param_mb(source), "output_mb": param_mb(merged),
-            "params_output": sum(p.numel() for p in merged.parameters()),
-            "note": "whole process (imports, load, merge, write); verifies nothing"}
+    return {
+        "tool": MERGEKIT,
+        "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
+        "family": merged.config.model_type,
+        "max_dlogit": p.max_dlogit,
+        "kl": p.kl,
+        "top1": p.top1,
+        "logit_cosine": p.logit_cosine,
+        "loss_change": p.loss_change,
+        "seconds": float(seconds),
+        "peak_rss_mb": int(peak_kb) / 1024,
+        "source_mb": param_mb(source),
+        "output_mb": param_mb(merged),
+        "params_output": sum(p.numel() for p in merged.parameters()),
+        "note": "whole process (imports, load, merge, write); verifies nothing",
+    }
 
 
 # ---- training: grown vs scratch vs dense continued ---------------------------------------------------
 
+
 def train_part(tokens: int, moe_folder: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
+
     from upcycle import hub
-    from upcycle.train import Trainer, TrainConfig
+    from upcycle.train import TrainConfig, Trainer
 
     runs = {}
     grown, tokenizer = hub.load(moe_folder)
@@ -233,29 +289,51 @@ def train_part(tokens: int, moe_folder: Path) -> dict:
     dense, _ = hub.load(MODEL)
     router_terms = [{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]
     steps = tokens // (SEQ * 8)
-    for name, model, losses in (("grown", grown, router_terms), ("scratch", scratch, router_terms),
-                                ("dense_continued", dense, [{"name": "lm"}])):
+    for name, model, losses in (
+        ("grown", grown, router_terms),
+        ("scratch", scratch, router_terms),
+        ("dense_continued", dense, [{"name": "lm"}]),
+    ):
         out = RUNS / f"train-{name}-{tokens}"
-        cfg = TrainConfig.from_dict(dict(
-            model=str(moe_folder) if name != "dense_continued" else MODEL, data=TEXT, out=str(out), seq_len=SEQ,
-            global_batch=8, micro_batch=4, lr=3e-4, warmup_steps=2, losses=losses, stages=[{"name": "main",
-                                                                                             "tokens": tokens}],
-            val_every=max(1, steps // 8), val_blocks=HELD_BLOCKS, ckpt_every=10_000, progress=False))
+        cfg = TrainConfig.from_dict(
+            dict(
+                model=str(moe_folder) if name != "dense_continued" else MODEL,
+                data=TEXT,
+                out=str(out),
+                seq_len=SEQ,
+                global_batch=8,
+                micro_batch=4,
+                lr=3e-4,
+                warmup_steps=2,
+                losses=losses,
+                stages=[{"name": "main", "tokens": tokens}],
+                val_every=max(1, steps // 8),
+                val_blocks=HELD_BLOCKS,
+                ckpt_every=10_000,
+                progress=False,
+            )
+        )
         start_ppl = math.exp(_val_loss(model, tokenizer))  # before training: the trainer changes `model` in place
         start, trained_now = time.perf_counter(), False
-        if not (out / "metrics.jsonl").exists() or not any("val_loss" in json.loads(line) and
-                                                          json.loads(line)["tokens"] >= tokens
-                                                          for line in open(out / "metrics.jsonl")):
+        if not (out / "metrics.jsonl").exists() or not any(
+            "val_loss" in json.loads(line) and json.loads(line)["tokens"] >= tokens
+            for line in open(out / "metrics.jsonl")
+        ):
             if out.exists():
                 import shutil
+
                 shutil.rmtree(out)
             Trainer(cfg, model=model, tokenizer=tokenizer).fit()
             trained_now = True
         records = [json.loads(line) for line in open(out / "metrics.jsonl")]
         curve = [(r["tokens"], math.exp(r["val_loss"])) for r in records if "val_loss" in r]
-        runs[name] = {"curve": [(0, start_ppl)] + curve, "final_ppl": curve[-1][1], "start_ppl": start_ppl,
-                      "seconds": time.perf_counter() - start if trained_now else None,  # None: a reused run
-                      "params": sum(p.numel() for p in model.parameters())}
+        runs[name] = {
+            "curve": [(0, start_ppl)] + curve,
+            "final_ppl": curve[-1][1],
+            "start_ppl": start_ppl,
+            "seconds": time.perf_counter() - start if trained_now else None,  # None: a reused run
+            "params": sum(p.numel() for p in model.parameters()),
+        }
         print(f"{name}: ppl {start_ppl:.2f} → {curve[-1][1]:.2f} after {tokens} tokens", flush=True)
     return {"tokens": tokens, "data": TEXT, "ppl": {k: v["final_ppl"] for k, v in runs.items()}, "runs": runs}
 
@@ -263,6 +341,7 @@ def train_part(tokens: int, moe_folder: Path) -> dict:
 def _val_loss(model, tokenizer) -> float:
     """The trainer's validation measure at step 0: mean next-token loss on the same held-out blocks."""
     import torch
+
     from upcycle import data
     from upcycle.eval.equivalence import compare
 
@@ -273,8 +352,10 @@ def _val_loss(model, tokenizer) -> float:
 
 # ---- the report ---------------------------------------------------------------------------------------
 
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -283,8 +364,11 @@ def plot(results: dict, path: Path) -> None:
     names = [n for n in pres if "max_dlogit" in pres[n]]
     if names:
         colors = {"exact": "tab:green", "diversity": "tab:orange", "changed": "tab:red"}
-        axes[0].barh(names, [max(pres[n]["max_dlogit"], 1e-8) for n in names],
-                     color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names])
+        axes[0].barh(
+            names,
+            [max(pres[n]["max_dlogit"], 1e-8) for n in names],
+            color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names],
+        )
         axes[0].set_xscale("log")
         axes[0].axvline(1e-3, color="k", ls="--", lw=1)
         axes[0].set_xlabel("max |Δlogit| vs the source (log; 0 drawn at 1e-8; dashed: 1e-3)")
@@ -310,8 +394,10 @@ def plot(results: dict, path: Path) -> None:
 
 def table(results: dict) -> str:
     """The README's table: one row per operator (and mergekit-moe), from the JSON."""
-    rows = ["| operator | kind | output | max \\|Δlogit\\| | mean KL | loss change | router KL | s | peak / (source + output) |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| operator | kind | output | max \\|Δlogit\\| | mean KL | loss change | router KL | s | peak / (source + output) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     entries = list(results.get("preservation", {}).items())
     if "mergekit_moe" in results:
         entries.append(("mergekit-moe (8 copies, Mixtral)", results["mergekit_moe"]))
@@ -320,11 +406,16 @@ def table(results: dict) -> str:
             rows.append(f"| {name} | error: {r['error']} | | | | | | | |")
             continue
         router = "-" if r.get("router_kl") is None else f"{r['router_kl']:.2g}"
-        ratio = (f"{r['memory_ratio']:.2f}" if "memory_ratio" in r
-                 else f"{r['peak_rss_mb'] / (r['source_mb'] + r['output_mb']):.2f} (whole process)")
-        rows.append(f"| {name} | {r.get('kind', '-')} | {r['family']} {r.get('params_output', 0) / 1e6:.0f}M | "
-                    f"{r['max_dlogit']:.2g} | {r['kl']:.2g} | {100 * r['loss_change']:+.2f} % | {router} | "
-                    f"{r['seconds']:.1f} | {ratio} |")
+        ratio = (
+            f"{r['memory_ratio']:.2f}"
+            if "memory_ratio" in r
+            else f"{r['peak_rss_mb'] / (r['source_mb'] + r['output_mb']):.2f} (whole process)"
+        )
+        rows.append(
+            f"| {name} | {r.get('kind', '-')} | {r['family']} {r.get('params_output', 0) / 1e6:.0f}M | "
+            f"{r['max_dlogit']:.2g} | {r['kl']:.2g} | {100 * r['loss_change']:+.2f} % | {router} | "
+            f"{r['seconds']:.1f} | {ratio} |"
+        )
     return "\n".join(rows)
 
 
@@ -346,7 +437,8 @@ def main() -> None:
         return print(table(results))
 
     from upcycle import hub
-    from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions, run as grow_run
+    from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
+    from upcycle.commands.grow import run as grow_run
 
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "grow.json"
@@ -355,8 +447,13 @@ def main() -> None:
     moe8 = RUNS / "moe8"
     if not (moe8 / "config.json").exists():
         RUNS.mkdir(parents=True, exist_ok=True)
-        grow_run(MODEL, str(moe8), GrowConfig(), GrowStepOptions(**OPERATORS["moe_shared"][1]),
-                 options=RunOptions(progress=False, overwrite=True))
+        grow_run(
+            MODEL,
+            str(moe8),
+            GrowConfig(),
+            GrowStepOptions(**OPERATORS["moe_shared"][1]),
+            options=RunOptions(progress=False, overwrite=True),
+        )
     if args.part in ("all", "train"):
         results["train"] = train_part(args.tokens, moe8)
     trained = RUNS / f"train-grown-{results.get('train', {}).get('tokens', args.tokens)}" / "final"
@@ -378,9 +475,11 @@ def main() -> None:
             print("mergekit-moe ...", flush=True)
             results["mergekit_moe"] = run_mergekit(dense_folder)
             print(f"  {results['mergekit_moe']}", flush=True)
-        results["memory_rule"] = ("peak resident memory while the operator runs, less the process without the "
-                                  "source (its weights made private memory first), over (source + output parameter "
-                                  "bytes); the target is ≤ 1.25")
+        results["memory_rule"] = (
+            "peak resident memory while the operator runs, less the process without the "
+            "source (its weights made private memory first), over (source + output parameter "
+            "bytes); the target is ≤ 1.25"
+        )
     results["model"], results["text"], results["held_out_tokens"] = MODEL, TEXT, HELD_BLOCKS * SEQ
     path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "grow.png")

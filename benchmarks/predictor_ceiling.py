@@ -23,9 +23,9 @@ import torch.nn.functional as F
 import upcycle
 from upcycle import data
 from upcycle.arch import adapter_for
+from upcycle.eval.selection import predictor_recall
 from upcycle.modules import BankSparseFFN, BankSparsity, bank_topk_mask
 from upcycle.ops.calibrate import ffn_inputs
-from upcycle.eval.selection import predictor_recall
 from upcycle.train.sparsify import fit_predictor
 
 BANK, KEEP = 64, 16
@@ -62,7 +62,7 @@ def main() -> None:
         w = adapter.ffn_weights(i)
         g, u = w.gate.detach(), w.up.detach()
         x = inputs[i]
-        held, fit = x[: len(x) // 8], x[len(x) // 8:]
+        held, fit = x[: len(x) // 8], x[len(x) // 8 :]
         act = (F.silu(held @ g.T) * (held @ u.T)).abs()
         oracle = bank_topk_mask(act, BANK, KEEP).bool()
         row = {}
@@ -84,8 +84,20 @@ def main() -> None:
         results[str(i)] = {k: round(v, 3) for k, v in row.items()}
         print(i, results[str(i)], flush=True)
     out = Path(__file__).parent / "results" / "predictor_ceiling.json"
-    out.write_text(json.dumps({"model": "smollm2-135m", "bank": BANK, "keep": KEEP, "layers": results,
-                               "held_out_tokens": len(held), "fit_tokens": len(fit)}, indent=1) + "\n")
+    out.write_text(
+        json.dumps(
+            {
+                "model": "smollm2-135m",
+                "bank": BANK,
+                "keep": KEEP,
+                "layers": results,
+                "held_out_tokens": len(held),
+                "fit_tokens": len(fit),
+            },
+            indent=1,
+        )
+        + "\n"
+    )
 
 
 if __name__ == "__main__":

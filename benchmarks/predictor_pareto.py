@@ -75,12 +75,21 @@ def speed(results: dict) -> None:
     table = {}
     for kind in sorted(kinds):
         options = SETTINGS[kind]
-        sparsity = BankSparsity(BASE["bank"], BASE["keep"], options.get("rank", 64), predictor=options["predictor"],
-                                bits=options.get("bits", 4), group=options.get("group", 64))
-        table[kind] = ffn_microbench({"smollm2": (576, 1536), "qwen7b": QWEN7B_FFN}, (1, 4, 16), sparsity, repeats=11,
-                                     target_seconds=0.2)
+        sparsity = BankSparsity(
+            BASE["bank"],
+            BASE["keep"],
+            options.get("rank", 64),
+            predictor=options["predictor"],
+            bits=options.get("bits", 4),
+            group=options.get("group", 64),
+        )
+        table[kind] = ffn_microbench(
+            {"smollm2": (576, 1536), "qwen7b": QWEN7B_FFN}, (1, 4, 16), sparsity, repeats=11, target_seconds=0.2
+        )
         for key, row in table[kind].items():
-            print(kind, key, f"{row['speedup']:.2f}x", f"(limit {row['limit']:.2f}x)" if row["limit"] else "", flush=True)
+            print(
+                kind, key, f"{row['speedup']:.2f}x", f"(limit {row['limit']:.2f}x)" if row["limit"] else "", flush=True
+            )
     for kind, same in SAME_KERNEL.items():
         table[kind] = table[same]
     results["speed"] = {"threads": torch.get_num_threads(), "ffn": table, "same_kernel": SAME_KERNEL}
@@ -107,14 +116,22 @@ def main() -> None:
         started = time.perf_counter()
         sparse, report = upcycle.sparsify(dense, tok, **BASE, **{**NO_CONVERT, **SETTINGS[name]}, progress=True)
         ffn = adapter_for(sparse).ffn(report.layers[0])
-        row = {"options": {**BASE, **SETTINGS[name]}, "predictor_bytes_per_layer": ffn.predictor_bytes(),
-               "recall": report.recall_mean, "ppl": score(sparse, val),
-               "convert_error": {"before": report.convert_error_before, "after": report.convert_error_after},
-               "wall_s": round(time.perf_counter() - started, 1)}
+        row = {
+            "options": {**BASE, **SETTINGS[name]},
+            "predictor_bytes_per_layer": ffn.predictor_bytes(),
+            "recall": report.recall_mean,
+            "ppl": score(sparse, val),
+            "convert_error": {"before": report.convert_error_before, "after": report.convert_error_after},
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
         row["ppl_vs_dense"] = {k: round(v / results["dense"]["ppl"][k], 3) for k, v in row["ppl"].items()}
         results[name] = row
-        print(name, {k: row[k] for k in ("predictor_bytes_per_layer", "recall", "ppl", "ppl_vs_dense")},
-              f"{row['wall_s']} s", flush=True)
+        print(
+            name,
+            {k: row[k] for k in ("predictor_bytes_per_layer", "recall", "ppl", "ppl_vs_dense")},
+            f"{row['wall_s']} s",
+            flush=True,
+        )
         OUT.write_text(json.dumps(results, indent=1) + "\n")
     plot(results)
 
@@ -136,10 +153,18 @@ def plot(results: dict) -> None:
         if kind in ffn:
             axes[1].scatter(ffn[kind]["smollm2_b1"]["speedup"], r["ppl_vs_dense"]["both"])
             axes[1].annotate(name, (ffn[kind]["smollm2_b1"]["speedup"], r["ppl_vs_dense"]["both"]), fontsize=7)
-    axes[0].set(xlabel="predictor KB read per token per layer", ylabel="perplexity / dense (both corpora)",
-                yscale="log", title="quality against predictor bytes (no end-to-end training)")
-    axes[1].set(xlabel="FFN layer speed-up, batch 1 (SmolLM2 shape)", ylabel="perplexity / dense", yscale="log",
-                title="quality against speed")
+    axes[0].set(
+        xlabel="predictor KB read per token per layer",
+        ylabel="perplexity / dense (both corpora)",
+        yscale="log",
+        title="quality against predictor bytes (no end-to-end training)",
+    )
+    axes[1].set(
+        xlabel="FFN layer speed-up, batch 1 (SmolLM2 shape)",
+        ylabel="perplexity / dense",
+        yscale="log",
+        title="quality against speed",
+    )
     for ax in axes:
         ax.axhline(1.6, color="grey", ls=":", lw=1)
         ax.grid(alpha=0.3)

@@ -37,8 +37,10 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 def blocks(tokenizer):
     from upcycle import data
 
-    return (data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_BLOCKS),
-            data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS))
+    return (
+        data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_BLOCKS),
+        data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS),
+    )
 
 
 def child(method: str, target: str, out_json: str) -> None:
@@ -55,9 +57,17 @@ def child(method: str, target: str, out_json: str) -> None:
     spec = PruneSpec(method=method, **TARGETS[target])
     _, report = prune(model, spec, calibration if method != "magnitude" else None, None, inplace=True)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out_json).write_text(json.dumps({
-        "ppl": perplexity(model, held, progress=False).ppl, "seconds": report.seconds, "peak_rss_mb": peak,
-        "sparsity": report.sparsity, "exact": report.exact}))
+    Path(out_json).write_text(
+        json.dumps(
+            {
+                "ppl": perplexity(model, held, progress=False).ppl,
+                "seconds": report.seconds,
+                "peak_rss_mb": peak,
+                "sparsity": report.sparsity,
+                "exact": report.exact,
+            }
+        )
+    )
 
 
 def run_child(method: str, target: str) -> dict:
@@ -74,9 +84,23 @@ def run_peer(python: Path, method: str, target: str, calibration_json: Path, hel
     from upcycle.eval import perplexity
 
     out = RUNS / f"llmcompressor-{method}-{target.replace(':', 'of')}"
-    args = ["--nm", TARGETS[target]["nm"]] if "nm" in TARGETS[target] else ["--sparsity", str(TARGETS[target]["sparsity"])]
-    proc = subprocess.run([str(python), driver("llmcompressor_prune"), str(hub.builtin_folder(MODEL)),
-                           str(calibration_json), str(out), "--method", method, *args], capture_output=True, text=True)
+    args = (
+        ["--nm", TARGETS[target]["nm"]] if "nm" in TARGETS[target] else ["--sparsity", str(TARGETS[target]["sparsity"])]
+    )
+    proc = subprocess.run(
+        [
+            str(python),
+            driver("llmcompressor_prune"),
+            str(hub.builtin_folder(MODEL)),
+            str(calibration_json),
+            str(out),
+            "--method",
+            method,
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     result = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -126,18 +150,40 @@ def oneshot_part(peer: bool) -> tuple[dict, dict]:
 
 # ---- fine-tuning ----------------------------------------------------------------------------------
 # Every arm: the same pruned model, task data, steps and held-out text; each in its own process (peak memory).
-FINETUNE = {"seft": (["--sparse", "seft", "--budget-rank", "16", "--every", "2", "--window", "1"], 1e-3),
-            "masked": (["--sparse", "masked"], 1e-4),
-            "lora": (["--lora", "16"], 1e-3),
-            "lora_star": (["--lora", "16", "--lora-star"], 1e-3)}
+FINETUNE = {
+    "seft": (["--sparse", "seft", "--budget-rank", "16", "--every", "2", "--window", "1"], 1e-3),
+    "masked": (["--sparse", "masked"], 1e-4),
+    "lora": (["--lora", "16"], 1e-3),
+    "lora_star": (["--lora", "16", "--lora-star"], 1e-3),
+}
 
 
 def pruned_source(method: str, target: str) -> Path:
     folder = RUNS / f"source-{method}-{target.replace(':', 'of')}"
     if not (folder / "config.json").exists():
-        args = ["--nm", TARGETS[target]["nm"]] if "nm" in TARGETS[target] else ["--sparsity", str(TARGETS[target]["sparsity"])]
-        subprocess.run([sys.executable, "-m", "upcycle.cli", "prune", MODEL, str(folder), "--method", method, *args,
-                        "--no-progress", "--overwrite"], check=True, capture_output=True, text=True)
+        args = (
+            ["--nm", TARGETS[target]["nm"]]
+            if "nm" in TARGETS[target]
+            else ["--sparsity", str(TARGETS[target]["sparsity"])]
+        )
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "upcycle.cli",
+                "prune",
+                MODEL,
+                str(folder),
+                "--method",
+                method,
+                *args,
+                "--no-progress",
+                "--overwrite",
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        )
     return folder
 
 
@@ -150,9 +196,27 @@ def finetune_arm(source: Path, arm: str, tokens: int, seed: int) -> dict:
         report = json.loads((out / "finetune_report.json").read_text())
         if "train_peak_rss_mb" in report:  # (runs from before the training's own peak was measured run again)
             return report
-    proc = subprocess.run([sys.executable, "-m", "upcycle.cli", "finetune", str(source), str(out), *args, "--lr", str(lr),
-                           "--tokens", str(tokens), "--seed", str(seed), "--no-progress", "--overwrite"],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "upcycle.cli",
+            "finetune",
+            str(source),
+            str(out),
+            *args,
+            "--lr",
+            str(lr),
+            "--tokens",
+            str(tokens),
+            "--seed",
+            str(seed),
+            "--no-progress",
+            "--overwrite",
+        ],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode:
         return {"error": proc.stderr.strip().splitlines()[-1]}
     marker.write_text(json.dumps(settings))
@@ -169,14 +233,22 @@ def finetune_part(target: str, tokens: int, seeds: int, method: str = "wanda") -
             out[arm] = runs[0]
             continue
         mean = lambda key: sum(r["after"][key] for r in ok) / len(ok)  # noqa: E731
-        out[arm] = {"task_accuracy": mean("task_accuracy"), "ppl": mean("ppl"),
-                    "task_accuracy_seeds": [r["after"]["task_accuracy"] for r in ok],
-                    "ppl_seeds": [r["after"]["ppl"] for r in ok],
-                    "before": ok[0]["before"], "sparsity_exact": all(r["sparsity_exact"] for r in ok),
-                    "sparsity_after": ok[0]["sparsity_after"], "peak_rss_mb": ok[0]["peak_rss_mb"],
-                    "train_peak_rss_mb": ok[0]["train_peak_rss_mb"], "rss_before_train_mb": ok[0]["rss_before_train_mb"],
-                    "s_per_step": ok[0]["s_per_step"], "trainable_params": ok[0]["trainable_params"],
-                    "optimizer_state_mb": ok[0]["optimizer_state_mb"], "steps": ok[0]["steps"]}
+        out[arm] = {
+            "task_accuracy": mean("task_accuracy"),
+            "ppl": mean("ppl"),
+            "task_accuracy_seeds": [r["after"]["task_accuracy"] for r in ok],
+            "ppl_seeds": [r["after"]["ppl"] for r in ok],
+            "before": ok[0]["before"],
+            "sparsity_exact": all(r["sparsity_exact"] for r in ok),
+            "sparsity_after": ok[0]["sparsity_after"],
+            "peak_rss_mb": ok[0]["peak_rss_mb"],
+            "train_peak_rss_mb": ok[0]["train_peak_rss_mb"],
+            "rss_before_train_mb": ok[0]["rss_before_train_mb"],
+            "s_per_step": ok[0]["s_per_step"],
+            "trainable_params": ok[0]["trainable_params"],
+            "optimizer_state_mb": ok[0]["optimizer_state_mb"],
+            "steps": ok[0]["steps"],
+        }
         print(f"finetune {target} {arm}: {out[arm]}", flush=True)
     return out
 
@@ -186,9 +258,15 @@ def _paired(a: list, b: list, higher_better: bool = True) -> str:
     sign = 1 if higher_better else -1
     if len(a) == len(b) > 1:
         diffs = [sign * (x - y) for x, y in zip(a, b)]
-        word = ("tied (equal in every seed)" if all(d == 0 for d in diffs) else
-                "reproduced" if all(d >= 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
-                else "mixed across seeds")
+        word = (
+            "tied (equal in every seed)"
+            if all(d == 0 for d in diffs)
+            else "reproduced"
+            if all(d >= 0 for d in diffs)
+            else "not reproduced"
+            if all(d < 0 for d in diffs)
+            else "mixed across seeds"
+        )
         return f"{word} (per seed {', '.join(f'{d:+.3f}' for d in diffs)})"
     margin = sign * (sum(a) / len(a) - sum(b) / len(b))
     spread = max(max(a) - min(a), max(b) - min(b))
@@ -206,17 +284,22 @@ def tables(results: dict) -> str:
     ours, theirs = results.get("oneshot", {}), results.get("llmcompressor", {})
     if ours:
         dense = next(iter(ours.values())).get("ppl_dense")
-        lines += [f"One shot (dense ppl {dense:.2f}); seconds of the pruning itself (upcycle: `prune`; llm-compressor: "
-                  "its `oneshot` call); peak memory of the process through load and prune (upcycle: read before "
-                  "scoring; llm-compressor: at exit, after saving):", "",
-                  "| target | method | upcycle ppl | s | peak MB | llm-compressor ppl | s | peak MB |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"One shot (dense ppl {dense:.2f}); seconds of the pruning itself (upcycle: `prune`; llm-compressor: "
+            "its `oneshot` call); peak memory of the process through load and prune (upcycle: read before "
+            "scoring; llm-compressor: at exit, after saving):",
+            "",
+            "| target | method | upcycle ppl | s | peak MB | llm-compressor ppl | s | peak MB |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for target in TARGETS:
             for method in METHODS:
                 u, t = ours.get(f"{method}_{target}", {}), theirs.get(f"{method}_{target}", {})
-                lines.append(f"| {target if ':' in target else target + ' %'} | {method} | {cell(u, 'ppl', '.2f')} | "
-                             f"{cell(u, 'seconds', '.1f')} | {cell(u, 'peak_rss_mb', '.0f')} | {cell(t, 'ppl', '.2f')} | "
-                             f"{cell(t, 'seconds', '.1f')} | {cell(t, 'peak_rss_mb', '.0f')} |")
+                lines.append(
+                    f"| {target if ':' in target else target + ' %'} | {method} | {cell(u, 'ppl', '.2f')} | "
+                    f"{cell(u, 'seconds', '.1f')} | {cell(u, 'peak_rss_mb', '.0f')} | {cell(t, 'ppl', '.2f')} | "
+                    f"{cell(t, 'seconds', '.1f')} | {cell(t, 'peak_rss_mb', '.0f')} |"
+                )
         lines.append("")
     setup = results.get("finetune_setup", {})
     for key, arms in results.get("finetune_by_target", {}).items():
@@ -225,27 +308,35 @@ def tables(results: dict) -> str:
             continue
         target, source = key.split("-")[0], arms.get("source", "wanda")
         before = next(iter(ok.values()))["before"]
-        lines += [f"Fine-tuning the {source} {target if ':' in target else target + ' %'} model, "
-                  f"{setup.get('tokens', 0):,} tokens each (before: exact match {before['task_accuracy']:.3f}, "
-                  f"ppl {before['ppl']:.2f}); peak memory while training (from the trainer's start to its end) and "
-                  "of the whole run (load, score, train, merge, score, save):", "",
-                  "| arm | exact match (seeds) | ppl (seeds) | sparsity kept exactly | peak MB training | peak MB run "
-                  "| optimizer state MB | s / step | trainable |",
-                  "|---|---|---|---|---|---|---|---|---|"]
+        lines += [
+            f"Fine-tuning the {source} {target if ':' in target else target + ' %'} model, "
+            f"{setup.get('tokens', 0):,} tokens each (before: exact match {before['task_accuracy']:.3f}, "
+            f"ppl {before['ppl']:.2f}); peak memory while training (from the trainer's start to its end) and "
+            "of the whole run (load, score, train, merge, score, save):",
+            "",
+            "| arm | exact match (seeds) | ppl (seeds) | sparsity kept exactly | peak MB training | peak MB run "
+            "| optimizer state MB | s / step | trainable |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
         for arm, r in ok.items():
-            lines.append(f"| {arm} | {r['task_accuracy']:.3f} ({', '.join(f'{v:.3f}' for v in r['task_accuracy_seeds'])}) | "
-                         f"{r['ppl']:.2f} ({', '.join(f'{v:.2f}' for v in r['ppl_seeds'])}) | "
-                         f"{'yes' if r['sparsity_exact'] else 'no (dense)' if arm == 'lora' else 'no'} | "
-                         f"{cell(r, 'train_peak_rss_mb', '.0f')} | {r['peak_rss_mb']:.0f} | "
-                         f"{r['optimizer_state_mb']:.1f} | {r['s_per_step']:.2f} | {r['trainable_params']:,} |")
+            lines.append(
+                f"| {arm} | {r['task_accuracy']:.3f} ({', '.join(f'{v:.3f}' for v in r['task_accuracy_seeds'])}) | "
+                f"{r['ppl']:.2f} ({', '.join(f'{v:.2f}' for v in r['ppl_seeds'])}) | "
+                f"{'yes' if r['sparsity_exact'] else 'no (dense)' if arm == 'lora' else 'no'} | "
+                f"{cell(r, 'train_peak_rss_mb', '.0f')} | {r['peak_rss_mb']:.0f} | "
+                f"{r['optimizer_state_mb']:.1f} | {r['s_per_step']:.2f} | {r['trainable_params']:,} |"
+            )
         if "seft" in ok and "lora_star" in ok:
-            s, l = ok["seft"], ok["lora_star"]
-            peak = "train_peak_rss_mb" if "train_peak_rss_mb" in s and "train_peak_rss_mb" in l else "peak_rss_mb"
-            lines += ["", f"- SEFT ≥ LoRA* in exact match: {_paired(s['task_accuracy_seeds'], l['task_accuracy_seeds'])}; "
-                      f"in held-out ppl: {_paired(s['ppl_seeds'], l['ppl_seeds'], higher_better=False)}",
-                      f"- SEFT's peak memory vs LoRA*'s ({'training' if peak != 'peak_rss_mb' else 'whole run'}): "
-                      f"{s[peak]:.0f} vs {l[peak]:.0f} MB ({'less' if s[peak] < l[peak] else 'not less'}; "
-                      f"masked full fine-tuning {ok.get('masked', {}).get(peak, float('nan')):.0f} MB)"]
+            s, ls = ok["seft"], ok["lora_star"]
+            peak = "train_peak_rss_mb" if "train_peak_rss_mb" in s and "train_peak_rss_mb" in ls else "peak_rss_mb"
+            lines += [
+                "",
+                f"- SEFT ≥ LoRA* in exact match: {_paired(s['task_accuracy_seeds'], ls['task_accuracy_seeds'])}; "
+                f"in held-out ppl: {_paired(s['ppl_seeds'], ls['ppl_seeds'], higher_better=False)}",
+                f"- SEFT's peak memory vs LoRA*'s ({'training' if peak != 'peak_rss_mb' else 'whole run'}): "
+                f"{s[peak]:.0f} vs {ls[peak]:.0f} MB ({'less' if s[peak] < ls[peak] else 'not less'}; "
+                f"masked full fine-tuning {ok.get('masked', {}).get(peak, float('nan')):.0f} MB)",
+            ]
         lines.append("")
     return "\n".join(lines)
 
@@ -254,11 +345,14 @@ def plot(results: dict, path: Path) -> None:
     if "oneshot" not in results:
         return
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    tuned = {k: {a: r for a, r in v.items() if isinstance(r, dict) and "task_accuracy" in r}
-             for k, v in results.get("finetune_by_target", {}).items()}
+    tuned = {
+        k: {a: r for a, r in v.items() if isinstance(r, dict) and "task_accuracy" in r}
+        for k, v in results.get("finetune_by_target", {}).items()
+    }
     tuned = {k: v for k, v in tuned.items() if v}
     fig, axes = plt.subplots(1, 3 if tuned else 2, figsize=(15 if tuned else 10, 4))
     targets = list(TARGETS)
@@ -287,7 +381,9 @@ def plot(results: dict, path: Path) -> None:
                 if arm in arms:
                     x = i + (n - len(names) / 2 + 0.5) * width
                     axes[2].bar(x, arms[arm]["task_accuracy"], width, color=f"C{n}", label=arm if i == 0 else None)
-                    axes[2].plot([x] * len(arms[arm]["task_accuracy_seeds"]), arms[arm]["task_accuracy_seeds"], "k.", ms=3)
+                    axes[2].plot(
+                        [x] * len(arms[arm]["task_accuracy_seeds"]), arms[arm]["task_accuracy_seeds"], "k.", ms=3
+                    )
         for i, arms in enumerate(tuned.values()):
             before = next(iter(arms.values()))["before"]["task_accuracy"]
             axes[2].hlines(before, i - 0.45, i + 0.45, colors="k", linestyles=":", label="before" if i == 0 else None)
@@ -306,8 +402,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192, help="fine-tuning tokens of every arm (4 steps of 8 × 256)")
     parser.add_argument("--seeds", type=int, default=2, help="seeds of the SEFT and LoRA* arms")
     parser.add_argument("--targets", default="50,70", help="sparsities to fine-tune at, comma-separated (also 2:4)")
-    parser.add_argument("--source", default="wanda", choices=METHODS,
-                        help="how the model fine-tuned is pruned (results of a source other than wanda: key TARGET-SOURCE)")
+    parser.add_argument(
+        "--source",
+        default="wanda",
+        choices=METHODS,
+        help="how the model fine-tuned is pruned (results of a source other than wanda: key TARGET-SOURCE)",
+    )
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -320,8 +420,13 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / "prune_seft.json"
     results = json.loads(path.read_text()) if path.exists() else {}
-    results.update({"model": MODEL, "calibration": f"{CALIBRATION_BLOCKS} × {SEQ} tokens of {TEXT} (train split)",
-                    "held_out": f"{HELD_BLOCKS} × {SEQ} tokens (validation split)"})
+    results.update(
+        {
+            "model": MODEL,
+            "calibration": f"{CALIBRATION_BLOCKS} × {SEQ} tokens of {TEXT} (train split)",
+            "held_out": f"{HELD_BLOCKS} × {SEQ} tokens (validation split)",
+        }
+    )
     if args.part in ("all", "oneshot"):
         started = time.perf_counter()
         results["oneshot"], results["llmcompressor"] = oneshot_part(not args.no_peer)
@@ -335,11 +440,13 @@ def main() -> None:
             by_target[key] = {**finetune_part(target, args.tokens, args.seeds, args.source), "source": args.source}
             path.write_text(json.dumps(results, indent=2) + "\n")
         results["finetune"] = by_target.get("50") or next(iter(by_target.values()))
-        results["finetune_setup"] = {"tokens": args.tokens, "task": "record extraction (eval/extract.py), exact match "
-                                     "on 96 held-out examples", "held_out_ppl": "pystdlib, 16 × 256 tokens",
-                                     "source": "smollm2-135m pruned by Wanda (by the method after the "
-                                     "target's dash where there is one)", "arms": {k: {"args": v[0], "lr": v[1]}
-                                                                                     for k, v in FINETUNE.items()}}
+        results["finetune_setup"] = {
+            "tokens": args.tokens,
+            "task": "record extraction (eval/extract.py), exact match on 96 held-out examples",
+            "held_out_ppl": "pystdlib, 16 × 256 tokens",
+            "source": "smollm2-135m pruned by Wanda (by the method after the target's dash where there is one)",
+            "arms": {k: {"args": v[0], "lr": v[1]} for k, v in FINETUNE.items()},
+        }
         results["seconds_finetune_part"] = round(time.perf_counter() - started, 1)
     path.write_text(json.dumps(results, indent=2) + "\n")
     plot(results, RESULTS / "prune_seft.png")

@@ -24,8 +24,7 @@ import json
 import shutil
 from pathlib import Path
 
-from upcycle import hub
-from upcycle import sparsify
+from upcycle import hub, sparsify
 from upcycle.commands.repair import write_folder
 from upcycle.pipelines.repair import RepairConfig, report_markdown
 from upcycle.pipelines.repair import run as repair
@@ -50,16 +49,29 @@ def main() -> None:
         model, _ = hub.load(args.sparse)
         made = f"loaded from {args.sparse}"
     else:
-        model, report = sparsify(reference, tokenizer, bank=64, keep=args.keep, rank=64, warmup_steps=args.warmup_steps, convert_steps=0,
-                                  progress=True)
+        model, report = sparsify(
+            reference,
+            tokenizer,
+            bank=64,
+            keep=args.keep,
+            rank=64,
+            warmup_steps=args.warmup_steps,
+            convert_steps=0,
+            progress=True,
+        )
         made = f"sparsify bank 64 keep {args.keep} rank 64, warm-up {args.warmup_steps} steps (recall {report.recall_mean})"
-    options = RepairConfig(lengths=tuple(int(v) for v in args.lengths.split(",")), samples=args.samples,
-                            steps=args.steps, probe_tokens=args.probe_tokens)
+    options = RepairConfig(
+        lengths=tuple(int(v) for v in args.lengths.split(",")),
+        samples=args.samples,
+        steps=args.steps,
+        probe_tokens=args.probe_tokens,
+    )
     repaired, result = repair(model, tokenizer, options, reference=reference)
     write_folder(args.out, repaired, tokenizer, result)
     result["sparse_model"] = made
     result["command"] = "python benchmarks/repair.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out")
+        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
+    )
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "repair.json").write_text(json.dumps(result, indent=2) + "\n")
     shutil.copy(Path(args.out) / "localisation.png", RESULTS / "repair_localisation.png")

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import subprocess
@@ -52,18 +51,33 @@ SHAPE = "20 layers × hidden 432 (9 query / 3 key-value heads, FFN 1536)"
 GROWN_MOE = Path("runs/bench-grow/train-grown-65536/final")
 
 
-def slim(name: str, plan: list[dict], tokens: int, recovery: str = "kd_lm", seed: int = 0, source: str = MODEL,
-         teacher: str | None = None) -> dict:
+def slim(
+    name: str,
+    plan: list[dict],
+    tokens: int,
+    recovery: str = "kd_lm",
+    seed: int = 0,
+    source: str = MODEL,
+    teacher: str | None = None,
+) -> dict:
     """One arm through `upcycle slim` (reused when its folder holds the same settings)."""
     from upcycle.commands.slim import RunOptions, SlimConfig, run
 
     out = RUNS / name
-    settings = {"plan": plan, "tokens": tokens, "recovery": recovery, "seed": seed, "source": source,
-                "teacher": teacher}
+    settings = {
+        "plan": plan,
+        "tokens": tokens,
+        "recovery": recovery,
+        "seed": seed,
+        "source": source,
+        "teacher": teacher,
+    }
     marker = out / "bench_settings.json"
     if marker.exists() and json.loads(marker.read_text()) == settings:
         return json.loads((out / "slim_report.json").read_text())
-    stages = [{"name": s.get("name", f"stage{n}"), "cuts": s["cuts"], "tokens": s["tokens"]} for n, s in enumerate(plan)]
+    stages = [
+        {"name": s.get("name", f"stage{n}"), "cuts": s["cuts"], "tokens": s["tokens"]} for n, s in enumerate(plan)
+    ]
     config = SlimConfig(stages=stages, recovery=recovery, seed=seed, teacher=teacher)
     start = time.perf_counter()
     result = run(source, str(out), config, options=RunOptions(progress=False, overwrite=True))
@@ -89,6 +103,7 @@ def scratch_folder(pruned: Path) -> str:
     from-scratch arm (only the pruned folder's config and tokenizer are read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
     from upcycle import hub
 
     folder = RUNS / "scratch-init"
@@ -105,18 +120,31 @@ def criteria_part(tokens: int, trained: bool = True) -> dict:
     for criterion in ("last", "block_influence", "angular"):
         cut = {**DEPTH, "criterion": criterion}
         # a trained arm reports its cut one shot before training: no separate one-shot run is needed
-        run = (slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens) if trained
-               else slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0))
+        run = (
+            slim(f"criteria-depth-{criterion}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
+            if trained
+            else slim(f"criteria-depth-{criterion}", [{"cuts": [cut], "tokens": 0}], 0)
+        )
         one = run["cuts"][0]
-        out["depth"][criterion] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "removed": one["removed"][
-            "removed_layers"], "params": one["params_after"]}
+        out["depth"][criterion] = {
+            "one_shot_ppl": one["ppl_after"],
+            "kl": one["kl"],
+            "removed": one["removed"]["removed_layers"],
+            "params": one["params_after"],
+        }
         if trained:
             out["depth"][criterion]["ppl_after_tokens"] = run["ppl"]["slim"]
         print(f"depth {criterion}: {out['depth'][criterion]}", flush=True)
-    for name, cut in (("hidden_rmsnorm_432", WIDTH), ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
-                      ("heads_output_norm_6", {"op": "heads", "heads": 6})):
-        run = (slim(f"criteria-{name}-trained", [{"cuts": [cut], "tokens": tokens}], tokens) if trained
-               else slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0))
+    for name, cut in (
+        ("hidden_rmsnorm_432", WIDTH),
+        ("ffn_activation_1024", {"op": "ffn_width", "width": 1024}),
+        ("heads_output_norm_6", {"op": "heads", "heads": 6}),
+    ):
+        run = (
+            slim(f"criteria-{name}-trained", [{"cuts": [cut], "tokens": tokens}], tokens)
+            if trained
+            else slim(f"criteria-{name}", [{"cuts": [cut], "tokens": 0}], 0)
+        )
         one = run["cuts"][0]
         out["width"][name] = {"one_shot_ppl": one["ppl_after"], "kl": one["kl"], "params": one["params_after"]}
         if trained:
@@ -133,10 +161,17 @@ ONE_SEED = ("pruned_kd_lm_mtp",)
 def recovery_part(tokens: int, seeds: int) -> dict:
     one_shot = [{"name": "cuts", "cuts": [DEPTH, WIDTH], "tokens": tokens}]
     tenth = (tokens // 10) // 2048 * 2048 or 2048
-    progressive = [{"name": "depth", "cuts": [DEPTH], "tokens": tenth},
-                   {"name": "width", "cuts": [WIDTH], "tokens": tokens - tenth}]
-    arms = {"pruned_kd_lm": (one_shot, "kd_lm"), "pruned_kd": (one_shot, "kd"), "pruned_lm": (one_shot, "lm"),
-            "pruned_kd_lm_mtp": (one_shot, "kd_lm_mtp"), "progressive": (progressive, "kd_lm")}
+    progressive = [
+        {"name": "depth", "cuts": [DEPTH], "tokens": tenth},
+        {"name": "width", "cuts": [WIDTH], "tokens": tokens - tenth},
+    ]
+    arms = {
+        "pruned_kd_lm": (one_shot, "kd_lm"),
+        "pruned_kd": (one_shot, "kd"),
+        "pruned_lm": (one_shot, "lm"),
+        "pruned_kd_lm_mtp": (one_shot, "kd_lm_mtp"),
+        "progressive": (progressive, "kd_lm"),
+    }
     ppl, spread, curves, losses = {}, {}, {}, {}
     for arm, (plan, recovery) in arms.items():
         values = []
@@ -146,15 +181,32 @@ def recovery_part(tokens: int, seeds: int) -> dict:
             print(f"{arm} seed {seed}: {values[-1]:.3f}", flush=True)
         ppl[arm], spread[arm] = statistics.mean(values), values
         curves[arm], losses[arm] = curve(f"{arm}-s0"), curve(f"{arm}-s0", "loss")
-    scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, "kd_lm", 0,
-                   source=scratch_folder(RUNS / "pruned_kd_lm-s0"), teacher=MODEL)
-    ppl["scratch"], spread["scratch"], curves["scratch"] = scratch["ppl"]["slim"], [scratch["ppl"]["slim"]], curve("scratch")
+    scratch = slim(
+        "scratch",
+        [{"cuts": [], "tokens": tokens}],
+        tokens,
+        "kd_lm",
+        0,
+        source=scratch_folder(RUNS / "pruned_kd_lm-s0"),
+        teacher=MODEL,
+    )
+    ppl["scratch"], spread["scratch"], curves["scratch"] = (
+        scratch["ppl"]["slim"],
+        [scratch["ppl"]["slim"]],
+        curve("scratch"),
+    )
     losses["scratch"] = curve("scratch", "loss")
     ppl["one_shot"] = ppl["pruned_kd_lm"]
     # both cuts one shot, before training: the last cut of the one-shot arm reports the model with both
     cuts = json.loads((RUNS / "pruned_kd_lm-s0" / "slim_report.json").read_text())["cuts"]
-    return {"ppl": ppl, "seeds": spread, "curves": curves, "loss_curves": losses, "both_one_shot_ppl": cuts[-1]["ppl_after"],
-            "params": {"source": cuts[0]["params_before"], "slim": cuts[-1]["params_after"]}}
+    return {
+        "ppl": ppl,
+        "seeds": spread,
+        "curves": curves,
+        "loss_curves": losses,
+        "both_one_shot_ppl": cuts[-1]["ppl_after"],
+        "params": {"source": cuts[0]["params_before"], "slim": cuts[-1]["params_after"]},
+    }
 
 
 DROP_MOE = RUNS / "moe-drop"
@@ -165,24 +217,41 @@ def drop_moe(tokens: int) -> Path:
     Drop-Upcycling (half of each expert's neurons re-drawn, so the experts differ and no shared expert
     carries the dense FFN), then trained `tokens` (LM + balance + router z-loss). Returns its folder."""
     from upcycle import hub
-    from upcycle.commands.grow import GrowChecks, GrowConfig, GrowStepOptions, RunOptions, run as grow_run
-    from upcycle.train import Trainer, TrainConfig
+    from upcycle.commands.grow import GrowChecks, GrowConfig, GrowStepOptions, RunOptions
+    from upcycle.commands.grow import run as grow_run
+    from upcycle.train import TrainConfig, Trainer
 
     final = DROP_MOE / f"trained-{tokens}" / "final"
     if (final / "config.json").exists():
         return final
     grown = DROP_MOE / "grown"
     if not (grown / "config.json").exists():
-        grow_run(MODEL, str(grown), GrowConfig(), GrowStepOptions(op="moe", family="mixtral", experts=8, top_k=2,
-                                                                  mode="drop", drop_ratio=0.5),
-                 # an initialisation for training, far from the FFN by design
-                 GrowChecks(max_loss_change=1e9, min_logit_cosine=-1.0, max_router_kl=1e9),
-                 RunOptions(progress=False, overwrite=True))
+        grow_run(
+            MODEL,
+            str(grown),
+            GrowConfig(),
+            GrowStepOptions(op="moe", family="mixtral", experts=8, top_k=2, mode="drop", drop_ratio=0.5),
+            # an initialisation for training, far from the FFN by design
+            GrowChecks(max_loss_change=1e9, min_logit_cosine=-1.0, max_router_kl=1e9),
+            RunOptions(progress=False, overwrite=True),
+        )
     model, tokenizer = hub.load(grown)
-    cfg = TrainConfig.from_dict(dict(
-        model=str(grown), data=TEXT, out=str(final.parent), seq_len=256, global_batch=8, micro_batch=4, lr=3e-4,
-        warmup_steps=2, stages=[{"name": "main", "tokens": tokens}], ckpt_every=10_000, progress=False,
-        losses=[{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]))
+    cfg = TrainConfig.from_dict(
+        dict(
+            model=str(grown),
+            data=TEXT,
+            out=str(final.parent),
+            seq_len=256,
+            global_batch=8,
+            micro_batch=4,
+            lr=3e-4,
+            warmup_steps=2,
+            stages=[{"name": "main", "tokens": tokens}],
+            ckpt_every=10_000,
+            progress=False,
+            losses=[{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}],
+        )
+    )
     Trainer(cfg, model=model, tokenizer=tokenizer).fit()
     shutil.rmtree(final.parent / "checkpoints", ignore_errors=True)  # 8 GB of optimizer state nobody resumes
     return final
@@ -200,14 +269,18 @@ def experts_part(tokens: int, bed: str = "drop", trained_arms: bool = True) -> d
         for mode in ("prune", "merge", "partial"):
             cut = {"op": "experts", "experts": 4, "criterion": criterion, "mode": mode}
             if criterion == "reap" and trained_arms:  # trained after N tokens; its report has the cut one shot
-                r = slim(f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens,
-                         source=str(source))
+                r = slim(
+                    f"experts-{tag}reap-{mode}-trained", [{"cuts": [cut], "tokens": tokens}], tokens, source=str(source)
+                )
                 trained[f"reap/{mode}"] = r["ppl"]["slim"]
                 print(f"experts reap/{mode} after {tokens}: {trained[f'reap/{mode}']:.3f}", flush=True)
             else:
                 r = slim(f"experts-{tag}{criterion}-{mode}", [{"cuts": [cut], "tokens": 0}], 0, source=str(source))
-            one_shot[f"{criterion}/{mode}"] = {"ppl": r["cuts"][0]["ppl_after"], "kl": r["cuts"][0]["kl"],
-                                               "kept": {i: layer["kept"] for i, layer in r["cuts"][0]["removed"]["layers"].items()}}
+            one_shot[f"{criterion}/{mode}"] = {
+                "ppl": r["cuts"][0]["ppl_after"],
+                "kl": r["cuts"][0]["kl"],
+                "kept": {i: layer["kept"] for i, layer in r["cuts"][0]["removed"]["layers"].items()},
+            }
             out["source_ppl"] = r["cuts"][0]["ppl_before"]
             print(f"experts {criterion}/{mode}: one-shot {one_shot[f'{criterion}/{mode}']['ppl']:.3f}", flush=True)
     out.update({"one_shot": one_shot, "after_tokens": trained})
@@ -238,9 +311,19 @@ def peers_part(experts: dict) -> dict:
         held = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=32)
         (work / "calibration.json").write_text(json.dumps({"input_ids": calibration.tolist()}))
         folder = work / "llmcompressor-reap"
-        proc = subprocess.run([str(python), driver("llmcompressor_reap"), str(moe),
-                               str(work / "calibration.json"), str(folder), "--sparsity", "0.5"],
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            [
+                str(python),
+                driver("llmcompressor_reap"),
+                str(moe),
+                str(work / "calibration.json"),
+                str(folder),
+                "--sparsity",
+                "0.5",
+            ],
+            capture_output=True,
+            text=True,
+        )
         if proc.returncode:
             out["llmcompressor_reap"] = {"error": proc.stderr.strip().splitlines()[-1]}
         else:
@@ -253,14 +336,21 @@ def peers_part(experts: dict) -> dict:
             retained = json.loads((folder / "retained.json").read_text())
             ours = experts["one_shot"]["reap/prune"]  # upcycle's REAP prune, one shot, on the same blocks
             # Kept experts per layer, theirs (keyed by module name) against ours (by layer index).
-            theirs = {int(next(p for p in name.split(".") if p.isdigit())): sorted(kept)
-                      for name, kept in retained.items()}
+            theirs = {
+                int(next(p for p in name.split(".") if p.isdigit())): sorted(kept) for name, kept in retained.items()
+            }
             mine = {int(i): sorted(kept) for i, kept in ours["kept"].items()}
             same = sum(len(set(theirs[i]) & set(mine[i])) for i in mine) / sum(len(k) for k in mine.values())
-            out["llmcompressor_reap"] = {"one_shot_ppl": ppl, "source_ppl": experts["source_ppl"],
-                                         "experts": pruned.config.num_experts, "kept_theirs": theirs,
-                                         "kept_ours": mine, "kept_agreement": same,
-                                         "upcycle_reap_prune_ppl": ours["ppl"], **run}
+            out["llmcompressor_reap"] = {
+                "one_shot_ppl": ppl,
+                "source_ppl": experts["source_ppl"],
+                "experts": pruned.config.num_experts,
+                "kept_theirs": theirs,
+                "kept_ours": mine,
+                "kept_agreement": same,
+                "upcycle_reap_prune_ppl": ours["ppl"],
+                **run,
+            }
         print(f"llm-compressor REAP: {out['llmcompressor_reap']}", flush=True)
     # NVIDIA Model Optimizer on the dense model: FastNAS's search space is the FFN width, so it is set the
     # parameter count of upcycle's own FFN cut (1536 → 1024 by activation importance) and compared with it
@@ -271,13 +361,28 @@ def peers_part(experts: dict) -> dict:
     (work / "dense_held.json").write_text(json.dumps({"input_ids": held.tolist()}))
     ours = slim("criteria-ffn_activation_1024", [{"cuts": [{"op": "ffn_width", "width": 1024}], "tokens": 0}], 0)
     share = ours["cuts"][0]["params_after"] / ours["cuts"][0]["params_before"]
-    proc = subprocess.run([str(python), driver("modelopt_prune"), str(hub.builtin_folder(MODEL)),
-                           str(work / "dense_calibration.json"), str(work / "dense_held.json"), "--params",
-                           f"{share:.4f}"], capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            str(python),
+            driver("modelopt_prune"),
+            str(hub.builtin_folder(MODEL)),
+            str(work / "dense_calibration.json"),
+            str(work / "dense_held.json"),
+            "--params",
+            f"{share:.4f}",
+        ],
+        capture_output=True,
+        text=True,
+    )
     lines = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    out["modelopt"] = {"runs": lines or [{"error": proc.stderr.strip().splitlines()[-1:]}],
-                       "upcycle_ffn_1024": {"ppl": ours["cuts"][0]["ppl_after"], "params": ours["cuts"][0]["params_after"],
-                                            "seconds": ours["cuts"][0]["seconds"]}}
+    out["modelopt"] = {
+        "runs": lines or [{"error": proc.stderr.strip().splitlines()[-1:]}],
+        "upcycle_ffn_1024": {
+            "ppl": ours["cuts"][0]["ppl_after"],
+            "params": ours["cuts"][0]["params_after"],
+            "seconds": ours["cuts"][0]["seconds"],
+        },
+    }
     print(f"modelopt: {out['modelopt']}", flush=True)
     return out
 
@@ -293,8 +398,14 @@ def _mixtral_expert_names(folder: Path) -> bool:
     renamed = False
     for path in folder.glob("*.safetensors"):
         tensors = load_file(path)
-        names = {k: re.sub(r"(\.experts\.\d+\.)(gate|up|down)_proj\.", lambda m: m.group(1) + {
-            "gate": "w1.", "up": "w3.", "down": "w2."}[m.group(2)], k) for k in tensors}
+        names = {
+            k: re.sub(
+                r"(\.experts\.\d+\.)(gate|up|down)_proj\.",
+                lambda m: m.group(1) + {"gate": "w1.", "up": "w3.", "down": "w2."}[m.group(2)],
+                k,
+            )
+            for k in tensors
+        }
         if any(k != v for k, v in names.items()):
             save_file({names[k]: v for k, v in tensors.items()}, path, metadata={"format": "pt"})
             renamed = True
@@ -308,11 +419,18 @@ def _verdict(better: str, worse: str, ppl: dict, seeds: dict) -> str:
     margin = ppl[worse] - ppl[better]
     if len(a) == len(b) > 1:
         diffs = [y - x for x, y in zip(a, b)]
-        word = ("reproduced" if all(d > 0 for d in diffs) else "not reproduced" if all(d < 0 for d in diffs)
-                else "mixed across seeds")
-        return (f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}; per seed "
-                f"{', '.join(f'{d:+.2f}' for d in diffs)}; seed-to-seed spread of an arm ≤ "
-                f"{max(max(a) - min(a), max(b) - min(b)):.2f})")
+        word = (
+            "reproduced"
+            if all(d > 0 for d in diffs)
+            else "not reproduced"
+            if all(d < 0 for d in diffs)
+            else "mixed across seeds"
+        )
+        return (
+            f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}; per seed "
+            f"{', '.join(f'{d:+.2f}' for d in diffs)}; seed-to-seed spread of an arm ≤ "
+            f"{max(max(a) - min(a), max(b) - min(b)):.2f})"
+        )
     spread = max(max(a) - min(a), max(b) - min(b))
     word = "reproduced" if margin > spread else ("not reproduced" if margin < 0 else "within the seed spread")
     return f"{word}: {ppl[better]:.2f} vs {ppl[worse]:.2f} (margin {margin:+.2f}, seed spread ≤ {spread:.2f})"
@@ -324,40 +442,66 @@ def tables(results: dict) -> str:
     rec, crit = results.get("recovery", {}), results.get("criteria", {})
     if rec:
         ppl, seeds = rec["ppl"], rec["seeds"]
-        lines += [f"Recovery, {results['tokens']:,} tokens each ({results['shape']}; teacher ppl "
-                  f"{results['ppl']['teacher']:.2f}):", "", "| arm | held-out ppl (mean) | seeds |", "|---|---|---|"]
+        lines += [
+            f"Recovery, {results['tokens']:,} tokens each ({results['shape']}; teacher ppl "
+            f"{results['ppl']['teacher']:.2f}):",
+            "",
+            "| arm | held-out ppl (mean) | seeds |",
+            "|---|---|---|",
+        ]
         for arm in ("pruned_kd_lm", "pruned_kd", "pruned_lm", "pruned_kd_lm_mtp", "progressive", "scratch"):
             lines.append(f"| {arm} | {ppl[arm]:.2f} | {', '.join(f'{v:.2f}' for v in seeds[arm])} |")
-        lines += ["", "Claims:",
-                  f"- pruned + KD + LM beats the same architecture from scratch: {_verdict('pruned_kd_lm', 'scratch', ppl, seeds)}",
-                  f"- KD + LM beats KD alone: {_verdict('pruned_kd_lm', 'pruned_kd', ppl, seeds)}",
-                  f"- KD + LM beats LM alone: {_verdict('pruned_kd_lm', 'pruned_lm', ppl, seeds)}",
-                  f"- + MTP helps: {_verdict('pruned_kd_lm_mtp', 'pruned_kd_lm', ppl, seeds)}",
-                  f"- progressive beats one-shot: {_verdict('progressive', 'pruned_kd_lm', ppl, seeds)}", ""]
+        lines += [
+            "",
+            "Claims:",
+            f"- pruned + KD + LM beats the same architecture from scratch: {_verdict('pruned_kd_lm', 'scratch', ppl, seeds)}",
+            f"- KD + LM beats KD alone: {_verdict('pruned_kd_lm', 'pruned_kd', ppl, seeds)}",
+            f"- KD + LM beats LM alone: {_verdict('pruned_kd_lm', 'pruned_lm', ppl, seeds)}",
+            f"- + MTP helps: {_verdict('pruned_kd_lm_mtp', 'pruned_kd_lm', ppl, seeds)}",
+            f"- progressive beats one-shot: {_verdict('progressive', 'pruned_kd_lm', ppl, seeds)}",
+            "",
+        ]
     if crit:
-        lines += [f"Criteria (teacher ppl {crit['teacher_ppl']:.2f}):", "",
-                  "| cut | criterion | parameters | one-shot ppl | after N tokens |", "|---|---|---|---|---|"]
+        lines += [
+            f"Criteria (teacher ppl {crit['teacher_ppl']:.2f}):",
+            "",
+            "| cut | criterion | parameters | one-shot ppl | after N tokens |",
+            "|---|---|---|---|---|",
+        ]
         for name, row in crit["depth"].items():
-            lines.append(f"| 10 of 30 layers | {name} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | "
-                         f"{row.get('ppl_after_tokens', float('nan')):.4g} |")
+            lines.append(
+                f"| 10 of 30 layers | {name} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | "
+                f"{row.get('ppl_after_tokens', float('nan')):.4g} |"
+            )
         for name, row in crit["width"].items():
-            cut, criterion = {"hidden_rmsnorm_432": ("hidden 576 → 432", "rmsnorm"),
-                              "ffn_activation_1024": ("FFN 1536 → 1024", "activation"),
-                              "heads_output_norm_6": ("query heads 9 → 6", "output_norm")}[name]
+            cut, criterion = {
+                "hidden_rmsnorm_432": ("hidden 576 → 432", "rmsnorm"),
+                "ffn_activation_1024": ("FFN 1536 → 1024", "activation"),
+                "heads_output_norm_6": ("query heads 9 → 6", "output_norm"),
+            }[name]
             after = row.get("ppl_after_tokens")
-            lines.append(f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | "
-                         f"{after:.4g} |" if after else f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | "
-                         f"{row['one_shot_ppl']:.4g} | — |")
+            lines.append(
+                f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | {after:.4g} |"
+                if after
+                else f"| {cut} | {criterion} | {row['params'] / 1e6:.1f}M | {row['one_shot_ppl']:.4g} | — |"
+            )
         lines.append("")
     for key in ("experts", "experts_shared"):
         exp = results.get(key, {})
         if "one_shot" not in exp:
             continue
-        lines += [f"Experts ({exp['cut']}; source ppl {exp['source_ppl']:.2f}), one-shot ppl:", "",
-                  "| criterion | prune | merge | partial |", "|---|---|---|---|"]
+        lines += [
+            f"Experts ({exp['cut']}; source ppl {exp['source_ppl']:.2f}), one-shot ppl:",
+            "",
+            "| criterion | prune | merge | partial |",
+            "|---|---|---|---|",
+        ]
         for criterion in ("frequency", "soft", "reap"):
-            lines.append(f"| {criterion} | " + " | ".join(f"{exp['one_shot'][f'{criterion}/{m}']['ppl']:.3f}"
-                                                       for m in ("prune", "merge", "partial")) + " |")
+            lines.append(
+                f"| {criterion} | "
+                + " | ".join(f"{exp['one_shot'][f'{criterion}/{m}']['ppl']:.3f}" for m in ("prune", "merge", "partial"))
+                + " |"
+            )
         if exp["after_tokens"]:
             lines += ["", "After N tokens (REAP): " + ", ".join(f"{k} {v:.3f}" for k, v in exp["after_tokens"].items())]
         lines.append("")
@@ -369,6 +513,7 @@ def tables(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     """Training loss per step (left) and validation perplexity (right) of each recovery arm, seed 0."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -396,9 +541,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", type=int, default=16384, help="recovery tokens of every trained arm")
     parser.add_argument("--seeds", type=int, default=2, help="seeds (data orders) of each recovery arm")
-    parser.add_argument("--part", choices=("all", "oneshot", "criteria", "recovery", "experts", "experts_shared", "peers"),
-                        default="all", help="oneshot: every criterion's one-shot cost only, no training (minutes); "
-                        "experts_shared: the expert cuts one shot on grow.py's shared-expert MoE (not in all)")
+    parser.add_argument(
+        "--part",
+        choices=("all", "oneshot", "criteria", "recovery", "experts", "experts_shared", "peers"),
+        default="all",
+        help="oneshot: every criterion's one-shot cost only, no training (minutes); "
+        "experts_shared: the expert cuts one shot on grow.py's shared-expert MoE (not in all)",
+    )
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     args = parser.parse_args()
     if args.table:
@@ -416,10 +565,12 @@ def main() -> None:
 
     def save(part=None):  # after every part: a long run that stops keeps what it measured
         if part:
-            results["seconds"][part] = round(time.perf_counter() - started - sum(
-                v for k, v in results["seconds"].items() if k in done), 1)
+            results["seconds"][part] = round(
+                time.perf_counter() - started - sum(v for k, v in results["seconds"].items() if k in done), 1
+            )
             done.append(part)
         path.write_text(json.dumps(results, indent=2) + "\n")
+
     done: list = []
 
     if args.part == "oneshot":

@@ -12,7 +12,7 @@
      Two bounds: bytes of weights read per token, dense vs sparse (the attention, the norms and the
      tied 49k x 576 LM head are read in full by both), and measured, the dense model with its FFNs
      skipped (what everything but the FFNs takes: no FFN speed-up can beat it). And both models
-     through upcycle's lean decoder (upcycle.eval.decode: one compiled step, static cache, the dense
+     through upcycle's lean decoder (upcycle.infer.decode: one compiled step, static cache, the dense
      layers' single rows through the kernel's row dots, no generate() around it; what `upcycle
      generate` runs). The headline `decode_speedup` is the lean run (both models alike, the fastest
      dense baseline here); `decode_speedup_generate` the compiled generate() run.
@@ -38,7 +38,10 @@ from upcycle.eval import speed
 from upcycle.modules import BankSparsity
 
 RESULTS = Path(__file__).parent / "results"
-PREDICTORS = {"shadow": {"predictor": "shadow", "bits": 4, "group": 64}, "lowrank": {"predictor": "lowrank", "rank": 64}}
+PREDICTORS = {
+    "shadow": {"predictor": "shadow", "bits": 4, "group": 64},
+    "lowrank": {"predictor": "lowrank", "rank": 64},
+}
 
 
 def predictor_label(sparsity: BankSparsity) -> str:
@@ -57,16 +60,29 @@ def plot(result: dict, path: Path) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     for shape, colour in (("smollm2", "C0"), ("qwen7b", "C1")):
         rows = [r for k, r in result["ffn"].items() if k.startswith(shape)]
-        left.plot([r["batch"] for r in rows], [r["speedup"] for r in rows], "o-", color=colour,
-                  label=f"{shape} {rows[0]['shape'][0]}×{rows[0]['shape'][1]}")
+        left.plot(
+            [r["batch"] for r in rows],
+            [r["speedup"] for r in rows],
+            "o-",
+            color=colour,
+            label=f"{shape} {rows[0]['shape'][0]}×{rows[0]['shape'][1]}",
+        )
         left.axhline(rows[0]["limit"], color=colour, ls=":", lw=1)
     left.axhline(1.0, color="grey", lw=1)
-    left.set(xscale="log", xticks=[1, 4, 16], xticklabels=["1", "4", "16"], xlabel="batch (tokens)",
-             ylabel="speedup over dense", title="FFN layer, fp32 (dotted: byte limit at batch 1)")
+    left.set(
+        xscale="log",
+        xticks=[1, 4, 16],
+        xticklabels=["1", "4", "16"],
+        xlabel="batch (tokens)",
+        ylabel="speedup over dense",
+        title="FFN layer, fp32 (dotted: byte limit at batch 1)",
+    )
     left.legend()
-    names = [f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}"
-             + (", lean decoder" if d.get("decoder") == "lean" else ", compiled" if d.get("compiled") else "")
-             for d in result["decode_runs"]]
+    names = [
+        f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}"
+        + (", lean decoder" if d.get("decoder") == "lean" else ", compiled" if d.get("compiled") else "")
+        for d in result["decode_runs"]
+    ]
     measured = [d["speedup"] for d in result["decode_runs"]]
     limits = [d["limit"] for d in result["decode_runs"]]
     ceilings = [d["ceiling"] for d in result["decode_runs"]]
@@ -75,8 +91,12 @@ def plot(result: dict, path: Path) -> None:
     right.bar(list(xs), limits, 0.27, label="byte limit", color="lightgrey")
     right.bar([x + 0.27 for x in xs], ceilings, 0.27, label="no FFN at all", color="darkgrey")
     right.axhline(1.0, color="grey", lw=1)
-    right.set(xticks=list(xs), xticklabels=names, ylabel="tokens/s, sparse ÷ dense",
-              title="greedy decoding, smollm2-135m 16-of-64")
+    right.set(
+        xticks=list(xs),
+        xticklabels=names,
+        ylabel="tokens/s, sparse ÷ dense",
+        title="greedy decoding, smollm2-135m 16-of-64",
+    )
     right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -85,8 +105,12 @@ def plot(result: dict, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="decoding runs per model and setting")
-    parser.add_argument("--ffn-repeats", type=int, default=11,
-                        help="FFN-layer samples per row (each ~0.2 s of calls; this machine's timings are noisy)")
+    parser.add_argument(
+        "--ffn-repeats",
+        type=int,
+        default=11,
+        help="FFN-layer samples per row (each ~0.2 s of calls; this machine's timings are noisy)",
+    )
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--predictor", choices=sorted(PREDICTORS), default="shadow")
     args = parser.parse_args()
@@ -113,15 +137,18 @@ def main() -> None:
         torch.set_num_threads(n)
         runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats))
     torch.set_num_threads(threads)
-    runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
-                                   compiled=True))
-    runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats,
-                                   lean=True))
+    runs.append(
+        speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, compiled=True)
+    )
+    runs.append(
+        speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, lean=True)
+    )
 
     result = {
         "ffn_speedup": {k: round(r["speedup"], 3) for k, r in ffn.items()},
-        "ffn_speedup_vs_dense_at_plain_read_rate": {k: round(r["speedup_vs_dense_at_plain_read_rate"], 3)
-                                                    for k, r in ffn.items() if r["limit"] is not None},
+        "ffn_speedup_vs_dense_at_plain_read_rate": {
+            k: round(r["speedup_vs_dense_at_plain_read_rate"], 3) for k, r in ffn.items() if r["limit"] is not None
+        },
         "decode_speedup": round(runs[-1]["speedup"], 3),  # lean decoder, all threads
         "decode_speedup_generate": round(runs[-2]["speedup"], 3),  # generate(), compiled, all threads
         "decode_limit": round(runs[-1]["limit"], 3),
@@ -131,8 +158,13 @@ def main() -> None:
         "decode_runs": runs,
         "predictor": predictor_label(sparsity),
         "sparsity": sparsity.to_dict(),
-        "machine": {"processor": processor, "threads": threads, "plain_read_gb_per_s": read_rate,
-                    "torch": torch.__version__, "operator": kernels.operator_kind()},
+        "machine": {
+            "processor": processor,
+            "threads": threads,
+            "plain_read_gb_per_s": read_rate,
+            "torch": torch.__version__,
+            "operator": kernels.operator_kind(),
+        },
         "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor} --repeats {args.repeats}",
     }
     RESULTS.mkdir(exist_ok=True)
@@ -140,14 +172,21 @@ def main() -> None:
     plot(result, RESULTS / f"{name}.png")
     report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())
-    print(f"plain read {read_rate:.1f} GB/s on {processor}; at batch 1 "
-          + ", ".join(f"{k}: dense {r['dense_gb_per_s']:.1f} GB/s, sparse {r['sparse_gb_per_s']:.1f} GB/s, "
-                      f"{r['speedup_vs_dense_at_plain_read_rate']:.2f}× against a dense FFN at the plain read rate"
-                      for k, r in ffn.items() if r["limit"] is not None))
+    print(
+        f"plain read {read_rate:.1f} GB/s on {processor}; at batch 1 "
+        + ", ".join(
+            f"{k}: dense {r['dense_gb_per_s']:.1f} GB/s, sparse {r['sparse_gb_per_s']:.1f} GB/s, "
+            f"{r['speedup_vs_dense_at_plain_read_rate']:.2f}× against a dense FFN at the plain read rate"
+            for k, r in ffn.items()
+            if r["limit"] is not None
+        )
+    )
     for run in runs[:-1]:
-        print(f"at {run['threads']} thread(s){', compiled generate()' if run['compiled'] else ''}: {run['speedup']:.2f}× "
-              f"({run['dense_tokens_per_s']:.1f} → {run['sparse_tokens_per_s']:.1f} tok/s; limit {run['limit']:.2f}×, "
-              f"no FFN {run['ceiling']:.2f}×)")
+        print(
+            f"at {run['threads']} thread(s){', compiled generate()' if run['compiled'] else ''}: {run['speedup']:.2f}× "
+            f"({run['dense_tokens_per_s']:.1f} → {run['sparse_tokens_per_s']:.1f} tok/s; limit {run['limit']:.2f}×, "
+            f"no FFN {run['ceiling']:.2f}×)"
+        )
 
 
 if __name__ == "__main__":

@@ -37,13 +37,12 @@ from pathlib import Path
 import torch
 
 import upcycle
-from upcycle import data
+from upcycle import data, sparsify
 from upcycle.eval import perplexity
-from upcycle import sparsify
 from upcycle.eval.selection import selection_stats
 from upcycle.ops import narrow_ffn
 from upcycle.report import markdown_table, plot_per_layer
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -89,11 +88,27 @@ def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False,
     if sparse:  # keeps each predictor ranking like its own FFN's top-k while the FFN trains
         losses.append({"name": "router", "weight": 1.0})
     return TrainConfig(
-        model=MODEL, data=DATA, out=str(RUNS / name), seq_len=SEQ, global_batch=BATCH, micro_batch=4, lr=lr,
-        warmup_steps=2, schedule="cosine", min_lr_ratio=0.1, clip=1.0, losses=losses, teacher="self" if kd else None,
+        model=MODEL,
+        data=DATA,
+        out=str(RUNS / name),
+        seq_len=SEQ,
+        global_batch=BATCH,
+        micro_batch=4,
+        lr=lr,
+        warmup_steps=2,
+        schedule="cosine",
+        min_lr_ratio=0.1,
+        clip=1.0,
+        losses=losses,
+        teacher="self" if kd else None,
         groups=[{"name": "embeddings", "parts": ["embeddings", "lm_head"], "frozen": True}]
         + ([{"name": "predictor", "lr_mult": 5.0}] if sparse else []),
-        stages=stages, val_every=8, val_blocks=8, ckpt_every=10_000, progress=True)
+        stages=stages,
+        val_every=8,
+        val_blocks=8,
+        ckpt_every=10_000,
+        progress=True,
+    )
 
 
 def _reuse_marker(out: str) -> dict | None:
@@ -101,8 +116,16 @@ def _reuse_marker(out: str) -> dict | None:
     return json.loads(marker.read_text()) if marker.exists() else None
 
 
-def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, sparse: bool = False,
-          sparsified: dict | None = None):
+def train(
+    name: str,
+    model,
+    tok,
+    teacher,
+    stages: list[dict],
+    kd: bool = True,
+    sparse: bool = False,
+    sparsified: dict | None = None,
+):
     """Train (or reuse a finished run made from the same sparsify options: `sparsified`) and return
     (model, validation curve [(tokens, val_loss)])."""
     config = recipe(name, stages, kd, sparse)
@@ -114,8 +137,11 @@ def train(name: str, model, tok, teacher, stages: list[dict], kd: bool = True, s
         (Path(config.out) / "sparsified_with.json").write_text(json.dumps(sparsified, sort_keys=True))
         Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
     trained, _ = upcycle.load(final)
-    curve = [(r["tokens"], r["val_loss"]) for r in map(json.loads, (Path(config.out) / "metrics.jsonl").open())
-             if "val_loss" in r]
+    curve = [
+        (r["tokens"], r["val_loss"])
+        for r in map(json.loads, (Path(config.out) / "metrics.jsonl").open())
+        if "val_loss" in r
+    ]
     return trained.eval(), curve
 
 
@@ -131,22 +157,49 @@ def sparse_stages(budget: int, anneal: bool = False, predictor_stage: bool = Tru
 
 def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
     t0 = time.perf_counter()
-    options = {"bank": 64, "keep": 16, "rank": 64, "calibration": DATA, "calibration_tokens": 16384,
-               "convert_steps": 0, "progress": True, **options}
+    options = {
+        "bank": 64,
+        "keep": 16,
+        "rank": 64,
+        "calibration": DATA,
+        "calibration_tokens": 16384,
+        "convert_steps": 0,
+        "progress": True,
+        **options,
+    }
     model, report = sparsify(dense, tok, **options)
     trained_predictor = options.get("predictor", "lowrank") == "lowrank"
-    result = {"options": {k: v for k, v in options.items() if k != "progress"}, "kd": kd, "tokens": budget,
-              "predictor": predictor_name(options),
-              "recall_warmup": report.recall, "recall_warmup_mean": report.recall_mean,
-              "recall_init_mean": sum(report.recall_init) / len(report.recall_init) if report.recall_init else None,
-              "convert_error": {"before": report.convert_error_before, "after": report.convert_error_after},
-              "ppl_untrained": score(model, val)}
+    result = {
+        "options": {k: v for k, v in options.items() if k != "progress"},
+        "kd": kd,
+        "tokens": budget,
+        "predictor": predictor_name(options),
+        "recall_warmup": report.recall,
+        "recall_warmup_mean": report.recall_mean,
+        "recall_init_mean": sum(report.recall_init) / len(report.recall_init) if report.recall_init else None,
+        "convert_error": {"before": report.convert_error_before, "after": report.convert_error_after},
+        "ppl_untrained": score(model, val),
+    }
     if budget:  # 0: the warm-up only
-        trained, curve = train(name, model, tok, dense, sparse_stages(budget, predictor_stage=trained_predictor), kd,
-                               sparse=trained_predictor, sparsified=result["options"])
+        trained, curve = train(
+            name,
+            model,
+            tok,
+            dense,
+            sparse_stages(budget, predictor_stage=trained_predictor),
+            kd,
+            sparse=trained_predictor,
+            sparsified=result["options"],
+        )
         stats = selection_stats(trained, val["shakespeare"][:4])
-        result.update({"ppl": score(trained, val), "recall_trained": stats["recall"],
-                       "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]), "curve": curve})
+        result.update(
+            {
+                "ppl": score(trained, val),
+                "recall_trained": stats["recall"],
+                "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]),
+                "curve": curve,
+            }
+        )
     return {**result, "wall_s": round(time.perf_counter() - t0)}
 
 
@@ -155,8 +208,9 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=98304, help="training tokens of every trained model")
     parser.add_argument("--ablation-budget", type=int, default=16384)
     parser.add_argument("--val-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
-    parser.add_argument("--skip-ablations", action="store_true",
-                        help="skip the low-rank predictor's ablations (rank, init, gate, KD)")
+    parser.add_argument(
+        "--skip-ablations", action="store_true", help="skip the low-rank predictor's ablations (rank, init, gate, KD)"
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     RESULTS.mkdir(exist_ok=True)
@@ -169,8 +223,15 @@ def main() -> None:
     dense, tok = upcycle.load(MODEL)
     val = held_out(tok, args.val_blocks)
     calib = data.blocks(DATA, tok, "train", SEQ, max_blocks=64)
-    res.update({"model": MODEL, "data": DATA, "tokens": args.budget, "held_out_tokens": {k: v.numel() for k, v in val.items()},
-                "threads": torch.get_num_threads()})
+    res.update(
+        {
+            "model": MODEL,
+            "data": DATA,
+            "tokens": args.budget,
+            "held_out_tokens": {k: v.numel() for k, v in val.items()},
+            "threads": torch.get_num_threads(),
+        }
+    )
     ppl = res.setdefault("ppl", {})
     if "dense" not in ppl:
         ppl["dense"] = score(dense, val)
@@ -199,13 +260,15 @@ def main() -> None:
         res.setdefault("curves", {})["sparse_lowrank"] = run["curve"]
         save()
     if "teal75" not in ppl:
-        teal, report = sparsify(dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384,
-                              convert_steps=0)
+        teal, report = sparsify(
+            dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384, convert_steps=0
+        )
         ppl["teal75"], res["teal75_density"] = score(teal, val), report.density
         save()
     if "dense_companion" not in ppl:
-        model, curve = train("dense_companion", copy.deepcopy(dense), tok, dense,
-                             [{"name": "end-to-end", "tokens": args.budget}])
+        model, curve = train(
+            "dense_companion", copy.deepcopy(dense), tok, dense, [{"name": "end-to-end", "tokens": args.budget}]
+        )
         ppl["dense_companion"], res.setdefault("curves", {})["dense_companion"] = score(model, val), curve
         save()
     if "dense4x" not in ppl:
@@ -218,14 +281,16 @@ def main() -> None:
         ablations = res.setdefault("ablations", {})
         # (label, sparsify options, trained?, kd): rank and initialisation are read after the warm-up;
         # gate mode and KD only show in training, so those variants also train (shorter budget)
-        variants = [("r64 hard svd+warm-up (reference)", {}, True, True),
-                    ("gate sigmoid", {"gate": "sigmoid"}, True, True),
-                    ("gate softmax", {"gate": "softmax"}, True, True),
-                    ("no KD (LM only)", {}, True, False),
-                    ("r32", {"rank": 32}, False, True),
-                    ("r128", {"rank": 128}, False, True),
-                    ("init random + warm-up", {"init": "random"}, False, True),
-                    ("svd init, no warm-up", {"warmup_steps": 0}, False, True)]
+        variants = [
+            ("r64 hard svd+warm-up (reference)", {}, True, True),
+            ("gate sigmoid", {"gate": "sigmoid"}, True, True),
+            ("gate softmax", {"gate": "softmax"}, True, True),
+            ("no KD (LM only)", {}, True, False),
+            ("r32", {"rank": 32}, False, True),
+            ("r128", {"rank": 128}, False, True),
+            ("init random + warm-up", {"init": "random"}, False, True),
+            ("svd init, no warm-up", {"warmup_steps": 0}, False, True),
+        ]
         for label, opts, trained, kd in variants:
             if label in ablations:
                 continue
@@ -241,12 +306,17 @@ def main() -> None:
 def write_outputs(res: dict) -> None:
     (RESULTS / "sparsify_quality.json").write_text(json.dumps(res, indent=1) + "\n")
     lowrank = res.get("sparse_lowrank_run", {})
-    plot_per_layer({f"{res.get('predictor', 'default')}: calibration (dense oracle)": res["recall_per_layer"],
-                    "... after training (own oracle)": res["recall_trained_per_layer"],
-                    "lowrank r64 after warm-up": lowrank.get("recall_warmup", []),
-                    "lowrank r64 after training": lowrank.get("recall_trained", [])},
-                   RESULTS / "sparsify_recall.png", ylabel="recall of oracle top-16 of 64",
-                   title="smollm2-135m 16-of-64: predictor recall per layer")
+    plot_per_layer(
+        {
+            f"{res.get('predictor', 'default')}: calibration (dense oracle)": res["recall_per_layer"],
+            "... after training (own oracle)": res["recall_trained_per_layer"],
+            "lowrank r64 after warm-up": lowrank.get("recall_warmup", []),
+            "lowrank r64 after training": lowrank.get("recall_trained", []),
+        },
+        RESULTS / "sparsify_recall.png",
+        ylabel="recall of oracle top-16 of 64",
+        title="smollm2-135m 16-of-64: predictor recall per layer",
+    )
     import matplotlib
 
     matplotlib.use("Agg")

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from upcycle import data, hub
-from upcycle.train import Callback, Trainer, TrainConfig
+from upcycle.train import Callback, TrainConfig, Trainer
 
 RESULT = Path(__file__).parent / "results" / "trainer_throughput.json"
 
@@ -34,10 +34,21 @@ def upcycle_step_intervals(args, workdir: Path) -> list[float]:
             stamps.append(time.perf_counter())
 
     model, tokenizer = hub.load("smollm2-135m")
-    config = TrainConfig(model="smollm2-135m", data="shakespeare", out=str(workdir / "upcycle"), seq_len=args.seq_len,
-                         global_batch=args.batch, micro_batch=args.batch, lr=1e-4, warmup_steps=1, clip=1.0,
-                         ckpt_every=10_000, val_blocks=1, progress=False,
-                         stages=[{"name": "bench", "tokens": args.steps * args.batch * args.seq_len}])
+    config = TrainConfig(
+        model="smollm2-135m",
+        data="shakespeare",
+        out=str(workdir / "upcycle"),
+        seq_len=args.seq_len,
+        global_batch=args.batch,
+        micro_batch=args.batch,
+        lr=1e-4,
+        warmup_steps=1,
+        clip=1.0,
+        ckpt_every=10_000,
+        val_blocks=1,
+        progress=False,
+        stages=[{"name": "bench", "tokens": args.steps * args.batch * args.seq_len}],
+    )
     Trainer(config, model=model, tokenizer=tokenizer, callbacks=[Clock()]).fit()
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -65,11 +76,27 @@ def hf_step_intervals(args, workdir: Path) -> list[float]:
             return {"input_ids": ids, "labels": ids}
 
     training_args = TrainingArguments(
-        output_dir=str(workdir / "hf"), per_device_train_batch_size=args.batch, gradient_accumulation_steps=1,
-        max_steps=args.steps, learning_rate=1e-4, warmup_steps=1, lr_scheduler_type="cosine", max_grad_norm=1.0,
-        optim="adamw_torch_fused", weight_decay=0.0, adam_beta2=0.95, use_cpu=True, report_to="none", save_strategy="no",
-        eval_strategy="no", logging_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        dataloader_pin_memory=False, seed=0)
+        output_dir=str(workdir / "hf"),
+        per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        learning_rate=1e-4,
+        warmup_steps=1,
+        lr_scheduler_type="cosine",
+        max_grad_norm=1.0,
+        optim="adamw_torch_fused",
+        weight_decay=0.0,
+        adam_beta2=0.95,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        dataloader_pin_memory=False,
+        seed=0,
+    )
     HFTrainer(model=model, args=training_args, train_dataset=Blocks(), callbacks=[Clock()]).train()
     return [b - a for a, b in zip(stamps, stamps[1:])]
 
@@ -97,18 +124,30 @@ def main() -> None:
                 steps = fn(args, Path(tmp) / f"{name}-{r}")
                 intervals[name] += steps
                 row[name] = round(tokens_per_step / statistics.median(steps), 1)
-                print(f"round {r + 1}/{args.rounds} {name:10s} {row[name]:8.1f} tokens/s "
-                      f"(median of {len(steps)} step intervals)", flush=True)
+                print(
+                    f"round {r + 1}/{args.rounds} {name:10s} {row[name]:8.1f} tokens/s "
+                    f"(median of {len(steps)} step intervals)",
+                    flush=True,
+                )
             rounds.append(row)
     tps = {k: round(tokens_per_step / statistics.median(v), 1) for k, v in intervals.items()}
     result = {
         "tokens_per_s": tps,
         "ratio": round(tps["upcycle"] / tps["hf_trainer"], 3),
         "rounds": rounds,
-        "setup": {"model": "smollm2-135m", "data": "shakespeare train", "batch": args.batch, "seq_len": args.seq_len,
-                  "steps_per_run": args.steps, "threads": args.threads, "dtype": "float32",
-                  "optimizer": "AdamW, fused (both trainers' default)", "clip": 1.0, "torch": torch.__version__,
-                  "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"},
+        "setup": {
+            "model": "smollm2-135m",
+            "data": "shakespeare train",
+            "batch": args.batch,
+            "seq_len": args.seq_len,
+            "steps_per_run": args.steps,
+            "threads": args.threads,
+            "dtype": "float32",
+            "optimizer": "AdamW, fused (both trainers' default)",
+            "clip": 1.0,
+            "torch": torch.__version__,
+            "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        },
     }
     RESULT.parent.mkdir(parents=True, exist_ok=True)
     RESULT.write_text(json.dumps(result, indent=2) + "\n")

@@ -10,21 +10,43 @@ from upcycle.config import Config, conform, from_text, option
 from upcycle.errors import ConfigError
 
 
-@pytest.mark.parametrize("value, tp, expected", [
-    (3, int, 3), (3, float, 3.0), (0.5, float, 0.5), ("a", str, "a"), (True, bool, True), (None, int | None, None),
-    ([1, 2], tuple[int, ...], (1, 2)), ((1, 2), list[int], [1, 2]), ("auto", str | int, "auto"), (4, str | int, 4),
-    ([0.9, 0.95], tuple[float, float], (0.9, 0.95)), ({"a": 1}, dict, {"a": 1}),
-])
+@pytest.mark.parametrize(
+    "value, tp, expected",
+    [
+        (3, int, 3),
+        (3, float, 3.0),
+        (0.5, float, 0.5),
+        ("a", str, "a"),
+        (True, bool, True),
+        (None, int | None, None),
+        ([1, 2], tuple[int, ...], (1, 2)),
+        ((1, 2), list[int], [1, 2]),
+        ("auto", str | int, "auto"),
+        (4, str | int, 4),
+        ([0.9, 0.95], tuple[float, float], (0.9, 0.95)),
+        ({"a": 1}, dict, {"a": 1}),
+    ],
+)
 def test_values_that_fit_their_annotation(value, tp, expected):
     got = conform(value, tp, "key")
     assert got == expected and type(got) is type(expected)
 
 
-@pytest.mark.parametrize("value, tp, expected", [
-    ("3", int, "an integer"), (True, int, "an integer"), (1.5, int, "an integer"), ("x", float, "a number"),
-    (1, str, "a string"), (1, bool, "true or false"), ("a", list[int], "a list of integers"),
-    ([1, 2, 3], tuple[float, float], "a list of numbers"), (3, dict, "a mapping"), ("x", int | None, "an integer or null"),
-])
+@pytest.mark.parametrize(
+    "value, tp, expected",
+    [
+        ("3", int, "an integer"),
+        (True, int, "an integer"),
+        (1.5, int, "an integer"),
+        ("x", float, "a number"),
+        (1, str, "a string"),
+        (1, bool, "true or false"),
+        ("a", list[int], "a list of integers"),
+        ([1, 2, 3], tuple[float, float], "a list of numbers"),
+        (3, dict, "a mapping"),
+        ("x", int | None, "an integer or null"),
+    ],
+)
 def test_values_that_do_not_fit_name_the_key_and_the_type(value, tp, expected):
     with pytest.raises(ConfigError, match=f"key=.* is not allowed: expected {expected}, got {type(value).__name__}"):
         conform(value, tp, "key")
@@ -75,10 +97,14 @@ def test_nested_configs_from_mappings_choices_and_validation():
 
 
 def test_print_config_is_a_recipe_that_reads_back(tmp_path, capsys):
-    assert main(["sparsify", "tiny-llama", str(tmp_path / "out"), "--keep", "8", "--layers", "0,1", "--print-config"]) == 0
+    assert (
+        main(["sparsify", "tiny-llama", str(tmp_path / "out"), "--keep", "8", "--layers", "0,1", "--print-config"]) == 0
+    )
     recipe = capsys.readouterr().out
     values = yaml.safe_load(recipe)
-    assert values["model"] == "tiny-llama" and values["keep"] == 8 and values["layers"] == [0, 1] and values["bank"] == 64
+    assert (
+        values["model"] == "tiny-llama" and values["keep"] == 8 and values["layers"] == [0, 1] and values["bank"] == 64
+    )
     path = tmp_path / "recipe.yaml"
     path.write_text(recipe)
     assert main(["sparsify", "--config", str(path), "--print-config"]) == 0

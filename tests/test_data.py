@@ -54,9 +54,13 @@ def test_token_cache_is_reused_and_keyed_by_tokenizer(text_folder, tmp_cache, mo
 
 def test_changed_source_is_tokenized_again(text_folder, tmp_cache):
     tokenizer = hub.byte_tokenizer()
-    before = len(data.tokens(str(text_folder), tokenizer, "train")) + len(data.tokens(str(text_folder), tokenizer, "validation"))
+    before = len(data.tokens(str(text_folder), tokenizer, "train")) + len(
+        data.tokens(str(text_folder), tokenizer, "validation")
+    )
     (text_folder / "doc_new.txt").write_text("a brand new document\n")
-    after = len(data.tokens(str(text_folder), tokenizer, "train")) + len(data.tokens(str(text_folder), tokenizer, "validation"))
+    after = len(data.tokens(str(text_folder), tokenizer, "train")) + len(
+        data.tokens(str(text_folder), tokenizer, "validation")
+    )
     assert after == before + len("a brand new document\n") + 1
 
 

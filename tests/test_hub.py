@@ -8,7 +8,14 @@ import torch
 
 from conftest import logits, tokens_for
 from upcycle import hub
-from upcycle.errors import ConfigError, HubUnreachable, ModelNotFound, NotACausalLM, UnsafeWeights, UnsupportedArchitecture
+from upcycle.errors import (
+    ConfigError,
+    HubUnreachable,
+    ModelNotFound,
+    NotACausalLM,
+    UnsafeWeights,
+    UnsupportedArchitecture,
+)
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "upcycle"
 
@@ -100,8 +107,11 @@ def test_pickle_only_weights_are_refused(tmp_path):
 
 
 def test_remote_code_is_not_run_unless_asked(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps(
-        {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {"model_type": "evil", "auto_map": {"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"}}
+        )
+    )
     (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('x')\n")
     with pytest.raises(NotACausalLM):
         hub.load(tmp_path)

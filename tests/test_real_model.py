@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from upcycle import arch, cache, data, hub
-from upcycle.eval import compare
 from upcycle.commands.eval import EvalConfig, evaluate
+from upcycle.eval import compare
 from upcycle.summary import summarize
 
 pytestmark = pytest.mark.slow
@@ -38,7 +38,7 @@ def test_the_model_is_a_real_language_model(smollm):
     ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=3, do_sample=False)
-    assert "Paris" in tokenizer.decode(out[0, ids.shape[1]:])
+    assert "Paris" in tokenizer.decode(out[0, ids.shape[1] :])
 
 
 def test_qwen2_re_expression_is_exact_on_real_text(smollm):
@@ -54,7 +54,10 @@ def test_qwen2_re_expression_is_exact_on_real_text(smollm):
 def test_shakespeare_perplexity_is_plausible_and_deterministic(smollm):
     model, tokenizer = smollm
     config = EvalConfig(data="shakespeare", seq_len=256, max_blocks=4)
-    first, second = evaluate(model, tokenizer, config, progress=False), evaluate(model, tokenizer, config, progress=False)
+    first, second = (
+        evaluate(model, tokenizer, config, progress=False),
+        evaluate(model, tokenizer, config, progress=False),
+    )
     assert first.nll == second.nll
     assert 25 < first.ppl < 80
 

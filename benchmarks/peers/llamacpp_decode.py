@@ -17,16 +17,20 @@ AMX paths; model parameter use_extra_bufts, which llama-cpp-python does not expo
 from __future__ import annotations
 
 import argparse
-import json
 import ctypes
 import gc
+import json
 import time
 from pathlib import Path
 
 import llama_cpp
 
-FTYPES = {"f32": llama_cpp.LLAMA_FTYPE_ALL_F32, "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
-          "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1}
+FTYPES = {
+    "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
+    "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
+    "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
+    "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+}
 
 
 def quantized(source: Path, folder: Path, fmt: str, threads: int) -> Path:
@@ -56,8 +60,9 @@ def without_extra_buffers() -> None:
 
 
 def decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tuple[float, list[int]]:
-    llm = llama_cpp.Llama(str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=len(prompt) + new_tokens + 8, n_threads=threads, n_threads_batch=threads, verbose=False
+    )
     llm.eval(prompt[:1])  # warm: the first evaluation's allocations
     llm.reset()
     out = []

@@ -14,10 +14,9 @@ import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
@@ -40,8 +39,14 @@ def main() -> None:
         options.update({"sparsity": (m - n) / m, "mask_structure": f"{m - n}:{m}"})
     modifier = (WandaPruningModifier if args.method == "wanda" else SparseGPTModifier)(**options)
     start = time.perf_counter()
-    oneshot(model=model, dataset=dataset, recipe=[modifier], num_calibration_samples=len(ids),
-            max_seq_length=len(ids[0]), shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[modifier],
+        num_calibration_samples=len(ids),
+        max_seq_length=len(ids[0]),
+        shuffle_calibration_samples=False,
+    )
     seconds = time.perf_counter() - start
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)

@@ -15,10 +15,9 @@ import time
 
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
 from llmcompressor import oneshot
 from llmcompressor.modifiers.pruning.reap import REAPPruningModifier
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
 def main() -> None:
@@ -34,9 +33,14 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = json.load(open(args.calibration))["input_ids"]
     dataset = Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]})
-    oneshot(model=model, dataset=dataset, recipe=[REAPPruningModifier(sparsity=args.sparsity,
-                                                                    report_path=f"{args.out}/retained.json")],
-            num_calibration_samples=len(ids), max_seq_length=len(ids[0]), shuffle_calibration_samples=False)
+    oneshot(
+        model=model,
+        dataset=dataset,
+        recipe=[REAPPruningModifier(sparsity=args.sparsity, report_path=f"{args.out}/retained.json")],
+        num_calibration_samples=len(ids),
+        max_seq_length=len(ids[0]),
+        shuffle_calibration_samples=False,
+    )
     model.save_pretrained(args.out)
     tokenizer.save_pretrained(args.out)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

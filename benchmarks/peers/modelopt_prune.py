@@ -44,14 +44,22 @@ def attempt(mode: str, model_dir: str, params: float, calibration, held) -> dict
         config = {"score_func": score, "data_loader": [batch], "collect_func": lambda b: {"input_ids": b}}
         if mode == "mcore_minitron":
             import modelopt.torch.prune.plugins.mcore_minitron  # noqa: F401  why the mode is missing, if it is
+
             config = {"forward_loop": lambda m: m(input_ids=batch)}
-        pruned, _ = mtp.prune(model, mode=mode, constraints={"params": f"{params * 100:.1f}%"},
-                              dummy_input=(batch[:1],), config=config)
+        pruned, _ = mtp.prune(
+            model, mode=mode, constraints={"params": f"{params * 100:.1f}%"}, dummy_input=(batch[:1],), config=config
+        )
         seconds = time.perf_counter() - start
         n = sum(p.numel() for p in pruned.parameters())
         widths = sorted({m.out_features for name, m in pruned.named_modules() if name.endswith("gate_proj")})
-        return {"mode": mode, "ok": True, "params": n, "ffn_widths": widths, "ppl": held_ppl(pruned, held),
-                "seconds": round(seconds, 1)}
+        return {
+            "mode": mode,
+            "ok": True,
+            "params": n,
+            "ffn_widths": widths,
+            "ppl": held_ppl(pruned, held),
+            "seconds": round(seconds, 1),
+        }
     except Exception as e:  # noqa: BLE001 - the exact error is the result
         last = traceback.format_exception_only(type(e), e)[-1].strip()
         return {"mode": mode, "ok": False, "error": last[:500], "seconds": round(time.perf_counter() - start, 1)}
@@ -67,8 +75,10 @@ def main() -> None:
     calibration = torch.tensor(json.load(open(args.calibration))["input_ids"])
     held = torch.tensor(json.load(open(args.held))["input_ids"])
     for mode in ("mcore_minitron", "fastnas"):
-        print(json.dumps({**attempt(mode, args.model, args.params, calibration, held), "params_target": args.params}),
-              flush=True)
+        print(
+            json.dumps({**attempt(mode, args.model, args.params, calibration, held), "params_target": args.params}),
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

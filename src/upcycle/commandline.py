@@ -61,15 +61,24 @@ def _add(parser, name: str, tp, default, help: str, positional: bool = False, ch
     if positional:
         parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(), help=help)
     elif tp is bool:
-        parser.add_argument("--" + name.replace("_", "-"), action=argparse.BooleanOptionalAction,
-                            default=argparse.SUPPRESS, help=f"{help} (default: {default})")
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            action=argparse.BooleanOptionalAction,
+            default=argparse.SUPPRESS,
+            help=f"{help} (default: {default})",
+        )
     else:
         if dataclasses.is_dataclass(default):
             default = dataclasses.asdict(default)
         shown = "" if default is dataclasses.MISSING or default is None else f" (default: {plain(default)})"
         allowed = f" {{{', '.join(map(str, choices))}}}" if choices else ""
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=argparse.SUPPRESS,
-                            metavar=name.upper(), help=help + allowed + shown)
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=argparse.SUPPRESS,
+            metavar=name.upper(),
+            help=help + allowed + shown,
+        )
 
 
 def build_parser(verbs: tuple[str, ...]) -> argparse.ArgumentParser:
@@ -102,20 +111,28 @@ def parse(argv: list[str], verbs: tuple[str, ...]):
     run, sections, params = _signature(verb)
     fields = _fields(sections)
     types = {**{n: tp for n, (tp, _, _) in params.items()}, **{n: tp for n, (_, _, tp) in fields.items()}}
-    given = {k: from_text(v, types[k], "--" + k.replace("_", "-")) if isinstance(v, str) and types[k] is not str else v
-             for k, v in args.items()}
+    given = {
+        k: from_text(v, types[k], "--" + k.replace("_", "-")) if isinstance(v, str) and types[k] is not str else v
+        for k, v in args.items()
+    }
     values = read_mapping(config_file, "--config") if config_file is not None else {}
     unknown = sorted(set(values) - set(types))
     if unknown:
-        raise ConfigError(f"--config {config_file}: unknown option {unknown[0]!r} for `{verb}`; known: {', '.join(sorted(types))}")
+        raise ConfigError(
+            f"--config {config_file}: unknown option {unknown[0]!r} for `{verb}`; known: {', '.join(sorted(types))}"
+        )
     values.update(given)
     required = [n for n, (_, needed, _) in params.items() if needed] + [
-        n for n, (_, f, _) in fields.items()
-        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        n
+        for n, (_, f, _) in fields.items()
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [n for n in required if values.get(n) is None]
     if missing and not print_only:
         raise ConfigError(f"{verb}: missing {', '.join(missing).upper()} (on the command line or in --config)")
-    built = {section: cls.from_dict({k: v for k, v in values.items() if k in fields and fields[k][0] == section}, verb)
-             for section, cls in sections.items()}
+    built = {
+        section: cls.from_dict({k: v for k, v in values.items() if k in fields and fields[k][0] == section}, verb)
+        for section, cls in sections.items()
+    }
     sources = {k: values.get(k) for k in params if k in values or print_only}
     return run, {**sources, **built}, print_only

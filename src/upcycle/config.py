@@ -27,8 +27,9 @@ from upcycle.errors import ConfigError
 from upcycle.yamlfile import read_mapping
 
 
-def option(default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, factory=None,
-           cli: bool = True):
+def option(
+    default=dataclasses.MISSING, help: str = "", *, choices: tuple | None = None, factory=None, cli: bool = True
+):
     """A config field with its help text (and allowed values) for the generated command line; `cli=False`:
     not an option of its own (the command fills it from another section)."""
     metadata = {"help": help, "choices": choices, "cli": cli}
@@ -46,7 +47,9 @@ class Config:
             setattr(self, f.name, conform(getattr(self, f.name), hints[f.name], f.name))
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) is not None and getattr(self, f.name) not in choices:
-                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not allowed: one of {', '.join(map(str, choices))}")
+                raise ConfigError(
+                    f"{f.name}={getattr(self, f.name)!r} is not allowed: one of {', '.join(map(str, choices))}"
+                )
         self.validate()
 
     def validate(self) -> None:
@@ -100,10 +103,12 @@ class OperatorStep(Config):
     @classmethod
     def operator(cls, op: str, about: str):
         """Class decorator: register an operator class under this base."""
+
         def register(sub):
             sub.OP, sub.ABOUT = op, about
             cls.OPERATORS[op] = sub
             return sub
+
         return register
 
     @classmethod
@@ -116,8 +121,9 @@ class OperatorStep(Config):
         known = [f.name for f in dataclasses.fields(sub) if f.name != "op"]
         foreign = [str(k).replace("-", "_") for k in options if str(k).replace("-", "_") not in known + ["op"]]
         if foreign:
-            raise ConfigError(f"{where}: {foreign[0]} does not apply to the {op} operator; its options: "
-                              f"{', '.join(known)}")
+            raise ConfigError(
+                f"{where}: {foreign[0]} does not apply to the {op} operator; its options: {', '.join(known)}"
+            )
         return sub
 
     @classmethod
@@ -134,8 +140,20 @@ class OperatorStep(Config):
     def command_line(cls, name: str):
         """A flat Config of every operator's options (each None unless given) for the command line; its
         `step()` is the base built from the options given, so a foreign one is refused as above."""
-        fields, seen = [("op", str | None, option(None, "the operator: " + "; ".join(
-            f"{op} ({sub.ABOUT})" for op, sub in cls.OPERATORS.items()), choices=tuple(cls.OPERATORS)))], {"op"}
+        fields, seen = (
+            [
+                (
+                    "op",
+                    str | None,
+                    option(
+                        None,
+                        "the operator: " + "; ".join(f"{op} ({sub.ABOUT})" for op, sub in cls.OPERATORS.items()),
+                        choices=tuple(cls.OPERATORS),
+                    ),
+                )
+            ],
+            {"op"},
+        )
         for op, sub in cls.OPERATORS.items():
             hints = typing.get_type_hints(sub)
             for f in dataclasses.fields(sub):
@@ -146,16 +164,24 @@ class OperatorStep(Config):
                 defaults = {o: _default(cls.OPERATORS[o], f.name) for o in users}
                 shown = ", ".join(f"{o}: {d}" for o, d in defaults.items() if d is not None)
                 label = "every operator" if len(users) == len(cls.OPERATORS) else ", ".join(users)
-                fields.append((f.name, hints[f.name] | None, option(
-                    None, f"{label}: {f.metadata.get('help', '')}" + (f" (default {shown})" if shown else ""))))
+                fields.append(
+                    (
+                        f.name,
+                        hints[f.name] | None,
+                        option(
+                            None, f"{label}: {f.metadata.get('help', '')}" + (f" (default {shown})" if shown else "")
+                        ),
+                    )
+                )
         base = cls
 
         def step(self):
             given = {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
             if self.op is None:
                 if given:
-                    raise ConfigError(f"{name}: --{next(iter(given)).replace('_', '-')} needs --op "
-                                      f"({', '.join(base.OPERATORS)})")
+                    raise ConfigError(
+                        f"{name}: --{next(iter(given)).replace('_', '-')} needs --op ({', '.join(base.OPERATORS)})"
+                    )
                 return None
             base.operator_class(self.op, {k: v for k, v in given.items() if k != "op"}, name)
             return base.from_dict(given, name)
@@ -163,8 +189,9 @@ class OperatorStep(Config):
         def validate(self):
             self.step()  # refused when the options are read, before any model is loaded
 
-        return dataclasses.make_dataclass(f"{cls.__name__}Options", fields, bases=(Config,),
-                                          namespace={"step": step, "validate": validate})
+        return dataclasses.make_dataclass(
+            f"{cls.__name__}Options", fields, bases=(Config,), namespace={"step": step, "validate": validate}
+        )
 
 
 def _default(cls, name: str):
@@ -181,8 +208,11 @@ def build(cls, values, where: str):
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known: {', '.join(sorted(known))}")
-    missing = [f.name for f in dataclasses.fields(cls) if f.name not in values
-               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{where}: missing {', '.join(missing)} (required)")
     return cls(**values)
@@ -198,6 +228,7 @@ def plain(value):
 
 
 # ---- types ---------------------------------------------------------------------------------------
+
 
 def conform(value, tp, key: str):
     """`value` as the annotation `tp` wants it (an int where a float is asked, a list as a tuple, a
@@ -259,8 +290,14 @@ def conform(value, tp, key: str):
 def type_name(tp) -> str:
     """How an annotation reads in an error message: 'an integer', 'a list of integers', ..."""
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", dict: "a mapping",
-             type(None): "null"}
+    names = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        dict: "a mapping",
+        type(None): "null",
+    }
     if tp in names:
         return names[tp]
     if origin in (typing.Union, types.UnionType):

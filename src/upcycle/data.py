@@ -42,6 +42,7 @@ class Document:
 
 # ---- sources ---------------------------------------------------------------------------------
 
+
 def documents(source: str) -> list[Document]:
     """The documents of a source, in a stable order."""
     if source == "shakespeare":
@@ -50,8 +51,10 @@ def documents(source: str) -> list[Document]:
         return [Document(str(p.relative_to(_stdlib())), _read(p)) for p in _stdlib_files()]
     path = Path(source).expanduser()
     if not path.exists():
-        raise DataError(f"no text source {source!r}: not a built-in ({', '.join(BUILTIN_CORPORA)}) "
-                        "nor an existing .txt/.jsonl file or folder")
+        raise DataError(
+            f"no text source {source!r}: not a built-in ({', '.join(BUILTIN_CORPORA)}) "
+            "nor an existing .txt/.jsonl file or folder"
+        )
     docs = []
     for f in _local_files(path):
         if f.suffix == ".jsonl":
@@ -103,7 +106,7 @@ def _jsonl(path: Path) -> list[Document]:
             record = json.loads(line)
             text = record["text"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise DataError(f"{path}:{n}: each line must be a JSON object with a \"text\" field") from None
+            raise DataError(f'{path}:{n}: each line must be a JSON object with a "text" field') from None
         docs.append(Document(f"{path.name}:{n}", _normalise(str(text))))
     return docs
 
@@ -118,6 +121,7 @@ def _normalise(text: str) -> str:
 
 # ---- split -----------------------------------------------------------------------------------
 
+
 def split_documents(docs: list[Document], val_fraction: float = 0.1, seed: int = 0):
     """(train, validation): whole documents, chosen by a seeded hash of their names."""
     check(0 < val_fraction < 1, "val_fraction", val_fraction, "a fraction strictly between 0 and 1")
@@ -131,6 +135,7 @@ def split_documents(docs: list[Document], val_fraction: float = 0.1, seed: int =
 
 # ---- tokens on disk --------------------------------------------------------------------------
 
+
 def tokens(source: str, tokenizer, split: str = "train", *, val_fraction: float = 0.1, seed: int = 0) -> np.ndarray:
     """All token ids of one split, documents joined by the end-of-text token, memory-mapped."""
     check(split in SPLITS, "split", split, f"one of {', '.join(SPLITS)}")
@@ -142,8 +147,16 @@ def tokens(source: str, tokenizer, split: str = "train", *, val_fraction: float 
     return np.load(folder / f"{split}.npy", mmap_mode="r")
 
 
-def blocks(source: str, tokenizer, split: str, seq_len: int, *, max_blocks: int | None = None,
-           val_fraction: float = 0.1, seed: int = 0) -> torch.Tensor:
+def blocks(
+    source: str,
+    tokenizer,
+    split: str,
+    seq_len: int,
+    *,
+    max_blocks: int | None = None,
+    val_fraction: float = 0.1,
+    seed: int = 0,
+) -> torch.Tensor:
     """Consecutive non-overlapping blocks of seq_len tokens (the tail that does not fill one is dropped).
 
     A mixture "a+b" gives the blocks of each source interleaved (a0, b0, a1, b1, ...; the longer
@@ -153,8 +166,9 @@ def blocks(source: str, tokenizer, split: str, seq_len: int, *, max_blocks: int 
     parts = mixture_parts(source)
     if len(parts) > 1:
         share = None if max_blocks is None else -(-max_blocks // len(parts))
-        each = [blocks(p, tokenizer, split, seq_len, max_blocks=share, val_fraction=val_fraction, seed=seed)
-                for p in parts]
+        each = [
+            blocks(p, tokenizer, split, seq_len, max_blocks=share, val_fraction=val_fraction, seed=seed) for p in parts
+        ]
         rows = [b[i] for i in range(max(len(b) for b in each)) for b in each if i < len(b)]
         return torch.stack(rows[:max_blocks])
     ids = tokens(source, tokenizer, split, val_fraction=val_fraction, seed=seed)
@@ -194,8 +208,16 @@ def _source_identity(source: str) -> dict:
 
 
 def _token_cache(source: str, tokenizer, val_fraction: float, seed: int) -> Path:
-    key = json.dumps({"format": _FORMAT, "source": _source_identity(source), "tokenizer": tokenizer_fingerprint(tokenizer),
-                      "val_fraction": val_fraction, "seed": seed}, sort_keys=True)
+    key = json.dumps(
+        {
+            "format": _FORMAT,
+            "source": _source_identity(source),
+            "tokenizer": tokenizer_fingerprint(tokenizer),
+            "val_fraction": val_fraction,
+            "seed": seed,
+        },
+        sort_keys=True,
+    )
     digest = hashlib.sha256(key.encode()).hexdigest()[:20]
     label = source if source in BUILTIN_CORPORA else Path(source).name
     return cache_dir() / "tokens" / f"{label}-{digest}"
@@ -219,7 +241,7 @@ def _encode(docs: list[Document], tokenizer, eos: int | None, desc: str, chunk: 
     backend = getattr(tokenizer, "backend_tokenizer", None)
     ids: list[int] = []
     for start in tqdm(range(0, len(docs), chunk), desc=desc, unit="chunk", leave=False, disable=len(docs) <= chunk):
-        texts = [d.text for d in docs[start:start + chunk]]
+        texts = [d.text for d in docs[start : start + chunk]]
         if backend is not None:
             encoded = [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]
         else:
@@ -238,4 +260,13 @@ def describe_split(source: str, tokenizer, *, val_fraction: float = 0.1, seed: i
     return json.loads((folder / "meta.json").read_text())
 
 
-__all__ = ["Document", "documents", "split_documents", "tokens", "blocks", "mixture_parts", "describe_split", "BUILTIN_CORPORA"]
+__all__ = [
+    "Document",
+    "documents",
+    "split_documents",
+    "tokens",
+    "blocks",
+    "mixture_parts",
+    "describe_split",
+    "BUILTIN_CORPORA",
+]

@@ -49,7 +49,7 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust
     if name in BUILTIN_MODELS:
         return _load_folder(builtin_folder(name), dtype, trust_remote_code=False)
     if name.startswith(TINY_PREFIX):
-        family = name[len(TINY_PREFIX):]
+        family = name[len(TINY_PREFIX) :]
         if family not in arch.FAMILIES:
             raise ModelNotFound(f"unknown built-in {name!r}; built-ins: {', '.join(builtin_names())}")
         return tiny(family).to(dtype), byte_tokenizer()
@@ -62,12 +62,21 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust
         raise NotACausalLM(f"{path} is a file; pass a Hugging Face model folder or a .gguf file")
     if _HUB_ID.match(name) and not name.startswith((".", "~")):
         return _load_hub_id(name, dtype, trust_remote_code)
-    raise ModelNotFound(f"no model {name!r}: not a local folder or file, a hub id (org/name), "
-                        f"or a built-in ({', '.join(builtin_names())})")
+    raise ModelNotFound(
+        f"no model {name!r}: not a local folder or file, a hub id (org/name), "
+        f"or a built-in ({', '.join(builtin_names())})"
+    )
 
 
-def save(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, extra: dict | None = None,
-         report: Callable[[Path], object] | None = None) -> Path:
+def save(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    extra: dict | None = None,
+    report: Callable[[Path], object] | None = None,
+) -> Path:
     """Write a Hugging Face folder (config.json, model.safetensors, tokenizer) in one rename, so a
     failure never leaves a half-written folder. `extra`: more models, each into a subfolder of that
     name; `report(folder)` writes the run's report files into the folder before the rename."""
@@ -108,9 +117,18 @@ def check_out(out: str | os.PathLike, overwrite: bool = False) -> Path:
     return out
 
 
-def save_verified(model, tokenizer, out: str | os.PathLike, *, overwrite: bool = False, reference=None,
-                  dtype: torch.dtype | None = None, seq_len: int = 64, extra: dict | None = None,
-                  report: Callable[[Path], object] | None = None):
+def save_verified(
+    model,
+    tokenizer,
+    out: str | os.PathLike,
+    *,
+    overwrite: bool = False,
+    reference=None,
+    dtype: torch.dtype | None = None,
+    seq_len: int = 64,
+    extra: dict | None = None,
+    report: Callable[[Path], object] | None = None,
+):
     """save, then reload what was written and compare it with `reference` (default: the model saved)
     on random tokens: (folder, Equivalence). A save that does not reload to the same function is
     caught here, not by the user."""
@@ -124,6 +142,7 @@ def save_verified(model, tokenizer, out: str | os.PathLike, *, overwrite: bool =
 
 
 # ---- built-in models -------------------------------------------------------------------------
+
 
 def builtin_folder(name: str) -> Path:
     """The cached plain HF folder of a built-in model, made on first use (later calls only read)."""
@@ -141,8 +160,9 @@ def builtin_folder(name: str) -> Path:
             shutil.rmtree(gguf.parent)
             model.save_pretrained(tmp, safe_serialization=True)
             tokenizer.save_pretrained(tmp)
-            _write_provenance(tmp, {**SMOLLM2, "license": "Apache-2.0",
-                                    "note": "dequantized from the Q4_1 GGUF to float32"})
+            _write_provenance(
+                tmp, {**SMOLLM2, "license": "Apache-2.0", "note": "dequantized from the Q4_1 GGUF to float32"}
+            )
     elif name == "smollm2-135m-qwen2":
         model, tokenizer = load("smollm2-135m")
         with building(folder) as tmp:
@@ -160,6 +180,7 @@ def _write_provenance(folder: Path, info: dict) -> None:
 
 # ---- loading -----------------------------------------------------------------------------------
 
+
 def _load_folder(path: Path, dtype, trust_remote_code: bool):
     if not (path / "config.json").exists():
         raise NotACausalLM(f"{path} has no config.json: not a Hugging Face model folder")
@@ -171,12 +192,15 @@ def _load_folder(path: Path, dtype, trust_remote_code: bool):
     arch.family_of(config)  # refuse unsupported families before reading any weights
     if not any(path.glob("*.safetensors")):
         if any(path.glob("*.bin")) or any(path.glob("*.pt")) or any(path.glob("*.pth")):
-            raise UnsafeWeights(f"{path} has only pickle weights (.bin/.pt); upcycle reads safetensors or GGUF: "
-                                "convert them with a tool you trust first")
+            raise UnsafeWeights(
+                f"{path} has only pickle weights (.bin/.pt); upcycle reads safetensors or GGUF: "
+                "convert them with a tool you trust first"
+            )
         raise NotACausalLM(f"{path} has a config but no .safetensors weights")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True,
-                                                     trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
     except (OSError, RuntimeError, ValueError, SafetensorError) as e:  # truncated, corrupt or mismatched weights
         raise NotACausalLM(f"{path}: the weights cannot be read ({_first_line(e)})") from None
     return model.eval(), _tokenizer_or_none(path, trust_remote_code)
@@ -230,8 +254,10 @@ def _load_hub_id(repo_id: str, dtype, trust_remote_code: bool):
     except (OSError, ValueError):
         pass
     if not _hub_reachable():
-        raise HubUnreachable(f"{repo_id!r} is not a local path and the Hugging Face hub is unreachable: pass a local "
-                             f"model folder, a .gguf file, or a built-in ({', '.join(BUILTIN_MODELS)})")
+        raise HubUnreachable(
+            f"{repo_id!r} is not a local path and the Hugging Face hub is unreachable: pass a local "
+            f"model folder, a .gguf file, or a built-in ({', '.join(BUILTIN_MODELS)})"
+        )
     config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     arch.family_of(config)
     model = AutoModelForCausalLM.from_pretrained(repo_id, **kwargs)
@@ -260,17 +286,37 @@ def _first_line(error: Exception) -> str:
 TINY_VOCAB = 264  # 256 bytes + end-of-text, padded to a multiple of 8
 
 
-def tiny(family: str, *, layers: int = 2, hidden: int = 64, ffn: int = 128, experts: int = 4, top_k: int = 2,
-         vocab: int = TINY_VOCAB, seed: int = 0):
+def tiny(
+    family: str,
+    *,
+    layers: int = 2,
+    hidden: int = 64,
+    ffn: int = 128,
+    experts: int = 4,
+    top_k: int = 2,
+    vocab: int = TINY_VOCAB,
+    seed: int = 0,
+):
     """A random model of `family` small enough for a unit test (fp32, eval mode). Weights are drawn
     larger than the usual 0.02 so that a perturbation changes the logits visibly."""
     if family not in arch.FAMILIES:
         raise ConfigError(f"family={family!r} is not allowed: choose from {', '.join(arch.FAMILIES)}")
     heads = 4
-    common = dict(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                  num_attention_heads=heads, num_key_value_heads=2, head_dim=hidden // heads,
-                  max_position_embeddings=512, initializer_range=0.1, tie_word_embeddings=False,
-                  eos_token_id=256, bos_token_id=256, pad_token_id=256)
+    common = dict(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        head_dim=hidden // heads,
+        max_position_embeddings=512,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+        eos_token_id=256,
+        bos_token_id=256,
+        pad_token_id=256,
+    )
     own = arch.FAMILIES[family].tiny_fields(experts=experts, top_k=top_k, ffn=ffn)
     config = AutoConfig.for_model(family, **common, **own)
     torch.manual_seed(seed)
@@ -296,5 +342,10 @@ def byte_tokenizer():
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|endoftext|>", model_max_length=1 << 30)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        eos_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        model_max_length=1 << 30,
+    )

@@ -14,7 +14,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
     cells = [[str(c) for c in header]] + [[_fmt(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-    return "\n".join([line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]])
+    return "\n".join(
+        [line(cells[0]), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(r) for r in cells[1:]]
+    )
 
 
 def _fmt(value) -> str:
@@ -60,8 +62,9 @@ def write_atomic(path: Path, text: str) -> None:
     tmp.replace(path)
 
 
-def plot_per_layer(series: dict[str, list[float]], path: str | Path, *, ylabel: str, title: str,
-                   layers: list[int] | None = None) -> Path:
+def plot_per_layer(
+    series: dict[str, list[float]], path: str | Path, *, ylabel: str, title: str, layers: list[int] | None = None
+) -> Path:
     """One line per named series over layer index (e.g. predictor recall per layer)."""
     import matplotlib
 

@@ -39,11 +39,18 @@ def summarize(model) -> ModelSummary:
     head = adapter.lm_head()
     tied = head is not None and head.weight.data_ptr() == embed.data_ptr()
     return ModelSummary(
-        family=adapter.family, model_class=type(model).__name__, layers=adapter.num_layers,
-        hidden=adapter.hidden_size, vocab=embed.shape[0], heads=config.num_attention_heads,
+        family=adapter.family,
+        model_class=type(model).__name__,
+        layers=adapter.num_layers,
+        hidden=adapter.hidden_size,
+        vocab=embed.shape[0],
+        heads=config.num_attention_heads,
         kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-        parameters=sum(unique.values()), embedding_parameters=embed.numel(), tied_embeddings=tied,
-        layer_shapes=[adapter.layer_shape(i) for i in range(adapter.num_layers)])
+        parameters=sum(unique.values()),
+        embedding_parameters=embed.numel(),
+        tied_embeddings=tied,
+        layer_shapes=[adapter.layer_shape(i) for i in range(adapter.num_layers)],
+    )
 
 
 def layer_groups(summary: ModelSummary) -> list[tuple[str, LayerShape]]:
@@ -73,9 +80,15 @@ def format_summary(summary: ModelSummary) -> str:
     ]
     rows = []
     for span, s in layer_groups(summary):
-        ffn = f"{s.ffn_width}" if s.kind == "dense" else (
-            f"{s.experts} x {s.ffn_width}, top-{s.top_k}" + (f", shared {s.shared_width}" if s.shared_width else "")
-            if s.kind == "moe" else s.kind)
+        ffn = (
+            f"{s.ffn_width}"
+            if s.kind == "dense"
+            else (
+                f"{s.experts} x {s.ffn_width}, top-{s.top_k}" + (f", shared {s.shared_width}" if s.shared_width else "")
+                if s.kind == "moe"
+                else s.kind
+            )
+        )
         rows.append([span, s.kind, ffn, millions(s.params)])
     lines.append(markdown_table(["layers", "FFN", "width (experts x width)", "FFN params / layer"], rows))
     return "\n".join(lines)

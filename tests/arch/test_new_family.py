@@ -42,14 +42,15 @@ def _calibration(text_folder):
 def test_the_toy_is_a_family(toy):
     model, _ = toy
     assert type(model) is ToyForCausalLM and type(arch.adapter_for(model)) is Toy
-    assert "toy_llama" in arch.dense_families() and f"tiny-toy_llama" in hub.builtin_names()
+    assert "toy_llama" in arch.dense_families() and "tiny-toy_llama" in hub.builtin_names()
 
 
 def test_grow_the_toy_into_its_moe_target_exactly(toy, text_folder):
     model, tok = toy
     step = upcycle.GrowStep(op="moe", experts=4, top_k=2, mode="copy", router="random")
-    grown, report = upcycle.grow(model, tok, upcycle.GrowConfig(steps=[step], **_calibration(text_folder)),
-                                 progress=False)
+    grown, report = upcycle.grow(
+        model, tok, upcycle.GrowConfig(steps=[step], **_calibration(text_folder)), progress=False
+    )
     assert grown.config.model_type == "mixtral" and report.reports[0].kind == "exact"
     ids = torch.randint(0, model.config.vocab_size, (2, 32))
     assert compare(model, grown, ids).max_abs_logit < 1e-4  # copies of the FFN, renormalised: the same function
@@ -58,8 +59,12 @@ def test_grow_the_toy_into_its_moe_target_exactly(toy, text_folder):
 def test_slim_the_toy_by_a_layer(toy, text_folder):
     model, tok = toy
     cut = upcycle.SlimStep(op="depth", layers=1, criterion="last")
-    slim, report = upcycle.slim(model, tok, upcycle.SlimConfig(stages=[upcycle.SlimStage(cuts=[cut])],
-                                                               **_calibration(text_folder)), progress=False)
+    slim, report = upcycle.slim(
+        model,
+        tok,
+        upcycle.SlimConfig(stages=[upcycle.SlimStage(cuts=[cut])], **_calibration(text_folder)),
+        progress=False,
+    )
     assert type(slim) is ToyForCausalLM and slim.config.num_hidden_layers == 2
     # "last" drops the last layer: the first two layers are the source's, weight for weight
     for name, p in slim.state_dict().items():
@@ -68,8 +73,12 @@ def test_slim_the_toy_by_a_layer(toy, text_folder):
 
 def test_prune_the_toy_to_half_its_weights(toy, text_folder):
     model, tok = toy
-    pruned, report = upcycle.prune(model, tok, upcycle.PruneConfig(spec=upcycle.PruneSpec(method="magnitude"),
-                                                                   **_calibration(text_folder)), progress=False)
+    pruned, report = upcycle.prune(
+        model,
+        tok,
+        upcycle.PruneConfig(spec=upcycle.PruneSpec(method="magnitude"), **_calibration(text_folder)),
+        progress=False,
+    )
     w, original = pruned.model.layers[1].mlp.up_proj.weight, model.model.layers[1].mlp.up_proj.weight
     assert int((w == 0).sum()) == w.numel() // 2
     kept_per_row = original.abs().topk(w.shape[1] // 2, dim=1).indices  # magnitude, per row: by hand
@@ -78,9 +87,14 @@ def test_prune_the_toy_to_half_its_weights(toy, text_folder):
 
 def test_sparsify_the_toy_at_full_keep_is_the_dense_function(toy, text_folder):
     model, tok = toy
-    sparse, report = upcycle.sparsify(model, tok, upcycle.SparsifyConfig(bank=32, keep=32, group=16, warmup_steps=0,
-                                                                         convert_steps=0, **_calibration(text_folder)),
-                                      progress=False)
+    sparse, report = upcycle.sparsify(
+        model,
+        tok,
+        upcycle.SparsifyConfig(
+            bank=32, keep=32, group=16, warmup_steps=0, convert_steps=0, **_calibration(text_folder)
+        ),
+        progress=False,
+    )
     assert sparse.config.base_model_type == "toy_llama" and report.layers == [0, 1, 2]
     assert all(isinstance(arch.adapter_for(sparse).ffn(i), BankSparseFFN) for i in range(3))
     ids = torch.randint(0, model.config.vocab_size, (2, 32))

@@ -37,13 +37,16 @@ def test_command_line_wins_over_the_config_file(tmp_path, text_folder, tmp_cache
     assert code == 0 and '"tokens": 63' in out
 
 
-@pytest.mark.parametrize("argv, fragment", [
-    (["inspect", "no/such-thing/here"], "no model"),
-    (["inspect", "tiny-gpt9"], "unknown built-in"),
-    (["eval"], "missing MODEL"),
-    (["eval", "tiny-llama", "--data", "/definitely/not/here"], "no text source"),
-    (["frobnicate"], "invalid choice"),
-])
+@pytest.mark.parametrize(
+    "argv, fragment",
+    [
+        (["inspect", "no/such-thing/here"], "no model"),
+        (["inspect", "tiny-gpt9"], "unknown built-in"),
+        (["eval"], "missing MODEL"),
+        (["eval", "tiny-llama", "--data", "/definitely/not/here"], "no text source"),
+        (["frobnicate"], "invalid choice"),
+    ],
+)
 def test_user_errors_print_one_line_and_exit_2(argv, fragment, capsys, tmp_cache):
     code, out, err = run(argv, capsys)
     assert code == 2
@@ -72,14 +75,18 @@ def test_convert_writes_a_folder_that_reloads_identically(tmp_path, capsys):
 
 
 def test_console_script_has_no_traceback_on_error():
-    result = subprocess.run([sys.executable, "-m", "upcycle.cli", "inspect", "./missing-model"],
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "upcycle.cli", "inspect", "./missing-model"], capture_output=True, text=True
+    )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr and result.stderr.strip().count("\n") == 0
 
 
-@pytest.mark.parametrize("recipe", sorted(Path(__file__).resolve().parents[2].glob("recipes/*/*.yaml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "recipe",
+    sorted(Path(__file__).resolve().parents[2].glob("recipes/*/*.yaml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_every_recipe_is_a_valid_config_of_its_verb(recipe, capsys):
     assert main([recipe.parent.name, "--config", str(recipe), "--print-config"]) == 0, capsys.readouterr().err
     printed = yaml.safe_load(capsys.readouterr().out)

@@ -70,8 +70,9 @@ def test_a_failed_command_leaves_no_new_folder(folders, text_folder, tmp_cache, 
     one_line_error(["sparsify", str(folders / "dense"), str(out), "--calibration", "/no/such/text"], capsys)
     assert not out.exists() and not out.parent.exists()
     run = folders / "run"
-    one_line_error(["train", "--model", "tiny-llama", "--data", str(text_folder), "--out", str(run), "--resume"],
-                   capsys)
+    one_line_error(
+        ["train", "--model", "tiny-llama", "--data", str(text_folder), "--out", str(run), "--resume"], capsys
+    )
     assert not run.exists()
 
 
@@ -91,11 +92,17 @@ SAME = [
 
 @pytest.mark.parametrize("verb, argv, values, message", SAME, ids=[f"{v}-{a[0]}" for v, a, _, _ in SAME])
 def test_the_python_api_rejects_what_the_cli_rejects(verb, argv, values, message, tmp_path, capsys):
-    sources = {"sparsify": ["tiny-llama", str(tmp_path / "x")], "repair": ["tiny-llama", "--reference", "tiny-llama"],
-               "train": ["--model", "tiny-llama"]}[verb]
+    sources = {
+        "sparsify": ["tiny-llama", str(tmp_path / "x")],
+        "repair": ["tiny-llama", "--reference", "tiny-llama"],
+        "train": ["--model", "tiny-llama"],
+    }[verb]
     cli_error = one_line_error([verb, *sources, *argv], capsys).removeprefix("upcycle: error: ").strip()
-    config = {"sparsify": sparsify.SparsifyConfig, "repair": repair.RepairConfig,
-              "train": lambda **v: TrainConfig(model="tiny-llama", **v)}[verb]
+    config = {
+        "sparsify": sparsify.SparsifyConfig,
+        "repair": repair.RepairConfig,
+        "train": lambda **v: TrainConfig(model="tiny-llama", **v),
+    }[verb]
     with pytest.raises(ConfigError) as python_error:
         config(**values)
     assert message in cli_error and str(python_error.value) == cli_error

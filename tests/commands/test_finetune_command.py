@@ -6,16 +6,30 @@ import json
 
 import pytest
 import torch
+from tests.commands.test_errors import one_line_error
+from tests.conftest import tokens_for
 
 from upcycle import hub
 from upcycle.cli import main
 from upcycle.ops.prune import PruneSpec, prune
 
-from tests.commands.test_errors import one_line_error
-from tests.conftest import tokens_for
-
-RUN = ["--task", "none", "--held-blocks", "2", "--seq-len", "32", "--global-batch", "4", "--micro-batch", "2",
-       "--tokens", "640", "--lr", "1e-2", "--no-progress"]
+RUN = [
+    "--task",
+    "none",
+    "--held-blocks",
+    "2",
+    "--seq-len",
+    "32",
+    "--global-batch",
+    "4",
+    "--micro-batch",
+    "2",
+    "--tokens",
+    "640",
+    "--lr",
+    "1e-2",
+    "--no-progress",
+]
 
 
 def _zeros(folder):
@@ -31,12 +45,20 @@ def pruned(tmp_path):
     return tmp_path / "pruned"
 
 
-@pytest.mark.parametrize("method", [["--sparse", "seft", "--every", "2", "--window", "1", "--density", "0.05"],
-                                    ["--sparse", "masked"], ["--lora", "4", "--lora-star"]])
+@pytest.mark.parametrize(
+    "method",
+    [
+        ["--sparse", "seft", "--every", "2", "--window", "1", "--density", "0.05"],
+        ["--sparse", "masked"],
+        ["--lora", "4", "--lora-star"],
+    ],
+)
 def test_sparse_methods_end_at_exactly_the_pruned_zeros(pruned, tmp_path, text_folder, capsys, method):
     out = tmp_path / "tuned"
-    assert main(["finetune", str(pruned), str(out), "--data", str(text_folder), "--held", str(text_folder), *RUN,
-                 *method]) == 0, capsys.readouterr().err
+    assert (
+        main(["finetune", str(pruned), str(out), "--data", str(text_folder), "--held", str(text_folder), *RUN, *method])
+        == 0
+    ), capsys.readouterr().err
     report = json.loads((out / "finetune_report.json").read_text())
     assert report["sparsity_exact"] and report["steps"] == 5
     assert _zeros(out) == _zeros(pruned)
@@ -46,17 +68,39 @@ def test_sparse_methods_end_at_exactly_the_pruned_zeros(pruned, tmp_path, text_f
     assert report["after"]["ppl"] < report["before"]["ppl"]
     if method[0] == "--sparse" and method[1] == "seft":
         assert (out / "run" / "seft.jsonl").exists() and report["trainable_params"] < 0.1 * sum(
-            p.numel() for n, p in weights.items() if n.endswith("proj.weight"))
+            p.numel() for n, p in weights.items() if n.endswith("proj.weight")
+        )
 
 
 def test_lora_alone_is_dense_again_and_the_report_says_so(pruned, tmp_path, text_folder, capsys):
     out = tmp_path / "lora"
-    assert main(["finetune", str(pruned), str(out), "--data", str(text_folder), "--held", str(text_folder), *RUN,
-                 "--lora", "4"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "finetune",
+                str(pruned),
+                str(out),
+                "--data",
+                str(text_folder),
+                "--held",
+                str(text_folder),
+                *RUN,
+                "--lora",
+                "4",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     report = json.loads((out / "finetune_report.json").read_text())
     assert not report["sparsity_exact"] and report["sparsity_after"] < 0.01
-    assert report["lora_params"] == report["trainable_params"] == 4 * sum(  # r × (in + out) a matrix
-        (m["in"] + m["out"]) for m in _shapes(pruned))
+    assert (
+        report["lora_params"]
+        == report["trainable_params"]
+        == 4
+        * sum(  # r × (in + out) a matrix
+            (m["in"] + m["out"]) for m in _shapes(pruned)
+        )
+    )
 
 
 def _shapes(folder):
@@ -64,10 +108,15 @@ def _shapes(folder):
     return [{"in": p.shape[1], "out": p.shape[0]} for n, p in model.named_parameters() if n.endswith("proj.weight")]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sparse", "seft", "--lora", "4"], "not both"), (["--lora-star"], "with --lora"),
-    (["--sparse", "lottery"], "sparse"), (["--task", "none"], "data"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sparse", "seft", "--lora", "4"], "not both"),
+        (["--lora-star"], "with --lora"),
+        (["--sparse", "lottery"], "sparse"),
+        (["--task", "none"], "data"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys, args, message):
     out = tmp_path / "tuned"
     err = one_line_error(["finetune", str(pruned), str(out), *args], capsys)
@@ -77,6 +126,19 @@ def test_bad_input_is_one_line_and_writes_nothing(pruned, tmp_path, capsys, args
 def test_sparse_finetuning_of_a_dense_model_is_refused(tmp_path, text_folder, capsys):
     hub.save(hub.tiny("llama"), hub.byte_tokenizer(), tmp_path / "dense")
     out = tmp_path / "tuned"
-    err = one_line_error(["finetune", str(tmp_path / "dense"), str(out), "--data", str(text_folder), "--held",
-                          str(text_folder), *RUN, "--sparse", "seft"], capsys)
+    err = one_line_error(
+        [
+            "finetune",
+            str(tmp_path / "dense"),
+            str(out),
+            "--data",
+            str(text_folder),
+            "--held",
+            str(text_folder),
+            *RUN,
+            "--sparse",
+            "seft",
+        ],
+        capsys,
+    )
     assert "prune" in err and not out.exists()

@@ -8,16 +8,20 @@ import sys
 import pytest
 import torch
 import yaml
+from tests.commands.test_errors import one_line_error
 
 from upcycle import hub
 from upcycle.cli import main
 from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
 from upcycle.commands.grow import run as grow_run
 
-from tests.commands.test_errors import one_line_error
-
-PLAN = {"steps": [{"op": "moe", "experts": 4, "top_k": 2, "mode": "shared", "routed": "partition"},
-                  {"op": "experts", "factor": 2, "save": True}, {"op": "depth", "add": 1}]}
+PLAN = {
+    "steps": [
+        {"op": "moe", "experts": 4, "top_k": 2, "mode": "shared", "routed": "partition"},
+        {"op": "experts", "factor": 2, "save": True},
+        {"op": "depth", "add": 1},
+    ]
+}
 
 # a process that never imports upcycle: the grown folder must stand on transformers alone
 FRESH = """
@@ -42,8 +46,24 @@ def test_a_plan_grows_verifies_and_reloads_without_upcycle(source, tmp_path, tex
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump(PLAN))
     out = tmp_path / "grown"
-    assert main(["grow", str(source), str(out), "--plan", str(plan), "--calibration", str(text_folder),
-                 "--calibration-tokens", "512", "--seq-len", "64"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "grow",
+                str(source),
+                str(out),
+                "--plan",
+                str(plan),
+                "--calibration",
+                str(text_folder),
+                "--calibration-tokens",
+                "512",
+                "--seq-len",
+                "64",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     printed = capsys.readouterr().out
     assert printed.count("— exact") == 3 and "step 3/3" in printed
     report = json.loads((out / "grow_report.json").read_text())
@@ -55,8 +75,9 @@ def test_a_plan_grows_verifies_and_reloads_without_upcycle(source, tmp_path, tex
     assert config["num_experts_per_tok"] == 4 and config["num_hidden_layers"] == 4
 
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(5))
-    result = subprocess.run([sys.executable, "-c", FRESH, str(out), json.dumps(ids.tolist())], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH, str(out), json.dumps(ids.tolist())], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr
     fresh = json.loads(result.stdout)
     dense, _ = hub.load(source)
@@ -68,35 +89,76 @@ def test_a_plan_grows_verifies_and_reloads_without_upcycle(source, tmp_path, tex
 
 def test_a_single_step_from_the_python_api(source, tmp_path, text_folder):
     config = GrowConfig(calibration=str(text_folder), calibration_tokens=256, seq_len=64)
-    result = grow_run(str(source), str(tmp_path / "wide"), config, GrowStepOptions(op="ffn_width", width=192),
-                      options=RunOptions(progress=False))
+    result = grow_run(
+        str(source),
+        str(tmp_path / "wide"),
+        config,
+        GrowStepOptions(op="ffn_width", width=192),
+        options=RunOptions(progress=False),
+    )
     assert result["reports"][0]["kind"] == "exact"
     wide, _ = hub.load(tmp_path / "wide")
     assert wide.config.intermediate_size == 192 and type(wide).__name__ == "LlamaForCausalLM"
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--op", "moe", "--experts", "4", "--top-k", "5"], "top_k=5 is not allowed: at most experts=4"),
-    (["--op", "experts"], "op experts needs a mixture-of-experts model"),
-    (["--op", "moe", "--mode", "mixture"], "mode='mixture' is not allowed"),
-    (["--op", "moe", "--mode", "granular", "--experts", "6", "--top-k", "3", "--granularity", "3"],
-     "granularity=3 does not divide the FFN width 128"),
-    (["--op", "moe", "--family", "qwen3_moe"], "llama model cannot become qwen3_moe"),
-    (["--op", "depth"], "give `add`"),
-    ([], "nothing to grow"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--op", "moe", "--experts", "4", "--top-k", "5"], "top_k=5 is not allowed: at most experts=4"),
+        (["--op", "experts"], "op experts needs a mixture-of-experts model"),
+        (["--op", "moe", "--mode", "mixture"], "mode='mixture' is not allowed"),
+        (
+            ["--op", "moe", "--mode", "granular", "--experts", "6", "--top-k", "3", "--granularity", "3"],
+            "granularity=3 does not divide the FFN width 128",
+        ),
+        (["--op", "moe", "--family", "qwen3_moe"], "llama model cannot become qwen3_moe"),
+        (["--op", "depth"], "give `add`"),
+        ([], "nothing to grow"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, text_folder, capsys, args, message):
     out = tmp_path / "new" / "grown"
-    err = one_line_error(["grow", str(source), str(out), "--calibration", str(text_folder), "--calibration-tokens",
-                          "256", "--seq-len", "64", *args], capsys)
+    err = one_line_error(
+        [
+            "grow",
+            str(source),
+            str(out),
+            "--calibration",
+            str(text_folder),
+            "--calibration-tokens",
+            "256",
+            "--seq-len",
+            "64",
+            *args,
+        ],
+        capsys,
+    )
     assert message in err
     assert not (tmp_path / "new").exists()
 
 
 def test_a_failed_check_writes_nothing(source, tmp_path, text_folder, capsys):
     out = tmp_path / "grown"
-    err = one_line_error(["grow", str(source), str(out), "--op", "moe", "--mode", "drop", "--drop-ratio", "0.5",
-                          "--calibration", str(text_folder), "--calibration-tokens", "256", "--seq-len", "64"], capsys)
+    err = one_line_error(
+        [
+            "grow",
+            str(source),
+            str(out),
+            "--op",
+            "moe",
+            "--mode",
+            "drop",
+            "--drop-ratio",
+            "0.5",
+            "--calibration",
+            str(text_folder),
+            "--calibration-tokens",
+            "256",
+            "--seq-len",
+            "64",
+        ],
+        capsys,
+    )
     assert "FAILED" in err and "mode drop" in err
     assert not out.exists()
 
@@ -104,21 +166,26 @@ def test_a_failed_check_writes_nothing(source, tmp_path, text_folder, capsys):
 def test_a_bad_plan_file(source, tmp_path, capsys):
     plan = tmp_path / "plan.yaml"
     plan.write_text("layers: 3\n")
-    assert "must hold `steps:`" in one_line_error(["grow", str(source), str(tmp_path / "o"), "--plan", str(plan)], capsys)
+    assert "must hold `steps:`" in one_line_error(
+        ["grow", str(source), str(tmp_path / "o"), "--plan", str(plan)], capsys
+    )
     plan.write_text("steps: [{op: grow-wings}]\n")
-    assert "op='grow-wings' is not allowed" in one_line_error(["grow", str(source), str(tmp_path / "o"), "--plan",
-                                                               str(plan)], capsys)
+    assert "op='grow-wings' is not allowed" in one_line_error(
+        ["grow", str(source), str(tmp_path / "o"), "--plan", str(plan)], capsys
+    )
     assert not (tmp_path / "o").exists()
 
 
 # one grown folder per target family and operator kind; all of them read back by one fresh process
-TARGETS = [("llama", {"op": "moe", "family": "mixtral", "experts": 4, "top_k": 2, "router": "random"}),
-           ("qwen3", {"op": "moe", "experts": 4, "top_k": 2, "mode": "granular", "router": "random"}),
-           ("qwen2", {"op": "moe", "experts": 4, "top_k": 1, "mode": "shared", "router": "random"}),
-           ("mixtral", {"op": "experts", "factor": 2}),
-           ("qwen3", {"op": "hidden", "factor": 2}),
-           ("mistral", {"op": "depth", "add": 2}),
-           ("qwen2_moe", {"op": "ffn_width", "width": 96})]
+TARGETS = [
+    ("llama", {"op": "moe", "family": "mixtral", "experts": 4, "top_k": 2, "router": "random"}),
+    ("qwen3", {"op": "moe", "experts": 4, "top_k": 2, "mode": "granular", "router": "random"}),
+    ("qwen2", {"op": "moe", "experts": 4, "top_k": 1, "mode": "shared", "router": "random"}),
+    ("mixtral", {"op": "experts", "factor": 2}),
+    ("qwen3", {"op": "hidden", "factor": 2}),
+    ("mistral", {"op": "depth", "add": 2}),
+    ("qwen2_moe", {"op": "ffn_width", "width": 96}),
+]
 
 FRESH_MANY = """
 import json, sys, torch
@@ -148,8 +215,12 @@ def test_every_target_family_reloads_without_upcycle_with_the_sources_logits(tmp
         with torch.no_grad():
             expected[folder] = (type(grown).__name__, source(input_ids=ids).logits)
         folders.append(folder)
-    result = subprocess.run([sys.executable, "-c", FRESH_MANY, json.dumps(ids.tolist()), *folders],
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_MANY, json.dumps(ids.tolist()), *folders],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     for folder, (cls, logits) in json.loads(result.stdout).items():
         assert cls == expected[folder][0]

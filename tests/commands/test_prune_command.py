@@ -7,11 +7,10 @@ import sys
 
 import pytest
 import torch
+from tests.commands.test_errors import one_line_error
 
 from upcycle import hub
 from upcycle.cli import main
-
-from tests.commands.test_errors import one_line_error
 
 FRESH = """
 import json, sys, torch
@@ -34,8 +33,10 @@ def source(tmp_path):
 @pytest.mark.parametrize("method,target", [("sparsegpt", ["--sparsity", "0.6"]), ("wanda", ["--nm", "2:4"])])
 def test_prune_writes_a_stock_folder_with_the_reported_zeros(source, tmp_path, text_folder, capsys, method, target):
     out = tmp_path / "pruned"
-    assert main(["prune", str(source), str(out), "--method", method, *target, "--calibration", str(text_folder),
-                 *TEXT]) == 0, capsys.readouterr().err
+    assert (
+        main(["prune", str(source), str(out), "--method", method, *target, "--calibration", str(text_folder), *TEXT])
+        == 0
+    ), capsys.readouterr().err
     assert "every matrix's zeros as reported" in capsys.readouterr().out
     report = json.loads((out / "prune_report.json").read_text())
     assert report["exact"] and report["ppl_after"] > report["ppl_before"] * 0.5
@@ -49,10 +50,15 @@ def test_prune_writes_a_stock_folder_with_the_reported_zeros(source, tmp_path, t
     assert sum(fresh["zeros"].values()) == report["target_zeros"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--sparsity", "1.0"], "sparsity"), (["--nm", "4:2"], "N:M"), (["--method", "obs"], "method"),
-    (["--nm", "3:7"], "divisible by 7"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--sparsity", "1.0"], "sparsity"),
+        (["--nm", "4:2"], "N:M"),
+        (["--method", "obs"], "method"),
+        (["--nm", "3:7"], "divisible by 7"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, text_folder, capsys, args, message):
     out = tmp_path / "pruned"
     err = one_line_error(["prune", str(source), str(out), "--calibration", str(text_folder), *TEXT, *args], capsys)
@@ -63,8 +69,13 @@ def test_the_pruned_model_loads_in_upcycle_with_its_weights(source, tmp_path, te
     from upcycle.commands.prune import PruneConfig, PruneSpec, RunOptions, run
 
     out = tmp_path / "mag"
-    run(str(source), str(out), PruneConfig(calibration=str(text_folder), calibration_tokens=512, seq_len=64),
-        PruneSpec(method="magnitude", sparsity=0.5), RunOptions(progress=False))
+    run(
+        str(source),
+        str(out),
+        PruneConfig(calibration=str(text_folder), calibration_tokens=512, seq_len=64),
+        PruneSpec(method="magnitude", sparsity=0.5),
+        RunOptions(progress=False),
+    )
     model, _ = hub.load(out)
     w = model.model.layers[0].mlp.down_proj.weight
     original = hub.load(source)[0].model.layers[0].mlp.down_proj.weight

@@ -8,10 +8,18 @@ import torch.nn.functional as F
 
 from upcycle import hub
 from upcycle.errors import ConfigError
-from upcycle.eval.cwe import (EXAMPLE, CWEConfig, chance, cwe_sample, cwe_score, logprobs, long_context_probe,
-                              position_buckets)
-from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
+from upcycle.eval.cwe import (
+    EXAMPLE,
+    CWEConfig,
+    chance,
+    cwe_sample,
+    cwe_score,
+    logprobs,
+    long_context_probe,
+    position_buckets,
+)
 from upcycle.eval.localise import localise, restored, sparse_ffns
+from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
 from upcycle.train.repair import repair_layer
 
 
@@ -38,7 +46,7 @@ def test_cwe_common_words_are_the_most_frequent_entries(tok):
     assert sorted(top) == sorted(sample.common)
     rest = max(c for w, c in counts.items() if w not in sample.common)
     assert min(counts[w] for w in sample.common) > 2 * rest
-    assert f"What are the 3 most common words" in sample.prompt
+    assert "What are the 3 most common words" in sample.prompt
     for i, word in enumerate(sample.entries[:5], 1):
         assert f"\n{i}. {word}\n" in sample.prompt.split("\n\n", 1)[1]  # numbered, after the worked example
 
@@ -61,7 +69,8 @@ def test_cwe_prompt_goes_through_a_chat_template_where_the_tokenizer_has_one(tok
     chat_tok.chat_template = "{% for m in messages %}<u>{{ m['content'] }}</u>{% endfor %}<a>"
     sample = cwe_sample(chat_tok, 600, seed=0, config=CWEConfig(n_common=1))
     assert sample.prompt.startswith("<u>Below is a numbered list") and sample.prompt.endswith(
-        "What is the most common word in the above list?</u><a>")
+        "What is the most common word in the above list?</u><a>"
+    )
     assert "Answer:" not in sample.prompt  # no worked example in the chat form
     assert cwe_sample(tok, 600, seed=0, config=CWEConfig(n_common=1)).prompt.startswith(EXAMPLE)
     assert not cwe_sample(chat_tok, 600, seed=0, config=CWEConfig(n_common=1, chat=False)).prompt.startswith("<u>")
@@ -92,8 +101,11 @@ def test_position_buckets_and_probe_against_hand_computation():
 def _sparse_with_a_broken_layer(broken=2, layers=4):
     torch.manual_seed(0)
     dense = hub.tiny("llama", layers=layers, hidden=64, ffn=128)
-    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=layers, hidden=64, ffn=128),
-                                                 BankSparsity(32, 8, 64, predictor="lowrank"), list(range(layers))).eval()
+    sparse = UpcycleSparseForCausalLM.from_dense(
+        hub.tiny("llama", layers=layers, hidden=64, ffn=128),
+        BankSparsity(32, 8, 64, predictor="lowrank"),
+        list(range(layers)),
+    ).eval()
     for i, ffn in sparse_ffns(sparse).items():
         ffn.predictor.init_svd(ffn.gate_proj.weight)  # a fair predictor: the gate's own ranking
         ffn.keep = 24  # mild sparsity everywhere ...
@@ -126,8 +138,9 @@ def test_repair_trains_only_the_chosen_layer_and_lowers_its_gap(objective, train
     ref = logprobs(dense, ids)
     before = {n: p.clone() for n, p in sparse.named_parameters()}
     kl_before = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
-    losses = repair_layer(sparse, dense, 1, blocks, steps=30, lr=3e-2, train_ffn=train_ffn, objective=objective,
-                          progress=False)
+    losses = repair_layer(
+        sparse, dense, 1, blocks, steps=30, lr=3e-2, train_ffn=train_ffn, objective=objective, progress=False
+    )
     kl_after = sum(long_context_probe(sparse, ref, ids, [(0, 64)])["kl"])
     changed = {n for n, p in sparse.named_parameters() if not torch.equal(p, before[n])}
     layer = "model.layers.1.mlp."
@@ -150,18 +163,24 @@ def test_repair_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
 
     dense = hub.tiny("llama", layers=2, hidden=64, ffn=128)
     hub.save(dense, hub.byte_tokenizer(), tmp_path / "dense")
-    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=2, hidden=64, ffn=128),
-                                                 BankSparsity(32, 8, 16, predictor="lowrank"), [1])
+    sparse = UpcycleSparseForCausalLM.from_dense(
+        hub.tiny("llama", layers=2, hidden=64, ffn=128), BankSparsity(32, 8, 16, predictor="lowrank"), [1]
+    )
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     out = tmp_path / "out"
     capsys.readouterr()  # the saves' progress bars
     cases = [
         (["repair", str(tmp_path / "sparse")], "missing REFERENCE"),
-        (["repair", str(tmp_path / "dense"), "--reference", str(tmp_path / "dense"), "--out", str(out)], "no bank-sparse"),
+        (
+            ["repair", str(tmp_path / "dense"), "--reference", str(tmp_path / "dense"), "--out", str(out)],
+            "no bank-sparse",
+        ),
         (["repair", str(tmp_path / "sparse"), "--reference", "x", "--lengths", "a,b"], "--lengths"),
         (["repair", str(tmp_path / "sparse"), "--reference", "x", "--layer", "first"], "layer"),
-        (["repair", str(tmp_path / "sparse"), "--reference", str(tmp_path / "dense"), "--layer", "0"],
-         "not a bank-sparse layer (those are [1])"),
+        (
+            ["repair", str(tmp_path / "sparse"), "--reference", str(tmp_path / "dense"), "--layer", "0"],
+            "not a bank-sparse layer (those are [1])",
+        ),
     ]
     for argv, fragment in cases:
         assert main(argv) == 2, argv

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
+from tests.commands.test_errors import one_line_error
 
 from upcycle import hub
 from upcycle.cli import main
@@ -15,8 +16,6 @@ from upcycle.commands.slim import CutOptions, RunOptions, SlimConfig
 from upcycle.commands.slim import run as slim_run
 from upcycle.train import LossInputs
 from upcycle.train.mtp import MTPHead, attach_mtp, detach_mtp, mtp_loss
-
-from tests.commands.test_errors import one_line_error
 
 FRESH = """
 import json, sys, torch
@@ -39,21 +38,54 @@ def source(tmp_path):
 
 def test_a_progressive_plan_cuts_recovers_and_reloads_without_upcycle(source, tmp_path, text_folder, capsys):
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"stages": [
-        {"name": "depth", "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}], "tokens": 512},
-        {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 512}]}))
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "stages": [
+                    {
+                        "name": "depth",
+                        "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}],
+                        "tokens": 512,
+                    },
+                    {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 512},
+                ]
+            }
+        )
+    )
     out = tmp_path / "slim"
-    assert main(["slim", str(source), str(out), "--plan", str(plan), "--data", str(text_folder), "--calibration",
-                 str(text_folder), *TEXT, "--global-batch", "4", "--micro-batch", "4", "--no-progress",
-                 "--recovery", "kd_lm_mtp"]) == 0, capsys.readouterr().err
+    assert (
+        main(
+            [
+                "slim",
+                str(source),
+                str(out),
+                "--plan",
+                str(plan),
+                "--data",
+                str(text_folder),
+                "--calibration",
+                str(text_folder),
+                *TEXT,
+                "--global-batch",
+                "4",
+                "--micro-batch",
+                "4",
+                "--no-progress",
+                "--recovery",
+                "kd_lm_mtp",
+            ]
+        )
+        == 0
+    ), capsys.readouterr().err
     report = json.loads((out / "slim_report.json").read_text())
     assert [c["step"] for c in report["cuts"]] == ["-1 layers by block_influence", "hidden → 48 by rmsnorm"]
     assert report["cuts"][1]["params_before"] == report["cuts"][0]["params_after"]  # the second cut saw the first
     metrics = [json.loads(line) for line in open(out / "recovery" / "metrics.jsonl")]
     assert {m["stage"] for m in metrics} == {"depth", "width"} and any("loss_mtp" in m for m in metrics)
     ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(3))
-    result = subprocess.run([sys.executable, "-c", FRESH, str(out), json.dumps(ids.tolist())], capture_output=True,
-                            text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH, str(out), json.dumps(ids.tolist())], capture_output=True, text=True, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     fresh = json.loads(result.stdout)
     slim, _ = hub.load(out)
@@ -76,25 +108,42 @@ def test_a_one_shot_cut_from_the_python_api(tmp_path, text_folder):
 
 
 def test_a_plan_without_recompute_reads_the_sources_importance_in_training_stages(source, tmp_path, text_folder):
-    stages = [{"name": "depth", "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}], "tokens": 256},
-              {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 256}]
-    config = SlimConfig(stages=stages, recompute=False, data=str(text_folder), calibration=str(text_folder),
-                        calibration_tokens=256, seq_len=64, global_batch=4, micro_batch=4)
+    stages = [
+        {"name": "depth", "cuts": [{"op": "depth", "layers": 1, "criterion": "block_influence"}], "tokens": 256},
+        {"name": "width", "cuts": [{"op": "hidden", "hidden": 48}], "tokens": 256},
+    ]
+    config = SlimConfig(
+        stages=stages,
+        recompute=False,
+        data=str(text_folder),
+        calibration=str(text_folder),
+        calibration_tokens=256,
+        seq_len=64,
+        global_batch=4,
+        micro_batch=4,
+    )
     result = slim_run(str(source), str(tmp_path / "slim"), config, options=RunOptions(progress=False))
     assert [c["removed"]["importance_from"] for c in result["cuts"]] == ["source", "source"]
-    again = slim_run(str(source), str(tmp_path / "again"), SlimConfig(**{**config.to_dict(), "recompute": True}),
-                     options=RunOptions(progress=False))
+    again = slim_run(
+        str(source),
+        str(tmp_path / "again"),
+        SlimConfig(**{**config.to_dict(), "recompute": True}),
+        options=RunOptions(progress=False),
+    )
     assert [c["removed"]["importance_from"] for c in again["cuts"]] == ["this model", "this model"]
 
 
-@pytest.mark.parametrize("args,message", [
-    (["--op", "depth", "--layers", "3"], "layers=3 is not allowed: this model has 3 layers"),
-    (["--op", "heads", "--heads", "3"], "a multiple of the 2 key/value heads"),
-    (["--op", "experts", "--experts", "2"], "op experts needs a mixture-of-experts model"),
-    (["--op", "experts", "--experts", "2", "--top-k", "3"], "top_k=3 is not allowed: at most experts=2"),
-    (["--op", "depth"], "layers=0 is not allowed"),
-    ([], "nothing to cut"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--op", "depth", "--layers", "3"], "layers=3 is not allowed: this model has 3 layers"),
+        (["--op", "heads", "--heads", "3"], "a multiple of the 2 key/value heads"),
+        (["--op", "experts", "--experts", "2"], "op experts needs a mixture-of-experts model"),
+        (["--op", "experts", "--experts", "2", "--top-k", "3"], "top_k=3 is not allowed: at most experts=2"),
+        (["--op", "depth"], "layers=0 is not allowed"),
+        ([], "nothing to cut"),
+    ],
+)
 def test_bad_input_is_one_line_and_writes_nothing(source, tmp_path, text_folder, capsys, args, message):
     out = tmp_path / "new" / "slim"
     err = one_line_error(["slim", str(source), str(out), "--calibration", str(text_folder), *TEXT, *args], capsys)

@@ -8,8 +8,10 @@ import torch
 from upcycle import hub
 from upcycle.eval.extract import answers, exact_match, extract_examples, normalise, training_text
 
-TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 
 
 def _tokenizer():

@@ -298,9 +298,13 @@ def test_byte_limits_match_a_hand_count():
 
     # 576 x 1536, 16 of 64, rank 64: 3*576*1536 = 2654208 weights dense; kept 663552; predictor
     # 576*64 + 64*1536 + 1536 = 136704
-    assert ffn_limit(576, 1536, BankSparsity(64, 16, 64, predictor="lowrank")) == pytest.approx(2654208 / (663552 + 136704))
+    assert ffn_limit(576, 1536, BankSparsity(64, 16, 64, predictor="lowrank")) == pytest.approx(
+        2654208 / (663552 + 136704)
+    )
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)  # untied head: vocab x 64
-    sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="lowrank"), [0])  # layer 1 stays dense
+    sparse = UpcycleSparseForCausalLM.from_dense(
+        model, BankSparsity(32, 8, 16, predictor="lowrank"), [0]
+    )  # layer 1 stays dense
     parts = weight_bytes(sparse)
     assert parts["ffn"] == 4 * (3 * 64 * 128 / 4 + 3 * 64 * 128)  # layer 0: a quarter; layer 1: all
     assert parts["predictor"] == 4 * (64 * 16 + 16 * 128 + 128)
@@ -316,8 +320,9 @@ def test_the_no_ffn_ceiling_model_is_the_model_with_every_ffn_output_zeroed():
     ids = torch.randint(0, model.config.vocab_size, (1, 7))
     with torch.no_grad():
         got = without_ffns(model)(ids).logits
-        handles = [layer.mlp.register_forward_hook(lambda m, args, out: torch.zeros_like(out))
-                   for layer in model.model.layers]
+        handles = [
+            layer.mlp.register_forward_hook(lambda m, args, out: torch.zeros_like(out)) for layer in model.model.layers
+        ]
         want = model(ids).logits
         for h in handles:
             h.remove()
@@ -332,8 +337,20 @@ def test_bench_cli_on_a_sparse_folder(tmp_path, capsys):
     sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="lowrank"), [0, 1])
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     out = tmp_path / "bench"
-    argv = ["bench", str(tmp_path / "sparse"), "--shapes", "model", "--batches", "1,4", "--new-tokens", "4",
-            "--repeats", "1", "--out", str(out)]
+    argv = [
+        "bench",
+        str(tmp_path / "sparse"),
+        "--shapes",
+        "model",
+        "--batches",
+        "1,4",
+        "--new-tokens",
+        "4",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     result = __import__("json").loads((out / "bench.json").read_text())
@@ -354,15 +371,30 @@ def test_bench_through_the_lean_decoder_at_bf16(tmp_path):
     """Both models through the lean decoder, converted alike; the tokens/s are real, the tokens are the
     ones the dense and sparse models themselves produce (an eager greedy loop on bf16 copies)."""
     from upcycle.cli import main
-    from upcycle.eval.decode import GreedyDecoder
-    from upcycle.kernels.precision import to_precision
+    from upcycle.infer.decode import GreedyDecoder
+    from upcycle.infer.precision import to_precision
 
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
     sparse = UpcycleSparseForCausalLM.from_dense(model, BankSparsity(32, 8, 16, predictor="shadow", group=32), [0, 1])
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     out = tmp_path / "bench"
-    argv = ["bench", str(tmp_path / "sparse"), "--shapes", "model", "--batches", "1", "--new-tokens", "6",
-            "--repeats", "1", "--lean", "--precision", "bf16", "--out", str(out)]
+    argv = [
+        "bench",
+        str(tmp_path / "sparse"),
+        "--shapes",
+        "model",
+        "--batches",
+        "1",
+        "--new-tokens",
+        "6",
+        "--repeats",
+        "1",
+        "--lean",
+        "--precision",
+        "bf16",
+        "--out",
+        str(out),
+    ]
     assert main(argv) == 0
     decode = __import__("json").loads((out / "bench.json").read_text())["decode"]
     assert decode["decoder"] == "lean" and decode["compiled"] and decode["precision"] == "bf16"

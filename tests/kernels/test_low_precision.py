@@ -11,11 +11,10 @@ import torch.nn.functional as F
 
 from upcycle import hub, kernels
 from upcycle.errors import ConfigError
-from upcycle.eval.decode import GreedyDecoder
+from upcycle.infer.decode import GreedyDecoder
+from upcycle.infer.precision import to_precision
+from upcycle.infer.rows import MAX_ROWS, RowLinear, RowsOf, StackedRows
 from upcycle.kernels.memory import HUGE_PAGE
-from upcycle.kernels.precision import to_precision
-from upcycle.kernels.rows import RowsOf, StackedRows
-from upcycle.kernels.rows import MAX_ROWS, RowLinear
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
@@ -99,7 +98,8 @@ def test_shadow_predictor_runs_in_bf16_and_int8_and_matches_its_reference():
             ref = BankSparseFFN.reference_forward(copy.deepcopy(ffn).float(), x.float())
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
         to_precision_ffn = copy.deepcopy(ffn)
-        from upcycle.kernels.precision import int8_grid
+        from upcycle.infer.precision import int8_grid
+
         int8_grid(to_precision_ffn)
         assert kernels.plan_for(to_precision_ffn).packed.dtype == torch.int8
         got8 = to_precision_ffn(x)
@@ -156,8 +156,9 @@ def test_row_linear_trains_as_a_plain_linear():
 
 def _tiny_sparse():
     model = hub.tiny("llama", layers=2, hidden=64, ffn=128)
-    return model, UpcycleSparseForCausalLM.from_dense(copy.deepcopy(model), BankSparsity(32, 8, 16, predictor="shadow",
-                                                                                       group=32), [0, 1]).eval()
+    return model, UpcycleSparseForCausalLM.from_dense(
+        copy.deepcopy(model), BankSparsity(32, 8, 16, predictor="shadow", group=32), [0, 1]
+    ).eval()
 
 
 def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
@@ -189,14 +190,18 @@ def test_stacked_rows_give_each_layer_its_own_product_and_undo_on_reconversion()
     then back to fp32) rebuilds the stacks from the weights they hold."""
     model = hub.tiny("qwen2", layers=1, hidden=64, ffn=128, vocab=512).eval()
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
-    originals = {n: (getattr(attn, n).weight.detach().clone(), getattr(attn, n).bias.detach().clone())
-                 for n in ("q_proj", "k_proj", "v_proj")}
+    originals = {
+        n: (getattr(attn, n).weight.detach().clone(), getattr(attn, n).bias.detach().clone())
+        for n in ("q_proj", "k_proj", "v_proj")
+    }
     originals.update({n: (getattr(mlp, n).weight.detach().clone(), None) for n in ("gate_proj", "up_proj")})
     to_precision(model, "fp32")
     stacks = [m for m in model.modules() if isinstance(m, StackedRows)]
     assert len(stacks) == 2 and all(isinstance(getattr(attn, n), RowsOf) for n in ("q_proj", "k_proj", "v_proj"))
-    layers = {**{n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")},
-              **{n: getattr(mlp, n) for n in ("gate_proj", "up_proj")}}
+    layers = {
+        **{n: getattr(attn, n) for n in ("q_proj", "k_proj", "v_proj")},
+        **{n: getattr(mlp, n) for n in ("gate_proj", "up_proj")},
+    }
     with torch.no_grad():
         for rows in (1, 9):
             x = torch.randn(1, rows, 64)
@@ -233,8 +238,11 @@ def test_a_compiled_step_calls_the_row_dots_once_per_stack():
     with torch.no_grad():
         want = model(ids).logits
         got = torch.compile(model, backend=backend, fullgraph=True)(ids).logits
-    calls = sum(n.target in (torch.ops.upcycle.row_dots, torch.ops.upcycle.row_dots.default)
-                for g in graphs for n in g.graph.nodes)
+    calls = sum(
+        n.target in (torch.ops.upcycle.row_dots, torch.ops.upcycle.row_dots.default)
+        for g in graphs
+        for n in g.graph.nodes
+    )
     assert len(graphs) == 1 and calls == 9
     torch.testing.assert_close(got, want)
     assert all(m._input is None for m in model.modules() if isinstance(m, StackedRows))  # nothing held
@@ -251,10 +259,11 @@ def test_the_lean_decoder_generates_what_generate_does(precision):
         with torch.no_grad():
             # (no min_new_tokens: generate would forbid end-of-sequence, which a plain greedy loop may emit;
             # where generate stops there, the tokens up to it must agree)
-            want = model.generate(ids, max_new_tokens=12, do_sample=False, cache_implementation="static",
-                                  pad_token_id=0)[0, 7:]
+            want = model.generate(
+                ids, max_new_tokens=12, do_sample=False, cache_implementation="static", pad_token_id=0
+            )[0, 7:]
         got = decoder.generate(ids, 12)
-        assert len(want) >= 3 and torch.equal(got[:len(want)], want), (precision, type(model).__name__)
+        assert len(want) >= 3 and torch.equal(got[: len(want)], want), (precision, type(model).__name__)
 
 
 @needs_kernel
@@ -300,7 +309,9 @@ def test_to_precision_fp32_keeps_the_function(family):
 def test_to_precision_streams_from_huge_pages_and_keeps_the_tied_head_tied(precision):
     """The weights the row dots read start on a 2 MiB boundary (those of 2 MiB and more: smaller ones are
     ordinary copies), hold the same values, and a tied head is still the embedding's tensor."""
-    model = hub.tiny("llama", layers=1, hidden=512, ffn=1024, vocab=4608)  # fp32: FFN 2 MiB a matrix; int8: head 2.25 MiB
+    model = hub.tiny(
+        "llama", layers=1, hidden=512, ffn=1024, vocab=4608
+    )  # fp32: FFN 2 MiB a matrix; int8: head 2.25 MiB
     model.get_output_embeddings().weight = model.get_input_embeddings().weight
     model.config.tie_word_embeddings = True
     before = {name: p.detach().clone() for name, p in model.named_parameters()}

@@ -9,9 +9,9 @@ import upcycle
 from upcycle import hub, kernels
 from upcycle.eval.selection import predictor_recall
 from upcycle.eval.speed import ffn_limit, weight_bytes
+from upcycle.kernels.quant import quantize_gptq, quantize_rtn
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 from upcycle.modules.bank_sparse import ShadowPredictor, dequantize_groups
-from upcycle.modules.shadow_quant import quantize_gptq, quantize_rtn
 
 needs_kernel = pytest.mark.skipif(not kernels.available(), reason=f"kernel unavailable: {kernels.why_unavailable()}")
 
@@ -28,12 +28,12 @@ def test_quantization_of_a_hand_worked_row():
 def midrise_reference(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     """The dequantized copy written out element by element: per group, each clipping ratio's step, each
     value to its nearest level (an argmin over the list of levels), the step of least squared error."""
-    levels = 2 ** bits
+    levels = 2**bits
     ratios = [0.4 + 0.05 * i for i in range(13)]
     out = torch.empty_like(w)
     for r in range(w.shape[0]):
         for start in range(0, w.shape[1], group):
-            values = [float(v) for v in w[r, start:start + group]]
+            values = [float(v) for v in w[r, start : start + group]]
             top, best = max(abs(v) for v in values), None
             for ratio in ratios:
                 step = ratio * top / (levels / 2 - 0.5)
@@ -42,7 +42,7 @@ def midrise_reference(w: torch.Tensor, bits: int, group: int) -> torch.Tensor:
                 error = sum((q - v) ** 2 for q, v in zip(rounded, values))
                 if best is None or error < best[0] - 1e-9:
                     best = (error, rounded)
-            out[r, start:start + group] = torch.tensor(best[1])
+            out[r, start : start + group] = torch.tensor(best[1])
     return out
 
 
@@ -51,9 +51,10 @@ def test_quantization_against_an_element_by_element_loop(bits, group):
     g = torch.Generator().manual_seed(bits)
     w = torch.randn(6, 64, generator=g)
     codes, scale = quantize_rtn(w, bits, group)
-    assert (codes % 2 != 0).all() and codes.abs().max() <= 2 ** bits - 1
-    torch.testing.assert_close(dequantize_groups(codes, scale, group), midrise_reference(w, bits, group),
-                               rtol=0, atol=1e-5)
+    assert (codes % 2 != 0).all() and codes.abs().max() <= 2**bits - 1
+    torch.testing.assert_close(
+        dequantize_groups(codes, scale, group), midrise_reference(w, bits, group), rtol=0, atol=1e-5
+    )
 
 
 def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
@@ -70,11 +71,11 @@ def test_gptq_of_two_correlated_inputs_by_hand():
     rho, w = 0.6, torch.tensor([[0.37, -0.21], [0.05, 0.9]])
     codes, scale = quantize_gptq(w, torch.tensor([[1.0, rho], [rho, 1.0]]), 2, 2)
     for r in range(2):
-        step = 2 * float(quantize_rtn(w[r:r + 1], 2, 2)[1])
+        step = 2 * float(quantize_rtn(w[r : r + 1], 2, 2)[1])
         grid = [(c - 1.5) * step for c in range(4)]
         q0 = min(grid, key=lambda q: abs(q - float(w[r, 0])))
         q1 = min(grid, key=lambda q: abs(q - (float(w[r, 1]) + (float(w[r, 0]) - q0) * rho / 1.01)))
-        assert dequantize_groups(codes[r:r + 1], scale[r:r + 1], 2)[0].tolist() == pytest.approx([q0, q1])
+        assert dequantize_groups(codes[r : r + 1], scale[r : r + 1], 2)[0].tolist() == pytest.approx([q0, q1])
 
 
 def test_gptq_lowers_the_output_error_the_shadow_sees():
@@ -89,8 +90,9 @@ def test_gptq_lowers_the_output_error_the_shadow_sees():
 
 def _shadow_ffn(hidden=64, width=128, bank=32, keep=8, bits=4, group=16, gate="hard", seed=0):
     torch.manual_seed(seed)
-    ffn = BankSparseFFN(hidden, width, BankSparsity(bank, keep, gate=gate, predictor="shadow", bits=bits, group=group,
-                                                                quantizer="rtn"))
+    ffn = BankSparseFFN(
+        hidden, width, BankSparsity(bank, keep, gate=gate, predictor="shadow", bits=bits, group=group, quantizer="rtn")
+    )
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     return ffn.eval()
@@ -104,7 +106,7 @@ def shadow_logits(ffn, x):
     xhat = torch.empty_like(x)
     for r in range(x.shape[0]):
         for start in range(0, x.shape[1], s.group):
-            scale = float(x[r, start:start + s.group].abs().max()) / 127 or 1.0
+            scale = float(x[r, start : start + s.group].abs().max()) / 127 or 1.0
             for c in range(start, start + s.group):
                 xhat[r, c] = max(-127, min(127, round(float(x[r, c]) / scale))) * scale
     return (F.silu(xhat @ g.T) * (xhat @ u.T)).abs()
@@ -142,9 +144,17 @@ def test_more_bits_recall_more_of_the_oracle():
 
 
 @pytest.mark.skipif(not kernels.available(), reason="kernel unavailable")
-@pytest.mark.parametrize("shape", [(64, 128, 32, 8, 32), (48, 192, 64, 16, 16), (576, 1536, 64, 16, 64),
-                                   (64, 128, 32, 8, 8),
-                                   (48, 96, 24, 6, 4), (64, 128, 8, 2, 16)])  # the kernel cannot read these two
+@pytest.mark.parametrize(
+    "shape",
+    [
+        (64, 128, 32, 8, 32),
+        (48, 192, 64, 16, 16),
+        (576, 1536, 64, 16, 64),
+        (64, 128, 32, 8, 8),
+        (48, 96, 24, 6, 4),
+        (64, 128, 8, 2, 16),
+    ],
+)  # the kernel cannot read these two
 @pytest.mark.parametrize("rows", [1, 3, 6])  # 6: a block of four tokens, then two
 @pytest.mark.parametrize("keep", ["k", 1, "bank"])
 @pytest.mark.parametrize("bits", [2, 4, 6])  # 6 bits: the kernel takes the logits computed in PyTorch
@@ -177,8 +187,9 @@ def test_a_shadow_model_saves_reloads_identically_and_densifies(tmp_path, quanti
     assert reloaded.config.sparsity["predictor"] == "shadow" and reloaded.config.sparsity["bits"] == 3
     assert reloaded.config.sparsity["quantizer"] == quantizer
     if quantizer == "gptq":
-        assert torch.equal(reloaded.model.layers[1].mlp.predictor.input_moment,
-                           sparse.model.layers[1].mlp.predictor.input_moment)
+        assert torch.equal(
+            reloaded.model.layers[1].mlp.predictor.input_moment, sparse.model.layers[1].mlp.predictor.input_moment
+        )
     dense = upcycle.densify(reloaded)
     assert dense.config.model_type == "llama" and not any("predictor" in k for k in dense.state_dict())
 
@@ -217,9 +228,12 @@ def test_the_shadow_bytes_are_counted():
     dense, kept = 3 * hidden * width * 4, 3 * hidden * width * 4 / 4
     assert ffn_limit(hidden, width, sparsity) == pytest.approx(dense / (kept + per_layer))
     two_bit = BankSparsity(64, 16, predictor="shadow", bits=2, group=64)
-    assert ffn_limit(hidden, width, two_bit) == pytest.approx(dense / (kept + 2 * width * (hidden // 4 + 4 * hidden // 64)))
-    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", ffn=128), BankSparsity(32, 8, predictor="shadow",
-                                                                                         group=16), [0, 1])
+    assert ffn_limit(hidden, width, two_bit) == pytest.approx(
+        dense / (kept + 2 * width * (hidden // 4 + 4 * hidden // 64))
+    )
+    sparse = UpcycleSparseForCausalLM.from_dense(
+        hub.tiny("llama", ffn=128), BankSparsity(32, 8, predictor="shadow", group=16), [0, 1]
+    )
     assert weight_bytes(sparse)["predictor"] == 2 * 2 * 128 * (64 // 2 + 4 * 64 // 16)
 
 
@@ -243,8 +257,12 @@ def test_nibble_packing_against_a_hand_worked_block():
     two[2] = torch.tensor([-3, -1, 1, 3] * 2 + [1, 1, -1, -1] * 2)  # levels 0 1 2 3 0 1 2 3 2 2 1 1 2 2 1 1
     packed2 = pack_shadow(two, bits=2)
     assert packed2.shape == (1, 1, 64)
-    assert packed2[0, 0, 8:12].tolist() == [0 | 0 << 2 | 2 << 4 | 2 << 6, 1 | 1 << 2 | 2 << 4 | 2 << 6,
-                                            2 | 2 << 2 | 1 << 4 | 1 << 6, 3 | 3 << 2 | 1 << 4 | 1 << 6]
+    assert packed2[0, 0, 8:12].tolist() == [
+        0 | 0 << 2 | 2 << 4 | 2 << 6,
+        1 | 1 << 2 | 2 << 4 | 2 << 6,
+        2 | 2 << 2 | 1 << 4 | 1 << 6,
+        3 | 3 << 2 | 1 << 4 | 1 << 6,
+    ]
     assert packed2[0, 0, :4].tolist() == [2 | 2 << 2 | 2 << 4 | 2 << 6] * 4  # channel 0: all codes 1 (level 2)
     scales = torch.arange(32.0).reshape(16, 2)  # channel c, group g -> 2c + g
     assert pack_shadow_scales(scales)[0, 1].tolist() == [2 * (2 * c + 1) for c in range(16)]  # steps: twice

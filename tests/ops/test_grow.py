@@ -5,14 +5,13 @@ rests on (a shared expert's ½ gate, cloned router rows, k-means centroids, renu
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import logits, tokens_for
 
 from upcycle import arch, hub
 from upcycle.errors import ConfigError, UnsupportedArchitecture
 from upcycle.ops.grow import GrowChecks, GrowStep, GrowthNotPreserved, apply_step
 from upcycle.ops.grow.depth import evenly
 from upcycle.ops.grow.moe import kmeans_rows
-
-from tests.conftest import logits, tokens_for
 
 DENSE = list(arch.DENSE_FAMILIES)
 MOE = list(arch.MOE_FAMILIES)
@@ -39,12 +38,16 @@ def _max_dlogit(a, b, ids):
 
 
 def _cases(families, steps):
-    return [pytest.param(f, s, id=f"{f}-{s.op}-{s.mode if s.op == 'moe' else ''}{n}") for f in families
-            for n, s in enumerate(steps)]
+    return [
+        pytest.param(f, s, id=f"{f}-{s.op}-{s.mode if s.op == 'moe' else ''}{n}")
+        for f in families
+        for n, s in enumerate(steps)
+    ]
 
 
-@pytest.mark.parametrize("family,step", _cases(DENSE, EXACT_DENSE_TO_MOE) + _cases(DENSE + MOE, EXACT_ANY)
-                         + _cases(MOE, EXACT_MOE))
+@pytest.mark.parametrize(
+    "family,step", _cases(DENSE, EXACT_DENSE_TO_MOE) + _cases(DENSE + MOE, EXACT_ANY) + _cases(MOE, EXACT_MOE)
+)
 def test_exact_modes_keep_the_logits(family, step):
     source = hub.tiny(family)
     ids = tokens_for(source, n=3, length=32)
@@ -77,8 +80,9 @@ def test_shared_mode_in_qwen2_moe(family):
 
 def test_mixtral_target_and_an_unsupported_one():
     source = hub.tiny("llama")
-    grown, report = apply_step(source, GrowStep(op="moe", family="mixtral", experts=4, top_k=2, router="random"),
-                               tokens_for(source))
+    grown, report = apply_step(
+        source, GrowStep(op="moe", family="mixtral", experts=4, top_k=2, router="random"), tokens_for(source)
+    )
     assert type(grown).__name__ == "MixtralForCausalLM" and report.kind == "exact"
     assert _max_dlogit(source, grown, tokens_for(source)) <= 1e-4
     with pytest.raises(UnsupportedArchitecture, match="llama model cannot become qwen3_moe"):
@@ -107,10 +111,14 @@ def test_bad_steps_are_one_line_errors():
         apply_step(dense, GrowStep(op="moe"))
 
 
-@pytest.mark.parametrize("family,step", [
-    ("llama", GrowStep(op="moe", experts=4, top_k=2, mode="drop", drop_ratio=0.25, router="random")),
-    ("mixtral", GrowStep(op="experts", factor=2, redraw=0.5)),
-], ids=["drop-upcycling", "clones-redrawn"])
+@pytest.mark.parametrize(
+    "family,step",
+    [
+        ("llama", GrowStep(op="moe", experts=4, top_k=2, mode="drop", drop_ratio=0.25, router="random")),
+        ("mixtral", GrowStep(op="experts", factor=2, redraw=0.5)),
+    ],
+    ids=["drop-upcycling", "clones-redrawn"],
+)
 def test_diversity_deviation_matches_an_independent_recomputation(family, step):
     source = hub.tiny(family)
     blocks = tokens_for(source, n=4, length=32, seed=3)
@@ -148,8 +156,11 @@ def test_router_kl_of_noisy_clones_matches_the_models_own_router_logits():
 def test_non_exact_modes_are_reported_not_failed():
     dense, moe = hub.tiny("qwen2"), hub.tiny("mixtral")
     blocks = tokens_for(dense, n=2, length=32)
-    for model, step in ((dense, GrowStep(op="moe", experts=4, top_k=2, mode="partition", router="random")),
-                        (dense, GrowStep(op="depth", layer_map=[0, 1, 1])), (moe, GrowStep(op="top_k", top_k=3))):
+    for model, step in (
+        (dense, GrowStep(op="moe", experts=4, top_k=2, mode="partition", router="random")),
+        (dense, GrowStep(op="depth", layer_map=[0, 1, 1])),
+        (moe, GrowStep(op="top_k", top_k=3)),
+    ):
         _, report = apply_step(model, step, blocks)
         assert report.kind == "changed" and report.preservation.passed and report.preservation.max_dlogit > 1e-3
 

@@ -66,9 +66,16 @@ def grow_depth_and_width(model, tmp_path):
 
 
 # transform -> the families it applies to (the sparsify transforms need a dense SwiGLU FFN)
-APPLIES = {permute: DENSE_FAMILIES, pad: DENSE_FAMILIES, keep_equals_bank: DENSE_FAMILIES,
-           convert: ALL_FAMILIES, qwen2_reexpression: ("llama",), grow_moe: DENSE_FAMILIES,
-           grow_experts: MOE_FAMILIES, grow_depth_and_width: ALL_FAMILIES}
+APPLIES = {
+    permute: DENSE_FAMILIES,
+    pad: DENSE_FAMILIES,
+    keep_equals_bank: DENSE_FAMILIES,
+    convert: ALL_FAMILIES,
+    qwen2_reexpression: ("llama",),
+    grow_moe: DENSE_FAMILIES,
+    grow_experts: MOE_FAMILIES,
+    grow_depth_and_width: ALL_FAMILIES,
+}
 CASES = [pytest.param(t, f, id=f"{t.__name__}-{f}") for t, families in APPLIES.items() for f in families]
 
 

@@ -6,14 +6,13 @@ import itertools
 
 import pytest
 import torch
+from tests.conftest import tokens_for
 
 from upcycle import arch, hub
 from upcycle.errors import ConfigError
 from upcycle.ops.prune import PruneSpec, prune
 from upcycle.ops.prune.masks import nm_mask, unstructured_mask, wanda_scores
 from upcycle.ops.prune.sparsegpt import reconstruction_error, sparsegpt
-
-from tests.conftest import tokens_for
 
 ALL = list(arch.FAMILIES)
 
@@ -106,14 +105,22 @@ def test_nm_pattern_holds_in_every_matrix(family, method):
 def test_pruning_lowers_quality_less_with_calibration_than_without():
     model = hub.tiny("llama", layers=2)
     calibration, held = tokens_for(model, n=8, length=64, seed=0), tokens_for(model, n=8, length=64, seed=1)
-    kl = {m: prune(model, PruneSpec(method=m, sparsity=0.6), calibration, held)[1].kl for m in ("magnitude", "sparsegpt")}
+    kl = {
+        m: prune(model, PruneSpec(method=m, sparsity=0.6), calibration, held)[1].kl for m in ("magnitude", "sparsegpt")
+    }
     assert kl["sparsegpt"] < kl["magnitude"]
 
 
-@pytest.mark.parametrize("spec,message", [
-    (dict(sparsity=1.0), "sparsity"), (dict(sparsity=-0.1), "sparsity"), (dict(nm="4:4"), "N:M"),
-    (dict(nm="2-4"), "N:M"), (dict(method="obs"), "method"),
-])
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (dict(sparsity=1.0), "sparsity"),
+        (dict(sparsity=-0.1), "sparsity"),
+        (dict(nm="4:4"), "N:M"),
+        (dict(nm="2-4"), "N:M"),
+        (dict(method="obs"), "method"),
+    ],
+)
 def test_bad_specs_are_refused_in_one_line(spec, message):
     with pytest.raises(ConfigError, match=message):
         PruneSpec(**spec)

@@ -6,15 +6,13 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from tests.conftest import logits, tokens_for
 
 from upcycle import arch, hub
 from upcycle.errors import ConfigError
-from upcycle.ops.grow import GrowStep, apply_step
-from upcycle.ops.slim import SlimStep, apply_cut
 from upcycle.ops import calibrate
-from upcycle.ops.slim import importance
-
-from tests.conftest import logits, tokens_for
+from upcycle.ops.grow import GrowStep, apply_step
+from upcycle.ops.slim import SlimStep, apply_cut, importance
 
 ALL = list(arch.FAMILIES)
 DENSE = list(arch.DENSE_FAMILIES)
@@ -56,10 +54,13 @@ def test_rmsnorm_importance_is_the_norms_mean_absolute_output(family):
         hs = model(input_ids=blocks, output_hidden_states=True).hidden_states
         want = torch.zeros(adapter.hidden_size)
         for i in range(adapter.num_layers):  # each layer's input norm on its input; the post-attention norm
-            x = hs[i]                      # on the stream after attention, recomputed through the modules
+            x = hs[i]  # on the stream after attention, recomputed through the modules
             normed = adapter.norms(i)["input"](x)
-            attn = adapter.layer(i).self_attn(normed, position_embeddings=model.model.rotary_emb(x, torch.arange(
-                x.shape[1])[None]), attention_mask=None)[0]
+            attn = adapter.layer(i).self_attn(
+                normed,
+                position_embeddings=model.model.rotary_emb(x, torch.arange(x.shape[1])[None]),
+                attention_mask=None,
+            )[0]
             want += normed.abs().mean((0, 1)) + adapter.norms(i)["post_attention"](x + attn).abs().mean((0, 1))
         want += hs[-1].abs().mean((0, 1))  # the final norm's output is HF's last hidden state
     got = importance.hidden_importance(model, blocks)
@@ -73,8 +74,10 @@ def test_expert_statistics_match_the_models_own_router_and_experts(family):
     adapter = arch.adapter_for(model)
     stats = importance.expert_importance(model, blocks)
     inputs = {}
-    hooks = [adapter.ffn(i).register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0]))
-             for i in range(2)]
+    hooks = [
+        adapter.ffn(i).register_forward_pre_hook(lambda m, a, i=i: inputs.setdefault(i, []).append(a[0]))
+        for i in range(2)
+    ]
     with torch.no_grad():
         model(input_ids=blocks)
     for h in hooks:
@@ -107,11 +110,14 @@ def test_expert_statistics_on_a_hand_built_router():
     router = torch.zeros(2, H)
     router[0, 0], router[1, 1] = 2.0, 4.0
     g = torch.Generator().manual_seed(0)
-    experts = arch.SwiGLUWeights(torch.randn(2, 6, H, generator=g), torch.randn(2, 6, H, generator=g),
-                                 torch.randn(2, H, 6, generator=g))
+    experts = arch.SwiGLUWeights(
+        torch.randn(2, 6, H, generator=g), torch.randn(2, 6, H, generator=g), torch.randn(2, H, 6, generator=g)
+    )
     sig = lambda z: 1 / (1 + math.exp(-z))  # noqa: E731  softmax of (z, 0)
-    norm = [torch.linalg.vector_norm(experts.down[e] @ (F.silu(experts.gate[e] @ x[t]) * (experts.up[e] @ x[t])))
-            for e, t in ((0, 0), (1, 3))]
+    norm = [
+        torch.linalg.vector_norm(experts.down[e] @ (F.silu(experts.gate[e] @ x[t]) * (experts.up[e] @ x[t])))
+        for e, t in ((0, 0), (1, 3))
+    ]
     s = importance.expert_stats(x, router, experts, 1, normalize=False)
     assert s.frequency.tolist() == [0.75, 0.25]
     assert s.soft.tolist() == pytest.approx([3 * sig(2) / 4, sig(4) / 4])
@@ -171,8 +177,9 @@ def test_merging_identical_experts_changes_nothing(family):
     """grow's clones merged back into their originals: the exact inverse of expert cloning."""
     source = hub.tiny(family, layers=2, experts=4, top_k=2)
     cloned, _ = apply_step(source, GrowStep(op="experts", factor=2))  # 8 experts, twins share router rows
-    slim, report = apply_cut(cloned, SlimStep(op="experts", experts=4, top_k=2, mode="merge",
-                                              similarity="router_weight"), _blocks(source))
+    slim, report = apply_cut(
+        cloned, SlimStep(op="experts", experts=4, top_k=2, mode="merge", similarity="router_weight"), _blocks(source)
+    )
     assert all(sorted(g) in ([0, 1], [2, 3], [4, 5], [6, 7]) for g in report.removed["layers"][0]["groups"])
     ids = tokens_for(source, seed=5)
     assert (logits(source, ids) - logits(slim, ids)).abs().max().item() <= 1e-5
@@ -218,7 +225,10 @@ def test_without_recompute_every_cut_reads_the_sources_scores_through_the_earlie
     model = hub.tiny("llama", layers=4)
     blocks = _blocks(model)
     steps = [SlimStep(op="depth", layers=1, criterion="block_influence")] * 2 + [
-        SlimStep(op="heads", heads=2), SlimStep(op="ffn_width", width=96), SlimStep(op="hidden", hidden=48)]
+        SlimStep(op="heads", heads=2),
+        SlimStep(op="ffn_width", width=96),
+        SlimStep(op="hidden", hidden=48),
+    ]
     scores, lineage, slim = source_scores(model, steps, blocks), Lineage.of(model), model
     for step in steps:
         slim, report = apply_cut(slim, step, blocks, scores=lineage.read(scores, step))

@@ -10,17 +10,15 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import upcycle
 import upcycle.train
-from upcycle import hub
+from conftest import logits, tokens_for
+from upcycle import hub, sparsify
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError, UnsupportedArchitecture
-from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM, bank_topk_mask
-from upcycle import sparsify
 from upcycle.eval.selection import predictor_recall, selection_stats
+from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM, bank_topk_mask
 from upcycle.ops import narrow_ffn
 from upcycle.ops.sparsify import coactivation_order
 from upcycle.train.sparsify import AnnealKeep
-
-from conftest import logits, tokens_for
 
 
 def _ffn(gate="hard", bank=16, keep=4, rank=8, hidden=32, width=64, selection="predictor"):
@@ -58,12 +56,15 @@ def test_forward_matches_a_hand_computation_and_keeps_k_per_bank(gate):
         for b in range(3):
             for t in range(5):
                 for start in range(0, 64, 16):
-                    bank_z = z[b, t, start:start + 16]
+                    bank_z = z[b, t, start : start + 16]
                     top = sorted(range(16), key=lambda j: -float(bank_z[j]))[:4]
                     kept_counts.append(len(top))
                     for j in top:
-                        g = {"hard": 1.0, "sigmoid": torch.sigmoid(bank_z[j]),
-                             "softmax": 4 * torch.exp(bank_z[j]) / torch.exp(bank_z[top]).sum()}[gate]
+                        g = {
+                            "hard": 1.0,
+                            "sigmoid": torch.sigmoid(bank_z[j]),
+                            "softmax": 4 * torch.exp(bank_z[j]) / torch.exp(bank_z[top]).sum(),
+                        }[gate]
                         expected[b, t, start + j] = h[b, t, start + j] * g
         gate_values = ffn.gate_values(x, h)
     torch.testing.assert_close(out, expected @ ffn.down_proj.weight.T, rtol=1e-5, atol=1e-6)
@@ -109,7 +110,9 @@ def test_sparsify_leaves_the_input_model_untouched_and_changes_outputs_when_spar
 
 def test_selected_layers_only():
     dense = hub.tiny("llama", layers=3)
-    sparse, report = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, layers=[1])
+    sparse, report = sparsify(
+        dense, None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, layers=[1]
+    )
     kinds = [adapter_for(sparse).ffn_kind(i) for i in range(3)]
     assert kinds == ["dense", "bank_sparse", "dense"] and report.layers == [1]
 
@@ -117,12 +120,26 @@ def test_selected_layers_only():
 def test_channel_permutation_preserves_logits(text_folder, tmp_cache):
     dense = hub.tiny("llama")
     tok = hub.byte_tokenizer()
-    sparse, _ = sparsify(dense, tok, bank=32, keep=32, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, permute=True,
-                         calibration=str(text_folder), calibration_tokens=2048, seq_len=64)
+    sparse, _ = sparsify(
+        dense,
+        tok,
+        bank=32,
+        keep=32,
+        rank=4,
+        predictor="lowrank",
+        warmup_steps=0,
+        convert_steps=0,
+        permute=True,
+        calibration=str(text_folder),
+        calibration_tokens=2048,
+        seq_len=64,
+    )
     gate_before = adapter_for(dense).ffn_weights(0).gate
     gate_after = adapter_for(sparse).ffn_weights(0).gate
     assert not torch.equal(gate_before, gate_after)  # channels did move
-    torch.testing.assert_close(logits(sparse, tokens_for(dense)), logits(dense, tokens_for(dense)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        logits(sparse, tokens_for(dense)), logits(dense, tokens_for(dense)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_coactivation_order_groups_channels_that_fire_together():
@@ -140,17 +157,37 @@ def test_padding_makes_a_width_fit_the_bank_without_changing_the_function():
     dense = hub.tiny("llama", ffn=120)
     with pytest.raises(ConfigError, match="bank=64"):
         sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
-    sparse, report = sparsify(dense, None, bank=64, keep=64, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, pad=True)
+    sparse, report = sparsify(
+        dense, None, bank=64, keep=64, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0, pad=True
+    )
     assert report.width == 128
     torch.testing.assert_close(logits(sparse, tokens_for(dense)), logits(dense, tokens_for(dense)))
 
 
 def test_save_load_gives_identical_logits_through_upcycle_and_transformers(tmp_path):
-    config = LlamaConfig(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     dense = LlamaForCausalLM(config).eval()
-    sparse, _ = sparsify(dense, None, bank=32, keep=8, rank=4, predictor="lowrank", gate="softmax", warmup_steps=0, convert_steps=0, init="random")
+    sparse, _ = sparsify(
+        dense,
+        None,
+        bank=32,
+        keep=8,
+        rank=4,
+        predictor="lowrank",
+        gate="softmax",
+        warmup_steps=0,
+        convert_steps=0,
+        init="random",
+    )
     with torch.no_grad():
         sparse.model.layers[0].mlp.threshold.fill_(0.5)  # buffers travel too
     hub.save(sparse, None, tmp_path / "m")
@@ -165,7 +202,9 @@ def test_save_load_gives_identical_logits_through_upcycle_and_transformers(tmp_p
 
 def test_save_load_through_upcycle_hub(tmp_path, tmp_cache):
     dense = hub.tiny("mistral")
-    sparse, _ = sparsify(dense, None, bank=64, keep=16, rank=8, predictor="lowrank", gate="sigmoid", warmup_steps=0, convert_steps=0)
+    sparse, _ = sparsify(
+        dense, None, bank=64, keep=16, rank=8, predictor="lowrank", gate="sigmoid", warmup_steps=0, convert_steps=0
+    )
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "m")
     reloaded, tok = upcycle.load(tmp_path / "m")
     ids = tokens_for(dense)
@@ -184,7 +223,9 @@ def test_densify_gives_the_stock_family_with_every_channel():
 
 
 def test_generation_works_on_the_sparse_type():
-    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
+    sparse, _ = sparsify(
+        hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0
+    )
     out = sparse.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=5, do_sample=False)
     assert out.shape == (1, 8)
     # greedy decoding with the KV cache agrees with re-running the full sequence
@@ -195,8 +236,16 @@ def test_generation_works_on_the_sparse_type():
 def test_warmup_raises_recall_of_the_oracle(text_folder, tmp_cache):
     dense = hub.tiny("llama", ffn=256)
     tok = hub.byte_tokenizer()
-    common = dict(bank=64, keep=16, rank=16, predictor="lowrank", calibration=str(text_folder), calibration_tokens=4096, seq_len=64,
-                  convert_steps=0)
+    common = dict(
+        bank=64,
+        keep=16,
+        rank=16,
+        predictor="lowrank",
+        calibration=str(text_folder),
+        calibration_tokens=4096,
+        seq_len=64,
+        convert_steps=0,
+    )
     _, cold = sparsify(dense, tok, warmup_steps=1, warmup_lr=1e-9, **common)
     _, warm = sparsify(dense, tok, warmup_steps=200, **common)
     assert len(warm.recall) == 2
@@ -213,8 +262,8 @@ def test_recall_is_measured_against_an_independent_top_k():
     hit = total = 0
     for t in range(50):
         for start in range(0, 64, 16):
-            oracle = set((h[t, start:start + 16].argsort(descending=True)[:4]).tolist())
-            pred = set((z[t, start:start + 16].argsort(descending=True)[:4]).tolist())
+            oracle = set((h[t, start : start + 16].argsort(descending=True)[:4]).tolist())
+            pred = set((z[t, start : start + 16].argsort(descending=True)[:4]).tolist())
             hit, total = hit + len(oracle & pred), total + 4
     assert predictor_recall(ffn, x) == pytest.approx(hit / total)
 
@@ -223,11 +272,24 @@ def test_oracle_and_threshold_baselines(text_folder, tmp_cache):
     dense = hub.tiny("llama", ffn=256)
     tok = hub.byte_tokenizer()
     ids = tokens_for(dense, n=4, length=32)
-    oracle, _ = sparsify(dense, None, bank=64, keep=16, rank=4, predictor="lowrank", selection="oracle", warmup_steps=0, convert_steps=0)
+    oracle, _ = sparsify(
+        dense, None, bank=64, keep=16, rank=4, predictor="lowrank", selection="oracle", warmup_steps=0, convert_steps=0
+    )
     stats = selection_stats(oracle, ids)
     assert stats["recall"] == [1.0, 1.0] and stats["density"] == [0.25, 0.25]
-    teal, report = sparsify(dense, tok, bank=64, keep=16, rank=4, predictor="lowrank", selection="threshold",
-                            calibration=str(text_folder), calibration_tokens=4096, seq_len=64, convert_steps=0)
+    teal, report = sparsify(
+        dense,
+        tok,
+        bank=64,
+        keep=16,
+        rank=4,
+        predictor="lowrank",
+        selection="threshold",
+        calibration=str(text_folder),
+        calibration_tokens=4096,
+        seq_len=64,
+        convert_steps=0,
+    )
     assert all(abs(d - 0.25) < 0.02 for d in report.density)  # calibrated to 75% sparsity
     # the threshold module keeps exactly the activations above its threshold
     ffn = adapter_for(teal).ffn(0)
@@ -250,18 +312,33 @@ def test_narrow_keeps_the_most_important_channels():
     assert all(0.25 < s <= 1 for s in report.kept_importance)
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    (dict(keep=80), "keep=80"),
-    (dict(keep=0), "keep=0"),
-    (dict(bank=48), "bank=48"),
-    (dict(rank=0), "rank=0"),
-    (dict(rank=-3), "rank=-3"),
-    (dict(gate="relu"), "gate='relu'"),
-    (dict(init="zeros"), "init='zeros'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(keep=80), "keep=80"),
+        (dict(keep=0), "keep=0"),
+        (dict(bank=48), "bank=48"),
+        (dict(rank=0), "rank=0"),
+        (dict(rank=-3), "rank=-3"),
+        (dict(gate="relu"), "gate='relu'"),
+        (dict(init="zeros"), "init='zeros'"),
+    ],
+)
 def test_bad_configs_give_one_line_errors(kwargs, message):
     with pytest.raises(ConfigError, match=message) as err:
-        sparsify(hub.tiny("llama"), None, **{"bank": 64, "keep": 16, "rank": 4, "predictor": "lowrank", "warmup_steps": 0, "convert_steps": 0, **kwargs})
+        sparsify(
+            hub.tiny("llama"),
+            None,
+            **{
+                "bank": 64,
+                "keep": 16,
+                "rank": 4,
+                "predictor": "lowrank",
+                "warmup_steps": 0,
+                "convert_steps": 0,
+                **kwargs,
+            },
+        )
     assert "\n" not in str(err.value)
 
 
@@ -281,7 +358,9 @@ def test_calibration_needs_a_tokenizer():
 
 
 def test_anneal_keep_goes_from_the_bank_to_the_target():
-    sparse, _ = sparsify(hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0)
+    sparse, _ = sparsify(
+        hub.tiny("llama"), None, bank=32, keep=8, rank=4, predictor="lowrank", warmup_steps=0, convert_steps=0
+    )
 
     class FakeTrainer:  # what the callback reads from the trainer
         model = sparse
@@ -303,18 +382,49 @@ def test_anneal_keep_goes_from_the_bank_to_the_target():
 
 
 def test_training_recipe_sparsifies_anneals_and_saves_a_reloadable_sparse_model(text_folder, tmp_path, tmp_cache):
-    from upcycle.train import Trainer, TrainConfig
+    from upcycle.train import TrainConfig, Trainer
 
-    config = TrainConfig.from_dict(dict(
-        model="tiny-llama", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32, global_batch=4,
-        micro_batch=2, lr=3e-3, warmup_steps=1, ckpt_every=100, progress=False, val_blocks=2,
-        losses=[{"name": "lm"}, {"name": "kd"}], teacher="self",
-        groups=[{"name": "predictor", "patterns": [r"\.predictor\."]}],
-        stages=[{"name": "predictor", "tokens": 32 * 4 * 2, "train": ["predictor"], "transform": "sparsify",
-                 "transform_options": {"bank": 32, "keep": 8, "rank": 4, "predictor": "lowrank", "warmup_steps": 20,
-                                       "calibration": str(text_folder), "calibration_tokens": 1024, "seq_len": 32}},
-                {"name": "end-to-end", "tokens": 32 * 4 * 6,
-                 "callbacks": [{"name": "anneal_keep", "options": {"fraction": 0.5}}]}]))
+    config = TrainConfig.from_dict(
+        dict(
+            model="tiny-llama",
+            data=str(text_folder),
+            out=str(tmp_path / "run"),
+            seq_len=32,
+            global_batch=4,
+            micro_batch=2,
+            lr=3e-3,
+            warmup_steps=1,
+            ckpt_every=100,
+            progress=False,
+            val_blocks=2,
+            losses=[{"name": "lm"}, {"name": "kd"}],
+            teacher="self",
+            groups=[{"name": "predictor", "patterns": [r"\.predictor\."]}],
+            stages=[
+                {
+                    "name": "predictor",
+                    "tokens": 32 * 4 * 2,
+                    "train": ["predictor"],
+                    "transform": "sparsify",
+                    "transform_options": {
+                        "bank": 32,
+                        "keep": 8,
+                        "rank": 4,
+                        "predictor": "lowrank",
+                        "warmup_steps": 20,
+                        "calibration": str(text_folder),
+                        "calibration_tokens": 1024,
+                        "seq_len": 32,
+                    },
+                },
+                {
+                    "name": "end-to-end",
+                    "tokens": 32 * 4 * 6,
+                    "callbacks": [{"name": "anneal_keep", "options": {"fraction": 0.5}}],
+                },
+            ],
+        )
+    )
     trainer = Trainer(config)
     dense_before = copy.deepcopy(trainer.model)
     seen = []
@@ -329,7 +439,9 @@ def test_training_recipe_sparsifies_anneals_and_saves_a_reloadable_sparse_model(
     e2e = [k for s, k in seen if s == "end-to-end"]
     assert e2e == [32, 24, 16, 8, 8, 8]  # the k each step ran with: linear over the first half of 6 steps
     # the teacher is the dense model from before the transform
-    assert torch.equal(logits(trainer.teacher, tokens_for(dense_before)), logits(dense_before, tokens_for(dense_before)))
+    assert torch.equal(
+        logits(trainer.teacher, tokens_for(dense_before)), logits(dense_before, tokens_for(dense_before))
+    )
     reloaded, _ = upcycle.load(tmp_path / "run" / "final")
     assert isinstance(reloaded, UpcycleSparseForCausalLM)
     ids = tokens_for(reloaded)
@@ -342,8 +454,28 @@ def test_cli_sparsify_and_densify(text_folder, tmp_path, tmp_cache, capsys):
     src = tmp_path / "dense"
     hub.save(hub.tiny("llama"), hub.byte_tokenizer(), src)
     out = tmp_path / "sparse"
-    assert main(["sparsify", str(src), str(out), "--bank", "32", "--keep", "8", "--rank", "4", "--warmup-steps", "20",
-                 "--calibration", str(text_folder), "--calibration-tokens", "2048"]) == 0
+    assert (
+        main(
+            [
+                "sparsify",
+                str(src),
+                str(out),
+                "--bank",
+                "32",
+                "--keep",
+                "8",
+                "--rank",
+                "4",
+                "--warmup-steps",
+                "20",
+                "--calibration",
+                str(text_folder),
+                "--calibration-tokens",
+                "2048",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "reloaded: max |Δlogit| 0" in printed and "recall" in printed
     report = json.loads((out / "sparsify_report.json").read_text())
@@ -352,11 +484,13 @@ def test_cli_sparsify_and_densify(text_folder, tmp_path, tmp_cache, capsys):
     back, _ = upcycle.load(tmp_path / "back")
     assert back.config.model_type == "llama"
     # one-line errors, nothing written
-    for argv, message in [(["sparsify", str(src), str(tmp_path / "x"), "--keep", "80"], "keep=80"),
-                          (["sparsify", str(src), str(tmp_path / "x"), "--bank", "48"], "bank=48"),
-                          (["sparsify", str(src), str(tmp_path / "x"), "--rank", "0"], "rank=0"),
-                          (["sparsify", str(src), str(out)], "exists"),
-                          (["densify", str(src), str(tmp_path / "y")], "densify needs a bank-sparse model")]:
+    for argv, message in [
+        (["sparsify", str(src), str(tmp_path / "x"), "--keep", "80"], "keep=80"),
+        (["sparsify", str(src), str(tmp_path / "x"), "--bank", "48"], "bank=48"),
+        (["sparsify", str(src), str(tmp_path / "x"), "--rank", "0"], "rank=0"),
+        (["sparsify", str(src), str(out)], "exists"),
+        (["densify", str(src), str(tmp_path / "y")], "densify needs a bank-sparse model"),
+    ]:
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1
@@ -376,8 +510,8 @@ def test_router_loss_is_the_per_bank_ranking_cross_entropy_and_trains_only_the_p
     expected = 0.0
     for t in range(3):
         for start in range(0, 64, 16):
-            oracle = h[t, start:start + 16].argsort(descending=True)[:4]
-            expected -= torch.log_softmax(z[t, start:start + 16], 0)[oracle].sum() / 4
+            oracle = h[t, start : start + 16].argsort(descending=True)[:4]
+            expected -= torch.log_softmax(z[t, start : start + 16], 0)[oracle].sum() / 4
     expected /= 12
     model = torch.nn.Sequential(ffn)
     loss = LOSSES["router"](LossInputs(None, None, None, model))
@@ -389,15 +523,29 @@ def test_router_loss_is_the_per_bank_ranking_cross_entropy_and_trains_only_the_p
 @pytest.mark.parametrize("predictor", ["lowrank", "shadow"])
 def test_layerwise_conversion_lowers_every_layers_error_on_held_out_rows(predictor, text_folder, tmp_cache):
     dense, tok = hub.load("tiny-llama")
-    options = dict(bank=32, keep=8, rank=8, predictor=predictor, group=16, warmup_steps=20, calibration=str(text_folder),
-                   calibration_tokens=2048, seq_len=64, seed=0, convert_steps=0)
+    options = dict(
+        bank=32,
+        keep=8,
+        rank=8,
+        predictor=predictor,
+        group=16,
+        warmup_steps=20,
+        calibration=str(text_folder),
+        calibration_tokens=2048,
+        seq_len=64,
+        seed=0,
+        convert_steps=0,
+    )
     plain, _ = sparsify(dense, tok, **options)
-    converted, report = sparsify(dense, tok, **{**options, "convert_steps": 60, "convert_rows": 256, "convert_lr": 3e-3})
+    converted, report = sparsify(
+        dense, tok, **{**options, "convert_steps": 60, "convert_rows": 256, "convert_lr": 3e-3}
+    )
     assert len(report.convert_error_after) == len(report.layers) == 2
     assert all(a < b for a, b in zip(report.convert_error_after, report.convert_error_before)), report
     # and the whole model moved toward the dense one on held-out text (an independent measurement)
     from upcycle import data
     from upcycle.eval import compare
+
     held = data.blocks(str(text_folder), tok, "validation", 64, max_blocks=8)
     assert compare(dense, converted, held).mean_kl < compare(dense, plain, held).mean_kl
     assert all(torch.equal(p, q) for p, q in zip(dense.parameters(), hub.load("tiny-llama")[0].parameters()))

@@ -26,10 +26,12 @@ def _calibration(text_folder):
 
 def _calls(text_folder):
     """verb -> (the call, what its result must hold): tiny models, a few steps each."""
+
     def sparsify():
         model, tok = _tiny()
-        config = upcycle.SparsifyConfig(bank=32, keep=8, warmup_steps=2, convert_steps=2, convert_rows=64,
-                                        group=16, **_calibration(text_folder))
+        config = upcycle.SparsifyConfig(
+            bank=32, keep=8, warmup_steps=2, convert_steps=2, convert_rows=64, group=16, **_calibration(text_folder)
+        )
         return upcycle.sparsify(model, tok, config, progress=False), upcycle.pipelines.sparsify.SparsifyReport
 
     def grow():
@@ -39,8 +41,9 @@ def _calls(text_folder):
 
     def slim():
         model, tok = _tiny()
-        config = upcycle.SlimConfig(stages=[upcycle.SlimStage(cuts=[upcycle.SlimStep(op="depth", layers=1)])],
-                                    **_calibration(text_folder))
+        config = upcycle.SlimConfig(
+            stages=[upcycle.SlimStage(cuts=[upcycle.SlimStep(op="depth", layers=1)])], **_calibration(text_folder)
+        )
         return upcycle.slim(model, tok, config, progress=False), upcycle.pipelines.slim.SlimReport
 
     def prune():
@@ -50,20 +53,41 @@ def _calls(text_folder):
 
     def finetune():
         model, tok = _tiny()
-        model, _ = upcycle.prune(model, tok, upcycle.PruneConfig(spec=upcycle.PruneSpec(method="magnitude")),
-                                 progress=False)
-        config = upcycle.FinetuneConfig(sparse="seft", task="none", data=str(text_folder), held=str(text_folder),
-                                        held_blocks=2, tokens=512, seq_len=64, global_batch=4, micro_batch=4,
-                                        every=1, window=1)
+        model, _ = upcycle.prune(
+            model, tok, upcycle.PruneConfig(spec=upcycle.PruneSpec(method="magnitude")), progress=False
+        )
+        config = upcycle.FinetuneConfig(
+            sparse="seft",
+            task="none",
+            data=str(text_folder),
+            held=str(text_folder),
+            held_blocks=2,
+            tokens=512,
+            seq_len=64,
+            global_batch=4,
+            micro_batch=4,
+            every=1,
+            window=1,
+        )
         return upcycle.finetune(model, tok, config, progress=False), upcycle.pipelines.finetune.FinetuneReport
 
     def repair():
         dense, tok = _tiny()
-        sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("llama", layers=2, hidden=64, ffn=128),
-                                                     BankSparsity(32, 8, 16, predictor="lowrank"), [0, 1]).eval()
-        config = upcycle.RepairConfig(lengths=(700,), samples=1, probe_source=str(text_folder), probe_tokens=96,
-                                      train_source=str(text_folder), short_source=str(text_folder), seq_len=64,
-                                      train_blocks=2, steps=2, control=False)
+        sparse = UpcycleSparseForCausalLM.from_dense(
+            hub.tiny("llama", layers=2, hidden=64, ffn=128), BankSparsity(32, 8, 16, predictor="lowrank"), [0, 1]
+        ).eval()
+        config = upcycle.RepairConfig(
+            lengths=(700,),
+            samples=1,
+            probe_source=str(text_folder),
+            probe_tokens=96,
+            train_source=str(text_folder),
+            short_source=str(text_folder),
+            seq_len=64,
+            train_blocks=2,
+            steps=2,
+            control=False,
+        )
         return upcycle.repair(sparse, tok, config, reference=dense, progress=False), dict
 
     return {"sparsify": sparsify, "grow": grow, "slim": slim, "prune": prune, "finetune": finetune, "repair": repair}
@@ -98,9 +122,17 @@ def test_the_command_lines_defaults_are_the_python_defaults(verb):
     assert len(names) == len(set(names))
 
 
-@pytest.mark.parametrize("verb,config", [("sparsify", upcycle.SparsifyConfig), ("grow", upcycle.GrowConfig),
-                                         ("slim", upcycle.SlimConfig), ("prune", upcycle.PruneConfig),
-                                         ("finetune", upcycle.FinetuneConfig), ("repair", upcycle.RepairConfig)])
+@pytest.mark.parametrize(
+    "verb,config",
+    [
+        ("sparsify", upcycle.SparsifyConfig),
+        ("grow", upcycle.GrowConfig),
+        ("slim", upcycle.SlimConfig),
+        ("prune", upcycle.PruneConfig),
+        ("finetune", upcycle.FinetuneConfig),
+        ("repair", upcycle.RepairConfig),
+    ],
+)
 def test_the_command_and_the_python_call_take_the_same_config(verb, config):
     run, sections, _ = _signature(verb)
     assert sections["config"] is config
@@ -112,8 +144,10 @@ def test_the_command_and_the_python_call_take_the_same_config(verb, config):
 def test_an_option_of_another_operator_is_one_line_naming_the_operators_options(capsys):
     assert main(["grow", "tiny-llama", "out-never-written", "--op", "depth", "--experts", "8"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == ("upcycle: error: grow: experts does not apply to the depth operator; its options: seed, save, add, "
-                   "at, layer_map")
+    assert err == (
+        "upcycle: error: grow: experts does not apply to the depth operator; its options: seed, save, add, "
+        "at, layer_map"
+    )
     assert main(["slim", "tiny-llama", "out-never-written", "--op", "depth", "--layers", "1", "--hidden", "8"]) == 2
     assert "hidden does not apply to the depth operator; its options: criterion, layers" in capsys.readouterr().err
 

@@ -11,7 +11,7 @@ from upcycle import hub
 from upcycle.arch import PARAMETER_GROUPS, adapter_for
 from upcycle.errors import ConfigError
 from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 from upcycle.train.config import GroupConfig
 
 # independent of the adapter: what each group is, spelled as Hugging Face names (transformers 5)
@@ -54,10 +54,21 @@ def test_the_predictor_is_its_own_group_not_part_of_ffn():
 def test_a_run_that_trains_only_ffn_changes_exactly_the_ffn_parameters(family, text_folder, tmp_path, tmp_cache):
     model, tok = hub.load(f"tiny-{family}")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    config = TrainConfig(model=f"tiny-{family}", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32,
-                         global_batch=4, micro_batch=2, lr=1e-2, warmup_steps=0, progress=False, val_blocks=2,
-                         ckpt_every=100, groups=[{"name": "ffn"}],
-                         stages=[{"name": "ffn-only", "tokens": 32 * 4 * 2, "train": ["ffn"]}])
+    config = TrainConfig(
+        model=f"tiny-{family}",
+        data=str(text_folder),
+        out=str(tmp_path / "run"),
+        seq_len=32,
+        global_batch=4,
+        micro_batch=2,
+        lr=1e-2,
+        warmup_steps=0,
+        progress=False,
+        val_blocks=2,
+        ckpt_every=100,
+        groups=[{"name": "ffn"}],
+        stages=[{"name": "ffn-only", "tokens": 32 * 4 * 2, "train": ["ffn"]}],
+    )
     Trainer(config, model=model, tokenizer=tok).fit()
     changed = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed == {n for n in before if ".mlp." in n}
@@ -72,8 +83,16 @@ def test_unknown_group_names_are_one_line_errors_listing_the_known_ones():
 
 
 def test_a_group_that_holds_nothing_on_this_model_is_an_error(text_folder, tmp_path, tmp_cache):
-    config = TrainConfig(model="tiny-llama", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32,
-                         global_batch=4, micro_batch=2, progress=False, groups=[{"name": "router"}],
-                         stages=[{"name": "s", "tokens": 32 * 4}])
+    config = TrainConfig(
+        model="tiny-llama",
+        data=str(text_folder),
+        out=str(tmp_path / "run"),
+        seq_len=32,
+        global_batch=4,
+        micro_batch=2,
+        progress=False,
+        groups=[{"name": "router"}],
+        stages=[{"name": "s", "tokens": 32 * 4}],
+    )
     with pytest.raises(ConfigError, match="router.*match no parameter"):
         Trainer(config).fit()

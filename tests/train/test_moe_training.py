@@ -8,13 +8,17 @@ import pytest
 import torch
 
 from upcycle import arch, hub
-from upcycle.train import LossInputs, Trainer, TrainConfig
+from upcycle.train import LossInputs, TrainConfig, Trainer
 from upcycle.train.moe import balance_loss, router_z_loss
 
 
 def _inputs(model, *router_logits):
-    return LossInputs(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), model=model,
-                      router_logits=tuple(torch.tensor(r) for r in router_logits))
+    return LossInputs(
+        torch.zeros(1, 1, 2),
+        torch.zeros(1, 1, dtype=torch.long),
+        model=model,
+        router_logits=tuple(torch.tensor(r) for r in router_logits),
+    )
 
 
 def test_balance_and_z_losses_are_their_formulas():
@@ -31,13 +35,27 @@ def test_balance_and_z_losses_are_their_formulas():
 def test_a_grown_moe_trains_with_router_losses_and_a_top_k_warm_start(text_folder, tmp_path, tmp_cache):
     model, tokenizer = hub.load("tiny-qwen3_moe")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = TrainConfig.from_dict(dict(
-        model="tiny-qwen3_moe", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32, global_batch=4,
-        micro_batch=2, lr=3e-3, warmup_steps=1, ckpt_every=100, progress=False, val_blocks=2,
-        groups=[{"name": "router"}, {"name": "experts"}],
-        losses=[{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}],
-        stages=[{"name": "k1", "tokens": 256, "transform": "top_k", "transform_options": {"k": 1}, "train": ["router"]},
-                {"name": "k2", "tokens": 256, "transform": "top_k", "transform_options": {"k": 2}}]))
+    cfg = TrainConfig.from_dict(
+        dict(
+            model="tiny-qwen3_moe",
+            data=str(text_folder),
+            out=str(tmp_path / "run"),
+            seq_len=32,
+            global_batch=4,
+            micro_batch=2,
+            lr=3e-3,
+            warmup_steps=1,
+            ckpt_every=100,
+            progress=False,
+            val_blocks=2,
+            groups=[{"name": "router"}, {"name": "experts"}],
+            losses=[{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}],
+            stages=[
+                {"name": "k1", "tokens": 256, "transform": "top_k", "transform_options": {"k": 1}, "train": ["router"]},
+                {"name": "k2", "tokens": 256, "transform": "top_k", "transform_options": {"k": 2}},
+            ],
+        )
+    )
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
     trainer.fit()
     adapter = arch.adapter_for(trainer.model)

@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,10 +17,22 @@ SCRIPT = Path(__file__).parent / "scripts" / "train_and_die.py"
 
 
 def write_config(tmp_path, text_folder, out, **changes):
-    values = dict(model="tiny-llama", data=str(text_folder), out=str(out), seq_len=32, global_batch=4, micro_batch=1,
-                  lr=3e-3, warmup_steps=2, ckpt_every=3, progress=False, val_blocks=2,
-                  losses=[{"name": "lm"}, {"name": "kd", "weight": {"from": 1.0, "to": 0.5}}], teacher="self",
-                  stages=[{"name": "one", "tokens": 32 * 4 * 5}, {"name": "two", "tokens": 32 * 4 * 6}])
+    values = dict(
+        model="tiny-llama",
+        data=str(text_folder),
+        out=str(out),
+        seq_len=32,
+        global_batch=4,
+        micro_batch=1,
+        lr=3e-3,
+        warmup_steps=2,
+        ckpt_every=3,
+        progress=False,
+        val_blocks=2,
+        losses=[{"name": "lm"}, {"name": "kd", "weight": {"from": 1.0, "to": 0.5}}],
+        teacher="self",
+        stages=[{"name": "one", "tokens": 32 * 4 * 5}, {"name": "two", "tokens": 32 * 4 * 6}],
+    )
     path = tmp_path / f"{Path(out).name}.yaml"
     path.write_text(yaml.safe_dump({**values, **changes}))
     return path
@@ -74,8 +85,17 @@ def test_sigkill_during_a_checkpoint_write_keeps_the_previous_one(tmp_path, text
 def _torchrun(tmp_path, text_folder, mode):
     out = tmp_path / f"torchrun-{mode}"
     cfg = write_config(tmp_path, text_folder, out, distributed=mode, micro_batch=2)
-    result = run("-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                 "-m", "upcycle.cli", "train", "--config", cfg)
+    result = run(
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "upcycle.cli",
+        "train",
+        "--config",
+        cfg,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 

@@ -6,17 +6,15 @@ import json
 
 import pytest
 import torch
+from tests.conftest import tokens_for
 from torch import nn
 
 from upcycle import hub
 from upcycle.errors import ConfigError
-from upcycle.ops.prune import PruneSpec, prune
-from upcycle.train import Trainer, TrainConfig
-from upcycle.ops.prune import prunable_linears
+from upcycle.ops.prune import PruneSpec, prunable_linears, prune
+from upcycle.train import TrainConfig, Trainer
 from upcycle.train.seft import attach_deltas, delta_layers, evolve, merge_deltas, prune_back
 from upcycle.train.sparse_delta import SparseDeltaLinear
-
-from tests.conftest import tokens_for
 
 
 def _pruned_linear(out=6, inp=8, sparsity=0.5, seed=0, bias=True):
@@ -115,11 +113,24 @@ def test_nm_mode_grows_only_on_live_positions_so_the_pattern_holds():
 
 
 def _run(tmp_path, text_folder, model, tokenizer, stage_extra, name):
-    cfg = TrainConfig.from_dict(dict(
-        model="tiny-llama", data=str(text_folder), out=str(tmp_path / name), seq_len=32, global_batch=4,
-        micro_batch=2, lr=1e-2, warmup_steps=1, ckpt_every=100, progress=False, val_blocks=2,
-        groups=stage_extra.pop("groups", []), losses=[{"name": "lm"}],
-        stages=[{"name": "finetune", "tokens": 1280, **stage_extra}]))
+    cfg = TrainConfig.from_dict(
+        dict(
+            model="tiny-llama",
+            data=str(text_folder),
+            out=str(tmp_path / name),
+            seq_len=32,
+            global_batch=4,
+            micro_batch=2,
+            lr=1e-2,
+            warmup_steps=1,
+            ckpt_every=100,
+            progress=False,
+            val_blocks=2,
+            groups=stage_extra.pop("groups", []),
+            losses=[{"name": "lm"}],
+            stages=[{"name": "finetune", "tokens": 1280, **stage_extra}],
+        )
+    )
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
     trainer.fit()
     return trainer
@@ -136,10 +147,19 @@ def test_a_seft_run_evolves_and_ends_at_exactly_the_pruned_sparsity(pruned, tmp_
     model, tokenizer, report = pruned
     zeros = {k: int((m.weight == 0).sum()) for k, m in prunable_linears(model).items()}
     before = {k: m.weight.detach().clone() for k, m in prunable_linears(model).items()}
-    trainer = _run(tmp_path, text_folder, model, tokenizer, dict(
-        groups=[{"name": "deltas", "patterns": [r"\.delta$"]}, {"name": "rest", "frozen": True}],
-        transform="seft", transform_options={"density": 0.05},
-        callbacks=[{"name": "seft", "options": {"every": 3, "window": 2, "drop": 0.3}}]), "seft")
+    trainer = _run(
+        tmp_path,
+        text_folder,
+        model,
+        tokenizer,
+        dict(
+            groups=[{"name": "deltas", "patterns": [r"\.delta$"]}, {"name": "rest", "frozen": True}],
+            transform="seft",
+            transform_options={"density": 0.05},
+            callbacks=[{"name": "seft", "options": {"every": 3, "window": 2, "drop": 0.3}}],
+        ),
+        "seft",
+    )
     records = [json.loads(line) for line in open(tmp_path / "seft" / "seft.jsonl")]
     updates = [r for r in records if "grown" in r]
     assert [r["step"] for r in updates] == [3, 6, 9] and all(r["grown"] > 0 for r in updates)

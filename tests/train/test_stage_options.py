@@ -10,24 +10,44 @@ from upcycle.train.trainer import Callback
 
 
 def _three_stages(text_folder, tmp_path, third: dict) -> dict:
-    return dict(model="tiny-llama", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32, global_batch=4,
-                micro_batch=4, progress=False,
-                stages=[{"name": "one", "tokens": 128}, {"name": "two", "tokens": 128},
-                        {"name": "three", "tokens": 128, **third}])
+    return dict(
+        model="tiny-llama",
+        data=str(text_folder),
+        out=str(tmp_path / "run"),
+        seq_len=32,
+        global_batch=4,
+        micro_batch=4,
+        progress=False,
+        stages=[
+            {"name": "one", "tokens": 128},
+            {"name": "two", "tokens": 128},
+            {"name": "three", "tokens": 128, **third},
+        ],
+    )
 
 
-@pytest.mark.parametrize("third,message", [
-    ({"transform": "slim", "transform_options": {"cuts": [{"op": "depth", "layers": 1}], "calibraton": "x"}},
-     "stage 'three' transform_options: unknown key 'calibraton'"),
-    ({"transform": "slim", "transform_options": {"cuts": [{"op": "depth", "layer": 1}]}},
-     "layer does not apply to the depth operator"),
-    ({"transform": "top_k", "transform_options": {"top": 2}}, "unknown option 'top'; known: k"),
-    ({"transform": "lora", "transform_options": {"rank": "four"}}, "rank='four' is not allowed: expected an integer"),
-    ({"transform": "sparsify", "transform_options": {"keep": 16, "bnak": 64}}, "unknown key 'bnak'"),
-    ({"callbacks": [{"name": "seft", "options": {"evry": 2}}]}, "callback 'seft' options: unknown option 'evry'"),
-    ({"transform": "no_such_transform"}, "transform='no_such_transform' is not registered"),
-    ({"transform_options": {"cuts": []}}, "transform_options"),
-])
+@pytest.mark.parametrize(
+    "third,message",
+    [
+        (
+            {"transform": "slim", "transform_options": {"cuts": [{"op": "depth", "layers": 1}], "calibraton": "x"}},
+            "stage 'three' transform_options: unknown key 'calibraton'",
+        ),
+        (
+            {"transform": "slim", "transform_options": {"cuts": [{"op": "depth", "layer": 1}]}},
+            "layer does not apply to the depth operator",
+        ),
+        ({"transform": "top_k", "transform_options": {"top": 2}}, "unknown option 'top'; known: k"),
+        (
+            {"transform": "lora", "transform_options": {"rank": "four"}},
+            "rank='four' is not allowed: expected an integer",
+        ),
+        ({"transform": "sparsify", "transform_options": {"keep": 16, "bnak": 64}}, "unknown key 'bnak'"),
+        ({"callbacks": [{"name": "seft", "options": {"evry": 2}}]}, "callback 'seft' options: unknown option 'evry'"),
+        ({"transform": "no_such_transform"}, "transform='no_such_transform' is not registered"),
+        ({"transform_options": {"cuts": []}}, "transform_options"),
+    ],
+)
 def test_a_typo_in_stage_three_fails_when_the_config_loads(third, message, text_folder, tmp_path):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("'", ".")):
         TrainConfig.from_dict(_three_stages(text_folder, tmp_path, third))

@@ -8,15 +8,26 @@ import torch.nn.functional as F
 from upcycle import hub
 from upcycle.errors import ConfigError
 from upcycle.eval import perplexity
-from upcycle.train import Callback, LossInputs, Trainer, TrainConfig, TrainingDiverged, checkpoint, register_transform
+from upcycle.train import Callback, LossInputs, TrainConfig, Trainer, TrainingDiverged, checkpoint, register_transform
 from upcycle.train.losses import kd_loss, lm_loss
 from upcycle.train.schedules import lr_factor, ramp
 
 
 def config(text_folder, tmp_path, **changes):
-    base = dict(model="tiny-llama", data=str(text_folder), out=str(tmp_path / "run"), seq_len=32, global_batch=4,
-                micro_batch=2, lr=3e-3, warmup_steps=2, ckpt_every=100, progress=False, val_blocks=4,
-                stages=[{"name": "main", "tokens": 32 * 4 * 8}])
+    base = dict(
+        model="tiny-llama",
+        data=str(text_folder),
+        out=str(tmp_path / "run"),
+        seq_len=32,
+        global_batch=4,
+        micro_batch=2,
+        lr=3e-3,
+        warmup_steps=2,
+        ckpt_every=100,
+        progress=False,
+        val_blocks=4,
+        stages=[{"name": "main", "tokens": 32 * 4 * 8}],
+    )
     return TrainConfig.from_dict({**base, **changes})
 
 
@@ -25,6 +36,7 @@ def losses(run_folder):
 
 
 # ---- losses and schedules against their formulas -------------------------------------------------
+
 
 def test_lm_loss_is_next_token_cross_entropy():
     logits = torch.randn(2, 5, 11)
@@ -88,10 +100,23 @@ def test_the_optimizer_sees_the_scheduled_lr(text_folder, tmp_path, tmp_cache):
 
 # ---- training behaviour --------------------------------------------------------------------------
 
+
 def test_loss_falls_on_shakespeare(tmp_path):
-    cfg = TrainConfig.from_dict(dict(model="tiny-qwen2", data="shakespeare", out=str(tmp_path / "run"), seq_len=64,
-                                     global_batch=8, micro_batch=4, lr=3e-3, warmup_steps=3, progress=False,
-                                     val_blocks=8, stages=[{"name": "main", "tokens": 64 * 8 * 30}]))
+    cfg = TrainConfig.from_dict(
+        dict(
+            model="tiny-qwen2",
+            data="shakespeare",
+            out=str(tmp_path / "run"),
+            seq_len=64,
+            global_batch=8,
+            micro_batch=4,
+            lr=3e-3,
+            warmup_steps=3,
+            progress=False,
+            val_blocks=8,
+            stages=[{"name": "main", "tokens": 64 * 8 * 30}],
+        )
+    )
     trainer = Trainer(cfg)
     untrained = perplexity(hub.tiny("qwen2"), trainer.val_blocks, progress=False)
     summary = trainer.fit()
@@ -109,8 +134,14 @@ def test_loss_falls_on_shakespeare(tmp_path):
 def test_frozen_groups_stay_bit_identical(text_folder, tmp_path, tmp_cache):
     model, tokenizer = hub.load("tiny-llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = config(text_folder, tmp_path, groups=[{"name": "attn", "patterns": [r"self_attn\."], "frozen": True},
-                                                 {"name": "embed", "patterns": ["embed_tokens"], "frozen": True}])
+    cfg = config(
+        text_folder,
+        tmp_path,
+        groups=[
+            {"name": "attn", "patterns": [r"self_attn\."], "frozen": True},
+            {"name": "embed", "patterns": ["embed_tokens"], "frozen": True},
+        ],
+    )
     trainer = Trainer(cfg, model=model, tokenizer=tokenizer)
     trainer.fit()
     for name, p in trainer.model.named_parameters():
@@ -132,23 +163,35 @@ def test_stages_train_their_own_groups_and_apply_their_transform(text_folder, tm
 
     model, tokenizer = hub.load("tiny-llama")
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    cfg = config(text_folder, tmp_path, groups=[{"name": "ffn", "patterns": [r"\.mlp\."]}],
-                 stages=[{"name": "ffn-only", "tokens": 512, "train": ["ffn"]},
-                         {"name": "all", "tokens": 512, "transform": "halve_lm_head_for_test",
-                          "transform_options": {"factor": 0.5}}])
+    cfg = config(
+        text_folder,
+        tmp_path,
+        groups=[{"name": "ffn", "patterns": [r"\.mlp\."]}],
+        stages=[
+            {"name": "ffn-only", "tokens": 512, "train": ["ffn"]},
+            {"name": "all", "tokens": 512, "transform": "halve_lm_head_for_test", "transform_options": {"factor": 0.5}},
+        ],
+    )
     seen = {}
 
     class Watch(Callback):
         def on_stage_end(self, trainer):
             seen[trainer.config.stages[trainer.progress.stage_index].name] = {
-                n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+                n: p.detach().clone() for n, p in trainer.model.named_parameters()
+            }
 
     Trainer(cfg, model=model, tokenizer=tokenizer, callbacks=[Watch()]).fit()
     assert calls == [0.5]
     after_first = seen["ffn-only"]
-    assert torch.equal(after_first["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
-    assert not torch.equal(after_first["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"])
-    assert not torch.equal(seen["all"]["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(
+        after_first["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
+    assert not torch.equal(
+        after_first["model.layers.0.mlp.up_proj.weight"], before["model.layers.0.mlp.up_proj.weight"]
+    )
+    assert not torch.equal(
+        seen["all"]["model.layers.0.self_attn.q_proj.weight"], before["model.layers.0.self_attn.q_proj.weight"]
+    )
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_folder, tmp_path, tmp_cache):
@@ -167,6 +210,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(text_folder, tmp_path
 
 
 # ---- bad input: one line each --------------------------------------------------------------------
+
 
 def test_stage_with_too_few_tokens(text_folder, tmp_path, tmp_cache):
     with pytest.raises(ConfigError, match="tokens=0"):

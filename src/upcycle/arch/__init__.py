@@ -9,13 +9,26 @@ A new family is one adapter class and one registry line (`@register`; see famili
 
 from __future__ import annotations
 
-from upcycle.arch.base import PARAMETER_GROUPS, Adapter, LayerShape, SwiGLUWeights
 from upcycle.arch import reexpress
+from upcycle.arch.base import PARAMETER_GROUPS, Adapter, LayerShape, SwiGLUWeights
 from upcycle.arch.families import DENSE_FAMILIES, FAMILIES, MOE_FAMILIES, dense_families, moe_families, register
 from upcycle.errors import UnsupportedArchitecture
 
-__all__ = ["PARAMETER_GROUPS", "Adapter", "LayerShape", "SwiGLUWeights", "FAMILIES", "DENSE_FAMILIES", "MOE_FAMILIES",
-           "adapter_for", "family_of", "register", "dense_families", "moe_families", "reexpress"]
+__all__ = [
+    "PARAMETER_GROUPS",
+    "Adapter",
+    "LayerShape",
+    "SwiGLUWeights",
+    "FAMILIES",
+    "DENSE_FAMILIES",
+    "MOE_FAMILIES",
+    "adapter_for",
+    "family_of",
+    "register",
+    "dense_families",
+    "moe_families",
+    "reexpress",
+]
 
 
 def family_of(config) -> str:
@@ -25,7 +38,8 @@ def family_of(config) -> str:
     if model_type not in FAMILIES:
         arch = ", ".join(getattr(config, "architectures", None) or []) or type(config).__name__
         raise UnsupportedArchitecture(
-            f"{arch} (model_type {model_type!r}) is not supported; supported families: {', '.join(FAMILIES)}")
+            f"{arch} (model_type {model_type!r}) is not supported; supported families: {', '.join(FAMILIES)}"
+        )
     return model_type
 
 
@@ -34,5 +48,6 @@ def adapter_for(model) -> Adapter:
     config = getattr(model, "config", None)
     if config is None or not hasattr(getattr(model, "model", None), "layers"):
         raise UnsupportedArchitecture(
-            f"{type(model).__name__} is not supported; supported families: {', '.join(FAMILIES)}")
+            f"{type(model).__name__} is not supported; supported families: {', '.join(FAMILIES)}"
+        )
     return FAMILIES[family_of(config)](model)

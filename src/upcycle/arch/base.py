@@ -70,8 +70,9 @@ class Adapter:
     }
 
     @classmethod
-    def moe_fields(cls, *, experts: int, expert_width: int, shared_width: int | None, normalize: bool,
-                   attention_bias: str | None) -> dict:
+    def moe_fields(
+        cls, *, experts: int, expert_width: int, shared_width: int | None, normalize: bool, attention_bias: str | None
+    ) -> dict:
         """MoE families: the config fields (beyond the dense ones) of a model of this family whose layers
         hold `experts` routed experts; UnsupportedArchitecture where the source cannot be written so."""
         raise UnsupportedArchitecture(f"{cls.family} is not a mixture-of-experts family")
@@ -129,8 +130,11 @@ class Adapter:
             skip.add(id(self.router(i)))
             if self.shared_expert_gate(i) is not None:
                 skip.add(id(self.shared_expert_gate(i)))
-        return {name: module for name, module in layer.named_modules()
-                if isinstance(module, nn.Linear) and id(module) not in skip}
+        return {
+            name: module
+            for name, module in layer.named_modules()
+            if isinstance(module, nn.Linear) and id(module) not in skip
+        }
 
     def shared_input_linears(self, i: int) -> list[list[str]]:
         """Groups of layer i's linear layers (names in the layer, as `linears` gives them) that always read
@@ -211,8 +215,10 @@ class Adapter:
         self._check_expert(i, e)
         width = experts.down_proj.shape[-1]
         if weights.width != width or weights.gate.shape[1] != self.hidden_size:
-            raise ConfigError(f"expert weights of width {weights.width} do not fit layer {i}'s experts "
-                              f"(width {width}, hidden {self.hidden_size})")
+            raise ConfigError(
+                f"expert weights of width {weights.width} do not fit layer {i}'s experts "
+                f"(width {width}, hidden {self.hidden_size})"
+            )
         with torch.no_grad():
             experts.gate_up_proj[e].copy_(torch.cat([weights.gate, weights.up], dim=0))
             experts.down_proj[e].copy_(weights.down)
@@ -358,9 +364,13 @@ class Adapter:
                     add(gate.weight, 1, "reads")
             else:
                 raise ConfigError(f"layer {i}'s FFN is {kind}: upcycle cannot resize it")
-        unknown = [n for n, p in self.model.named_parameters() if n not in roles and self.hidden_size in p.shape
-                   and not n.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias",
-                                       "v_proj.bias"))]
+        unknown = [
+            n
+            for n, p in self.model.named_parameters()
+            if n not in roles
+            and self.hidden_size in p.shape
+            and not n.endswith(("q_norm.weight", "k_norm.weight", "q_proj.bias", "k_proj.bias", "v_proj.bias"))
+        ]
         if unknown:
             raise ConfigError(f"{self.family}: upcycle does not know the hidden axis of {unknown[0]}")
         return roles
@@ -393,8 +403,10 @@ class Adapter:
 
     def _key(self, name: str) -> str:
         if name not in self.config_keys:
-            raise ConfigError(f"config name {name!r} is not known for {self.family}: "
-                              f"choose from {', '.join(sorted(self.config_keys))}")
+            raise ConfigError(
+                f"config name {name!r} is not known for {self.family}: "
+                f"choose from {', '.join(sorted(self.config_keys))}"
+            )
         return self.config_keys[name]
 
     def rebuilt(self, config, changes: dict, state_dict: dict[str, torch.Tensor]) -> nn.Module:
@@ -442,13 +454,17 @@ class Adapter:
             if _is_moe_block(ffn):
                 modules["router"].append(ffn.gate)
                 modules["experts"].append(ffn.experts)
-                modules["shared_expert"] += [m for m in (getattr(ffn, "shared_expert", None),
-                                                         getattr(ffn, "shared_expert_gate", None)) if m is not None]
+                modules["shared_expert"] += [
+                    m
+                    for m in (getattr(ffn, "shared_expert", None), getattr(ffn, "shared_expert_gate", None))
+                    if m is not None
+                ]
         predictor = {id(p) for m in modules["predictor"] for p in m.parameters()}
         groups = {}
         for group, members in modules.items():
-            ids = dict.fromkeys(id(p) for m in members for p in m.parameters()
-                                if not (group == "ffn" and id(p) in predictor))
+            ids = dict.fromkeys(
+                id(p) for m in members for p in m.parameters() if not (group == "ffn" and id(p) in predictor)
+            )
             groups[group] = [names[i] for i in ids if i in names]
         return groups
 
@@ -460,14 +476,29 @@ class Adapter:
             return LayerShape(i, kind, ffn_width=self.ffn_weights(i).width, params=params)
         if kind == "moe":
             shared = self.shared_expert(i)
-            return LayerShape(i, kind, ffn_width=self._moe(i).experts.down_proj.shape[-1],
-                              experts=self.num_experts(i), top_k=self.top_k(i),
-                              shared_width=shared.width if shared is not None else None, params=params)
+            return LayerShape(
+                i,
+                kind,
+                ffn_width=self._moe(i).experts.down_proj.shape[-1],
+                experts=self.num_experts(i),
+                top_k=self.top_k(i),
+                shared_width=shared.width if shared is not None else None,
+                params=params,
+            )
         return LayerShape(i, kind, params=params)
 
 
-PARAMETER_GROUPS = ("embeddings", "lm_head", "attention", "norms", "ffn", "router", "experts", "shared_expert",
-                    "predictor")
+PARAMETER_GROUPS = (
+    "embeddings",
+    "lm_head",
+    "attention",
+    "norms",
+    "ffn",
+    "router",
+    "experts",
+    "shared_expert",
+    "predictor",
+)
 
 # module attributes that transformers copies from the config at construction, by canonical name
 _MIRRORED = {

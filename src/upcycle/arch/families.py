@@ -70,41 +70,67 @@ class Qwen2Moe(Adapter):
     """Routed experts plus a sigmoid-gated shared expert; some layers may stay dense (mlp_only_layers)."""
 
     family, model_types, is_moe, has_shared_expert = "qwen2_moe", ("qwen2_moe",), True, True
-    config_keys = {**_DENSE_KEYS, "num_experts": "num_experts", "top_k": "num_experts_per_tok",
-                   "expert_ffn_size": "moe_intermediate_size",
-                   "shared_expert_ffn_size": "shared_expert_intermediate_size"}
+    config_keys = {
+        **_DENSE_KEYS,
+        "num_experts": "num_experts",
+        "top_k": "num_experts_per_tok",
+        "expert_ffn_size": "moe_intermediate_size",
+        "shared_expert_ffn_size": "shared_expert_intermediate_size",
+    }
 
     @classmethod
     def moe_fields(cls, *, experts, expert_width, shared_width, normalize, attention_bias):
         if attention_bias == "output":
             raise UnsupportedArchitecture("Qwen2-MoE has no attention output bias: this model's would be lost")
-        return dict(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
-                    shared_expert_intermediate_size=shared_width or expert_width, norm_topk_prob=normalize,
-                    decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=attention_bias is not None,
-                    use_sliding_window=False)
+        return dict(
+            num_experts=experts,
+            moe_intermediate_size=expert_width,
+            intermediate_size=expert_width,
+            shared_expert_intermediate_size=shared_width or expert_width,
+            norm_topk_prob=normalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            qkv_bias=attention_bias is not None,
+            use_sliding_window=False,
+        )
 
     @classmethod
     def tiny_fields(cls, *, experts, top_k, ffn):
-        return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn // 2,
-                    shared_expert_intermediate_size=ffn, norm_topk_prob=False)
+        return dict(
+            num_experts=experts,
+            num_experts_per_tok=top_k,
+            moe_intermediate_size=ffn // 2,
+            shared_expert_intermediate_size=ffn,
+            norm_topk_prob=False,
+        )
 
 
 @register
 class Qwen3Moe(Adapter):
     family, model_types, is_moe = "qwen3_moe", ("qwen3_moe",), True
-    config_keys = {**_DENSE_KEYS, "num_experts": "num_experts", "top_k": "num_experts_per_tok",
-                   "expert_ffn_size": "moe_intermediate_size"}
+    config_keys = {
+        **_DENSE_KEYS,
+        "num_experts": "num_experts",
+        "top_k": "num_experts_per_tok",
+        "expert_ffn_size": "moe_intermediate_size",
+    }
 
     @classmethod
     def moe_fields(cls, *, experts, expert_width, shared_width, normalize, attention_bias):
-        return dict(num_experts=experts, moe_intermediate_size=expert_width, intermediate_size=expert_width,
-                    norm_topk_prob=normalize, decoder_sparse_step=1, mlp_only_layers=[],
-                    attention_bias=attention_bias is not None, use_sliding_window=False)
+        return dict(
+            num_experts=experts,
+            moe_intermediate_size=expert_width,
+            intermediate_size=expert_width,
+            norm_topk_prob=normalize,
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            attention_bias=attention_bias is not None,
+            use_sliding_window=False,
+        )
 
     @classmethod
     def tiny_fields(cls, *, experts, top_k, ffn):
-        return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn // 2,
-                    norm_topk_prob=True)
+        return dict(num_experts=experts, num_experts_per_tok=top_k, moe_intermediate_size=ffn // 2, norm_topk_prob=True)
 
 
 @register
@@ -112,9 +138,16 @@ class Mixtral(Adapter):
     """Every layer is MoE; `intermediate_size` is each expert's width."""
 
     family, model_types, is_moe = "mixtral", ("mixtral",), True
-    config_keys = {"hidden_size": "hidden_size", "num_layers": "num_hidden_layers", "vocab_size": "vocab_size",
-                   "head_dim": "head_dim", "norm_eps": "rms_norm_eps", "num_experts": "num_local_experts",
-                   "top_k": "num_experts_per_tok", "expert_ffn_size": "intermediate_size"}
+    config_keys = {
+        "hidden_size": "hidden_size",
+        "num_layers": "num_hidden_layers",
+        "vocab_size": "vocab_size",
+        "head_dim": "head_dim",
+        "norm_eps": "rms_norm_eps",
+        "num_experts": "num_local_experts",
+        "top_k": "num_experts_per_tok",
+        "expert_ffn_size": "intermediate_size",
+    }
 
     @classmethod
     def moe_fields(cls, *, experts, expert_width, shared_width, normalize, attention_bias):

@@ -10,10 +10,24 @@ from upcycle.arch.families import FAMILIES
 from upcycle.errors import UnsupportedArchitecture
 
 # config fields that mean the same thing in Llama and Qwen2
-_SHARED_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                  "num_key_value_heads", "hidden_act", "max_position_embeddings", "initializer_range",
-                  "rms_norm_eps", "tie_word_embeddings", "rope_parameters", "attention_dropout",
-                  "bos_token_id", "eos_token_id", "pad_token_id")
+_SHARED_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
 def llama_as_qwen2(model) -> Qwen2ForCausalLM:
@@ -27,16 +41,19 @@ def llama_as_qwen2(model) -> Qwen2ForCausalLM:
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     if head_dim * config.num_attention_heads != config.hidden_size:
         raise UnsupportedArchitecture("llama_as_qwen2: Qwen2 requires head_dim * heads == hidden_size")
-    qwen_config = Qwen2Config(**{f: getattr(config, f) for f in _SHARED_FIELDS},
-                              use_sliding_window=False, sliding_window=None)
+    qwen_config = Qwen2Config(
+        **{f: getattr(config, f) for f in _SHARED_FIELDS}, use_sliding_window=False, sliding_window=None
+    )
     qwen_config.architectures = ["Qwen2ForCausalLM"]
     dtype = next(model.parameters()).dtype
     qwen = Qwen2ForCausalLM(qwen_config).to(dtype)
     missing, unexpected = qwen.load_state_dict(model.state_dict(), strict=False)
     biases = {n for n in missing if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias"))}
     if unexpected or set(missing) - biases - {"lm_head.weight"}:
-        raise UnsupportedArchitecture(f"llama_as_qwen2: parameters do not map (missing {sorted(set(missing) - biases)[:3]}, "
-                                      f"unexpected {unexpected[:3]})")
+        raise UnsupportedArchitecture(
+            f"llama_as_qwen2: parameters do not map (missing {sorted(set(missing) - biases)[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
     with torch.no_grad():
         for name, param in qwen.named_parameters():
             if name in biases:
@@ -48,13 +65,35 @@ def llama_as_qwen2(model) -> Qwen2ForCausalLM:
 # ---- a dense model as a stock mixture of experts -----------------------------------------------------
 
 # config fields that mean the same thing in every dense and MoE family here
-_COMMON_FIELDS = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                  "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "tie_word_embeddings",
-                  "rope_parameters", "attention_dropout", "bos_token_id", "eos_token_id", "pad_token_id")
+_COMMON_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "initializer_range",
+    "rms_norm_eps",
+    "tie_word_embeddings",
+    "rope_parameters",
+    "attention_dropout",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
 
 
-def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int, shared_width: int | None = None,
-              normalize: bool = True):
+def moe_shell(
+    model,
+    family: str,
+    *,
+    experts: int,
+    top_k: int,
+    expert_width: int,
+    shared_width: int | None = None,
+    normalize: bool = True,
+):
     """A stock `family` MoE model with `model`'s embeddings, attention, norms and LM head, and every
     layer's FFN an MoE block of `experts` routed experts of `expert_width` (plus a shared expert of
     `shared_width` where the family has a shared expert) whose weights are left for the caller to write (uninitialised).
@@ -64,7 +103,8 @@ def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int
     if family not in allowed:
         raise UnsupportedArchitecture(
             f"a {source.model_type} model cannot become {family}: its attention has no exact form there"
-            + (f"; choose from {', '.join(allowed)}" if allowed else " (dense → MoE needs a dense source)"))
+            + (f"; choose from {', '.join(allowed)}" if allowed else " (dense → MoE needs a dense source)")
+        )
     if getattr(source, "mlp_bias", False):
         raise UnsupportedArchitecture("an FFN with biases has no MoE form in the stock families")
     head_dim = getattr(source, "head_dim", None) or source.hidden_size // source.num_attention_heads
@@ -72,9 +112,18 @@ def moe_shell(model, family: str, *, experts: int, top_k: int, expert_width: int
     fields = {f: getattr(source, f) for f in _COMMON_FIELDS if hasattr(source, f)}
     fields.update(head_dim=head_dim, num_experts_per_tok=top_k)
     if _uses_sliding_window(source):
-        raise UnsupportedArchitecture("dense → MoE of a sliding-window model is not supported (its window would be lost)")
-    fields.update(FAMILIES[family].moe_fields(experts=experts, expert_width=expert_width, shared_width=shared_width,
-                                              normalize=normalize, attention_bias=attention_bias))
+        raise UnsupportedArchitecture(
+            "dense → MoE of a sliding-window model is not supported (its window would be lost)"
+        )
+    fields.update(
+        FAMILIES[family].moe_fields(
+            experts=experts,
+            expert_width=expert_width,
+            shared_width=shared_width,
+            normalize=normalize,
+            attention_bias=attention_bias,
+        )
+    )
     config = AutoConfig.for_model(family, **fields)
     config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
     dtype = next(model.parameters()).dtype

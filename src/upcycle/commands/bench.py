@@ -15,7 +15,7 @@ from upcycle.commands import quiet_transformers
 from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval.speed import QWEN7B_FFN, decode_bench, ffn_microbench
-from upcycle.kernels.precision import PRECISIONS, to_precision
+from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 from upcycle.ops import densify
 from upcycle.pipelines.sparsify import run as sparsify
@@ -34,11 +34,20 @@ class BenchConfig(Config):
     new_tokens: int = option(128, "greedy decoding length")
     repeats: int = option(5, "alternating measurements per figure (median)")
     decode: bool = option(True, "also time greedy decoding (--no-decode: only the FFN microbenchmark)")
-    compile: bool = option(False, "decode both models under torch.compile (static cache; the first run compiles, ~1 min)")
-    lean: bool = option(False, "decode both models through upcycle's lean decoder (one compiled step, no generate(); "
-                        "what `upcycle generate` runs)")
-    precision: str = option("fp32", "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
-                            "activations (the FFN microbenchmark stays fp32)", choices=PRECISIONS)
+    compile: bool = option(
+        False, "decode both models under torch.compile (static cache; the first run compiles, ~1 min)"
+    )
+    lean: bool = option(
+        False,
+        "decode both models through upcycle's lean decoder (one compiled step, no generate(); "
+        "what `upcycle generate` runs)",
+    )
+    precision: str = option(
+        "fp32",
+        "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
+        "activations (the FFN microbenchmark stays fp32)",
+        choices=PRECISIONS,
+    )
 
     def validate(self):
         check(bool(self.batches) and min(self.batches) >= 1, "batches", self.batches, "positive integers")
@@ -69,21 +78,28 @@ class BenchReport:
         lines = ["| FFN layer | batch | dense ms | sparse ms | speedup | limit (bytes) |", "|---|---|---|---|---|---|"]
         for key, r in self.ffn.items():
             limit = f"{r['limit']:.2f}×" if r["limit"] else "—"
-            lines.append(f"| {key.rsplit('_b', 1)[0]} {r['shape'][0]}×{r['shape'][1]} | {r['batch']} | "
-                         f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {limit} |")
+            lines.append(
+                f"| {key.rsplit('_b', 1)[0]} {r['shape'][0]}×{r['shape'][1]} | {r['batch']} | "
+                f"{r['dense_ms']:.3f} | {r['sparse_ms']:.3f} | {r['speedup']:.2f}× | {limit} |"
+            )
         if self.decode:
             d = self.decode
             mb = {k: v["total"] / 1e6 for k, v in d["bytes_per_token"].items()}
-            lines += ["", f"Greedy decoding ({d.get('precision', 'fp32')}), {d['new_tokens']} tokens, {d['threads']} threads: dense "
-                      f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
-                      f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
-                      f"limit {d['limit']:.2f}×; with no FFN at all {d['ceiling']:.2f}×)"
-                      + (" — compiled" if d.get("compiled") else "")]
+            lines += [
+                "",
+                f"Greedy decoding ({d.get('precision', 'fp32')}), {d['new_tokens']} tokens, {d['threads']} threads: dense "
+                f"{d['dense_tokens_per_s']:.1f} tok/s, sparse {d['sparse_tokens_per_s']:.1f} tok/s — "
+                f"{d['speedup']:.2f}× (weights read per token {mb['dense']:.0f} MB vs {mb['sparse']:.0f} MB: "
+                f"limit {d['limit']:.2f}×; with no FFN at all {d['ceiling']:.2f}×)"
+                + (" — compiled" if d.get("compiled") else ""),
+            ]
             if d.get("time_per_token_ms"):
                 split = d["time_per_token_ms"]
-                lines += [f"Time per token inside the FFNs: dense {split['dense']['ffn_ms']:.1f} ms, "
-                          f"sparse {split['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
-                          f"outside them: {split['dense']['other_ms']:.1f} vs {split['sparse']['other_ms']:.1f} ms"]
+                lines += [
+                    f"Time per token inside the FFNs: dense {split['dense']['ffn_ms']:.1f} ms, "
+                    f"sparse {split['sparse']['ffn_ms']:.1f} ms ({d['ffn_speedup_in_model']:.2f}×); "
+                    f"outside them: {split['dense']['other_ms']:.1f} vs {split['sparse']['other_ms']:.1f} ms"
+                ]
         return "\n".join(lines)
 
 
@@ -93,15 +109,27 @@ def sparse_and_dense(model, tokenizer, sparsity: BankSparsity, warmup_steps: int
     the speed; a short warm-up gives it a realistic selection pattern)."""
     if any(isinstance(m, BankSparseFFN) for m in model.modules()):
         return densify(model), model
-    sparse, _ = sparsify(model, tokenizer, convert_steps=0, progress=False, bank=sparsity.bank, keep=sparsity.keep, rank=sparsity.rank,
-                         predictor=sparsity.predictor, bits=sparsity.bits, group=sparsity.group,
-                         quantizer=sparsity.quantizer,
-                         warmup_steps=warmup_steps, calibration_tokens=8192)
+    sparse, _ = sparsify(
+        model,
+        tokenizer,
+        convert_steps=0,
+        progress=False,
+        bank=sparsity.bank,
+        keep=sparsity.keep,
+        rank=sparsity.rank,
+        predictor=sparsity.predictor,
+        bits=sparsity.bits,
+        group=sparsity.group,
+        quantizer=sparsity.quantizer,
+        warmup_steps=warmup_steps,
+        calibration_tokens=8192,
+    )
     return model, sparse
 
 
-def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = None,
-        options: RunOptions = RunOptions()) -> BenchReport:
+def run(
+    model: str, config: BenchConfig = BenchConfig(), *, out: str | None = None, options: RunOptions = RunOptions()
+) -> BenchReport:
     """Time MODEL's FFN layer and greedy decoding, dense vs sparse; print the table; with OUT, write
     bench.json and bench.md there."""
     quiet_transformers()
@@ -122,9 +150,17 @@ def run(model: str, config: BenchConfig = BenchConfig(), *, out: str | None = No
         dense, sparse = sparse_and_dense(loaded, tokenizer, sparsity)
         if not config.lean:  # the lean decoder converts its own copies
             dense, sparse = (to_precision(m, config.precision) for m in (dense, sparse))
-        report.decode = decode_bench(dense, sparse, tokenizer, new_tokens=config.new_tokens, repeats=config.repeats,
-                                     compiled=config.compile, lean=config.lean, precision=config.precision,
-                                     progress=options.progress)
+        report.decode = decode_bench(
+            dense,
+            sparse,
+            tokenizer,
+            new_tokens=config.new_tokens,
+            repeats=config.repeats,
+            compiled=config.compile,
+            lean=config.lean,
+            precision=config.precision,
+            progress=options.progress,
+        )
         report.decode["precision"] = config.precision
     print(report.table())
     if out is not None:

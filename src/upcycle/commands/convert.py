@@ -20,8 +20,9 @@ class ConvertConfig(Config):
     dtype: str = option("float32", "dtype of the saved weights", choices=DTYPES)
 
 
-def run(model: str, out: str, config: ConvertConfig = ConvertConfig(),
-        options: RunOptions = RunOptions()) -> tuple[Path, Equivalence]:
+def run(
+    model: str, out: str, config: ConvertConfig = ConvertConfig(), options: RunOptions = RunOptions()
+) -> tuple[Path, Equivalence]:
     """Load MODEL, save it to OUT, reload what was written and compare: the conversion states
     whether it preserved the function."""
     quiet_transformers()

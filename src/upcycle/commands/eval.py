@@ -34,10 +34,18 @@ class EvalConfig(Config):
 
 def evaluate(model, tokenizer, config: EvalConfig, *, progress: bool = True) -> Perplexity:
     """Perplexity of a loaded model on the config's corpus split."""
-    blocks = data.blocks(config.data, tokenizer, config.split, config.seq_len, max_blocks=config.max_blocks,
-                         val_fraction=config.val_fraction, seed=config.seed)
-    return perplexity(model, blocks, batch_size=config.batch_size, progress=progress,
-                      desc=f"{config.data} {config.split}")
+    blocks = data.blocks(
+        config.data,
+        tokenizer,
+        config.split,
+        config.seq_len,
+        max_blocks=config.max_blocks,
+        val_fraction=config.val_fraction,
+        seed=config.seed,
+    )
+    return perplexity(
+        model, blocks, batch_size=config.batch_size, progress=progress, desc=f"{config.data} {config.split}"
+    )
 
 
 def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = RunOptions()) -> Perplexity:
@@ -48,6 +56,8 @@ def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = Run
     if config.json:
         print(json.dumps({"model": model, "data": config.data, "split": config.split, **result.as_dict()}, indent=2))
     else:
-        print(f"{model} on {config.data} {config.split}: ppl {result.ppl:.3f}, bits/token {result.bits_per_token:.3f}, "
-              f"nll {result.nll:.4f} ({result.tokens} tokens)")
+        print(
+            f"{model} on {config.data} {config.split}: ppl {result.ppl:.3f}, bits/token {result.bits_per_token:.3f}, "
+            f"nll {result.nll:.4f} ({result.tokens} tokens)"
+        )
     return result

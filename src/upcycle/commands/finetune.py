@@ -28,13 +28,16 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig(), options
         tuned, report = pipeline.run(source, tokenizer, config, progress=options.progress, run_dir=run_dir)
         print(f"before: {_line(report.before)}\nafter:  {_line(report.after)}", flush=True)
         result = {"source": model, **report.as_dict(), "config": json.loads(json.dumps(config.to_dict(), default=str))}
-        folder, reload_check = hub.save_verified(tuned, tokenizer, out_path, overwrite=True,
-                                                 report=lambda tmp: _report(tmp, run_dir, result))
+        folder, reload_check = hub.save_verified(
+            tuned, tokenizer, out_path, overwrite=True, report=lambda tmp: _report(tmp, run_dir, result)
+        )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
-    print(f"saved {folder}; every matrix's zeros {'as in the source' if result['sparsity_exact'] else 'CHANGED'} "
-          f"(sparsity {result['sparsity_before']:.4f} → {result['sparsity_after']:.4f}); reloaded: "
-          f"{reload_check.summary()}\nreport: {folder / 'finetune_report.md'}")
+    print(
+        f"saved {folder}; every matrix's zeros {'as in the source' if result['sparsity_exact'] else 'CHANGED'} "
+        f"(sparsity {result['sparsity_before']:.4f} → {result['sparsity_after']:.4f}); reloaded: "
+        f"{reload_check.summary()}\nreport: {folder / 'finetune_report.md'}"
+    )
     return result
 
 
@@ -55,14 +58,19 @@ def _line(score: dict) -> str:
 def write_report(folder: Path, result: dict) -> None:
     run_folder = RunFolder(folder, report="finetune_report.md", metrics="finetune_report.json")
     b, a = result["before"], result["after"]
-    rows = [["task exact match", _fmt(b["task_accuracy"]), _fmt(a["task_accuracy"])],
-            ["held-out perplexity", f"{b['ppl']:.3f}", f"{a['ppl']:.3f}"],
-            ["sparsity of the decoder's linears", f"{result['sparsity_before']:.4%}", f"{result['sparsity_after']:.4%}"]]
-    run_folder.section(None, f"Fine-tuned `{result['source']}` with {result['method']} on {result['tokens']} tokens "
-                       f"({result['steps']} steps, {result['s_per_step']:.2f} s a step, {result['trainable_params']:,} "
-                       f"trainable parameters, peak memory {result['train_peak_rss_mb']:.0f} MB while training, "
-                       f"{result['peak_rss_mb']:.0f} MB in all). Every matrix's zeros "
-                       f"{'are exactly the source' + chr(39) + 's' if result['sparsity_exact'] else 'changed'}.")
+    rows = [
+        ["task exact match", _fmt(b["task_accuracy"]), _fmt(a["task_accuracy"])],
+        ["held-out perplexity", f"{b['ppl']:.3f}", f"{a['ppl']:.3f}"],
+        ["sparsity of the decoder's linears", f"{result['sparsity_before']:.4%}", f"{result['sparsity_after']:.4%}"],
+    ]
+    run_folder.section(
+        None,
+        f"Fine-tuned `{result['source']}` with {result['method']} on {result['tokens']} tokens "
+        f"({result['steps']} steps, {result['s_per_step']:.2f} s a step, {result['trainable_params']:,} "
+        f"trainable parameters, peak memory {result['train_peak_rss_mb']:.0f} MB while training, "
+        f"{result['peak_rss_mb']:.0f} MB in all). Every matrix's zeros "
+        f"{'are exactly the source' + chr(39) + 's' if result['sparsity_exact'] else 'changed'}.",
+    )
     run_folder.section("Before and after", markdown_table(["", "before", "after"], rows))
     run_folder.metrics.update(result)
     run_folder.write(f"finetune {result['source']}")

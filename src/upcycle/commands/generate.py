@@ -1,7 +1,7 @@
 """greedy text from a model, timed — a bank-sparse model side by side with its dense twin
 
 `upcycle generate MODEL --prompt "..."`: the lean decoder (static KV cache, one compiled step;
-upcycle.eval.decode) at fp32, bf16 or int8; for a bank-sparse MODEL (or a dense one with --sparsify)
+upcycle.infer.decode) at fp32, bf16 or int8; for a bank-sparse MODEL (or a dense one with --sparsify)
 the dense model runs the same way, so the two texts and tokens/s read side by side.
 """
 
@@ -13,11 +13,11 @@ from dataclasses import dataclass
 
 from upcycle import hub
 from upcycle.commands import quiet_transformers
+from upcycle.commands.bench import sparse_and_dense
 from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
-from upcycle.commands.bench import sparse_and_dense
-from upcycle.eval.decode import GreedyDecoder
-from upcycle.kernels.precision import PRECISIONS, to_precision
+from upcycle.infer.decode import GreedyDecoder
+from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 
 
@@ -25,8 +25,9 @@ from upcycle.modules import BankSparseFFN, BankSparsity
 class GenerateConfig(Config):
     prompt: str = option("The king said to the queen:", "the text to continue")
     new_tokens: int = option(64, "tokens to generate")
-    precision: str = option("fp32", "weights and activations: fp32, bf16, or int8 weights with bf16 activations",
-                            choices=PRECISIONS)
+    precision: str = option(
+        "fp32", "weights and activations: fp32, bf16, or int8 weights with bf16 activations", choices=PRECISIONS
+    )
     sparsify: bool = option(False, "for a dense MODEL: also sparsify it (16 of 64, shadow predictor, no training)")
     compile: bool = option(True, "compile the decoding step (the first run compiles: about a minute a model)")
     repeats: int = option(3, "timed runs per model after the first (median)")
@@ -57,12 +58,21 @@ def run(model: str, config: GenerateConfig = GenerateConfig(), options: RunOptio
         decoder.generate(ids, min(4, config.new_tokens))  # kernel plans, then the compiled step
         runs = [decoder.tokens_per_second(ids, config.new_tokens) for _ in range(config.repeats + 1)][1:]
         tokens = runs[-1][1]
-        results[name] = {"tok_s": statistics.median(r for r, _ in runs), "text": tokenizer.decode(tokens),
-                         "tokens": tokens.tolist()}
-        print(f"--- {name} ({config.precision}{', compiled' if config.compile else ''}): "
-              f"{results[name]['tok_s']:.1f} tokens/s\n{config.prompt}{results[name]['text']}", flush=True)
+        results[name] = {
+            "tok_s": statistics.median(r for r, _ in runs),
+            "text": tokenizer.decode(tokens),
+            "tokens": tokens.tolist(),
+        }
+        print(
+            f"--- {name} ({config.precision}{', compiled' if config.compile else ''}): "
+            f"{results[name]['tok_s']:.1f} tokens/s\n{config.prompt}{results[name]['text']}",
+            flush=True,
+        )
     if len(results) == 2:
         same = sum(a == b for a, b in zip(results["dense"]["tokens"], results["sparse"]["tokens"]))
-        print(f"--- sparse ÷ dense: {results['sparse']['tok_s'] / results['dense']['tok_s']:.2f}× the tokens/s; "
-              f"{same} of {config.new_tokens} tokens the same", flush=True)
+        print(
+            f"--- sparse ÷ dense: {results['sparse']['tok_s'] / results['dense']['tok_s']:.2f}× the tokens/s; "
+            f"{same} of {config.new_tokens} tokens the same",
+            flush=True,
+        )
     return results

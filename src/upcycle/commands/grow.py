@@ -17,8 +17,14 @@ from upcycle.report import RunFolder, markdown_table
 GrowStepOptions = GrowStep.command_line("grow")
 
 
-def run(model: str, out: str, config: GrowConfig = GrowConfig(), step: GrowStepOptions = GrowStepOptions(),
-        checks: GrowChecks = GrowChecks(), options: RunOptions = RunOptions()) -> dict:
+def run(
+    model: str,
+    out: str,
+    config: GrowConfig = GrowConfig(),
+    step: GrowStepOptions = GrowStepOptions(),
+    checks: GrowChecks = GrowChecks(),
+    options: RunOptions = RunOptions(),
+) -> dict:
     """Load MODEL, apply the growth plan (or the one step given), verify each step on held-out text,
     save OUT (a stock Hugging Face folder: Qwen2-MoE / Qwen3-MoE / Mixtral, or the source's family),
     reload it and compare, and write grow_report.{md,json} beside it. Steps marked `save` are written
@@ -35,12 +41,15 @@ def run(model: str, out: str, config: GrowConfig = GrowConfig(), step: GrowStepO
     for n, r in enumerate(report.reports, 1):
         print(f"step {n}/{len(steps)}: {r.line()}", flush=True)
     extra = {f"step-{n}": m for n, m in enumerate(report.saved, 1) if m is not None}
-    folder, reload_check = hub.save_verified(grown, tokenizer, out_path, overwrite=True, extra=extra,
-                                             report=lambda tmp: write_report(tmp, model, report))
+    folder, reload_check = hub.save_verified(
+        grown, tokenizer, out_path, overwrite=True, extra=extra, report=lambda tmp: write_report(tmp, model, report)
+    )
     eq = report.equivalence
-    print(f"saved {folder} ({grown.config.architectures[0]}, {sum(p.numel() for p in grown.parameters()) / 1e6:.1f}M "
-          f"parameters); vs the source: max |Δlogit| {eq['max_abs_logit']:.3g}, mean KL {eq['mean_kl']:.3g}, top-1 "
-          f"{eq['top1_agreement']:.4f}; reloaded: {reload_check.summary()}\nreport: {folder / 'grow_report.md'}")
+    print(
+        f"saved {folder} ({grown.config.architectures[0]}, {sum(p.numel() for p in grown.parameters()) / 1e6:.1f}M "
+        f"parameters); vs the source: max |Δlogit| {eq['max_abs_logit']:.3g}, mean KL {eq['mean_kl']:.3g}, top-1 "
+        f"{eq['top1_agreement']:.4f}; reloaded: {reload_check.summary()}\nreport: {folder / 'grow_report.md'}"
+    )
     return {"source": model, **report.as_dict()}
 
 
@@ -49,22 +58,60 @@ def write_report(folder: Path, source: str, report: GrowReport) -> dict:
     rows = []
     for n, r in enumerate(report.reports, 1):
         p = r.preservation
-        rows.append([n, r.step, r.kind, f"{r.params_before / 1e6:.1f}M → {r.params_after / 1e6:.1f}M", f"{r.seconds:.1f}",
-                     f"{p.max_dlogit:.3g}", f"{p.kl:.3g}", f"{p.top1:.4f}", f"{p.logit_cosine:.6f}",
-                     f"{100 * p.loss_change:+.2f} %", "-" if p.router_kl is None else f"{p.router_kl:.3g}",
-                     "pass" if p.passed else "FAIL"])
-    run_folder.section(None, f"Grown from `{source}` in {len(report.steps)} step(s), each compared with the model "
-                       f"before it on {report.reports[0].preservation.tokens if report.reports else 0} held-out "
-                       "tokens. Kinds: exact (held to the tolerance), diversity (held to the thresholds), changed (the "
-                       "step asks for a different function: reported).")
-    run_folder.section("Steps", markdown_table(["#", "step", "kind", "parameters", "s", "max \\|Δlogit\\|", "mean KL",
-                                                "top-1", "logit cosine", "loss change", "router KL", "check"], rows))
+        rows.append(
+            [
+                n,
+                r.step,
+                r.kind,
+                f"{r.params_before / 1e6:.1f}M → {r.params_after / 1e6:.1f}M",
+                f"{r.seconds:.1f}",
+                f"{p.max_dlogit:.3g}",
+                f"{p.kl:.3g}",
+                f"{p.top1:.4f}",
+                f"{p.logit_cosine:.6f}",
+                f"{100 * p.loss_change:+.2f} %",
+                "-" if p.router_kl is None else f"{p.router_kl:.3g}",
+                "pass" if p.passed else "FAIL",
+            ]
+        )
+    run_folder.section(
+        None,
+        f"Grown from `{source}` in {len(report.steps)} step(s), each compared with the model "
+        f"before it on {report.reports[0].preservation.tokens if report.reports else 0} held-out "
+        "tokens. Kinds: exact (held to the tolerance), diversity (held to the thresholds), changed (the "
+        "step asks for a different function: reported).",
+    )
+    run_folder.section(
+        "Steps",
+        markdown_table(
+            [
+                "#",
+                "step",
+                "kind",
+                "parameters",
+                "s",
+                "max \\|Δlogit\\|",
+                "mean KL",
+                "top-1",
+                "logit cosine",
+                "loss change",
+                "router KL",
+                "check",
+            ],
+            rows,
+        ),
+    )
     eq = report.equivalence
-    run_folder.section("Grown vs source", f"max |Δlogit| {eq['max_abs_logit']:.3g}, mean KL {eq['mean_kl']:.3g}, "
-                       f"top-1 agreement {eq['top1_agreement']:.4f}, logit cosine {eq['logit_cosine']:.6f}, loss "
-                       f"{eq['loss_reference']:.4f} → {eq['loss_candidate']:.4f}.")
-    run_folder.section("Why each step preserves (or not)", "\n".join(f"{n}. {r.step} — {r.why}"
-                                                                   for n, r in enumerate(report.reports, 1)))
+    run_folder.section(
+        "Grown vs source",
+        f"max |Δlogit| {eq['max_abs_logit']:.3g}, mean KL {eq['mean_kl']:.3g}, "
+        f"top-1 agreement {eq['top1_agreement']:.4f}, logit cosine {eq['logit_cosine']:.6f}, loss "
+        f"{eq['loss_reference']:.4f} → {eq['loss_candidate']:.4f}.",
+    )
+    run_folder.section(
+        "Why each step preserves (or not)",
+        "\n".join(f"{n}. {r.step} — {r.why}" for n, r in enumerate(report.reports, 1)),
+    )
     run_folder.metrics.update({"source": source, **report.as_dict()})
     run_folder.write(f"grow {source}")
     return run_folder.metrics

@@ -14,8 +14,13 @@ from upcycle.pipelines.prune import PruneConfig
 from upcycle.report import RunFolder, markdown_table
 
 
-def run(model: str, out: str, config: PruneConfig = PruneConfig(), spec: PruneSpec = PruneSpec(),
-        options: RunOptions = RunOptions()) -> dict:
+def run(
+    model: str,
+    out: str,
+    config: PruneConfig = PruneConfig(),
+    spec: PruneSpec = PruneSpec(),
+    options: RunOptions = RunOptions(),
+) -> dict:
     """Load MODEL, prune every linear layer of its decoder layers (Wanda's and SparseGPT's statistics from
     calibration text, layer by layer on the already-pruned layers' outputs), measure the one-shot cost on
     held-out text, save OUT as a stock Hugging Face folder (zeros in the weights; the pruning described in
@@ -33,8 +38,10 @@ def run(model: str, out: str, config: PruneConfig = PruneConfig(), spec: PruneSp
     counted = sparsity_of(reloaded)  # counted again on what a user will load, not on what we held
     kept = all(round(counted[name] * m["numel"]) == m["zeros"] for name, m in report.matrices.items())
     result = write_report(folder, model, report, config)
-    print(f"saved {folder} ({type(pruned).__name__}); reloaded: {reload_check.summary()}; every matrix's zeros "
-          f"{'as reported' if kept else 'DIFFER from the report'}\nreport: {folder / 'prune_report.md'}")
+    print(
+        f"saved {folder} ({type(pruned).__name__}); reloaded: {reload_check.summary()}; every matrix's zeros "
+        f"{'as reported' if kept else 'DIFFER from the report'}\nreport: {folder / 'prune_report.md'}"
+    )
     return result
 
 
@@ -47,13 +54,19 @@ def write_report(folder, source: str, report: PruneReport, config: PruneConfig) 
         zeros, numel = by_kind.get(kind, (0, 0))
         by_kind[kind] = (zeros + m["zeros"], numel + m["numel"])
     rows = [[kind, f"{numel:,}", f"{zeros:,}", f"{zeros / numel:.4%}"] for kind, (zeros, numel) in by_kind.items()]
-    run_folder.section("Sparsity by matrix kind (every layer; per matrix in prune_report.json)",
-                       markdown_table(["matrix", "weights", "zeros", "sparsity"], rows))
+    run_folder.section(
+        "Sparsity by matrix kind (every layer; per matrix in prune_report.json)",
+        markdown_table(["matrix", "weights", "zeros", "sparsity"], rows),
+    )
     if report.ppl_after is not None:
-        run_folder.section("One-shot cost", f"Held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}; "
-                           f"({config.calibration}, validation split).")
+        run_folder.section(
+            "One-shot cost",
+            f"Held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}; "
+            f"({config.calibration}, validation split).",
+        )
     flat = {k: v for k, v in config.to_dict().items() if k not in ("spec", "inplace")} | config.spec.to_dict()
-    run_folder.metrics.update({"source": source, "config": json.loads(json.dumps(flat, default=str)),
-                               **report.as_dict()})
+    run_folder.metrics.update(
+        {"source": source, "config": json.loads(json.dumps(flat, default=str)), **report.as_dict()}
+    )
     run_folder.write(f"prune {source}")
     return run_folder.metrics

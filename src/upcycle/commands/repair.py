@@ -16,8 +16,14 @@ from upcycle.pipelines.repair import RepairConfig, report_markdown
 from upcycle.report import RunFolder
 
 
-def run(model: str, config: RepairConfig = RepairConfig(), *, reference: str, out: str | None = None,
-        options: RunOptions = RunOptions()) -> dict:
+def run(
+    model: str,
+    config: RepairConfig = RepairConfig(),
+    *,
+    reference: str,
+    out: str | None = None,
+    options: RunOptions = RunOptions(),
+) -> dict:
     """Load the bank-sparse MODEL and its dense REFERENCE, localise, repair, measure; with OUT, write
     the repaired model, repair.json/.md and the heat map there."""
     quiet_transformers()

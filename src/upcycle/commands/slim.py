@@ -20,8 +20,13 @@ from upcycle.report import RunFolder, markdown_table
 CutOptions = SlimStep.command_line("slim")
 
 
-def run(model: str, out: str, config: SlimConfig = SlimConfig(), cut: CutOptions = CutOptions(),
-        options: RunOptions = RunOptions()) -> dict:
+def run(
+    model: str,
+    out: str,
+    config: SlimConfig = SlimConfig(),
+    cut: CutOptions = CutOptions(),
+    options: RunOptions = RunOptions(),
+) -> dict:
     """Load MODEL, make the plan's cuts (each chosen by importance on calibration text and measured one
     shot on held-out text), recover with the one trainer where the plan asks for tokens (KD from the
     source + LM by default), save OUT as a stock Hugging Face folder of the source's family, reload it
@@ -40,14 +45,17 @@ def run(model: str, out: str, config: SlimConfig = SlimConfig(), cut: CutOptions
         slim, report = pipeline.run(source, tokenizer, config, progress=options.progress, run_dir=run_dir)
         for r in report.cuts:
             print(f"cut: {r.line()}", flush=True)
-        folder, reload_check = hub.save_verified(slim, tokenizer, out_path, overwrite=True,
-                                                 report=lambda tmp: _report(tmp, run_dir, model, report))
+        folder, reload_check = hub.save_verified(
+            slim, tokenizer, out_path, overwrite=True, report=lambda tmp: _report(tmp, run_dir, model, report)
+        )
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
     final = report.final
-    print(f"saved {folder} ({type(slim).__name__}, {_params(source) / 1e6:.1f}M → {_params(slim) / 1e6:.1f}M "
-          f"parameters); held-out ppl {math.exp(final.loss_reference):.2f} (source) → {math.exp(final.loss_candidate):.2f}"
-          f"; reloaded: {reload_check.summary()}\nreport: {folder / 'slim_report.md'}")
+    print(
+        f"saved {folder} ({type(slim).__name__}, {_params(source) / 1e6:.1f}M → {_params(slim) / 1e6:.1f}M "
+        f"parameters); held-out ppl {math.exp(final.loss_reference):.2f} (source) → {math.exp(final.loss_candidate):.2f}"
+        f"; reloaded: {reload_check.summary()}\nreport: {folder / 'slim_report.md'}"
+    )
     return {"source": model, **report.as_dict()}
 
 
@@ -67,18 +75,36 @@ def _params(model) -> int:
 
 def write_report(folder: Path, source: str, report: SlimReport) -> dict:
     run_folder = RunFolder(folder, report="slim_report.md", metrics="slim_report.json")
-    rows = [[n, r.step, f"{r.params_before / 1e6:.2f}M → {r.params_after / 1e6:.2f}M", f"{r.ppl_before:.2f}",
-             f"{r.ppl_after:.2f}", f"{r.kl:.3g}", f"{r.top1:.3f}", f"{r.seconds:.1f}"]
-            for n, r in enumerate(report.cuts, 1)]
-    run_folder.section(None, f"Slimmed from `{source}`. Each cut is chosen by importance on calibration text and "
-                       "measured one shot (before any training) against the model it was cut from, on held-out text.")
-    run_folder.section("Cuts", markdown_table(["#", "cut", "parameters", "ppl before", "ppl after (one shot)",
-                                               "mean KL", "top-1", "s"], rows))
+    rows = [
+        [
+            n,
+            r.step,
+            f"{r.params_before / 1e6:.2f}M → {r.params_after / 1e6:.2f}M",
+            f"{r.ppl_before:.2f}",
+            f"{r.ppl_after:.2f}",
+            f"{r.kl:.3g}",
+            f"{r.top1:.3f}",
+            f"{r.seconds:.1f}",
+        ]
+        for n, r in enumerate(report.cuts, 1)
+    ]
+    run_folder.section(
+        None,
+        f"Slimmed from `{source}`. Each cut is chosen by importance on calibration text and "
+        "measured one shot (before any training) against the model it was cut from, on held-out text.",
+    )
+    run_folder.section(
+        "Cuts",
+        markdown_table(["#", "cut", "parameters", "ppl before", "ppl after (one shot)", "mean KL", "top-1", "s"], rows),
+    )
     final = report.final
-    run_folder.section("Result", f"Recovery: {report.recovery_tokens} tokens ({report.recovery}); `recovery/` holds "
-                       f"the run. Held-out perplexity: source {math.exp(final.loss_reference):.3f}, slimmed "
-                       f"{math.exp(final.loss_candidate):.3f}; mean KL {final.mean_kl:.4g}, top-1 agreement "
-                       f"{final.top1_agreement:.4f}.")
+    run_folder.section(
+        "Result",
+        f"Recovery: {report.recovery_tokens} tokens ({report.recovery}); `recovery/` holds "
+        f"the run. Held-out perplexity: source {math.exp(final.loss_reference):.3f}, slimmed "
+        f"{math.exp(final.loss_candidate):.3f}; mean KL {final.mean_kl:.4g}, top-1 agreement "
+        f"{final.top1_agreement:.4f}.",
+    )
     run_folder.metrics.update({"source": source, **report.as_dict()})
     run_folder.write(f"slim {source}")
     return run_folder.metrics

@@ -12,8 +12,9 @@ from upcycle.pipelines import sparsify as pipeline
 from upcycle.report import RunFolder, markdown_table, plot_per_layer
 
 
-def run(model: str, out: str, config: SparsifyConfig = SparsifyConfig(),
-        options: RunOptions = RunOptions()) -> SparsifyReport:
+def run(
+    model: str, out: str, config: SparsifyConfig = SparsifyConfig(), options: RunOptions = RunOptions()
+) -> SparsifyReport:
     """Load MODEL, sparsify it, save OUT (safetensors + a config of model_type upcycle_sparse),
     reload it and check the logits are identical, and write sparsify_report.{md,json} and
     recall.png beside it."""
@@ -23,16 +24,26 @@ def run(model: str, out: str, config: SparsifyConfig = SparsifyConfig(),
     sparse, report = pipeline.run(loaded, tokenizer, config, progress=options.progress)
     folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=options.overwrite)
     write_report(report, folder, source=model, reload_check=reload_check.summary())
-    predictor = (f"shadow {config.bits}-bit/{config.group} {config.quantizer}" if config.predictor == "shadow" else f"rank {config.rank}")
-    lines = [f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "
-             f"{len(report.layers)} layers); reloaded: {reload_check.summary()}"]
+    predictor = (
+        f"shadow {config.bits}-bit/{config.group} {config.quantizer}"
+        if config.predictor == "shadow"
+        else f"rank {config.rank}"
+    )
+    lines = [
+        f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "
+        f"{len(report.layers)} layers); reloaded: {reload_check.summary()}"
+    ]
     if report.recall:
-        before = (f" (before warm-up {_mean(report.recall_init):.3f})" if config.predictor == "lowrank" else "")
-        lines.append(f"predictor recall of the oracle's top-{config.keep} per bank (held-out calibration): "
-                     f"{report.recall_mean:.3f} mean{before}")
+        before = f" (before warm-up {_mean(report.recall_init):.3f})" if config.predictor == "lowrank" else ""
+        lines.append(
+            f"predictor recall of the oracle's top-{config.keep} per bank (held-out calibration): "
+            f"{report.recall_mean:.3f} mean{before}"
+        )
     if report.convert_error_after:
-        lines.append(f"layer-wise conversion: relative FFN output error {_mean(report.convert_error_before):.3f} -> "
-                     f"{_mean(report.convert_error_after):.3f} (mean over layers, held-out rows)")
+        lines.append(
+            f"layer-wise conversion: relative FFN output error {_mean(report.convert_error_before):.3f} -> "
+            f"{_mean(report.convert_error_after):.3f} (mean over layers, held-out rows)"
+        )
     if report.equivalence:
         eq = report.equivalence
         lines.append(f"vs the dense model: mean KL {eq['mean_kl']:.3g}, top-1 agreement {eq['top1_agreement']:.3f}")
@@ -48,40 +59,69 @@ def _mean(values: list[float]) -> float:
 def write_report(report: SparsifyReport, folder: Path, *, source: str = "", reload_check: str = "") -> Path:
     cfg = report.config
     run_folder = RunFolder(folder, report="sparsify_report.md", metrics="sparsify_report.json")
-    run_folder.section(None, f"Keep {cfg['keep']} of every {cfg['bank']} FFN channels per token ({cfg['selection']} "
-                       f"selection, gate {cfg['gate']}), predictor rank {cfg['rank']}, init {cfg['init']}, warm-up "
-                       f"{cfg['warmup_steps']} steps per layer on {cfg['calibration']} ({cfg['calibration_tokens']} "
-                       f"tokens, 1/8 held out for recall); channel permutation: {cfg['permute']}.")
+    run_folder.section(
+        None,
+        f"Keep {cfg['keep']} of every {cfg['bank']} FFN channels per token ({cfg['selection']} "
+        f"selection, gate {cfg['gate']}), predictor rank {cfg['rank']}, init {cfg['init']}, warm-up "
+        f"{cfg['warmup_steps']} steps per layer on {cfg['calibration']} ({cfg['calibration_tokens']} "
+        f"tokens, 1/8 held out for recall); channel permutation: {cfg['permute']}.",
+    )
     if reload_check:
         run_folder.section(None, f"Saved and reloaded: {reload_check}.")
     if report.equivalence:
         eq = report.equivalence
-        run_folder.section(None, f"Sparse vs dense on held-out calibration text: mean KL {eq['mean_kl']:.4g}, top-1 "
-                           f"agreement {eq['top1_agreement']:.4f}, max |Δlogit| {eq['max_abs_logit']:.3g} "
-                           f"({eq['tokens']} tokens). A sparse model is not function-preserving by design; "
-                           "continual training closes this gap.")
+        run_folder.section(
+            None,
+            f"Sparse vs dense on held-out calibration text: mean KL {eq['mean_kl']:.4g}, top-1 "
+            f"agreement {eq['top1_agreement']:.4f}, max |Δlogit| {eq['max_abs_logit']:.3g} "
+            f"({eq['tokens']} tokens). A sparse model is not function-preserving by design; "
+            "continual training closes this gap.",
+        )
     if report.recall:
         run_folder.section(None, f"Mean recall after warm-up: **{report.recall_mean:.3f}**.")
-        plot = plot_per_layer({"before warm-up": report.recall_init, "after warm-up": report.recall},
-                              run_folder.figure("recall.png"), ylabel=f"recall of oracle top-{cfg['keep']}",
-                              title="predictor recall per layer (held-out calibration tokens)", layers=report.layers)
+        plot = plot_per_layer(
+            {"before warm-up": report.recall_init, "after warm-up": report.recall},
+            run_folder.figure("recall.png"),
+            ylabel=f"recall of oracle top-{cfg['keep']}",
+            title="predictor recall per layer (held-out calibration tokens)",
+            layers=report.layers,
+        )
         run_folder.section(None, f"![recall per layer]({plot.name})")
     if report.convert_error_after:
-        run_folder.section(None, f"Layer-wise conversion ({cfg['convert_steps']} steps per layer): relative output error "
-                           f"vs the dense FFN on held-out rows, mean {_mean(report.convert_error_before):.3f} -> "
-                           f"**{_mean(report.convert_error_after):.3f}**.")
-        plot = plot_per_layer({"before": report.convert_error_before, "after": report.convert_error_after},
-                              run_folder.figure("conversion.png"), ylabel="relative output error",
-                              title="sparse FFN vs dense FFN, per layer (held-out rows)", layers=report.layers)
+        run_folder.section(
+            None,
+            f"Layer-wise conversion ({cfg['convert_steps']} steps per layer): relative output error "
+            f"vs the dense FFN on held-out rows, mean {_mean(report.convert_error_before):.3f} -> "
+            f"**{_mean(report.convert_error_after):.3f}**.",
+        )
+        plot = plot_per_layer(
+            {"before": report.convert_error_before, "after": report.convert_error_after},
+            run_folder.figure("conversion.png"),
+            ylabel="relative output error",
+            title="sparse FFN vs dense FFN, per layer (held-out rows)",
+            layers=report.layers,
+        )
         run_folder.section(None, f"![conversion error per layer]({plot.name})")
 
     def column(values, n):
         return values[n] if values else "-"
 
-    rows = [[layer, column(report.recall_init, n), column(report.recall, n), column(report.density, n),
-             column(report.convert_error_before, n), column(report.convert_error_after, n)]
-            for n, layer in enumerate(report.layers)]
-    run_folder.section(None, markdown_table(["layer", "recall (init)", "recall (warm-up)", "density",
-                                             "error before conversion", "error after"], rows))
+    rows = [
+        [
+            layer,
+            column(report.recall_init, n),
+            column(report.recall, n),
+            column(report.density, n),
+            column(report.convert_error_before, n),
+            column(report.convert_error_after, n),
+        ]
+        for n, layer in enumerate(report.layers)
+    ]
+    run_folder.section(
+        None,
+        markdown_table(
+            ["layer", "recall (init)", "recall (warm-up)", "density", "error before conversion", "error after"], rows
+        ),
+    )
     run_folder.metrics.update(report.to_dict())
     return run_folder.write(f"sparsify {source}")

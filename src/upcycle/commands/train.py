@@ -6,7 +6,7 @@ import json
 import os
 
 from upcycle.commands import quiet_transformers
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 
 
 def run(config: TrainConfig, *, resume: bool = False) -> dict:

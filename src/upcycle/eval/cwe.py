@@ -87,24 +87,33 @@ def cwe_score(answer: str, common: list[str], candidates: set[str]) -> float:
     for word in re.findall(r"[a-z]+", answer.lower()):
         if word in candidates and word not in named:
             named.append(word)
-    named = named[:len(common)]
+    named = named[: len(common)]
     return sum(word in named for word in common) / len(common)
 
 
 def _question(n_common: int) -> str:
-    return ("What is the most common word in the above list?" if n_common == 1
-            else f"What are the {n_common} most common words in the above list?")
+    return (
+        "What is the most common word in the above list?"
+        if n_common == 1
+        else f"What are the {n_common} most common words in the above list?"
+    )
 
 
 def _prompt(entries: list[str], n_common: int, tokenizer, chat: bool) -> str:
-    listing = ("Below is a numbered list of words. Some words appear more often than others.\n"
-               + "".join(f"{i}. {w}\n" for i, w in enumerate(entries, 1)))
+    listing = "Below is a numbered list of words. Some words appear more often than others.\n" + "".join(
+        f"{i}. {w}\n" for i, w in enumerate(entries, 1)
+    )
     if chat:
-        return tokenizer.apply_chat_template([{"role": "user", "content": listing + _question(n_common)}],
-                                             tokenize=False, add_generation_prompt=True)
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": listing + _question(n_common)}], tokenize=False, add_generation_prompt=True
+        )
     words = "word in the list is" if n_common == 1 else f"{n_common} most common words in the list are"
-    return (EXAMPLE + listing + f"Question: {_question(n_common)}\n"
-            + f"Answer: The {'most common ' if n_common == 1 else ''}{words}:")
+    return (
+        EXAMPLE
+        + listing
+        + f"Question: {_question(n_common)}\n"
+        + f"Answer: The {'most common ' if n_common == 1 else ''}{words}:"
+    )
 
 
 def uses_chat(tokenizer, config: CWEConfig) -> bool:
@@ -114,7 +123,7 @@ def uses_chat(tokenizer, config: CWEConfig) -> bool:
 def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[str], list[str]]:
     pool = [w for w in WORDS if w not in ("stone", "river", "lemon", "cloud", "tiger")]  # not the example's
     rng.shuffle(pool)
-    common, rare_pool = pool[:config.n_common], pool[config.n_common:]
+    common, rare_pool = pool[: config.n_common], pool[config.n_common :]
     per_common = max(2, round(count * config.common_share / config.n_common))
     entries = [w for w in common for _ in range(per_common)]
     i = 0
@@ -162,13 +171,18 @@ def chance(sample: CWESample, guesses: int = 2000, seed: int = 0) -> float:
 @torch.no_grad()
 def cwe_answer(model, tokenizer, sample: CWESample, config: CWEConfig = CWEConfig()) -> str:
     ids = tokenizer(sample.prompt, return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=config.answer_tokens, do_sample=False,
-                         pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).split("\n")[0]
+    out = model.generate(
+        ids,
+        max_new_tokens=config.answer_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id,
+    )
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).split("\n")[0]
 
 
-def cwe_eval(model, tokenizer, lengths: list[int], samples: int = 4, config: CWEConfig = CWEConfig(),
-             progress=None) -> dict:
+def cwe_eval(
+    model, tokenizer, lengths: list[int], samples: int = 4, config: CWEConfig = CWEConfig(), progress=None
+) -> dict:
     """Mean CWE score per length (over `samples` seeds), and the random-guess chance level."""
     model.eval()
     scores, chances, uniform = [], [], []
@@ -196,26 +210,30 @@ def position_buckets(length: int, first: int = 256) -> list[tuple[int, int]]:
 
 
 @torch.no_grad()
-def long_context_probe(model, reference_logprobs: torch.Tensor, ids: torch.Tensor,
-                       buckets: list[tuple[int, int]]) -> dict:
+def long_context_probe(
+    model, reference_logprobs: torch.Tensor, ids: torch.Tensor, buckets: list[tuple[int, int]]
+) -> dict:
     """KL(reference || model) and the model's next-token loss, averaged per position bucket.
     reference_logprobs: [n, T, V] log-softmax of the reference on the same ids [n, T] (see `logprobs`)."""
     model.eval()
     kl_sum = torch.zeros(ids.shape[1] - 1)
     loss_sum = torch.zeros(ids.shape[1] - 1)
     for i in range(ids.shape[0]):
-        logp = F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0, :-1].float(), dim=-1)
+        logp = F.log_softmax(model(input_ids=ids[i : i + 1]).logits[0, :-1].float(), dim=-1)
         ref = reference_logprobs[i, :-1]
         kl_sum += kl_divergence(ref, logp)
         loss_sum += -logp.gather(-1, ids[i, 1:, None])[:, 0]
     kl, loss = kl_sum / ids.shape[0], loss_sum / ids.shape[0]
-    return {"buckets": [list(b) for b in buckets],
-            "kl": [kl[a:b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets],
-            "loss": [loss[a:b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets]}
+    return {
+        "buckets": [list(b) for b in buckets],
+        "kl": [kl[a : b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets],
+        "loss": [loss[a : b - 1 if b == ids.shape[1] else b].mean().item() for a, b in buckets],
+    }
 
 
 @torch.no_grad()
 def logprobs(model, ids: torch.Tensor) -> torch.Tensor:
     model.eval()
-    return torch.stack([F.log_softmax(model(input_ids=ids[i:i + 1]).logits[0].float(), dim=-1)
-                        for i in range(ids.shape[0])])
+    return torch.stack(
+        [F.log_softmax(model(input_ids=ids[i : i + 1]).logits[0].float(), dim=-1) for i in range(ids.shape[0])]
+    )

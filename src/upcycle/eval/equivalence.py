@@ -38,8 +38,10 @@ class Equivalence:
         return asdict(self)
 
     def summary(self) -> str:
-        return (f"max |Δlogit| {self.max_abs_logit:.3g}, mean KL {self.mean_kl:.3g}, "
-                f"top-1 agreement {self.top1_agreement:.4f} on {self.tokens} tokens")
+        return (
+            f"max |Δlogit| {self.max_abs_logit:.3g}, mean KL {self.mean_kl:.3g}, "
+            f"top-1 agreement {self.top1_agreement:.4f} on {self.tokens} tokens"
+        )
 
 
 def kl_divergence(reference_logprobs: torch.Tensor, candidate_logprobs: torch.Tensor) -> torch.Tensor:
@@ -58,7 +60,7 @@ def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) 
     max_diff, kl_sum, cos_sum, agree, count = 0.0, 0.0, 0.0, 0, 0
     loss_sums = [0.0, 0.0]
     for start in range(0, len(blocks), batch_size):
-        batch = blocks[start:start + batch_size]
+        batch = blocks[start : start + batch_size]
         ref = reference(input_ids=batch.to(_device(reference))).logits.float().cpu()
         cand = candidate(input_ids=batch.to(_device(candidate))).logits.float().cpu()
         if ref.shape != cand.shape:
@@ -74,9 +76,15 @@ def compare(reference, candidate, blocks: torch.Tensor, *, batch_size: int = 8) 
         count += ref.shape[0] * ref.shape[1]
     reference.train(states[0]), candidate.train(states[1])
     predicted = max(count - len(blocks), 1)  # the last position of a block predicts nothing here
-    return Equivalence(max_abs_logit=max_diff, mean_kl=max(kl_sum / count, 0.0), top1_agreement=agree / count,
-                       tokens=count, logit_cosine=cos_sum / count, loss_reference=loss_sums[0] / predicted,
-                       loss_candidate=loss_sums[1] / predicted)
+    return Equivalence(
+        max_abs_logit=max_diff,
+        mean_kl=max(kl_sum / count, 0.0),
+        top1_agreement=agree / count,
+        tokens=count,
+        logit_cosine=cos_sum / count,
+        loss_reference=loss_sums[0] / predicted,
+        loss_candidate=loss_sums[1] / predicted,
+    )
 
 
 def _device(model) -> torch.device:

@@ -21,9 +21,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-FIRST = "Alice Bruno Chen Dara Elif Farid Greta Hugo Ines Jonas Kira Liam Mara Nils Olga Pablo Quinn Rosa Sven Tara".split()
+FIRST = (
+    "Alice Bruno Chen Dara Elif Farid Greta Hugo Ines Jonas Kira Liam Mara Nils Olga Pablo Quinn Rosa Sven Tara".split()
+)
 LAST = "Adams Berg Costa Diaz Evans Fischer Garcia Haas Ito Jensen Kowal Lopez Moreau Novak Ortiz Petrov Rossi Silva".split()
-CITIES = "Paris Lisbon Oslo Vienna Dublin Prague Madrid Athens Berlin Warsaw Zurich Lyon Porto Turin Ghent Bergen".split()
+CITIES = (
+    "Paris Lisbon Oslo Vienna Dublin Prague Madrid Athens Berlin Warsaw Zurich Lyon Porto Turin Ghent Bergen".split()
+)
 JOBS = "baker pilot nurse farmer lawyer painter teacher plumber chemist librarian architect tailor".split()
 COLORS = "red blue green yellow purple orange black white silver brown".split()
 FIELDS = ("name", "city", "job", "order number", "favorite color", "age")
@@ -44,9 +48,14 @@ def extract_examples(n: int, seed: int = 0) -> list[Example]:
     rng = random.Random(f"extract-{seed}")
     out = []
     for _ in range(n):
-        values = {"name": f"{rng.choice(FIRST)} {rng.choice(LAST)}", "city": rng.choice(CITIES),
-                  "job": rng.choice(JOBS), "order number": str(rng.randint(1000, 99999)),
-                  "favorite color": rng.choice(COLORS), "age": str(rng.randint(18, 90))}
+        values = {
+            "name": f"{rng.choice(FIRST)} {rng.choice(LAST)}",
+            "city": rng.choice(CITIES),
+            "job": rng.choice(JOBS),
+            "order number": str(rng.randint(1000, 99999)),
+            "favorite color": rng.choice(COLORS),
+            "age": str(rng.randint(18, 90)),
+        }
         fields = rng.sample(FIELDS, 4)  # four of the six, in a random order
         record = "\n".join(f"{f.capitalize()}: {values[f]}" for f in fields)
         field = rng.choice(fields)
@@ -58,15 +67,23 @@ def prompt(tokenizer, example: Example) -> str:
     """The question through the chat template, and the start of the answer ("The city is"): a small
     instruct model answers in a sentence whatever it is told, and the sentence's start is fixed here so
     that what it generates is the value."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": example.question}], tokenize=False,
-                                         add_generation_prompt=True) + f"The {example.field} is"
+    return (
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": example.question}], tokenize=False, add_generation_prompt=True
+        )
+        + f"The {example.field} is"
+    )
 
 
 def training_text(tokenizer, example: Example) -> str:
     """The whole exchange, question and answer, as the chat template writes it."""
-    return tokenizer.apply_chat_template([{"role": "user", "content": example.question},
-                                          {"role": "assistant", "content": f"The {example.field} is {example.answer}."}],
-                                         tokenize=False)
+    return tokenizer.apply_chat_template(
+        [
+            {"role": "user", "content": example.question},
+            {"role": "assistant", "content": f"The {example.field} is {example.answer}."},
+        ],
+        tokenize=False,
+    )
 
 
 def write_extract_data(folder: str | Path, tokenizer, examples: list[Example]) -> Path:
@@ -83,8 +100,9 @@ def normalise(answer: str) -> str:
 
 
 @torch.no_grad()
-def answers(model, tokenizer, examples: list[Example], *, max_new_tokens: int = 10, batch_size: int = 16,
-            progress: bool = False) -> list[str]:
+def answers(
+    model, tokenizer, examples: list[Example], *, max_new_tokens: int = 10, batch_size: int = 16, progress: bool = False
+) -> list[str]:
     """The model's greedy continuation of each prompt, decoded; prompts batched with left padding (each
     row's answer is what it would be alone, up to float error)."""
     was_training, side = model.training, tokenizer.padding_side
@@ -94,10 +112,10 @@ def answers(model, tokenizer, examples: list[Example], *, max_new_tokens: int = 
     out_text = []
     try:
         for start in tqdm(range(0, len(examples), batch_size), desc="exact match", disable=not progress, leave=False):
-            batch = examples[start:start + batch_size]
+            batch = examples[start : start + batch_size]
             enc = tokenizer([prompt(tokenizer, e) for e in batch], return_tensors="pt", padding=True)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad)
-            out_text += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, enc.input_ids.shape[1]:]]
+            out_text += [tokenizer.decode(row, skip_special_tokens=True) for row in out[:, enc.input_ids.shape[1] :]]
     finally:
         model.train(was_training)
         tokenizer.padding_side = side

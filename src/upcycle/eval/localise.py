@@ -30,8 +30,11 @@ def sparse_ffns(model) -> dict[int, BankSparseFFN]:
         adapter = adapter_for(model)
     except UnsupportedArchitecture:
         adapter = None
-    found = {} if adapter is None else {i: adapter.ffn(i) for i in range(adapter.num_layers)
-                                        if isinstance(adapter.ffn(i), BankSparseFFN)}
+    found = (
+        {}
+        if adapter is None
+        else {i: adapter.ffn(i) for i in range(adapter.num_layers) if isinstance(adapter.ffn(i), BankSparseFFN)}
+    )
     if not found:
         raise ConfigError("the model has no bank-sparse FFN layers: nothing to localise or repair")
     return found
@@ -51,8 +54,15 @@ def restored(model, layers):
             ffns[i].keep = keep
 
 
-def localise(model, reference_logprobs: torch.Tensor, ids: torch.Tensor, *, first_bucket: int = 256,
-             long_from: int = 512, progress: bool = True) -> dict:
+def localise(
+    model,
+    reference_logprobs: torch.Tensor,
+    ids: torch.Tensor,
+    *,
+    first_bucket: int = 256,
+    long_from: int = 512,
+    progress: bool = True,
+) -> dict:
     """Per layer: the share of the KL gap in each position bucket closed by restoring that layer alone
     ("closed"), and the share of the gap left when only that layer is sparse ("alone"); a ranking."""
     buckets = position_buckets(ids.shape[1], first_bucket)
@@ -70,8 +80,16 @@ def localise(model, reference_logprobs: torch.Tensor, ids: torch.Tensor, *, firs
     long = [n for n, (a, _) in enumerate(buckets) if a >= long_from] or [len(buckets) - 1]
     score = {i: sum(closed[n][b] for b in long) / len(long) for n, i in enumerate(layers)}
     ranking = sorted(layers, key=lambda i: -score[i])
-    return {"layers": layers, "buckets": [list(b) for b in buckets], "base_kl": base, "closed": closed,
-            "alone": alone, "long_buckets": long, "score": [score[i] for i in layers], "ranking": ranking}
+    return {
+        "layers": layers,
+        "buckets": [list(b) for b in buckets],
+        "base_kl": base,
+        "closed": closed,
+        "alone": alone,
+        "long_buckets": long,
+        "score": [score[i] for i in layers],
+        "ranking": ranking,
+    }
 
 
 def plot_heatmap(loc: dict, path) -> None:
@@ -85,8 +103,11 @@ def plot_heatmap(loc: dict, path) -> None:
     image = ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(loc["layers"])), [str(i) for i in loc["layers"]], fontsize=7)
     ax.set_yticks(range(len(loc["buckets"])), [f"{a}–{b}" for a, b in loc["buckets"]], fontsize=7)
-    ax.set(xlabel="layer restored to its dense FFN", ylabel="token positions",
-           title="share of the KL gap closed (per position bucket)")
+    ax.set(
+        xlabel="layer restored to its dense FFN",
+        ylabel="token positions",
+        title="share of the KL gap closed (per position bucket)",
+    )
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

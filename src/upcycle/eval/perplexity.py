@@ -32,7 +32,9 @@ class Perplexity:
 
 
 @torch.no_grad()
-def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity") -> Perplexity:
+def perplexity(
+    model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = True, desc: str = "perplexity"
+) -> Perplexity:
     """Every block is scored on its own: token t is predicted from tokens < t of the same block.
     The sum runs in float64 so the result does not depend on the batch size beyond float error."""
     check(blocks.dim() == 2 and blocks.shape[1] >= 2, "blocks", tuple(blocks.shape), "a (n, seq_len >= 2) tensor")
@@ -42,7 +44,7 @@ def perplexity(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bo
     device = next(model.parameters()).device
     total, count = 0.0, 0
     for start in tqdm(range(0, len(blocks), batch_size), desc=desc, unit="batch", disable=not progress, leave=False):
-        batch = blocks[start:start + batch_size].to(device)
+        batch = blocks[start : start + batch_size].to(device)
         logits = model(input_ids=batch).logits[:, :-1].float()
         targets = batch[:, 1:]
         nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum")

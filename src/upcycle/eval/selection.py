@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 
 from upcycle.arch import adapter_for
+from upcycle.eval.hooks import hooked, run_blocks
 from upcycle.modules import BankSparseFFN
 
 
 @torch.no_grad()
 def oracle_masks(ffn: BankSparseFFN, x: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
     """The oracle's kept channels (top-k of |act(gate) * up| per bank) for the FFN inputs x, as booleans."""
-    return torch.cat([ffn.oracle_mask(x[s:s + chunk]) for s in range(0, len(x), chunk)]).bool()
+    return torch.cat([ffn.oracle_mask(x[s : s + chunk]) for s in range(0, len(x), chunk)]).bool()
 
 
 @torch.no_grad()
@@ -19,7 +20,7 @@ def predictor_recall(ffn: BankSparseFFN, x: torch.Tensor) -> float:
     """Fraction of the oracle's kept channels (top-k of |act(gate) * up| per bank) that the
     predictor also keeps, over the tokens x (their FFN inputs)."""
     oracle = oracle_masks(ffn, x)
-    predicted = torch.cat([ffn.predicted_mask(x[s:s + 4096]) for s in range(0, len(x), 4096)]).bool()
+    predicted = torch.cat([ffn.predicted_mask(x[s : s + 4096]) for s in range(0, len(x), 4096)]).bool()
     return float((oracle & predicted).sum() / oracle.sum())
 
 
@@ -27,8 +28,6 @@ def predictor_recall(ffn: BankSparseFFN, x: torch.Tensor) -> float:
 def selection_stats(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
     """Per sparse layer, on the model's own inputs: recall of the predictor against this model's
     oracle (its own FFN's true top-k per bank) and the density actually kept."""
-    from upcycle.ops.calibrate import hooked, run_blocks
-
     adapter = adapter_for(model)
     sparse_layers = [i for i in range(adapter.num_layers) if adapter.ffn_kind(i) == BankSparseFFN.ffn_kind]
     hits = {i: [0.0, 0.0, 0.0, 0.0] for i in sparse_layers}  # matched, oracle total, kept, entries
@@ -46,6 +45,8 @@ def selection_stats(model, blocks: torch.Tensor, batch_size: int = 4) -> dict:
 
     with hooked({i: adapter.ffn(i) for i in sparse_layers}, pre=count):
         run_blocks(model, blocks, batch_size=batch_size)
-    return {"layers": sparse_layers,
-            "recall": [hits[i][0] / hits[i][1] for i in sparse_layers],
-            "density": [hits[i][2] / hits[i][3] for i in sparse_layers]}
+    return {
+        "layers": sparse_layers,
+        "recall": [hits[i][0] / hits[i][1] for i in sparse_layers],
+        "density": [hits[i][2] / hits[i][3] for i in sparse_layers],
+    }

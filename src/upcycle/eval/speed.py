@@ -23,6 +23,9 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
+from upcycle.eval.hooks import hooked
+from upcycle.infer.decode import GreedyDecoder
+from upcycle.infer.precision import to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 from upcycle.modules.bank_sparse import shadow_bytes
 
@@ -86,13 +89,19 @@ def _random_ffn(hidden: int, width: int, sparsity: BankSparsity, seed: int = 0) 
     torch.manual_seed(seed)
     ffn = BankSparseFFN(hidden, width, sparsity).eval()
     for p in ffn.parameters():
-        torch.nn.init.normal_(p, std=hidden ** -0.5)
+        torch.nn.init.normal_(p, std=hidden**-0.5)
     return ffn
 
 
 @torch.no_grad()
-def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), sparsity: BankSparsity | None = None,
-                   repeats: int = 7, target_seconds: float = 0.05, progress: bool = True) -> dict:
+def ffn_microbench(
+    shapes: dict[str, tuple[int, int]],
+    batches=(1, 4, 16),
+    sparsity: BankSparsity | None = None,
+    repeats: int = 7,
+    target_seconds: float = 0.05,
+    progress: bool = True,
+) -> dict:
     """Per shape and batch: dense and sparse ms per call and the speedup; per shape the byte limit."""
     sparsity = sparsity or BankSparsity()
     rows = {}
@@ -101,10 +110,10 @@ def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), spars
         ffn = _random_ffn(hidden, width, sparsity)
         x = torch.randn(1, batch, hidden)
 
-        def dense():
+        def dense(ffn=ffn):
             return ffn.down_proj(F.silu(ffn.gate_proj(x)) * ffn.up_proj(x))
 
-        def sparse():
+        def sparse(ffn=ffn):
             return ffn(x)
 
         dense(), sparse()  # warm: the packed copy is built, the batch strategy measured
@@ -112,13 +121,22 @@ def ffn_microbench(shapes: dict[str, tuple[int, int]], batches=(1, 4, 16), spars
         dense()
         calls = max(1, int(target_seconds / max(time.perf_counter() - t0, 1e-6)))
         dense_s, sparse_s = median_pair(dense, sparse, repeats, calls)
-        row = rows[f"{name}_b{batch}"] = {"shape": [hidden, width], "batch": batch, "dense_ms": dense_s * 1e3,
-                                          "sparse_ms": sparse_s * 1e3, "speedup": dense_s / sparse_s, "limit": None}
+        row = rows[f"{name}_b{batch}"] = {
+            "shape": [hidden, width],
+            "batch": batch,
+            "dense_ms": dense_s * 1e3,
+            "sparse_ms": sparse_s * 1e3,
+            "speedup": dense_s / sparse_s,
+            "limit": None,
+        }
         if batch == 1:  # the byte limit, and what each side streams at (the limit assumes both alike)
             dense_bytes, sparse_bytes = ffn_bytes(hidden, width, sparsity)
-            row.update(limit=dense_bytes / sparse_bytes, dense_gb_per_s=dense_bytes / dense_s / 1e9,
-                       sparse_gb_per_s=sparse_bytes / sparse_s / 1e9)
-        del ffn
+            row.update(
+                limit=dense_bytes / sparse_bytes,
+                dense_gb_per_s=dense_bytes / dense_s / 1e9,
+                sparse_gb_per_s=sparse_bytes / sparse_s / 1e9,
+            )
+        del ffn, dense, sparse  # this shape's FFN freed before the next (a 7B one is half a GB) is built
     return rows
 
 
@@ -197,19 +215,25 @@ def compile_kwargs() -> dict:
 
 
 @torch.no_grad()
-def _greedy_tokens_per_second(model, ids: torch.Tensor, new_tokens: int, **generate_kwargs) -> tuple[float, torch.Tensor]:
+def _greedy_tokens_per_second(
+    model, ids: torch.Tensor, new_tokens: int, **generate_kwargs
+) -> tuple[float, torch.Tensor]:
     t0 = time.perf_counter()
-    out = model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=model.config.eos_token_id, **generate_kwargs)
-    return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1]:]
+    out = model.generate(
+        ids,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=model.config.eos_token_id,
+        **generate_kwargs,
+    )
+    return new_tokens / (time.perf_counter() - t0), out[0, ids.shape[1] :]
 
 
 @torch.no_grad()
 def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     """Where a decoding step's time goes: ms per token inside the FFN modules and outside
     them, from timing hooks (a separate run: the hooks themselves cost a little)."""
-    from upcycle.ops.calibrate import hooked
-
     spent, started = [0.0], {}
 
     def start(key, module, args):
@@ -222,8 +246,13 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
         model.generate(ids, max_new_tokens=2, min_new_tokens=2, do_sample=False, pad_token_id=model.config.eos_token_id)
         spent[0] = 0.0  # the prompt's forward is not a decoding step: measure decoding only
         t0 = time.perf_counter()
-        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                       pad_token_id=model.config.eos_token_id)
+        model.generate(
+            ids,
+            max_new_tokens=new_tokens,
+            min_new_tokens=new_tokens,
+            do_sample=False,
+            pad_token_id=model.config.eos_token_id,
+        )
         total = time.perf_counter() - t0
     return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
 
@@ -232,9 +261,6 @@ def _lean_run(model, ids: torch.Tensor, new_tokens: int, precision: str):
     """`model`'s copy converted to `precision` (to_precision: the dense layers at one row through the
     kernel's row dots) and a function giving one run's (tokens/s, tokens) through upcycle's lean decoder,
     its step compiled and warmed here."""
-    from upcycle.eval.decode import GreedyDecoder
-    from upcycle.kernels.precision import to_precision
-
     lean = to_precision(copy.deepcopy(model), precision).eval()
     with torch.no_grad():
         lean(ids[:, :1])  # kernel plans built eagerly, before the step is traced
@@ -243,13 +269,22 @@ def _lean_run(model, ids: torch.Tensor, new_tokens: int, precision: str):
     return lean, lambda: decoder.tokens_per_second(ids, new_tokens)
 
 
-def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the queen:", new_tokens: int = 128,
-                 repeats: int = 5, compiled: bool = False, lean: bool = False, precision: str = "fp32",
-                 progress: bool = True) -> dict:
+def decode_bench(
+    dense,
+    sparse,
+    tokenizer,
+    prompt: str = "The king said to the queen:",
+    new_tokens: int = 128,
+    repeats: int = 5,
+    compiled: bool = False,
+    lean: bool = False,
+    precision: str = "fp32",
+    progress: bool = True,
+) -> dict:
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
     `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does;
     `lean`: copies of both converted to `precision` and run through upcycle's lean decoder
-    (upcycle.eval.decode: one compiled step, no generate()); otherwise the models run as given."""
+    (upcycle.infer.decode: one compiled step, no generate()); otherwise the models run as given."""
     dense.eval(), sparse.eval()
     no_ffn = without_ffns(dense).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -258,7 +293,8 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
     runs = {}
     if lean:  # the copies that run are the models measured (bytes included)
         (dense, runs["dense"]), (sparse, runs["sparse"]), (no_ffn, runs["no_ffn"]) = (
-            _lean_run(m, ids, new_tokens, precision) for m in (dense, sparse, no_ffn))
+            _lean_run(m, ids, new_tokens, precision) for m in (dense, sparse, no_ffn)
+        )
     else:
         for name, m in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
             runs[name] = lambda m=m: _greedy_tokens_per_second(m, ids, new_tokens, **kwargs)
@@ -275,16 +311,33 @@ def decode_bench(dense, sparse, tokenizer, prompt: str = "The king said to the q
         sparse_tps.append(tps)
         no_ffn_tps.append(runs["no_ffn"]()[0])
     # where the time goes needs hooks, which compiled graphs do not run: measured eagerly only
-    split = None if compiled else {"dense": ffn_time_per_token(dense, ids, new_tokens),
-                                   "sparse": ffn_time_per_token(sparse, ids, new_tokens)}
+    split = (
+        None
+        if compiled
+        else {
+            "dense": ffn_time_per_token(dense, ids, new_tokens),
+            "sparse": ffn_time_per_token(sparse, ids, new_tokens),
+        }
+    )
     d, s, ceiling = statistics.median(dense_tps), statistics.median(sparse_tps), statistics.median(no_ffn_tps)
     bytes_dense, bytes_sparse = weight_bytes(dense), weight_bytes(sparse)
     limit = bytes_dense["total"] / bytes_sparse["total"]
-    return {"prompt": prompt, "new_tokens": new_tokens, "threads": torch.get_num_threads(), "repeats": repeats,
-            "compiled": compiled, "decoder": "lean" if lean else "generate", "dense_tokens_per_s": d, "sparse_tokens_per_s": s, "speedup": s / d,
-            "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse}, "limit": limit,
-            "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
-            "no_ffn_tokens_per_s": ceiling, "ceiling": ceiling / d,
-            "time_per_token_ms": split,
-            "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"] if split else None,
-            "sample": {"dense": tokenizer.decode(dense_out[:24]), "sparse": tokenizer.decode(sparse_out[:24])}}
+    return {
+        "prompt": prompt,
+        "new_tokens": new_tokens,
+        "threads": torch.get_num_threads(),
+        "repeats": repeats,
+        "compiled": compiled,
+        "decoder": "lean" if lean else "generate",
+        "dense_tokens_per_s": d,
+        "sparse_tokens_per_s": s,
+        "speedup": s / d,
+        "bytes_per_token": {"dense": bytes_dense, "sparse": bytes_sparse},
+        "limit": limit,
+        "fraction_of_limit": (s / d - 1) / (limit - 1) if limit > 1 else None,
+        "no_ffn_tokens_per_s": ceiling,
+        "ceiling": ceiling / d,
+        "time_per_token_ms": split,
+        "ffn_speedup_in_model": split["dense"]["ffn_ms"] / split["sparse"]["ffn_ms"] if split else None,
+        "sample": {"dense": tokenizer.decode(dense_out[:24]), "sparse": tokenizer.decode(sparse_out[:24])},
+    }

@@ -7,7 +7,7 @@ masked dense reference measured faster) and the module then runs its reference c
 
 The packed copy holds the FFN's weights in their own precision — fp32, or bf16 for a bf16 model — or
 as int8 codes with one fp32 scale per row where the module is marked for int8
-(`upcycle.kernels.precision.to_precision(model, "int8")` puts its weights on that grid first, so the
+(`upcycle.infer.precision.to_precision(model, "int8")` puts its weights on that grid first, so the
 reference computes with the very values the kernel reads). Activations enter and leave the kernel in
 fp32 (a bf16 model's rows are widened and the output narrowed around it).
 
@@ -25,6 +25,7 @@ import torch
 
 from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
 from upcycle.kernels.memory import huge_page_copy
+from upcycle.kernels.quant import quantize_groups
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -52,16 +53,9 @@ def disabled():
 
 
 def _weights(module) -> tuple[torch.Tensor, ...]:
-    """gate, up, down and, for a low-rank predictor, its down, up, bias: dict look-ups, not
-    nn.Module.__getattr__ (a decode step calls this once per layer, so microseconds count). A shadow
-    predictor has no weights of its own: its logits are computed before the kernel is called."""
-    m = module._modules
-    ffn = (m["gate_proj"]._parameters["weight"], m["up_proj"]._parameters["weight"], m["down_proj"]._parameters["weight"])
-    predictor = m["predictor"]._modules
-    if "down" not in predictor:
-        return ffn
-    pd, pu = predictor["down"]._parameters, predictor["up"]._parameters
-    return ffn + (pd["weight"], pu["weight"], pu["bias"])
+    """The tensors a plan is built from (the module's kernel_weights(): gate, up, down and a low-rank
+    predictor's down, up, bias); a plan is current while they are the same tensors, unchanged."""
+    return module.kernel_weights()
 
 
 def _state(tensors) -> tuple:
@@ -72,8 +66,13 @@ WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the kerne
 NO_SCALES = torch.empty(0)  # the row scales of a packed copy that has none (fp32, bf16)
 
 
-def _ffn_struct(packed: torch.Tensor, row_scales: torch.Tensor = NO_SCALES, pred_down: torch.Tensor | None = None,
-                pred_up: torch.Tensor | None = None, pred_bias: torch.Tensor | None = None) -> FFNWeights:
+def _ffn_struct(
+    packed: torch.Tensor,
+    row_scales: torch.Tensor = NO_SCALES,
+    pred_down: torch.Tensor | None = None,
+    pred_up: torch.Tensor | None = None,
+    pred_bias: torch.Tensor | None = None,
+) -> FFNWeights:
     """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy (fp32, bf16, or
     int8 with row scales [width, 3]) and the low-rank predictor (null pointers without one: the caller
     passes the logits, or the shadow fields are filled in after)."""
@@ -91,8 +90,6 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric int8 codes of each row along the last axis and one fp32 scale per row (max |row| /
     127; 1 for an all-zero row): rows ≈ codes * scales[..., None]. The shadow's quantizer with one
     group per row."""
-    from upcycle.modules.bank_sparse import quantize_groups  # here: that module imports this one
-
     flat = rows.reshape(-1, rows.shape[-1])
     codes, scales = quantize_groups(flat, 8, flat.shape[1])
     return codes.reshape(rows.shape), scales.reshape(rows.shape[:-1])
@@ -132,7 +129,10 @@ class KernelPlan:
         if self.shadow is not None:
             codes, scales, group = self.shadow
             self.struct.shadow_codes, self.struct.shadow_scales, self.struct.shadow_group = (
-                codes.data_ptr(), scales.data_ptr(), group)
+                codes.data_ptr(),
+                scales.data_ptr(),
+                group,
+            )
             self.struct.shadow_bits = _stored_bits(codes, self.packed)
         self.ref = ctypes.byref(self.struct)
         self.hidden = gate.shape[1]
@@ -142,8 +142,11 @@ class KernelPlan:
 
     def current(self, module) -> bool:
         tensors = _weights(module)
-        return (all(a is b for a, b in zip(tensors, self.tensors)) and _state(tensors) == self.state
-                and getattr(module, "kernel_precision", None) == self.precision)
+        return (
+            all(a is b for a, b in zip(tensors, self.tensors))
+            and _state(tensors) == self.state
+            and getattr(module, "kernel_precision", None) == self.precision
+        )
 
 
 SHADOW_LANES = 16  # channels the kernel scores at once (one fp32 vector)
@@ -156,12 +159,12 @@ def container_bits(bits: int) -> int:
 
 def pack_shadow(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Doubled midrise codes [I, H] (odd, |code| < 2^b for b <= B = `bits`, 4 or 2: the container;
-    modules.shadow_quant) -> uint8 [I/16, H B/32, 64] as the kernel reads them: per block of 16 channels
+    kernels.quant) -> uint8 [I/16, H B/32, 64] as the kernel reads them: per block of 16 channels
     and run o of R = 32/B inputs, byte 4c + k holds channel c's input R o + 4f + k in its B-bit field f,
     each as the level index (code + 2^B - 1) / 2, so that the kernel's level - (2^B - 1) / 2 is code / 2."""
     width, hidden = codes.shape
     fields = 8 // bits
-    biased = ((codes.to(torch.int16) + 2 ** bits - 1) // 2).to(torch.uint8)
+    biased = ((codes.to(torch.int16) + 2**bits - 1) // 2).to(torch.uint8)
     biased = biased.reshape(width // SHADOW_LANES, SHADOW_LANES, hidden // (4 * fields), fields, 4)
     runs = biased[..., 0, :].clone()  # [blocks, channel, run, 4]
     for f in range(1, fields):
@@ -232,8 +235,16 @@ def _launch(weights_ref, x: torch.Tensor, z: torch.Tensor | None, bank: int, kee
     if z is not None and (z.dtype is not torch.float32 or not z.is_contiguous()):
         z = z.float().contiguous()
     out = torch.empty_like(x)
-    code = load().upcycle_bank_sparse_ffn_f32(weights_ref, x.data_ptr(), x.numel() // x.shape[-1],
-                                                None if z is None else z.data_ptr(), bank, keep, gate, out.data_ptr())
+    code = load().upcycle_bank_sparse_ffn_f32(
+        weights_ref,
+        x.data_ptr(),
+        x.numel() // x.shape[-1],
+        None if z is None else z.data_ptr(),
+        bank,
+        keep,
+        gate,
+        out.data_ptr(),
+    )
     if code != 0:
         raise RuntimeError(f"bank-sparse kernel rejected its arguments (code {code})")
     return out
@@ -266,14 +277,34 @@ def _kernel_wins(module, x2d: torch.Tensor, plan: KernelPlan) -> bool:
 _operator_kind: str | None = None
 
 
-def _python_operator(x: torch.Tensor, packed: torch.Tensor, row_scales: torch.Tensor, pred_down: torch.Tensor,
-                     pred_up: torch.Tensor, pred_bias: torch.Tensor, bank: int, keep: int, gate: int) -> torch.Tensor:
+def _python_operator(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    row_scales: torch.Tensor,
+    pred_down: torch.Tensor,
+    pred_up: torch.Tensor,
+    pred_bias: torch.Tensor,
+    bank: int,
+    keep: int,
+    gate: int,
+) -> torch.Tensor:
     """The operator's kernel where the C++ registration cannot be built: the C function via ctypes."""
-    return _launch(ctypes.byref(_ffn_struct(packed, row_scales, pred_down, pred_up, pred_bias)), x, None, bank, keep, gate)
+    return _launch(
+        ctypes.byref(_ffn_struct(packed, row_scales, pred_down, pred_up, pred_bias)), x, None, bank, keep, gate
+    )
 
 
-def _python_shadow_operator(x: torch.Tensor, packed: torch.Tensor, row_scales: torch.Tensor, codes: torch.Tensor,
-                            scales: torch.Tensor, group: int, bank: int, keep: int, gate: int) -> torch.Tensor:
+def _python_shadow_operator(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    row_scales: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    group: int,
+    bank: int,
+    keep: int,
+    gate: int,
+) -> torch.Tensor:
     """upcycle::bank_sparse_ffn_shadow where the C++ registration cannot be built."""
     weights = _ffn_struct(packed, row_scales)
     weights.shadow_codes, weights.shadow_scales, weights.shadow_group = codes.data_ptr(), scales.data_ptr(), group
@@ -286,8 +317,9 @@ def _python_row_dots(x: torch.Tensor, w: torch.Tensor, row_scales: torch.Tensor)
     x = x.contiguous()
     out = x.new_empty(x.shape[0], w.shape[0])
     scales = row_scales.data_ptr() if w.dtype == torch.int8 else None
-    code = load().upcycle_row_dots(w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0],
-                                   w.shape[1], out.data_ptr())
+    code = load().upcycle_row_dots(
+        w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0], w.shape[1], out.data_ptr()
+    )
     if code != 0:
         raise RuntimeError(f"row_dots rejected its arguments (code {code})")
     return out
@@ -314,8 +346,14 @@ def _compiled_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     """What torch.compile traces: the kernel operator where an eager call has already built the plan
     (and, for several rows, measured the kernel faster); otherwise None (the reference is traced)."""
     plan = module.__dict__.get("_kernel_plan")
-    if (plan is None or not plan.usable or not (plan.predictor or plan.shadow) or module.training
-            or x.dtype not in (torch.float32, torch.bfloat16) or x.device.type != "cpu"):
+    if (
+        plan is None
+        or not plan.usable
+        or not (plan.predictor or plan.shadow)
+        or module.training
+        or x.dtype not in (torch.float32, torch.bfloat16)
+        or x.device.type != "cpu"
+    ):
         return None
     x2d = x.reshape(-1, x.shape[-1])
     rows = x2d.shape[0]
@@ -353,5 +391,18 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
     return run_kernel(module, x, plan=plan)
 
 
-__all__ = ["available", "enabled", "disabled", "plan_for", "release", "run_kernel", "sparse_ffn_forward",
-           "why_unavailable", "why_no_operator", "operator_kind", "load", "KernelPlan", "MAX_TOKENS"]
+__all__ = [
+    "available",
+    "enabled",
+    "disabled",
+    "plan_for",
+    "release",
+    "run_kernel",
+    "sparse_ffn_forward",
+    "why_unavailable",
+    "why_no_operator",
+    "operator_kind",
+    "load",
+    "KernelPlan",
+    "MAX_TOKENS",
+]

@@ -44,8 +44,13 @@ def compiler() -> str | None:
 
 def _library_path(cxx: str, name: str, sources: list[Path], flags: list[str]) -> Path:
     version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256(b"".join(s.read_bytes() for s in sources) + " ".join(flags).encode() + version.encode()
-                         + platform.machine().encode() + torch.__version__.encode()).hexdigest()[:16]
+    key = hashlib.sha256(
+        b"".join(s.read_bytes() for s in sources)
+        + " ".join(flags).encode()
+        + version.encode()
+        + platform.machine().encode()
+        + torch.__version__.encode()
+    ).hexdigest()[:16]
     return cache_dir() / "kernels" / key / name
 
 
@@ -71,12 +76,24 @@ def _compile(cxx: str, source: Path, flags: list[str], target: Path) -> None:
 class FFNWeights(ctypes.Structure):
     """Mirror of `struct FFNWeights` in bank_sparse_ffn.cpp."""
 
-    _fields_ = [("pred_down", ctypes.c_void_p), ("pred_up", ctypes.c_void_p), ("pred_bias", ctypes.c_void_p),
-                ("rank", ctypes.c_int64), ("w_gate", ctypes.c_void_p), ("w_up", ctypes.c_void_p),
-                ("w_down_t", ctypes.c_void_p), ("stride", ctypes.c_int64), ("hidden", ctypes.c_int64),
-                ("width", ctypes.c_int64), ("shadow_codes", ctypes.c_void_p), ("shadow_scales", ctypes.c_void_p),
-                ("shadow_group", ctypes.c_int64), ("shadow_bits", ctypes.c_int64), ("weight_type", ctypes.c_int64),
-                ("row_scales", ctypes.c_void_p)]
+    _fields_ = [
+        ("pred_down", ctypes.c_void_p),
+        ("pred_up", ctypes.c_void_p),
+        ("pred_bias", ctypes.c_void_p),
+        ("rank", ctypes.c_int64),
+        ("w_gate", ctypes.c_void_p),
+        ("w_up", ctypes.c_void_p),
+        ("w_down_t", ctypes.c_void_p),
+        ("stride", ctypes.c_int64),
+        ("hidden", ctypes.c_int64),
+        ("width", ctypes.c_int64),
+        ("shadow_codes", ctypes.c_void_p),
+        ("shadow_scales", ctypes.c_void_p),
+        ("shadow_group", ctypes.c_int64),
+        ("shadow_bits", ctypes.c_int64),
+        ("weight_type", ctypes.c_int64),
+        ("row_scales", ctypes.c_void_p),
+    ]
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:

@@ -44,6 +44,6 @@ def huge_page_copy(tensor: torch.Tensor) -> torch.Tensor:
     raw = torch.empty(nbytes + HUGE_PAGE, dtype=torch.uint8)  # untouched: malloc maps fresh pages
     offset = (-raw.data_ptr()) % HUGE_PAGE
     madvise(raw.data_ptr() + offset, nbytes // 4096 * 4096, _MADV_HUGEPAGE)  # advice only: failure is harmless
-    copy = raw[offset:offset + nbytes].view(tensor.dtype).view(tensor.shape)  # a view: keeps `raw` alive
+    copy = raw[offset : offset + nbytes].view(tensor.dtype).view(tensor.shape)  # a view: keeps `raw` alive
     copy.copy_(tensor)
     return copy

@@ -5,5 +5,13 @@ from upcycle.modules.sparse_model import UpcycleSparseConfig, UpcycleSparseForCa
 
 register()
 
-__all__ = ["BankSparseFFN", "BankSparsity", "bank_topk_mask", "GATE_MODES", "SELECTIONS",
-           "UpcycleSparseConfig", "UpcycleSparseForCausalLM", "register"]
+__all__ = [
+    "BankSparseFFN",
+    "BankSparsity",
+    "bank_topk_mask",
+    "GATE_MODES",
+    "SELECTIONS",
+    "UpcycleSparseConfig",
+    "UpcycleSparseForCausalLM",
+    "register",
+]

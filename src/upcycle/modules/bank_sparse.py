@@ -17,7 +17,7 @@ Predictors (BankSparsity.predictor):
     lowrank  z = (x A) B + c, rank r (the paper's; trained: the warm-up and the router loss)
     shadow   z = |act(x̂ Ĝ^T) * (x̂ Û^T)|: the FFN's own activation from `bits`-bit copies of its gate and
              up weights (a midrise grid, one step per `group` inputs; rounded to nearest or by GPTQ:
-             modules.shadow_quant), against x̂, the input quantized to 8 bits per group (integer group
+             kernels.quant), against x̂, the input quantized to 8 bits per group (integer group
              dots: the CPU kernel's VNNI path). Nothing to train: the copies are re-derived from the
              FFN's weights whenever those change, so the shadow follows the FFN through training and is
              never stale; they are not saved (a function of the weights and, for GPTQ, of the saved
@@ -38,7 +38,7 @@ from transformers.activations import ACT2FN
 
 from upcycle import kernels
 from upcycle.errors import check
-from upcycle.modules.shadow_quant import quantize_gptq, quantize_rtn
+from upcycle.kernels.quant import dequantize_groups, quantize_activations, quantize_gptq, quantize_rtn
 
 GATE_MODES = ("hard", "sigmoid", "softmax")
 SELECTIONS = ("predictor", "oracle", "threshold")
@@ -60,14 +60,18 @@ class BankSparsity:
     predictor: str = "shadow"
     bits: int = 4  # shadow: bits per weight of the gate/up copies
     group: int = 64  # shadow: inputs per quantization scale
-    # shadow: how the copies are rounded (modules.shadow_quant); GPTQ rounds to nearest until it is given
+    # shadow: how the copies are rounded (kernels.quant); GPTQ rounds to nearest until it is given
     # the layer's calibration inputs
     quantizer: str = "gptq"
 
     def __post_init__(self):
         check(isinstance(self.bank, int) and self.bank >= 1, "bank", self.bank, "a positive integer")
-        check(isinstance(self.keep, int) and 1 <= self.keep <= self.bank, "keep", self.keep,
-              f"an integer from 1 to bank ({self.bank})")
+        check(
+            isinstance(self.keep, int) and 1 <= self.keep <= self.bank,
+            "keep",
+            self.keep,
+            f"an integer from 1 to bank ({self.bank})",
+        )
         check(isinstance(self.rank, int) and self.rank >= 1, "rank", self.rank, "a positive integer")
         check(self.gate in GATE_MODES, "gate", self.gate, f"one of {', '.join(GATE_MODES)}")
         check(self.selection in SELECTIONS, "selection", self.selection, f"one of {', '.join(SELECTIONS)}")
@@ -81,8 +85,12 @@ class BankSparsity:
             check(hidden % self.group == 0, "group", self.group, f"a divisor of the hidden size {hidden}")
 
     def check_width(self, width: int) -> None:
-        check(width % self.bank == 0, "bank", self.bank,
-              f"a divisor of the FFN width {width} (or pad the width: pad=True)")
+        check(
+            width % self.bank == 0,
+            "bank",
+            self.bank,
+            f"a divisor of the FFN width {width} (or pad the width: pad=True)",
+        )
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -130,31 +138,8 @@ class LowRankPredictor(nn.Module):
     def init_random(self, generator: torch.Generator | None = None) -> None:
         for linear in (self.down, self.up):
             fan_in = linear.in_features
-            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / fan_in ** 0.5)
+            linear.weight.copy_(torch.randn(linear.weight.shape, generator=generator) / fan_in**0.5)
         self.up.bias.zero_()
-
-
-def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric round-to-nearest quantization of the rows of w (out, in) in groups of `group` inputs:
-    codes in [-Q, Q] with Q = 2^(bits-1) - 1 (int8) and one scale per group (max |w| / Q), so that
-    w ≈ codes * scale. An all-zero group gets scale 1 (its codes are 0)."""
-    q = 2 ** (bits - 1) - 1
-    grouped = w.detach().float().reshape(w.shape[0], -1, group)
-    scale = grouped.abs().amax(-1) / q
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    codes = torch.round(grouped / scale[..., None]).clamp_(-q, q).to(torch.int8)
-    return codes.reshape(w.shape), scale
-
-
-def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
-    return (codes.float().reshape(codes.shape[0], -1, group) * scale[..., None]).reshape(codes.shape)
-
-
-def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x̂: the rows of x (..., H) rounded to 8 bits per group of `group` inputs (scale max|x| / 127,
-    codes in [-127, 127], ties to even), returned dequantized: the weights' quantizer at 8 bits."""
-    rows = x.reshape(-1, x.shape[-1])
-    return dequantize_groups(*quantize_groups(rows, 8, group), group).reshape(x.shape).to(x.dtype)
 
 
 def shadow_bytes(width: int, hidden: int, bits: int, group: int) -> int:
@@ -209,10 +194,16 @@ class ShadowPredictor(nn.Module):
         state = tuple((t.data_ptr(), t._version, t.shape) for t in (gate, up))
         if state == self.source and (self.exact or self.training):
             return
-        if self.training and self.quantizer == "gptq" and self.quantized_from is not None and all(
-                a.shape == b.shape for a, b in zip(self.quantized_from, (gate, up))):
-            self.weights = tuple(copy + (w.detach() - w0).to(copy.dtype)
-                                 for copy, w, w0 in zip(self.full_weights, (gate, up), self.quantized_from))
+        if (
+            self.training
+            and self.quantizer == "gptq"
+            and self.quantized_from is not None
+            and all(a.shape == b.shape for a, b in zip(self.quantized_from, (gate, up)))
+        ):
+            self.weights = tuple(
+                copy + (w.detach() - w0).to(copy.dtype)
+                for copy, w, w0 in zip(self.full_weights, (gate, up), self.quantized_from)
+            )
             self.source, self.exact = state, False
             return
         (cg, sg), (cu, su) = self._quantize(gate), self._quantize(up)
@@ -236,6 +227,22 @@ class BankSparseFFN(nn.Module):
     kept `keep` of every `bank` channels per token."""
 
     ffn_kind = "bank_sparse"  # what upcycle.arch reports for a layer holding this module
+
+    def kernel_weights(self) -> tuple[torch.Tensor, ...]:
+        """gate, up, down and, for a low-rank predictor, its down, up, bias: what the kernel reads (a
+        shadow predictor's logits are computed before the kernel is called). Dict look-ups, not
+        nn.Module.__getattr__: a decode step calls this once per layer, so microseconds count."""
+        m = self._modules
+        ffn = (
+            m["gate_proj"]._parameters["weight"],
+            m["up_proj"]._parameters["weight"],
+            m["down_proj"]._parameters["weight"],
+        )
+        predictor = m["predictor"]._modules
+        if "down" not in predictor:
+            return ffn
+        pd, pu = predictor["down"]._parameters, predictor["up"]._parameters
+        return ffn + (pd["weight"], pu["weight"], pu["bias"])
 
     def __init__(self, hidden: int, width: int, sparsity: BankSparsity, act: str = "silu"):
         super().__init__()
@@ -298,7 +305,9 @@ class BankSparseFFN(nn.Module):
         if selection == "threshold":
             return (h.detach().abs() > self.threshold).to(h.dtype)
         z = self.logits(x)
-        if self.training and isinstance(self.predictor, LowRankPredictor):  # references only: the `router` loss does the work if a run asks for it
+        if self.training and isinstance(
+            self.predictor, LowRankPredictor
+        ):  # references only: the `router` loss does the work if a run asks for it
             self.router_inputs = (z, h.detach(), self.keep)
         mode = self.sparsity.gate
         if mode == "hard":

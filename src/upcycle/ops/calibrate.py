@@ -12,59 +12,16 @@ the same hooks serve every other reader of a module's inputs (localisation, repa
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
 
 import torch
-from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
+from upcycle.eval.hooks import StopForward, _rows, hooked, run_blocks  # noqa: F401  (the calibration API)
 
 
-@contextlib.contextmanager
-def hooked(modules: dict, pre: Callable | None = None, post: Callable | None = None):
-    """Inside the block, pre(key, module, args) runs before and post(key, module, args, output)
-    after each listed module's forward; the hooks are removed on the way out, error or not."""
-    handles = []
-    try:
-        for key, module in modules.items():
-            if pre is not None:
-                handles.append(module.register_forward_pre_hook(lambda m, args, key=key: pre(key, m, args)))
-            if post is not None:
-                handles.append(module.register_forward_hook(lambda m, args, out, key=key: post(key, m, args, out)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
-
-
-class StopForward(Exception):
-    """Raised by a hook that has what it needs: the rest of that forward pass is skipped."""
-
-
-@torch.no_grad()
-def run_blocks(model, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False, desc: str = "calibration"):
-    """The model's forward over token blocks (n, T) in eval mode, its training flag restored after.
-    A hook may end a batch's forward early by raising StopForward."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for start in tqdm(range(0, len(blocks), batch_size), desc=desc, disable=not progress, leave=False):
-            try:
-                model(input_ids=blocks[start:start + batch_size].to(device), use_cache=False)
-            except StopForward:
-                pass
-    finally:
-        model.train(was_training)
-
-
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """A module input as the calibration caches keep it: (tokens, features), fp32, CPU."""
-    return x.reshape(-1, x.shape[-1]).float().cpu()
-
-
-def module_inputs(model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False,
-                  stop: bool = False) -> dict:
+def module_inputs(
+    model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False, stop: bool = False
+) -> dict:
     """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU.
     With `stop` (one module), each forward ends there: the layers above it are not computed."""
     cache: dict = {key: [] for key in modules}
@@ -150,8 +107,9 @@ class LayerStream:
         self.layer += 1
 
 
-def ffn_inputs(model, blocks: torch.Tensor, layers: list[int], *, batch_size: int = 8,
-               progress: bool = False) -> dict[int, torch.Tensor]:
+def ffn_inputs(
+    model, blocks: torch.Tensor, layers: list[int], *, batch_size: int = 8, progress: bool = False
+) -> dict[int, torch.Tensor]:
     """The inputs (normed hidden states) of the listed layers' FFNs: {layer: (tokens, hidden)}."""
     adapter = adapter_for(model)
     return module_inputs(model, {i: adapter.ffn(i) for i in layers}, blocks, batch_size=batch_size, progress=progress)
@@ -162,7 +120,7 @@ def swiglu_activation(weights, x: torch.Tensor, act=torch.nn.functional.silu, ch
     """act(x W_gate^T) * (x W_up^T) for cached inputs x (tokens, hidden), in chunks."""
     out = []
     for start in range(0, len(x), chunk):
-        xs = x[start:start + chunk].to(weights.gate.dtype)
+        xs = x[start : start + chunk].to(weights.gate.dtype)
         out.append((act(xs @ weights.gate.T) * (xs @ weights.up.T)).float())
     return torch.cat(out)
 

@@ -18,5 +18,3 @@ def densify(model):
     state = {k: v for k, v in model.state_dict().items() if ".predictor." not in k and not k.endswith(".threshold")}
     dense.load_state_dict(state, strict=True)
     return dense.to(next(model.parameters()).dtype).eval()
-
-

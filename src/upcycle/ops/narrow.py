@@ -33,8 +33,12 @@ def narrow_ffn(model, calibration: torch.Tensor, fraction: float = 0.25) -> tupl
     adapter = adapter_for(model)
     layers = list(range(adapter.num_layers))
     for i in layers:
-        check(adapter.ffn_kind(i) == "dense", "model", type(model).__name__,
-              f"a dense SwiGLU FFN in every layer (layer {i}'s is {adapter.ffn_kind(i)})")
+        check(
+            adapter.ffn_kind(i) == "dense",
+            "model",
+            type(model).__name__,
+            f"a dense SwiGLU FFN in every layer (layer {i}'s is {adapter.ffn_kind(i)})",
+        )
     width = adapter.ffn_weights(0).width
     keep = max(1, round(width * fraction))
     inputs = ffn_inputs(model, calibration, layers)

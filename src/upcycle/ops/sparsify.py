@@ -33,14 +33,21 @@ _MODULE = BankSparsity()  # the sparse FFN's own settings have their defaults th
 class SparsifyConfig(Config):
     bank: int = option(_MODULE.bank, "channels per bank (must divide the FFN width, or --pad)")
     keep: int = option(_MODULE.keep, "channels kept in every bank per token")
-    predictor: str = option(_MODULE.predictor, "how channels are scored: shadow (the FFN's own activation from "
-                            "low-bit copies of its gate/up weights) or lowrank (z = x A B, trained: the paper's)",
-                            choices=("lowrank", "shadow"))
+    predictor: str = option(
+        _MODULE.predictor,
+        "how channels are scored: shadow (the FFN's own activation from "
+        "low-bit copies of its gate/up weights) or lowrank (z = x A B, trained: the paper's)",
+        choices=("lowrank", "shadow"),
+    )
     rank: int = option(_MODULE.rank, "rank of the low-rank predictor")
     bits: int = option(_MODULE.bits, "shadow predictor: bits per weight of the gate/up copies (2-8)")
     group: int = option(_MODULE.group, "shadow predictor: inputs per quantization scale")
-    quantizer: str = option(_MODULE.quantizer, "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
-                            "calibration inputs) or rtn (to nearest)", choices=QUANTIZERS)
+    quantizer: str = option(
+        _MODULE.quantizer,
+        "shadow predictor: how the copies are rounded: gptq (weighted by the layer's "
+        "calibration inputs) or rtn (to nearest)",
+        choices=QUANTIZERS,
+    )
     gate: str = option(_MODULE.gate, "how kept channels are gated", choices=("hard", "sigmoid", "softmax"))
     selection: str = option(_MODULE.selection, "predictor | oracle | threshold (TEAL-style, a baseline)")
     init: str = option("svd", "predictor initialisation", choices=INITS)
@@ -50,12 +57,18 @@ class SparsifyConfig(Config):
     calibration: str = option("shakespeare+pystdlib", "text for calibration and the warm-up ('a+b' mixes)")
     calibration_tokens: int = option(32768, "calibration tokens (1/8 held out to measure recall)")
     seq_len: int = option(256, "length of the calibration blocks")
-    convert_steps: int = option(60, "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
-                                "and weights) to the dense FFN's output, bottom up (0: none)")
+    convert_steps: int = option(
+        60,
+        "layer-wise conversion: fitting steps per layer of the sparse FFN (predictor "
+        "and weights) to the dense FFN's output, bottom up (0: none)",
+    )
     convert_rows: int = option(1024, "layer-wise conversion: rows per step")
     convert_lr: float = option(1e-3, "layer-wise conversion: predictor learning rate")
-    convert_ffn_lr_scale: float = option(1.0, "layer-wise conversion: FFN weights' learning rate / the predictor's "
-                                         "(1.0 measured best for the shadow: benchmarks/sparsify_quality.py)")
+    convert_ffn_lr_scale: float = option(
+        1.0,
+        "layer-wise conversion: FFN weights' learning rate / the predictor's "
+        "(1.0 measured best for the shadow: benchmarks/sparsify_quality.py)",
+    )
     layers: list[int] | None = option(None, "comma-separated layer indices (default: all)")
     permute: bool = option(False, "co-activation clustering of channels before banking")
     pad: bool = option(False, "pad the FFN width with zero channels to a multiple of BANK")
@@ -71,14 +84,27 @@ class SparsifyConfig(Config):
         check(self.convert_lr > 0, "convert_lr", self.convert_lr, "> 0")
         check(self.convert_ffn_lr_scale >= 0, "convert_ffn_lr_scale", self.convert_ffn_lr_scale, ">= 0")
         check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
-        check(self.calibration_tokens >= 2 * self.seq_len, "calibration_tokens", self.calibration_tokens,
-              f">= two blocks of seq_len ({2 * self.seq_len})")
+        check(
+            self.calibration_tokens >= 2 * self.seq_len,
+            "calibration_tokens",
+            self.calibration_tokens,
+            f">= two blocks of seq_len ({2 * self.seq_len})",
+        )
         check(self.layers is None or bool(self.layers), "layers", self.layers, "at least one layer")
 
     @property
     def sparsity(self) -> BankSparsity:
-        return BankSparsity(self.bank, self.keep, self.rank, self.gate, self.selection, self.predictor, self.bits,
-                            self.group, self.quantizer)
+        return BankSparsity(
+            self.bank,
+            self.keep,
+            self.rank,
+            self.gate,
+            self.selection,
+            self.predictor,
+            self.bits,
+            self.group,
+            self.quantizer,
+        )
 
     @property
     def gptq(self) -> bool:
@@ -86,8 +112,13 @@ class SparsifyConfig(Config):
 
     @property
     def needs_calibration(self) -> bool:
-        return ((self.warmup_steps > 0 and self.selection == "predictor") or self.permute or self.gptq
-                or self.selection == "threshold" or self.convert_steps > 0)
+        return (
+            (self.warmup_steps > 0 and self.selection == "predictor")
+            or self.permute
+            or self.gptq
+            or self.selection == "threshold"
+            or self.convert_steps > 0
+        )
 
 
 @dataclass
@@ -127,8 +158,7 @@ def sparse_layers(model, config: SparsifyConfig) -> list[int]:
 
 
 @torch.no_grad()
-def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor] | None = None,
-                   held_tokens: int = 0):
+def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor] | None = None, held_tokens: int = 0):
     """A bank-sparse copy of `model` and a SparsifyReport (layers, width, density). `inputs`: each
     layer's calibrated FFN inputs, the first `held_tokens` rows held out (permutation and thresholds
     need them)."""
@@ -169,6 +199,7 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
 
 # ---- layout: padding and channel permutation -----------------------------------------------------
 
+
 @torch.no_grad()
 def _pad_width(adapter, layers: list[int], bank: int) -> int:
     """Append zero channels (zero gate/up rows, zero down columns: act(0) * 0 = 0, so the function is
@@ -177,8 +208,14 @@ def _pad_width(adapter, layers: list[int], bank: int) -> int:
         w = adapter.ffn_weights(i)
         extra = -w.width % bank
         pad_rows = w.gate.new_zeros(extra, w.gate.shape[1])
-        adapter.set_ffn_weights(i, SwiGLUWeights(torch.cat([w.gate, pad_rows]), torch.cat([w.up, pad_rows]),
-                                                 torch.cat([w.down, w.down.new_zeros(w.down.shape[0], extra)], 1)))
+        adapter.set_ffn_weights(
+            i,
+            SwiGLUWeights(
+                torch.cat([w.gate, pad_rows]),
+                torch.cat([w.up, pad_rows]),
+                torch.cat([w.down, w.down.new_zeros(w.down.shape[0], extra)], 1),
+            ),
+        )
     width = adapter.ffn_weights(layers[0]).width
     if len(layers) == adapter.num_layers:
         adapter.set_config(ffn_size=width)
@@ -206,5 +243,3 @@ def _permute_channels(adapter, i: int, x: torch.Tensor, bank: int, keep: int) ->
     w = adapter.ffn_weights(i)
     order = coactivation_order(swiglu_activation(w, x), keep / bank)
     adapter.set_ffn_weights(i, SwiGLUWeights(w.gate[order].clone(), w.up[order].clone(), w.down[:, order].clone()))
-
-

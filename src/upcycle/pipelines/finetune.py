@@ -22,7 +22,7 @@ from upcycle.eval.extract import exact_match, extract_examples, write_extract_da
 from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, rss_mb
 from upcycle.ops.prune import PruneSpec, prunable_linears, prune
 from upcycle.pipelines import Result, configured
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 from upcycle.train.lora import lora_parameters, merge_lora
 from upcycle.train.seft import merge_deltas
 
@@ -31,13 +31,21 @@ __all__ = ["FinetuneConfig", "FinetuneReport", "run"]
 
 @dataclass
 class FinetuneConfig(Config):
-    sparse: str | None = option(None, "keep the pruned model's zeros: seft (sparse deltas whose positions evolve) or "
-                                "masked (every weight trains, the zeros stay)", choices=("seft", "masked"))
+    sparse: str | None = option(
+        None,
+        "keep the pruned model's zeros: seft (sparse deltas whose positions evolve) or "
+        "masked (every weight trains, the zeros stay)",
+        choices=("seft", "masked"),
+    )
     lora: int | None = option(None, "instead: LoRA of this rank (peft), merged at the end — dense again")
-    lora_star: bool = option(False, "with --lora: re-prune the merged model with Wanda to the source's sparsity "
-                             "(LoRA*, SEFT's baseline)")
-    task: str = option("extract", "the task: extract (record extraction, exact match), or none (train on --data)",
-                       choices=("extract", "none"))
+    lora_star: bool = option(
+        False, "with --lora: re-prune the merged model with Wanda to the source's sparsity (LoRA*, SEFT's baseline)"
+    )
+    task: str = option(
+        "extract",
+        "the task: extract (record extraction, exact match), or none (train on --data)",
+        choices=("extract", "none"),
+    )
     examples: int = option(2000, "training examples of the task")
     eval_examples: int = option(96, "held-out examples of the task scored before and after (exact match)")
     data: str | None = option(None, "with --task none: training text (a corpus name, .txt/.jsonl file or folder)")
@@ -50,7 +58,9 @@ class FinetuneConfig(Config):
     micro_batch: int = option(4, "sequences per forward pass")
     seed: int = option(0, "seed of the data order and of the deltas' first positions")
     budget_rank: int | None = option(16, "SEFT: deltas per matrix = the parameter count of a LoRA of this rank")
-    density: float | None = option(None, "SEFT: deltas per matrix as a fraction of its weights (instead of budget_rank)")
+    density: float | None = option(
+        None, "SEFT: deltas per matrix as a fraction of its weights (instead of budget_rank)"
+    )
     every: int = option(20, "SEFT: steps between topology updates")
     window: int = option(5, "SEFT: steps of summed dense gradient before each update")
     drop: float = option(0.2, "SEFT: fraction of deltas dropped and regrown at the first update (cosine to 0)")
@@ -61,8 +71,12 @@ class FinetuneConfig(Config):
         check(self.lora is None or self.lora >= 1, "lora", self.lora, "a rank >= 1")
         check(not self.lora_star or self.lora is not None, "lora_star", self.lora_star, "with --lora R")
         check(self.task != "none" or self.data is not None, "data", self.data, "training text when --task none")
-        check(self.tokens >= self.global_batch * self.seq_len, "tokens", self.tokens,
-              f"at least one step ({self.global_batch} × {self.seq_len})")
+        check(
+            self.tokens >= self.global_batch * self.seq_len,
+            "tokens",
+            self.tokens,
+            f"at least one step ({self.global_batch} × {self.seq_len})",
+        )
         check(self.density is None or 0 < self.density < 1, "density", self.density, "in (0, 1)")
         check(self.budget_rank is None or self.budget_rank >= 1, "budget_rank", self.budget_rank, ">= 1")
 
@@ -88,21 +102,36 @@ class FinetuneReport:
     run_dir: Path | None = None  # the training run's folder (metrics, report, curve)
 
     def as_dict(self) -> dict:
-        return {"method": self.method, "before": self.before, "after": self.after,
-                "sparsity_before": self.sparsity_before, "sparsity_after": self.sparsity_after,
-                "sparsity_exact": self.sparsity_exact, "matrices_changed_zeros": self.matrices_changed_zeros,
-                **self.training}
+        return {
+            "method": self.method,
+            "before": self.before,
+            "after": self.after,
+            "sparsity_before": self.sparsity_before,
+            "sparsity_after": self.sparsity_after,
+            "sparsity_exact": self.sparsity_exact,
+            "matrices_changed_zeros": self.matrices_changed_zeros,
+            **self.training,
+        }
 
 
-def run(model, tokenizer, config: FinetuneConfig | None = None, *, progress: bool = True,
-        run_dir: str | Path | None = None, **overrides) -> Result[FinetuneReport]:
+def run(
+    model,
+    tokenizer,
+    config: FinetuneConfig | None = None,
+    *,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    **overrides,
+) -> Result[FinetuneReport]:
     """Score, fine-tune (in place: the model given is the one trained), merge, score again. The
     training run goes to `run_dir` (default: a temporary folder)."""
     cfg = configured(FinetuneConfig, config, overrides)
     zeros_before = _zeros(model)
     if cfg.method in ("seft", "masked", "lora_star") and not any(zeros_before.values()):
-        raise ConfigError(f"--{'sparse ' + cfg.method if cfg.sparse else 'lora-star'} keeps a pruned model's "
-                          "zeros, and the model has none in its linear layers: run `upcycle prune` first")
+        raise ConfigError(
+            f"--{'sparse ' + cfg.method if cfg.sparse else 'lora-star'} keeps a pruned model's "
+            "zeros, and the model has none in its linear layers: run `upcycle prune` first"
+        )
     held = data.blocks(cfg.held, tokenizer, "validation", cfg.seq_len, max_blocks=cfg.held_blocks)
     tasks = extract_examples(cfg.eval_examples, seed=10_000 + cfg.seed) if cfg.task == "extract" else []
     before = _score(model, tokenizer, held, tasks, progress)
@@ -117,36 +146,66 @@ def run(model, tokenizer, config: FinetuneConfig | None = None, *, progress: boo
     zeros_after = _zeros(tuned)
     kept = {k: zeros_after[k] == zeros_before[k] for k in zeros_before}
     training["peak_rss_mb"] = max(training["peak_before_train_mb"], peak_rss_mb())
-    report = FinetuneReport(cfg.method, before, after, sum(zeros_before.values()) / _numel(tuned),
-                            sum(zeros_after.values()) / _numel(tuned), all(kept.values()),
-                            [k for k, ok in kept.items() if not ok], training, run_dir)
+    report = FinetuneReport(
+        cfg.method,
+        before,
+        after,
+        sum(zeros_before.values()) / _numel(tuned),
+        sum(zeros_after.values()) / _numel(tuned),
+        all(kept.values()),
+        [k for k, ok in kept.items() if not ok],
+        training,
+        run_dir,
+    )
     return Result(tuned, report)
 
 
 def _train(source, tokenizer, config: FinetuneConfig, run_dir: Path, progress: bool):
     if config.task == "extract":
-        train_data = str(write_extract_data(run_dir / "task", tokenizer, extract_examples(config.examples,
-                                                                                          seed=config.seed)))
+        train_data = str(
+            write_extract_data(run_dir / "task", tokenizer, extract_examples(config.examples, seed=config.seed))
+        )
     else:
         train_data = config.data
     stage = {"name": "finetune", "tokens": config.tokens}
     groups = []
     if config.method == "seft":
         budget = {"density": config.density} if config.density else {"lora_rank": config.budget_rank}
-        stage.update(transform="seft", transform_options={**budget, "seed": config.seed},
-                     callbacks=[{"name": "seft", "options": {"every": config.every, "window": config.window,
-                                                             "drop": config.drop, "nm": _nm(source)}}])
+        stage.update(
+            transform="seft",
+            transform_options={**budget, "seed": config.seed},
+            callbacks=[
+                {
+                    "name": "seft",
+                    "options": {"every": config.every, "window": config.window, "drop": config.drop, "nm": _nm(source)},
+                }
+            ],
+        )
         groups = [{"name": "deltas", "patterns": [r"\.delta$"]}, {"name": "rest", "frozen": True}]
     elif config.method == "masked":
         stage.update(callbacks=[{"name": "masked"}])
     elif config.method in ("lora", "lora_star"):
         stage.update(transform="lora", transform_options={"rank": config.lora})
         groups = [{"name": "lora", "patterns": [r"lora_"]}, {"name": "rest", "frozen": True}]
-    cfg = TrainConfig.from_dict(dict(
-        model="(in memory)", data=train_data, out=str(run_dir), seq_len=config.seq_len,
-        global_batch=config.global_batch, micro_batch=config.micro_batch, lr=config.lr, warmup_steps=2,
-        seed=config.seed, losses=[{"name": "lm"}], groups=groups, stages=[stage], ckpt_every=1_000_000,
-        progress=progress, val_blocks=4))
+    cfg = TrainConfig.from_dict(
+        dict(
+            model="(in memory)",
+            data=train_data,
+            out=str(run_dir),
+            seq_len=config.seq_len,
+            global_batch=config.global_batch,
+            micro_batch=config.micro_batch,
+            lr=config.lr,
+            warmup_steps=2,
+            seed=config.seed,
+            losses=[{"name": "lm"}],
+            groups=groups,
+            stages=[stage],
+            ckpt_every=1_000_000,
+            progress=progress,
+            val_blocks=4,
+        )
+    )
     # the training's own peak, apart from the loading and scoring around it (which every method shares)
     held_before, peak_before = rss_mb(), peak_rss_mb()
     reset_peak()  # (this resets getrusage's peak too: the whole run's peak is the larger of the two)
@@ -159,12 +218,18 @@ def _train(source, tokenizer, config: FinetuneConfig, run_dir: Path, progress: b
     trainable = sum(p.numel() for g in trainer.optimizer.param_groups for p in g["params"])
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl")]
     step_s = [config.global_batch * config.seq_len / r["tok_s"] for r in records if "tok_s" in r]
-    info = {"steps": steps, "tokens": trainer.progress.tokens, "train_seconds": wall,
-            "s_per_step": sorted(step_s)[len(step_s) // 2] if step_s else wall / steps,
-            "trainable_params": trainable, "optimizer_state_mb": 2 * 4 * trainable / 2**20,
-            "train_peak_rss_mb": train_peak, "rss_before_train_mb": held_before,
-            "peak_before_train_mb": peak_before,
-            "lora_params": lora_parameters(trainer.model) if config.method.startswith("lora") else None}
+    info = {
+        "steps": steps,
+        "tokens": trainer.progress.tokens,
+        "train_seconds": wall,
+        "s_per_step": sorted(step_s)[len(step_s) // 2] if step_s else wall / steps,
+        "trainable_params": trainable,
+        "optimizer_state_mb": 2 * 4 * trainable / 2**20,
+        "train_peak_rss_mb": train_peak,
+        "rss_before_train_mb": held_before,
+        "peak_before_train_mb": peak_before,
+        "lora_params": lora_parameters(trainer.model) if config.method.startswith("lora") else None,
+    }
     return trainer.model, info
 
 

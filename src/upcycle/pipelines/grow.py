@@ -21,18 +21,26 @@ __all__ = ["GrowConfig", "GrowReport", "GrowStep", "GrowChecks", "run"]
 
 @dataclass
 class GrowConfig(Config):
-    plan: str | None = option(None, "a growth plan: a YAML file with `steps:`, a list of steps (each: op and its "
-                              "options), applied in order and each verified")
+    plan: str | None = option(
+        None,
+        "a growth plan: a YAML file with `steps:`, a list of steps (each: op and its "
+        "options), applied in order and each verified",
+    )
     steps: list[GrowStep] | None = option(None, "the plan's steps given inline (a --config recipe's form)")
     checks: GrowChecks = option(help="what each step's verification allows", factory=GrowChecks, cli=False)
-    calibration: str = option("shakespeare+pystdlib", "text for k-means routers (train split) and for verifying "
-                              "each step (validation split)")
+    calibration: str = option(
+        "shakespeare+pystdlib", "text for k-means routers (train split) and for verifying each step (validation split)"
+    )
     calibration_tokens: int = option(8192, "tokens of text for k-means and for the verification each")
     seq_len: int = option(256, "length of the text blocks")
 
     def validate(self) -> None:
-        check(self.calibration_tokens >= self.seq_len, "calibration_tokens", self.calibration_tokens,
-              f"at least seq_len={self.seq_len}")
+        check(
+            self.calibration_tokens >= self.seq_len,
+            "calibration_tokens",
+            self.calibration_tokens,
+            f"at least seq_len={self.seq_len}",
+        )
         check(self.plan is None or self.steps is None, "plan", self.plan, "a plan file or inline steps, not both")
 
     def plan_steps(self) -> list[GrowStep]:
@@ -41,8 +49,10 @@ class GrowConfig(Config):
             mapping = read_mapping(self.plan, "plan")
             unknown = set(mapping) - {"steps"}
             if unknown or not isinstance(mapping.get("steps"), list) or not mapping["steps"]:
-                raise ConfigError(f"plan {self.plan!r} must hold `steps:`, a non-empty list of steps"
-                                  + (f" (unknown key {sorted(unknown)[0]!r})" if unknown else ""))
+                raise ConfigError(
+                    f"plan {self.plan!r} must hold `steps:`, a non-empty list of steps"
+                    + (f" (unknown key {sorted(unknown)[0]!r})" if unknown else "")
+                )
             return [GrowStep.from_dict(s, f"steps[{n}]") for n, s in enumerate(mapping["steps"])]
         if self.steps:
             return list(self.steps)
@@ -59,12 +69,16 @@ class GrowReport:
     saved: list = field(default_factory=list, repr=False)  # the model after each step marked `save` (else None)
 
     def as_dict(self) -> dict:
-        return {"steps": [s.to_dict() for s in self.steps], "reports": [r.as_dict() for r in self.reports],
-                "overall": {"equivalence": self.equivalence, "loss_change": self.loss_change, "exact": self.exact}}
+        return {
+            "steps": [s.to_dict() for s in self.steps],
+            "reports": [r.as_dict() for r in self.reports],
+            "overall": {"equivalence": self.equivalence, "loss_change": self.loss_change, "exact": self.exact},
+        }
 
 
-def run(model, tokenizer, config: GrowConfig | None = None, *, progress: bool = True,
-        **overrides) -> Result[GrowReport]:
+def run(
+    model, tokenizer, config: GrowConfig | None = None, *, progress: bool = True, **overrides
+) -> Result[GrowReport]:
     """Apply every step of the plan in order, each verified against the model before it (a step that
     fails its check raises GrowthNotPreserved); then the grown model against the source."""
     cfg = configured(GrowConfig, config, overrides)
@@ -81,6 +95,8 @@ def run(model, tokenizer, config: GrowConfig | None = None, *, progress: bool = 
     exact = all(r.kind == "exact" for r in reports)
     eq = overall.as_dict()
     if exact and eq["max_abs_logit"] > cfg.checks.tolerance:
-        raise GrowthNotPreserved(f"every step is exact but the grown model drifted from the source: max |Δlogit| "
-                                 f"{eq['max_abs_logit']:.3g} > tolerance {cfg.checks.tolerance:g}")
+        raise GrowthNotPreserved(
+            f"every step is exact but the grown model drifted from the source: max |Δlogit| "
+            f"{eq['max_abs_logit']:.3g} > tolerance {cfg.checks.tolerance:g}"
+        )
     return Result(current, GrowReport(steps, reports, eq, overall.loss_change, exact, saved))

@@ -42,25 +42,35 @@ class RepairConfig(Config):
     steps: int = option(300, "repair training steps (2048 of the layer's rows each)")
     lr: float = option(1e-3, "predictor learning rate (the FFN's: a tenth of it)")
     train_ffn: bool = option(True, "retrain the layer's FFN too, not only its predictor")
-    objective: str = option("local", "local: layer-local KD of the reference's dense FFN; end_to_end: LM + KD on "
-                            "the logits through the whole model (slow on a CPU)", choices=OBJECTIVES)
+    objective: str = option(
+        "local",
+        "local: layer-local KD of the reference's dense FFN; end_to_end: LM + KD on "
+        "the logits through the whole model (slow on a CPU)",
+        choices=OBJECTIVES,
+    )
     control: bool = option(True, "also repair a random layer for comparison")
-    cwe: CWEConfig = option(help="the CWE task (most common word, 15 % of the entries; chat template)",
-                            factory=CWEConfig)
+    cwe: CWEConfig = option(
+        help="the CWE task (most common word, 15 % of the entries; chat template)", factory=CWEConfig
+    )
     seed: int = option(0, "seed of the control layer and the row sampling")
 
     def validate(self):
         check(bool(self.lengths) and min(self.lengths) >= 64, "lengths", self.lengths, "token counts >= 64")
-        check(self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0), "layer", self.layer,
-              "auto or a layer index")
+        check(
+            self.layer == "auto" or (isinstance(self.layer, int) and self.layer >= 0),
+            "layer",
+            self.layer,
+            "auto or a layer index",
+        )
         for name in ("samples", "steps", "train_blocks", "probe_tokens"):
             check(getattr(self, name) >= 1, name, getattr(self, name), ">= 1")
         check(self.seq_len >= 16, "seq_len", self.seq_len, ">= 16")
         check(self.lr > 0, "lr", self.lr, "> 0")
 
 
-def run(model, tokenizer, config: RepairConfig | None = None, *, reference, progress: bool = True,
-        **overrides) -> Result[dict]:
+def run(
+    model, tokenizer, config: RepairConfig | None = None, *, reference, progress: bool = True, **overrides
+) -> Result[dict]:
     """The model with its chosen layer repaired, and the measurements (a dict: `measured` per model,
     the localisation, the share of the gap closed). The input model is left unchanged."""
     options = configured(RepairConfig, config, overrides)
@@ -71,7 +81,9 @@ def run(model, tokenizer, config: RepairConfig | None = None, *, reference, prog
         raise ConfigError("repair: no tokenizer; CWE prompts need one")
     probe_ids = data.blocks(options.probe_source, tokenizer, "validation", options.probe_tokens, max_blocks=1)
     short_blocks = data.blocks(options.short_source, tokenizer, "validation", 256, max_blocks=16)
-    train_blocks = data.blocks(options.train_source, tokenizer, "train", options.seq_len, max_blocks=options.train_blocks)
+    train_blocks = data.blocks(
+        options.train_source, tokenizer, "train", options.seq_len, max_blocks=options.train_blocks
+    )
     ref_logprobs = logprobs(reference, probe_ids)
 
     def measure(candidate, name):
@@ -87,31 +99,51 @@ def run(model, tokenizer, config: RepairConfig | None = None, *, reference, prog
     repaired = {}
     for name, layer in targets.items():
         candidate = copy.deepcopy(model)
-        losses = repair_layer(candidate, reference, layer, train_blocks, steps=options.steps, lr=options.lr,
-                              train_ffn=options.train_ffn, objective=options.objective, seed=options.seed,
-                              progress=progress)
+        losses = repair_layer(
+            candidate,
+            reference,
+            layer,
+            train_blocks,
+            steps=options.steps,
+            lr=options.lr,
+            train_ffn=options.train_ffn,
+            objective=options.objective,
+            seed=options.seed,
+            progress=progress,
+        )
         measured[name] = {**measure(candidate, name), "layer": layer, "losses": losses}
         repaired[name] = candidate
-    result.update({
-        "cwe": {name: m["cwe"] for name, m in measured.items()},
-        "chance": measured["dense"]["chance"], "chance_uniform": measured["dense"]["chance_uniform"],
-        "layer_ranking": loc["ranking"], "chosen_layer": chosen,
-        "random_layer": targets.get("repaired_random"),
-        "localisation": loc, "measured": measured,
-        "gap_closed": _gap_closed(measured),
-    })
+    result.update(
+        {
+            "cwe": {name: m["cwe"] for name, m in measured.items()},
+            "chance": measured["dense"]["chance"],
+            "chance_uniform": measured["dense"]["chance_uniform"],
+            "layer_ranking": loc["ranking"],
+            "chosen_layer": chosen,
+            "random_layer": targets.get("repaired_random"),
+            "localisation": loc,
+            "measured": measured,
+            "gap_closed": _gap_closed(measured),
+        }
+    )
     return Result(repaired["repaired_top"], result)
 
 
-def _measure(model, tokenizer, reference_logprobs, probe_ids, short_blocks, options: RepairConfig, name: str,
-             progress: bool) -> dict:
+def _measure(
+    model, tokenizer, reference_logprobs, probe_ids, short_blocks, options: RepairConfig, name: str, progress: bool
+) -> dict:
     buckets = position_buckets(probe_ids.shape[1])
     with tqdm(total=len(options.lengths) * options.samples, desc=f"CWE {name}", disable=not progress) as bar:
         cwe = cwe_eval(model, tokenizer, list(options.lengths), options.samples, options.cwe, progress=bar)
     probe = long_context_probe(model, reference_logprobs, probe_ids, buckets)
     short = perplexity(model, short_blocks, batch_size=4, progress=False).ppl
-    return {"cwe": cwe["score"], "chance": cwe["chance"], "chance_uniform": cwe["chance_uniform"], "probe": probe,
-            "short_ppl": short}
+    return {
+        "cwe": cwe["score"],
+        "chance": cwe["chance"],
+        "chance_uniform": cwe["chance_uniform"],
+        "probe": probe,
+        "short_ppl": short,
+    }
 
 
 def _gap_closed(measured: dict) -> dict:
@@ -124,8 +156,10 @@ def _gap_closed(measured: dict) -> dict:
         if name in measured:
             m = measured[name]
             cwe_gap = dense_cwe - sparse_cwe
-            shares[name] = {"kl_long": (base_kl - m["probe"]["kl"][-1]) / base_kl if base_kl > 0 else 0.0,
-                            "cwe": (sum(m["cwe"]) - sparse_cwe) / cwe_gap if cwe_gap > 0 else None}
+            shares[name] = {
+                "kl_long": (base_kl - m["probe"]["kl"][-1]) / base_kl if base_kl > 0 else 0.0,
+                "cwe": (sum(m["cwe"]) - sparse_cwe) / cwe_gap if cwe_gap > 0 else None,
+            }
     return shares
 
 
@@ -133,14 +167,23 @@ def report_markdown(result: dict, title: bool = True) -> str:
     m = result["measured"]
     names = [n for n in ("dense", "sparse", "repaired_top", "repaired_random") if n in m]
     header = "| model | " + " | ".join(f"CWE @{n}" for n in result["lengths"]) + " | KL last bucket | short ppl |"
-    lines = (["# upcycle repair", ""] if title else []) + [f"Localisation ranking (first = most of the long-context KL gap closed by "
-             f"restoring it): {result['layer_ranking'][:8]}; repaired layer {result['chosen_layer']}"
-             + (f", control layer {result['random_layer']}" if result.get("random_layer") is not None else ""), "",
-             header, "|---" * (len(result["lengths"]) + 3) + "|"]
+    lines = (["# upcycle repair", ""] if title else []) + [
+        f"Localisation ranking (first = most of the long-context KL gap closed by "
+        f"restoring it): {result['layer_ranking'][:8]}; repaired layer {result['chosen_layer']}"
+        + (f", control layer {result['random_layer']}" if result.get("random_layer") is not None else ""),
+        "",
+        header,
+        "|---" * (len(result["lengths"]) + 3) + "|",
+    ]
     for n in names:
         label = n + (f" (layer {m[n]['layer']})" if "layer" in m[n] else "")
-        lines.append(f"| {label} | " + " | ".join(f"{v:.2f}" for v in m[n]["cwe"])
-                     + f" | {m[n]['probe']['kl'][-1]:.3f} | {m[n]['short_ppl']:.2f} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{v:.2f}" for v in m[n]["cwe"])
+            + f" | {m[n]['probe']['kl'][-1]:.3f} | {m[n]['short_ppl']:.2f} |"
+        )
     lines.append("| chance: random entries | " + " | ".join(f"{v:.2f}" for v in result["chance"]) + " | | |")
-    lines.append("| chance: random distinct words | " + " | ".join(f"{v:.3f}" for v in result["chance_uniform"]) + " | | |")
+    lines.append(
+        "| chance: random distinct words | " + " | ".join(f"{v:.3f}" for v in result["chance_uniform"]) + " | | |"
+    )
     return "\n".join(lines)

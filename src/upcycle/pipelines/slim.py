@@ -21,7 +21,7 @@ from upcycle.eval import Equivalence, compare
 from upcycle.ops.slim import CutReport, SlimStep
 from upcycle.ops.slim.lineage import Lineage, source_scores
 from upcycle.pipelines import Result, configured
-from upcycle.train import Trainer, TrainConfig
+from upcycle.train import TrainConfig, Trainer
 from upcycle.train.mtp import detach_mtp
 from upcycle.train.slim import SlimState, slim_stage
 from upcycle.yamlfile import read_mapping
@@ -34,8 +34,11 @@ RECOVERY = {
     "kd_lm": [{"name": "kd", "weight": {"from": 1.0, "to": 0.75}}, {"name": "lm", "weight": {"from": 0.0, "to": 0.25}}],
     "kd": [{"name": "kd"}],
     "lm": [{"name": "lm"}],
-    "kd_lm_mtp": [{"name": "kd", "weight": {"from": 1.0, "to": 0.75}}, {"name": "lm", "weight": {"from": 0.0, "to": 0.25}},
-                  {"name": "mtp", "weight": 0.3}],
+    "kd_lm_mtp": [
+        {"name": "kd", "weight": {"from": 1.0, "to": 0.75}},
+        {"name": "lm", "weight": {"from": 0.0, "to": 0.25}},
+        {"name": "mtp", "weight": 0.3},
+    ],
 }
 
 
@@ -53,23 +56,34 @@ class SlimStage(Config):
 
 @dataclass
 class SlimConfig(Config):
-    plan: str | None = option(None, "a slimming plan: a YAML file with `stages:`, each {name, cuts: [...], tokens} "
-                              "— cuts made at the stage's start, then recovery training")
+    plan: str | None = option(
+        None,
+        "a slimming plan: a YAML file with `stages:`, each {name, cuts: [...], tokens} "
+        "— cuts made at the stage's start, then recovery training",
+    )
     stages: list[SlimStage] | None = option(None, "the plan's stages given inline (a --config recipe's form)")
     tokens: int = option(0, "recovery tokens after a single cut given by the options (0: one-shot)")
-    recovery: str = option("kd_lm", "recovery losses: kd_lm (KD from the source + LM, KD share 1.0 → 0.75), kd, "
-                           "lm, or kd_lm_mtp (+ multi-token prediction)", choices=tuple(RECOVERY))
+    recovery: str = option(
+        "kd_lm",
+        "recovery losses: kd_lm (KD from the source + LM, KD share 1.0 → 0.75), kd, "
+        "lm, or kd_lm_mtp (+ multi-token prediction)",
+        choices=tuple(RECOVERY),
+    )
     lr: float = option(3e-4, "recovery peak learning rate")
     global_batch: int = option(8, "recovery sequences per optimizer step")
     micro_batch: int = option(4, "recovery sequences per forward pass")
     data: str = option("shakespeare+pystdlib", "recovery training text")
     teacher: str | None = option(None, "the KD teacher of the recovery (default: the source model itself)")
     val_every: int = option(4, "recovery steps between validations (the curve in recovery/metrics.jsonl)")
-    recompute: bool = option(True, "measure each cut's importance on the model as it is then (after the cuts and "
-                             "training before it); --no-recompute: once, on the source, for the whole plan "
-                             "(block influence, hidden, heads, FFN neurons; angular and experts always anew)")
-    calibration: str = option("shakespeare+pystdlib", "text for importance (train split) and for the one-shot "
-                              "measurements (validation split)")
+    recompute: bool = option(
+        True,
+        "measure each cut's importance on the model as it is then (after the cuts and "
+        "training before it); --no-recompute: once, on the source, for the whole plan "
+        "(block influence, hidden, heads, FFN neurons; angular and experts always anew)",
+    )
+    calibration: str = option(
+        "shakespeare+pystdlib", "text for importance (train split) and for the one-shot measurements (validation split)"
+    )
     calibration_tokens: int = option(8192, "tokens of calibration text, and of held-out text, each")
     seq_len: int = option(256, "length of the text blocks")
     seed: int = option(0, "seed of the recovery run")
@@ -77,15 +91,20 @@ class SlimConfig(Config):
     def validate(self) -> None:
         check(self.tokens >= 0, "tokens", self.tokens, "an integer >= 0")
         check(self.plan is None or self.stages is None, "plan", self.plan, "a plan file or inline stages, not both")
-        check(self.calibration_tokens >= self.seq_len, "calibration_tokens", self.calibration_tokens,
-              f"at least seq_len={self.seq_len}")
+        check(
+            self.calibration_tokens >= self.seq_len,
+            "calibration_tokens",
+            self.calibration_tokens,
+            f"at least seq_len={self.seq_len}",
+        )
 
     def plan_stages(self) -> list[SlimStage]:
         if self.plan is not None:
             mapping = read_mapping(self.plan, "plan")
             if set(mapping) != {"stages"} or not isinstance(mapping["stages"], list) or not mapping["stages"]:
-                raise ConfigError(f"plan {self.plan!r} must hold `stages:`, a non-empty list of "
-                                  "{name, cuts: [...], tokens}")
+                raise ConfigError(
+                    f"plan {self.plan!r} must hold `stages:`, a non-empty list of {{name, cuts: [...], tokens}}"
+                )
             return [SlimStage.from_dict(s, f"stages[{n}]") for n, s in enumerate(mapping["stages"])]
         if self.stages:
             return list(self.stages)
@@ -102,14 +121,25 @@ class SlimReport:
     recovery_dir: Path | None = None  # the recovery run's folder (metrics, report, curve), when it trained
 
     def as_dict(self) -> dict:
-        return {"stages": [s.to_dict() for s in self.stages], "cuts": [r.as_dict() for r in self.cuts],
-                "recovery_tokens": self.recovery_tokens, "recovery": self.recovery,
-                "ppl": {"source": math.exp(self.final.loss_reference), "slim": math.exp(self.final.loss_candidate)},
-                "final": self.final.as_dict()}
+        return {
+            "stages": [s.to_dict() for s in self.stages],
+            "cuts": [r.as_dict() for r in self.cuts],
+            "recovery_tokens": self.recovery_tokens,
+            "recovery": self.recovery,
+            "ppl": {"source": math.exp(self.final.loss_reference), "slim": math.exp(self.final.loss_candidate)},
+            "final": self.final.as_dict(),
+        }
 
 
-def run(model, tokenizer, config: SlimConfig | None = None, *, progress: bool = True, run_dir: str | Path | None = None,
-        **overrides) -> Result[SlimReport]:
+def run(
+    model,
+    tokenizer,
+    config: SlimConfig | None = None,
+    *,
+    progress: bool = True,
+    run_dir: str | Path | None = None,
+    **overrides,
+) -> Result[SlimReport]:
     """The plan's cuts, each chosen on calibration text and measured one shot on held-out text, with
     recovery training by the one trainer where a stage gives tokens (its run in `run_dir`, default a
     temporary folder). The input model is left unchanged."""
@@ -137,25 +167,58 @@ def run(model, tokenizer, config: SlimConfig | None = None, *, progress: bool = 
     return Result(slim, SlimReport(stages, reports, final, sum(s.tokens for s in stages), cfg.recovery, recovery_dir))
 
 
-def _recover(source, tokenizer, stages: list[SlimStage], cfg: SlimConfig, state: SlimState, reports: list,
-             run_dir: Path, progress: bool):
+def _recover(
+    source,
+    tokenizer,
+    stages: list[SlimStage],
+    cfg: SlimConfig,
+    state: SlimState,
+    reports: list,
+    run_dir: Path,
+    progress: bool,
+):
     """The plan as stages of the one trainer: each stage's cuts are its `slim` transform; a stage
     without tokens hands its cuts to the next stage (and the last ones are made after training)."""
-    calibration = {"calibration": cfg.calibration, "calibration_tokens": cfg.calibration_tokens,
-                   "seq_len": cfg.seq_len, "held_tokens": cfg.calibration_tokens, "recompute": cfg.recompute}
+    calibration = {
+        "calibration": cfg.calibration,
+        "calibration_tokens": cfg.calibration_tokens,
+        "seq_len": cfg.seq_len,
+        "held_tokens": cfg.calibration_tokens,
+        "recompute": cfg.recompute,
+    }
     train_stages, pending = [], []
     for stage in stages:
         pending += [s.to_dict() for s in stage.cuts]
         if stage.tokens:
-            train_stages.append({"name": stage.name, "tokens": stage.tokens, "transform": "slim",
-                                 "transform_options": {"cuts": pending, "mtp": cfg.recovery.endswith("mtp"),
-                                                       **calibration}})
+            train_stages.append(
+                {
+                    "name": stage.name,
+                    "tokens": stage.tokens,
+                    "transform": "slim",
+                    "transform_options": {"cuts": pending, "mtp": cfg.recovery.endswith("mtp"), **calibration},
+                }
+            )
             pending = []
-    train_config = TrainConfig.from_dict(dict(
-        model="(in memory)", data=cfg.data, out=str(run_dir), seq_len=cfg.seq_len, global_batch=cfg.global_batch,
-        micro_batch=cfg.micro_batch, lr=cfg.lr, warmup_steps=2, seed=cfg.seed, losses=RECOVERY[cfg.recovery],
-        stages=train_stages, ckpt_every=10_000, progress=progress, teacher="self", val_blocks=8,
-        val_every=cfg.val_every))
+    train_config = TrainConfig.from_dict(
+        dict(
+            model="(in memory)",
+            data=cfg.data,
+            out=str(run_dir),
+            seq_len=cfg.seq_len,
+            global_batch=cfg.global_batch,
+            micro_batch=cfg.micro_batch,
+            lr=cfg.lr,
+            warmup_steps=2,
+            seed=cfg.seed,
+            losses=RECOVERY[cfg.recovery],
+            stages=train_stages,
+            ckpt_every=10_000,
+            progress=progress,
+            teacher="self",
+            val_blocks=8,
+            val_every=cfg.val_every,
+        )
+    )
     teacher = source if cfg.teacher is None else hub.load(cfg.teacher)[0]
     trainer = Trainer(train_config, model=copy.deepcopy(source), tokenizer=tokenizer, teacher=teacher)
     trainer.state["slim"] = state
@@ -171,4 +234,3 @@ def _recover(source, tokenizer, stages: list[SlimStage], cfg: SlimConfig, state:
         slim, last = slim_stage(slim, tokenizer, {"slim": state}, **{**calibration, "cuts": pending})
         reports += last
     return slim
-

@@ -42,10 +42,18 @@ class LossTerm(Config):
     def validate(self):
         if isinstance(self.weight, dict):
             extra = set(self.weight) - {"from", "to", "shape"}
-            check(not extra and {"from", "to"} <= set(self.weight), "loss weight", self.weight,
-                  "a number or {from: x, to: y, shape: linear|cosine}")
-            check(self.weight.get("shape", "linear") in ("linear", "cosine"), "loss weight shape",
-                  self.weight.get("shape"), "linear or cosine")
+            check(
+                not extra and {"from", "to"} <= set(self.weight),
+                "loss weight",
+                self.weight,
+                "a number or {from: x, to: y, shape: linear|cosine}",
+            )
+            check(
+                self.weight.get("shape", "linear") in ("linear", "cosine"),
+                "loss weight shape",
+                self.weight.get("shape"),
+                "linear or cosine",
+            )
         else:
             check(isinstance(self.weight, (int, float)), "loss weight", self.weight, "a number or a schedule")
 
@@ -65,12 +73,20 @@ class GroupConfig(Config):
     def validate(self):
         known = ", ".join(PARAMETER_GROUPS)
         if self.patterns is None and self.parts is None and self.name != "rest":
-            check(self.name in PARAMETER_GROUPS, "group", self.name,
-                  f"a canonical group ({known}), or give it patterns or parts")
+            check(
+                self.name in PARAMETER_GROUPS,
+                "group",
+                self.name,
+                f"a canonical group ({known}), or give it patterns or parts",
+            )
         for part in self.parts or []:
             check(part in PARAMETER_GROUPS, f"group {self.name!r} parts", part, f"a canonical group ({known})")
-        check(self.patterns is None or bool(self.patterns), f"group {self.name!r} patterns", self.patterns,
-              "at least one pattern")
+        check(
+            self.patterns is None or bool(self.patterns),
+            f"group {self.name!r} patterns",
+            self.patterns,
+            "at least one pattern",
+        )
         check(self.lr_mult >= 0, f"group {self.name!r} lr_mult", self.lr_mult, ">= 0")
 
 
@@ -91,23 +107,32 @@ class StageConfig(Config):
     callbacks: list[dict] = field(default_factory=list)
 
     def validate(self):
-        check(self.tokens > 0, f"stage {self.name!r} tokens", self.tokens,
-              "a positive number of tokens")
+        check(self.tokens > 0, f"stage {self.name!r} tokens", self.tokens, "a positive number of tokens")
         if self.transform is not None:
             check_transform(self.transform, self.transform_options, f"stage {self.name!r}")
         else:
-            check(not self.transform_options, f"stage {self.name!r} transform_options", self.transform_options,
-                  "empty when the stage names no transform")
+            check(
+                not self.transform_options,
+                f"stage {self.name!r} transform_options",
+                self.transform_options,
+                "empty when the stage names no transform",
+            )
         for cb in self.callbacks:
-            check(isinstance(cb, dict) and "name" in cb and set(cb) <= {"name", "options"},
-                  f"stage {self.name!r} callbacks", cb, "{name: registered callback, options: {...}}")
+            check(
+                isinstance(cb, dict) and "name" in cb and set(cb) <= {"name", "options"},
+                f"stage {self.name!r} callbacks",
+                cb,
+                "{name: registered callback, options: {...}}",
+            )
             check_callback(cb["name"], cb.get("options") or {}, f"stage {self.name!r}")
 
 
 @dataclass
 class TrainConfig(Config):
     model: str = option(help="the starting model: built-in name, HF folder, .gguf file or hub id")
-    data: str = option("shakespeare", "training text: shakespeare, pystdlib, a .txt/.jsonl file or folder ('a+b' mixes)")
+    data: str = option(
+        "shakespeare", "training text: shakespeare, pystdlib, a .txt/.jsonl file or folder ('a+b' mixes)"
+    )
     out: str = option("runs/train", "run folder: checkpoints, metrics.jsonl, report.md, final/")
     seq_len: int = option(256, "tokens per sequence")
     global_batch: int = option(8, "sequences per optimizer step, over all processes")
@@ -121,13 +146,16 @@ class TrainConfig(Config):
     clip: float | None = option(1.0, "gradient-norm clip (none: off)")
     bf16: bool = option(False, "autocast the forward to bfloat16")
     seed: int = option(0, "seed of the data order and the model's randomness")
-    losses: list[LossTerm] = option(help="loss terms: [{name, weight, options}] (lm, kd, router, ...)",
-                                    factory=lambda: [LossTerm("lm")])
+    losses: list[LossTerm] = option(
+        help="loss terms: [{name, weight, options}] (lm, kd, router, ...)", factory=lambda: [LossTerm("lm")]
+    )
     teacher: str | None = option(None, "the kd loss's teacher: a model source, or self (a frozen copy of the start)")
-    groups: list[GroupConfig] = option(help="parameter groups: [{name, patterns | parts, lr_mult, frozen}]",
-                                       factory=list)
-    stages: list[StageConfig] = option(help="stages: [{name, tokens, train, lr, transform, callbacks}]",
-                                       factory=lambda: [StageConfig("main", 100_000)])
+    groups: list[GroupConfig] = option(
+        help="parameter groups: [{name, patterns | parts, lr_mult, frozen}]", factory=list
+    )
+    stages: list[StageConfig] = option(
+        help="stages: [{name, tokens, train, lr, transform, callbacks}]", factory=lambda: [StageConfig("main", 100_000)]
+    )
     log_every: int = option(1, "steps between metrics records")
     val_every: int = option(0, "steps between validations; 0 = only at the end of each stage")
     val_blocks: int = option(8, "validation blocks")
@@ -140,8 +168,12 @@ class TrainConfig(Config):
     def validate(self):
         check(self.seq_len >= 2, "seq_len", self.seq_len, ">= 2")
         check(self.micro_batch >= 1, "micro_batch", self.micro_batch, ">= 1")
-        check(self.global_batch >= self.micro_batch and self.global_batch % self.micro_batch == 0, "global_batch",
-              self.global_batch, f"a multiple of micro_batch ({self.micro_batch})")
+        check(
+            self.global_batch >= self.micro_batch and self.global_batch % self.micro_batch == 0,
+            "global_batch",
+            self.global_batch,
+            f"a multiple of micro_batch ({self.micro_batch})",
+        )
         check(self.lr > 0, "lr", self.lr, "> 0")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", self.min_lr_ratio, "between 0 and 1")
         check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, ">= 0")
@@ -150,7 +182,12 @@ class TrainConfig(Config):
         check(self.distributed in DISTRIBUTED, "distributed", self.distributed, " | ".join(DISTRIBUTED))
         check(bool(self.losses), "losses", self.losses, "at least one loss term")
         check(bool(self.stages), "stages", self.stages, "at least one stage")
-        check(self.ckpt_every >= 1 and self.log_every >= 1, "ckpt_every/log_every", (self.ckpt_every, self.log_every), ">= 1")
+        check(
+            self.ckpt_every >= 1 and self.log_every >= 1,
+            "ckpt_every/log_every",
+            (self.ckpt_every, self.log_every),
+            ">= 1",
+        )
         names = [s.name for s in self.stages]
         check(len(set(names)) == len(names), "stages", names, "distinct stage names")
         groups = {g.name for g in self.groups} | {"rest"}

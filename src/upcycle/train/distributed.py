@@ -12,8 +12,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_state_dict,
+)
 
 from upcycle import arch
 
@@ -96,8 +100,18 @@ def full_state(model, optimizer=None):
 def load_full_state(model, optimizer, model_sd, optim_sd) -> None:
     inner = unwrap(model)
     if optimizer is None:
-        set_state_dict(inner, (), model_state_dict=model_sd, optim_state_dict={},
-                       options=StateDictOptions(full_state_dict=True, strict=True))
+        set_state_dict(
+            inner,
+            (),
+            model_state_dict=model_sd,
+            optim_state_dict={},
+            options=StateDictOptions(full_state_dict=True, strict=True),
+        )
     else:
-        set_state_dict(inner, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                       options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False))
+        set_state_dict(
+            inner,
+            optimizer,
+            model_state_dict=model_sd,
+            optim_state_dict=optim_sd,
+            options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=False),
+        )

@@ -56,8 +56,14 @@ def configure_trainable(model: nn.Module, groups: list[GroupConfig], train: list
         for _, p in params:
             p.requires_grad_(learns)
         if learns and params:
-            param_groups.append({"params": [p for _, p in params], "lr_mult": cfg.lr_mult, "group": name,
-                                 "names": [n for n, _ in params]})
+            param_groups.append(
+                {
+                    "params": [p for _, p in params],
+                    "lr_mult": cfg.lr_mult,
+                    "group": name,
+                    "names": [n for n, _ in params],
+                }
+            )
     if not param_groups:
         raise ConfigError("no parameter is trainable in this stage: check the groups and the stage's `train` list")
     return param_groups

@@ -20,10 +20,21 @@ from tqdm.auto import tqdm
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
 
 
-def fit(groups: list[dict], loss: Callable[[torch.Tensor | int], torch.Tensor], *, steps: int,
-        rows: int | None = None, batch: int = 1024, generator: torch.Generator | None = None,
-        optimizer: str = "adam", weight_decay: float | None = None, model: torch.nn.Module | None = None,
-        train_mode: bool = False, progress: bool = False, desc: str = "fit") -> list[float]:
+def fit(
+    groups: list[dict],
+    loss: Callable[[torch.Tensor | int], torch.Tensor],
+    *,
+    steps: int,
+    rows: int | None = None,
+    batch: int = 1024,
+    generator: torch.Generator | None = None,
+    optimizer: str = "adam",
+    weight_decay: float | None = None,
+    model: torch.nn.Module | None = None,
+    train_mode: bool = False,
+    progress: bool = False,
+    desc: str = "fit",
+) -> list[float]:
     """Fit the parameters in `groups` ([{"params": ..., "lr": ...}], per-group learning rates) for
     `steps` optimizer steps and return the loss of every step.
 
@@ -60,4 +71,3 @@ def fit(groups: list[dict], loss: Callable[[torch.Tensor | int], torch.Tensor], 
         if model is not None:
             model.train(was_training)
     return losses
-

@@ -29,8 +29,9 @@ def attach_lora(model, rank: int = 16, alpha: float | None = None, dropout: floa
     check(rank >= 1, "lora rank", rank, ">= 1")
     peft = _peft()
     targets = sorted({name.split(".")[-1] for name in prunable_linears(model)})
-    config = peft.LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout,
-                             target_modules=targets)
+    config = peft.LoraConfig(
+        r=rank, lora_alpha=alpha if alpha is not None else 2 * rank, lora_dropout=dropout, target_modules=targets
+    )
     model.requires_grad_(False)
     return peft.inject_adapter_in_model(config, model)
 

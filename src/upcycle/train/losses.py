@@ -43,6 +43,7 @@ def register_loss(name: str):
     def wrap(fn):
         LOSSES[name] = fn
         return fn
+
     return wrap
 
 
@@ -70,7 +71,7 @@ class _ChunkedCrossEntropy(torch.autograd.Function):
     def forward(ctx, logits, labels, chunk):
         lse = torch.empty(logits.shape[0], dtype=logits.dtype, device=logits.device)
         for start in range(0, logits.shape[0], chunk):
-            lse[start:start + chunk] = torch.logsumexp(logits[start:start + chunk], dim=-1)
+            lse[start : start + chunk] = torch.logsumexp(logits[start : start + chunk], dim=-1)
         valid = labels != -100
         safe = labels.clamp_min(0)
         count = valid.sum().clamp_min(1)

@@ -49,8 +49,9 @@ balance_loss.needs_router_logits = True
 def router_z_loss(inputs: LossInputs) -> torch.Tensor:
     """ST-MoE's router z-loss: mean over tokens and MoE layers of logsumexp(router logits)², which keeps
     the logits small (and the softmax numerically calm) without changing which experts win."""
-    return torch.stack([torch.logsumexp(logits.float(), dim=-1).pow(2).mean()
-                        for logits in _router_logits(inputs, "router_z")]).mean()
+    return torch.stack(
+        [torch.logsumexp(logits.float(), dim=-1).pow(2).mean() for logits in _router_logits(inputs, "router_z")]
+    ).mean()
 
 
 router_z_loss.needs_router_logits = True

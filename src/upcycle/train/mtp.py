@@ -11,8 +11,8 @@ head is a training aid: `detach_mtp` removes it before the model is saved.
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 from upcycle.arch import adapter_for
 from upcycle.errors import ConfigError
@@ -39,7 +39,11 @@ class MTPHead(nn.Module):
     def __init__(self, hidden: int, eps: float = 1e-6, width: int | None = None):
         super().__init__()
         width = width or hidden
-        self.norm_hidden, self.norm_embed, self.norm_block = RMSNorm(hidden, eps), RMSNorm(hidden, eps), RMSNorm(hidden, eps)
+        self.norm_hidden, self.norm_embed, self.norm_block = (
+            RMSNorm(hidden, eps),
+            RMSNorm(hidden, eps),
+            RMSNorm(hidden, eps),
+        )
         self.proj = nn.Linear(2 * hidden, hidden, bias=False)
         self.gate, self.up = nn.Linear(hidden, width, bias=False), nn.Linear(hidden, width, bias=False)
         self.down = nn.Linear(width, hidden, bias=False)
@@ -47,7 +51,7 @@ class MTPHead(nn.Module):
             self.proj.weight.zero_()
             self.proj.weight[:, :hidden].copy_(torch.eye(hidden))
             for linear in (self.gate, self.up):
-                nn.init.normal_(linear.weight, std=hidden ** -0.5)
+                nn.init.normal_(linear.weight, std=hidden**-0.5)
             self.down.weight.zero_()
 
     def forward(self, hidden: torch.Tensor, next_embedding: torch.Tensor) -> torch.Tensor:
@@ -80,8 +84,10 @@ def mtp_loss(inputs: LossInputs) -> torch.Tensor:
     model = inputs.model
     head = getattr(model, ATTRIBUTE, None)
     if head is None or inputs.hidden_states is None:
-        raise ConfigError("the mtp loss needs an MTP head on the model (the slim stage's `mtp: true`, or "
-                          "upcycle.train.mtp.attach_mtp)")
+        raise ConfigError(
+            "the mtp loss needs an MTP head on the model (the slim stage's `mtp: true`, or "
+            "upcycle.train.mtp.attach_mtp)"
+        )
     adapter = adapter_for(model)
     ids = inputs.input_ids
     h = head(inputs.hidden_states[:, :-2], adapter.embedding()(ids[:, 1:-1]))

@@ -57,10 +57,15 @@ def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
 
 
 def write_report(out: Path, config_yaml: str, summary: dict, stages: list[dict], plot: Path | None) -> Path:
-    rows = [[s["name"], s["steps"], s["tokens"], s.get("train_loss"), s.get("val_loss"), s.get("val_ppl")] for s in stages]
+    rows = [
+        [s["name"], s["steps"], s["tokens"], s.get("train_loss"), s.get("val_loss"), s.get("val_ppl")] for s in stages
+    ]
     folder = RunFolder(out, metrics=None)  # metrics.jsonl is the run's log, written as it goes
     folder.section("Summary", markdown_table(["", ""], [[k, v] for k, v in summary.items()]))
-    folder.section("Stages", markdown_table(["stage", "steps", "tokens", "final train loss", "val loss", "val ppl"], rows)
-                   + (f"\n\n![loss curve]({plot.name})" if plot is not None else ""))
+    folder.section(
+        "Stages",
+        markdown_table(["stage", "steps", "tokens", "final train loss", "val loss", "val ppl"], rows)
+        + (f"\n\n![loss curve]({plot.name})" if plot is not None else ""),
+    )
     folder.section("Configuration", "```yaml\n" + config_yaml + "```")
     return folder.write(f"Training run: {out.name}")

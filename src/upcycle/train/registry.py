@@ -36,6 +36,7 @@ def register_transform(name: str, options: type | None = None):
         if options is not None:
             TRANSFORM_OPTIONS[name] = options
         return fn
+
     return wrap
 
 
@@ -43,6 +44,7 @@ def register_callback(name: str):
     def wrap(cls):
         CALLBACKS[name] = cls
         return cls
+
     return wrap
 
 
@@ -65,8 +67,11 @@ def check_callback(name: str, options: dict, where: str) -> None:
 def _check_keywords(fn, options: dict, where: str) -> None:
     """Every option a keyword `fn` takes, of the type its annotation says (no **kwargs: nothing else)."""
     signature = inspect.signature(fn)
-    params = {n: p for n, p in signature.parameters.items() if n not in ("self", *_CONTEXT)
-              and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    params = {
+        n: p
+        for n, p in signature.parameters.items()
+        if n not in ("self", *_CONTEXT) and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    }
     open_ended = any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values())
     hints = typing.get_type_hints(fn)
     for key, value in options.items():

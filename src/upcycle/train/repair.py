@@ -33,9 +33,22 @@ def _end_to_end_loss(model, reference, ffn, ids: torch.Tensor, router_weight: fl
     return lm + kd + (router_weight * router if router is not None else 0.0)
 
 
-def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: int = 300, lr: float = 1e-3,
-                 train_ffn: bool = True, ffn_lr_scale: float = 0.1, router_weight: float = 1.0,
-                 objective: str = "local", rows_per_step: int = 2048, seed: int = 0, progress: bool = True) -> list[float]:
+def repair_layer(
+    model,
+    reference,
+    layer: int,
+    blocks: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 1e-3,
+    train_ffn: bool = True,
+    ffn_lr_scale: float = 0.1,
+    router_weight: float = 1.0,
+    objective: str = "local",
+    rows_per_step: int = 2048,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[float]:
     """Retrain one layer: its predictor (lr) and, with train_ffn, its FFN weights (lr * ffn_lr_scale);
     every other parameter untouched. Returns the losses.
 
@@ -60,14 +73,26 @@ def repair_layer(model, reference, layer: int, blocks: torch.Tensor, *, steps: i
             targets = torch.cat([dense(chunk) for chunk in rows.split(4096)])
         loss, n_rows = distillation_loss(ffn, rows, targets, router_weight), len(rows)
     else:
+
         def loss(step):
             return _end_to_end_loss(model, reference, ffn, blocks[order[step % len(blocks)]][None], router_weight)
 
         n_rows = None
     try:
-        return fit(groups, loss, steps=steps, rows=n_rows, batch=rows_per_step, generator=generator,
-                   optimizer="adamw", weight_decay=0.0, model=model, train_mode=True, progress=progress,
-                   desc=f"repair layer {layer}")
+        return fit(
+            groups,
+            loss,
+            steps=steps,
+            rows=n_rows,
+            batch=rows_per_step,
+            generator=generator,
+            optimizer="adamw",
+            weight_decay=0.0,
+            model=model,
+            train_mode=True,
+            progress=progress,
+            desc=f"repair layer {layer}",
+        )
     finally:
         model.eval()
         for module in model.modules():

@@ -31,8 +31,8 @@ from torch import nn
 from upcycle.errors import ConfigError, check
 from upcycle.ops.prune import prunable_linears
 from upcycle.ops.prune.masks import check_nm
-from upcycle.train.sparse_delta import SparseDeltaLinear
 from upcycle.train.registry import register_callback, register_transform
+from upcycle.train.sparse_delta import SparseDeltaLinear
 from upcycle.train.trainer import Callback
 
 
@@ -40,18 +40,27 @@ from upcycle.train.trainer import Callback
 def attach_deltas(model, density: float | None = None, lora_rank: int | None = None, seed: int = 0):
     """Every linear of the decoder layers that holds zeros becomes a SparseDeltaLinear. Budget per matrix:
     `density` × its weights, or `lora_rank` × (in + out) — the parameter count of a LoRA of that rank."""
-    check((density is None) != (lora_rank is None), "seft budget", (density, lora_rank),
-          "exactly one of density or lora_rank")
+    check(
+        (density is None) != (lora_rank is None),
+        "seft budget",
+        (density, lora_rank),
+        "exactly one of density or lora_rank",
+    )
     check(density is None or 0 < density < 1, "density", density, "in (0, 1)")
     check(lora_rank is None or lora_rank >= 1, "lora_rank", lora_rank, ">= 1")
     linears = prunable_linears(model)
     if not any(bool((m.weight == 0).any()) for m in linears.values()):
-        raise ConfigError("SEFT fine-tunes a pruned model, and this one has no zero weights in its linear layers: "
-                          "run `upcycle prune` first")
+        raise ConfigError(
+            "SEFT fine-tunes a pruned model, and this one has no zero weights in its linear layers: "
+            "run `upcycle prune` first"
+        )
     model.requires_grad_(False)
     for n, (name, linear) in enumerate(linears.items()):
-        budget = round(density * linear.weight.numel()) if density else lora_rank * (linear.in_features +
-                                                                                    linear.out_features)
+        budget = (
+            round(density * linear.weight.numel())
+            if density
+            else lora_rank * (linear.in_features + linear.out_features)
+        )
         _replace(model, linear, SparseDeltaLinear(linear, budget, seed=seed * 100_003 + n))
     return model
 
@@ -89,8 +98,13 @@ def prune_back(layer: SparseDeltaLinear, target_live: int, nm: tuple[int, int] |
 
 
 @torch.no_grad()
-def evolve(layer: SparseDeltaLinear, drop_fraction: float, target_live: int, nm: tuple[int, int] | None = None,
-           optimizer: torch.optim.Optimizer | None = None) -> dict:
+def evolve(
+    layer: SparseDeltaLinear,
+    drop_fraction: float,
+    target_live: int,
+    nm: tuple[int, int] | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+) -> dict:
     """One SEFT topology update of one layer from its window gradient: prune back, drop, grow."""
     if layer.window is None:
         raise RuntimeError("a SEFT update needs the window's gradient: collect was not on")
@@ -114,7 +128,7 @@ def evolve(layer: SparseDeltaLinear, drop_fraction: float, target_live: int, nm:
     candidates = torch.where(allowed, grad, torch.full_like(grad, -1.0))
     new = candidates.topk(len(slots)).indices if len(slots) else slots
     new = new[candidates[new] >= 0]  # a matrix with fewer free positions than slots keeps the rest in place
-    slots = slots[:len(new)]
+    slots = slots[: len(new)]
     resurrected = int((~live[new]).sum())
     layer.delta[slots] = 0.0
     layer.index[slots] = new
@@ -132,8 +146,13 @@ def evolve(layer: SparseDeltaLinear, drop_fraction: float, target_live: int, nm:
             if key in optimizer.state.get(layer.delta, {}):
                 optimizer.state[layer.delta][key].copy_(optimizer.state[layer.delta][key][order])
     layer.window = None
-    return {"pruned_back": pruned, "dropped": n_drop, "grown": len(new), "resurrected": resurrected,
-            "excess_before": resurrected_before}
+    return {
+        "pruned_back": pruned,
+        "dropped": n_drop,
+        "grown": len(new),
+        "resurrected": resurrected,
+        "excess_before": resurrected_before,
+    }
 
 
 @register_callback("seft")
@@ -193,8 +212,15 @@ class SEFT(Callback):
     def on_stage_end(self, trainer) -> None:
         pruned = sum(prune_back(layer, layer.target_live, self.nm) for layer in self.layers)
         live = sum(int(layer.live.sum()) for layer in self.layers)
-        self._log(trainer, {"step": trainer.progress.step, "final_pruned_back": pruned, "live": live,
-                            "target_live": sum(layer.target_live for layer in self.layers)})
+        self._log(
+            trainer,
+            {
+                "step": trainer.progress.step,
+                "final_pruned_back": pruned,
+                "live": live,
+                "target_live": sum(layer.target_live for layer in self.layers),
+            },
+        )
         for layer in self.layers:
             layer.collect, layer.window = False, None
 
@@ -226,7 +252,9 @@ class Masked(Callback):
             if bool(zero.any()):
                 self.masks[linear.weight] = ~zero
         if not self.masks:
-            raise ConfigError("masked fine-tuning keeps a pruned model's zeros, and this one has none in its linear layers")
+            raise ConfigError(
+                "masked fine-tuning keeps a pruned model's zeros, and this one has none in its linear layers"
+            )
 
     def on_after_backward(self, trainer) -> None:
         for weight, keep in self.masks.items():

@@ -27,8 +27,9 @@ from upcycle.train.registry import register_transform
 @dataclass
 class SlimStageOptions(Config):
     cuts: list[dict] = option(help="the cuts, in order (each a mapping: op and its options)", factory=list)
-    calibration: str = option("shakespeare+pystdlib", "text for importance (train split) and the one-shot "
-                              "measurements (validation split)")
+    calibration: str = option(
+        "shakespeare+pystdlib", "text for importance (train split) and the one-shot measurements (validation split)"
+    )
     calibration_tokens: int = option(8192, "tokens of calibration text")
     seq_len: int = option(256, "length of the text blocks")
     held_tokens: int = option(4096, "tokens of held-out text")
@@ -66,15 +67,20 @@ def slim_stage(model, tokenizer=None, state: dict | None = None, **options):
     if tokenizer is None:
         raise ConfigError("the slim stage transform needs the run's tokenizer")
     opts = SlimStageOptions(**options)
-    blocks = data.blocks(opts.calibration, tokenizer, "train", opts.seq_len,
-                         max_blocks=max(1, opts.calibration_tokens // opts.seq_len))
-    held = data.blocks(opts.calibration, tokenizer, "validation", opts.seq_len,
-                       max_blocks=max(1, opts.held_tokens // opts.seq_len))
+    blocks = data.blocks(
+        opts.calibration, tokenizer, "train", opts.seq_len, max_blocks=max(1, opts.calibration_tokens // opts.seq_len)
+    )
+    held = data.blocks(
+        opts.calibration, tokenizer, "validation", opts.seq_len, max_blocks=max(1, opts.held_tokens // opts.seq_len)
+    )
     state = {} if state is None else state
     if "slim" not in state:  # the plan's first stage: its model is the source
         source = detach_mtp(model)
-        state["slim"] = (SlimState(source_scores(source, opts.steps, blocks), Lineage.of(source))
-                         if not opts.recompute else SlimState())
+        state["slim"] = (
+            SlimState(source_scores(source, opts.steps, blocks), Lineage.of(source))
+            if not opts.recompute
+            else SlimState()
+        )
     reports = []
     for step in opts.steps:
         model, report = state["slim"].cut(detach_mtp(model), step, blocks, held)

@@ -85,5 +85,7 @@ class SparseDeltaLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, budget={self.budget}, "
-                f"live={int(self.live.sum())}/{self.live.numel()}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, budget={self.budget}, "
+            f"live={int(self.live.sum())}/{self.live.numel()}"
+        )

@@ -23,8 +23,9 @@ from upcycle.train.registry import register_callback
 from upcycle.train.trainer import Callback
 
 
-def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, batch: int,
-                  generator: torch.Generator) -> list[float]:
+def fit_predictor(
+    ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, batch: int, generator: torch.Generator
+) -> list[float]:
     """Fit the predictor to the oracle mask with the FFN frozen (see oracle_ranking_loss)."""
     oracle = oracle_masks(ffn, x)
     params = list(ffn.predictor.parameters())
@@ -33,12 +34,20 @@ def fit_predictor(ffn: BankSparseFFN, x: torch.Tensor, steps: int, lr: float, ba
         z = ffn.predictor(x[index].to(params[0].dtype))
         return oracle_ranking_loss(z, oracle[index].to(z.dtype), ffn.bank, ffn.keep)
 
-    return fit([{"params": params, "lr": lr}], loss, steps=steps, rows=len(x), batch=batch, generator=generator,
-               optimizer="adam")
+    return fit(
+        [{"params": params, "lr": lr}],
+        loss,
+        steps=steps,
+        rows=len(x),
+        batch=batch,
+        generator=generator,
+        optimizer="adam",
+    )
 
 
-def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int, config, report, *,
-                       progress: bool = False) -> None:
+def warm_up_predictors(
+    sparse, inputs: dict[int, torch.Tensor], held_tokens: int, config, report, *, progress: bool = False
+) -> None:
     """Per layer with calibration inputs: recall before, fit the predictor on the rows after the
     first `held_tokens` (warmup_steps of them), recall after on the held-out rows; into `report`.
     The inputs are freed layer by layer."""
@@ -61,12 +70,14 @@ def warm_up_predictors(sparse, inputs: dict[int, torch.Tensor], held_tokens: int
 
 # ---- distilling a sparse FFN into its dense one, on cached rows ------------------------------------
 
+
 def ffn_groups(ffn: BankSparseFFN, lr: float, *, train_ffn: bool = True, ffn_lr_scale: float = 0.1) -> list[dict]:
     """The predictor (lr; none for a shadow) and, with train_ffn, the FFN weights (lr * ffn_lr_scale)."""
     groups = [{"params": list(ffn.predictor.parameters()), "lr": lr}]
     if train_ffn:
-        groups.append({"params": [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight],
-                       "lr": lr * ffn_lr_scale})
+        groups.append(
+            {"params": [ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight], "lr": lr * ffn_lr_scale}
+        )
     return groups
 
 
@@ -98,8 +109,9 @@ def _dense_outputs(dense_ffn: torch.nn.Module, rows: torch.Tensor, chunk: int = 
     return torch.cat([dense_ffn(r) for r in rows.split(chunk)])
 
 
-def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report, *,
-                      progress: bool = False) -> None:
+def convert_layerwise(
+    sparse, dense, fit_blocks: torch.Tensor, held_blocks: torch.Tensor, config, report, *, progress: bool = False
+) -> None:
     """Layer by layer, bottom up: take the rows the layer's FFN sees in the sparse model as converted so
     far (the layers below already fitted; carried up one layer at a time, ops.calibrate.LayerStream),
     and fit its predictor and FFN weights so that its output reproduces the dense model's FFN of that
@@ -116,13 +128,23 @@ def convert_layerwise(sparse, dense, fit_blocks: torch.Tensor, held_blocks: torc
             rows, held = fit_stream.module_inputs(ffn), held_stream.module_inputs(ffn)
             targets, held_targets = _dense_outputs(target_ffn, rows), _dense_outputs(target_ffn, held)
             report.convert_error_before.append(relative_error(ffn, held, held_targets))
-            fit(ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
-                distillation_loss(ffn, rows, targets), steps=config.convert_steps, rows=len(rows),
-                batch=config.convert_rows, generator=generator, optimizer="adamw", weight_decay=0.0, model=sparse,
-                train_mode=True)
+            fit(
+                ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
+                distillation_loss(ffn, rows, targets),
+                steps=config.convert_steps,
+                rows=len(rows),
+                batch=config.convert_rows,
+                generator=generator,
+                optimizer="adamw",
+                weight_decay=0.0,
+                model=sparse,
+                train_mode=True,
+            )
             ffn.router_inputs = None
             report.convert_error_after.append(relative_error(ffn, held, held_targets))
-            bar.set_postfix(layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}")
+            bar.set_postfix(
+                layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}"
+            )
         if i < top:  # the layer as converted feeds the next one
             fit_stream.advance(), held_stream.advance()
     sparse.eval()
@@ -152,7 +174,6 @@ class AnnealKeep(Callback):
         self.on_stage_start(trainer)
 
 
-
 @register_loss("router")
 def router_loss(inputs: LossInputs) -> torch.Tensor:
     """Keeps every predictor tracking its own FFN's top-k per bank as the FFN trains (the warm-up's
@@ -160,6 +181,8 @@ def router_loss(inputs: LossInputs) -> torch.Tensor:
     values = [m.router_loss() for m in inputs.model.modules() if isinstance(m, BankSparseFFN)]
     values = [v for v in values if v is not None]
     if not values:
-        raise ConfigError("the router loss needs bank-sparse FFNs with a trained (low-rank) predictor, in training "
-                          "mode; a shadow predictor has nothing to train: drop `router` from the losses")
+        raise ConfigError(
+            "the router loss needs bank-sparse FFNs with a trained (low-rank) predictor, in training "
+            "mode; a shadow predictor has nothing to train: drop `router` from the losses"
+        )
     return torch.stack(values).mean()

@@ -30,6 +30,7 @@ from upcycle.train.records import MetricsLog, plot_loss, write_report
 from upcycle.train.registry import CALLBACKS, TRANSFORMS, options_for
 from upcycle.train.schedules import lr_factor, weight_at
 
+
 class TrainingDiverged(UpcycleError):
     """The loss stopped being a finite number; the last good checkpoint is kept."""
 
@@ -61,8 +62,9 @@ class Progress:
 
 
 class Trainer:
-    def __init__(self, config: TrainConfig, *, model=None, tokenizer=None, teacher=None,
-                 callbacks: list[Callback] = ()):
+    def __init__(
+        self, config: TrainConfig, *, model=None, tokenizer=None, teacher=None, callbacks: list[Callback] = ()
+    ):
         self.config = config
         self.callbacks = list(callbacks)
         self.world = distributed.init_world()
@@ -73,17 +75,29 @@ class Trainer:
         self.model = model.to(self.world.device)
         self.tokenizer = tokenizer
         self.teacher = self._teacher(teacher)
-        self.train_blocks = data.blocks(config.data, tokenizer, "train", config.seq_len,
-                                        val_fraction=config.val_fraction, seed=config.seed)
-        self.val_blocks = data.blocks(config.data, tokenizer, "validation", config.seq_len,
-                                      max_blocks=config.val_blocks, val_fraction=config.val_fraction, seed=config.seed)
+        self.train_blocks = data.blocks(
+            config.data, tokenizer, "train", config.seq_len, val_fraction=config.val_fraction, seed=config.seed
+        )
+        self.val_blocks = data.blocks(
+            config.data,
+            tokenizer,
+            "validation",
+            config.seq_len,
+            max_blocks=config.val_blocks,
+            val_fraction=config.val_fraction,
+            seed=config.seed,
+        )
         vocab = self.model.get_input_embeddings().weight.shape[0]
         if int(self.train_blocks.max()) >= vocab:
-            raise ConfigError(f"data {config.data!r} has token ids up to {int(self.train_blocks.max())}, beyond "
-                              f"the model's vocabulary of {vocab}: tokenize with the model's own tokenizer")
+            raise ConfigError(
+                f"data {config.data!r} has token ids up to {int(self.train_blocks.max())}, beyond "
+                f"the model's vocabulary of {vocab}: tokenize with the model's own tokenizer"
+            )
         if config.global_batch % (config.micro_batch * self.world.size):
-            raise ConfigError(f"global_batch={config.global_batch} is not a multiple of micro_batch x processes "
-                              f"({config.micro_batch} x {self.world.size})")
+            raise ConfigError(
+                f"global_batch={config.global_batch} is not a multiple of micro_batch x processes "
+                f"({config.micro_batch} x {self.world.size})"
+            )
         for stage in config.stages:
             self.stage_steps(stage)  # refuse a stage too small for one step before any work
         self.progress = Progress()
@@ -107,15 +121,19 @@ class Trainer:
         t_vocab = teacher.get_output_embeddings().weight.shape[0]
         s_vocab = self.model.get_output_embeddings().weight.shape[0]
         if t_vocab != s_vocab:
-            raise ConfigError(f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}): "
-                              "distillation needs the same tokenizer")
+            raise ConfigError(
+                f"teacher vocabulary ({t_vocab}) differs from the student's ({s_vocab}): "
+                "distillation needs the same tokenizer"
+            )
         return teacher
 
     def stage_steps(self, stage) -> int:
         per_step = self.config.global_batch * self.config.seq_len
         if stage.tokens < per_step:
-            raise ConfigError(f"stage {stage.name!r}: tokens={stage.tokens} is fewer than one optimizer step "
-                              f"(global_batch {self.config.global_batch} x seq_len {self.config.seq_len} = {per_step})")
+            raise ConfigError(
+                f"stage {stage.name!r}: tokens={stage.tokens} is fewer than one optimizer step "
+                f"(global_batch {self.config.global_batch} x seq_len {self.config.seq_len} = {per_step})"
+            )
         return math.ceil(stage.tokens / per_step)
 
     def _apply_transform(self, index: int) -> None:
@@ -153,8 +171,13 @@ class Trainer:
     # ---- one optimizer step ----------------------------------------------------------------------
     def _step(self, stage, steps: int, base_lr: float, callbacks: list[Callback]) -> dict:
         cfg = self.config
-        factor = lr_factor(self.progress.stage_step, steps, stage.warmup_steps if stage.warmup_steps is not None
-                           else cfg.warmup_steps, cfg.schedule, cfg.min_lr_ratio)
+        factor = lr_factor(
+            self.progress.stage_step,
+            steps,
+            stage.warmup_steps if stage.warmup_steps is not None else cfg.warmup_steps,
+            cfg.schedule,
+            cfg.min_lr_ratio,
+        )
         for group in self.optimizer.param_groups:
             group["lr"] = base_lr * group["lr_mult"] * factor
         self.optimizer.zero_grad(set_to_none=True)
@@ -175,8 +198,14 @@ class Trainer:
                     with torch.no_grad():
                         teacher_logits = self.teacher(input_ids=ids, use_cache=False).logits
                 hidden = getattr(output, "hidden_states", None)
-                inputs = LossInputs(logits, ids, teacher_logits, distributed.unwrap(self.wrapped),
-                                    getattr(output, "router_logits", None), hidden[-1] if hidden else None)
+                inputs = LossInputs(
+                    logits,
+                    ids,
+                    teacher_logits,
+                    distributed.unwrap(self.wrapped),
+                    getattr(output, "router_logits", None),
+                    hidden[-1] if hidden else None,
+                )
                 loss = torch.zeros((), device=self.world.device)
                 for term in cfg.losses:
                     value = LOSSES[term.name](inputs, **term.options)
@@ -187,8 +216,10 @@ class Trainer:
         total = self.world.all_mean(total)
         if not torch.isfinite(total):
             last = checkpoint.latest(self.out)
-            raise TrainingDiverged(f"loss became {total.item()} at step {self.progress.step + 1} (stage {stage.name!r}); "
-                                   f"stopped; last good checkpoint: {last or 'none yet'}")
+            raise TrainingDiverged(
+                f"loss became {total.item()} at step {self.progress.step + 1} (stage {stage.name!r}); "
+                f"stopped; last good checkpoint: {last or 'none yet'}"
+            )
         for cb in callbacks:  # before clipping: a callback that edits gradients does so before the norm is taken
             cb.on_after_backward(self)
         grad_norm = None
@@ -200,8 +231,13 @@ class Trainer:
         self.progress.step += 1
         self.progress.samples += cfg.global_batch
         self.progress.tokens += cfg.global_batch * cfg.seq_len
-        record = {"step": self.progress.step, "stage": stage.name, "tokens": self.progress.tokens,
-                  "loss": total.item(), "lr": base_lr * factor}
+        record = {
+            "step": self.progress.step,
+            "stage": stage.name,
+            "tokens": self.progress.tokens,
+            "loss": total.item(),
+            "lr": base_lr * factor,
+        }
         if len(terms) > 1:
             record.update({f"loss_{k}": self.world.all_mean(v).item() for k, v in terms.items()})
         if grad_norm is not None:
@@ -232,8 +268,14 @@ class Trainer:
             callbacks = self.callbacks + [CALLBACKS[c["name"]](**c.get("options", {})) for c in stage.callbacks]
             for cb in callbacks:
                 cb.on_stage_start(self)
-            bar = tqdm(total=steps, initial=self.progress.stage_step, desc=f"{stage.name}", unit="step",
-                       disable=not (cfg.progress and world.is_main), dynamic_ncols=True)
+            bar = tqdm(
+                total=steps,
+                initial=self.progress.stage_step,
+                desc=f"{stage.name}",
+                unit="step",
+                disable=not (cfg.progress and world.is_main),
+                dynamic_ncols=True,
+            )
             record = {}
             while self.progress.stage_step < steps:
                 t0 = time.perf_counter()
@@ -259,8 +301,16 @@ class Trainer:
             for cb in callbacks:
                 cb.on_stage_end(self)
             self._checkpoint()
-            stage_rows.append({"name": stage.name, "steps": steps, "tokens": steps * cfg.global_batch * cfg.seq_len,
-                               "train_loss": record.get("loss"), "val_loss": val["val_loss"], "val_ppl": val["val_ppl"]})
+            stage_rows.append(
+                {
+                    "name": stage.name,
+                    "steps": steps,
+                    "tokens": steps * cfg.global_batch * cfg.seq_len,
+                    "train_loss": record.get("loss"),
+                    "val_loss": val["val_loss"],
+                    "val_ppl": val["val_ppl"],
+                }
+            )
         return self._finish(log, stage_rows, started, tokens_at_start)
 
     def _prepare_stage(self, stage, base_lr: float, state: dict | None) -> None:
@@ -276,8 +326,9 @@ class Trainer:
         for g in groups:
             g["lr"] = base_lr * g["lr_mult"]
         # the fused kernel (also the HF Trainer's default) where parameters are plain tensors
-        self.optimizer = torch.optim.AdamW(groups, lr=base_lr, betas=cfg.betas, weight_decay=cfg.weight_decay,
-                                           fused=not sharded)
+        self.optimizer = torch.optim.AdamW(
+            groups, lr=base_lr, betas=cfg.betas, weight_decay=cfg.weight_decay, fused=not sharded
+        )
         if state is not None:
             distributed.load_full_state(self.wrapped, self.optimizer, state["model"], state["optimizer"])
             torch.set_rng_state(state["rng"])
@@ -285,19 +336,35 @@ class Trainer:
     @torch.no_grad()
     def _validate(self, stage) -> dict:
         model = self.wrapped if self.config.distributed == "fsdp" else distributed.unwrap(self.wrapped)
-        result = perplexity(model, self.val_blocks, batch_size=self.config.micro_batch, progress=False)  # restores train()
-        return {"step": self.progress.step, "stage": stage.name, "tokens": self.progress.tokens,
-                "val_loss": result.nll, "val_ppl": result.ppl}
+        result = perplexity(
+            model, self.val_blocks, batch_size=self.config.micro_batch, progress=False
+        )  # restores train()
+        return {
+            "step": self.progress.step,
+            "stage": stage.name,
+            "tokens": self.progress.tokens,
+            "val_loss": result.nll,
+            "val_ppl": result.ppl,
+        }
 
     def _checkpoint(self) -> None:
         model_sd, optim_sd = distributed.full_state(self.wrapped, self.optimizer)
         if self.world.is_main:
             fingerprint = checkpoint.model_fingerprint(model_sd, self.model.config.model_type)
-            checkpoint.save(self.out, self.progress.step, model_sd,
-                            {"progress": asdict(self.progress), "optimizer": optim_sd, "rng": torch.get_rng_state()},
-                            {"step": self.progress.step, "stage": self.config.stages[self.progress.stage_index].name,
-                             "tokens": self.progress.tokens, "model_fingerprint": fingerprint,
-                             "model": self.config.model, "run": _run_identity(self.config)})
+            checkpoint.save(
+                self.out,
+                self.progress.step,
+                model_sd,
+                {"progress": asdict(self.progress), "optimizer": optim_sd, "rng": torch.get_rng_state()},
+                {
+                    "step": self.progress.step,
+                    "stage": self.config.stages[self.progress.stage_index].name,
+                    "tokens": self.progress.tokens,
+                    "model_fingerprint": fingerprint,
+                    "model": self.config.model,
+                    "run": _run_identity(self.config),
+                },
+            )
         self.world.barrier()
 
     def _resume(self) -> dict:
@@ -307,15 +374,19 @@ class Trainer:
         model_sd, trainer_state, meta = checkpoint.load(path)
         for field, value in _run_identity(self.config).items():
             if meta["run"].get(field) != value:
-                raise checkpoint.ResumeMismatch(f"resume: {path} was written with {field}={meta['run'].get(field)!r}, "
-                                                f"this run has {field}={value!r}")
+                raise checkpoint.ResumeMismatch(
+                    f"resume: {path} was written with {field}={meta['run'].get(field)!r}, "
+                    f"this run has {field}={value!r}"
+                )
         progress = Progress(**trainer_state["progress"])
         for index in range(progress.stage_index + 1):
             self._apply_transform(index)
         ours = checkpoint.model_fingerprint(self.model.state_dict(), self.model.config.model_type)
         if ours != meta["model_fingerprint"]:
-            raise checkpoint.ResumeMismatch(f"resume: {path} was written for another model ({meta.get('model')!r}, "
-                                            f"different parameter names or shapes) than {self.config.model!r}")
+            raise checkpoint.ResumeMismatch(
+                f"resume: {path} was written for another model ({meta.get('model')!r}, "
+                f"different parameter names or shapes) than {self.config.model!r}"
+            )
         self.progress = progress
         return {"model": model_sd, "optimizer": trainer_state["optimizer"], "rng": trainer_state["rng"]}
 
@@ -323,11 +394,17 @@ class Trainer:
         wall = time.perf_counter() - started
         sharded = self.config.distributed == "fsdp" and self.world.size > 1
         model_sd = distributed.full_state(self.wrapped)[0] if sharded else None  # a collective: every rank
-        summary = {"model": self.config.model, "data": self.config.data, "processes": self.world.size,
-                   "steps": self.progress.step, "tokens": self.progress.tokens,
-                   "tokens_this_session": self.progress.tokens - tokens_at_start, "wall_s": round(wall, 1),
-                   "final_train_loss": stage_rows[-1]["train_loss"] if stage_rows else None,
-                   "final_val_loss": stage_rows[-1]["val_loss"] if stage_rows else None}
+        summary = {
+            "model": self.config.model,
+            "data": self.config.data,
+            "processes": self.world.size,
+            "steps": self.progress.step,
+            "tokens": self.progress.tokens,
+            "tokens_this_session": self.progress.tokens - tokens_at_start,
+            "wall_s": round(wall, 1),
+            "final_train_loss": stage_rows[-1]["train_loss"] if stage_rows else None,
+            "final_val_loss": stage_rows[-1]["val_loss"] if stage_rows else None,
+        }
         if self.world.is_main:
             final = _plain_model(self.model, model_sd)
             hub.save(final, self.tokenizer, self.out / "final", overwrite=True)
@@ -339,9 +416,14 @@ class Trainer:
 
 def _run_identity(config: TrainConfig) -> dict:
     """Settings that must not change across a resume, or the continuation would not be exact."""
-    return {"model": config.model, "data": config.data, "seq_len": config.seq_len,
-            "global_batch": config.global_batch, "seed": config.seed,
-            "stages": [[s.name, s.tokens] for s in config.stages]}
+    return {
+        "model": config.model,
+        "data": config.data,
+        "seq_len": config.seq_len,
+        "global_batch": config.global_batch,
+        "seed": config.seed,
+        "stages": [[s.name, s.tokens] for s in config.stages],
+    }
 
 
 def _plain_model(model, state_dict: dict | None):

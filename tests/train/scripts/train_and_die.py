@@ -1,6 +1,6 @@
 """Run a training config in this process and SIGKILL it at a chosen moment (used by test_train_resume).
 
-    python train_and_die.py RUN.yaml [--resume] [--kill-after-step N] [--kill-in-checkpoint-at-step N]
+python train_and_die.py RUN.yaml [--resume] [--kill-after-step N] [--kill-in-checkpoint-at-step N]
 """
 
 import argparse
@@ -9,7 +9,7 @@ import signal
 
 import torch
 
-from upcycle.train import Callback, Trainer, TrainConfig, checkpoint
+from upcycle.train import Callback, TrainConfig, Trainer, checkpoint
 
 
 class KillAfter(Callback):

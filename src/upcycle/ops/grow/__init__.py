@@ -43,8 +43,10 @@ class StepReport:
 
     def line(self) -> str:
         p = self.preservation
-        return (f"{self.step}: {self.params_before / 1e6:.1f}M → {self.params_after / 1e6:.1f}M parameters "
-                f"({self.model_type}), {self.seconds:.1f} s" + (f"; {p.line()}" if p else ""))
+        return (
+            f"{self.step}: {self.params_before / 1e6:.1f}M → {self.params_after / 1e6:.1f}M parameters "
+            f"({self.model_type}), {self.seconds:.1f} s" + (f"; {p.line()}" if p else "")
+        )
 
     def as_dict(self) -> dict:
         out = {k: v for k, v in self.__dict__.items() if k not in ("preservation", "facts")}
@@ -53,8 +55,14 @@ class StepReport:
         return out
 
 
-def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks: GrowChecks | None = None, *,
-               calibration: torch.Tensor | None = None):
+def apply_step(
+    model,
+    step: GrowStep,
+    blocks: torch.Tensor | None = None,
+    checks: GrowChecks | None = None,
+    *,
+    calibration: torch.Tensor | None = None,
+):
     """(grown model, StepReport): the step applied to `model` (left unchanged), verified on `blocks`
     (token ids, held-out text) when given. A k-means router is fitted on `calibration` blocks
     (default: `blocks`). A step that fails its check raises GrowthNotPreserved."""
@@ -64,15 +72,34 @@ def apply_step(model, step: GrowStep, blocks: torch.Tensor | None = None, checks
         routers = kmeans_routers(model, step, text) if step.router == "kmeans" and text is not None else None
         grown, facts = to_moe(model, step, routers)
     else:
-        operator = {"experts": clone_experts, "top_k": raise_top_k, "depth": add_layers, "ffn_width": widen_ffn,
-                    "hidden": widen_hidden}[step.op]
+        operator = {
+            "experts": clone_experts,
+            "top_k": raise_top_k,
+            "depth": add_layers,
+            "ffn_width": widen_ffn,
+            "hidden": widen_hidden,
+        }[step.op]
         grown, facts = operator(model, step)
     seconds = time.perf_counter() - start
-    report = StepReport(step.describe(), facts["kind"], facts["why"], grown.config.model_type, _params(model),
-                        _params(grown), seconds, facts=facts)
+    report = StepReport(
+        step.describe(),
+        facts["kind"],
+        facts["why"],
+        grown.config.model_type,
+        _params(model),
+        _params(grown),
+        seconds,
+        facts=facts,
+    )
     if blocks is not None:
-        report.preservation = preservation(model, grown, blocks, facts["kind"], checks or GrowChecks(),
-                                           facts.get("origin") if step.op == "experts" else None)
+        report.preservation = preservation(
+            model,
+            grown,
+            blocks,
+            facts["kind"],
+            checks or GrowChecks(),
+            facts.get("origin") if step.op == "experts" else None,
+        )
         if not report.preservation.passed:
             raise GrowthNotPreserved(f"{report.step}: {report.preservation.line()}")
     return grown, report

@@ -26,8 +26,9 @@ def copy_except(model, heavy: list[torch.Tensor]):
 
 def neurons(ffn: SwiGLUWeights, index: torch.Tensor) -> SwiGLUWeights:
     """The FFN restricted to neurons `index` (rows of gate/up, columns of down), as new tensors."""
-    return SwiGLUWeights(ffn.gate[index].detach().clone(), ffn.up[index].detach().clone(),
-                         ffn.down[:, index].detach().clone())
+    return SwiGLUWeights(
+        ffn.gate[index].detach().clone(), ffn.up[index].detach().clone(), ffn.down[:, index].detach().clone()
+    )
 
 
 def stack(parts: list[SwiGLUWeights]) -> SwiGLUWeights:

@@ -38,8 +38,11 @@ def add_layers(model, step: GrowStep):
             seen.add(o)
         target.set_layers(layers, list(step.layer_map))
         same = list(step.layer_map) == list(range(n))
-        return grown, {"kind": "exact" if same else "changed", "why": "trained layers repeated or dropped by the map",
-                       "layer_map": list(step.layer_map)}
+        return grown, {
+            "kind": "exact" if same else "changed",
+            "why": "trained layers repeated or dropped by the map",
+            "layer_map": list(step.layer_map),
+        }
     after = sorted(step.at) if step.at else evenly(n, step.add)
     bad = [p for p in after if not -1 <= p < n]
     if bad:
@@ -56,5 +59,8 @@ def add_layers(model, step: GrowStep):
         for j in new:
             for weight in target.residual_writers(j):
                 weight.zero_()
-    return grown, {"kind": "exact", "why": "new layers write nothing to the residual stream (o_proj and down = 0)",
-                   "new_layers": new}
+    return grown, {
+        "kind": "exact",
+        "why": "new layers write nothing to the residual stream (o_proj and down = 0)",
+        "new_layers": new,
+    }

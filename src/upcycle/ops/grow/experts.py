@@ -21,8 +21,10 @@ from upcycle.ops.grow.step import GrowStep
 def _moe_layers(adapter, op: str) -> list[int]:
     layers = [i for i in range(adapter.num_layers) if adapter.ffn_kind(i) == "moe"]
     if not layers:
-        raise ConfigError(f"op {op} needs a mixture-of-experts model; this {adapter.family} model has none "
-                          "(grow it first with op moe)")
+        raise ConfigError(
+            f"op {op} needs a mixture-of-experts model; this {adapter.family} model has none "
+            "(grow it first with op moe)"
+        )
     return layers
 
 
@@ -45,7 +47,7 @@ def clone_experts(model, step: GrowStep):
             for e in range(len(router)):
                 if e % n:  # the first clone of each expert stays the original
                     width = experts.gate.shape[1]
-                    index = torch.randperm(width, generator=generator)[:round(step.redraw * width)]
+                    index = torch.randperm(width, generator=generator)[: round(step.redraw * width)]
                     clone = SwiGLUWeights(experts.gate[e], experts.up[e], experts.down[e])
                     redraw(clone, index, clone, generator)
         target.set_experts(i, experts)
@@ -53,8 +55,11 @@ def clone_experts(model, step: GrowStep):
     target.set_config(num_experts=source.num_experts(layers[0]) * n, top_k=source.top_k(layers[0]) * n)
     origin = {i: [e // n for e in range(source.num_experts(i) * n)] for i in layers}
     kind = "diversity" if step.noise or step.redraw else "exact"
-    why = ("each clone holds 1/n of its expert's softmax mass and top-k × n picks all clones"
-           if kind == "exact" else "router noise / re-drawn neurons on the clones")
+    why = (
+        "each clone holds 1/n of its expert's softmax mass and top-k × n picks all clones"
+        if kind == "exact"
+        else "router noise / re-drawn neurons on the clones"
+    )
     return grown, {"kind": kind, "why": why, "origin": origin}
 
 
@@ -67,6 +72,8 @@ def raise_top_k(model, step: GrowStep):
     grown = copy_except(model, [])
     adapter_for(grown).set_config(top_k=step.top_k)
     was = source.top_k(layers[0])
-    return grown, {"kind": "exact" if step.top_k == was else "changed",
-                   "why": f"top-k {was} → {step.top_k}: more experts in each token's mix",
-                   "origin": {i: list(range(experts)) for i in layers}}
+    return grown, {
+        "kind": "exact" if step.top_k == was else "changed",
+        "why": f"top-k {was} → {step.top_k}: more experts in each token's mix",
+        "origin": {i: list(range(experts)) for i in layers},
+    }

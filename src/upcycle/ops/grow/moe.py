@@ -21,8 +21,7 @@ import math
 
 import torch
 
-from upcycle.arch import SwiGLUWeights, adapter_for
-from upcycle.arch import FAMILIES
+from upcycle.arch import FAMILIES, SwiGLUWeights, adapter_for
 from upcycle.arch.reexpress import moe_shell
 from upcycle.errors import ConfigError, UnsupportedArchitecture
 from upcycle.ops.grow.copying import neurons, redraw, stack
@@ -34,8 +33,9 @@ KMEANS_LOGIT = 4.0  # a k-means router gives a token at the mean input norm a lo
 def target_family(model, step: GrowStep) -> str:
     source = model.config.model_type
     if source not in FAMILIES or not FAMILIES[source].moe_targets:
-        raise UnsupportedArchitecture(f"op moe needs a dense model; this one is {source} (use op experts or top_k "
-                                      "to grow an MoE)")
+        raise UnsupportedArchitecture(
+            f"op moe needs a dense model; this one is {source} (use op experts or top_k to grow an MoE)"
+        )
     return FAMILIES[source].moe_targets[0] if step.family == "auto" else step.family
 
 
@@ -58,8 +58,15 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
     if any(source.ffn_weights(i).width != width for i in range(source.num_layers)):
         raise UnsupportedArchitecture("dense → MoE needs one FFN width in every layer")
     expert_width, shared_width = _widths(step, width)
-    grown = moe_shell(model, family, experts=step.experts, top_k=step.top_k, expert_width=expert_width,
-                      shared_width=shared_width, normalize=step.normalize)
+    grown = moe_shell(
+        model,
+        family,
+        experts=step.experts,
+        top_k=step.top_k,
+        expert_width=expert_width,
+        shared_width=shared_width,
+        normalize=step.normalize,
+    )
     target = adapter_for(grown)
     generator = torch.Generator().manual_seed(step.seed)
     for i in range(source.num_layers):
@@ -70,15 +77,23 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
         target.set_router(i, rows.to(experts.gate.dtype))
         if target.shared_expert(i) is not None:
             with torch.no_grad():
-                for live, value in zip((target.shared_expert(i).gate, target.shared_expert(i).up,
-                                        target.shared_expert(i).down), (shared.gate, shared.up, shared.down)):
+                for live, value in zip(
+                    (target.shared_expert(i).gate, target.shared_expert(i).up, target.shared_expert(i).down),
+                    (shared.gate, shared.up, shared.down),
+                ):
                     live.copy_(value)
                 target.shared_expert_gate(i).weight.zero_()  # sigmoid(0) = 1/2: see shared mode's ×2
     if not all(torch.isfinite(p).all() for p in grown.parameters()):
         raise RuntimeError("dense → MoE left a weight unwritten")  # a bug, not the user's input
     kind, why = _kind(step, family)
-    return grown, {"kind": kind, "why": why, "family": family, "router": step.router, "expert_width": expert_width,
-                   "shared_width": shared_width if FAMILIES[family].has_shared_expert else None}
+    return grown, {
+        "kind": kind,
+        "why": why,
+        "family": family,
+        "router": step.router,
+        "expert_width": expert_width,
+        "shared_width": shared_width if FAMILIES[family].has_shared_expert else None,
+    }
 
 
 def _widths(step: GrowStep, width: int) -> tuple[int, int]:
@@ -105,13 +120,15 @@ def _experts(step: GrowStep, ffn: SwiGLUWeights, generator) -> tuple[SwiGLUWeigh
                 n = round(step.drop_ratio * F)
                 redraw(_expert(experts, e), torch.randperm(F, generator=generator)[:n], ffn, generator)
     elif step.mode == "granular":
-        shards = [neurons(ffn, torch.arange(g * F // step.granularity, (g + 1) * F // step.granularity))
-                  for g in range(step.granularity)]
+        shards = [
+            neurons(ffn, torch.arange(g * F // step.granularity, (g + 1) * F // step.granularity))
+            for g in range(step.granularity)
+        ]
         experts = stack([shards[g] for _ in range(E // step.granularity) for g in range(step.granularity)])
         experts.down.mul_(step.granularity)
     elif step.mode == "partition":
         order = torch.randperm(F, generator=generator)
-        experts = stack([neurons(ffn, order[e * (F // E):(e + 1) * (F // E)]) for e in range(E)])
+        experts = stack([neurons(ffn, order[e * (F // E) : (e + 1) * (F // E)]) for e in range(E)])
         experts.down.mul_(E)  # unbiased for uniform routing; exact when every expert is chosen at weight 1/E
     else:  # shared: routed experts enter with zero output
         width = _widths(step, F)[0]
@@ -120,7 +137,7 @@ def _experts(step: GrowStep, ffn: SwiGLUWeights, generator) -> tuple[SwiGLUWeigh
         elif step.routed == "partition":
             order = torch.randperm(F, generator=generator)
             order = order.repeat(math.ceil(E * width / F))  # more neurons asked than the FFN has: sets reuse them
-            experts = stack([neurons(ffn, order[e * width:(e + 1) * width]) for e in range(E)])
+            experts = stack([neurons(ffn, order[e * width : (e + 1) * width]) for e in range(E)])
         else:
             experts = stack([neurons(ffn, torch.zeros(width, dtype=torch.long))] * E)
             for e in range(E):
@@ -178,11 +195,16 @@ def _kind(step: GrowStep, family: str) -> tuple[str, str]:
     if step.mode in ("copy", "shared"):
         if step.mode == "copy" and not step.normalize:
             return "changed", "copies with top-k weights that are not renormalised scale the FFN by their sum"
-        return "exact", {"copy": "every expert is the FFN and the top-k weights sum to one",
-                         "shared": "shared expert = the FFN (gate ½, down ×2); routed experts output zero"}[step.mode]
+        return "exact", {
+            "copy": "every expert is the FFN and the top-k weights sum to one",
+            "shared": "shared expert = the FFN (gate ½, down ×2); routed experts output zero",
+        }[step.mode]
     if step.mode == "granular":
         if step.normalize and step.top_k % step.granularity == 0:
-            return "exact", "whole copies are chosen (shared router rows) and shard outputs × granularity sum to the FFN"
+            return (
+                "exact",
+                "whole copies are chosen (shared router rows) and shard outputs × granularity sum to the FFN",
+            )
         return "changed", "granular is exact only with renormalised weights and top-k a multiple of the granularity"
     if step.mode == "partition":
         if step.top_k == step.experts and step.router == "zero" and step.normalize:

@@ -34,31 +34,48 @@ class GrowStep(OperatorStep):
 @GrowStep.operator("moe", "dense → MoE")
 @dataclass(kw_only=True)
 class MoeStep(GrowStep):
-    family: str = option("auto", "the stock MoE family written: auto (the source family's first: Qwen2-MoE for "
-                         "Llama/Mistral/Qwen2, Qwen3-MoE for Qwen3) or an MoE family (qwen2_moe, qwen3_moe, mixtral)")
+    family: str = option(
+        "auto",
+        "the stock MoE family written: auto (the source family's first: Qwen2-MoE for "
+        "Llama/Mistral/Qwen2, Qwen3-MoE for Qwen3) or an MoE family (qwen2_moe, qwen3_moe, mixtral)",
+    )
     experts: int = option(8, "routed experts per layer")
     top_k: int = option(2, "experts each token is routed to")
-    mode: str = option("copy", "copy (experts = copies of the FFN, exact), shared (shared expert = the FFN, routed "
-                       "experts enter with zero output, exact; Qwen2-MoE), granular (copies split into `granularity` "
-                       "shards, exact with renormalised weights), partition (disjoint neuron sets, exact only when "
-                       "every expert is chosen), drop (copies with `drop_ratio` of the neurons re-drawn: diversity)",
-                       choices=MOE_MODES)
-    routed: str = option("partition", "mode shared: how the routed experts start before their zero output: copy, "
-                         "partition (disjoint random neuron sets) or random (re-drawn)",
-                         choices=("copy", "partition", "random"))
+    mode: str = option(
+        "copy",
+        "copy (experts = copies of the FFN, exact), shared (shared expert = the FFN, routed "
+        "experts enter with zero output, exact; Qwen2-MoE), granular (copies split into `granularity` "
+        "shards, exact with renormalised weights), partition (disjoint neuron sets, exact only when "
+        "every expert is chosen), drop (copies with `drop_ratio` of the neurons re-drawn: diversity)",
+        choices=MOE_MODES,
+    )
+    routed: str = option(
+        "partition",
+        "mode shared: how the routed experts start before their zero output: copy, "
+        "partition (disjoint random neuron sets) or random (re-drawn)",
+        choices=("copy", "partition", "random"),
+    )
     granularity: int = option(2, "mode granular: shards per copy of the FFN (experts must be a multiple)")
     expert_width: int | None = option(None, "mode shared: width of each routed expert (default FFN width / experts)")
-    router: str = option("kmeans", "router init: kmeans (centroids of the FFN's inputs on calibration text, so "
-                         "routing starts meaningful), random (small normal) or zero (uniform routing)",
-                         choices=("kmeans", "random", "zero"))
+    router: str = option(
+        "kmeans",
+        "router init: kmeans (centroids of the FFN's inputs on calibration text, so "
+        "routing starts meaningful), random (small normal) or zero (uniform routing)",
+        choices=("kmeans", "random", "zero"),
+    )
     router_std: float = option(0.02, "random router: standard deviation")
     drop_ratio: float = option(0.5, "mode drop: fraction of each expert's neurons re-drawn")
-    normalize: bool = option(True, "renormalise the top-k router weights to sum to one (needed for exact copy and "
-                             "granular modes)")
+    normalize: bool = option(
+        True, "renormalise the top-k router weights to sum to one (needed for exact copy and granular modes)"
+    )
 
     def validate(self) -> None:
-        check(self.family == "auto" or self.family in moe_families(), "family", self.family,
-              f"auto or an MoE family ({', '.join(moe_families())})")
+        check(
+            self.family == "auto" or self.family in moe_families(),
+            "family",
+            self.family,
+            f"auto or an MoE family ({', '.join(moe_families())})",
+        )
         check(self.experts >= 1, "experts", self.experts, "an integer >= 1")
         check(self.top_k >= 1, "top_k", self.top_k, "an integer >= 1")
         check(self.top_k <= self.experts, "top_k", self.top_k, f"at most experts={self.experts}")
@@ -66,14 +83,23 @@ class MoeStep(GrowStep):
         check(0.0 <= self.drop_ratio <= 1.0, "drop_ratio", self.drop_ratio, "a fraction in [0, 1]")
         check(self.router_std > 0.0, "router_std", self.router_std, "a number > 0")
         if self.mode == "granular":
-            check(self.experts % self.granularity == 0, "experts", self.experts,
-                  f"a multiple of granularity={self.granularity}")
+            check(
+                self.experts % self.granularity == 0,
+                "experts",
+                self.experts,
+                f"a multiple of granularity={self.granularity}",
+            )
 
     def describe(self) -> str:
-        extra = {"granular": f", {self.granularity} shards per copy", "drop": f", {self.drop_ratio:g} re-drawn",
-                 "shared": f", routed {self.routed}"}.get(self.mode, "")
-        return (f"dense → MoE ({self.family}): {self.experts} experts top-{self.top_k}, mode {self.mode}{extra}, "
-                f"router {self.router}")
+        extra = {
+            "granular": f", {self.granularity} shards per copy",
+            "drop": f", {self.drop_ratio:g} re-drawn",
+            "shared": f", routed {self.routed}",
+        }.get(self.mode, "")
+        return (
+            f"dense → MoE ({self.family}): {self.experts} experts top-{self.top_k}, mode {self.mode}{extra}, "
+            f"router {self.router}"
+        )
 
 
 @GrowStep.operator("experts", "clone each expert")
@@ -108,21 +134,35 @@ class TopKStep(GrowStep):
 @GrowStep.operator("depth", "more layers")
 @dataclass(kw_only=True)
 class DepthStep(GrowStep):
-    add: int = option(0, "identity layers to insert (attention output and FFN down projections zero), spread "
-                      "evenly unless `at` says where")
+    add: int = option(
+        0,
+        "identity layers to insert (attention output and FFN down projections zero), spread "
+        "evenly unless `at` says where",
+    )
     at: list[int] | None = option(None, "insert a new layer after each of these layer indices")
-    layer_map: list[int] | None = option(None, "the new stack as source layer indices, e.g. [0,1,2,3,0,1,2,3] "
-                                         "(duplicates trained layers: changes the function, measured)")
+    layer_map: list[int] | None = option(
+        None,
+        "the new stack as source layer indices, e.g. [0,1,2,3,0,1,2,3] "
+        "(duplicates trained layers: changes the function, measured)",
+    )
 
     def validate(self) -> None:
         check(self.add >= 0, "add", self.add, "an integer >= 0")
-        check(bool(self.add or self.at or self.layer_map) and not (self.layer_map and (self.add or self.at)),
-              "depth", "", "give `add` (optionally with `at`), or `layer_map`")
+        check(
+            bool(self.add or self.at or self.layer_map) and not (self.layer_map and (self.add or self.at)),
+            "depth",
+            "",
+            "give `add` (optionally with `at`), or `layer_map`",
+        )
         if self.add and self.at:
             check(self.add == len(self.at), "add", self.add, f"the number of positions in at={self.at}")
 
     def describe(self) -> str:
-        return f"depth: layer map {self.layer_map}" if self.layer_map else f"depth: +{self.add or len(self.at)} identity layers"
+        return (
+            f"depth: layer map {self.layer_map}"
+            if self.layer_map
+            else f"depth: +{self.add or len(self.at)} identity layers"
+        )
 
 
 @GrowStep.operator("ffn_width", "wider FFN")

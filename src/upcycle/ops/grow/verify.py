@@ -53,16 +53,19 @@ class Preservation:
     def line(self) -> str:
         router = f", router KL {self.router_kl:.3g}" if self.router_kl is not None else ""
         verdict = {"exact": "exact", "diversity": "within thresholds", "changed": "changed (reported)"}[self.kind]
-        return (f"max |Δlogit| {self.max_dlogit:.3g}, mean KL {self.kl:.3g}, top-1 {self.top1:.4f}, logit cosine "
-                f"{self.logit_cosine:.6f}, loss {self.loss_before:.4f} → {self.loss_after:.4f} "
-                f"({100 * self.loss_change:+.2f} %){router} — {verdict if self.passed else 'FAILED'}")
+        return (
+            f"max |Δlogit| {self.max_dlogit:.3g}, mean KL {self.kl:.3g}, top-1 {self.top1:.4f}, logit cosine "
+            f"{self.logit_cosine:.6f}, loss {self.loss_before:.4f} → {self.loss_after:.4f} "
+            f"({100 * self.loss_change:+.2f} %){router} — {verdict if self.passed else 'FAILED'}"
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def preservation(source, grown, blocks: torch.Tensor, kind: str, checks: GrowChecks,
-                 origin: dict[int, list[int]] | None = None) -> Preservation:
+def preservation(
+    source, grown, blocks: torch.Tensor, kind: str, checks: GrowChecks, origin: dict[int, list[int]] | None = None
+) -> Preservation:
     """Compare `grown` with `source` on `blocks`; `origin[layer][e]` is the source expert that grown
     expert e came from (for the router KL of expert operators)."""
     eq = compare(source, grown, blocks)
@@ -70,12 +73,26 @@ def preservation(source, grown, blocks: torch.Tensor, kind: str, checks: GrowChe
     if kind == "exact":
         passed = eq.max_abs_logit <= checks.tolerance
     elif kind == "diversity":
-        passed = (eq.loss_change < checks.max_loss_change and eq.logit_cosine > checks.min_logit_cosine
-                  and (router is None or router < checks.max_router_kl))
+        passed = (
+            eq.loss_change < checks.max_loss_change
+            and eq.logit_cosine > checks.min_logit_cosine
+            and (router is None or router < checks.max_router_kl)
+        )
     else:
         passed = True
-    return Preservation(kind, eq.max_abs_logit, eq.mean_kl, eq.top1_agreement, eq.logit_cosine, eq.loss_reference,
-                        eq.loss_candidate, eq.loss_change, router, eq.tokens, passed)
+    return Preservation(
+        kind,
+        eq.max_abs_logit,
+        eq.mean_kl,
+        eq.top1_agreement,
+        eq.logit_cosine,
+        eq.loss_reference,
+        eq.loss_candidate,
+        eq.loss_change,
+        router,
+        eq.tokens,
+        passed,
+    )
 
 
 @torch.no_grad()

@@ -41,10 +41,13 @@ def widen_ffn(model, step: GrowStep):
             target.set_ffn_weights(i, _duplicate(source.ffn_weights(i), step, generator))
         else:
             old = source.experts(i)
-            wider = [_duplicate(SwiGLUWeights(old.gate[e], old.up[e], old.down[e]), step, generator)
-                     for e in range(old.gate.shape[0])]
-            target.set_experts(i, SwiGLUWeights(*(torch.stack([getattr(w, n) for w in wider])
-                                                  for n in ("gate", "up", "down"))))
+            wider = [
+                _duplicate(SwiGLUWeights(old.gate[e], old.up[e], old.down[e]), step, generator)
+                for e in range(old.gate.shape[0])
+            ]
+            target.set_experts(
+                i, SwiGLUWeights(*(torch.stack([getattr(w, n) for w in wider]) for n in ("gate", "up", "down")))
+            )
     target.set_config(**({"expert_ffn_size": step.width} if "moe" in kinds else {"ffn_size": step.width}))
     return grown, {"kind": "exact", "why": "duplicated neurons split their down-projection columns"}
 
@@ -93,7 +96,7 @@ def widen_hidden(model, step: GrowStep):
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     changes = {"hidden_size": config.hidden_size * m, "head_dim": head_dim}
     if tied:
-        changes["norm_eps"] = source.get_config("norm_eps") * scale ** 2
+        changes["norm_eps"] = source.get_config("norm_eps") * scale**2
     grown = source.rebuilt(config, changes, state)
     q_k_norms = any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params)
     why = "the hidden vector repeated; norms see the same ratio"

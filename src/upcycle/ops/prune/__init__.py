@@ -24,8 +24,15 @@ from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare, perplexity
 from upcycle.ops.calibrate import LayerStream, _rows, hooked
-from upcycle.ops.prune.masks import (magnitude_scores, nm_holds, nm_mask, parse_nm, pruned_count, unstructured_mask,
-                                     wanda_scores)
+from upcycle.ops.prune.masks import (
+    magnitude_scores,
+    nm_holds,
+    nm_mask,
+    parse_nm,
+    pruned_count,
+    unstructured_mask,
+    wanda_scores,
+)
 from upcycle.ops.prune.sparsegpt import sparsegpt
 
 __all__ = ["PruneSpec", "PruneReport", "prune", "prunable_linears", "sparsity_of"]
@@ -35,12 +42,19 @@ METHODS = ("magnitude", "wanda", "sparsegpt")
 
 @dataclass
 class PruneSpec(Config):
-    method: str = option("wanda", "magnitude (|W|), wanda (|W|·‖X‖ per output row) or sparsegpt (OBS reconstruction "
-                         "with the inputs' Hessian)", choices=METHODS)
+    method: str = option(
+        "wanda",
+        "magnitude (|W|), wanda (|W|·‖X‖ per output row) or sparsegpt (OBS reconstruction with the inputs' Hessian)",
+        choices=METHODS,
+    )
     sparsity: float = option(0.5, "fraction of each matrix's weights set to zero, in [0, 1) (unstructured)")
     nm: str | None = option(None, "N:M instead: at most N nonzeros in every M consecutive inputs (2:4, 4:8)")
-    per: str = option("row", "magnitude/wanda unstructured: compare weights within each output row (Wanda's "
-                      "choice) or across the whole matrix", choices=("row", "layer"))
+    per: str = option(
+        "row",
+        "magnitude/wanda unstructured: compare weights within each output row (Wanda's "
+        "choice) or across the whole matrix",
+        choices=("row", "layer"),
+    )
     block: int = option(128, "sparsegpt: columns per block of lazy updates")
     damp: float = option(0.01, "sparsegpt: Hessian dampening, a fraction of its mean diagonal")
 
@@ -90,12 +104,14 @@ class PruneReport:
         return self.pattern_holds and self.zeros >= self.target_zeros
 
     def line(self) -> str:
-        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}" if self.ppl_after is not None else "")
+        quality = f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}" if self.ppl_after is not None else ""
         quality += f", mean KL {self.kl:.3g}" if self.kl is not None else ""
-        return (f"{self.spec}: {len(self.matrices)} matrices, {self.zeros:,} of "
-                f"{sum(m['numel'] for m in self.matrices.values()):,} weights zero ({self.sparsity:.4%}; "
-                f"{self._target_words()}), "
-                f"{self.seconds:.1f} s{quality}")
+        return (
+            f"{self.spec}: {len(self.matrices)} matrices, {self.zeros:,} of "
+            f"{sum(m['numel'] for m in self.matrices.values()):,} weights zero ({self.sparsity:.4%}; "
+            f"{self._target_words()}), "
+            f"{self.seconds:.1f} s{quality}"
+        )
 
     def _target_words(self) -> str:
         if self.pattern_holds is not None:
@@ -106,8 +122,15 @@ class PruneReport:
         return {**asdict(self), "sparsity": self.sparsity, "exact": self.exact}
 
 
-def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held: torch.Tensor | None = None, *,
-          progress: bool = False, inplace: bool = False):
+def prune(
+    model,
+    spec: PruneSpec,
+    calibration: torch.Tensor | None = None,
+    held: torch.Tensor | None = None,
+    *,
+    progress: bool = False,
+    inplace: bool = False,
+):
     """(pruned copy, PruneReport). `calibration` (n, T) token blocks feed Wanda's and SparseGPT's statistics
     (magnitude needs none); `held` blocks, when given, measure the one-shot cost (perplexity before and after,
     and KL and top-1 against the source). The input model is left alone, unless `inplace`: then it is the
@@ -123,8 +146,10 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
         for i in range(adapter.num_layers):
             for name, linear in adapter.linears(i).items():
                 if linear.in_features % nm[1]:
-                    raise ConfigError(f"N:M = {spec.nm} needs input widths divisible by {nm[1]}: layer {i} "
-                                      f"{name} has {linear.in_features}")
+                    raise ConfigError(
+                        f"N:M = {spec.nm} needs input widths divisible by {nm[1]}: layer {i} "
+                        f"{name} has {linear.in_features}"
+                    )
     report = PruneReport(spec.describe(), 0.0)
     stream = LayerStream(pruned, calibration) if spec.method != "magnitude" else None
     for i in tqdm(range(adapter.num_layers), desc=f"prune ({spec.method})", disable=not progress, leave=False):
@@ -135,8 +160,11 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
             with torch.no_grad():
                 linear.weight.copy_(weight)
             zeros = int((linear.weight == 0).sum())
-            report.matrices[f"layers.{i}.{name}"] = {"zeros": zeros, "numel": linear.weight.numel(),
-                                                     "sparsity": zeros / linear.weight.numel()}
+            report.matrices[f"layers.{i}.{name}"] = {
+                "zeros": zeros,
+                "numel": linear.weight.numel(),
+                "sparsity": zeros / linear.weight.numel(),
+            }
             report.zeros += zeros
             report.target_zeros += count
         if stream is not None:
@@ -144,11 +172,15 @@ def prune(model, spec: PruneSpec, calibration: torch.Tensor | None = None, held:
     report.skipped = _left_dense(pruned, adapter)
     if nm is not None:
         report.pattern_holds = holds_nm(pruned, *nm)
-    pruned.config.upcycle_pruning = {"method": spec.method, "sparsity": report.sparsity, "nm": spec.nm,
-                                     "target": None if spec.nm else spec.sparsity,
-                                     "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
-                                     "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
-                                                 "or the LM head); zeros stored in the weights"}
+    pruned.config.upcycle_pruning = {
+        "method": spec.method,
+        "sparsity": report.sparsity,
+        "nm": spec.nm,
+        "target": None if spec.nm else spec.sparsity,
+        "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
+        "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
+        "or the LM head); zeros stored in the weights",
+    }
     report.seconds = time.perf_counter() - start
     if held is not None and inplace:
         report.ppl_before, report.ppl_after = before, perplexity(pruned, held, progress=False).ppl
@@ -180,9 +212,15 @@ def _layer_statistics(stream: LayerStream, linears: dict, method: str) -> dict:
 def _prune_matrix(weight: torch.Tensor, stat, spec: PruneSpec, nm) -> tuple[torch.Tensor, int]:
     """(new weight, the zeros it promises)."""
     rows, cols = weight.shape
-    target = rows * (cols // nm[1]) * (nm[1] - nm[0]) if nm else (
-        rows * pruned_count(cols, spec.sparsity) if spec.per == "row" and spec.method != "sparsegpt"
-        else pruned_count(rows * cols, spec.sparsity))
+    target = (
+        rows * (cols // nm[1]) * (nm[1] - nm[0])
+        if nm
+        else (
+            rows * pruned_count(cols, spec.sparsity)
+            if spec.per == "row" and spec.method != "sparsegpt"
+            else pruned_count(rows * cols, spec.sparsity)
+        )
+    )
     if spec.method == "sparsegpt":
         new, _ = sparsegpt(weight, stat, sparsity=spec.sparsity, nm=nm, block=spec.block, damp=spec.damp)
         return new, target
@@ -203,7 +241,9 @@ def _left_dense(model, adapter) -> list[str]:
 def prunable_linears(model) -> dict:
     """{"layers.i.name": nn.Linear} for every computing linear of every decoder layer (what prune sparsifies)."""
     adapter = adapter_for(model)
-    return {f"layers.{i}.{name}": linear for i in range(adapter.num_layers) for name, linear in adapter.linears(i).items()}
+    return {
+        f"layers.{i}.{name}": linear for i in range(adapter.num_layers) for name, linear in adapter.linears(i).items()
+    }
 
 
 def sparsity_of(model) -> dict:

@@ -29,8 +29,15 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 0.5, nm: tuple[int, int] | None = None,
-              block: int = 128, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def sparsegpt(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    sparsity: float = 0.5,
+    nm: tuple[int, int] | None = None,
+    block: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(pruned and reconstructed weight, mask True where pruned) for a (out, in) weight and its (in, in) Hessian."""
     rows, cols = weight.shape
     if nm is not None:
@@ -48,12 +55,12 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 
         if nm is None:  # this block's share of the exact count, lowest w²/d² first
             k = pruned_count(rows * i2, sparsity) - pruned_count(rows * i1, sparsity)
             if k:
-                m1.view(-1)[(w1 ** 2 / d ** 2).reshape(-1).topk(k, largest=False).indices] = True
+                m1.view(-1)[(w1**2 / d**2).reshape(-1).topk(k, largest=False).indices] = True
         errors = torch.zeros_like(w1)
         for i in range(i2 - i1):
             if nm is not None and i % m == 0:  # choose this group's pruned weights with the updates so far
-                score = w1[:, i:i + m] ** 2 / d[i:i + m] ** 2
-                m1[:, i:i + m].scatter_(1, score.topk(m - n, dim=1, largest=False).indices, True)
+                score = w1[:, i : i + m] ** 2 / d[i : i + m] ** 2
+                m1[:, i : i + m].scatter_(1, score.topk(m - n, dim=1, largest=False).indices, True)
             column = w1[:, i]
             kept = torch.where(m1[:, i], torch.zeros_like(column), column)
             err = (column - kept) / d[i]
@@ -70,4 +77,4 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, *, sparsity: float = 
 def reconstruction_error(weight: torch.Tensor, pruned: torch.Tensor, inputs: torch.Tensor) -> float:
     """‖X Wᵀ − X W′ᵀ‖² / ‖X Wᵀ‖² on the rows X: how much the layer's output moved."""
     ref = inputs.float() @ weight.float().T
-    return float(((inputs.float() @ pruned.float().T - ref) ** 2).sum() / (ref ** 2).sum())
+    return float(((inputs.float() @ pruned.float().T - ref) ** 2).sum() / (ref**2).sum())

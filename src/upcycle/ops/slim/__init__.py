@@ -22,8 +22,13 @@ parse_step = SlimStep.from_dict  # a cut from a mapping {op, ...options}
 
 __all__ = ["SlimStep", "CutReport", "apply_cut", "parse_step"]
 
-CUTS = {"depth": cut_depth, "hidden": cut_hidden, "ffn_width": cut_ffn_width, "heads": cut_heads,
-        "experts": cut_experts}
+CUTS = {
+    "depth": cut_depth,
+    "hidden": cut_hidden,
+    "ffn_width": cut_ffn_width,
+    "heads": cut_heads,
+    "experts": cut_experts,
+}
 
 
 @dataclass
@@ -41,10 +46,15 @@ class CutReport:
     equivalence: Equivalence | None = field(default=None, repr=False)
 
     def line(self) -> str:
-        quality = (f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}, top-1 "
-                   f"{self.top1:.3f}" if self.ppl_after is not None else "")
-        return (f"{self.step}: {self.params_before / 1e6:.1f}M → {self.params_after / 1e6:.1f}M parameters "
-                f"({100 * (1 - self.params_after / self.params_before):.0f} % fewer), {self.seconds:.1f} s{quality}")
+        quality = (
+            f"; one-shot ppl {self.ppl_before:.2f} → {self.ppl_after:.2f}, mean KL {self.kl:.3g}, top-1 {self.top1:.3f}"
+            if self.ppl_after is not None
+            else ""
+        )
+        return (
+            f"{self.step}: {self.params_before / 1e6:.1f}M → {self.params_after / 1e6:.1f}M parameters "
+            f"({100 * (1 - self.params_after / self.params_before):.0f} % fewer), {self.seconds:.1f} s{quality}"
+        )
 
     def as_dict(self) -> dict:
         return {k: v for k, v in asdict(self).items() if k != "equivalence"}

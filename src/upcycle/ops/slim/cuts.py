@@ -54,8 +54,10 @@ def cut_hidden(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor
         raise ConfigError(f"hidden={keep} is not allowed: smaller than the model's hidden size {H}")
     heads = model.config.num_attention_heads
     if keep % heads:  # transformers' configs refuse a hidden size the attention heads cannot divide
-        raise ConfigError(f"hidden={keep} is not allowed: a multiple of the {heads} attention heads "
-                          f"(e.g. {keep // heads * heads} or {(keep // heads + 1) * heads})")
+        raise ConfigError(
+            f"hidden={keep} is not allowed: a multiple of the {heads} attention heads "
+            f"(e.g. {keep // heads * heads} or {(keep // heads + 1) * heads})"
+        )
     scores = importance.hidden_importance(model, blocks) if scores is None else scores
     index = scores.topk(keep).indices.sort().values
     params = dict(model.named_parameters())
@@ -68,8 +70,11 @@ def cut_hidden(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor
     state = {n: new.get(id(t), t) for n, t in model.state_dict(keep_vars=True).items()}
     config = copy.deepcopy(model.config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    slim = adapter.rebuilt(config, {"hidden_size": keep, "head_dim": head_dim,
-                                    "norm_eps": adapter.get_config("norm_eps") * H / keep}, state)
+    slim = adapter.rebuilt(
+        config,
+        {"hidden_size": keep, "head_dim": head_dim, "norm_eps": adapter.get_config("norm_eps") * H / keep},
+        state,
+    )
     kept_share = float(scores[index].sum() / scores.sum())
     return slim, {"kept_channels": index.tolist(), "kept_importance": kept_share}
 
@@ -79,8 +84,9 @@ def cut_ffn_width(model, step: SlimStep, blocks: torch.Tensor, scores: list | No
     adapter = adapter_for(model)
     kinds = {adapter.ffn_kind(i) for i in range(adapter.num_layers)}
     if kinds != {"dense"}:
-        raise ConfigError(f"op ffn_width cuts dense FFNs; this model has {', '.join(sorted(kinds))} FFNs "
-                          "(use op experts for an MoE)")
+        raise ConfigError(
+            f"op ffn_width cuts dense FFNs; this model has {', '.join(sorted(kinds))} FFNs (use op experts for an MoE)"
+        )
     width = adapter.ffn_weights(0).width
     if step.width >= width:
         raise ConfigError(f"width={step.width} is not allowed: smaller than the FFN width {width}")
@@ -109,8 +115,10 @@ def cut_heads(model, step: SlimStep, blocks: torch.Tensor, scores: torch.Tensor 
     config = model.config
     heads, kv = config.num_attention_heads, config.num_key_value_heads
     if step.heads >= heads or step.heads % kv:
-        raise ConfigError(f"heads={step.heads} is not allowed: fewer than the {heads} query heads and a multiple of "
-                          f"the {kv} key/value heads (each key/value head keeps the same number of queries)")
+        raise ConfigError(
+            f"heads={step.heads} is not allowed: fewer than the {heads} query heads and a multiple of "
+            f"the {kv} key/value heads (each key/value head keeps the same number of queries)"
+        )
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     scores = importance.head_importance(model, blocks) if scores is None else scores
     per_group, group = step.heads // kv, heads // kv
@@ -171,10 +179,18 @@ def cut_experts(model, step: SlimStep, blocks: torch.Tensor):
         for keeper, members in merged:
             usage = s.frequency[members].double()
             w = (usage / usage.sum()).float() if usage.sum() > 0 else torch.full((len(members),), 1 / len(members))
-            new.append(SwiGLUWeights(*(sum(w[j] * getattr(experts, n)[m].float() for j, m in enumerate(members))
-                                       .to(router.dtype) for n in ("gate", "up", "down"))))
+            new.append(
+                SwiGLUWeights(
+                    *(
+                        sum(w[j] * getattr(experts, n)[m].float() for j, m in enumerate(members)).to(router.dtype)
+                        for n in ("gate", "up", "down")
+                    )
+                )
+            )
         kept = [keeper for keeper, _ in merged]
-        target.set_experts(i, SwiGLUWeights(*(torch.stack([getattr(e, n) for e in new]) for n in ("gate", "up", "down"))))
+        target.set_experts(
+            i, SwiGLUWeights(*(torch.stack([getattr(e, n) for e in new]) for n in ("gate", "up", "down")))
+        )
         target.set_router(i, router[kept].clone())
         removed[i] = {"kept": kept, "groups": [members for _, members in merged], "scores": score.tolist()}
     target.set_config(num_experts=step.experts, top_k=top_k)

@@ -50,8 +50,12 @@ def angular_distance(model, blocks: torch.Tensor, n: int) -> torch.Tensor:
     """(layers - n + 1,) for each start ℓ the mean over blocks of arccos(cos(x_ℓ, x_ℓ+n)) / π on the
     last token of each block: the smallest marks the n consecutive layers that change it least."""
     last = [s[:, -1] for s in layer_states(model, blocks)]
-    return torch.stack([torch.arccos(F.cosine_similarity(last[i], last[i + n], dim=-1).clamp(-1, 1)).mean() / math.pi
-                        for i in range(len(last) - n)])
+    return torch.stack(
+        [
+            torch.arccos(F.cosine_similarity(last[i], last[i + n], dim=-1).clamp(-1, 1)).mean() / math.pi
+            for i in range(len(last) - n)
+        ]
+    )
 
 
 @torch.no_grad()
@@ -122,8 +126,13 @@ def expert_importance(model, blocks: torch.Tensor) -> dict[int, ExpertStats]:
         run_blocks(model, blocks)
     stats = {}
     for i in layers:
-        stats[i] = expert_stats(torch.cat(inputs.pop(i)), adapter.router(i).weight.detach().float(),
-                                adapter.experts(i), adapter.top_k(i), normalize=adapter.normalizes_top_k(i))
+        stats[i] = expert_stats(
+            torch.cat(inputs.pop(i)),
+            adapter.router(i).weight.detach().float(),
+            adapter.experts(i),
+            adapter.top_k(i),
+            normalize=adapter.normalizes_top_k(i),
+        )
     return stats
 
 

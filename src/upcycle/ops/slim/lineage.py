@@ -27,8 +27,12 @@ from upcycle.ops.slim.step import SlimStep
 
 def carries(step: SlimStep) -> bool:
     """Whether this cut can use scores measured on the source."""
-    return (step.op, step.rule) in {("depth", "block_influence"), ("hidden", "rmsnorm"), ("heads", "output_norm"),
-                                    ("ffn_width", "activation")}
+    return (step.op, step.rule) in {
+        ("depth", "block_influence"),
+        ("hidden", "rmsnorm"),
+        ("heads", "output_norm"),
+        ("ffn_width", "activation"),
+    }
 
 
 @dataclass(frozen=True)
@@ -43,21 +47,32 @@ class Lineage:
         adapter = adapter_for(model)
         n, heads = adapter.num_layers, model.config.num_attention_heads
         dense = all(adapter.ffn_kind(i) == "dense" for i in range(n))
-        return cls(tuple(range(n)), tuple(range(adapter.hidden_size)), tuple(tuple(range(heads)) for _ in range(n)),
-                   tuple(tuple(range(adapter.ffn_weights(i).width)) for i in range(n)) if dense else None)
+        return cls(
+            tuple(range(n)),
+            tuple(range(adapter.hidden_size)),
+            tuple(tuple(range(heads)) for _ in range(n)),
+            tuple(tuple(range(adapter.ffn_weights(i).width)) for i in range(n)) if dense else None,
+        )
 
     def after(self, step: SlimStep, removed: dict) -> "Lineage":
         if step.op == "depth":
             keep = [i for i in range(len(self.layers)) if i not in set(removed["removed_layers"])]
-            return replace(self, layers=tuple(self.layers[i] for i in keep), heads=tuple(self.heads[i] for i in keep),
-                           neurons=None if self.neurons is None else tuple(self.neurons[i] for i in keep))
+            return replace(
+                self,
+                layers=tuple(self.layers[i] for i in keep),
+                heads=tuple(self.heads[i] for i in keep),
+                neurons=None if self.neurons is None else tuple(self.neurons[i] for i in keep),
+            )
         if step.op == "hidden":
             return replace(self, channels=tuple(self.channels[c] for c in removed["kept_channels"]))
         if step.op == "heads":
-            return replace(self, heads=tuple(tuple(h[k] for k in kept) for h, kept in zip(self.heads, removed["kept_heads"])))
+            return replace(
+                self, heads=tuple(tuple(h[k] for k in kept) for h, kept in zip(self.heads, removed["kept_heads"]))
+            )
         if step.op == "ffn_width":
-            return replace(self, neurons=tuple(tuple(n[k] for k in kept)
-                                               for n, kept in zip(self.neurons, removed["kept_neurons"])))
+            return replace(
+                self, neurons=tuple(tuple(n[k] for k in kept) for n, kept in zip(self.neurons, removed["kept_neurons"]))
+            )
         return self  # experts: routed experts are not tracked (their criteria are always measured anew)
 
     def read(self, scores: dict | None, step: SlimStep):

@@ -28,8 +28,12 @@ class SlimStep(OperatorStep):
     criterion: str = option("auto", "how importance is measured (auto: the cut's first criterion)")
 
     def validate(self) -> None:
-        check(self.criterion == "auto" or self.criterion in self.CRITERIA, "criterion", self.criterion,
-              f"for op {self.op} one of auto, {', '.join(self.CRITERIA)}")
+        check(
+            self.criterion == "auto" or self.criterion in self.CRITERIA,
+            "criterion",
+            self.criterion,
+            f"for op {self.op} one of auto, {', '.join(self.CRITERIA)}",
+        )
         self.check_amount()
 
     def check_amount(self) -> None: ...
@@ -105,12 +109,18 @@ class ExpertsCut(SlimStep):
     CRITERIA: ClassVar[tuple[str, ...]] = ("frequency", "soft", "reap")
     experts: int | None = option(None, "routed experts to keep per layer")
     top_k: int | None = option(None, "the new top-k (default: the old one, at most the experts left)")
-    mode: str = option("prune", "prune (drop), merge (each dropped expert joins its most similar kept one, "
-                       "usage-weighted) or partial (SlimQwen: the top half kept, the next become merge bases)",
-                       choices=("prune", "merge", "partial"))
-    similarity: str = option("router_logits", "merge/partial: router_logits (cosine of their logits on calibration "
-                             "text), router_weight (of their router rows) or parameters",
-                             choices=("router_logits", "router_weight", "parameters"))
+    mode: str = option(
+        "prune",
+        "prune (drop), merge (each dropped expert joins its most similar kept one, "
+        "usage-weighted) or partial (SlimQwen: the top half kept, the next become merge bases)",
+        choices=("prune", "merge", "partial"),
+    )
+    similarity: str = option(
+        "router_logits",
+        "merge/partial: router_logits (cosine of their logits on calibration "
+        "text), router_weight (of their router rows) or parameters",
+        choices=("router_logits", "router_weight", "parameters"),
+    )
 
     def check_amount(self) -> None:
         _at_least_one("experts", self.experts)
@@ -118,7 +128,7 @@ class ExpertsCut(SlimStep):
         check(self.top_k is None or self.top_k <= self.experts, "top_k", self.top_k, f"at most experts={self.experts}")
 
     def amount(self) -> str:
-        return (f"experts → {self.experts} ({self.mode}{', ' + self.similarity if self.mode != 'prune' else ''})")
+        return f"experts → {self.experts} ({self.mode}{', ' + self.similarity if self.mode != 'prune' else ''})"
 
 
 OPS = tuple(SlimStep.OPERATORS)

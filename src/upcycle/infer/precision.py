@@ -10,7 +10,7 @@
           the same values; the embedding table stays bf16 (a token reads one row of it)
 
 At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
-become `upcycle.kernels.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
+become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
 dots, which read the weights at the memory's pace where PyTorch's small bf16 matmuls do not; at more
 rows, the plain matmul. Layers that read the same input (attention's q, k and v; a dense FFN's gate and
 up: upcycle.arch names them) are stacked into one such layer (`StackedRows`), one call for the group.
@@ -31,9 +31,9 @@ from torch import nn
 
 from upcycle.arch import adapter_for
 from upcycle.errors import check
+from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
 from upcycle.kernels import int8_rows, release
 from upcycle.kernels.memory import huge_page_copy
-from upcycle.kernels.rows import RowLinear, RowsOf, StackedRows
 
 PRECISIONS = ("fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
@@ -74,7 +74,9 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
             if all(name in plain for name in names):
                 stack = StackedRows([plain[name] for name in names], precision)
                 parent = names[0].rpartition(".")[0]
-                layer.get_submodule(parent).add_module("stacked_" + "_".join(n.rpartition(".")[2] for n in names), stack)
+                layer.get_submodule(parent).add_module(
+                    "stacked_" + "_".join(n.rpartition(".")[2] for n in names), stack
+                )
                 for j, name in enumerate(names):
                     layer.set_submodule(name, RowsOf(stack, j))
                 stacked |= set(names)
@@ -113,8 +115,9 @@ def _plain_linears(layer: nn.Module, linears: dict[str, nn.Module], inside_spars
     conversion's RowLinears and stacked rows undone (the stacks taken off the layer)."""
     stacks = {name: m for name, m in layer.named_modules() if isinstance(m, StackedRows)}
     in_stacks = {id(m) for stack in stacks.values() for m in stack.modules()}
-    converted = {name: m for name, m in layer.named_modules()
-                 if isinstance(m, (RowLinear, RowsOf)) and id(m) not in in_stacks}
+    converted = {
+        name: m for name, m in layer.named_modules() if isinstance(m, (RowLinear, RowsOf)) and id(m) not in in_stacks
+    }
     plain = {name: _plain(m) for name, m in {**linears, **converted}.items() if id(m) not in inside_sparse}
     for name in stacks:
         parent, _, attr = name.rpartition(".")

@@ -35,8 +35,11 @@ def _own_code(method):
     decoders of several models sharing `_forward_step` would share one list (each model's graph a
     recompilation, eight at most), and every step would pay the guards of the graphs before its own."""
     namespace = {}
-    exec(compile("def step(token, position):\n    return method(token, position)\n", "<GreedyDecoder step>", "exec"),
-         {"method": method}, namespace)
+    exec(
+        compile("def step(token, position):\n    return method(token, position)\n", "<GreedyDecoder step>", "exec"),
+        {"method": method},
+        namespace,
+    )
     return namespace["step"]
 
 
@@ -58,13 +61,21 @@ class GreedyDecoder:
         self.max_len = max_len
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.compiled = compiled
-        self._step = torch.compile(_own_code(self._forward_step), dynamic=False, options=compile_options()) \
-            if compiled else self._forward_step
+        self._step = (
+            torch.compile(_own_code(self._forward_step), dynamic=False, options=compile_options())
+            if compiled
+            else self._forward_step
+        )
         self._warm = False  # compiled: a first generate() has compiled the step
 
     def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        out = self.model(input_ids=token, past_key_values=self.cache, cache_position=position,
-                         position_ids=position[None], use_cache=True)
+        out = self.model(
+            input_ids=token,
+            past_key_values=self.cache,
+            cache_position=position,
+            position_ids=position[None],
+            use_cache=True,
+        )
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
     @torch.no_grad()
@@ -72,12 +83,19 @@ class GreedyDecoder:
         """The `new_tokens` greedy tokens after the prompt ids [1, n], as a [new_tokens] tensor."""
         n = ids.shape[1]
         if ids.shape[0] != 1 or n + new_tokens > self.max_len:
-            raise ValueError(f"GreedyDecoder: one prompt of at most {self.max_len - new_tokens} tokens "
-                             f"(got {tuple(ids.shape)} for {new_tokens} new tokens)")
+            raise ValueError(
+                f"GreedyDecoder: one prompt of at most {self.max_len - new_tokens} tokens "
+                f"(got {tuple(ids.shape)} for {new_tokens} new tokens)"
+            )
         self.cache.reset()
         positions = torch.arange(n)
-        out = self.model(input_ids=ids, past_key_values=self.cache, cache_position=positions,
-                         position_ids=positions[None], use_cache=True)
+        out = self.model(
+            input_ids=ids,
+            past_key_values=self.cache,
+            cache_position=positions,
+            position_ids=positions[None],
+            use_cache=True,
+        )
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]
         with self._stance():

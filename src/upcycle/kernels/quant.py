@@ -1,6 +1,8 @@
-"""How the shadow predictor's low-bit copies of an FFN's gate/up weights are made.
+"""Group quantizers: the kernels' int8 rows and the shadow predictor's low-bit copies of an FFN's gate/up
+weights (a leaf both the kernels and modules/ use).
 
-The grid is *midrise*: a `bits`-bit code c in [0, 2^bits) stands for (c - (2^bits - 1) / 2) * step, so
+quantize_groups is symmetric round to nearest with a zero level (int8 rows, the 8-bit activations).
+The shadow's copies (quantize_rtn, quantize_gptq) use another grid, *midrise*: a `bits`-bit code c in [0, 2^bits) stands for (c - (2^bits - 1) / 2) * step, so
 all 2^bits levels are used and none is zero (a symmetric grid with a zero level wastes one of them:
 at 2 bits it is ternary). Codes are returned doubled, 2c - (2^bits - 1) (odd integers), with
 scale = step / 2, so that w ≈ codes * scale as for every other quantizer here. The step of each group
@@ -53,7 +55,7 @@ def best_steps(w: torch.Tensor, levels: int) -> torch.Tensor:
 @torch.no_grad()
 def quantize_rtn(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Doubled midrise codes [out, in] and scales [out, in / group] (step / 2) of w, round to nearest."""
-    levels = 2 ** bits
+    levels = 2**bits
     grouped = w.detach().float().reshape(w.shape[0], -1, group)
     step = best_steps(grouped, levels)
     codes = _round(grouped, step[..., None], levels)
@@ -65,7 +67,7 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
     """As quantize_rtn, but GPTQ against the inputs' second moment `moment` [in, in] (any positive
     multiple of E[x x^T]). Each group's step is chosen when its first input is reached, from the weights
     as the errors carried so far have left them. An input never seen (zero diagonal) has no say."""
-    levels, (rows, n) = 2 ** bits, w.shape
+    levels, (rows, n) = 2**bits, w.shape
     weights = w.detach().float().clone()
     h = moment.detach().float().clone()
     dead = h.diagonal() == 0
@@ -82,10 +84,33 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
         part, errors = weights[:, b0:b1].clone(), torch.empty(rows, b1 - b0)
         for j in range(b1 - b0):
             if (b0 + j) % group == 0:
-                steps[:, (b0 + j) // group] = best_steps(part[:, j:j + group], levels)
+                steps[:, (b0 + j) // group] = best_steps(part[:, j : j + group], levels)
             step = steps[:, (b0 + j) // group]
             codes[:, b0 + j] = c = _round(part[:, j], step, levels)
             errors[:, j] = e = (part[:, j] - c * step / 2) / spread[b0 + j, b0 + j]
-            part[:, j + 1:] -= e[:, None] * spread[b0 + j, b0 + j + 1:b1][None, :]
+            part[:, j + 1 :] -= e[:, None] * spread[b0 + j, b0 + j + 1 : b1][None, :]
         weights[:, b1:] -= errors @ spread[b0:b1, b1:]
     return codes.to(code_dtype(bits)), steps / 2
+
+
+def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric round-to-nearest quantization of the rows of w (out, in) in groups of `group` inputs:
+    codes in [-Q, Q] with Q = 2^(bits-1) - 1 (int8) and one scale per group (max |w| / Q), so that
+    w ≈ codes * scale. An all-zero group gets scale 1 (its codes are 0)."""
+    q = 2 ** (bits - 1) - 1
+    grouped = w.detach().float().reshape(w.shape[0], -1, group)
+    scale = grouped.abs().amax(-1) / q
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    codes = torch.round(grouped / scale[..., None]).clamp_(-q, q).to(torch.int8)
+    return codes.reshape(w.shape), scale
+
+
+def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    return (codes.float().reshape(codes.shape[0], -1, group) * scale[..., None]).reshape(codes.shape)
+
+
+def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x̂: the rows of x (..., H) rounded to 8 bits per group of `group` inputs (scale max|x| / 127,
+    codes in [-127, 127], ties to even), returned dequantized: the weights' quantizer at 8 bits."""
+    rows = x.reshape(-1, x.shape[-1])
+    return dequantize_groups(*quantize_groups(rows, 8, group), group).reshape(x.shape).to(x.dtype)

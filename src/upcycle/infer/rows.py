@@ -38,8 +38,12 @@ class RowLinear(nn.Module):
             codes, scales = kernels.int8_rows(linear.weight.detach())
             self.register_buffer("codes", codes)
             self.register_buffer("scales", scales.float())
-            self.register_buffer("scales_for_matmul", scales.to(dtype))  # torch's int8 matmul wants the activations' dtype
-            self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+            self.register_buffer(
+                "scales_for_matmul", scales.to(dtype)
+            )  # torch's int8 matmul wants the activations' dtype
+            self.bias = (
+                None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+            )
         else:
             self.weight, self.bias = linear.weight, linear.bias
         # decided here, once: a compiled graph must not call into the loader (ctypes) to ask
@@ -59,8 +63,14 @@ class RowLinear(nn.Module):
 
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
         # the operator tells the weight type by its element size: fp16 (2 bytes, like bf16) stays on the matmul
-        return (rows.shape[0] <= MAX_ROWS and rows.device.type == "cpu" and self.kernel_ready and kernels._enabled
-                and self.stored.dtype in kernels.WEIGHT_TYPES and not (torch.is_grad_enabled() and (rows.requires_grad or self.stored.requires_grad)))
+        return (
+            rows.shape[0] <= MAX_ROWS
+            and rows.device.type == "cpu"
+            and self.kernel_ready
+            and kernels._enabled
+            and self.stored.dtype in kernels.WEIGHT_TYPES
+            and not (torch.is_grad_enabled() and (rows.requires_grad or self.stored.requires_grad))
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
@@ -96,9 +106,15 @@ class StackedRows(nn.Module):
         stacked = nn.Linear(linears[0].in_features, weight.shape[0], bias=any(self.has_bias), device="meta")
         stacked.weight = nn.Parameter(weight, requires_grad=False)
         if any(self.has_bias):
-            stacked.bias = nn.Parameter(torch.cat([
-                linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
-                for linear in linears]), requires_grad=False)
+            stacked.bias = nn.Parameter(
+                torch.cat(
+                    [
+                        linear.bias.detach() if linear.bias is not None else weight.new_zeros(linear.out_features)
+                        for linear in linears
+                    ]
+                ),
+                requires_grad=False,
+            )
         self.rows = RowLinear(stacked, precision)
         sizes = [linear.out_features for linear in linears]
         self.bounds = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
@@ -108,7 +124,7 @@ class StackedRows(nn.Module):
         if self._left == 0 or self._input is not x:
             self._input, self._output, self._left = x, self.rows(x), len(self.bounds) - 1
         self._left -= 1
-        y = self._output[..., self.bounds[index]:self.bounds[index + 1]]
+        y = self._output[..., self.bounds[index] : self.bounds[index + 1]]
         if self._left == 0:  # every layer has its rows: nothing held between steps
             self._input, self._output = None, None
         return y
@@ -126,11 +142,11 @@ class RowsOf(nn.Module):
 
     @property
     def bias(self) -> torch.Tensor | None:
-        return self.stack.rows.bias[self.lo:self.hi] if self.stack.has_bias[self.index] else None
+        return self.stack.rows.bias[self.lo : self.hi] if self.stack.has_bias[self.index] else None
 
     def dequantized(self) -> torch.Tensor:
         """This layer's weight as the stacked rows compute with it."""
-        return self.stack.rows.dequantized()[self.lo:self.hi]
+        return self.stack.rows.dequantized()[self.lo : self.hi]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.stack.part(x, self.index)

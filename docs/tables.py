@@ -1,0 +1,148 @@
+"""The measured tables in docs/, generated from the benchmarks' results JSON — never typed by hand.
+
+    python docs/tables.py           # rewrite every marked block in docs/*.md from benchmarks/results/
+    python docs/tables.py --check   # exit 1, naming each block that differs from its JSON
+
+A block in a page is
+
+    <!-- table: NAME -->
+    ...generated...
+    <!-- /table -->
+
+and NAME is a key of TABLES: the results file and the function that renders it (most are the
+benchmark's own `--table` rendering, so a benchmark and its page cannot drift apart).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import re
+import sys
+from functools import cache
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS, RESULTS, BENCHMARKS = ROOT / "docs", ROOT / "benchmarks" / "results", ROOT / "benchmarks"
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
+
+
+@cache
+def benchmark(name: str):
+    """benchmarks/<name>.py as a module (the scripts are not a package)."""
+    if str(BENCHMARKS) not in sys.path:  # the scripts import their shared helpers (benchmarks/peers/) by name
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def results(name: str) -> dict:
+    return json.loads((RESULTS / f"{name}.json").read_text())
+
+
+def slim_peers(r: dict) -> str:
+    """The slim benchmark's peers, side by side with upcycle's own cut of the same kind."""
+    reap, mo = r["peers"]["llmcompressor_reap"], r["peers"]["modelopt"]
+    rows = [
+        "| peer (one shot; same model, calibration and held-out blocks) | upcycle | peer |",
+        "|---|---|---|",
+        f"| llm-compressor `REAPPruningModifier` on the Drop-Upcycled Mixtral, 8 → {reap['experts']} experts "
+        f"(source ppl {reap['source_ppl']:,.1f}) | ppl {reap['upcycle_reap_prune_ppl']:,.1f} | ppl "
+        f"{reap['one_shot_ppl']:,.1f} (its folder as saved: {reap['ppl_as_saved']:.3g}); {reap['seconds']:.1f} s the "
+        f"whole process, {reap['peak_rss_mb']:,} MB peak; the same experts kept in "
+        f"{100 * reap['kept_agreement']:.1f} % of the layer slots |",
+    ]
+    ours = mo["upcycle_ffn_1024"]
+    for run in mo["runs"]:
+        if not run["ok"]:
+            rows.append(f"| Model Optimizer `{run['mode']}` | — | cannot run here: `{run['error']}` |")
+            continue
+        widths = run.get("ffn_widths") or []
+        rows.append(
+            f"| Model Optimizer `{run['mode']}`, parameters ≤ {100 * run['params_target']:.1f} % | FFN 1536 → 1024 by "
+            f"activation: {ours['params'] / 1e6:.1f}M, ppl {ours['ppl']:.1f}, {ours['seconds']:.1f} s | "
+            f"{run['params'] / 1e6:.1f}M"
+            + (f" (widths {min(widths)}–{max(widths)} per layer)" if widths else "")
+            + f", ppl {run['ppl']:,.0f}, {run['seconds']:.1f} s |"
+        )
+    return "\n".join(rows)
+
+
+def repair_table(r: dict) -> str:
+    """CWE per length, the long-context KL (last probe bucket) and short-context perplexity of the dense,
+    sparse and repaired models, and chance."""
+    m, lengths = r["measured"], r["lengths"]
+    names = [n for n in ("dense", "sparse", "repaired_top", "repaired_random") if n in m]
+    lines = [
+        "| model | " + " | ".join(f"CWE @{n}" for n in lengths) + " | KL last bucket | short ppl |",
+        "|---" * (len(lengths) + 3) + "|",
+    ]
+    for n in names:
+        label = n + (f" (layer {m[n]['layer']})" if "layer" in m[n] else "")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{v:.2f}" for v in m[n]["cwe"])
+            + f" | {m[n]['probe']['kl'][-1]:.3f} | {m[n]['short_ppl']:.2f} |"
+        )
+    chance = " | ".join(f"{a:.2f} / {b:.3f}" for a, b in zip(r["chance"], r["chance_uniform"]))
+    lines.append(f"| chance: random entries / random distinct words | {chance} | | |")
+    recall = re.search(r"recall ([0-9.]+)", r.get("sparse_model", ""))
+    if recall:
+        lines += [
+            "",
+            f"The sparse model: {r['sparse_model'].split(' (recall')[0]}, predictor recall "
+            f"{float(recall.group(1)):.3f}.",
+        ]
+    return "\n".join(lines)
+
+
+TABLES = {
+    "grow": ("grow", lambda r: benchmark("grow").table(r)),
+    "slim": ("slim", lambda r: benchmark("slim").tables(r)),
+    "slim-peers": ("slim", slim_peers),
+    "prune_seft": ("prune_seft", lambda r: benchmark("prune_seft").tables(r)),
+    "cpu_decode": ("cpu_decode", lambda r: benchmark("cpu_decode").table(r)),
+    "repair": ("repair", repair_table),
+}
+
+
+def render(name: str) -> str:
+    if name not in TABLES:
+        raise SystemExit(f"docs/tables.py: no table {name!r}; known: {', '.join(TABLES)}")
+    source, fn = TABLES[name]
+    return fn(results(source)).strip() + "\n"
+
+
+def blocks(page: Path):
+    """(name, body as written, body as generated) for each marked block of a page."""
+    return [(m["name"], m["body"], render(m["name"])) for m in BLOCK.finditer(page.read_text())]
+
+
+def rewrite(page: Path) -> bool:
+    text = page.read_text()
+    new = BLOCK.sub(lambda m: m.group(1) + render(m["name"]) + m.group(4), text)
+    if new != text:
+        page.write_text(new)
+    return new != text
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only compare; exit 1 if a table differs from its JSON")
+    args = parser.parse_args()
+    stale = []
+    for page in sorted(DOCS.glob("*.md")):
+        if args.check:
+            stale += [f"{page.name}: {name}" for name, written, generated in blocks(page) if written != generated]
+        elif rewrite(page):
+            print(f"rewrote {page.relative_to(ROOT)}")
+    for line in stale:
+        print(f"stale table {line} (run python docs/tables.py)", file=sys.stderr)
+    return 1 if stale else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
