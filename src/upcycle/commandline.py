@@ -17,6 +17,8 @@ import inspect
 import typing
 from pathlib import Path
 
+import torch
+
 from upcycle.config import from_text, plain
 from upcycle.errors import ConfigError, check
 from upcycle.yamlfile import read_mapping
@@ -105,8 +107,6 @@ def parse(argv: list[str], verbs: tuple[str, ...]):
     verb, threads, config_file, print_only = (args.pop(k) for k in ("command", "threads", "config", "print_config"))
     check(threads is None or threads >= 1, "threads", threads, "a positive number of threads")
     if threads:
-        import torch
-
         torch.set_num_threads(threads)
     run, sections, params = _signature(verb)
     fields = _fields(sections)

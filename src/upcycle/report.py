@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in the user's process
+
 
 def millions(n: int) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n / 1e3:.1f}K"
@@ -66,12 +68,8 @@ def plot_per_layer(
     series: dict[str, list[float]], path: str | Path, *, ylabel: str, title: str, layers: list[int] | None = None
 ) -> Path:
     """One line per named series over layer index (e.g. predictor recall per layer)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig = Figure(figsize=(7, 3.5))
+    ax = fig.subplots()
     for name, values in series.items():
         ax.plot(layers if layers is not None else range(len(values)), values, marker="o", ms=3, label=name)
     ax.set_xlabel("layer")
@@ -81,5 +79,4 @@ def plot_per_layer(
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return Path(path)

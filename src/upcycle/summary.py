@@ -31,6 +31,11 @@ class ModelSummary:
         return asdict(self)
 
 
+def parameter_count(model) -> int:
+    """Every parameter the model holds, as `model.parameters()` yields them (a tied tensor once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def summarize(model) -> ModelSummary:
     adapter = arch.adapter_for(model)
     config = adapter.config

@@ -18,6 +18,7 @@ from typing import ClassVar
 
 import torch
 from torch import nn
+from transformers.initialization import no_init_weights
 
 from upcycle.errors import ConfigError, UnsupportedArchitecture
 
@@ -413,8 +414,6 @@ class Adapter:
         """A new model of this class from `config` (a copy the caller owns) with canonical `changes`
         applied, holding the tensors of `state_dict` themselves (no copy: a resized model is built
         without a second copy of its weights in memory)."""
-        from transformers.initialization import no_init_weights
-
         for name, value in changes.items():
             setattr(config, self._key(name), value)
         with no_init_weights():  # untouched uninitialised memory costs nothing until it is replaced
@@ -426,8 +425,6 @@ class Adapter:
     def rebuild(self, state_dict: dict[str, torch.Tensor] | None = None) -> nn.Module:
         """A fresh model of the same class built from the current config, holding `state_dict`
         (default: this model's). Proves that the config describes the weights."""
-        from transformers.initialization import no_init_weights
-
         with no_init_weights():  # every parameter is loaded next: drawing them first is wasted time
             fresh = type(self.model)(self.config)
         fresh.load_state_dict(state_dict if state_dict is not None else self.model.state_dict(), strict=True)

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 from upcycle import hub
-from upcycle.commands import existing_parent, quiet_transformers
+from upcycle.commands import keep_run, quiet_transformers, training_run
 from upcycle.config import RunOptions
 from upcycle.pipelines import finetune as pipeline
 from upcycle.pipelines.finetune import FinetuneConfig
@@ -23,16 +21,13 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig(), options
     quiet_transformers()
     out_path = hub.check_out(out, options.overwrite)
     source, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    run_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.run.", dir=existing_parent(out_path)))
-    try:
+    with training_run(out_path) as run_dir:
         tuned, report = pipeline.run(source, tokenizer, config, progress=options.progress, run_dir=run_dir)
         print(f"before: {_line(report.before)}\nafter:  {_line(report.after)}", flush=True)
         result = {"source": model, **report.as_dict(), "config": json.loads(json.dumps(config.to_dict(), default=str))}
         folder, reload_check = hub.save_verified(
             tuned, tokenizer, out_path, overwrite=True, report=lambda tmp: _report(tmp, run_dir, result)
         )
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
     print(
         f"saved {folder}; every matrix's zeros {'as in the source' if result['sparsity_exact'] else 'CHANGED'} "
         f"(sparsity {result['sparsity_before']:.4f} → {result['sparsity_after']:.4f}); reloaded: "
@@ -44,9 +39,7 @@ def run(model: str, out: str, config: FinetuneConfig = FinetuneConfig(), options
 def _report(folder: Path, run_dir: Path, result: dict) -> None:
     """The report, and the run's metrics, report and curve in OUT/run (its checkpoints and final copy are
     OUT itself)."""
-    for heavy in ("checkpoints", "final"):
-        shutil.rmtree(run_dir / heavy, ignore_errors=True)
-    shutil.copytree(run_dir, folder / "run")
+    keep_run(run_dir, folder, "run")
     write_report(folder, result)
 
 

@@ -13,6 +13,7 @@ from upcycle.ops.grow import GrowChecks, GrowStep
 from upcycle.pipelines import grow as pipeline
 from upcycle.pipelines.grow import GrowConfig, GrowReport
 from upcycle.report import RunFolder, markdown_table
+from upcycle.summary import parameter_count
 
 GrowStepOptions = GrowStep.command_line("grow")
 
@@ -46,7 +47,7 @@ def run(
     )
     eq = report.equivalence
     print(
-        f"saved {folder} ({grown.config.architectures[0]}, {sum(p.numel() for p in grown.parameters()) / 1e6:.1f}M "
+        f"saved {folder} ({grown.config.architectures[0]}, {parameter_count(grown) / 1e6:.1f}M "
         f"parameters); vs the source: max |Δlogit| {eq['max_abs_logit']:.3g}, mean KL {eq['mean_kl']:.3g}, top-1 "
         f"{eq['top1_agreement']:.4f}; reloaded: {reload_check.summary()}\nreport: {folder / 'grow_report.md'}"
     )

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import math
-import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 
 from upcycle import hub
-from upcycle.commands import existing_parent, quiet_transformers
+from upcycle.commands import keep_run, quiet_transformers, training_run
 from upcycle.config import RunOptions
 from upcycle.errors import ConfigError
 from upcycle.ops.slim import SlimStep
 from upcycle.pipelines import slim as pipeline
 from upcycle.pipelines.slim import SlimConfig, SlimReport, SlimStage
 from upcycle.report import RunFolder, markdown_table
+from upcycle.summary import parameter_count
 
 CutOptions = SlimStep.command_line("slim")
 
@@ -40,19 +39,16 @@ def run(
     config.plan_stages()  # a bad plan is refused before the model is loaded
     out_path = hub.check_out(out, options.overwrite)
     source, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    run_dir = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.recovery.", dir=existing_parent(out_path)))
-    try:
+    with training_run(out_path) as run_dir:
         slim, report = pipeline.run(source, tokenizer, config, progress=options.progress, run_dir=run_dir)
         for r in report.cuts:
             print(f"cut: {r.line()}", flush=True)
         folder, reload_check = hub.save_verified(
             slim, tokenizer, out_path, overwrite=True, report=lambda tmp: _report(tmp, run_dir, model, report)
         )
-    finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
     final = report.final
     print(
-        f"saved {folder} ({type(slim).__name__}, {_params(source) / 1e6:.1f}M → {_params(slim) / 1e6:.1f}M "
+        f"saved {folder} ({type(slim).__name__}, {parameter_count(source) / 1e6:.1f}M → {parameter_count(slim) / 1e6:.1f}M "
         f"parameters); held-out ppl {math.exp(final.loss_reference):.2f} (source) → {math.exp(final.loss_candidate):.2f}"
         f"; reloaded: {reload_check.summary()}\nreport: {folder / 'slim_report.md'}"
     )
@@ -63,14 +59,8 @@ def _report(folder: Path, run_dir: Path, source: str, report: SlimReport) -> Non
     """The report, and the recovery run's metrics, report and curve in OUT/recovery (its checkpoints and
     final copy are OUT itself)."""
     if report.recovery_dir is not None:
-        for heavy in ("checkpoints", "final"):
-            shutil.rmtree(run_dir / heavy, ignore_errors=True)
-        shutil.copytree(run_dir, folder / "recovery")
+        keep_run(run_dir, folder, "recovery")
     write_report(folder, source, report)
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def write_report(folder: Path, source: str, report: SlimReport) -> dict:

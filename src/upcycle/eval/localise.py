@@ -16,6 +16,7 @@ import contextlib
 import random
 
 import torch
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in the user's process
 from tqdm.auto import tqdm
 
 from upcycle.arch import adapter_for
@@ -93,13 +94,9 @@ def localise(
 
 
 def plot_heatmap(loc: dict, path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     data = torch.tensor(loc["closed"]).T  # buckets x layers
-    fig, ax = plt.subplots(figsize=(max(6, len(loc["layers"]) * 0.3), 3))
+    fig = Figure(figsize=(max(6, len(loc["layers"]) * 0.3), 3))
+    ax = fig.subplots()
     image = ax.imshow(data, aspect="auto", cmap="viridis", origin="lower")
     ax.set_xticks(range(len(loc["layers"])), [str(i) for i in loc["layers"]], fontsize=7)
     ax.set_yticks(range(len(loc["buckets"])), [f"{a}–{b}" for a, b in loc["buckets"]], fontsize=7)
@@ -111,7 +108,6 @@ def plot_heatmap(loc: dict, path) -> None:
     fig.colorbar(image, ax=ax)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 def random_other_layer(loc: dict, seed: int = 0) -> int:

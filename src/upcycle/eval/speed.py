@@ -21,6 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+from transformers import CompileConfig
 
 from upcycle.arch import adapter_for
 from upcycle.eval.hooks import hooked
@@ -207,8 +208,6 @@ def compile_kwargs() -> dict:
     launches without Python), a static KV cache so one graph serves every step; the bank-sparse
     kernel sits in the graph as one operator (upcycle::bank_sparse_ffn). Hugging Face compiles only on
     accelerators unless told otherwise."""
-    from transformers import CompileConfig
-
     config = CompileConfig(fullgraph=False, mode=None, options={"cpp_wrapper": True})
     config._compile_all_devices = True
     return {"cache_implementation": "static", "compile_config": config}

@@ -16,6 +16,7 @@ import contextlib
 import time
 
 import torch
+from transformers import StaticCache
 
 
 def compile_options() -> dict:
@@ -53,8 +54,6 @@ class GreedyDecoder:
     keeps that setting, like the eval mode the decoder also puts it in."""
 
     def __init__(self, model, max_len: int, compiled: bool = True, attention: str | None = "eager"):
-        from transformers import StaticCache
-
         if attention is not None and hasattr(model, "set_attn_implementation"):
             model.set_attn_implementation(attention)
         self.model = model.eval()

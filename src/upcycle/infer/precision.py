@@ -34,6 +34,7 @@ from upcycle.errors import check
 from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
 from upcycle.kernels import int8_rows, release
 from upcycle.kernels.memory import huge_page_copy
+from upcycle.modules import BankSparseFFN
 
 PRECISIONS = ("fp32", "bf16", "int8")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
@@ -54,8 +55,6 @@ def int8_grid(ffn) -> None:
 @torch.no_grad()
 def to_precision(model: nn.Module, precision: str) -> nn.Module:
     """Convert `model` in place to fp32, bf16 or int8 inference (see the module's docstring)."""
-    from upcycle.modules import BankSparseFFN
-
     check(precision in PRECISIONS, "precision", precision, f"one of {', '.join(PRECISIONS)}")
     release(model)  # packed copies are rebuilt in the new precision on the next call
     model.to(DTYPES[precision])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from transformers import AutoModelForCausalLM
+
 from upcycle.errors import ConfigError
 from upcycle.modules import UpcycleSparseForCausalLM
 
@@ -10,8 +12,6 @@ def densify(model):
     """The base family's stock model with the sparse model's weights, predictors dropped: what
     tools that do not know the sparse type can load. It computes every channel, so its outputs are
     the sparse model's with nothing masked (compare them to see how much the masking changes)."""
-    from transformers import AutoModelForCausalLM
-
     if not isinstance(model, UpcycleSparseForCausalLM):
         raise ConfigError(f"densify needs a bank-sparse model (model_type upcycle_sparse), got {type(model).__name__}")
     dense = AutoModelForCausalLM.from_config(model.config.base_config())

@@ -1,8 +1,9 @@
 """Narrow every dense FFN to a fraction of its width, keeping the most important channels.
 
 The "dense-4x" baseline of sparsify: a dense model with the same number of active FFN parameters per
-token as a 16-of-64 bank-sparse one. Importance is measured on calibration text (see importance.py).
-The result is a stock model of the same family with a smaller intermediate_size.
+token as a 16-of-64 bank-sparse one. It is slim's FFN-width cut (ops/slim/cuts.py: importance of each
+channel on calibration text, the kept channels in their original order) given as a fraction; the
+result is a stock model of the same family with a smaller intermediate_size.
 """
 
 from __future__ import annotations
@@ -12,9 +13,10 @@ from dataclasses import dataclass
 
 import torch
 
-from upcycle.arch import SwiGLUWeights, adapter_for
+from upcycle.arch import adapter_for
 from upcycle.errors import check
-from upcycle.ops.calibrate import channel_importance, ffn_inputs
+from upcycle.ops.slim.cuts import cut_ffn_width
+from upcycle.ops.slim.step import FfnWidthCut
 
 
 @dataclass
@@ -27,27 +29,12 @@ class NarrowReport:
 @torch.no_grad()
 def narrow_ffn(model, calibration: torch.Tensor, fraction: float = 0.25) -> tuple[object, NarrowReport]:
     """A copy of `model` whose FFNs keep the top `fraction` of channels by importance on `calibration`
-    blocks (token ids). The kept channels stay in their original order."""
+    blocks (token ids)."""
     check(0 < fraction <= 1, "fraction", fraction, "a number in (0, 1]")
-    model = copy.deepcopy(model)
     adapter = adapter_for(model)
-    layers = list(range(adapter.num_layers))
-    for i in layers:
-        check(
-            adapter.ffn_kind(i) == "dense",
-            "model",
-            type(model).__name__,
-            f"a dense SwiGLU FFN in every layer (layer {i}'s is {adapter.ffn_kind(i)})",
-        )
     width = adapter.ffn_weights(0).width
     keep = max(1, round(width * fraction))
-    inputs = ffn_inputs(model, calibration, layers)
-    shares = []
-    for i in layers:
-        w = adapter.ffn_weights(i)
-        score = channel_importance(w, inputs.pop(i))
-        index = score.topk(keep).indices.sort().values
-        shares.append(float(score[index].sum() / score.sum()))
-        adapter.set_ffn_weights(i, SwiGLUWeights(w.gate[index].clone(), w.up[index].clone(), w.down[:, index].clone()))
-    adapter.set_config(ffn_size=keep)
-    return model, NarrowReport(width, keep, shares)
+    if keep == width:  # nothing to cut (the cut itself refuses a width that is not smaller)
+        return copy.deepcopy(model), NarrowReport(width, width, [1.0] * adapter.num_layers)
+    narrow, removed = cut_ffn_width(model, FfnWidthCut(width=keep), calibration)
+    return narrow, NarrowReport(width, keep, removed["kept_importance_per_layer"])

@@ -99,7 +99,7 @@ class FinetuneReport:
     sparsity_exact: bool  # every matrix's zeros exactly the source's
     matrices_changed_zeros: list
     training: dict = field(default_factory=dict)  # steps, tokens, seconds, trainable parameters, peak memory
-    run_dir: Path | None = None  # the training run's folder (metrics, report, curve)
+    run_dir: Path | None = None  # the training run's folder (metrics, report, curve), where the caller gave one
 
     def as_dict(self) -> dict:
         return {
@@ -124,7 +124,7 @@ def run(
     **overrides,
 ) -> Result[FinetuneReport]:
     """Score, fine-tune (in place: the model given is the one trained), merge, score again. The
-    training run goes to `run_dir` (default: a temporary folder)."""
+    training run goes to `run_dir` (default: a temporary folder, removed after)."""
     cfg = configured(FinetuneConfig, config, overrides)
     zeros_before = _zeros(model)
     if cfg.method in ("seft", "masked", "lora_star") and not any(zeros_before.values()):
@@ -135,13 +135,17 @@ def run(
     held = data.blocks(cfg.held, tokenizer, "validation", cfg.seq_len, max_blocks=cfg.held_blocks)
     tasks = extract_examples(cfg.eval_examples, seed=10_000 + cfg.seed) if cfg.task == "extract" else []
     before = _score(model, tokenizer, held, tasks, progress)
-    run_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="upcycle-finetune-"))
+    keep = run_dir is not None  # the caller's folder is kept; a temporary one is removed after training
+    run_dir = Path(run_dir) if keep else Path(tempfile.mkdtemp(prefix="upcycle-finetune-"))
     try:
         tuned, training = _train(model, tokenizer, cfg, run_dir, progress)
         tuned = _merge(tuned, tokenizer, cfg, zeros_before)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)
         raise
+    finally:
+        if not keep:
+            shutil.rmtree(run_dir, ignore_errors=True)
     after = _score(tuned, tokenizer, held, tasks, progress)
     zeros_after = _zeros(tuned)
     kept = {k: zeros_after[k] == zeros_before[k] for k in zeros_before}
@@ -155,7 +159,7 @@ def run(
         all(kept.values()),
         [k for k, ok in kept.items() if not ok],
         training,
-        run_dir,
+        run_dir if keep else None,
     )
     return Result(tuned, report)
 

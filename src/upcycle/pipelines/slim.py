@@ -118,7 +118,7 @@ class SlimReport:
     final: Equivalence  # the slimmed model against the source, on held-out text
     recovery_tokens: int
     recovery: str
-    recovery_dir: Path | None = None  # the recovery run's folder (metrics, report, curve), when it trained
+    recovery_dir: Path | None = None  # the recovery run's folder (metrics, report, curve), where the caller gave one
 
     def as_dict(self) -> dict:
         return {
@@ -159,7 +159,12 @@ def run(
         recovery_dir = None
     else:
         recovery_dir = Path(run_dir) if run_dir is not None else Path(tempfile.mkdtemp(prefix="upcycle-slim-"))
-        slim = _recover(model, tokenizer, stages, cfg, state, reports, recovery_dir, progress)
+        try:
+            slim = _recover(model, tokenizer, stages, cfg, state, reports, recovery_dir, progress)
+        finally:
+            if run_dir is None:  # a temporary run folder: gone, and the report says there is none
+                shutil.rmtree(recovery_dir, ignore_errors=True)
+                recovery_dir = None
     if len(reports) == 1 and reports[0].equivalence is not None and not any(s.tokens for s in stages):
         final = reports[0].equivalence  # one cut, no training: already compared with the source
     else:

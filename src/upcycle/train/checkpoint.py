@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from upcycle.errors import UpcycleError
@@ -65,8 +66,6 @@ def latest(folder: Path) -> Path | None:
 
 def load(path: Path):
     """(model state dict, trainer state, meta) of a complete checkpoint."""
-    from safetensors import safe_open
-
     with safe_open(path / "model.safetensors", "pt") as f:
         aliases = json.loads((f.metadata() or {}).get("aliases", "{}"))
     model_sd = load_file(path / "model.safetensors")

@@ -18,6 +18,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_optimizer_state_dict,
     set_state_dict,
 )
+from torch.nn.parallel import DistributedDataParallel
 
 from upcycle import arch
 
@@ -66,14 +67,12 @@ def wrap(model, world: World, mode: str):
     if world.size <= 1:
         return model
     if mode == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # only under torchrun with FSDP2 (torch >= 2.6 names it so)
 
         for layer in arch.adapter_for(model).layers:
             fully_shard(layer)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     return DistributedDataParallel(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
 
 

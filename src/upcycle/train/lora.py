@@ -11,11 +11,12 @@ from __future__ import annotations
 from torch import nn
 
 from upcycle.errors import ConfigError, check
+from upcycle.ops.prune import prunable_linears
 from upcycle.train.registry import register_transform
 
 
 def _peft():
-    try:
+    try:  # an optional dependency (the `lora` extra): imported only when a LoRA run asks for it
         import peft
     except ImportError:
         raise ConfigError("LoRA needs peft: pip install 'upcycle[lora]' (or pip install peft)") from None
@@ -24,8 +25,6 @@ def _peft():
 
 @register_transform("lora")
 def attach_lora(model, rank: int = 16, alpha: float | None = None, dropout: float = 0.0):
-    from upcycle.ops.prune import prunable_linears
-
     check(rank >= 1, "lora rank", rank, ">= 1")
     peft = _peft()
     targets = sorted({name.split(".")[-1] for name in prunable_linears(model)})

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from matplotlib.figure import Figure  # no pyplot: no global backend or figure state in the user's process
+
 from upcycle.report import RunFolder, markdown_table
 
 
@@ -29,16 +31,12 @@ class MetricsLog:
 
 
 def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     train = [r for r in records if "loss" in r]
     val = [r for r in records if "val_loss" in r]
     if not train:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
     ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], label="train loss", lw=1)
     if val:
         ax.plot([r["tokens"] for r in val], [r["val_loss"] for r in val], "o-", label="validation loss")
@@ -52,7 +50,6 @@ def plot_loss(records: list[dict], out: Path, title: str) -> Path | None:
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
-    plt.close(fig)
     return out
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoModelForCausalLM
 
 from upcycle import data, hub
 from upcycle.errors import ConfigError, UpcycleError
@@ -430,8 +431,6 @@ def _plain_model(model, state_dict: dict | None):
     """The model itself, or (when FSDP sharded it) a plain copy holding the gathered state dict."""
     if state_dict is None:
         return distributed.unwrap(model)
-    from transformers import AutoModelForCausalLM
-
     plain = AutoModelForCausalLM.from_config(model.config)
     plain.load_state_dict(state_dict)
     return plain

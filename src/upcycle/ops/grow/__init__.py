@@ -23,6 +23,7 @@ from upcycle.ops.grow.moe import distinct_routes, kmeans_rows, to_moe
 from upcycle.ops.grow.step import GrowStep
 from upcycle.ops.grow.verify import GrowChecks, GrowthNotPreserved, Preservation, preservation
 from upcycle.ops.grow.width import widen_ffn, widen_hidden
+from upcycle.summary import parameter_count
 
 __all__ = ["GrowStep", "GrowChecks", "GrowthNotPreserved", "Preservation", "StepReport", "apply_step"]
 
@@ -86,8 +87,8 @@ def apply_step(
         facts["kind"],
         facts["why"],
         grown.config.model_type,
-        _params(model),
-        _params(grown),
+        parameter_count(model),
+        parameter_count(grown),
         seconds,
         facts=facts,
     )
@@ -116,7 +117,3 @@ def kmeans_routers(model, step: GrowStep, blocks: torch.Tensor) -> dict[int, tor
         routers[i] = kmeans_rows(stream.module_inputs(adapter.ffn(i))[:KMEANS_ROWS], distinct_routes(step), generator)
         stream.advance()
     return routers
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())

@@ -17,6 +17,7 @@ import torch
 from upcycle.eval import Equivalence, compare
 from upcycle.ops.slim.cuts import cut_depth, cut_experts, cut_ffn_width, cut_heads, cut_hidden
 from upcycle.ops.slim.step import SlimStep
+from upcycle.summary import parameter_count
 
 parse_step = SlimStep.from_dict  # a cut from a mapping {op, ...options}
 
@@ -71,13 +72,11 @@ def apply_cut(model, step: SlimStep, calibration: torch.Tensor, held: torch.Tens
         slim, removed = CUTS[step.op](model, step, calibration)
     removed["importance_from"] = "source" if scores is not None else "this model"
 
-    report = CutReport(step.describe(), _params(model), _params(slim), time.perf_counter() - start, removed)
+    report = CutReport(
+        step.describe(), parameter_count(model), parameter_count(slim), time.perf_counter() - start, removed
+    )
     if held is not None:
         eq = compare(model, slim, held)
         report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
         report.kl, report.top1, report.equivalence = eq.mean_kl, eq.top1_agreement, eq
     return slim.eval(), report
-
-
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
