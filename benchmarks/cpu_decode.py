@@ -33,6 +33,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, load, save
 from peers import LLAMACPP, driver, llamacpp_python
 
 from upcycle import data, hub
@@ -42,8 +43,6 @@ from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparsity
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 RUNS = Path("runs/bench-cpu-decode")
 MODEL = "smollm2-135m"
 PROMPT = "The king said to the queen:"
@@ -137,7 +136,7 @@ def main() -> None:
     parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
     if args.table:
-        print(table(json.loads((RESULTS / "cpu_decode.json").read_text())))
+        print(table(load("cpu_decode")))
         return
     threads = torch.get_num_threads()
     result = {
@@ -232,8 +231,7 @@ def main() -> None:
         for p in PRECISIONS
     }
     result["criteria"] = criteria(result)
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cpu_decode.json").write_text(json.dumps(result, indent=2) + "\n")
+    save("cpu_decode", result)
     plot(result, RESULTS / "cpu_decode.png")
     print(table(result))
 
@@ -297,12 +295,7 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 4))
+    fig, ax = figure(size=(9, 4))
     kinds = [("llamacpp", "llama.cpp dense"), ("dense", "upcycle dense"), ("sparse", "upcycle sparse")]
     width = 0.8 / len(kinds)
     for n, (kind, label) in enumerate(kinds):

@@ -12,10 +12,11 @@ Result: benchmarks/results/decode_profile.json.
 
 from __future__ import annotations
 
+import argparse
 import json
-from pathlib import Path
 
 import torch
+from harness import save
 
 from upcycle import hub
 from upcycle.commands.bench import sparse_and_dense
@@ -27,6 +28,7 @@ OPERATOR = "upcycle::bank_sparse_ffn_shadow"
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     model, tok = hub.load("smollm2-135m")
     dense, sparse = sparse_and_dense(model, tok, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
     no_ffn = speed.without_ffns(dense).eval()
@@ -60,8 +62,7 @@ def main() -> None:
     }
     result["ffn_speedup_in_model"] = round(result["dense_ffn_ms_per_token"] / op_ms_per_token, 2)
     result["speedup_if_the_sparse_ffn_were_free"] = round(ms["dense"] / result["sparse_other_ms_per_token"], 2)
-    out = Path(__file__).parent / "results" / "decode_profile.json"
-    out.write_text(json.dumps(result, indent=1) + "\n")
+    save("decode_profile", result, indent=1)
     print(json.dumps(result, indent=1))
 
 

@@ -17,20 +17,18 @@ Result: benchmarks/results/ffn_cold_stream.json (ffn_cold_stream_lowrank.json fo
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from harness import save
 from sparse_decode import PREDICTORS, predictor_label
 
 from upcycle import kernels
 from upcycle.eval.speed import read_rate
 from upcycle.modules import BankSparseFFN, BankSparsity
 
-RESULTS = Path(__file__).parent / "results"
 LAYERS, HIDDEN, WIDTH, BANK, KEEP = 30, 576, 1536, 64, 16
 
 
@@ -100,9 +98,8 @@ def main() -> None:
         "plain_read_gb_per_s": ceiling,
         "command": f"python benchmarks/ffn_cold_stream.py --predictor {args.predictor}",
     }
-    RESULTS.mkdir(exist_ok=True)
     name = "ffn_cold_stream" if args.predictor == "shadow" else f"ffn_cold_stream_{args.predictor}"
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save(name, result)
     for n, v in ms.items():
         print(
             f"{n:28s} {v:6.2f} ms per {LAYERS} layers  ({ms['dense'] / v:.2f}×)  {nbytes[n] / 1e6:6.1f} MB at {rate[n]:5.1f} GB/s"

@@ -26,16 +26,16 @@ import argparse
 import gc
 import json
 import math
-import os
 import subprocess
 import sys
-import tempfile
-import threading
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+from harness import RESULTS, child, child_done, figure, held_out, load, save
+from peers import peer_python
+
+from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, rss_mb
+
 RUNS = Path("runs/bench-grow")
 MODEL = "smollm2-135m"
 TEXT = "shakespeare+pystdlib"
@@ -43,7 +43,6 @@ SEQ = 256
 HELD_BLOCKS = 16
 CALIBRATION_TOKENS = 8192
 MERGEKIT = "mergekit==0.1.5"
-TORCH = "torch==2.13.0"
 RELAXED = {"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0}  # measure, never fail
 
 # name -> (source, step). "moe8" is the model `moe_shared` makes; the MoE operators start from it *after*
@@ -76,38 +75,12 @@ PLAN = [
 ]
 
 
-class PeakRSS:
-    """The largest resident set size of this process while the block runs, sampled every 5 ms."""
-
-    def __enter__(self):
-        self.peak, self._stop = rss_mb(), threading.Event()
-        self._thread = threading.Thread(target=self._watch, daemon=True)
-        self._thread.start()
-        return self
-
-    def _watch(self):
-        while not self._stop.wait(0.005):
-            self.peak = max(self.peak, rss_mb())
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, rss_mb())
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
-
-
 def param_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
-def held_out(tokenizer):
-    from upcycle import data
-
-    return data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
+def held_blocks(tokenizer):
+    return held_out(tokenizer, (TEXT,), HELD_BLOCKS, SEQ)[TEXT]
 
 
 def calibration(tokenizer):
@@ -137,17 +110,18 @@ def one_operator(name: str, source: str, out_json: str) -> None:
             p.data = p.data.clone()
     gc.collect()
     imported_rss = rss_mb() - param_mb(model)  # the process without the source: what the ratio is over
-    held, calib = held_out(tokenizer), calibration(tokenizer)
+    held, calib = held_blocks(tokenizer), calibration(tokenizer)
     steps = PLAN if name == "plan" else [OPERATORS[name][1]]
     loaded_rss = rss_mb()
     start = time.perf_counter()
     kinds, origin = [], None
-    with PeakRSS() as peak:
-        grown = model
-        for options in steps:  # the plan keeps only the source and the newest model
-            grown, report = apply_step(grown, GrowStep(**options), None, calibration=calib)
-            kinds.append(report.kind)
-            origin = report.facts.get("origin") if options["op"] == "experts" else None
+    reset_peak()  # the peak from here: the process as loaded, then whatever the step adds
+    grown = model
+    for options in steps:  # the plan keeps only the source and the newest model
+        grown, report = apply_step(grown, GrowStep(**options), None, calibration=calib)
+        kinds.append(report.kind)
+        origin = report.facts.get("origin") if options["op"] == "experts" else None
+    peak = peak_rss_mb()
     seconds = time.perf_counter() - start
     kind = "exact" if all(k == "exact" for k in kinds) else ("diversity" if "diversity" in kinds else "changed")
     p = preservation(model, grown, held, kind, GrowChecks(**RELAXED), origin)
@@ -164,7 +138,7 @@ def one_operator(name: str, source: str, out_json: str) -> None:
         "loss_change": p.loss_change,
         "router_kl": p.router_kl,
         "seconds": seconds,
-        "peak_rss_mb": peak.peak,
+        "peak_rss_mb": peak,
         "rss_without_source_mb": imported_rss,
         "rss_before_mb": loaded_rss,
         "python_rss_mb": base_rss,
@@ -174,31 +148,14 @@ def one_operator(name: str, source: str, out_json: str) -> None:
         "params_output": sum(p.numel() for p in grown.parameters()),
     }
     result["memory_ratio"] = (result["peak_rss_mb"] - imported_rss) / (result["source_mb"] + result["output_mb"])
-    Path(out_json).write_text(json.dumps(result))
-
-
-def run_child(args: list[str]) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    proc = subprocess.run([sys.executable, __file__, *args, "--json", out], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else f"exit {proc.returncode}")
-    return json.loads(Path(out).read_text())
+    child_done(out_json, result)
 
 
 # ---- mergekit-moe -----------------------------------------------------------------------------------
 
 
 def mergekit_exe() -> Path:
-    venv = Path(tempfile.gettempdir()) / "upcycle-bench-mergekit"
-    exe = venv / "bin" / "mergekit-moe"
-    if not exe.exists():
-        print(f"installing {MERGEKIT} into {venv} (a throwaway environment, {TORCH} pinned) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "-q"]
-        subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
-        subprocess.run(pip + [MERGEKIT], check=True, capture_output=True, text=True)
-    return exe
+    return peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
 
 
 def run_mergekit(source_folder: Path) -> dict:
@@ -253,7 +210,7 @@ def run_mergekit(source_folder: Path) -> dict:
         return {"error": f"mergekit-moe exited {code}: {proc.stderr.strip().splitlines()[-1]}"}
     source, tokenizer = hub.load(source_folder)
     merged, _ = hub.load(out)
-    p = preservation(source, merged, held_out(tokenizer), "exact", GrowChecks(**RELAXED))
+    p = preservation(source, merged, held_blocks(tokenizer), "exact", GrowChecks(**RELAXED))
     return {
         "tool": MERGEKIT,
         "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
@@ -354,12 +311,7 @@ def _val_loss(model, tokenizer) -> float:
 
 
 def plot(results: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(17, 4.4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
+    fig, axes = figure(3, size=(17, 4.4), gridspec_kw={"width_ratios": [1.2, 1, 1]})
     pres = results.get("preservation", {})
     names = [n for n in pres if "max_dlogit" in pres[n]]
     if names:
@@ -425,14 +377,12 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=65536, help="training tokens of each run (train part)")
     parser.add_argument("--only", nargs="*", help="operators to (re-)measure; the others are kept from the JSON")
     parser.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    parser.add_argument("--source", help=argparse.SUPPRESS)
-    parser.add_argument("--json", help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # NAME SOURCE OUT_JSON: one operator
     args = parser.parse_args()
-    if args.one:
-        return one_operator(args.one, args.source, args.json)
+    if args.child:
+        return one_operator(*args.child)
     if args.table:  # the README table, and the plot again, from the JSON
-        results = json.loads((RESULTS / "grow.json").read_text())
+        results = load("grow")
         plot(results, RESULTS / "grow.png")
         return print(table(results))
 
@@ -440,9 +390,7 @@ def main() -> None:
     from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
     from upcycle.commands.grow import run as grow_run
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "grow.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load("grow")
     dense_folder = hub.builtin_folder(MODEL)
     moe8 = RUNS / "moe8"
     if not (moe8 / "config.json").exists():
@@ -464,13 +412,11 @@ def main() -> None:
             if args.only and name not in args.only:
                 continue
             print(f"{name} ...", flush=True)
-            try:
-                pres[name] = run_child(["--one", name, "--source", str(sources[source])])
+            pres[name] = child(__file__, name, str(sources[source]))
+            if "error" not in pres[name]:
                 pres[name]["source"] = source if sources[source] != moe8 else "moe8"
-            except RuntimeError as e:
-                pres[name] = {"error": str(e)}
             print(f"  {pres[name]}", flush=True)
-            path.write_text(json.dumps(results, indent=2) + "\n")
+            save("grow", results)
         if not args.only or "mergekit" in args.only:
             print("mergekit-moe ...", flush=True)
             results["mergekit_moe"] = run_mergekit(dense_folder)
@@ -481,7 +427,7 @@ def main() -> None:
             "bytes); the target is ≤ 1.25"
         )
     results["model"], results["text"], results["held_out_tokens"] = MODEL, TEXT, HELD_BLOCKS * SEQ
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    path = save("grow", results)
     plot(results, RESULTS / "grow.png")
     print(table(results))
     print(f"wrote {path} and {RESULTS / 'grow.png'}")

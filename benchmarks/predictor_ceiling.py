@@ -14,11 +14,11 @@ Results: benchmarks/results/predictor_ceiling.json.
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
+import argparse
 
 import torch
 import torch.nn.functional as F
+from harness import save
 
 import upcycle
 from upcycle import data
@@ -51,6 +51,7 @@ def int4(weight: torch.Tensor) -> torch.Tensor:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__.splitlines()[0]).parse_args()
     torch.manual_seed(0)
     model, tok = upcycle.load("smollm2-135m")
     adapter = adapter_for(model)
@@ -83,20 +84,17 @@ def main() -> None:
         row["noise20"] = recall(act * torch.exp(0.2 * torch.randn(act.shape, generator=gen)), oracle)
         results[str(i)] = {k: round(v, 3) for k, v in row.items()}
         print(i, results[str(i)], flush=True)
-    out = Path(__file__).parent / "results" / "predictor_ceiling.json"
-    out.write_text(
-        json.dumps(
-            {
-                "model": "smollm2-135m",
-                "bank": BANK,
-                "keep": KEEP,
-                "layers": results,
-                "held_out_tokens": len(held),
-                "fit_tokens": len(fit),
-            },
-            indent=1,
-        )
-        + "\n"
+    save(
+        "predictor_ceiling",
+        {
+            "model": "smollm2-135m",
+            "bank": BANK,
+            "keep": KEEP,
+            "layers": results,
+            "held_out_tokens": len(held),
+            "fit_tokens": len(fit),
+        },
+        indent=1,
     )
 
 

@@ -18,21 +18,16 @@ Results: benchmarks/results/predictor_pareto.json and predictor_pareto.png.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, held_out, load, save, score
 
 import upcycle
-from upcycle import data
 from upcycle.arch import adapter_for
-from upcycle.eval import perplexity
 from upcycle.eval.speed import QWEN7B_FFN, ffn_microbench
 from upcycle.modules import BankSparsity
 
-RESULTS = Path(__file__).parent / "results"
-OUT = RESULTS / "predictor_pareto.json"
 SEQ = 256
 BASE = dict(bank=64, keep=16, calibration="shakespeare+pystdlib", calibration_tokens=16384, seq_len=SEQ)
 NO_CONVERT = dict(convert_steps=0)  # the settings without CONVERT
@@ -40,27 +35,17 @@ CONVERT = dict(convert_steps=60, convert_rows=1024, convert_lr=1e-3, convert_ffn
 SETTINGS = {  # name -> sparsify options
     "lowrank64": dict(predictor="lowrank", rank=64),
     "lowrank64+convert": dict(predictor="lowrank", rank=64, **CONVERT),
-    "shadow4": dict(predictor="shadow", bits=4, group=64),
-    "shadow4+convert": dict(predictor="shadow", bits=4, group=64, **CONVERT),
-    "shadow3": dict(predictor="shadow", bits=3, group=64),
-    "shadow3+convert": dict(predictor="shadow", bits=3, group=64, **CONVERT),
-    "shadow2": dict(predictor="shadow", bits=2, group=64),
-    "shadow2+convert": dict(predictor="shadow", bits=2, group=64, **CONVERT),
+    "shadow4": dict(predictor="shadow", bits=4, group=64, quantizer="rtn"),
+    "shadow4+convert": dict(predictor="shadow", bits=4, group=64, quantizer="rtn", **CONVERT),
+    "shadow3": dict(predictor="shadow", bits=3, group=64, quantizer="rtn"),
+    "shadow3+convert": dict(predictor="shadow", bits=3, group=64, quantizer="rtn", **CONVERT),
+    "shadow2": dict(predictor="shadow", bits=2, group=64, quantizer="rtn"),
+    "shadow2+convert": dict(predictor="shadow", bits=2, group=64, quantizer="rtn", **CONVERT),
     "shadow4-gptq": dict(predictor="shadow", bits=4, group=64, quantizer="gptq"),
     "shadow4-gptq+convert": dict(predictor="shadow", bits=4, group=64, quantizer="gptq", **CONVERT),
     "shadow2-gptq": dict(predictor="shadow", bits=2, group=64, quantizer="gptq"),
     "shadow2-gptq+convert": dict(predictor="shadow", bits=2, group=64, quantizer="gptq", **CONVERT),
 }
-
-
-def score(model, val: dict[str, torch.Tensor]) -> dict:
-    out, nll, tokens = {}, 0.0, 0
-    for name, blocks in val.items():
-        r = perplexity(model, blocks, batch_size=8, progress=False)
-        out[name] = round(r.ppl, 3)
-        nll, tokens = nll + r.nll * r.tokens, tokens + r.tokens
-    out["both"] = round(float(torch.tensor(nll / tokens).exp()), 3)
-    return out
 
 
 # 3-bit codes are stored in 4-bit fields: the kernel does the same work as for 4 bits; how the codes were
@@ -102,14 +87,14 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     if args.speed:
-        results = json.loads(OUT.read_text()) if OUT.exists() else {}
+        results = load("predictor_pareto")
         speed(results)
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        save("predictor_pareto", results, indent=1)
         plot(results)
         return
     dense, tok = upcycle.load("smollm2-135m")
-    val = {name: data.blocks(name, tok, "validation", SEQ, max_blocks=16) for name in data.BUILTIN_CORPORA}
-    results = json.loads(OUT.read_text()) if OUT.exists() else {}
+    val = held_out(tok, blocks=16, seq=SEQ)
+    results = load("predictor_pareto")
     if "dense" not in results:
         results["dense"] = {"ppl": score(dense, val)}
     for name in args.only:
@@ -132,19 +117,14 @@ def main() -> None:
             f"{row['wall_s']} s",
             flush=True,
         )
-        OUT.write_text(json.dumps(results, indent=1) + "\n")
+        save("predictor_pareto", results, indent=1)
     plot(results)
 
 
 def plot(results: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rows = {k: v for k, v in results.items() if k in SETTINGS}
     ffn = results.get("speed", {}).get("ffn", {})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = figure(2, size=(11, 4))
     for name, r in rows.items():
         kb = r["predictor_bytes_per_layer"] / 1e3
         axes[0].scatter(kb, r["ppl_vs_dense"]["both"], label=name)

@@ -18,14 +18,14 @@ import argparse
 import json
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from harness import RESULTS, child, child_done, figure, load, save
 from peers import PEERS, driver, peer_python
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+from upcycle.eval.peak_memory import peak_rss_mb
+
 RUNS = Path("runs/bench-prune")
 MODEL = "smollm2-135m"
 TEXT = "shakespeare+pystdlib"
@@ -43,11 +43,9 @@ def blocks(tokenizer):
     )
 
 
-def child(method: str, target: str, out_json: str) -> None:
+def prune_in_child(method: str, target: str, out_json: str) -> None:
     """One upcycle run in this process: load, prune in place, then score. The peak memory is read before
     scoring, so it covers what llm-compressor's does (load and prune; scoring is done outside it)."""
-    import resource
-
     from upcycle import hub
     from upcycle.eval import perplexity
     from upcycle.ops.prune import PruneSpec, prune
@@ -56,27 +54,18 @@ def child(method: str, target: str, out_json: str) -> None:
     calibration, held = blocks(tokenizer)
     spec = PruneSpec(method=method, **TARGETS[target])
     _, report = prune(model, spec, calibration if method != "magnitude" else None, None, inplace=True)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    Path(out_json).write_text(
-        json.dumps(
-            {
-                "ppl": perplexity(model, held, progress=False).ppl,
-                "seconds": report.seconds,
-                "peak_rss_mb": peak,
-                "sparsity": report.sparsity,
-                "exact": report.exact,
-            }
-        )
+    peak = peak_rss_mb()  # before scoring
+    ppl = perplexity(model, held, progress=False).ppl
+    child_done(
+        out_json,
+        {
+            "ppl": ppl,
+            "seconds": report.seconds,
+            "peak_rss_mb": peak,
+            "sparsity": report.sparsity,
+            "exact": report.exact,
+        },
     )
-
-
-def run_child(method: str, target: str) -> dict:
-    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
-        out = f.name
-    proc = subprocess.run([sys.executable, __file__, "--child", method, target, out], capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": proc.stderr.strip().splitlines()[-1]}
-    return json.loads(Path(out).read_text())
 
 
 def run_peer(python: Path, method: str, target: str, calibration_json: Path, held, count_zeros) -> dict:
@@ -117,7 +106,7 @@ def oneshot_part(peer: bool) -> tuple[dict, dict]:
     for target in TARGETS:
         for method in METHODS:
             key = f"{method}_{target}"
-            ours[key] = run_child(method, target)
+            ours[key] = child(__file__, method, target)
             print(f"upcycle {key}: {ours[key]}", flush=True)
     dense, tokenizer = hub.load(MODEL)
     calibration, held = blocks(tokenizer)
@@ -344,17 +333,12 @@ def tables(results: dict) -> str:
 def plot(results: dict, path: Path) -> None:
     if "oneshot" not in results:
         return
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tuned = {
         k: {a: r for a, r in v.items() if isinstance(r, dict) and "task_accuracy" in r}
         for k, v in results.get("finetune_by_target", {}).items()
     }
     tuned = {k: v for k, v in tuned.items() if v}
-    fig, axes = plt.subplots(1, 3 if tuned else 2, figsize=(15 if tuned else 10, 4))
+    fig, axes = figure(3 if tuned else 2, size=(15 if tuned else 10, 4))
     targets = list(TARGETS)
     arms = [("upcycle " + m, results["oneshot"], m) for m in METHODS]
     arms += [("llm-compressor " + m, results.get("llmcompressor", {}), m) for m in ("wanda", "sparsegpt")]
@@ -412,14 +396,12 @@ def main() -> None:
     parser.add_argument("--child", nargs=3, metavar=("METHOD", "TARGET", "JSON"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(*args.child)
+        prune_in_child(*args.child)
         return
     if args.table:
-        print(tables(json.loads((RESULTS / "prune_seft.json").read_text())))
+        print(tables(load("prune_seft")))
         return
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "prune_seft.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load("prune_seft")
     results.update(
         {
             "model": MODEL,
@@ -431,14 +413,14 @@ def main() -> None:
         started = time.perf_counter()
         results["oneshot"], results["llmcompressor"] = oneshot_part(not args.no_peer)
         results["seconds_oneshot_part"] = round(time.perf_counter() - started, 1)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+        save("prune_seft", results)
     if args.part in ("all", "finetune"):
         started = time.perf_counter()
         by_target = results.setdefault("finetune_by_target", {})
         for target in args.targets.split(","):
             key = target if args.source == "wanda" else f"{target}-{args.source}"
             by_target[key] = {**finetune_part(target, args.tokens, args.seeds, args.source), "source": args.source}
-            path.write_text(json.dumps(results, indent=2) + "\n")
+            save("prune_seft", results)
         results["finetune"] = by_target.get("50") or next(iter(by_target.values()))
         results["finetune_setup"] = {
             "tokens": args.tokens,
@@ -448,9 +430,9 @@ def main() -> None:
             "arms": {k: {"args": v[0], "lr": v[1]} for k, v in FINETUNE.items()},
         }
         results["seconds_finetune_part"] = round(time.perf_counter() - started, 1)
-    path.write_text(json.dumps(results, indent=2) + "\n")
+    save("prune_seft", results)
     plot(results, RESULTS / "prune_seft.png")
-    print(f"wrote {path}")
+    print(f"wrote {RESULTS / 'prune_seft.json'}")
 
 
 if __name__ == "__main__":

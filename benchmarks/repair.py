@@ -24,12 +24,12 @@ import json
 import shutil
 from pathlib import Path
 
+from harness import RESULTS, save
+
 from upcycle import hub, sparsify
 from upcycle.commands.repair import write_folder
 from upcycle.pipelines.repair import RepairConfig, report_markdown
 from upcycle.pipelines.repair import run as repair
-
-RESULTS = Path(__file__).parent / "results"
 
 
 def main() -> None:
@@ -72,8 +72,7 @@ def main() -> None:
     result["command"] = "python benchmarks/repair.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v is not None and k != "out"
     )
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "repair.json").write_text(json.dumps(result, indent=2) + "\n")
+    save("repair", result)
     shutil.copy(Path(args.out) / "localisation.png", RESULTS / "repair_localisation.png")
     print(report_markdown(result))
     print("gap closed:", json.dumps(result["gap_closed"]))

@@ -38,10 +38,9 @@ import subprocess
 import time
 from pathlib import Path
 
+from harness import RESULTS, figure, load, save
 from peers import driver, peer_python
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 RUNS = Path("runs/bench-slim")
 MODEL = "smollm2-135m"
 TEXT = "shakespeare+pystdlib"
@@ -512,13 +511,8 @@ def tables(results: dict) -> str:
 
 def plot(results: dict, path: Path) -> None:
     """Training loss per step (left) and validation perplexity (right) of each recovery arm, seed 0."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     recovery = results.get("recovery", {})
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    fig, axes = figure(2, size=(11, 4.5))
     for ax, curves in zip(axes, (recovery.get("loss_curves", {}), recovery.get("curves", {}))):
         for arm, points in curves.items():
             if points:
@@ -551,55 +545,53 @@ def main() -> None:
     parser.add_argument("--table", action="store_true", help="print the README tables from the JSON and stop")
     args = parser.parse_args()
     if args.table:
-        print(tables(json.loads((RESULTS / "slim.json").read_text())))
+        print(tables(load("slim")))
         return
     RUNS.mkdir(parents=True, exist_ok=True)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "slim.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
+    results = load("slim")
     results.update({"model": MODEL, "shape": SHAPE, "tokens": args.tokens, "text": TEXT})
     started = time.perf_counter()
     results.setdefault("seconds", {})
     if args.part == "all":  # a fresh timing of the whole benchmark (the shared-expert bed is not part of it)
         results["seconds"] = {k: v for k, v in results["seconds"].items() if k == "experts_shared"}
 
-    def save(part=None):  # after every part: a long run that stops keeps what it measured
+    def done(part=None):  # after every part: a long run that stops keeps what it measured
         if part:
             results["seconds"][part] = round(
-                time.perf_counter() - started - sum(v for k, v in results["seconds"].items() if k in done), 1
+                time.perf_counter() - started - sum(v for k, v in results["seconds"].items() if k in finished), 1
             )
-            done.append(part)
-        path.write_text(json.dumps(results, indent=2) + "\n")
+            finished.append(part)
+        save("slim", results)
 
-    done: list = []
+    finished: list = []
 
     if args.part == "oneshot":
         results["criteria_one_shot"] = criteria_part(args.tokens, trained=False)
-        save("oneshot")
+        done("oneshot")
     # experts first: the MoE test bed is the heaviest (and the one the peers' REAP reads)
     if args.part in ("all", "experts"):
         results["experts"] = experts_part(args.tokens)
-        save("experts")
+        done("experts")
     if args.part in ("all", "criteria", "recovery"):
         results["criteria"] = criteria_part(args.tokens)
-        save("criteria")
+        done("criteria")
     if args.part in ("all", "recovery"):
         recovery = recovery_part(args.tokens, args.seeds)
         results["recovery"] = recovery
         results["params"] = recovery["params"]
         results["ppl"] = {"teacher": results["criteria"]["teacher_ppl"], **recovery["ppl"]}
-        save("recovery")
+        done("recovery")
     if args.part == "experts_shared":  # its cuts cost < 0.1 %: training them tells nothing
         results["experts_shared"] = experts_part(args.tokens, bed="shared", trained_arms=False)
-        save("experts_shared")
+        done("experts_shared")
     if args.part in ("all", "peers"):
         results["peers"] = peers_part(results.get("experts", {}))
-        save("peers")
+        done("peers")
     if args.part == "all":
         results["seconds"]["all"] = round(time.perf_counter() - started, 1)
-    save()
+    done()
     plot(results, RESULTS / "slim.png")
-    print(f"wrote {path}")
+    print(f"wrote {RESULTS / 'slim.json'}")
 
 
 if __name__ == "__main__":

@@ -27,17 +27,16 @@ Result: benchmarks/results/sparse_decode.json and sparse_decode.png (sparse_deco
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, save
 
 from upcycle import hub, kernels
 from upcycle.commands.bench import BenchReport, sparse_and_dense
 from upcycle.eval import speed
 from upcycle.modules import BankSparsity
 
-RESULTS = Path(__file__).parent / "results"
 PREDICTORS = {
     "shadow": {"predictor": "shadow", "bits": 4, "group": 64},
     "lowrank": {"predictor": "lowrank", "rank": 64},
@@ -52,12 +51,7 @@ def predictor_label(sparsity: BankSparsity) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (left, right) = figure(2, size=(10, 4))
     for shape, colour in (("smollm2", "C0"), ("qwen7b", "C1")):
         rows = [r for k, r in result["ffn"].items() if k.startswith(shape)]
         left.plot(
@@ -167,8 +161,7 @@ def main() -> None:
         },
         "command": f"python benchmarks/sparse_decode.py --predictor {args.predictor} --repeats {args.repeats}",
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    save(name, result)
     plot(result, RESULTS / f"{name}.png")
     report = BenchReport(model="smollm2-135m", kernel="compiled", ffn=ffn, decode=runs[-1])
     print(report.table())

@@ -30,22 +30,19 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
+from harness import RESULTS, figure, held_out, save, score
 
 import upcycle
 from upcycle import data, sparsify
-from upcycle.eval import perplexity
 from upcycle.eval.selection import selection_stats
 from upcycle.ops import narrow_ffn
 from upcycle.report import markdown_table, plot_per_layer
 from upcycle.train import TrainConfig, Trainer
 
-HERE = Path(__file__).parent
-RESULTS = HERE / "results"
 RUNS = Path("runs/bench-sparsify")
 MODEL = "smollm2-135m"
 DATA = "shakespeare+pystdlib"
@@ -65,21 +62,6 @@ def predictor_name(options: dict) -> str:
     else:
         name = f"lowrank rank {options.get('rank', 64)}"
     return name + (f", layer-wise conversion {options['convert_steps']} steps" if options.get("convert_steps") else "")
-
-
-def held_out(tok, blocks_each: int) -> dict[str, torch.Tensor]:
-    return {name: data.blocks(name, tok, "validation", SEQ, max_blocks=blocks_each) for name in data.BUILTIN_CORPORA}
-
-
-def score(model, val: dict[str, torch.Tensor]) -> dict:
-    """Perplexity on each held-out corpus and on both together (token-weighted)."""
-    out, nll, tokens = {}, 0.0, 0
-    for name, blocks in val.items():
-        r = perplexity(model, blocks, batch_size=8)
-        out[name] = round(r.ppl, 3)
-        nll, tokens = nll + r.nll * r.tokens, tokens + r.tokens
-    out["both"] = round(math.exp(nll / tokens), 3)
-    return out
 
 
 def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False, lr: float = 2e-4) -> TrainConfig:
@@ -221,7 +203,7 @@ def main() -> None:
         partial.write_text(json.dumps(res, indent=1))
 
     dense, tok = upcycle.load(MODEL)
-    val = held_out(tok, args.val_blocks)
+    val = held_out(tok, blocks=args.val_blocks)
     calib = data.blocks(DATA, tok, "train", SEQ, max_blocks=64)
     res.update(
         {
@@ -304,7 +286,7 @@ def main() -> None:
 
 
 def write_outputs(res: dict) -> None:
-    (RESULTS / "sparsify_quality.json").write_text(json.dumps(res, indent=1) + "\n")
+    save("sparsify_quality", res, indent=1)
     lowrank = res.get("sparse_lowrank_run", {})
     plot_per_layer(
         {
@@ -317,12 +299,7 @@ def write_outputs(res: dict) -> None:
         ylabel="recall of oracle top-16 of 64",
         title="smollm2-135m 16-of-64: predictor recall per layer",
     )
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 3.5))
+    fig, ax = figure(size=(7, 3.5))
     for name, curve in res.get("curves", {}).items():
         ax.plot([t for t, _ in curve], [v for _, v in curve], marker="o", ms=3, label=name)
     ax.set_xlabel("training tokens")
@@ -332,7 +309,6 @@ def write_outputs(res: dict) -> None:
     ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / "sparsify_val_loss.png", dpi=120)
-    plt.close(fig)
     rows = [[k, v["shakespeare"], v["pystdlib"], v["both"], res["ratios"].get(k, "")] for k, v in res["ppl"].items()]
     print(markdown_table(["model", "shakespeare", "pystdlib", "both", "× companion"], rows))
 

@@ -19,11 +19,10 @@ import time
 from pathlib import Path
 
 import torch
+from harness import save
 
 from upcycle import data, hub
 from upcycle.train import Callback, TrainConfig, Trainer
-
-RESULT = Path(__file__).parent / "results" / "trainer_throughput.json"
 
 
 def upcycle_step_intervals(args, workdir: Path) -> list[float]:
@@ -149,8 +148,7 @@ def main() -> None:
             "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         },
     }
-    RESULT.parent.mkdir(parents=True, exist_ok=True)
-    RESULT.write_text(json.dumps(result, indent=2) + "\n")
+    save("trainer_throughput", result)
     print(json.dumps({"tokens_per_s": tps, "ratio": result["ratio"]}))
 
 

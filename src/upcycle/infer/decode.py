@@ -49,9 +49,8 @@ class GreedyDecoder:
 
     `attention` is set on the model as its attention implementation (default "eager"; None leaves the
     model's own): at one query row, PyTorch's fused CPU attention (sdpa) costs more than the two small
-    products and the softmax that eager attention compiles into the step (smollm2-135m, fp32, one ad hoc
-    run: 29.8 -> 26.9 ms a token dense, 22.5 -> 20.3 sparse, 13.7 -> 12.1 without FFNs). The model
-    keeps that setting, like the eval mode the decoder also puts it in."""
+    products and the softmax that eager attention compiles into the step. The model keeps that setting,
+    like the eval mode the decoder also puts it in."""
 
     def __init__(self, model, max_len: int, compiled: bool = True, attention: str | None = "eager"):
         if attention is not None and hasattr(model, "set_attn_implementation"):

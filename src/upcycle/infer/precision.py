@@ -19,8 +19,7 @@ Dense and sparse models are converted alike, so their speeds compare honestly.
 A decoding step is memory-bound, so bytes are time: bf16 halves what every token reads, int8 quarters
 it. The weights the row dots stream are moved to huge-page memory, as the bank-sparse kernel's packed
 copies are (upcycle.kernels.memory): with 4 KiB pages a dense model's FFN weights streamed more slowly
-than a sparse one's packed copies, which favoured the sparse model in any comparison (smollm2-135m fp32,
-lean decoder, one ad hoc run: dense ~7 % faster a token with huge pages, sparse ~2.5 %). `to_precision`
+than a sparse one's packed copies, which would favour the sparse model in any comparison. `to_precision`
 converts in place, like nn.Module.to, and returns the model.
 """
 

@@ -95,9 +95,8 @@ class StackedRows(nn.Module):
     taken its slice; a call with another input tensor than the one held computes afresh, so a layer
     called out of turn still gets its own rows. Why: at a decoding step each call of the row dots costs a
     few microseconds before it reads anything, and a small matrix (SmolLM2's k and v: 0.4 MB) streams
-    more slowly than a large one. SmolLM2 fp32, lean decoder, three ad hoc same-process runs: 0.18-0.53
-    ms off the sparse and the FFN-free model's 9-12 ms tokens; the dense model's change (-0.2 to +0.14
-    ms) was within the runs' noise."""
+    more slowly than a large one; one call over the stacked rows pays that once and streams one large
+    matrix."""
 
     def __init__(self, linears: list[nn.Linear], precision: str):
         super().__init__()

@@ -55,8 +55,8 @@ def repair_layer(
     objective "local" (default): distil the reference's dense FFN of the same layer on the rows this
     layer sees when the model reads the long `blocks` [n, T]: loss = ||out - dense||^2 / ||dense||^2
     + router loss. "end_to_end": LM + KD(reference logits) + router loss on whole blocks, the gradient
-    through every layer above (on a CPU ~6 s a step at 1024 tokens for a 135M model, and 40 steps
-    moved the long-context KL by < 1 %: see the issue notes); kept for comparison."""
+    through every layer above: on a CPU several seconds a step at 1024 tokens for a 135M model, which is
+    why the local objective is the default; kept for comparison."""
     ffn = sparse_ffns(model).get(layer)
     if ffn is None:
         raise ConfigError(f"layer {layer} has no bank-sparse FFN (sparse layers: {sorted(sparse_ffns(model))})")

@@ -1,0 +1,59 @@
+"""Every benchmark script still starts (its --help), and the harness they share does what it says."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from upcycle import hub
+from upcycle.eval import perplexity
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+import harness  # noqa: E402  (the scripts' shared module, found as they find it: beside them)
+
+SCRIPTS = sorted(p.name for p in BENCHMARKS.glob("*.py") if p.name != "harness.py")
+
+
+@pytest.mark.parametrize("script", SCRIPTS)
+def test_every_benchmark_starts(script):
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), "--help"], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-2000:]
+
+
+def test_score_is_perplexity_per_corpus_and_token_weighted_together():
+    model = hub.tiny("llama")
+    val = {"a": torch.randint(0, 256, (2, 16)), "b": torch.randint(0, 256, (3, 16))}
+    scores = harness.score(model, val, digits=6)
+    runs = {k: perplexity(model, v, progress=False) for k, v in val.items()}
+    assert scores["a"] == pytest.approx(runs["a"].ppl, rel=1e-5) and scores["b"] == pytest.approx(
+        runs["b"].ppl, rel=1e-5
+    )
+    both = torch.tensor(sum(r.nll * r.tokens for r in runs.values()) / sum(r.tokens for r in runs.values())).exp()
+    assert scores["both"] == pytest.approx(float(both), rel=1e-5)
+
+
+def test_a_child_returns_what_it_wrote_or_its_last_error_line(tmp_path):
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import json, sys\n"
+        "if sys.argv[2] == 'fail': raise SystemExit('it failed: bad input')\n"
+        "open(sys.argv[-1], 'w').write(json.dumps({'got': sys.argv[2]}))\n"
+    )
+    assert harness.child(str(script), "x") == {"got": "x"}
+    assert harness.child(str(script), "fail") == {"error": "it failed: bad input"}
+
+
+def test_results_record_how_they_were_made(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    path = harness.save("example", {"figure": 1.5})
+    saved = json.loads(path.read_text())
+    assert saved["figure"] == 1.5 and harness.load("example")["figure"] == 1.5
+    run = saved["run"]
+    assert run["command"].startswith("python") and run["machine"] and run["threads"] >= 1
+    assert run["commit"] is None or len(run["commit"]) >= 7
