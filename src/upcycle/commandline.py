@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from upcycle.config import from_text, plain
+from upcycle.config import from_text, plain, scalar_parts
 from upcycle.errors import ConfigError, check
 from upcycle.yamlfile import read_mapping
 
@@ -62,12 +62,13 @@ def _add(parser, name: str, tp, default, help: str, positional: bool = False, ch
     help = help.replace("%", "%%")  # argparse formats help with %-style fields
     if positional:
         parser.add_argument(name, nargs="?", default=argparse.SUPPRESS, metavar=name.upper(), help=help)
-    elif tp is bool:
+    elif tp is bool or scalar_parts(tp) == [bool]:  # a flag (an operator's, None until given: no default shown)
+        shown = "" if default is None else f" (default: {default})"
         parser.add_argument(
             "--" + name.replace("_", "-"),
             action=argparse.BooleanOptionalAction,
             default=argparse.SUPPRESS,
-            help=f"{help} (default: {default})",
+            help=help + shown,
         )
     else:
         if dataclasses.is_dataclass(default):

@@ -162,7 +162,11 @@ class OperatorStep(Config):
                 seen.add(f.name)
                 users = [o for o, s in cls.OPERATORS.items() if f.name in {g.name for g in dataclasses.fields(s)}]
                 defaults = {o: _default(cls.OPERATORS[o], f.name) for o in users}
-                shown = ", ".join(f"{o}: {d}" for o, d in defaults.items() if d is not None)
+                if len(set(map(repr, defaults.values()))) == 1:  # one default for all its operators: once
+                    value = next(iter(defaults.values()))
+                    shown = "" if value is None else str(value)
+                else:
+                    shown = ", ".join(f"{o}: {d}" for o, d in defaults.items() if d is not None)
                 label = "every operator" if len(users) == len(cls.OPERATORS) else ", ".join(users)
                 fields.append(
                     (

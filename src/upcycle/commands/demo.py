@@ -323,12 +323,17 @@ def _prune_step(run_folder: RunFolder, model_name: str, model, tokenizer) -> Non
     )
     hub.save_verified(tuned_model, tokenizer, run_folder.path / "seft", overwrite=True)
     tuned = tune_report.as_dict()
-    _indented(
-        f"pruned: {prune_report.line()}\nSEFT: held-out ppl {tuned['before']['ppl']:.3f} → "
-        f"{tuned['after']['ppl']:.3f}; every matrix's zeros "
-        f"{'as in the source' if tuned['sparsity_exact'] else 'CHANGED'}"
-    )
     b, a = tuned["before"], tuned["after"]
+
+    def scored(s: dict) -> str:
+        task = f"task exact match {s['task_accuracy']:.3f}, " if s["task_accuracy"] is not None else ""
+        return f"{task}held-out ppl {s['ppl']:.3f}"
+
+    _indented(
+        f"pruned: {prune_report.line()}\nbefore: {scored(b)}\nafter:  {scored(a)}\nevery matrix's zeros "
+        f"{'as in the source' if tuned['sparsity_exact'] else 'CHANGED'} (sparsity {tuned['sparsity_before']:.4f} → "
+        f"{tuned['sparsity_after']:.4f})"
+    )
     task_line = (
         f"task exact match {b['task_accuracy']:.3f} → {a['task_accuracy']:.3f}, "
         if b["task_accuracy"] is not None
