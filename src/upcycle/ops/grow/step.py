@@ -191,6 +191,3 @@ class HiddenStep(GrowStep):
 
     def describe(self) -> str:
         return f"hidden size ×{self.factor}" + (f", noise {self.noise:g}" if self.noise else "")
-
-
-OPS = tuple(GrowStep.OPERATORS)

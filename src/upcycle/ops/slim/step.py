@@ -129,7 +129,3 @@ class ExpertsCut(SlimStep):
 
     def amount(self) -> str:
         return f"experts → {self.experts} ({self.mode}{', ' + self.similarity if self.mode != 'prune' else ''})"
-
-
-OPS = tuple(SlimStep.OPERATORS)
-CRITERIA = {op: cls.CRITERIA for op, cls in SlimStep.OPERATORS.items()}
