@@ -20,19 +20,29 @@ from upcycle.eval.hooks import StopForward, _rows, hooked, run_blocks  # noqa: F
 
 
 def module_inputs(
-    model, modules: dict, blocks: torch.Tensor, *, batch_size: int = 8, progress: bool = False, stop: bool = False
+    model,
+    modules: dict,
+    blocks: torch.Tensor,
+    *,
+    batch_size: int = 8,
+    progress: bool = False,
+    stop: bool = False,
+    stop_after=None,
 ) -> dict:
     """What each listed module receives when the model reads `blocks`: {key: (tokens, features)}, fp32, CPU.
-    With `stop` (one module), each forward ends there: the layers above it are not computed."""
+    Each forward ends once module `stop_after` (a key; with `stop`, the one module listed) has its input:
+    the layers above it, and the LM head, are not computed."""
     cache: dict = {key: [] for key in modules}
+    if stop:
+        if len(modules) != 1:
+            raise ValueError("module_inputs(stop=True) takes exactly one module")
+        stop_after = next(iter(modules))
 
     def keep(key, module, args):
         cache[key].append(_rows(args[0]))
-        if stop:
+        if key == stop_after:
             raise StopForward
 
-    if stop and len(modules) != 1:
-        raise ValueError("module_inputs(stop=True) takes exactly one module")
     with hooked(modules, pre=keep):
         run_blocks(model, blocks, batch_size=batch_size, progress=progress)
     return {key: torch.cat(rows) for key, rows in cache.items()}
@@ -112,7 +122,9 @@ def ffn_inputs(
 ) -> dict[int, torch.Tensor]:
     """The inputs (normed hidden states) of the listed layers' FFNs: {layer: (tokens, hidden)}."""
     adapter = adapter_for(model)
-    return module_inputs(model, {i: adapter.ffn(i) for i in layers}, blocks, batch_size=batch_size, progress=progress)
+    modules = {i: adapter.ffn(i) for i in layers}
+    # the forward ends at the highest layer's FFN: nothing above it (nor the LM head) is needed
+    return module_inputs(model, modules, blocks, batch_size=batch_size, progress=progress, stop_after=max(layers))
 
 
 @torch.no_grad()
