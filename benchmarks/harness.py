@@ -29,7 +29,6 @@ from upcycle.eval.speed import processor_name
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
-MIX = "shakespeare+pystdlib"  # the calibration and training text of most benchmarks
 
 
 def held_out(tokenizer, corpora=data.BUILTIN_CORPORA, blocks: int = 16, seq: int = 256) -> dict[str, torch.Tensor]:
