@@ -23,6 +23,8 @@ import sys
 from functools import cache
 from pathlib import Path
 
+from upcycle.pipelines.repair import cwe_table
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS, RESULTS, BENCHMARKS = ROOT / "docs", ROOT / "benchmarks" / "results", ROOT / "benchmarks"
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w.-]+) -->\n)(?P<body>.*?)(<!-- /table -->)", re.S)
@@ -72,23 +74,8 @@ def slim_peers(r: dict) -> str:
 
 
 def repair_table(r: dict) -> str:
-    """CWE per length, the long-context KL (last probe bucket) and short-context perplexity of the dense,
-    sparse and repaired models, and chance."""
-    m, lengths = r["measured"], r["lengths"]
-    names = [n for n in ("dense", "sparse", "repaired_top", "repaired_random") if n in m]
-    lines = [
-        "| model | " + " | ".join(f"CWE @{n}" for n in lengths) + " | KL last bucket | short ppl |",
-        "|---" * (len(lengths) + 3) + "|",
-    ]
-    for n in names:
-        label = n + (f" (layer {m[n]['layer']})" if "layer" in m[n] else "")
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{v:.2f}" for v in m[n]["cwe"])
-            + f" | {m[n]['probe']['kl'][-1]:.3f} | {m[n]['short_ppl']:.2f} |"
-        )
-    chance = " | ".join(f"{a:.2f} / {b:.3f}" for a, b in zip(r["chance"], r["chance_uniform"]))
-    lines.append(f"| chance: random entries / random distinct words | {chance} | | |")
+    """The repair command's own table (pipelines.repair.cwe_table), and the sparse model's recall."""
+    lines = [cwe_table(r)]
     recall = re.search(r"recall ([0-9.]+)", r.get("sparse_model", ""))
     if recall:
         lines += [

@@ -198,6 +198,19 @@ class OperatorStep(Config):
         )
 
 
+def read_plan(path, key: str, item, what: str) -> list:
+    """A plan file's one key, a non-empty list, each entry built by `item.from_dict` (grow's steps,
+    slim's stages): one-line errors naming the file, the key and the entry."""
+    mapping = read_mapping(path, "plan")
+    unknown = set(mapping) - {key}
+    if unknown or not isinstance(mapping.get(key), list) or not mapping[key]:
+        raise ConfigError(
+            f"plan {str(path)!r} must hold `{key}:`, a non-empty list of {what}"
+            + (f" (unknown key {sorted(unknown)[0]!r})" if unknown else "")
+        )
+    return [item.from_dict(entry, f"{key}[{n}]") for n, entry in enumerate(mapping[key])]
+
+
 def _default(cls, name: str):
     f = next(f for f in dataclasses.fields(cls) if f.name == name)
     return f.default if f.default is not dataclasses.MISSING else None

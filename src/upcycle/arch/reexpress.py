@@ -9,11 +9,10 @@ from transformers.initialization import no_init_weights
 from upcycle.arch.families import FAMILIES
 from upcycle.errors import UnsupportedArchitecture
 
-# config fields that mean the same thing in Llama and Qwen2
-_SHARED_FIELDS = (
+# config fields that mean the same thing in every dense and MoE family here
+_COMMON_FIELDS = (
     "vocab_size",
     "hidden_size",
-    "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
     "num_key_value_heads",
@@ -28,6 +27,8 @@ _SHARED_FIELDS = (
     "eos_token_id",
     "pad_token_id",
 )
+# ... and in Llama and Qwen2 also the FFN width
+_SHARED_FIELDS = _COMMON_FIELDS + ("intermediate_size",)
 
 
 def llama_as_qwen2(model) -> Qwen2ForCausalLM:
@@ -63,25 +64,6 @@ def llama_as_qwen2(model) -> Qwen2ForCausalLM:
 
 
 # ---- a dense model as a stock mixture of experts -----------------------------------------------------
-
-# config fields that mean the same thing in every dense and MoE family here
-_COMMON_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "hidden_act",
-    "max_position_embeddings",
-    "initializer_range",
-    "rms_norm_eps",
-    "tie_word_embeddings",
-    "rope_parameters",
-    "attention_dropout",
-    "bos_token_id",
-    "eos_token_id",
-    "pad_token_id",
-)
 
 
 def moe_shell(

@@ -9,12 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from upcycle import data
-from upcycle.config import Config, option
+from upcycle.config import Config, option, read_plan
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare
 from upcycle.ops.grow import GrowChecks, GrowStep, GrowthNotPreserved, StepReport, apply_step
 from upcycle.pipelines import Result, configured
-from upcycle.yamlfile import read_mapping
 
 __all__ = ["GrowConfig", "GrowReport", "GrowStep", "GrowChecks", "run"]
 
@@ -46,14 +45,7 @@ class GrowConfig(Config):
     def plan_steps(self) -> list[GrowStep]:
         """The steps to apply: the plan file's or the inline list."""
         if self.plan is not None:
-            mapping = read_mapping(self.plan, "plan")
-            unknown = set(mapping) - {"steps"}
-            if unknown or not isinstance(mapping.get("steps"), list) or not mapping["steps"]:
-                raise ConfigError(
-                    f"plan {self.plan!r} must hold `steps:`, a non-empty list of steps"
-                    + (f" (unknown key {sorted(unknown)[0]!r})" if unknown else "")
-                )
-            return [GrowStep.from_dict(s, f"steps[{n}]") for n, s in enumerate(mapping["steps"])]
+            return read_plan(self.plan, "steps", GrowStep, "steps")
         if self.steps:
             return list(self.steps)
         raise ConfigError("nothing to grow: give --op (e.g. --op moe --experts 8 --top-k 2) or --plan FILE")

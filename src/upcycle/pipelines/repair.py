@@ -163,16 +163,13 @@ def _gap_closed(measured: dict) -> dict:
     return shares
 
 
-def report_markdown(result: dict, title: bool = True) -> str:
+def cwe_table(result: dict) -> str:
+    """CWE per length, the long-context KL (last probe bucket) and short-context perplexity of the dense,
+    sparse and repaired models, and chance, as a markdown table."""
     m = result["measured"]
     names = [n for n in ("dense", "sparse", "repaired_top", "repaired_random") if n in m]
-    header = "| model | " + " | ".join(f"CWE @{n}" for n in result["lengths"]) + " | KL last bucket | short ppl |"
-    lines = (["# upcycle repair", ""] if title else []) + [
-        f"Localisation ranking (first = most of the long-context KL gap closed by "
-        f"restoring it): {result['layer_ranking'][:8]}; repaired layer {result['chosen_layer']}"
-        + (f", control layer {result['random_layer']}" if result.get("random_layer") is not None else ""),
-        "",
-        header,
+    lines = [
+        "| model | " + " | ".join(f"CWE @{n}" for n in result["lengths"]) + " | KL last bucket | short ppl |",
         "|---" * (len(result["lengths"]) + 3) + "|",
     ]
     for n in names:
@@ -187,3 +184,12 @@ def report_markdown(result: dict, title: bool = True) -> str:
         "| chance: random distinct words | " + " | ".join(f"{v:.3f}" for v in result["chance_uniform"]) + " | | |"
     )
     return "\n".join(lines)
+
+
+def report_markdown(result: dict, title: bool = True) -> str:
+    ranking = (
+        f"Localisation ranking (first = most of the long-context KL gap closed by "
+        f"restoring it): {result['layer_ranking'][:8]}; repaired layer {result['chosen_layer']}"
+        + (f", control layer {result['random_layer']}" if result.get("random_layer") is not None else "")
+    )
+    return "\n".join((["# upcycle repair", ""] if title else []) + [ranking, "", cwe_table(result)])

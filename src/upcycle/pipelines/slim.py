@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcycle import data, hub
-from upcycle.config import Config, option
+from upcycle.config import Config, option, read_plan
 from upcycle.errors import ConfigError, check
 from upcycle.eval import Equivalence, compare
 from upcycle.ops.slim import CutReport, SlimStep
@@ -24,7 +24,6 @@ from upcycle.pipelines import Result, configured
 from upcycle.train import TrainConfig, Trainer
 from upcycle.train.mtp import detach_mtp
 from upcycle.train.slim import SlimState, slim_stage
-from upcycle.yamlfile import read_mapping
 
 __all__ = ["SlimConfig", "SlimStage", "SlimReport", "SlimStep", "RECOVERY", "run"]
 
@@ -100,12 +99,7 @@ class SlimConfig(Config):
 
     def plan_stages(self) -> list[SlimStage]:
         if self.plan is not None:
-            mapping = read_mapping(self.plan, "plan")
-            if set(mapping) != {"stages"} or not isinstance(mapping["stages"], list) or not mapping["stages"]:
-                raise ConfigError(
-                    f"plan {self.plan!r} must hold `stages:`, a non-empty list of {{name, cuts: [...], tokens}}"
-                )
-            return [SlimStage.from_dict(s, f"stages[{n}]") for n, s in enumerate(mapping["stages"])]
+            return read_plan(self.plan, "stages", SlimStage, "{name, cuts: [...], tokens}")
         if self.stages:
             return list(self.stages)
         raise ConfigError("nothing to cut: give --op (e.g. --op depth --layers 8) or --plan FILE")
