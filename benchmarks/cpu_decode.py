@@ -5,7 +5,6 @@ alternating in one process, medians.
 
     python benchmarks/cpu_decode.py                 # about 25 minutes on 2 cores (+4½ to build llama.cpp once)
     python benchmarks/cpu_decode.py --no-llamacpp   # upcycle only
-    python benchmarks/cpu_decode.py --table         # the README table from the JSON
 
 Rows: tokens/s; bytes of weights read per token (upcycle: each part in its stored precision, the sparse
 FFNs' kept quarter, the predictor; llama.cpp: the GGUF file's bytes, all of which a token reads, its
@@ -33,10 +32,10 @@ import zipfile
 from pathlib import Path
 
 import torch
-from harness import RESULTS, figure, load, save
+from harness import RESULTS, bars, command, figure, held_out, save
 from peers import LLAMACPP, driver, llamacpp_python
 
-from upcycle import data, hub
+from upcycle import hub
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
 from upcycle.infer.decode import GreedyDecoder
@@ -74,31 +73,13 @@ def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int,
         first_error = _plain_buffers.get(fmt)
         for extra in ([] if quantize_only or first_error else [[]]) + [["--no-extra-buffers"]]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
-                cmd = (
-                    [
-                        str(python),
-                        driver("llamacpp_decode"),
-                        str(source_gguf()),
-                        str(RUNS / "llamacpp"),
-                        f.name,
-                        "--formats",
-                        fmt,
-                        "--prompt-ids",
-                        ",".join(map(str, prompt)),
-                        "--new-tokens",
-                        str(new_tokens),
-                        "--threads",
-                        str(threads),
-                    ]
-                    + (["--quantize-only"] if quantize_only else [])
-                    + extra
-                )
-                proc = subprocess.run(cmd, capture_output=True, text=True)
-                if proc.returncode != 0:
-                    tail = (proc.stderr or "").strip().splitlines()[-1:] or [
-                        "segmentation fault, no output" if proc.returncode == -11 else "no output"
-                    ]
-                    first_error = first_error or f"exit {proc.returncode}: {tail[0]}"
+                ids, flags = ",".join(map(str, prompt)), (["--quantize-only"] if quantize_only else []) + extra
+                run = command(
+                    python, driver("llamacpp_decode"), source_gguf(), RUNS / "llamacpp", f.name, "--formats", fmt,
+                    "--prompt-ids", ids, "--new-tokens", new_tokens, "--threads", threads, *flags,
+                )  # fmt: skip
+                if isinstance(run, dict):
+                    first_error = first_error or run["error"]
                     result["formats"][fmt] = {"error": first_error}
                     continue
                 one = json.loads(Path(f.name).read_text())
@@ -111,10 +92,6 @@ def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int,
                 _plain_buffers[fmt] = first_error  # the later rounds go straight to the run that works
             break
     return result
-
-
-def held_out(tokenizer, blocks: int) -> dict[str, torch.Tensor]:
-    return {c: data.blocks(c, tokenizer, "validation", 256, max_blocks=blocks) for c in CORPORA}
 
 
 def models(dense, sparse) -> dict:
@@ -133,20 +110,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--held-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
     parser.add_argument("--no-llamacpp", action="store_true")
-    parser.add_argument("--table", action="store_true")
     args = parser.parse_args()
-    if args.table:
-        print(table(load("cpu_decode")))
-        return
     threads = torch.get_num_threads()
-    result = {
-        "model": MODEL,
-        "prompt": PROMPT,
-        "new_tokens": args.new_tokens,
-        "threads": threads,
-        "repeats": args.repeats,
-        "sparsity": "16 of 64, 4-bit shadow predictor (no training)",
-    }
+    result = {"model": MODEL, "prompt": PROMPT, "new_tokens": args.new_tokens, "threads": threads}
+    result |= {"repeats": args.repeats, "sparsity": "16 of 64, 4-bit shadow predictor (no training)"}
     llama = None
     dense, tokenizer = hub.load(MODEL)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
@@ -170,7 +137,7 @@ def main() -> None:
     dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
     rows = models(dense.eval(), sparse.eval())
     del dense, sparse
-    held = held_out(tokenizer, args.held_blocks)
+    held = held_out(tokenizer, CORPORA, args.held_blocks)
     result["ppl"] = {}
     for name, model in rows.items():
         if not name.startswith("no_ffn"):
@@ -238,11 +205,9 @@ def main() -> None:
 
 def criteria(result: dict) -> dict:
     """The issue's three targets: sparse ÷ llama.cpp at each precision against 1.2, 1.0, 1.0."""
-    tok = result["tok_s"]
-    out = {}
-    for precision, fmt, target in (("fp32", "f32", 1.2), ("bf16", "f16", 1.0), ("int8", "q8_0", 1.0)):
-        theirs = tok.get(f"llamacpp_{fmt}")
-        ours = tok.get(f"upcycle_sparse_{precision}")
+    tok, out = result["tok_s"], {}
+    for precision, target in (("fp32", 1.2), ("bf16", 1.0), ("int8", 1.0)):
+        theirs, ours = tok.get(f"llamacpp_{LLAMA_FORMATS[precision]}"), tok.get(f"upcycle_sparse_{precision}")
         if theirs and ours:
             out[precision] = {"ratio": ours / theirs, "target": target, "met": ours / theirs >= target}
     return out
@@ -296,16 +261,16 @@ def table(result: dict) -> str:
 
 def plot(result: dict, path: Path) -> None:
     fig, ax = figure(size=(9, 4))
-    kinds = [("llamacpp", "llama.cpp dense"), ("dense", "upcycle dense"), ("sparse", "upcycle sparse")]
-    width = 0.8 / len(kinds)
-    for n, (kind, label) in enumerate(kinds):
-        keys = [f"llamacpp_{LLAMA_FORMATS[p]}" if kind == "llamacpp" else f"{kind}_{p}" for p in PRECISIONS]
-        rates = [result["tok_s"].get(k) or result["tok_s"].get(f"upcycle_{k}") or 0 for k in keys]
-        limits = [result["limit_tok_s"].get(k, 0) for k in keys]
-        xs = [i + (n - 1) * width for i in range(len(PRECISIONS))]
-        ax.bar(xs, rates, width, label=label, color=f"C{n}")
+    kinds = {"llamacpp": "llama.cpp dense", "dense": "upcycle dense", "sparse": "upcycle sparse"}
+    keys = {k: [f"llamacpp_{LLAMA_FORMATS[p]}" if k == "llamacpp" else f"{k}_{p}" for p in PRECISIONS] for k in kinds}
+    rates = {
+        label: [result["tok_s"].get(k) or result["tok_s"].get(f"upcycle_{k}") or 0 for k in keys[kind]]
+        for kind, label in kinds.items()
+    }
+    positions = bars(ax, rates, ["fp32 / F32", "bf16 / F16", "int8 / Q8_0"])
+    for n, (xs, kind) in enumerate(zip(positions, kinds)):
+        limits = [result["limit_tok_s"].get(k, 0) for k in keys[kind]]
         ax.scatter(xs, limits, marker="_", s=300, color="k", zorder=3, label="byte limit" if n == 0 else None)
-    ax.set_xticks(range(len(PRECISIONS)), ["fp32 / F32", "bf16 / F16", "int8 / Q8_0"])
     ax.set_ylabel("tokens / s")
     ax.set_title(f"greedy decoding of {result['model']} on {result['threads']} CPU threads")
     ax.legend(fontsize=8)

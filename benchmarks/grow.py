@@ -26,15 +26,25 @@ import argparse
 import gc
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from harness import RESULTS, child, child_done, figure, held_out, load, save
+import torch
+import yaml
+from harness import RESULTS, child, child_done, command, curves, figure, held_out, load, save, train
 from peers import peer_python
+from transformers import AutoModelForCausalLM
 
+from upcycle import data, hub
+from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
+from upcycle.commands.grow import run as grow_run
+from upcycle.eval.equivalence import compare
 from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, rss_mb
+from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
+from upcycle.ops.grow.verify import preservation
 
 RUNS = Path("runs/bench-grow")
 MODEL = "smollm2-135m"
@@ -43,23 +53,17 @@ SEQ = 256
 HELD_BLOCKS = 16
 CALIBRATION_TOKENS = 8192
 MERGEKIT = "mergekit==0.1.5"
-RELAXED = {"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0}  # measure, never fail
-
+RELAXED = GrowChecks(max_loss_change=100.0, min_logit_cosine=-1.0, max_router_kl=100.0)  # measure, never fail
+MIXTRAL8 = {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2}
 # name -> (source, step). "moe8" is the model `moe_shared` makes; the MoE operators start from it *after*
 # the train part has trained it (its routed experts enter with zero output, so on the untrained model
 # routing changes nothing and every MoE operator would look exact for free)
 OPERATORS = {
-    "moe_copy": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "copy"}),
-    "moe_shared": ("dense", {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"}),
-    "moe_granular": (
-        "dense",
-        {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "granular", "granularity": 2},
-    ),
-    "moe_partition": ("dense", {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "partition"}),
-    "moe_drop": (
-        "dense",
-        {"op": "moe", "family": "mixtral", "experts": 8, "top_k": 2, "mode": "drop", "drop_ratio": 0.5},
-    ),
+    "moe_copy": ("dense", MIXTRAL8 | {"mode": "copy"}),
+    "moe_shared": ("dense", MIXTRAL8 | {"family": "qwen2_moe", "mode": "shared"}),
+    "moe_granular": ("dense", MIXTRAL8 | {"mode": "granular", "granularity": 2}),
+    "moe_partition": ("dense", MIXTRAL8 | {"mode": "partition"}),
+    "moe_drop": ("dense", MIXTRAL8 | {"mode": "drop", "drop_ratio": 0.5}),
     "experts_clone": ("moe8_trained", {"op": "experts", "factor": 2}),
     "experts_noise": ("moe8_trained", {"op": "experts", "factor": 2, "noise": 0.05}),
     "top_k": ("moe8_trained", {"op": "top_k", "top_k": 4}),
@@ -68,38 +72,26 @@ OPERATORS = {
     "ffn_width": ("dense", {"op": "ffn_width", "width": 2048}),
     "hidden": ("dense", {"op": "hidden", "factor": 2}),
 }
-PLAN = [
-    {"op": "moe", "family": "qwen2_moe", "experts": 8, "top_k": 2, "mode": "shared"},
-    {"op": "experts", "factor": 2},
-    {"op": "depth", "add": 6},
-]
+PLAN = [OPERATORS["moe_shared"][1], {"op": "experts", "factor": 2}, {"op": "depth", "add": 6}]
+MEASURES = ("max_dlogit", "kl", "top1", "logit_cosine", "loss_before", "loss_after", "loss_change", "router_kl")
+ROUTER_TERMS = [{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]
 
 
 def param_mb(model) -> float:
     return sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
 
+def params(model) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
 def held_blocks(tokenizer):
     return held_out(tokenizer, (TEXT,), HELD_BLOCKS, SEQ)[TEXT]
 
 
-def calibration(tokenizer):
-    from upcycle import data
-
-    return data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_TOKENS // SEQ)
-
-
-# ---- one operator, in a child process ---------------------------------------------------------------
-
-
 def one_operator(name: str, source: str, out_json: str) -> None:
+    """One operator (or the plan) in this process: its time, peak memory and preservation."""
     base_rss = rss_mb()
-    import torch
-
-    from upcycle import hub
-    from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
-    from upcycle.ops.grow.verify import preservation
-
     torch.manual_seed(0)
     model, tokenizer = hub.load(source)
     # the loaded weights may still be pages of the mapped safetensors file, which count in the resident
@@ -110,7 +102,8 @@ def one_operator(name: str, source: str, out_json: str) -> None:
             p.data = p.data.clone()
     gc.collect()
     imported_rss = rss_mb() - param_mb(model)  # the process without the source: what the ratio is over
-    held, calib = held_blocks(tokenizer), calibration(tokenizer)
+    held = held_blocks(tokenizer)
+    calibration = data.blocks(TEXT, tokenizer, "train", SEQ, max_blocks=CALIBRATION_TOKENS // SEQ)
     steps = PLAN if name == "plan" else [OPERATORS[name][1]]
     loaded_rss = rss_mb()
     start = time.perf_counter()
@@ -118,25 +111,15 @@ def one_operator(name: str, source: str, out_json: str) -> None:
     reset_peak()  # the peak from here: the process as loaded, then whatever the step adds
     grown = model
     for options in steps:  # the plan keeps only the source and the newest model
-        grown, report = apply_step(grown, GrowStep(**options), None, calibration=calib)
+        grown, report = apply_step(grown, GrowStep(**options), None, calibration=calibration)
         kinds.append(report.kind)
         origin = report.facts.get("origin") if options["op"] == "experts" else None
-    peak = peak_rss_mb()
-    seconds = time.perf_counter() - start
+    peak, seconds = peak_rss_mb(), time.perf_counter() - start
     kind = "exact" if all(k == "exact" for k in kinds) else ("diversity" if "diversity" in kinds else "changed")
-    p = preservation(model, grown, held, kind, GrowChecks(**RELAXED), origin)
-    result = {
-        "step": steps if name == "plan" else steps[0],
-        "kind": kind,
-        "family": grown.config.model_type,
-        "max_dlogit": p.max_dlogit,
-        "kl": p.kl,
-        "top1": p.top1,
-        "logit_cosine": p.logit_cosine,
-        "loss_before": p.loss_before,
-        "loss_after": p.loss_after,
-        "loss_change": p.loss_change,
-        "router_kl": p.router_kl,
+    p = preservation(model, grown, held, kind, RELAXED, origin)
+    result = {"step": steps if name == "plan" else steps[0], "kind": kind, "family": grown.config.model_type}
+    result |= {key: getattr(p, key) for key in MEASURES}
+    result |= {
         "seconds": seconds,
         "peak_rss_mb": peak,
         "rss_without_source_mb": imported_rss,
@@ -144,170 +127,99 @@ def one_operator(name: str, source: str, out_json: str) -> None:
         "python_rss_mb": base_rss,
         "source_mb": param_mb(model),
         "output_mb": param_mb(grown),
-        "params_source": sum(p.numel() for p in model.parameters()),
-        "params_output": sum(p.numel() for p in grown.parameters()),
+        "params_source": params(model),
+        "params_output": params(grown),
     }
-    result["memory_ratio"] = (result["peak_rss_mb"] - imported_rss) / (result["source_mb"] + result["output_mb"])
+    result["memory_ratio"] = (peak - imported_rss) / (result["source_mb"] + result["output_mb"])
     child_done(out_json, result)
 
 
-# ---- mergekit-moe -----------------------------------------------------------------------------------
-
-
-def mergekit_exe() -> Path:
-    return peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
-
-
 def run_mergekit(source_folder: Path) -> dict:
-    import yaml
-
-    from upcycle import hub
-    from upcycle.ops.grow import GrowChecks
-    from upcycle.ops.grow.verify import preservation
-
+    """mergekit-moe's 8 copies top-2 into Mixtral (the `moe_copy` operator), measured the same way."""
     try:
-        exe = mergekit_exe()
+        exe = peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
     except subprocess.CalledProcessError as e:
         return {"error": f"{MERGEKIT} could not be installed: {(e.stderr or str(e)).strip().splitlines()[-1]}"}
-    work = RUNS / "mergekit"
+    work, out = RUNS / "mergekit", RUNS / "mergekit" / "out"
+    shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
-    config = {
-        "base_model": str(source_folder),
-        "gate_mode": "random",
-        "dtype": "float32",
-        "experts_per_token": 2,
-        "experts": [{"source_model": str(source_folder)} for _ in range(8)],
-    }
-    (work / "moe.yaml").write_text(yaml.safe_dump(config))
-    out = work / "out"
-    if out.exists():
-        import shutil
-
-        shutil.rmtree(out)
+    experts = [{"source_model": str(source_folder)} for _ in range(8)]
+    config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2}
+    (work / "moe.yaml").write_text(yaml.safe_dump(config | {"experts": experts}))
     # the child's own peak resident memory, from the kernel's accounting of a wrapper's children
     wrapper = (
         "import resource, subprocess, sys, time; t = time.perf_counter(); "
         "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
         "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-        "sys.stderr.write(r.stderr[-2000:])"
+        "sys.stderr.write(r.stderr[-2000:]); sys.exit(r.returncode)"
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            wrapper,
-            str(exe),
-            str(work / "moe.yaml"),
-            str(out),
-            "--i-understand-this-is-not-useful-without-training",
-            "--quiet",
-        ],
-        capture_output=True,
-        text=True,
-    )
-    code, seconds, peak_kb = proc.stdout.split()
-    if code != "0":
-        return {"error": f"mergekit-moe exited {code}: {proc.stderr.strip().splitlines()[-1]}"}
+    flags = ("--i-understand-this-is-not-useful-without-training", "--quiet")
+    measured = command(sys.executable, "-c", wrapper, exe, work / "moe.yaml", out, *flags)
+    if isinstance(measured, dict):
+        return {"error": f"mergekit-moe: {measured['error']}"}
+    _, seconds, peak_kb = measured.split()
     source, tokenizer = hub.load(source_folder)
     merged, _ = hub.load(out)
-    p = preservation(source, merged, held_blocks(tokenizer), "exact", GrowChecks(**RELAXED))
+    p = preservation(source, merged, held_blocks(tokenizer), "exact", RELAXED)
     return {
         "tool": MERGEKIT,
         "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
         "family": merged.config.model_type,
-        "max_dlogit": p.max_dlogit,
-        "kl": p.kl,
-        "top1": p.top1,
-        "logit_cosine": p.logit_cosine,
-        "loss_change": p.loss_change,
+        **{key: getattr(p, key) for key in ("max_dlogit", "kl", "top1", "logit_cosine", "loss_change")},
         "seconds": float(seconds),
         "peak_rss_mb": int(peak_kb) / 1024,
         "source_mb": param_mb(source),
         "output_mb": param_mb(merged),
-        "params_output": sum(p.numel() for p in merged.parameters()),
+        "params_output": params(merged),
         "note": "whole process (imports, load, merge, write); verifies nothing",
     }
 
 
-# ---- training: grown vs scratch vs dense continued ---------------------------------------------------
-
-
 def train_part(tokens: int, moe_folder: Path) -> dict:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from upcycle import hub
-    from upcycle.train import TrainConfig, Trainer
-
-    runs = {}
+    """The grown MoE, the same architecture from random initialisation and the dense source continued."""
     grown, tokenizer = hub.load(moe_folder)
     torch.manual_seed(0)
     scratch = AutoModelForCausalLM.from_config(grown.config).eval()
     dense, _ = hub.load(MODEL)
-    router_terms = [{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]
-    steps = tokens // (SEQ * 8)
-    for name, model, losses in (
-        ("grown", grown, router_terms),
-        ("scratch", scratch, router_terms),
-        ("dense_continued", dense, [{"name": "lm"}]),
+    held = data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
+    runs, every = {}, max(1, tokens // (SEQ * 8) // 8)
+    for name, model, source, losses in (
+        ("grown", grown, str(moe_folder), ROUTER_TERMS),
+        ("scratch", scratch, str(moe_folder), ROUTER_TERMS),
+        ("dense_continued", dense, MODEL, None),
     ):
         out = RUNS / f"train-{name}-{tokens}"
-        cfg = TrainConfig.from_dict(
-            dict(
-                model=str(moe_folder) if name != "dense_continued" else MODEL,
-                data=TEXT,
-                out=str(out),
-                seq_len=SEQ,
-                global_batch=8,
-                micro_batch=4,
-                lr=3e-4,
-                warmup_steps=2,
-                losses=losses,
-                stages=[{"name": "main", "tokens": tokens}],
-                val_every=max(1, steps // 8),
-                val_blocks=HELD_BLOCKS,
-                ckpt_every=10_000,
-                progress=False,
-            )
+        with torch.no_grad():  # the trainer's validation measure before training (it changes `model` in place)
+            start_ppl = math.exp(compare(model, model, held).loss_reference)
+        records = [json.loads(line) for line in open(out / "metrics.jsonl")] if (out / "metrics.jsonl").exists() else []
+        start, trained_now = (
+            time.perf_counter(),
+            not any(r.get("tokens", 0) >= tokens and "val_loss" in r for r in records),
         )
-        start_ppl = math.exp(_val_loss(model, tokenizer))  # before training: the trainer changes `model` in place
-        start, trained_now = time.perf_counter(), False
-        if not (out / "metrics.jsonl").exists() or not any(
-            "val_loss" in json.loads(line) and json.loads(line)["tokens"] >= tokens
-            for line in open(out / "metrics.jsonl")
-        ):
-            if out.exists():
-                import shutil
-
-                shutil.rmtree(out)
-            Trainer(cfg, model=model, tokenizer=tokenizer).fit()
-            trained_now = True
-        records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+        if trained_now:
+            shutil.rmtree(out, ignore_errors=True)
+            train(
+                model,
+                tokenizer,
+                out,
+                tokens,
+                source=source,
+                text=TEXT,
+                losses=losses,
+                val_every=every,
+                val_blocks=HELD_BLOCKS,
+            )
+            records = [json.loads(line) for line in open(out / "metrics.jsonl")]
         curve = [(r["tokens"], math.exp(r["val_loss"])) for r in records if "val_loss" in r]
         runs[name] = {
             "curve": [(0, start_ppl)] + curve,
             "final_ppl": curve[-1][1],
             "start_ppl": start_ppl,
             "seconds": time.perf_counter() - start if trained_now else None,  # None: a reused run
-            "params": sum(p.numel() for p in model.parameters()),
+            "params": params(model),
         }
         print(f"{name}: ppl {start_ppl:.2f} → {curve[-1][1]:.2f} after {tokens} tokens", flush=True)
     return {"tokens": tokens, "data": TEXT, "ppl": {k: v["final_ppl"] for k, v in runs.items()}, "runs": runs}
-
-
-def _val_loss(model, tokenizer) -> float:
-    """The trainer's validation measure at step 0: mean next-token loss on the same held-out blocks."""
-    import torch
-
-    from upcycle import data
-    from upcycle.eval.equivalence import compare
-
-    blocks = data.blocks(TEXT, tokenizer, "validation", SEQ, max_blocks=HELD_BLOCKS)
-    with torch.no_grad():
-        return compare(model, model, blocks).loss_reference
-
-
-# ---- the report ---------------------------------------------------------------------------------------
 
 
 def plot(results: dict, path: Path) -> None:
@@ -316,24 +228,19 @@ def plot(results: dict, path: Path) -> None:
     names = [n for n in pres if "max_dlogit" in pres[n]]
     if names:
         colors = {"exact": "tab:green", "diversity": "tab:orange", "changed": "tab:red"}
-        axes[0].barh(
-            names,
-            [max(pres[n]["max_dlogit"], 1e-8) for n in names],
-            color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names],
-        )
+        values = [max(pres[n]["max_dlogit"], 1e-8) for n in names]
+        axes[0].barh(names, values, color=[colors.get(pres[n].get("kind"), "tab:gray") for n in names])
         axes[0].set_xscale("log")
         axes[0].axvline(1e-3, color="k", ls="--", lw=1)
         axes[0].set_xlabel("max |Δlogit| vs the source (log; 0 drawn at 1e-8; dashed: 1e-3)")
         axes[0].set_title("preservation (green exact, orange diversity, red changed)", fontsize=10)
         axes[0].invert_yaxis()
-    train = results.get("train")
-    if train:
-        for name, run in train["runs"].items():
-            xs, ys = zip(*run["curve"])
-            axes[1].plot(xs, ys, marker="o", ms=3, label=name)
+    if train := results.get("train"):
+        runs = {name: run["curve"] for name, run in train["runs"].items()}
+        curves(axes[1], runs, log=True)
+        for name, line in zip(runs, axes[1].lines):  # the same colours, scratch left out
             if name != "scratch":
-                axes[2].plot(xs, ys, marker="o", ms=3, label=name, color=axes[1].lines[-1].get_color())
-        axes[1].set_yscale("log")
+                curves(axes[2], {name: runs[name]}, color=line.get_color())
         axes[1].set_title(f"validation perplexity over {train['tokens']} tokens (log)", fontsize=10)
         axes[2].set_title("grown MoE vs dense continued (linear)", fontsize=10)
         for ax in axes[1:]:
@@ -345,7 +252,7 @@ def plot(results: dict, path: Path) -> None:
 
 
 def table(results: dict) -> str:
-    """The README's table: one row per operator (and mergekit-moe), from the JSON."""
+    """The docs' table: one row per operator (and mergekit-moe), from the JSON."""
     rows = [
         "| operator | kind | output | max \\|Δlogit\\| | mean KL | loss change | router KL | s | peak / (source + output) |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -376,32 +283,16 @@ def main() -> None:
     parser.add_argument("--part", choices=("all", "preservation", "train"), default="all")
     parser.add_argument("--tokens", type=int, default=65536, help="training tokens of each run (train part)")
     parser.add_argument("--only", nargs="*", help="operators to (re-)measure; the others are kept from the JSON")
-    parser.add_argument("--table", action="store_true", help="print the README table from the JSON and stop")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # NAME SOURCE OUT_JSON: one operator
     args = parser.parse_args()
     if args.child:
         return one_operator(*args.child)
-    if args.table:  # the README table, and the plot again, from the JSON
-        results = load("grow")
-        plot(results, RESULTS / "grow.png")
-        return print(table(results))
-
-    from upcycle import hub
-    from upcycle.commands.grow import GrowConfig, GrowStepOptions, RunOptions
-    from upcycle.commands.grow import run as grow_run
-
     results = load("grow")
-    dense_folder = hub.builtin_folder(MODEL)
-    moe8 = RUNS / "moe8"
+    dense_folder, moe8 = hub.builtin_folder(MODEL), RUNS / "moe8"
     if not (moe8 / "config.json").exists():
         RUNS.mkdir(parents=True, exist_ok=True)
-        grow_run(
-            MODEL,
-            str(moe8),
-            GrowConfig(),
-            GrowStepOptions(**OPERATORS["moe_shared"][1]),
-            options=RunOptions(progress=False, overwrite=True),
-        )
+        step = GrowStepOptions(**OPERATORS["moe_shared"][1])
+        grow_run(MODEL, str(moe8), GrowConfig(), step, options=RunOptions(progress=False, overwrite=True))
     if args.part in ("all", "train"):
         results["train"] = train_part(args.tokens, moe8)
     trained = RUNS / f"train-grown-{results.get('train', {}).get('tokens', args.tokens)}" / "final"

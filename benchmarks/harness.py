@@ -7,6 +7,9 @@ and figures.
     row = child(__file__, "wanda", "50")             # this script's --child run, in its own process
     save("prune_seft", results)                      # benchmarks/results/prune_seft.json + "run": provenance
     fig, ax = figure()                               # matplotlib's Figure API: no pyplot state
+    out = command(python, driver, folder, "--sparsity", 0.5)  # stdout, or {"error": its last stderr line}
+    report = reused(folder, settings, "slim_report.json")     # a finished run made with the same settings
+    verdict(seeds_a, seeds_b)                        # "reproduced (per seed +0.12, +0.30)" and the like
 """
 
 from __future__ import annotations
@@ -26,9 +29,11 @@ from upcycle import data
 from upcycle.eval import perplexity
 from upcycle.eval.peak_memory import peak_rss_mb
 from upcycle.eval.speed import processor_name
+from upcycle.train import TrainConfig, Trainer
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "results"
+# BENCH_RESULTS=folder: a check run writes there, leaving the committed results as they are
+RESULTS = Path(os.environ.get("BENCH_RESULTS", HERE / "results"))
 
 
 def held_out(tokenizer, corpora=data.BUILTIN_CORPORA, blocks: int = 16, seq: int = 256) -> dict[str, torch.Tensor]:
@@ -65,6 +70,96 @@ def child(script: str, *args: str, python: str = sys.executable) -> dict:
 def child_done(out_json: str, result: dict) -> None:
     """The child's side: its result and the process's peak resident memory so far, in MB."""
     Path(out_json).write_text(json.dumps({**result, "peak_rss_mb": result.get("peak_rss_mb", peak_rss_mb())}))
+
+
+def command(*args, **kwargs) -> str | dict:
+    """Run a command (arguments made strings); its stdout, or {"error": the last line of its stderr}."""
+    proc = subprocess.run([str(a) for a in args], capture_output=True, text=True, **kwargs)
+    if proc.returncode:
+        tail = (proc.stderr or "").strip().splitlines()[-1:]
+        return {"error": tail[0] if tail else f"exit code {proc.returncode}, no output"}
+    return proc.stdout
+
+
+def upcycle(*args) -> str | dict:
+    """`upcycle ARGS --no-progress --overwrite` in a fresh process: its stdout, or {"error": ...}."""
+    return command(sys.executable, "-m", "upcycle.cli", *args, "--no-progress", "--overwrite")
+
+
+def reused(folder: Path, settings: dict, report: str) -> dict | None:
+    """The report of a finished run in `folder` made with the same settings (written by `mark`), else None."""
+    marker = folder / "bench_settings.json"
+    if marker.exists() and json.loads(marker.read_text()) == settings and (folder / report).exists():
+        return json.loads((folder / report).read_text())
+    return None
+
+
+def mark(folder: Path, settings: dict) -> None:
+    """Record the settings a finished run in `folder` was made with (what `reused` compares)."""
+    (folder / "bench_settings.json").write_text(json.dumps(settings))
+
+
+def verdict(a: list[float], b: list[float], *, higher_better: bool = True, digits: int = 3) -> str:
+    """Is `a` better than `b`? Seed by seed where both have the same seeds (the same data order in both
+    arms: a paired comparison); otherwise the margin of the means against the larger seed spread."""
+    sign = 1 if higher_better else -1
+    if len(a) == len(b) > 1:
+        diffs = [sign * (x - y) for x, y in zip(a, b)]
+        word = (
+            "tied (equal in every seed)"
+            if all(d == 0 for d in diffs)
+            else "reproduced"
+            if all(d >= 0 for d in diffs)
+            else "not reproduced"
+            if all(d < 0 for d in diffs)
+            else "mixed across seeds"
+        )
+        return f"{word} (per seed {', '.join(f'{d:+.{digits}f}' for d in diffs)})"
+    margin = sign * (sum(a) / len(a) - sum(b) / len(b))
+    spread = max(max(a) - min(a), max(b) - min(b))
+    word = "reproduced" if margin > spread else ("not reproduced" if margin < -spread else "within the seed spread")
+    return f"{word} (margin {margin:+.{digits}f}, seed spread {spread:.{digits}f})"
+
+
+def train(model, tokenizer, out: Path, tokens: int, *, source: str, text: str, losses=None, **overrides):
+    """The benchmarks' recovery recipe (seq 256, batch 8, AdamW 3e-4 cosine, 2 warm-up steps) through
+    upcycle's Trainer, which trains `model` in place; `overrides` are TrainConfig fields."""
+    recipe = dict(seq_len=256, global_batch=8, micro_batch=4, lr=3e-4, warmup_steps=2, ckpt_every=10_000)
+    config = TrainConfig.from_dict(
+        dict(
+            recipe,
+            model=source,
+            data=text,
+            out=str(out),
+            losses=losses or [{"name": "lm"}],
+            stages=[{"name": "main", "tokens": tokens}],
+            progress=False,
+            **overrides,
+        )
+    )
+    return Trainer(config, model=model, tokenizer=tokenizer).fit()
+
+
+def curves(ax, series: dict[str, list], *, log: bool = False, **plot) -> None:
+    """One line per named series of (x, y) points."""
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, ys, marker="o", ms=3, label=name, **plot)
+    if log:
+        ax.set_yscale("log")
+
+
+def bars(ax, groups: dict[str, list[float]], ticks: list[str]) -> list[list[float]]:
+    """Grouped bars: one colour per named group, one cluster per tick. Returns each group's x positions."""
+    width = 0.8 / len(groups)
+    positions = []
+    for n, (label, values) in enumerate(groups.items()):
+        xs = [i + (n - len(groups) / 2 + 0.5) * width for i in range(len(ticks))]
+        ax.bar(xs, values, width, label=label, color=f"C{n}")
+        positions.append(xs)
+    ax.set_xticks(range(len(ticks)), ticks)
+    return positions
 
 
 def provenance() -> dict:

@@ -32,20 +32,11 @@ SEQ = 256
 BASE = dict(bank=64, keep=16, calibration="shakespeare+pystdlib", calibration_tokens=16384, seq_len=SEQ)
 NO_CONVERT = dict(convert_steps=0)  # the settings without CONVERT
 CONVERT = dict(convert_steps=60, convert_rows=1024, convert_lr=1e-3, convert_ffn_lr_scale=1.0)
-SETTINGS = {  # name -> sparsify options
-    "lowrank64": dict(predictor="lowrank", rank=64),
-    "lowrank64+convert": dict(predictor="lowrank", rank=64, **CONVERT),
-    "shadow4": dict(predictor="shadow", bits=4, group=64, quantizer="rtn"),
-    "shadow4+convert": dict(predictor="shadow", bits=4, group=64, quantizer="rtn", **CONVERT),
-    "shadow3": dict(predictor="shadow", bits=3, group=64, quantizer="rtn"),
-    "shadow3+convert": dict(predictor="shadow", bits=3, group=64, quantizer="rtn", **CONVERT),
-    "shadow2": dict(predictor="shadow", bits=2, group=64, quantizer="rtn"),
-    "shadow2+convert": dict(predictor="shadow", bits=2, group=64, quantizer="rtn", **CONVERT),
-    "shadow4-gptq": dict(predictor="shadow", bits=4, group=64, quantizer="gptq"),
-    "shadow4-gptq+convert": dict(predictor="shadow", bits=4, group=64, quantizer="gptq", **CONVERT),
-    "shadow2-gptq": dict(predictor="shadow", bits=2, group=64, quantizer="gptq"),
-    "shadow2-gptq+convert": dict(predictor="shadow", bits=2, group=64, quantizer="gptq", **CONVERT),
-}
+SETTINGS = {"lowrank64": dict(predictor="lowrank", rank=64)}  # name -> sparsify options
+for bits, quantizer in ((4, "rtn"), (3, "rtn"), (2, "rtn"), (4, "gptq"), (2, "gptq")):
+    name = f"shadow{bits}" + ("-gptq" if quantizer == "gptq" else "")
+    SETTINGS[name] = dict(predictor="shadow", bits=bits, group=64, quantizer=quantizer)
+SETTINGS |= {f"{name}+convert": options | CONVERT for name, options in SETTINGS.items()}
 
 
 # 3-bit codes are stored in 4-bit fields: the kernel does the same work as for 4 bits; how the codes were
@@ -60,21 +51,13 @@ def speed(results: dict) -> None:
     table = {}
     for kind in sorted(kinds):
         options = SETTINGS[kind]
-        sparsity = BankSparsity(
-            BASE["bank"],
-            BASE["keep"],
-            options.get("rank", 64),
-            predictor=options["predictor"],
-            bits=options.get("bits", 4),
-            group=options.get("group", 64),
-        )
+        kernel_options = {k: v for k, v in options.items() if k in ("rank", "predictor", "bits", "group")}
+        sparsity = BankSparsity(BASE["bank"], BASE["keep"], **kernel_options)
         table[kind] = ffn_microbench(
             {"smollm2": (576, 1536), "qwen7b": QWEN7B_FFN}, (1, 4, 16), sparsity, repeats=11, target_seconds=0.2
         )
         for key, row in table[kind].items():
-            print(
-                kind, key, f"{row['speedup']:.2f}x", f"(limit {row['limit']:.2f}x)" if row["limit"] else "", flush=True
-            )
+            print(kind, key, f"{row['speedup']:.2f}x", f"(limit {row['limit']:.2f}x)" if row["limit"] else "")
     for kind, same in SAME_KERNEL.items():
         table[kind] = table[same]
     results["speed"] = {"threads": torch.get_num_threads(), "ffn": table, "same_kernel": SAME_KERNEL}
@@ -111,12 +94,7 @@ def main() -> None:
         }
         row["ppl_vs_dense"] = {k: round(v / results["dense"]["ppl"][k], 3) for k, v in row["ppl"].items()}
         results[name] = row
-        print(
-            name,
-            {k: row[k] for k in ("predictor_bytes_per_layer", "recall", "ppl", "ppl_vs_dense")},
-            f"{row['wall_s']} s",
-            flush=True,
-        )
+        print(name, {k: row[k] for k in ("predictor_bytes_per_layer", "recall", "ppl", "ppl_vs_dense", "wall_s")})
         save("predictor_pareto", results, indent=1)
     plot(results)
 
@@ -127,12 +105,11 @@ def plot(results: dict) -> None:
     fig, axes = figure(2, size=(11, 4))
     for name, r in rows.items():
         kb = r["predictor_bytes_per_layer"] / 1e3
-        axes[0].scatter(kb, r["ppl_vs_dense"]["both"], label=name)
-        axes[0].annotate(name, (kb, r["ppl_vs_dense"]["both"]), fontsize=7)
-        kind = name.split("+")[0]
-        if kind in ffn:
-            axes[1].scatter(ffn[kind]["smollm2_b1"]["speedup"], r["ppl_vs_dense"]["both"])
-            axes[1].annotate(name, (ffn[kind]["smollm2_b1"]["speedup"], r["ppl_vs_dense"]["both"]), fontsize=7)
+        kind, ratio = name.split("+")[0], r["ppl_vs_dense"]["both"]
+        points = [(axes[0], kb)] + ([(axes[1], ffn[kind]["smollm2_b1"]["speedup"])] if kind in ffn else [])
+        for ax, x in points:
+            ax.scatter(x, ratio)
+            ax.annotate(name, (x, ratio), fontsize=7)
     axes[0].set(
         xlabel="predictor KB read per token per layer",
         ylabel="perplexity / dense (both corpora)",

@@ -30,7 +30,7 @@ import argparse
 from pathlib import Path
 
 import torch
-from harness import RESULTS, figure, save
+from harness import RESULTS, bars, figure, save
 
 from upcycle import hub, kernels
 from upcycle.commands.bench import BenchReport, sparse_and_dense
@@ -54,43 +54,23 @@ def plot(result: dict, path: Path) -> None:
     fig, (left, right) = figure(2, size=(10, 4))
     for shape, colour in (("smollm2", "C0"), ("qwen7b", "C1")):
         rows = [r for k, r in result["ffn"].items() if k.startswith(shape)]
-        left.plot(
-            [r["batch"] for r in rows],
-            [r["speedup"] for r in rows],
-            "o-",
-            color=colour,
-            label=f"{shape} {rows[0]['shape'][0]}×{rows[0]['shape'][1]}",
-        )
+        label = f"{shape} {rows[0]['shape'][0]}×{rows[0]['shape'][1]}"
+        left.plot([r["batch"] for r in rows], [r["speedup"] for r in rows], "o-", color=colour, label=label)
         left.axhline(rows[0]["limit"], color=colour, ls=":", lw=1)
     left.axhline(1.0, color="grey", lw=1)
-    left.set(
-        xscale="log",
-        xticks=[1, 4, 16],
-        xticklabels=["1", "4", "16"],
-        xlabel="batch (tokens)",
-        ylabel="speedup over dense",
-        title="FFN layer, fp32 (dotted: byte limit at batch 1)",
-    )
+    left.set(xscale="log", xlabel="batch (tokens)", ylabel="speedup over dense")
+    left.set(xticks=[1, 4, 16], xticklabels=["1", "4", "16"], title="FFN layer, fp32 (dotted: byte limit at batch 1)")
     left.legend()
+    runs = result["decode_runs"]
     names = [
         f"{d['threads']} thread{'s' if d['threads'] > 1 else ''}"
         + (", lean decoder" if d.get("decoder") == "lean" else ", compiled" if d.get("compiled") else "")
-        for d in result["decode_runs"]
+        for d in runs
     ]
-    measured = [d["speedup"] for d in result["decode_runs"]]
-    limits = [d["limit"] for d in result["decode_runs"]]
-    ceilings = [d["ceiling"] for d in result["decode_runs"]]
-    xs = range(len(names))
-    right.bar([x - 0.27 for x in xs], measured, 0.27, label="measured")
-    right.bar(list(xs), limits, 0.27, label="byte limit", color="lightgrey")
-    right.bar([x + 0.27 for x in xs], ceilings, 0.27, label="no FFN at all", color="darkgrey")
+    series = {"measured": "speedup", "byte limit": "limit", "no FFN at all": "ceiling"}
+    bars(right, {label: [d[key] for d in runs] for label, key in series.items()}, names)
     right.axhline(1.0, color="grey", lw=1)
-    right.set(
-        xticks=list(xs),
-        xticklabels=names,
-        ylabel="tokens/s, sparse ÷ dense",
-        title="greedy decoding, smollm2-135m 16-of-64",
-    )
+    right.set(ylabel="tokens/s, sparse ÷ dense", title="greedy decoding, smollm2-135m 16-of-64")
     right.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -131,12 +111,10 @@ def main() -> None:
         torch.set_num_threads(n)
         runs.append(speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats))
     torch.set_num_threads(threads)
-    runs.append(
-        speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, compiled=True)
-    )
-    runs.append(
-        speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, lean=True)
-    )
+    for mode in ({"compiled": True}, {"lean": True}):
+        runs.append(
+            speed.decode_bench(dense, sparse, tokenizer, new_tokens=args.new_tokens, repeats=args.repeats, **mode)
+        )
 
     result = {
         "ffn_speedup": {k: round(r["speedup"], 3) for k, r in ffn.items()},

@@ -54,6 +54,15 @@ CONVERT = {"convert_steps": 60, "convert_rows": 1024, "convert_lr": 1e-3, "conve
 LOWRANK = {"predictor": "lowrank", "rank": 64}
 # the fastest shadow: 2-bit copies (byte limit 3.31x instead of 2.91x), GPTQ-rounded
 SHADOW2 = {"predictor": "shadow", "bits": 2, "group": 64, "quantizer": "gptq"}
+# key in the JSON, run folder, sparsify options, the suffix of the key of its perplexity before training
+SPARSE_ARMS = (
+    ("sparse", "sparse", PREDICTOR | CONVERT, "converted"),
+    ("sparse_shadow2", "sparse-2bit-gptq", SHADOW2 | CONVERT, "converted"),
+    ("sparse_lowrank", "sparse_lowrank", LOWRANK, "untrained"),
+)
+# the default predictor's figures kept at the top level too: key -> its name in the run
+TOP_LEVEL = {"predictor": "predictor", "recall_per_layer": "recall_warmup", "recall_mean": "recall_warmup_mean"}
+TOP_LEVEL |= {"recall_trained_per_layer": "recall_trained", "recall_trained_mean": "recall_trained_mean"}
 
 
 def predictor_name(options: dict) -> str:
@@ -93,38 +102,22 @@ def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False,
     )
 
 
-def _reuse_marker(out: str) -> dict | None:
-    marker = Path(out) / "sparsified_with.json"
-    return json.loads(marker.read_text()) if marker.exists() else None
-
-
-def train(
-    name: str,
-    model,
-    tok,
-    teacher,
-    stages: list[dict],
-    kd: bool = True,
-    sparse: bool = False,
-    sparsified: dict | None = None,
-):
+def train(name: str, model, tok, teacher, stages: list[dict], kd=True, sparse=False, sparsified=None):
     """Train (or reuse a finished run made from the same sparsify options: `sparsified`) and return
     (model, validation curve [(tokens, val_loss)])."""
     config = recipe(name, stages, kd, sparse)
-    final = Path(config.out) / "final"
-    if (final / "config.json").exists() and sparsified != _reuse_marker(config.out):
-        raise SystemExit(f"{config.out} holds a run from other settings; delete it to re-run this row")
-    if not (final / "config.json").exists():
-        Path(config.out).mkdir(parents=True, exist_ok=True)
-        (Path(config.out) / "sparsified_with.json").write_text(json.dumps(sparsified, sort_keys=True))
+    out = Path(config.out)
+    marker = out / "sparsified_with.json"
+    if (out / "final" / "config.json").exists():
+        if sparsified != (json.loads(marker.read_text()) if marker.exists() else None):
+            raise SystemExit(f"{out} holds a run from other settings; delete it to re-run this row")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        marker.write_text(json.dumps(sparsified, sort_keys=True))
         Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
-    trained, _ = upcycle.load(final)
-    curve = [
-        (r["tokens"], r["val_loss"])
-        for r in map(json.loads, (Path(config.out) / "metrics.jsonl").open())
-        if "val_loss" in r
-    ]
-    return trained.eval(), curve
+    trained, _ = upcycle.load(out / "final")
+    records = map(json.loads, (out / "metrics.jsonl").open())
+    return trained.eval(), [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
 
 
 def sparse_stages(budget: int, anneal: bool = False, predictor_stage: bool = True) -> list[dict]:
@@ -163,25 +156,15 @@ def sparse_run(name, dense, tok, val, budget, *, kd=True, **options) -> dict:
         "ppl_untrained": score(model, val),
     }
     if budget:  # 0: the warm-up only
-        trained, curve = train(
-            name,
-            model,
-            tok,
-            dense,
-            sparse_stages(budget, predictor_stage=trained_predictor),
-            kd,
-            sparse=trained_predictor,
-            sparsified=result["options"],
-        )
-        stats = selection_stats(trained, val["shakespeare"][:4])
-        result.update(
-            {
-                "ppl": score(trained, val),
-                "recall_trained": stats["recall"],
-                "recall_trained_mean": sum(stats["recall"]) / len(stats["recall"]),
-                "curve": curve,
-            }
-        )
+        stages = sparse_stages(budget, predictor_stage=trained_predictor)
+        trained, curve = train(name, model, tok, dense, stages, kd, trained_predictor, result["options"])
+        recall = selection_stats(trained, val["shakespeare"][:4])["recall"]
+        result |= {
+            "ppl": score(trained, val),
+            "recall_trained": recall,
+            "recall_trained_mean": sum(recall) / len(recall),
+        }
+        result["curve"] = curve
     return {**result, "wall_s": round(time.perf_counter() - t0)}
 
 
@@ -205,15 +188,8 @@ def main() -> None:
     dense, tok = upcycle.load(MODEL)
     val = held_out(tok, blocks=args.val_blocks)
     calib = data.blocks(DATA, tok, "train", SEQ, max_blocks=64)
-    res.update(
-        {
-            "model": MODEL,
-            "data": DATA,
-            "tokens": args.budget,
-            "held_out_tokens": {k: v.numel() for k, v in val.items()},
-            "threads": torch.get_num_threads(),
-        }
-    )
+    res |= {"model": MODEL, "data": DATA, "tokens": args.budget, "threads": torch.get_num_threads()}
+    res["held_out_tokens"] = {k: v.numel() for k, v in val.items()}
     ppl = res.setdefault("ppl", {})
     if "dense" not in ppl:
         ppl["dense"] = score(dense, val)
@@ -221,44 +197,32 @@ def main() -> None:
     if "oracle" not in ppl:
         ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0, convert_steps=0)[0], val)
         save()
-    if "sparse" not in ppl:
-        run = sparse_run("sparse", dense, tok, val, args.budget, **PREDICTOR, **CONVERT)
-        ppl["sparse"], ppl["sparse_converted"] = run["ppl"], run["ppl_untrained"]
-        res["sparse_run"], res["predictor"] = run, run["predictor"]
-        res["recall_per_layer"], res["recall_mean"] = run["recall_warmup"], run["recall_warmup_mean"]
-        res["recall_trained_per_layer"], res["recall_trained_mean"] = run["recall_trained"], run["recall_trained_mean"]
-        res.setdefault("curves", {})["sparse"] = run["curve"]
+    for key, run_name, options, untrained in SPARSE_ARMS:
+        if key in ppl:
+            continue
+        run = sparse_run(run_name, dense, tok, val, args.budget, **options)
+        ppl[key], ppl[f"{key}_{untrained}"], res[f"{key}_run"] = run["ppl"], run["ppl_untrained"], run
+        res.setdefault("curves", {})[key] = run["curve"]
         save()
-    if "sparse_shadow2" not in ppl:
-        run = sparse_run("sparse-2bit-gptq", dense, tok, val, args.budget, **SHADOW2, **CONVERT)
-        ppl["sparse_shadow2"], ppl["sparse_shadow2_converted"] = run["ppl"], run["ppl_untrained"]
-        res["sparse_shadow2_run"] = run
-        res.setdefault("curves", {})["sparse_shadow2"] = run["curve"]
-        save()
-    if "sparse_lowrank" not in ppl:
-        run = sparse_run("sparse_lowrank", dense, tok, val, args.budget, **LOWRANK)
-        ppl["sparse_lowrank"], ppl["sparse_lowrank_untrained"] = run["ppl"], run["ppl_untrained"]
-        res["sparse_lowrank_run"] = run
-        res.setdefault("curves", {})["sparse_lowrank"] = run["curve"]
-        save()
+    if "sparse_run" in res:  # the default predictor's figures, also at the top level
+        res |= {key: res["sparse_run"][field] for key, field in TOP_LEVEL.items()}
     if "teal75" not in ppl:
         teal, report = sparsify(
             dense, tok, selection="threshold", calibration=DATA, calibration_tokens=16384, convert_steps=0
         )
         ppl["teal75"], res["teal75_density"] = score(teal, val), report.density
         save()
-    if "dense_companion" not in ppl:
-        model, curve = train(
-            "dense_companion", copy.deepcopy(dense), tok, dense, [{"name": "end-to-end", "tokens": args.budget}]
-        )
-        ppl["dense_companion"], res.setdefault("curves", {})["dense_companion"] = score(model, val), curve
-        save()
-    if "dense4x" not in ppl:
-        narrow, _ = narrow_ffn(dense, calib, fraction=0.25)
-        res["dense4x_untrained"] = score(narrow, val)
-        model, curve = train("dense4x", narrow, tok, dense, [{"name": "end-to-end", "tokens": args.budget}])
-        ppl["dense4x"], res.setdefault("curves", {})["dense4x"] = score(model, val), curve
-        save()
+    for key, start in (
+        ("dense_companion", lambda: copy.deepcopy(dense)),
+        ("dense4x", lambda: narrow_ffn(dense, calib, fraction=0.25)[0]),
+    ):
+        if key not in ppl:
+            model = start()
+            if key == "dense4x":
+                res["dense4x_untrained"] = score(model, val)
+            model, curve = train(key, model, tok, dense, [{"name": "end-to-end", "tokens": args.budget}])
+            ppl[key], res.setdefault("curves", {})[key] = score(model, val), curve
+            save()
     if not args.skip_ablations:
         ablations = res.setdefault("ablations", {})
         # (label, sparsify options, trained?, kd): rank and initialisation are read after the warm-up;
