@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                 flat |= section.to_dict()
             print(yaml.safe_dump(plain(flat), sort_keys=False), end="")
             return 0
-        outs = [kwargs.get("out"), getattr(kwargs["config"], "out", None)]
+        outs = [kwargs.get("out"), getattr(kwargs.get("config"), "out", None)]
         new_outs = [_first_missing(Path(o)) for o in outs if isinstance(o, (str, Path)) and not Path(o).exists()]
         run(**kwargs)  # it returns its result to a Python caller; the CLI has printed what matters
         return 0

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from upcycle.devices import DTYPE_CHOICES, check_device_name, parse_size
 from upcycle.errors import ConfigError
 from upcycle.yamlfile import read_mapping
 
@@ -77,6 +78,14 @@ class RunOptions(Config):
     progress: bool = option(True, "progress bars (on stderr)")
     overwrite: bool = option(False, "replace a non-empty OUT")
     trust_remote_code: bool = option(False, "run the model folder's own code (only for a source you trust)")
+    device: str = option("auto", "where to compute: auto (a GPU if there is one), cpu, cuda or cuda:N")
+    dtype: str = option("auto", "dtype of the weights while working and written: auto (the checkpoint's own)",
+                        choices=DTYPE_CHOICES)  # fmt: skip
+    shard_size: str = option("2GB", "largest weight file written (HF shards with an index past one)")
+
+    def validate(self) -> None:
+        check_device_name(self.device)
+        parse_size(self.shard_size)
 
 
 class OperatorStep(Config):

@@ -70,6 +70,36 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust
     )
 
 
+def folder_for(source: str | os.PathLike, *, trust_remote_code: bool = False) -> tuple[Path, object]:
+    """(a local safetensors folder holding `source`, its tokenizer or None): what a streamed verb reads
+    layer by layer. A built-in, tiny test model or GGUF file is written once to the cache first."""
+    name = str(source)
+    if name in BUILTIN_MODELS:
+        folder = builtin_folder(name)
+    elif name.startswith(TINY_PREFIX) or Path(name).expanduser().suffix == ".gguf":
+        digest = re.sub(r"[^\w.-]", "_", str(Path(name).expanduser().resolve()) if name.endswith(".gguf") else name)
+        folder = cache_dir() / "models" / "as-folder" / digest
+        if not (folder / "config.json").exists():
+            model, tokenizer = load(name)
+            with building(folder) as tmp:
+                model.save_pretrained(tmp, safe_serialization=True)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(tmp)
+    else:
+        folder = Path(name).expanduser()
+        if not folder.is_dir():
+            load(name, trust_remote_code=trust_remote_code)  # its own one-line error (missing, hub id offline, ...)
+            raise ModelNotFound(
+                f"{name!r}: a streamed run reads a local folder; `upcycle convert {name} FOLDER` writes one"
+            )
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    _require_causal_lm(config, folder, trust_remote_code)
+    arch.family_of(config)
+    if not any(folder.glob("*.safetensors")):
+        _load_folder(folder, torch.float32, trust_remote_code)  # the loader's own one-line error
+    return folder, _tokenizer_or_none(folder, trust_remote_code)
+
+
 def save(
     model,
     tokenizer,

@@ -70,6 +70,53 @@ class Adapter:
         "norm_eps": "rms_norm_eps",
     }
 
+    # how a checkpoint names an MoE layer's FFN and each expert's (gate, up, down) matrices: transformers 5
+    # fuses the experts into 3-D tensors in the module and splits them again in the files it writes
+    checkpoint_ffn: ClassVar[str] = "mlp"
+    checkpoint_experts: ClassVar[tuple[str, str, str]] = ("gate_proj", "up_proj", "down_proj")
+
+    @classmethod
+    def layer_to_checkpoint(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One decoder layer's tensors (names relative to the layer, as its state_dict has them) under the
+        names a checkpoint file uses: the same for a dense family; experts split one by one for MoE."""
+        if not cls.is_moe:
+            return dict(tensors)
+        gate, up, down = cls.checkpoint_experts
+        out = {}
+        for name, t in tensors.items():
+            prefix = f"{cls.checkpoint_ffn}.experts"
+            if name == "mlp.experts.gate_up_proj":
+                width = t.shape[1] // 2
+                for e in range(t.shape[0]):
+                    out[f"{prefix}.{e}.{gate}.weight"], out[f"{prefix}.{e}.{up}.weight"] = t[e, :width], t[e, width:]
+            elif name == "mlp.experts.down_proj":
+                out.update({f"{prefix}.{e}.{down}.weight": t[e] for e in range(t.shape[0])})
+            else:
+                out[cls.checkpoint_ffn + name[3:] if name.startswith("mlp.") else name] = t
+        return out
+
+    @classmethod
+    def layer_from_checkpoint(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The inverse of layer_to_checkpoint: a checkpoint's tensors of one layer as its module names them."""
+        if not cls.is_moe:
+            return dict(tensors)
+        gate, up, down = cls.checkpoint_experts
+        experts: dict[str, dict[int, torch.Tensor]] = {gate: {}, up: {}, down: {}}
+        out = {}
+        for name, t in tensors.items():
+            parts = name.split(".")
+            if parts[0] == cls.checkpoint_ffn and parts[1] == "experts":
+                experts[parts[3]][int(parts[2])] = t
+            else:
+                out["mlp" + name[len(cls.checkpoint_ffn) :] if parts[0] == cls.checkpoint_ffn else name] = t
+        if experts[gate]:
+            order = sorted(experts[gate])
+            out["mlp.experts.gate_up_proj"] = torch.stack(
+                [torch.cat([experts[gate][e], experts[up][e]]) for e in order]
+            )
+            out["mlp.experts.down_proj"] = torch.stack([experts[down][e] for e in order])
+        return out
+
     @classmethod
     def moe_fields(
         cls, *, experts: int, expert_width: int, shared_width: int | None, normalize: bool, attention_bias: str | None
@@ -111,6 +158,13 @@ class Adapter:
 
     def final_norm(self) -> nn.Module:
         return self.model.model.norm
+
+    def reset_buffers(self, device) -> None:
+        """Compute again, on `device`, the tables a model makes when it is built and never saves (the rotary
+        frequencies): what a model built on the meta device lacks once its weights are loaded."""
+        rotary = self.model.model.rotary_emb
+        with torch.device("cpu"):
+            self.model.model.rotary_emb = type(rotary)(config=self.config).to(device)
 
     # ---- one decoder layer -------------------------------------------------------------------
     def layer(self, i: int) -> nn.Module:
@@ -300,19 +354,24 @@ class Adapter:
         """Make `layers` the decoder stack; origin[j] is the index (in the current stack) of the layer
         that new layer j was made from, so per-layer config lists (attention types, dense-only
         layers) follow their layers. Renumbers each layer's KV-cache slot."""
-        config = self.config
-        if getattr(config, "layer_types", None) is not None:
-            config.layer_types = [config.layer_types[o] for o in origin]
-        if getattr(config, "mlp_only_layers", None):
-            config.mlp_only_layers = [j for j, o in enumerate(origin) if o in set(config.mlp_only_layers)]
         for j, layer in enumerate(layers):
             for module in layer.modules():
                 if hasattr(module, "layer_idx"):
                     module.layer_idx = j
         self.model.model.layers = nn.ModuleList(layers)
-        setattr(config, self._key("num_layers"), len(layers))
+        self.set_layer_origin(origin)
+
+    def set_layer_origin(self, origin: list[int]) -> None:
+        """The config of a stack whose layer j was made from current layer origin[j]: its layer count and
+        per-layer lists (a streamed verb writes the layers itself and sets only this)."""
+        config = self.config
+        if getattr(config, "layer_types", None) is not None:
+            config.layer_types = [config.layer_types[o] for o in origin]
+        if getattr(config, "mlp_only_layers", None):
+            config.mlp_only_layers = [j for j, o in enumerate(origin) if o in set(config.mlp_only_layers)]
+        setattr(config, self._key("num_layers"), len(origin))
         if getattr(config, "max_window_layers", None) is not None:
-            config.max_window_layers = min(config.max_window_layers, len(layers))
+            config.max_window_layers = min(config.max_window_layers, len(origin))
 
     def set_query_heads(self, heads: int) -> None:
         """Record that every layer now has `heads` query heads (their q/o projections already cut): the

@@ -138,6 +138,7 @@ class Mixtral(Adapter):
     """Every layer is MoE; `intermediate_size` is each expert's width."""
 
     family, model_types, is_moe = "mixtral", ("mixtral",), True
+    checkpoint_ffn, checkpoint_experts = "block_sparse_moe", ("w1", "w3", "w2")  # the original Mixtral names
     config_keys = {
         "hidden_size": "hidden_size",
         "num_layers": "num_hidden_layers",

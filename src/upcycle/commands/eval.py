@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from upcycle import data, hub
+from upcycle import data
 from upcycle.commands import quiet_transformers
 from upcycle.config import Config, RunOptions, option
 from upcycle.data import SPLITS
-from upcycle.errors import check
+from upcycle.errors import ConfigError, check
 from upcycle.eval import Perplexity, perplexity
+from upcycle.pipelines.streaming import LayerPass, open_source
 
 
 @dataclass
@@ -49,15 +50,27 @@ def evaluate(model, tokenizer, config: EvalConfig, *, progress: bool = True) -> 
 
 
 def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = RunOptions()) -> Perplexity:
-    """Load MODEL, score it on the split, print the result."""
+    """Score MODEL on the split, streamed from its checkpoint one layer at a time (on --device, in
+    --dtype), and print the result with the run's memory and time."""
     quiet_transformers()
-    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    result = evaluate(loaded, tokenizer, config, progress=options.progress)
+    lazy, tokenizer = open_source(model, options)
+    if tokenizer is None:
+        raise ConfigError(f"{model}: the folder has no tokenizer to read the text with")
+    blocks = data.blocks(config.data, tokenizer, config.split, config.seq_len, max_blocks=config.max_blocks,
+                         val_fraction=config.val_fraction, seed=config.seed)  # fmt: skip
+    desc = f"{config.data} {config.split}"
+    with LayerPass(
+        lazy, output={"eval": blocks}, batch_size=config.batch_size, progress=options.progress, desc=desc
+    ) as p:
+        for _ in p.layers():
+            pass
+        result = p.perplexity("eval")
     if config.json:
-        print(json.dumps({"model": model, "data": config.data, "split": config.split, **result.as_dict()}, indent=2))
+        facts = {"model": model, "data": config.data, "split": config.split, **result.as_dict()}
+        print(json.dumps(facts | {"stream": p.report.as_dict()}, indent=2))
     else:
         print(
             f"{model} on {config.data} {config.split}: ppl {result.ppl:.3f}, bits/token {result.bits_per_token:.3f}, "
-            f"nll {result.nll:.4f} ({result.tokens} tokens)"
+            f"nll {result.nll:.4f} ({result.tokens} tokens)\n{p.report.line()}"
         )
     return result

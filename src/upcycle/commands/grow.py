@@ -37,6 +37,8 @@ def run(
     config = replace(config, steps=[one] if one is not None else config.steps, checks=checks)
     steps = config.plan_steps()  # a bad plan is refused before the model is loaded
     out_path = hub.check_out(out, options.overwrite)
+    if all(s.op in pipeline.STREAMED_OPS and not s.save for s in steps):  # layer by layer from the checkpoint
+        return run_streamed(model, out_path, config, options)
     source, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
     grown, report = pipeline.run(source, tokenizer, config, progress=options.progress)
     for n, r in enumerate(report.reports, 1):
@@ -54,11 +56,32 @@ def run(
     return {"source": model, **report.as_dict()}
 
 
-def write_report(folder: Path, source: str, report: GrowReport) -> dict:
+def run_streamed(model: str, out: Path, config: GrowConfig, options: RunOptions) -> dict:
+    """The plan's steps streamed from the checkpoint one layer at a time (never the model in memory), the
+    written model streamed against the source on held-out text."""
+    folder, report, streams = pipeline.run_streamed(
+        model, out, config, options=options, report_files=lambda f, r, s: write_report(f, model, r, s)
+    )
+    for n, (r, s) in enumerate(zip(report.reports, streams), 1):
+        print(f"step {n}/{len(streams)}: {r.line()}\n  {s.line()}", flush=True)
+    eq = report.equivalence
+    print(
+        f"saved {folder} ({report.reports[-1].model_type}, {report.reports[-1].params_after / 1e6:.1f}M "
+        f"parameters); written model vs the source (both streamed): max |Δlogit| {eq['max_abs_logit']:.3g}, "
+        f"mean KL {eq['mean_kl']:.3g}, top-1 {eq['top1_agreement']:.4f}\nreport: {folder / 'grow_report.md'}"
+    )
+    return {"source": model, **report.as_dict(), "streams": [s.as_dict() for s in streams]}
+
+
+def write_report(folder: Path, source: str, report: GrowReport, streams: list | None = None) -> dict:
     run_folder = RunFolder(folder, report="grow_report.md", metrics="grow_report.json")
     rows = []
     for n, r in enumerate(report.reports, 1):
         p = r.preservation
+        if p is None:  # a streamed step: the written model is compared with the source once, below
+            rows.append([n, r.step, r.kind, f"{r.params_before / 1e6:.1f}M → {r.params_after / 1e6:.1f}M",
+                         f"{r.seconds:.1f}"] + ["—"] * 7)  # fmt: skip
+            continue
         rows.append(
             [
                 n,
@@ -77,9 +100,14 @@ def write_report(folder: Path, source: str, report: GrowReport) -> dict:
         )
     run_folder.section(
         None,
-        f"Grown from `{source}` in {len(report.steps)} step(s), each compared with the model "
-        f"before it on {report.reports[0].preservation.tokens if report.reports else 0} held-out "
-        "tokens. Kinds: exact (held to the tolerance), diversity (held to the thresholds), changed (the "
+        (
+            f"Grown from `{source}` in {len(report.steps)} step(s), each compared with the model before it on "
+            f"{report.reports[0].preservation.tokens} held-out tokens."
+            if report.reports and report.reports[0].preservation is not None
+            else f"Grown from `{source}` in {len(report.steps)} streamed step(s), one layer in memory at a time; "
+            "the written model compared with the source on held-out text (both streamed)."
+        )
+        + " Kinds: exact (held to the tolerance), diversity (held to the thresholds), changed (the "
         "step asks for a different function: reported).",
     )
     run_folder.section(
@@ -113,6 +141,10 @@ def write_report(folder: Path, source: str, report: GrowReport) -> dict:
         "Why each step preserves (or not)",
         "\n".join(f"{n}. {r.step} — {r.why}" for n, r in enumerate(report.reports, 1)),
     )
+    if streams:
+        run_folder.section("Memory and time", "\n".join(f"- step {n}: {s.line()}" for n, s in enumerate(streams, 1)))
     run_folder.metrics.update({"source": source, **report.as_dict()})
+    if streams:
+        run_folder.metrics["streams"] = [s.as_dict() for s in streams]
     run_folder.write(f"grow {source}")
     return run_folder.metrics

@@ -6,11 +6,13 @@ import json
 from dataclasses import replace
 
 from upcycle import hub
+from upcycle.checkpoint import Checkpoint
 from upcycle.commands import quiet_transformers
 from upcycle.config import RunOptions
-from upcycle.ops.prune import PruneReport, PruneSpec, sparsity_of
+from upcycle.ops.prune import PruneReport, PruneSpec
 from upcycle.pipelines import prune as pipeline
 from upcycle.pipelines.prune import PruneConfig
+from upcycle.pipelines.streaming import StreamReport
 from upcycle.report import RunFolder, markdown_table
 
 
@@ -21,31 +23,35 @@ def run(
     spec: PruneSpec = PruneSpec(),
     options: RunOptions = RunOptions(),
 ) -> dict:
-    """Load MODEL, prune every linear layer of its decoder layers (Wanda's and SparseGPT's statistics from
-    calibration text, layer by layer on the already-pruned layers' outputs), measure the one-shot cost on
-    held-out text, save OUT as a stock Hugging Face folder (zeros in the weights; the pruning described in
-    config.json under `upcycle_pruning`), reload it and check every matrix's sparsity, and write
-    prune_report.{md,json}."""
+    """Prune MODEL layer by layer from its checkpoint (one layer in memory at a time; Wanda's and SparseGPT's
+    statistics from calibration text, each layer's on the inputs the already-pruned layers below give it),
+    measure the one-shot cost on held-out text (source and pruned model streamed side by side), write OUT
+    as a stock Hugging Face folder in shards (zeros in the weights; the pruning described in config.json
+    under `upcycle_pruning`), count every matrix's zeros again in the files written, and write
+    prune_report.{md,json} with the run's memory and time."""
     quiet_transformers()
     out_path = hub.check_out(out, options.overwrite)
-    source, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    # in place: one model in memory, as a user pruning a large model needs
-    config = replace(config, spec=spec, inplace=True)
-    pruned, report = pipeline.run(source, tokenizer, config, progress=options.progress)
-    print(f"pruned: {report.line()}", flush=True)
-    folder, reload_check = hub.save_verified(pruned, tokenizer, out_path, overwrite=options.overwrite)
-    reloaded, _ = hub.load(folder)
-    counted = sparsity_of(reloaded)  # counted again on what a user will load, not on what we held
-    kept = all(round(counted[name] * m["numel"]) == m["zeros"] for name, m in report.matrices.items())
-    result = write_report(folder, model, report, config)
+    config = replace(config, spec=spec)
+    result: dict = {}
+
+    def report_files(folder, report, stream):
+        result.update(write_report(folder, model, report, config, stream))
+
+    folder, report, stream = pipeline.run_streamed(model, out_path, config, options=options, report_files=report_files)
+    print(f"pruned: {report.line()}\n{stream.line()}", flush=True)
+    written = Checkpoint(folder)
+    kept = True
+    for name, m in report.matrices.items():  # counted again in the files a user will load
+        tensor = written.read([f"model.{name}.weight"])[f"model.{name}.weight"]
+        kept &= int((tensor == 0).sum()) == m["zeros"]
     print(
-        f"saved {folder} ({type(pruned).__name__}); reloaded: {reload_check.summary()}; every matrix's zeros "
-        f"{'as reported' if kept else 'DIFFER from the report'}\nreport: {folder / 'prune_report.md'}"
+        f"saved {folder}; every matrix's zeros {'as reported' if kept else 'DIFFER from the report'} in the "
+        f"files written\nreport: {folder / 'prune_report.md'}"
     )
     return result
 
 
-def write_report(folder, source: str, report: PruneReport, config: PruneConfig) -> dict:
+def write_report(folder, source: str, report: PruneReport, config: PruneConfig, stream: StreamReport) -> dict:
     run_folder = RunFolder(folder, report="prune_report.md", metrics="prune_report.json")
     run_folder.section(None, f"Pruned from `{source}`: {report.line()}.")
     by_kind: dict = {}
@@ -64,9 +70,11 @@ def write_report(folder, source: str, report: PruneReport, config: PruneConfig) 
             f"Held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}; "
             f"({config.calibration}, validation split).",
         )
+    run_folder.section("Memory and time", stream.line())
     flat = {k: v for k, v in config.to_dict().items() if k not in ("spec", "inplace")} | config.spec.to_dict()
     run_folder.metrics.update(
         {"source": source, "config": json.loads(json.dumps(flat, default=str)), **report.as_dict()}
+        | {"stream": stream.as_dict()}
     )
     run_folder.write(f"prune {source}")
     return run_folder.metrics

@@ -6,14 +6,24 @@ verified against the model before it, then the grown model against the source.
 
 from __future__ import annotations
 
+import shutil
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
 
 from upcycle import data
-from upcycle.config import Config, option, read_plan
+from upcycle.checkpoint import LazyModel
+from upcycle.config import Config, RunOptions, option, read_plan
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare
 from upcycle.ops.grow import GrowChecks, GrowStep, GrowthNotPreserved, StepReport, apply_step
+from upcycle.ops.grow.depth import evenly
+from upcycle.ops.grow.width import hidden_config_changes, hidden_scale, tile, widen_ffn_layer
 from upcycle.pipelines import Result, configured
+from upcycle.pipelines.streaming import LayerPass, StreamReport, open_source, reloaded_equivalence, shard_bytes
+from upcycle.summary import parameter_count
 
 __all__ = ["GrowConfig", "GrowReport", "GrowStep", "GrowChecks", "run"]
 
@@ -92,3 +102,138 @@ def run(
             f"{eq['max_abs_logit']:.3g} > tolerance {cfg.checks.tolerance:g}"
         )
     return Result(current, GrowReport(steps, reports, eq, overall.loss_change, exact, saved))
+
+
+# ---- streamed: a checkpoint on disk, one layer at a time -------------------------------------------------
+
+STREAMED_OPS = ("depth", "ffn_width", "hidden")  # the operators a streamed grow applies (all exact or measured)
+
+
+def run_streamed(
+    source, out, config: GrowConfig | None = None, *, options: RunOptions = RunOptions(), report_files=None
+) -> tuple[Path, GrowReport, list[StreamReport]]:
+    """Grow a checkpoint on disk into OUT one layer at a time (each step a streamed pass; a plan of several
+    steps passes through folders beside OUT that are deleted as soon as the next step has read them), then
+    stream the written model over held-out text against the source: never more than a layer in memory."""
+    cfg = configured(GrowConfig, config, {})
+    steps = cfg.plan_steps()
+    slow = [s.op for s in steps if s.op not in STREAMED_OPS]
+    if slow:
+        raise ConfigError(f"a streamed grow applies {', '.join(STREAMED_OPS)}; this plan has {slow[0]}")
+    out = Path(out)
+    current, reports, streams, expected = source, [], [], None
+    first, tokenizer = open_source(source, options)
+    lazy = first
+    n_blocks = max(1, cfg.calibration_tokens // cfg.seq_len)
+    held = data.blocks(cfg.calibration, tokenizer, "validation", cfg.seq_len, max_blocks=n_blocks)
+    try:
+        for n, step in enumerate(steps):
+            target = out if n == len(steps) - 1 else out.parent / f".{out.name}.step-{n + 1}"
+            lazy = lazy if n == 0 else open_source(current, options)[0]
+            folder, report, stream, logits = grow_step_streamed(lazy, step, target, held, tokenizer, options)
+            expected = expected if expected is not None else logits  # the source's logits, from the first pass
+            reports.append(report)
+            streams.append(stream)
+            if n > 0:
+                shutil.rmtree(current, ignore_errors=True)  # the previous step's folder: read, no longer needed
+            current = folder
+        overall = reloaded_equivalence(current, expected, held, first)
+    except BaseException:
+        for n in range(len(steps) - 1):
+            shutil.rmtree(out.parent / f".{out.name}.step-{n + 1}", ignore_errors=True)
+        raise
+    exact = all(r.kind == "exact" for r in reports)
+    for r in reports:
+        r.preservation = None  # each step is judged by the overall comparison below (one streamed pass)
+    report = GrowReport(steps, reports, overall.as_dict(), overall.loss_change, exact)
+    if exact and overall.max_abs_logit > cfg.checks.tolerance:
+        shutil.rmtree(current, ignore_errors=True)
+        raise GrowthNotPreserved(
+            f"every step is exact but the grown model drifted from the source: max |Δlogit| "
+            f"{overall.max_abs_logit:.3g} > tolerance {cfg.checks.tolerance:g}"
+        )
+    if report_files is not None:
+        report_files(current, report, streams)
+    return current, report, streams
+
+
+def grow_step_streamed(lazy, step: GrowStep, out: Path, held, tokenizer, options: RunOptions):
+    """One exact growth step streamed from `lazy` into `out`: (folder, StepReport, StreamReport, the source's
+    logits on `held`, batch by batch)."""
+    adapter, generator = lazy.adapter, torch.Generator().manual_seed(step.seed)
+    params_before = parameter_count(lazy.model)
+    pass_ = LayerPass(lazy, source={"held": held}, out=out, shard_bytes=shard_bytes(options), tokenizer=tokenizer,
+                      progress=options.progress, desc=f"grow ({step.op})")  # fmt: skip
+    with pass_ as p:
+        start = time.perf_counter()
+        if step.op == "hidden":
+            roles, scale = adapter.hidden_parameters(), hidden_scale(lazy.model.config, step.factor)
+            state = lazy.model.state_dict()
+            outer = {n: tile(state[n], *roles[n], step, scale, generator) if n in roles else state[n]
+                     for n in lazy.outer_state()}  # fmt: skip
+            p.set_outer(outer)
+            changes = hidden_config_changes(adapter, step.factor)
+        depth = depth_layout(adapter.num_layers, step) if step.op == "depth" else None
+        for i in p.layers():
+            if step.op == "ffn_width":
+                widen_ffn_layer(adapter, adapter, i, step, generator)
+            elif step.op == "hidden":
+                layer, prefix = adapter.layer(i), lazy.layer_prefix(i)
+                p.emit({k: tile(t, *roles[prefix + k], step, scale, generator) if prefix + k in roles else t
+                        for k, t in layer.state_dict().items()}, index=i)  # fmt: skip
+            else:
+                writers = {id(w) for w in adapter.residual_writers(i)}
+                state = adapter.layer(i).state_dict(keep_vars=True)
+                p.drop()  # what the layout makes of layer i, and nothing where it leaves layer i out
+                for n, (index, new) in enumerate(depth[i]):  # copies after the first: their own tensors
+                    copy = {k: torch.zeros_like(t) if new and id(t) in writers else t if n == 0 else t.detach().clone()
+                            for k, t in state.items()}  # fmt: skip
+                    p.emit(copy, index)
+        expected = list(p.logits(p.source["held"]))
+        if step.op == "ffn_width":
+            moe = any(adapter.ffn_kind(i) == "moe" for i in range(adapter.num_layers))
+            adapter.set_config(**({"expert_ffn_size": step.width} if moe else {"ffn_size": step.width}))
+        elif step.op == "hidden":
+            adapter.set_config(**changes)
+        else:
+            adapter.set_layer_origin([o for o, _ in depth["origin"]])
+        seconds = time.perf_counter() - start
+        folder = p.finish()
+    after = LazyModel(folder)
+    kind, why = ("changed", "trained layers repeated or dropped by the map") if step.op == "depth" and step.layer_map \
+        and list(step.layer_map) != list(range(adapter.num_layers)) else ("exact", _WHY[step.op])  # fmt: skip
+    report = StepReport(step.describe(), kind, why, after.config.model_type, params_before,
+                        parameter_count(after.model), seconds)  # fmt: skip
+    return folder, report, p.report, expected
+
+
+_WHY = {
+    "depth": "new layers write nothing to the residual stream (o_proj and down = 0)",
+    "ffn_width": "duplicated neurons split their down-projection columns",
+    "hidden": "the hidden vector repeated; norms see the same ratio",
+}
+
+
+def depth_layout(n: int, step: GrowStep) -> dict:
+    """For each source layer i, the output layers made from it: [(index, new)] (new: an identity copy
+    with its residual writers zero); and under "origin" the source layer of every output layer."""
+    if step.layer_map:
+        bad = [o for o in step.layer_map if not 0 <= o < n]
+        if bad:
+            raise ConfigError(f"layer_map names layer {bad[0]}: this model has layers 0..{n - 1}")
+        origin = [(o, False) for o in step.layer_map]
+    else:
+        after = sorted(step.at) if step.at else evenly(n, step.add)
+        bad = [p for p in after if not -1 <= p < n]
+        if bad:
+            raise ConfigError(f"at names layer {bad[0]}: this model has layers 0..{n - 1} (-1: before the first)")
+        origin = []
+        for p in [-1] + list(range(n)):
+            if p >= 0:
+                origin.append((p, False))
+            origin += [(max(p, 0), True)] * after.count(p)  # a layer inserted before the first copies the first
+    layout: dict = {i: [] for i in range(n)}
+    for index, (o, new) in enumerate(origin):
+        layout[o].append((index, new))
+    layout["origin"] = origin
+    return layout

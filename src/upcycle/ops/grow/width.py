@@ -37,19 +37,23 @@ def widen_ffn(model, step: GrowStep):
     target = adapter_for(grown)
     generator = torch.Generator().manual_seed(step.seed)
     for i in range(source.num_layers):
-        if source.ffn_kind(i) == "dense":
-            target.set_ffn_weights(i, _duplicate(source.ffn_weights(i), step, generator))
-        else:
-            old = source.experts(i)
-            wider = [
-                _duplicate(SwiGLUWeights(old.gate[e], old.up[e], old.down[e]), step, generator)
-                for e in range(old.gate.shape[0])
-            ]
-            target.set_experts(
-                i, SwiGLUWeights(*(torch.stack([getattr(w, n) for w in wider]) for n in ("gate", "up", "down")))
-            )
+        widen_ffn_layer(source, target, i, step, generator)
     target.set_config(**({"expert_ffn_size": step.width} if "moe" in kinds else {"ffn_size": step.width}))
     return grown, {"kind": "exact", "why": "duplicated neurons split their down-projection columns"}
+
+
+def widen_ffn_layer(source, target, i: int, step: GrowStep, generator) -> None:
+    """Layer i's FFN (or each routed expert) of `source` widened into layer i of `target` (the same adapter
+    for a change in place, as a streamed grow makes it). The config is the caller's."""
+    if source.ffn_kind(i) == "dense":
+        target.set_ffn_weights(i, _duplicate(source.ffn_weights(i), step, generator))
+        return
+    old = source.experts(i)
+    wider = [
+        _duplicate(SwiGLUWeights(old.gate[e], old.up[e], old.down[e]), step, generator)
+        for e in range(old.gate.shape[0])
+    ]
+    target.set_experts(i, SwiGLUWeights(*(torch.stack([getattr(w, n) for w in wider]) for n in ("gate", "up", "down"))))
 
 
 def _duplicate(ffn: SwiGLUWeights, step: GrowStep, generator) -> SwiGLUWeights:
@@ -76,33 +80,51 @@ def widen_hidden(model, step: GrowStep):
     source = adapter_for(model)
     m = step.factor
     tied = bool(getattr(model.config, "tie_word_embeddings", False))
-    scale = 1.0 / m if tied else 1.0  # the residual stream's scale; see the module doc
+    scale = hidden_scale(model.config, m)
     generator = torch.Generator().manual_seed(step.seed)
     roles = source.hidden_parameters()
     params = dict(model.named_parameters())
     new: dict[int, torch.Tensor] = {}
     for name, (axis, role) in roles.items():
-        p = params[name].detach()
-        tiled = torch.cat([p] * m, dim=axis)  # in-place from here: no second temporary of the big ones
-        if role in ("embedding", "writes") and scale != 1.0:
-            tiled.mul_(scale)
-        elif role == "reads":
-            tiled.div_(m)
-            if step.noise:
-                tiled.add_(_copies_noise(p, axis, m, step.noise, generator))
-        new[id(params[name])] = tiled
+        new[id(params[name])] = tile(params[name].detach(), axis, role, step, scale, generator)
     state = {n: new.get(id(t), t) for n, t in model.state_dict(keep_vars=True).items()}
     config = copy.deepcopy(model.config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    changes = {"hidden_size": config.hidden_size * m, "head_dim": head_dim}
-    if tied:
-        changes["norm_eps"] = source.get_config("norm_eps") * scale**2
-    grown = source.rebuilt(config, changes, state)
+    grown = source.rebuilt(config, hidden_config_changes(source, m), state)
     q_k_norms = any(n.endswith(("q_norm.weight", "k_norm.weight")) for n in params)
     why = "the hidden vector repeated; norms see the same ratio"
     if tied and q_k_norms:
         why += " (q/k norms share the scaled ε: measured, not exact by construction)"
     return grown, {"kind": "exact", "why": why}
+
+
+def hidden_scale(config, m: int) -> float:
+    """The residual stream's scale after hidden growth ×m: 1/m with tied embeddings (see the module doc)."""
+    return 1.0 / m if getattr(config, "tie_word_embeddings", False) else 1.0
+
+
+def hidden_config_changes(adapter, m: int) -> dict:
+    """The config after hidden growth ×m (canonical names): the hidden size, the head size kept, and with
+    tied embeddings the norms' ε scaled with the stream."""
+    config = adapter.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    changes = {"hidden_size": config.hidden_size * m, "head_dim": head_dim}
+    if getattr(config, "tie_word_embeddings", False):
+        changes["norm_eps"] = adapter.get_config("norm_eps") * hidden_scale(config, m) ** 2
+    return changes
+
+
+def tile(p: torch.Tensor, axis: int, role: str, step: GrowStep, scale: float, generator) -> torch.Tensor:
+    """One parameter of hidden growth ×step.factor: repeated along its hidden axis, then scaled by its role
+    (an embedding or a writer with the stream's scale, a reader divided by the copies, plus zero-sum noise)."""
+    m = step.factor
+    tiled = torch.cat([p] * m, dim=axis)  # in-place from here: no second temporary of the big ones
+    if role in ("embedding", "writes") and scale != 1.0:
+        tiled.mul_(scale)
+    elif role == "reads":
+        tiled.div_(m)
+        if step.noise:
+            tiled.add_(_copies_noise(p, axis, m, step.noise, generator))
+    return tiled
 
 
 def _copies_noise(p: torch.Tensor, axis: int, m: int, scale: float, generator) -> torch.Tensor:

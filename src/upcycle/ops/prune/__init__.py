@@ -35,7 +35,16 @@ from upcycle.ops.prune.masks import (
 )
 from upcycle.ops.prune.sparsegpt import sparsegpt
 
-__all__ = ["PruneSpec", "PruneReport", "prune", "prunable_linears", "sparsity_of"]
+__all__ = [
+    "PruneSpec",
+    "PruneReport",
+    "prune",
+    "prune_layer",
+    "check_pattern",
+    "pruning_record",
+    "prunable_linears",
+    "sparsity_of",
+]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
 
@@ -141,46 +150,14 @@ def prune(
     start = time.perf_counter()
     pruned = model.eval() if inplace else copy.deepcopy(model).eval()
     adapter = adapter_for(pruned)
-    nm = spec.pattern
-    if nm is not None:  # every matrix must hold the pattern before any is changed: nothing half-pruned
-        for i in range(adapter.num_layers):
-            for name, linear in adapter.linears(i).items():
-                if linear.in_features % nm[1]:
-                    raise ConfigError(
-                        f"N:M = {spec.nm} needs input widths divisible by {nm[1]}: layer {i} "
-                        f"{name} has {linear.in_features}"
-                    )
+    check_pattern(adapter, spec)
     report = PruneReport(spec.describe(), 0.0)
     stream = LayerStream(pruned, calibration) if spec.method != "magnitude" else None
     for i in tqdm(range(adapter.num_layers), desc=f"prune ({spec.method})", disable=not progress, leave=False):
-        linears = adapter.linears(i)
-        stats = _layer_statistics(stream, linears, spec.method) if stream is not None else {}
-        for name, linear in linears.items():
-            weight, count = _prune_matrix(linear.weight, stats.get(name), spec, nm)
-            with torch.no_grad():
-                linear.weight.copy_(weight)
-            zeros = int((linear.weight == 0).sum())
-            report.matrices[f"layers.{i}.{name}"] = {
-                "zeros": zeros,
-                "numel": linear.weight.numel(),
-                "sparsity": zeros / linear.weight.numel(),
-            }
-            report.zeros += zeros
-            report.target_zeros += count
+        prune_layer(adapter, i, spec, stream, report)
         if stream is not None:
             stream.advance()
-    report.skipped = _left_dense(pruned, adapter)
-    if nm is not None:
-        report.pattern_holds = holds_nm(pruned, *nm)
-    pruned.config.upcycle_pruning = {
-        "method": spec.method,
-        "sparsity": report.sparsity,
-        "nm": spec.nm,
-        "target": None if spec.nm else spec.sparsity,
-        "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
-        "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
-        "or the LM head); zeros stored in the weights",
-    }
+    pruned.config.upcycle_pruning = pruning_record(spec, report)
     report.seconds = time.perf_counter() - start
     if held is not None and inplace:
         report.ppl_before, report.ppl_after = before, perplexity(pruned, held, progress=False).ppl
@@ -189,6 +166,57 @@ def prune(
         report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
         report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
     return pruned, report
+
+
+def check_pattern(adapter, spec: PruneSpec) -> None:
+    """N:M: every matrix must hold the pattern before any is changed (nothing half-pruned). Reads shapes
+    only, so a model whose layers are still on disk is checked too."""
+    nm = spec.pattern
+    if nm is None:
+        return
+    for i in range(adapter.num_layers):
+        for name, linear in adapter.linears(i).items():
+            if linear.in_features % nm[1]:
+                raise ConfigError(
+                    f"N:M = {spec.nm} needs input widths divisible by {nm[1]}: layer {i} {name} has {linear.in_features}"
+                )
+
+
+def prune_layer(adapter, i: int, spec: PruneSpec, stream: LayerStream | None, report: PruneReport) -> None:
+    """Prune every computing linear of layer i in place, its statistics from `stream` (at layer i: the
+    inputs the layers below, already pruned, give it; None for magnitude), and count it in `report`."""
+    nm = spec.pattern
+    linears = adapter.linears(i)
+    stats = _layer_statistics(stream, linears, spec.method) if stream is not None else {}
+    for name, linear in linears.items():
+        weight, count = _prune_matrix(linear.weight, stats.get(name), spec, nm)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+        zeros = int((linear.weight == 0).sum())
+        report.matrices[f"layers.{i}.{name}"] = {
+            "zeros": zeros,
+            "numel": linear.weight.numel(),
+            "sparsity": zeros / linear.weight.numel(),
+        }
+        report.zeros += zeros
+        report.target_zeros += count
+        if nm is not None:
+            report.pattern_holds = report.pattern_holds is not False and nm_holds(linear.weight, *nm)
+    if adapter.ffn_kind(i) == "moe":
+        report.skipped.append(f"layer {i}: routed experts (fused expert tensors) and router left dense")
+
+
+def pruning_record(spec: PruneSpec, report: PruneReport) -> dict:
+    """What the pruned model's config.json records under `upcycle_pruning`."""
+    return {
+        "method": spec.method,
+        "sparsity": report.sparsity,
+        "nm": spec.nm,
+        "target": None if spec.nm else spec.sparsity,
+        "per": spec.per if not spec.nm and spec.method != "sparsegpt" else None,
+        "matrices": "every nn.Linear of every decoder layer (not routers, embeddings "
+        "or the LM head); zeros stored in the weights",
+    }
 
 
 def _layer_statistics(stream: LayerStream, linears: dict, method: str) -> dict:
@@ -227,15 +255,6 @@ def _prune_matrix(weight: torch.Tensor, stat, spec: PruneSpec, nm) -> tuple[torc
     scores = magnitude_scores(weight) if spec.method == "magnitude" else wanda_scores(weight, stat)
     mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, spec.sparsity, per=spec.per)
     return weight.detach().masked_fill(mask, 0.0), target
-
-
-def _left_dense(model, adapter) -> list[str]:
-    """What a reader might expect pruned and is not: fused expert tensors, routers."""
-    notes = []
-    for i in range(adapter.num_layers):
-        if adapter.ffn_kind(i) == "moe":
-            notes.append(f"layer {i}: routed experts (fused expert tensors) and router left dense")
-    return notes
 
 
 def prunable_linears(model) -> dict:

@@ -1,0 +1,254 @@
+"""Checkpoints on disk, one part at a time: read a safetensors checkpoint (one file, or shards with their
+index) lazily, hold a model whose weights stay on disk until a layer is asked for, and write a model the
+same way, layer by layer, as Hugging Face shards.
+
+    lazy = LazyModel(folder, device="cpu", dtype=torch.bfloat16)
+    lazy.load_outer()                                  # embeddings, final norm, LM head, rotary tables
+    layer = lazy.load_layer(3)                         # materialised on the device, in the dtype
+    ...; lazy.release_layer(3)                         # back to shapes only: its memory is freed
+    with ShardWriter(out, shard_bytes=2 << 30) as writer: writer.add(lazy.layer_state(3)); ...
+
+A model held this way is the stock Hugging Face module tree on the meta device: every transform that
+works on one layer of an in-memory model works on it unchanged, once that layer is loaded. Reading a
+tensor maps its file only while it is read, so resident memory does not grow with the layers read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from upcycle.arch import adapter_for, family_of
+from upcycle.errors import ConfigError, NotACausalLM
+
+INDEX = "model.safetensors.index.json"
+SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+
+
+class Checkpoint:
+    """The tensors of a safetensors checkpoint folder by name, read on request (never all at once)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        index = self.folder / INDEX
+        if index.exists():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.files = {name: self.folder / file for name, file in weight_map.items()}
+        else:
+            self.files = {}
+            for path in sorted(self.folder.glob("*.safetensors")):
+                with _opened(path) as f:
+                    self.files.update(dict.fromkeys(f.keys(), path))
+        if not self.files:
+            raise NotACausalLM(f"{self.folder} holds no safetensors weights")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.files)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the checkpoint's floating-point weights (its first matrix's)."""
+        name = next((n for n in self.files if n.endswith(".weight")), next(iter(self.files)))
+        with _opened(self.files[name]) as f:
+            kind = f.get_slice(name).get_dtype()
+        return SAFETENSORS_DTYPES.get(kind, torch.float32)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(path.stat().st_size for path in set(self.files.values()))
+
+    def read(self, names: list[str], *, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """The named tensors, floating-point ones in `dtype` (default: as stored), on `device`. Each file is
+        mapped only while its tensors are copied out."""
+        missing = [n for n in names if n not in self.files]
+        if missing:
+            raise NotACausalLM(f"{self.folder}: the checkpoint has no tensor {missing[0]!r}")
+        by_file = defaultdict(list)
+        for name in names:
+            by_file[self.files[name]].append(name)
+        out = {}
+        for path, group in by_file.items():
+            with _opened(path) as f:
+                for name in group:
+                    t = f.get_tensor(name)
+                    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    out[name] = t.to(device=device, dtype=cast, copy=True)
+                    del t
+        return out
+
+    def with_prefix(self, prefix: str) -> list[str]:
+        return [n for n in self.files if n.startswith(prefix)]
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """A safetensors file mapped for reading; a truncated or corrupt one is a one-line error."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            yield f
+    except (SafetensorError, OSError) as e:
+        raise NotACausalLM(f"{path.parent}: the weights cannot be read ({path.name}: {e})") from None
+
+
+class LazyModel:
+    """A causal LM whose module tree is built on the meta device (shapes only) and whose weights are read
+    from its checkpoint part by part: the outer parts (embeddings, final norm, LM head) and one decoder
+    layer at a time, each materialised on `device` in `dtype` and released after use."""
+
+    def __init__(
+        self, folder: str | os.PathLike, *, device="cpu", dtype: torch.dtype | None = None, trust_remote_code=False
+    ):
+        self.folder = Path(folder)
+        if not (self.folder / "config.json").exists():
+            raise NotACausalLM(f"{self.folder} has no config.json: not a Hugging Face model folder")
+        self.checkpoint = Checkpoint(self.folder)
+        self.config = AutoConfig.from_pretrained(self.folder, trust_remote_code=trust_remote_code)
+        family_of(self.config)
+        self.device = torch.device(device)
+        self.dtype = dtype or self.checkpoint.dtype
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        self.adapter = adapter_for(self.model)
+        self.num_layers = self.adapter.num_layers
+        self._layers_name: str | None = None
+
+    # ---- reading ------------------------------------------------------------------------------
+    def outer_names(self) -> dict[str, str]:
+        """{name in this model's state_dict: name in the checkpoint} of the parts outside the layers."""
+        names = {n: n for n in self.model.state_dict() if not n.startswith(self.layer_prefix(None))}
+        if self.tied and "lm_head.weight" in names and "lm_head.weight" not in self.checkpoint.files:
+            del names["lm_head.weight"]  # a tied head is the embedding (the checkpoint holds it once)
+        return names
+
+    @property
+    def tied(self) -> bool:
+        return bool(getattr(self.config, "tie_word_embeddings", False))
+
+    def load_outer(self) -> None:
+        """Materialise the embeddings, the final norm, the LM head and the rotary tables."""
+        names = self.outer_names()
+        tensors = self.checkpoint.read(list(names.values()), device=self.device, dtype=self.dtype)
+        self.model.load_state_dict({k: tensors[v] for k, v in names.items()}, strict=False, assign=True)
+        if self.tied:
+            self.adapter.lm_head().weight = self.adapter.embedding().weight
+        self.adapter.reset_buffers(self.device)
+
+    def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """Layer i's weights as its module names them (relative to the layer), on the device, in the dtype."""
+        prefix = self.layer_prefix(i)
+        stored = self.checkpoint.read(self.checkpoint.with_prefix(prefix), device=self.device, dtype=self.dtype)
+        return type(self.adapter).layer_from_checkpoint({k[len(prefix) :]: v for k, v in stored.items()})
+
+    def load_layer(self, i: int) -> torch.nn.Module:
+        layer = self.adapter.layer(i)
+        layer.load_state_dict(self.layer_tensors(i), strict=True, assign=True)
+        return layer
+
+    def release_layer(self, i: int) -> None:
+        """Layer i back to shapes only (its tensors freed)."""
+        self.adapter.layer(i).to("meta")
+
+    # ---- writing ------------------------------------------------------------------------------
+    def layer_state(self, i: int, tensors: dict | None = None, *, index: int | None = None) -> dict[str, torch.Tensor]:
+        """Layer i as a checkpoint names it (full names), from the module as it is now (transformed or not),
+        or `tensors` (named as the module names them) in its place; `index`: the layer number written."""
+        state = tensors if tensors is not None else self.adapter.layer(i).state_dict()
+        prefix = self.layer_prefix(i if index is None else index)
+        return {prefix + k: v for k, v in type(self.adapter).layer_to_checkpoint(state).items()}
+
+    def outer_state(self) -> dict[str, torch.Tensor]:
+        state = self.model.state_dict()
+        names = [n for n in self.outer_names() if not (self.tied and n == "lm_head.weight")]
+        return {n: state[n] for n in names if state[n].device.type != "meta"}
+
+    def layer_prefix(self, i: int | None) -> str:
+        """The state_dict prefix of layer i (`model.layers.3.`; without i, of all layers)."""
+        if self._layers_name is None:
+            self._layers_name = next((n for n, m in self.model.named_modules() if m is self.adapter.layers), None)
+            if self._layers_name is None:
+                raise ConfigError("the model's decoder layers were not found")
+        return f"{self._layers_name}." + ("" if i is None else f"{i}.")
+
+
+class ShardWriter:
+    """Writes tensors as they come into Hugging Face shards of about `shard_bytes` each, in a temporary
+    folder beside `out` that becomes `out` only when the writer closes without an error: an interrupted
+    run leaves no half-written model. One shard: model.safetensors; several: model-0000i-of-0000n with
+    model.safetensors.index.json."""
+
+    def __init__(self, out: str | os.PathLike, *, shard_bytes: int = 2 << 30):
+        if shard_bytes < 1:
+            raise ConfigError(f"shard_bytes={shard_bytes} must be >= 1")
+        self.out = Path(out)
+        self.shard_bytes = shard_bytes
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.tmp = self.out.parent / f".{self.out.name}.partial"
+        shutil.rmtree(self.tmp, ignore_errors=True)  # what an earlier interrupted run left
+        self.tmp.mkdir()
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+        self.closed = False
+
+    @property
+    def folder(self) -> Path:
+        """Where config, tokenizer and reports go before the rename."""
+        return self.tmp
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, t in tensors.items():
+            t = t.detach().to("cpu").contiguous()
+            nbytes = t.numel() * t.element_size()
+            if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+                self._flush()
+            self.pending[name] = t.clone() if t.untyped_storage().nbytes() != nbytes else t  # views: their own
+            self.pending_bytes += nbytes
+            self.total_bytes += nbytes
+
+    def _flush(self) -> None:
+        if self.pending:
+            save_file(self.pending, str(self.tmp / f"shard-{len(self.shards):05d}"), metadata={"format": "pt"})
+            self.shards.append(list(self.pending))
+            self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> Path:
+        self._flush()
+        if len(self.shards) == 1:
+            os.replace(self.tmp / "shard-00000", self.tmp / "model.safetensors")
+        else:
+            weight_map = {}
+            for n, names in enumerate(self.shards):
+                file = f"model-{n + 1:05d}-of-{len(self.shards):05d}.safetensors"
+                os.replace(self.tmp / f"shard-{n:05d}", self.tmp / file)
+                weight_map.update(dict.fromkeys(names, file))
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": weight_map}
+            (self.tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if self.out.exists():
+            shutil.rmtree(self.out)
+        os.replace(self.tmp, self.out)
+        self.closed = True
+        return self.out
+
+    def abort(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.closed = True
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        if kind is None:
+            self.close()
+        else:
+            self.abort()

@@ -1,0 +1,199 @@
+"""Streaming a checkpoint layer by layer gives what the in-memory path gives: the same logits, the same pruned
+weights, the same perplexity; the files it writes are what transformers writes; a sharded and a single-file
+source give the same output; an interrupted write leaves nothing; device and dtype are honoured or refused."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tests.commands.test_errors import one_line_error
+
+from upcycle import arch, hub
+from upcycle.checkpoint import Checkpoint, LazyModel, ShardWriter
+from upcycle.cli import main
+from upcycle.config import RunOptions
+from upcycle.eval import perplexity
+from upcycle.pipelines import prune as prune_pipeline
+from upcycle.pipelines.prune import PruneConfig, PruneSpec
+from upcycle.pipelines.streaming import LayerPass
+
+QUIET = RunOptions(progress=False)
+
+
+def saved(tmp_path, family: str, name: str = "src", **tiny):
+    folder = tmp_path / name
+    hub.save(hub.tiny(family, **tiny), hub.byte_tokenizer(), folder)
+    return folder
+
+
+def all_tensors(folder) -> dict:
+    ck = Checkpoint(folder)
+    return ck.read(ck.names)
+
+
+@pytest.mark.parametrize("family", arch.FAMILIES)
+def test_a_lazy_model_loaded_layer_by_layer_computes_the_loaded_models_logits(tmp_path, family):
+    folder = saved(tmp_path, family, layers=3)
+    reference, _ = hub.load(folder)
+    lazy = LazyModel(folder)
+    lazy.load_outer()
+    for i in range(lazy.num_layers):
+        lazy.load_layer(i)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(reference(input_ids=ids).logits, lazy.model(input_ids=ids).logits)
+
+
+@pytest.mark.parametrize("family", arch.FAMILIES)
+def test_streamed_writes_are_the_files_transformers_writes(tmp_path, family):
+    """Every tensor under the name and with the bytes that save_pretrained gives it (MoE experts split)."""
+    folder = saved(tmp_path, family, layers=2)
+    lazy = LazyModel(folder)
+    with LayerPass(lazy, out=tmp_path / "out", shard_bytes=20_000) as p:
+        for _ in p.layers():
+            pass
+        p.finish()
+    ours, theirs = all_tensors(tmp_path / "out"), all_tensors(folder)
+    assert sorted(ours) == sorted(theirs)
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1  # sharded at this size
+    reloaded, _ = hub.load(tmp_path / "out")  # and transformers reads the shards back
+    assert type(reloaded).__name__.lower().startswith(family.replace("_", "")[:4])
+
+
+@pytest.mark.parametrize(
+    "family,spec",
+    [
+        ("llama", PruneSpec(method="sparsegpt", sparsity=0.5)),
+        ("qwen2", PruneSpec(method="wanda", nm="2:4")),
+        ("qwen3", PruneSpec(method="magnitude", sparsity=0.6, per="layer")),
+        ("mistral", PruneSpec(method="sparsegpt", nm="2:4")),
+        ("qwen2_moe", PruneSpec(method="wanda", sparsity=0.5)),
+    ],
+)
+def test_streamed_prune_equals_the_in_memory_prune(tmp_path, text_folder, family, spec):
+    folder = saved(tmp_path, family, layers=3)
+    config = PruneConfig(spec=spec, calibration=str(text_folder), calibration_tokens=512, seq_len=64)
+    out, report, stream = prune_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load(folder)
+    pruned, expected = prune_pipeline.run(model, tokenizer, config, progress=False)
+    written, state = all_tensors(out), pruned.state_dict()
+    for name, tensor in written.items():
+        if name in state:
+            torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert report.matrices == expected.matrices and report.exact == expected.exact
+    assert report.ppl_after == pytest.approx(expected.ppl_after, rel=1e-5)
+    assert report.kl == pytest.approx(expected.kl, rel=1e-4, abs=1e-7)
+    assert stream.layers == 3 and stream.peak_rss_mb > 0 and len(stream.layer_seconds) == 3
+
+
+def test_a_sharded_and_a_single_file_source_prune_to_the_same_weights(tmp_path, text_folder):
+    single = saved(tmp_path, "llama", layers=3)
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    for f in single.iterdir():
+        if f.suffix != ".safetensors":
+            (sharded / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(single / "model.safetensors")
+    names, weight_map = sorted(tensors), {}
+    for n, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        file = f"model-0000{n + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, sharded / file, metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, file)
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    config = PruneConfig(spec=PruneSpec(method="sparsegpt"), calibration=str(text_folder), calibration_tokens=512)
+    a, *_ = prune_pipeline.run_streamed(single, tmp_path / "a", config, options=QUIET)
+    b, *_ = prune_pipeline.run_streamed(sharded, tmp_path / "b", config, options=QUIET)
+    ta, tb = all_tensors(a), all_tensors(b)
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_an_interrupted_streamed_write_leaves_no_out(tmp_path, monkeypatch, text_folder):
+    folder = saved(tmp_path, "qwen3", layers=3)
+    calls = []
+
+    def fail_at_layer_two(adapter, i, *args):
+        calls.append(i)
+        if i == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(prune_pipeline, "prune_layer", fail_at_layer_two)
+    config = PruneConfig(calibration=str(text_folder), calibration_tokens=512)
+    with pytest.raises(KeyboardInterrupt):
+        prune_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    assert calls == [0, 1, 2]
+    assert not [p.name for p in tmp_path.iterdir() if "out" in p.name]  # no OUT, no partial folder
+
+
+def test_streamed_eval_is_the_in_memory_perplexity(tmp_path, capsys, text_folder):
+    folder = saved(tmp_path, "qwen2", layers=3)
+    args = ["--data", str(text_folder), "--seq-len", "32", "--max-blocks", "6", "--batch-size", "4", "--json"]
+    assert main(["eval", str(folder), *args, "--no-progress"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    model, tokenizer = hub.load(folder)
+    from upcycle import data
+
+    blocks = data.blocks(str(text_folder), tokenizer, "validation", 32, max_blocks=6)
+    expected = perplexity(model, blocks, batch_size=4, progress=False)
+    assert result["nll"] == pytest.approx(expected.nll, rel=1e-6) and result["tokens"] == expected.tokens
+    assert result["stream"]["layers"] == 3 and result["stream"]["peak_rss_mb"] > 0
+
+
+def test_bf16_is_honoured_and_said(tmp_path, capsys):
+    folder = saved(tmp_path, "llama")
+    assert main(["convert", str(folder), str(tmp_path / "bf16"), "--dtype", "bf16", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "in bf16" in out and "max |Δlogit| 0" in out
+    written = all_tensors(tmp_path / "bf16")
+    assert {t.dtype for t in written.values()} == {torch.bfloat16}
+    assert json.loads((tmp_path / "bf16" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for a machine without a GPU")
+@pytest.mark.parametrize("verb", ["eval", "convert", "prune"])
+def test_cuda_without_a_gpu_is_one_line(tmp_path, capsys, verb):
+    folder = saved(tmp_path, "llama")
+    args = [verb, str(folder)] + ([str(tmp_path / "out")] if verb != "eval" else []) + ["--device", "cuda"]
+    err = one_line_error(args, capsys)
+    assert "no CUDA GPU" in err and not (tmp_path / "out").exists()
+
+
+def test_a_shard_size_below_one_byte_is_refused(tmp_path, capsys):
+    assert "shard_size" in one_line_error(["convert", "tiny-llama", str(tmp_path / "o"), "--shard-size", "0"], capsys)
+    with ShardWriter(tmp_path / "w", shard_bytes=1) as writer:  # one tensor a shard at the smallest size
+        writer.add({"a": torch.ones(3), "b": torch.zeros(2)})
+    assert len(list((tmp_path / "w").glob("model-*.safetensors"))) == 2
+
+
+@pytest.mark.parametrize(
+    "family,steps",
+    [
+        ("llama", [{"op": "hidden", "factor": 2, "noise": 0.01}]),
+        ("qwen3", [{"op": "ffn_width", "width": 200, "noise": 0.02}]),
+        ("qwen2_moe", [{"op": "ffn_width", "width": 96}, {"op": "hidden", "factor": 3}]),
+        ("mixtral", [{"op": "depth", "add": 2}]),
+        ("qwen2", [{"op": "depth", "at": [-1, 1]}, {"op": "depth", "layer_map": [0, 1, 1, 2, 3, 0]}]),
+    ],
+)
+def test_streamed_grow_equals_the_in_memory_grow(tmp_path, text_folder, family, steps):
+    from upcycle.pipelines import grow as grow_pipeline
+    from upcycle.pipelines.grow import GrowConfig, GrowStep
+
+    folder = saved(tmp_path, family, layers=3)
+    checks = {"tolerance": 1e-3} if all(s["op"] != "depth" or "layer_map" not in s for s in steps) else {}
+    config = GrowConfig(steps=[GrowStep(**s) for s in steps], calibration=str(text_folder), calibration_tokens=512,
+                        seq_len=64, **({"checks": {"max_loss_change": 100.0, "min_logit_cosine": -1.0}} if not checks else {}))  # fmt: skip
+    out, report, streams = grow_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load(folder)
+    grown, expected = grow_pipeline.run(model, tokenizer, config, progress=False)
+    written, state = all_tensors(out), grown.state_dict()
+    reloaded, _ = hub.load(out)
+    assert sorted(reloaded.state_dict()) == sorted(state)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == grown.config.num_hidden_layers
+    assert report.equivalence["max_abs_logit"] == pytest.approx(expected.equivalence["max_abs_logit"], abs=1e-5)
+    assert len(streams) == len(steps) and not [p for p in tmp_path.iterdir() if ".step-" in p.name]
+    assert len(written) >= len(state) - 1  # a tied head is written once
