@@ -19,12 +19,12 @@ import contextlib
 import json
 import os
 import shutil
+import struct
 from collections import defaultdict
 from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from upcycle.arch import adapter_for, family_of
@@ -32,6 +32,15 @@ from upcycle.errors import ConfigError, NotACausalLM
 
 INDEX = "model.safetensors.index.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "F64": torch.float64}
+SAFETENSORS_NAMES = {
+    **{v: k for k, v in SAFETENSORS_DTYPES.items()},
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
 
 
 class Checkpoint:
@@ -180,11 +189,50 @@ class LazyModel:
         return f"{self._layers_name}." + ("" if i is None else f"{i}.")
 
 
+class _ShardFile:
+    """One safetensors file written tensor by tensor: each tensor's bytes go to disk as it comes, after a
+    header region reserved up front and filled in at the end (padded with spaces, as the format allows),
+    so writing a shard holds one tensor in memory, never the shard."""
+
+    RESERVED = 1 << 20  # header bytes reserved: ~5,000 tensor entries (a larger header is written by a copy)
+
+    def __init__(self, path: Path):
+        self.path, self.entries, self.offset = path, {}, 0
+        self.file = open(path, "wb")
+        self.file.write(b"\0" * (8 + self.RESERVED))
+
+    def add(self, name: str, t: torch.Tensor) -> int:
+        data = t.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy()
+        self.file.write(memoryview(data))
+        self.entries[name] = {
+            "dtype": SAFETENSORS_NAMES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.offset, self.offset + data.nbytes],
+        }
+        self.offset += data.nbytes
+        return data.nbytes
+
+    def close(self) -> None:
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) <= self.RESERVED:
+            self.file.seek(0)
+            self.file.write(struct.pack("<Q", self.RESERVED) + header + b" " * (self.RESERVED - len(header)))
+            self.file.close()
+            return
+        self.file.close()  # the rare shard of very many small tensors: header and data copied into a new file
+        padded = header + b" " * (-len(header) % 8)
+        with open(self.path, "rb") as src, open(self.path.with_suffix(".tmp"), "wb") as dst:
+            dst.write(struct.pack("<Q", len(padded)) + padded)
+            src.seek(8 + self.RESERVED)
+            shutil.copyfileobj(src, dst, 64 << 20)
+        os.replace(self.path.with_suffix(".tmp"), self.path)
+
+
 class ShardWriter:
     """Writes tensors as they come into Hugging Face shards of about `shard_bytes` each, in a temporary
     folder beside `out` that becomes `out` only when the writer closes without an error: an interrupted
     run leaves no half-written model. One shard: model.safetensors; several: model-0000i-of-0000n with
-    model.safetensors.index.json."""
+    model.safetensors.index.json. Each tensor is on disk once added: memory holds one tensor, not a shard."""
 
     def __init__(self, out: str | os.PathLike, *, shard_bytes: int = 2 << 30):
         if shard_bytes < 1:
@@ -195,8 +243,7 @@ class ShardWriter:
         self.tmp = self.out.parent / f".{self.out.name}.partial"
         shutil.rmtree(self.tmp, ignore_errors=True)  # what an earlier interrupted run left
         self.tmp.mkdir()
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
+        self.current: _ShardFile | None = None
         self.shards: list[list[str]] = []
         self.total_bytes = 0
         self.closed = False
@@ -208,19 +255,18 @@ class ShardWriter:
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, t in tensors.items():
-            t = t.detach().to("cpu").contiguous()
             nbytes = t.numel() * t.element_size()
-            if self.pending and self.pending_bytes + nbytes > self.shard_bytes:
+            if self.current is not None and self.current.offset and self.current.offset + nbytes > self.shard_bytes:
                 self._flush()
-            self.pending[name] = t.clone() if t.untyped_storage().nbytes() != nbytes else t  # views: their own
-            self.pending_bytes += nbytes
-            self.total_bytes += nbytes
+            if self.current is None:
+                self.current = _ShardFile(self.tmp / f"shard-{len(self.shards):05d}")
+            self.total_bytes += self.current.add(name, t)
 
     def _flush(self) -> None:
-        if self.pending:
-            save_file(self.pending, str(self.tmp / f"shard-{len(self.shards):05d}"), metadata={"format": "pt"})
-            self.shards.append(list(self.pending))
-            self.pending, self.pending_bytes = {}, 0
+        if self.current is not None:
+            self.current.close()
+            self.shards.append(list(self.current.entries))
+            self.current = None
 
     def close(self) -> Path:
         self._flush()
@@ -241,6 +287,8 @@ class ShardWriter:
         return self.out
 
     def abort(self) -> None:
+        if self.current is not None:
+            self.current.file.close()
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.closed = True
 
