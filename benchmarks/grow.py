@@ -28,13 +28,12 @@ import json
 import math
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 import yaml
-from harness import RESULTS, child, child_done, command, curves, figure, held_out, load, save, train
+from harness import RESULTS, child, child_done, curves, figure, held_out, load, measured, save, train
 from peers import peer_python
 from transformers import AutoModelForCausalLM
 
@@ -146,18 +145,10 @@ def run_mergekit(source_folder: Path) -> dict:
     experts = [{"source_model": str(source_folder)} for _ in range(8)]
     config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2}
     (work / "moe.yaml").write_text(yaml.safe_dump(config | {"experts": experts}))
-    # the child's own peak resident memory, from the kernel's accounting of a wrapper's children
-    wrapper = (
-        "import resource, subprocess, sys, time; t = time.perf_counter(); "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(r.returncode, time.perf_counter() - t, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-        "sys.stderr.write(r.stderr[-2000:]); sys.exit(r.returncode)"
-    )
     flags = ("--i-understand-this-is-not-useful-without-training", "--quiet")
-    measured = command(sys.executable, "-c", wrapper, exe, work / "moe.yaml", out, *flags)
-    if isinstance(measured, dict):
-        return {"error": f"mergekit-moe: {measured['error']}"}
-    _, seconds, peak_kb = measured.split()
+    run = measured(exe, work / "moe.yaml", out, *flags)
+    if "error" in run:
+        return {"error": f"mergekit-moe: {run['error']}"}
     source, tokenizer = hub.load(source_folder)
     merged, _ = hub.load(out)
     p = preservation(source, merged, held_blocks(tokenizer), "exact", RELAXED)
@@ -166,8 +157,8 @@ def run_mergekit(source_folder: Path) -> dict:
         "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
         "family": merged.config.model_type,
         **{key: getattr(p, key) for key in ("max_dlogit", "kl", "top1", "logit_cosine", "loss_change")},
-        "seconds": float(seconds),
-        "peak_rss_mb": int(peak_kb) / 1024,
+        "seconds": run["seconds"],
+        "peak_rss_mb": run["peak_rss_mb"],
         "source_mb": param_mb(source),
         "output_mb": param_mb(merged),
         "params_output": params(merged),

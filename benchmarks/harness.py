@@ -81,6 +81,27 @@ def command(*args, **kwargs) -> str | dict:
     return proc.stdout
 
 
+# runs a command and prints its exit code, wall seconds and peak resident memory (the kernel's account of
+# the finished child: the whole process, imports included), then exits with the command's code
+_MEASURE = (
+    "import resource, subprocess, sys, time; t = time.perf_counter(); "
+    "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+    "print(r.stdout[-4000:]); print(r.returncode, time.perf_counter() - t, "
+    "resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.stderr.write(r.stderr[-2000:]); sys.exit(r.returncode)"
+)
+
+
+def measured(*args) -> dict:
+    """Run a command in a process of its own: {"seconds", "peak_rss_mb", "stdout"} or {"error": ...}."""
+    out = command(sys.executable, "-c", _MEASURE, *args)
+    if isinstance(out, dict):
+        return out
+    *text, last = out.rstrip("\n").splitlines()
+    _, seconds, peak_kb = last.split()
+    return {"seconds": float(seconds), "peak_rss_mb": int(peak_kb) / 1024, "stdout": "\n".join(text)}
+
+
 def upcycle(*args) -> str | dict:
     """`upcycle ARGS --no-progress --overwrite` in a fresh process: its stdout, or {"error": ...}."""
     return command(sys.executable, "-m", "upcycle.cli", *args, "--no-progress", "--overwrite")

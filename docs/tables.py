@@ -93,6 +93,7 @@ TABLES = {
     "prune_seft": ("prune_seft", lambda r: benchmark("prune_seft").tables(r)),
     "cpu_decode": ("cpu_decode", lambda r: benchmark("cpu_decode").table(r)),
     "repair": ("repair", repair_table),
+    "scale": ("scale", lambda r: benchmark("scale").table(r)),
 }
 
 

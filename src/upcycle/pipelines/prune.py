@@ -32,6 +32,7 @@ class PruneConfig(Config):
         32768, "tokens of calibration text (the papers use 128 × 2048; the held-out measurement reads 8192)"
     )
     seq_len: int = option(256, "length of the text blocks")
+    held_tokens: int = option(8192, "tokens of held-out text (validation split) the one-shot cost is measured on")
     inplace: bool = option(
         False,
         "prune the model given (one model in memory, as a large model needs; the one-shot "
@@ -54,7 +55,9 @@ def text(cfg: PruneConfig, tokenizer):
     if cfg.spec.method != "magnitude":
         n_blocks = max(1, cfg.calibration_tokens // cfg.seq_len)
         calibration = data.blocks(cfg.calibration, tokenizer, "train", cfg.seq_len, max_blocks=n_blocks)
-    held = data.blocks(cfg.calibration, tokenizer, "validation", cfg.seq_len, max_blocks=max(1, 8192 // cfg.seq_len))
+    held = data.blocks(
+        cfg.calibration, tokenizer, "validation", cfg.seq_len, max_blocks=max(1, cfg.held_tokens // cfg.seq_len)
+    )
     return calibration, held
 
 

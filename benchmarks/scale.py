@@ -1,0 +1,263 @@
+"""upcycle on a checkpoint larger than this machine's RAM: every streamed verb's time and peak memory.
+
+    python benchmarks/scale.py                       # build the checkpoint, then every row and the curve (hours)
+    python benchmarks/scale.py --part build rows     # the ≥ 7B checkpoint and its rows only
+    python benchmarks/scale.py --part curve          # prune and grow at four sizes
+    python benchmarks/scale.py --size 0.5B --part build rows   # the same rows on a small checkpoint (minutes)
+
+The checkpoint: smollm2-135m grown by upcycle's own exact operators, streamed (`upcycle grow`): the hidden
+size ×8 by HyperCloning (576 → 4608), then the FFN width by neuron duplication (1536 → 16896): 7.45B
+parameters, fp32, 29.8 GB on disk — more than this machine's RAM. It computes SmolLM2's function, so its
+held-out perplexity must be SmolLM2's (measured, streamed). Each row runs `upcycle <verb>` in a process of
+its own: wall time, the process's peak resident memory (the kernel's account: imports included), the
+bytes written, and the perplexity or the equivalence the verb reports. Outputs are written in bf16 where
+fp32 would not fit beside the source (the row says so), deleted once measured; a row whose output cannot
+fit on the disk is skipped with that reason. The disk's own read and write speeds are measured first
+(a verb that needs no calibration is judged against them). Work folder: /tmp/upcycle-scale (--work).
+Results: benchmarks/results/scale.json and scale.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+
+from harness import RESULTS, figure, load, measured, save
+
+from upcycle import data, hub
+from upcycle.eval import perplexity
+
+TEXT = "shakespeare+pystdlib"
+# name -> (hidden ×, FFN width): the same family (llama) at four sizes
+SIZES = {"0.5B": (4, 1536), "1.5B": (4, 6144), "3B": (8, 6144), "7.5B": (8, 16896)}
+EVAL = ["--data", TEXT, "--seq-len", "256", "--max-blocks", "8", "--batch-size", "4"]
+CALIBRATION = ["--calibration", TEXT, "--calibration-tokens", "1024", "--held-tokens", "1024", "--seq-len", "256"]
+# name -> (the command after `upcycle`, with SRC and OUT; bytes per parameter written; what the row checks)
+ROWS = {
+    "eval": (["eval", "SRC", *EVAL, "--json"], 0),
+    "convert": (["convert", "SRC", "OUT", "--dtype", "bf16"], 2),
+    "prune_wanda_50": (["prune", "SRC", "OUT", "--method", "wanda", "--sparsity", "0.5", *CALIBRATION, "--dtype", "bf16"], 2),
+    "prune_sparsegpt_2of4": (["prune", "SRC", "OUT", "--method", "sparsegpt", "--nm", "2:4", *CALIBRATION, "--dtype", "bf16"], 2),
+    "grow_depth": (["grow", "SRC", "OUT", "--op", "depth", "--add", "2", "--calibration-tokens", "1024", "--dtype", "bf16"], 2),
+}  # fmt: skip
+NOT_STREAMED = {  # verbs whose streamed path is still to come: recorded, not run (they would load the model)
+    "slim_depth_25": "slim is not streamed yet: it would load the whole model",
+    "slim_ffn_33": "slim is not streamed yet: it would load the whole model",
+    "grow_moe_shared_8": "dense → MoE is not streamed yet: it would load the whole model",
+    "sparsify_16_of_64": "sparsify is not streamed yet: it would load the whole model",
+    "densify": "densify is not streamed yet: it would load the whole model",
+}
+
+
+def upcycle_cli(*args) -> dict:
+    return measured(os.sys.executable, "-m", "upcycle.cli", *map(str, args), "--no-progress", "--overwrite")
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def params_of(folder: Path) -> int:
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        total = json.loads(index.read_text())["metadata"]["total_size"]
+        dtype = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
+        return total // (2 if dtype in ("bfloat16", "float16") else 4)
+    return folder_bytes(folder) // 4
+
+
+def disk_speed(work: Path, gigabytes: int = 4) -> dict:
+    """Sequential write (fsync'd) and read (the file's pages dropped first) of a file of `gigabytes`."""
+    path, block = work / "disk-speed.bin", os.urandom(64 << 20)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(gigabytes * 16):
+            f.write(block)
+        f.flush()
+        os.fsync(f.fileno())
+    write = time.perf_counter() - start
+    fd = os.open(path, os.O_RDONLY)
+    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # read from the disk, not the page cache
+    start = time.perf_counter()
+    while os.read(fd, 64 << 20):
+        pass
+    read = time.perf_counter() - start
+    os.close(fd)
+    path.unlink()
+    size = gigabytes * (1 << 30)
+    return {"write_gb_s": size / write / 1e9, "read_gb_s": size / read / 1e9, "bytes": size}
+
+
+def build(size: str, work: Path) -> dict:
+    """The checkpoint of `size`, grown from smollm2-135m in two streamed steps (each its own process)."""
+    factor, width = SIZES[size]
+    folder, wide = work / f"smollm2-grown-{size}", work / f"smollm2-hidden-x{factor}"
+    if (folder / "config.json").exists():
+        return {"folder": str(folder), "reused": True}
+    steps = {"hidden": upcycle_cli("grow", "smollm2-135m", wide, "--op", "hidden", "--factor", factor,
+                                   "--calibration-tokens", "1024")}  # fmt: skip
+    if width > 1536:
+        steps["ffn_width"] = upcycle_cli("grow", wide, folder, "--op", "ffn_width", "--width", width,
+                                         "--calibration-tokens", "1024")  # fmt: skip
+        shutil.rmtree(wide, ignore_errors=True)
+    else:
+        wide.rename(folder)
+    return {"folder": str(folder), "steps": {k: _brief(v) for k, v in steps.items()}}
+
+
+def _brief(run: dict) -> dict:
+    """A row's figures without the command's full output (kept: the lines that state its results)."""
+    keep = [line for line in run.get("stdout", "").splitlines() if re.search(r"ppl|streamed|saved|Δlogit", line)]
+    return {k: v for k, v in run.items() if k != "stdout"} | ({"says": keep} if keep else {})
+
+
+def row(name: str, source: Path, work: Path) -> dict:
+    args, bytes_per_param = ROWS[name]
+    out = work / f"out-{name}"
+    need = params_of(source) * bytes_per_param * 1.05
+    free = shutil.disk_usage(work).free
+    if need > free:
+        return {"skipped": f"its output needs {need / 1e9:.1f} GB and the disk has {free / 1e9:.1f} GB free"}
+    run = upcycle_cli(*[source if a == "SRC" else out if a == "OUT" else a for a in args])
+    result = _brief(run) | {"dtype_written": "bf16" if bytes_per_param == 2 else None}
+    if out.exists():
+        result["output_bytes"] = folder_bytes(out)
+        report = next((f for f in out.glob("*_report.json")), None)
+        if report is not None:
+            facts = json.loads(report.read_text())
+            result |= {k: facts[k] for k in ("ppl_before", "ppl_after", "kl") if k in facts}
+            if "overall" in facts:
+                result["max_dlogit"] = facts["overall"]["equivalence"]["max_abs_logit"]
+        shutil.rmtree(out)
+    if "stdout" in run and name == "eval":
+        result["ppl"] = json.loads(run["stdout"][run["stdout"].index("{") :])["ppl"]
+    dlogit = re.search(r"reloaded: max \|Δlogit\| ([0-9.e+-]+)", run.get("stdout", ""))
+    if dlogit:
+        result["max_dlogit"] = float(dlogit.group(1))
+    return result
+
+
+def source_ppl() -> float:
+    """SmolLM2-135M's perplexity on the blocks the eval row scores (in memory: it is small)."""
+    model, tokenizer = hub.load("smollm2-135m")
+    blocks = data.blocks(TEXT, tokenizer, "validation", 256, max_blocks=8)
+    return perplexity(model, blocks, batch_size=4, progress=False).ppl
+
+
+def table(results: dict) -> str:
+    """The docs' table: one row per verb on the large checkpoint, and the cost curve, from the JSON."""
+    ck, disk = results.get("checkpoint", {}), results.get("disk", {})
+    lines = [
+        f"Checkpoint: {ck.get('parameters', 0) / 1e9:.2f}B parameters, {ck.get('bytes_on_disk', 0) / 1e9:.1f} GB "
+        f"on disk (fp32), this machine's RAM {ck.get('ram_bytes', 0) / 2**30:.1f} GiB; held-out perplexity "
+        f"{ck.get('ppl', float('nan')):.3f} (SmolLM2-135M: {ck.get('source_ppl', float('nan')):.3f}). "
+        f"Disk: write {disk.get('write_gb_s', 0):.2f} GB/s, read {disk.get('read_gb_s', 0):.2f} GB/s.",
+        "",
+        "| row | s | peak resident MB | written | ppl / one-shot ppl | max \\|Δlogit\\| |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, r in results.get("rows", {}).items():
+        if "skipped" in r or "error" in r:
+            lines.append(f"| {name} | — | — | — | {r.get('skipped') or 'error: ' + r['error']} | — |")
+            continue
+        written = f"{r['output_bytes'] / 1e9:.1f} GB ({r['dtype_written']})" if r.get("output_bytes") else "—"
+        quality = f"{r['ppl']:.3f}" if "ppl" in r else (
+            f"{r['ppl_before']:.3f} → {r['ppl_after']:.3f}" if "ppl_after" in r else "—")  # fmt: skip
+        dlogit = f"{r['max_dlogit']:.3g}" if "max_dlogit" in r else "—"
+        lines.append(f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} |")
+    for verb, points in results.get("curve", {}).items():
+        cells = ", ".join(
+            f"{p['parameters'] / 1e9:.2f}B: {p['peak_rss_mb']:,.0f} MB, {p['seconds']:.0f} s"
+            for p in points
+            if "peak_rss_mb" in p
+        )
+        lines += ["", f"Cost curve, {verb}: {cells}"]
+    return "\n".join(lines)
+
+
+def plot(results: dict, path: Path) -> None:
+    curve = results.get("curve", {})
+    if not curve:
+        return
+    fig, (left, right) = figure(2, size=(11, 4))
+    for verb, points in curve.items():
+        points = [p for p in points if "peak_rss_mb" in p]
+        xs = [p["parameters"] / 1e9 for p in points]
+        left.plot(xs, [p["peak_rss_mb"] / 1024 for p in points], "o-", label=verb)
+        right.plot(xs, [p["seconds"] / (p["parameters"] / 1e9) for p in points], "o-", label=verb)
+    ram = results.get("checkpoint", {}).get("ram_bytes")
+    if ram:
+        left.axhline(ram / 2**30, color="k", ls="--", lw=1, label="this machine's RAM")
+    left.set(xlabel="parameters (billions)", ylabel="peak resident memory (GiB)", title="memory against model size")
+    right.set(xlabel="parameters (billions)", ylabel="seconds per billion parameters", title="time per parameter")
+    for ax in (left, right):
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", nargs="*", default=["disk", "build", "rows", "curve"],
+                        choices=("disk", "build", "rows", "curve"))  # fmt: skip
+    parser.add_argument("--size", default="7.5B", choices=list(SIZES), help="the checkpoint the rows run on")
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--work", default="/tmp/upcycle-scale", help="where checkpoints and outputs go")
+    args = parser.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = load("scale")
+    if "disk" in args.part:
+        results["disk"] = disk_speed(work)
+        print(f"disk: {results['disk']}", flush=True)
+        save("scale", results)
+    source = work / f"smollm2-grown-{args.size}"
+    if "build" in args.part:
+        made = build(args.size, work)
+        results["build"] = made
+        results["checkpoint"] = {
+            "size": args.size,
+            "parameters": params_of(source),
+            "bytes_on_disk": folder_bytes(source),
+            "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+            "source_ppl": source_ppl(),
+        }
+        print(f"checkpoint: {results['checkpoint']}", flush=True)
+        save("scale", results)
+    if "rows" in args.part:
+        rows = results.setdefault("rows", {})
+        for name in args.rows:
+            print(f"{name} ...", flush=True)
+            rows[name] = row(name, source, work) | {"size": args.size}
+            print(f"  {rows[name]}", flush=True)
+            if name == "eval" and "ppl" in rows[name]:
+                results["checkpoint"]["ppl"] = rows[name]["ppl"]
+            save("scale", results)
+        rows |= {name: {"skipped": why} for name, why in NOT_STREAMED.items()}
+        save("scale", results)
+    if "curve" in args.part:
+        curve = results.setdefault("curve", {"prune_wanda_50": [], "grow_depth": []})
+        for size in SIZES:
+            folder = Path(build(size, work)["folder"])
+            for verb in curve:
+                done = results.get("rows", {}).get(verb, {})
+                point = done if done.get("size") == size and "seconds" in done else row(verb, folder, work)
+                curve[verb] = [p for p in curve[verb] if p.get("size") != size]
+                curve[verb].append({"size": size, "parameters": params_of(folder)} | point)
+                print(f"curve {verb} {size}: {point}", flush=True)
+                save("scale", results)
+            if size != args.size:  # the rows' checkpoint stays for re-runs; the others are rebuilt in minutes
+                shutil.rmtree(folder)
+    save("scale", results)
+    plot(results, RESULTS / "scale.png")
+    print(f"wrote {RESULTS / 'scale.json'}")
+
+
+if __name__ == "__main__":
+    main()
