@@ -481,6 +481,7 @@ def test_cli_sparsify_and_densify(text_folder, tmp_path, tmp_cache, capsys):
     report = json.loads((out / "sparsify_report.json").read_text())
     assert len(report["recall"]) == 2 and (out / "recall.png").exists() and (out / "sparsify_report.md").exists()
     assert main(["densify", str(out), str(tmp_path / "back")]) == 0
+    assert "dense vs sparse on random tokens" in capsys.readouterr().out  # (its progress bar went to stderr)
     back, _ = upcycle.load(tmp_path / "back")
     assert back.config.model_type == "llama"
     # one-line errors, nothing written

@@ -197,3 +197,18 @@ def test_streamed_grow_equals_the_in_memory_grow(tmp_path, text_folder, family, 
     assert report.equivalence["max_abs_logit"] == pytest.approx(expected.equivalence["max_abs_logit"], abs=1e-5)
     assert len(streams) == len(steps) and not [p for p in tmp_path.iterdir() if ".step-" in p.name]
     assert len(written) >= len(state) - 1  # a tied head is written once
+
+
+@pytest.mark.parametrize("predictor", ["shadow", "lowrank"])
+def test_streamed_densify_equals_the_in_memory_densify(tmp_path, capsys, predictor):
+    from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
+    from upcycle.ops import densify
+
+    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("qwen2"), BankSparsity(32, 8, 16, predictor=predictor), [0, 1])
+    hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
+    assert main(["densify", str(tmp_path / "sparse"), str(tmp_path / "dense"), "--no-progress"]) == 0
+    assert "dense vs sparse on random tokens" in capsys.readouterr().out
+    reloaded, _ = hub.load(tmp_path / "dense")
+    expected = densify(sparse).state_dict()
+    assert type(reloaded).__name__ == "Qwen2ForCausalLM" and sorted(reloaded.state_dict()) == sorted(expected)
+    assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())

@@ -8,8 +8,11 @@ from pathlib import Path
 from upcycle import hub
 from upcycle.commands import quiet_transformers
 from upcycle.config import Config, RunOptions
+from upcycle.errors import ConfigError
 from upcycle.eval import Equivalence
-from upcycle.ops import densify
+from upcycle.modules import UpcycleSparseForCausalLM
+from upcycle.ops.densify import is_dense_tensor
+from upcycle.pipelines.streaming import LayerPass, open_source, probe_tokens, reloaded_equivalence, shard_bytes
 
 
 @dataclass
@@ -20,15 +23,29 @@ class DensifyConfig(Config):
 def run(
     model: str, out: str, config: DensifyConfig = DensifyConfig(), options: RunOptions = RunOptions()
 ) -> tuple[Path, Equivalence]:
-    """Load the bank-sparse MODEL, save its stock dense twin to OUT, and say how far the dense
-    outputs (every channel computed) are from the sparse ones."""
+    """Stream the bank-sparse MODEL layer by layer into OUT as its stock dense twin (predictors dropped),
+    then stream what was written and say how far its outputs (every channel computed) are from the sparse
+    model's on random tokens."""
     quiet_transformers()
     hub.check_out(out, options.overwrite)
-    sparse, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    dense = densify(sparse)
-    folder, check = hub.save_verified(dense, tokenizer, out, overwrite=options.overwrite, reference=sparse)
+    lazy, tokenizer = open_source(model, options)
+    if not isinstance(lazy.model, UpcycleSparseForCausalLM):
+        raise ConfigError(
+            f"densify needs a bank-sparse model (model_type upcycle_sparse), got {lazy.config.model_type}"
+        )
+    probe = probe_tokens(lazy)
+    with LayerPass(lazy, source={"probe": probe}, out=out, shard_bytes=shard_bytes(options), tokenizer=tokenizer,
+                   progress=options.progress, desc="densify") as p:  # fmt: skip
+        for i in p.layers():
+            state = lazy.adapter.layer(i).state_dict()
+            p.emit({k: v for k, v in state.items() if is_dense_tensor(k)}, index=i)
+        p.set_outer({k: v for k, v in lazy.outer_state().items() if is_dense_tensor(k)})
+        expected = list(p.logits(p.source["probe"]))
+        p.output_config = lazy.config.base_config()
+        folder = p.finish()
+    check = reloaded_equivalence(folder, expected, probe, lazy)
     print(
-        f"saved {folder} ({dense.config.model_type}, every channel computed); dense vs sparse on random tokens: "
-        f"{check.summary()}"
+        f"saved {folder} ({p.output_config.model_type}, every channel computed); {p.report.line()}; dense vs "
+        f"sparse on random tokens: {check.summary()}"
     )
     return folder, check

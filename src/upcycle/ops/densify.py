@@ -15,6 +15,11 @@ def densify(model):
     if not isinstance(model, UpcycleSparseForCausalLM):
         raise ConfigError(f"densify needs a bank-sparse model (model_type upcycle_sparse), got {type(model).__name__}")
     dense = AutoModelForCausalLM.from_config(model.config.base_config())
-    state = {k: v for k, v in model.state_dict().items() if ".predictor." not in k and not k.endswith(".threshold")}
+    state = {k: v for k, v in model.state_dict().items() if is_dense_tensor(k)}
     dense.load_state_dict(state, strict=True)
     return dense.to(next(model.parameters()).dtype).eval()
+
+
+def is_dense_tensor(name: str) -> bool:
+    """Whether a bank-sparse model's tensor belongs to its dense twin (predictors and thresholds do not)."""
+    return ".predictor." not in name and not name.startswith("predictor.") and not name.endswith("threshold")

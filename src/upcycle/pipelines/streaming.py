@@ -135,6 +135,7 @@ class LayerPass:
         self.writer = ShardWriter(out, shard_bytes=shard_bytes) if out is not None else None
         self.report = StreamReport(device=str(lazy.device), dtype=dtype_name(lazy.dtype))
         self.config_changes: dict = {}
+        self.output_config = None  # a config of another model type for the folder written (densify)
         self._emitted: list[tuple[int, dict]] | None = None  # None: write the current layer as it is
         self._outer: dict | None = None
         self.source: dict[str, LayerStream] = {}
@@ -235,7 +236,7 @@ class LayerPass:
         if self.writer is None:
             return None
         self.writer.add(self._outer if self._outer is not None else self.lazy.outer_state())
-        config = self.model.config  # with what the verb changed (adapter.set_config)
+        config = self.output_config or self.model.config  # with what the verb changed (adapter.set_config)
         for key, value in self.config_changes.items():
             setattr(config, key, value)
         config.dtype = self.lazy.dtype
