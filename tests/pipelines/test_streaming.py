@@ -204,7 +204,9 @@ def test_streamed_densify_equals_the_in_memory_densify(tmp_path, capsys, predict
     from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
     from upcycle.ops import densify
 
-    sparse = UpcycleSparseForCausalLM.from_dense(hub.tiny("qwen2"), BankSparsity(32, 8, 16, predictor=predictor), [0, 1])
+    sparse = UpcycleSparseForCausalLM.from_dense(
+        hub.tiny("qwen2"), BankSparsity(32, 8, 16, predictor=predictor), [0, 1]
+    )
     hub.save(sparse, hub.byte_tokenizer(), tmp_path / "sparse")
     assert main(["densify", str(tmp_path / "sparse"), str(tmp_path / "dense"), "--no-progress"]) == 0
     assert "dense vs sparse on random tokens" in capsys.readouterr().out
