@@ -195,7 +195,7 @@ def main() -> None:
         ppl["dense"] = score(dense, val)
         save()
     if "oracle" not in ppl:
-        ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0, convert_steps=0)[0], val)
+        ppl["oracle"] = score(sparsify(dense, tok, selection="oracle", warmup_steps=0, convert_steps=0).model, val)
         save()
     for key, run_name, options, untrained in SPARSE_ARMS:
         if key in ppl:

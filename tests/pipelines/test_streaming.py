@@ -214,3 +214,33 @@ def test_streamed_densify_equals_the_in_memory_densify(tmp_path, capsys, predict
     expected = densify(sparse).state_dict()
     assert type(reloaded).__name__ == "Qwen2ForCausalLM" and sorted(reloaded.state_dict()) == sorted(expected)
     assert all(torch.equal(v, expected[k]) for k, v in reloaded.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "family,cut",
+    [
+        ("llama", {"op": "depth", "layers": 2, "criterion": "block_influence"}),
+        ("qwen3", {"op": "depth", "layers": 1, "criterion": "last"}),
+        ("qwen2", {"op": "ffn_width", "width": 80}),
+    ],
+)
+def test_streamed_slim_equals_the_in_memory_cut(tmp_path, text_folder, family, cut):
+    from upcycle.pipelines import slim as slim_pipeline
+    from upcycle.pipelines.slim import SlimConfig, SlimStage, SlimStep
+
+    folder = saved(tmp_path, family, layers=4)
+    config = SlimConfig(stages=[SlimStage(cuts=[SlimStep(**cut)])], calibration=str(text_folder),
+                        calibration_tokens=512, seq_len=64)  # fmt: skip
+    out, report, streams = slim_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load(folder)
+    slim, expected = slim_pipeline.run(model, tokenizer, config, progress=False)
+    reloaded, _ = hub.load(out)
+    state = slim.state_dict()
+    assert sorted(reloaded.state_dict()) == sorted(state)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
+    ours, theirs = report.cuts[0], expected.cuts[0]
+    assert ours.removed.get("removed_layers") == theirs.removed.get("removed_layers")
+    assert ours.removed.get("kept_neurons") == theirs.removed.get("kept_neurons")
+    assert ours.params_after == theirs.params_after == sum(p.numel() for p in slim.parameters())
+    assert ours.ppl_after == pytest.approx(theirs.ppl_after, rel=1e-5) and ours.kl == pytest.approx(theirs.kl, rel=1e-4)

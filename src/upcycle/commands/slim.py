@@ -36,8 +36,10 @@ def run(
         raise ConfigError("slim: give one of --op (a single cut), --plan FILE or stages in a --config")
     if one is not None:
         config = replace(config, stages=[SlimStage(name="cut", cuts=[one], tokens=config.tokens)])
-    config.plan_stages()  # a bad plan is refused before the model is loaded
+    stages = config.plan_stages()  # a bad plan is refused before the model is loaded
     out_path = hub.check_out(out, options.overwrite)
+    if pipeline.streamable(stages):  # one cut, no recovery: layer by layer from the checkpoint
+        return run_streamed(model, out_path, config, options)
     source, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
     with training_run(out_path) as run_dir:
         slim, report = pipeline.run(source, tokenizer, config, progress=options.progress, run_dir=run_dir)
@@ -55,6 +57,24 @@ def run(
     return {"source": model, **report.as_dict()}
 
 
+def run_streamed(model: str, out: Path, config: SlimConfig, options: RunOptions) -> dict:
+    """The one cut made on the checkpoint one layer at a time (never the model in memory), measured one shot
+    with source and slimmed model streamed side by side."""
+    result: dict = {}
+
+    def report_files(folder, report, stream):
+        result.update(write_report(folder, model, report, [stream]))
+
+    folder, report, streams = pipeline.run_streamed(model, out, config, options=options, report_files=report_files)
+    cut, final = report.cuts[0], report.final
+    print(
+        f"cut: {cut.line()}\n" + "\n".join(s.line() for s in streams) + f"\nsaved {folder}; held-out ppl "
+        f"{math.exp(final.loss_reference):.2f} (source) → {math.exp(final.loss_candidate):.2f}\n"
+        f"report: {folder / 'slim_report.md'}"
+    )
+    return result
+
+
 def _report(folder: Path, run_dir: Path, source: str, report: SlimReport) -> None:
     """The report, and the recovery run's metrics, report and curve in OUT/recovery (its checkpoints and
     final copy are OUT itself)."""
@@ -63,7 +83,7 @@ def _report(folder: Path, run_dir: Path, source: str, report: SlimReport) -> Non
     write_report(folder, source, report)
 
 
-def write_report(folder: Path, source: str, report: SlimReport) -> dict:
+def write_report(folder: Path, source: str, report: SlimReport, streams: list | None = None) -> dict:
     run_folder = RunFolder(folder, report="slim_report.md", metrics="slim_report.json")
     rows = [
         [
@@ -95,6 +115,10 @@ def write_report(folder: Path, source: str, report: SlimReport) -> dict:
         f"{math.exp(final.loss_candidate):.3f}; mean KL {final.mean_kl:.4g}, top-1 agreement "
         f"{final.top1_agreement:.4f}.",
     )
+    if streams:
+        run_folder.section("Memory and time", "\n".join(f"- {s.line()}" for s in streams))
     run_folder.metrics.update({"source": source, **report.as_dict()})
+    if streams:
+        run_folder.metrics["streams"] = [s.as_dict() for s in streams]
     run_folder.write(f"slim {source}")
     return run_folder.metrics

@@ -60,9 +60,11 @@ class LayerStream:
         for i in range(n): x = stream.module_inputs(adapter.ffn(i)); ...change layer i...; stream.advance()
     """
 
-    def __init__(self, model, blocks: torch.Tensor, *, batch_size: int = 8):
+    def __init__(self, model, blocks: torch.Tensor, *, batch_size: int = 8, keep_previous: bool = False):
         self.model, self.adapter, self.layer = model, adapter_for(model), 0
         self.batches: list[list] = []  # per batch: [hidden states, positional args after them, keyword args]
+        # keep_previous: the hidden states entering the layer last advanced past (what it was given)
+        self.keep_previous, self.previous = keep_previous, None
 
         def grab(module, args, kwargs):
             hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -76,25 +78,29 @@ class LayerStream:
             handle.remove()
 
     @contextlib.contextmanager
-    def _eval(self):
+    def _eval(self, index: int | None = None):
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad():
-                yield self.adapter.layer(self.layer)
+                yield self.adapter.layer(self.layer if index is None else index)
         finally:
             self.model.train(was_training)
 
-    def module_inputs(self, module: torch.nn.Module) -> torch.Tensor:
-        """What `module`, a part of the current layer, receives: (tokens, features), fp32, CPU."""
+    def module_inputs(self, module: torch.nn.Module, *, previous: bool = False) -> torch.Tensor:
+        """What `module`, a part of the current layer, receives: (tokens, features), fp32, CPU. previous: a
+        part of the layer last advanced past, on the inputs that layer was given (keep_previous)."""
         rows = []
 
         def keep(key, m, args):
             rows.append(_rows(args[0]))
             raise StopForward
 
-        with self._eval() as layer, hooked({0: module}, pre=keep):
-            for hidden, args, kwargs in self.batches:
+        batches = self.batches
+        if previous:
+            batches = [[h, args, kwargs] for h, (_, args, kwargs) in zip(self.previous, self.batches)]
+        with self._eval(self.layer - 1 if previous else None) as layer, hooked({0: module}, pre=keep):
+            for hidden, args, kwargs in batches:
                 try:
                     layer(hidden, *args, **kwargs)
                 except StopForward:
@@ -110,6 +116,8 @@ class LayerStream:
 
     def advance(self) -> None:
         """Run the current layer (as it is now) on the stream: the next layer's inputs."""
+        if self.keep_previous:
+            self.previous = [batch[0] for batch in self.batches]
         with self._eval() as layer:
             for batch in self.batches:
                 out = layer(batch[0], *batch[1], **batch[2])

@@ -11,16 +11,24 @@ import copy
 import math
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+import torch.nn.functional as F
+
 from upcycle import data, hub
-from upcycle.config import Config, option, read_plan
+from upcycle.arch import SwiGLUWeights
+from upcycle.config import Config, RunOptions, option, read_plan
 from upcycle.errors import ConfigError, check
 from upcycle.eval import Equivalence, compare
+from upcycle.ops.calibrate import channel_importance
 from upcycle.ops.slim import CutReport, SlimStep
 from upcycle.ops.slim.lineage import Lineage, source_scores
 from upcycle.pipelines import Result, configured
+from upcycle.pipelines.streaming import LayerPass, StreamReport, open_source, shard_bytes
+from upcycle.summary import parameter_count
 from upcycle.train import TrainConfig, Trainer
 from upcycle.train.mtp import detach_mtp
 from upcycle.train.slim import SlimState, slim_stage
@@ -233,3 +241,119 @@ def _recover(
         slim, last = slim_stage(slim, tokenizer, {"slim": state}, **{**calibration, "cuts": pending})
         reports += last
     return slim
+
+
+# ---- streamed: one cut of a checkpoint on disk, one layer at a time ---------------------------------------
+
+
+def streamable(stages: list[SlimStage]) -> bool:
+    """One stage, one cut, no recovery, and a cut a streamed pass makes: depth by `last` or block influence
+    (an importance pass, then a writing pass), FFN width by activation importance (one pass)."""
+    if len(stages) != 1 or stages[0].tokens or len(stages[0].cuts) != 1:
+        return False
+    step = stages[0].cuts[0]
+    return step.op == "ffn_width" or (step.op == "depth" and step.criterion in ("last", "block_influence"))
+
+
+def run_streamed(
+    source, out, config: SlimConfig | None = None, *, options: RunOptions = RunOptions(), report_files=None
+) -> tuple[Path, SlimReport, list[StreamReport]]:
+    """The plan's one cut made on a checkpoint on disk one layer at a time, as `run` makes it in memory (the
+    same importance, the same kept layers or neurons), measured one shot on held-out text with source and
+    slimmed model streamed side by side, and written to OUT in shards."""
+    cfg = configured(SlimConfig, config, {})
+    stages = cfg.plan_stages()
+    if not streamable(stages):
+        raise ConfigError("a streamed slim makes one cut without recovery: depth (last, block_influence) or ffn_width")
+    step = stages[0].cuts[0]
+    lazy, tokenizer = open_source(source, options)
+    n_blocks = max(1, cfg.calibration_tokens // cfg.seq_len)
+    calibration = data.blocks(cfg.calibration, tokenizer, "train", cfg.seq_len, max_blocks=n_blocks)
+    held = data.blocks(cfg.calibration, tokenizer, "validation", cfg.seq_len, max_blocks=n_blocks)
+    adapter, streams, start = lazy.adapter, [], time.perf_counter()
+    params_before = parameter_count(lazy.model)
+    kwargs = dict(out=out, shard_bytes=shard_bytes(options), tokenizer=tokenizer, progress=options.progress)
+    if step.op == "depth":
+        n = adapter.num_layers
+        if step.layers >= n:
+            raise ConfigError(
+                f"layers={step.layers} is not allowed: this model has {n} layers and must keep at least one"
+            )
+        scores = None
+        if step.criterion == "block_influence":
+            scores, measured = block_influence_streamed(lazy, calibration, options)
+            streams.append(measured)
+            lazy = open_source(source, options)[0]  # the importance pass read every layer: a fresh model
+            adapter = lazy.adapter
+        removed = (
+            list(range(n - step.layers, n)) if scores is None else sorted(scores.argsort()[: step.layers].tolist())
+        )
+        kept = [i for i in range(n) if i not in removed]
+        with LayerPass(lazy, source={"held": held}, output={"held": held}, desc="slim (depth)", **kwargs) as p:
+            for i in p.layers():
+                p.drop()
+                if i in kept:
+                    p.emit(adapter.layer(i).state_dict(), index=kept.index(i))
+            adapter.set_layer_origin(kept)
+            removed_facts = {"removed_layers": removed, "scores": scores.tolist() if scores is not None else None}
+            folder, report, final = _finish_cut(p, step, params_before, start, removed_facts, report_files, cfg)
+    else:
+        if any(adapter.ffn_kind(i) != "dense" for i in range(adapter.num_layers)):
+            raise ConfigError("op ffn_width cuts dense FFNs; this model has MoE FFNs (use op experts for an MoE)")
+        width = adapter.ffn_weights(0).width
+        if step.width >= width:
+            raise ConfigError(f"width={step.width} is not allowed: smaller than the FFN width {width}")
+        shares, kept_neurons = [], []
+        pass_ = LayerPass(lazy, source={"held": held, "calibration": calibration}, output={"held": held},
+                          desc="slim (ffn_width)", **kwargs)  # fmt: skip
+        with pass_ as p:
+            for i in p.layers():
+                w = adapter.ffn_weights(i)
+                score = channel_importance(w, p.source["calibration"].module_inputs(adapter.ffn(i), previous=True))
+                index = score.topk(step.width).indices.sort().values
+                shares.append(float(score[index].sum() / score.sum()))
+                kept_neurons.append(index.tolist())
+                with torch.no_grad():
+                    cut = SwiGLUWeights(w.gate[index].clone(), w.up[index].clone(), w.down[:, index].clone())
+                adapter.set_ffn_weights(i, cut)
+            adapter.set_config(ffn_size=step.width)
+            facts = {"kept_importance_per_layer": shares, "kept_neurons": kept_neurons}
+            folder, report, final = _finish_cut(p, step, params_before, start, facts, report_files, cfg)
+    streams.append(p.report)
+    return folder, SlimReport(stages, [report], final, 0, cfg.recovery), streams
+
+
+def _finish_cut(p: LayerPass, step, params_before: int, start: float, removed: dict, report_files, cfg):
+    """The cut's one-shot figures from the pass's two held-out streams, and the folder written."""
+    eq = p.equivalence("held")
+    written = parameter_count(p.model) if step.op != "depth" else None
+    report = CutReport(step.describe(), params_before, written or 0, time.perf_counter() - start,
+                       removed | {"importance_from": "this model"})  # fmt: skip
+    report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
+    report.kl, report.top1, report.equivalence = eq.mean_kl, eq.top1_agreement, eq
+    if step.op == "depth":  # the kept layers' parameters, and the rest of the model once
+        per_layer = (params_before - _outer_params(p)) // p.lazy.num_layers
+        report.params_after = params_before - per_layer * len(removed["removed_layers"])
+    stages = cfg.plan_stages()
+    folder = p.finish(report=None if report_files is None else
+                      lambda tmp: report_files(tmp, SlimReport(stages, [report], eq, 0, cfg.recovery), p.report))  # fmt: skip
+    return folder, report, eq
+
+
+def _outer_params(p: LayerPass) -> int:
+    return sum(t.numel() for t in p.lazy.outer_state().values())
+
+
+def block_influence_streamed(lazy, calibration, options: RunOptions) -> tuple[torch.Tensor, StreamReport]:
+    """ShortGPT's block influence, 1 - mean cos(layer input, layer output) per layer, from one streamed pass
+    (what importance.block_influence measures in memory)."""
+    scores = []
+    with LayerPass(lazy, source={"calibration": calibration}, progress=options.progress, desc="block influence") as p:
+        for _ in p.layers():
+            stream = p.source["calibration"]
+            total, count = 0.0, 0
+            for before, batch in zip(stream.previous, stream.batches):
+                cos = F.cosine_similarity(before.float().cpu(), batch[0].float().cpu(), dim=-1)
+                total, count = total + cos.double().sum().item(), count + cos.numel()
+            scores.append(1 - total / count)
+    return torch.tensor(scores), p.report

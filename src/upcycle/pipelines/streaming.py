@@ -145,7 +145,8 @@ class LayerPass:
         reset_peak()
         self.started = time.perf_counter()
         self.lazy.load_outer()
-        self.source = {k: LayerStream(self.model, b, batch_size=self.batch_size) for k, b in self.source_blocks.items()}
+        self.source = {k: LayerStream(self.model, b, batch_size=self.batch_size, keep_previous=True)
+                       for k, b in self.source_blocks.items()}  # fmt: skip
         self.output = {k: LayerStream(self.model, b, batch_size=self.batch_size) for k, b in self.output_blocks.items()}
         self.report.hidden_states_mb = sum(
             batch[0].numel() * batch[0].element_size() for s in (*self.source.values(), *self.output.values())
@@ -159,7 +160,8 @@ class LayerPass:
         self._emitted = (self._emitted or []) + [(index, tensors)]
 
     def drop(self) -> None:
-        """Write nothing for the current layer (a layer map that leaves it out)."""
+        """Leave the current layer out of the output: nothing written for it (unless emitted after this), and
+        the output streams do not run it."""
         self._emitted = self._emitted or []
 
     def set_outer(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -177,8 +179,12 @@ class LayerPass:
             for stream in self.source.values():
                 stream.advance()
             yield i
+            dropped = self._emitted == []
             for stream in self.output.values():
-                stream.advance()
+                if dropped:  # the output model has no layer i: its streams skip it
+                    stream.layer += 1
+                else:
+                    stream.advance()
             if self.writer is not None:
                 for index, tensors in self._emitted if self._emitted is not None else [(i, None)]:
                     self.writer.add(self.lazy.layer_state(i, tensors, index=index))
