@@ -44,13 +44,14 @@ ROWS = {
     "prune_wanda_50": (["prune", "SRC", "OUT", "--method", "wanda", "--sparsity", "0.5", *CALIBRATION, "--dtype", "bf16"], 2),
     "prune_sparsegpt_2of4": (["prune", "SRC", "OUT", "--method", "sparsegpt", "--nm", "2:4", *CALIBRATION, "--dtype", "bf16"], 2),
     "grow_depth": (["grow", "SRC", "OUT", "--op", "depth", "--add", "2", "--calibration-tokens", "1024", "--dtype", "bf16"], 2),
+    "slim_depth_27": (["slim", "SRC", "OUT", "--op", "depth", "--layers", "8", "--criterion", "block_influence",
+                       "--calibration-tokens", "1024", "--dtype", "bf16"], 2),
+    "slim_ffn_33": (["slim", "SRC", "OUT", "--op", "ffn_width", "--width", "11264", "--calibration-tokens", "1024",
+                     "--dtype", "bf16"], 2),
 }  # fmt: skip
 NOT_STREAMED = {  # verbs whose streamed path is still to come: recorded, not run (they would load the model)
-    "slim_depth_25": "slim is not streamed yet: it would load the whole model",
-    "slim_ffn_33": "slim is not streamed yet: it would load the whole model",
     "grow_moe_shared_8": "dense → MoE is not streamed yet: it would load the whole model",
     "sparsify_16_of_64": "sparsify is not streamed yet: it would load the whole model",
-    "densify": "densify is not streamed yet: it would load the whole model",
 }
 
 
@@ -133,6 +134,9 @@ def row(name: str, source: Path, work: Path) -> dict:
             result |= {k: facts[k] for k in ("ppl_before", "ppl_after", "kl") if k in facts}
             if "overall" in facts:
                 result["max_dlogit"] = facts["overall"]["equivalence"]["max_abs_logit"]
+            if "cuts" in facts:  # slim: the cut's one-shot cost
+                cut = facts["cuts"][0]
+                result |= {"ppl_before": cut["ppl_before"], "ppl_after": cut["ppl_after"], "kl": cut["kl"]}
         shutil.rmtree(out)
     if "stdout" in run and name == "eval":
         result["ppl"] = json.loads(run["stdout"][run["stdout"].index("{") :])["ppl"]
@@ -239,7 +243,7 @@ def main() -> None:
             if name == "eval" and "ppl" in rows[name]:
                 results["checkpoint"]["ppl"] = rows[name]["ppl"]
             save("scale", results)
-        rows |= {name: {"skipped": why} for name, why in NOT_STREAMED.items()}
+        rows |= {name: {"skipped": why} for name, why in NOT_STREAMED.items() if name not in rows}
         save("scale", results)
     if "curve" in args.part:
         curve = results.setdefault("curve", {"prune_wanda_50": [], "grow_depth": []})
