@@ -244,3 +244,26 @@ def test_streamed_slim_equals_the_in_memory_cut(tmp_path, text_folder, family, c
     assert ours.removed.get("kept_neurons") == theirs.removed.get("kept_neurons")
     assert ours.params_after == theirs.params_after == sum(p.numel() for p in slim.parameters())
     assert ours.ppl_after == pytest.approx(theirs.ppl_after, rel=1e-5) and ours.kl == pytest.approx(theirs.kl, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_streamed_prune_and_eval_on_smollm2_equal_the_in_memory_path(tmp_path):
+    """The real model: Wanda 2:4 streamed from the cached checkpoint gives the in-memory weights bitwise, and
+    the streamed perplexity of what was written is the in-memory perplexity of the pruned model."""
+    config = PruneConfig(spec=PruneSpec(method="wanda", nm="2:4"), calibration_tokens=1024, held_tokens=512)
+    out, report, stream = prune_pipeline.run_streamed("smollm2-135m", tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load("smollm2-135m")
+    pruned, expected = prune_pipeline.run(model, tokenizer, config, progress=False)
+    written, state = all_tensors(out), pruned.state_dict()
+    assert all(torch.equal(t, state[name]) for name, t in written.items())
+    assert report.ppl_after == pytest.approx(expected.ppl_after, rel=1e-5) and stream.layers == 30
+    from upcycle import data
+    from upcycle.pipelines.streaming import open_source
+
+    blocks = data.blocks("shakespeare", tokenizer, "validation", 128, max_blocks=4)
+    lazy, _ = open_source(out, QUIET)
+    with LayerPass(lazy, output={"eval": blocks}) as p:
+        for _ in p.layers():
+            pass
+        streamed = p.perplexity("eval")
+    assert streamed.nll == pytest.approx(perplexity(pruned, blocks, progress=False).nll, rel=1e-6)
