@@ -43,6 +43,12 @@ SAFETENSORS_NAMES = {
 }
 
 
+def meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
+    """The causal LM `config` describes, built on the meta device: shapes and names, no memory."""
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
+
+
 class Checkpoint:
     """The tensors of a safetensors checkpoint folder by name, read on request (never all at once)."""
 
@@ -125,8 +131,7 @@ class LazyModel:
         family_of(self.config)
         self.device = torch.device(device)
         self.dtype = dtype or self.checkpoint.dtype
-        with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(self.config, dtype=self.dtype).eval()
+        self.model = meta_model(self.config, self.dtype)
         self.adapter = adapter_for(self.model)
         self.num_layers = self.adapter.num_layers
         self._layers_name: str | None = None
@@ -168,12 +173,15 @@ class LazyModel:
         self.adapter.layer(i).to("meta")
 
     # ---- writing ------------------------------------------------------------------------------
-    def layer_state(self, i: int, tensors: dict | None = None, *, index: int | None = None) -> dict[str, torch.Tensor]:
+    def layer_state(
+        self, i: int, tensors: dict | None = None, *, index: int | None = None, family=None
+    ) -> dict[str, torch.Tensor]:
         """Layer i as a checkpoint names it (full names), from the module as it is now (transformed or not),
-        or `tensors` (named as the module names them) in its place; `index`: the layer number written."""
+        or `tensors` (named as the module names them) in its place; `index`: the layer number written;
+        `family`: the adapter class of another family whose layer `tensors` is (dense → MoE)."""
         state = tensors if tensors is not None else self.adapter.layer(i).state_dict()
         prefix = self.layer_prefix(i if index is None else index)
-        return {prefix + k: v for k, v in type(self.adapter).layer_to_checkpoint(state).items()}
+        return {prefix + k: v for k, v in (family or type(self.adapter)).layer_to_checkpoint(state).items()}
 
     def outer_state(self) -> dict[str, torch.Tensor]:
         state = self.model.state_dict()

@@ -267,3 +267,31 @@ def test_streamed_prune_and_eval_on_smollm2_equal_the_in_memory_path(tmp_path):
             pass
         streamed = p.perplexity("eval")
     assert streamed.nll == pytest.approx(perplexity(pruned, blocks, progress=False).nll, rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    "family,step",
+    [
+        ("llama", {"op": "moe", "family": "qwen2_moe", "experts": 4, "top_k": 2, "mode": "shared"}),
+        ("qwen3", {"op": "moe", "experts": 4, "top_k": 2, "mode": "copy", "router": "random"}),
+        ("mistral", {"op": "moe", "family": "mixtral", "experts": 4, "top_k": 2, "mode": "drop", "drop_ratio": 0.5}),
+        ("qwen2", {"op": "moe", "experts": 4, "top_k": 2, "mode": "granular", "granularity": 2}),
+    ],
+)
+def test_streamed_dense_to_moe_equals_the_in_memory_grow(tmp_path, text_folder, family, step):
+    from upcycle.pipelines import grow as grow_pipeline
+    from upcycle.pipelines.grow import GrowConfig, GrowStep
+
+    folder = saved(tmp_path, family, layers=3)
+    config = GrowConfig(steps=[GrowStep(**step)], calibration=str(text_folder), calibration_tokens=512, seq_len=64,
+                        checks={"max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0})  # fmt: skip
+    out, report, _ = grow_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load(folder)
+    grown, expected = grow_pipeline.run(model, tokenizer, config, progress=False)
+    reloaded, _ = hub.load(out)
+    state = grown.state_dict()
+    assert type(reloaded) is type(grown) and sorted(reloaded.state_dict()) == sorted(state)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert report.reports[0].kind == expected.reports[0].kind
+    assert report.equivalence["max_abs_logit"] == pytest.approx(expected.equivalence["max_abs_logit"], abs=1e-5)

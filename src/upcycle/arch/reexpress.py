@@ -80,6 +80,24 @@ def moe_shell(
     layer's FFN an MoE block of `experts` routed experts of `expert_width` (plus a shared expert of
     `shared_width` where the family has a shared expert) whose weights are left for the caller to write (uninitialised).
     `normalize`: the top-k router weights renormalised to sum to one (Mixtral always does)."""
+    config = moe_config(model, family, experts=experts, top_k=top_k, expert_width=expert_width,
+                        shared_width=shared_width, normalize=normalize)  # fmt: skip
+    dtype = next(model.parameters()).dtype
+    with no_init_weights():  # the caller writes every FFN weight; the rest is copied below
+        target = AutoModelForCausalLM.from_config(config).to(dtype)
+    own = dict(target.named_parameters())
+    copy_into_moe(dict(model.named_parameters()), own)
+    leftover = [n for n in own if ".mlp." not in n and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if leftover:
+        raise UnsupportedArchitecture(f"{family}: {leftover[0]} has no source in the dense model")
+    target.tie_weights()
+    return target.eval()
+
+
+def moe_config(
+    model, family: str, *, experts: int, top_k: int, expert_width: int, shared_width: int | None, normalize: bool
+):
+    """The config of moe_shell's model (shapes only: `model` may be on the meta device)."""
     source = model.config
     allowed = FAMILIES[source.model_type].moe_targets if source.model_type in FAMILIES else ()
     if family not in allowed:
@@ -108,25 +126,22 @@ def moe_shell(
     )
     config = AutoConfig.for_model(family, **fields)
     config.architectures = [AutoModelForCausalLM._model_mapping[type(config)].__name__]
-    dtype = next(model.parameters()).dtype
-    with no_init_weights():  # the caller writes every FFN weight; the rest is copied below
-        target = AutoModelForCausalLM.from_config(config).to(dtype)
-    own = dict(target.named_parameters())
+    return config
+
+
+def copy_into_moe(source: dict, target: dict) -> None:
+    """A dense layer's (or model's) non-FFN parameters copied into the MoE one's of the same names; the q/k/v
+    biases a Llama lacks and Qwen2-MoE has set to zero. `target` is consumed: what is left is the FFN."""
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".mlp." in name:
+        for name, param in source.items():
+            if ".mlp." in name or name.startswith("mlp."):
                 continue
-            if name not in own or own[name].shape != param.shape:
-                raise UnsupportedArchitecture(f"{family}: the source parameter {name} has no place in the MoE model")
-            own.pop(name).copy_(param)
-        for name in list(own):
+            if name not in target or target[name].shape != param.shape:
+                raise UnsupportedArchitecture(f"the source parameter {name} has no place in the MoE model")
+            target.pop(name).copy_(param)
+        for name in list(target):
             if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):  # Qwen2-MoE's biases a Llama lacks
-                own.pop(name).zero_()
-    leftover = [n for n in own if ".mlp." not in n and not (n == "lm_head.weight" and config.tie_word_embeddings)]
-    if leftover:
-        raise UnsupportedArchitecture(f"{family}: {leftover[0]} has no source in the dense model")
-    target.tie_weights()
-    return target.eval()
+                target.pop(name).zero_()
 
 
 def _attention_bias(model) -> str | None:

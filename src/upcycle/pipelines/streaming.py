@@ -136,7 +136,7 @@ class LayerPass:
         self.report = StreamReport(device=str(lazy.device), dtype=dtype_name(lazy.dtype))
         self.config_changes: dict = {}
         self.output_config = None  # a config of another model type for the folder written (densify)
-        self._emitted: list[tuple[int, dict]] | None = None  # None: write the current layer as it is
+        self._emitted: list[tuple] | None = None  # None: write the current layer as it is
         self._outer: dict | None = None
         self.source: dict[str, LayerStream] = {}
         self.output: dict[str, LayerStream] = {}
@@ -154,10 +154,11 @@ class LayerPass:
         ) / 2**20  # fmt: skip
         return self
 
-    def emit(self, tensors: dict[str, torch.Tensor], index: int) -> None:
+    def emit(self, tensors: dict[str, torch.Tensor], index: int, *, family=None) -> None:
         """Write `tensors` (named as the layer's module names them) as output layer `index` instead of the
-        current layer as it is: for a verb that makes layers of another shape, or more of them."""
-        self._emitted = (self._emitted or []) + [(index, tensors)]
+        current layer as it is: for a verb that makes layers of another shape, or more of them; `family`:
+        the adapter class of the layer's family where it is another (dense → MoE)."""
+        self._emitted = (self._emitted or []) + [(index, tensors, family)]
 
     def drop(self) -> None:
         """Leave the current layer out of the output: nothing written for it (unless emitted after this), and
@@ -172,7 +173,9 @@ class LayerPass:
         """Yield each layer index with that layer loaded and every source stream already past it; after the
         caller's body, the output streams are advanced through the layer as it now is, and it is written
         and released."""
-        bar = tqdm(range(self.lazy.num_layers), desc=self.desc, unit="layer", disable=not self.progress, leave=False)
+        # None: tqdm's own choice, a bar on a terminal and none in a log or a captured stream
+        bar = tqdm(range(self.lazy.num_layers), desc=self.desc, unit="layer", disable=None if self.progress else True,
+                   leave=False)  # fmt: skip
         for i in bar:
             start = time.perf_counter()
             self.lazy.load_layer(i)
@@ -186,8 +189,8 @@ class LayerPass:
                 else:
                     stream.advance()
             if self.writer is not None:
-                for index, tensors in self._emitted if self._emitted is not None else [(i, None)]:
-                    self.writer.add(self.lazy.layer_state(i, tensors, index=index))
+                for index, tensors, family in self._emitted if self._emitted is not None else [(i, None, None)]:
+                    self.writer.add(self.lazy.layer_state(i, tensors, index=index, family=family))
             self._emitted = None
             self.lazy.release_layer(i)
             _return_freed_memory()

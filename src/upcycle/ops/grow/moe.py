@@ -44,20 +44,9 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
     kmeans_rows and distinct_routes) are needed for router kmeans.
     facts: {"kind": "exact" | "diversity" | "changed", "why": ..., "family": ..., "router": ...}."""
     source = adapter_for(model)
-    family = target_family(model, step)
-    width = source.ffn_weights(0).width
-    if step.mode == "shared" and not FAMILIES[family].has_shared_expert:
-        with_shared = [f for f, cls in FAMILIES.items() if cls.has_shared_expert]
-        raise ConfigError(f"mode shared needs a family with a shared expert ({', '.join(with_shared)}), not {family}")
-    if step.mode == "granular" and width % step.granularity:
-        raise ConfigError(f"granularity={step.granularity} does not divide the FFN width {width}")
-    if step.mode == "partition" and width % step.experts:
-        raise ConfigError(f"experts={step.experts} does not divide the FFN width {width} (mode partition)")
+    family, expert_width, shared_width = moe_widths(model, step)
     if step.router == "kmeans" and routers is None:
         raise ConfigError("router kmeans needs calibration text (the FFN inputs); pass it, or router random")
-    if any(source.ffn_weights(i).width != width for i in range(source.num_layers)):
-        raise UnsupportedArchitecture("dense → MoE needs one FFN width in every layer")
-    expert_width, shared_width = _widths(step, width)
     grown = moe_shell(
         model,
         family,
@@ -70,22 +59,10 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
     target = adapter_for(grown)
     generator = torch.Generator().manual_seed(step.seed)
     for i in range(source.num_layers):
-        ffn = source.ffn_weights(i)
-        experts, shared = _experts(step, ffn, generator)
-        target.set_experts(i, experts)
-        rows = _router_rows(step, routers.get(i) if routers else None, target.hidden_size, generator)
-        target.set_router(i, rows.to(experts.gate.dtype))
-        if target.shared_expert(i) is not None:
-            with torch.no_grad():
-                for live, value in zip(
-                    (target.shared_expert(i).gate, target.shared_expert(i).up, target.shared_expert(i).down),
-                    (shared.gate, shared.up, shared.down),
-                ):
-                    live.copy_(value)
-                target.shared_expert_gate(i).weight.zero_()  # sigmoid(0) = 1/2: see shared mode's ×2
+        moe_layer(source, target, i, step, routers.get(i) if routers else None, generator)
     if not all(torch.isfinite(p).all() for p in grown.parameters()):
         raise RuntimeError("dense → MoE left a weight unwritten")  # a bug, not the user's input
-    kind, why = _kind(step, family)
+    kind, why = moe_kind(step, family)
     return grown, {
         "kind": kind,
         "why": why,
@@ -94,6 +71,41 @@ def to_moe(model, step: GrowStep, routers: dict[int, torch.Tensor] | None = None
         "expert_width": expert_width,
         "shared_width": shared_width if FAMILIES[family].has_shared_expert else None,
     }
+
+
+def moe_widths(model, step: GrowStep) -> tuple[str, int, int]:
+    """(target family, routed expert width, shared expert width) of `step` on a dense model, its options
+    checked against the model's shapes (meta tensors are enough)."""
+    source = adapter_for(model)
+    family = target_family(model, step)
+    width = source.ffn_weights(0).width
+    if step.mode == "shared" and not FAMILIES[family].has_shared_expert:
+        with_shared = [f for f, cls in FAMILIES.items() if cls.has_shared_expert]
+        raise ConfigError(f"mode shared needs a family with a shared expert ({', '.join(with_shared)}), not {family}")
+    if step.mode == "granular" and width % step.granularity:
+        raise ConfigError(f"granularity={step.granularity} does not divide the FFN width {width}")
+    if step.mode == "partition" and width % step.experts:
+        raise ConfigError(f"experts={step.experts} does not divide the FFN width {width} (mode partition)")
+    if any(source.ffn_weights(i).width != width for i in range(source.num_layers)):
+        raise UnsupportedArchitecture("dense → MoE needs one FFN width in every layer")
+    return (family, *_widths(step, width))
+
+
+def moe_layer(source, target, i: int, step: GrowStep, kmeans: torch.Tensor | None, generator) -> None:
+    """Layer i's MoE block in `target` written from the dense FFN of layer i in `source`: its experts, its
+    router (k-means rows `kmeans` where the step's router is kmeans) and its shared expert."""
+    experts, shared = _experts(step, source.ffn_weights(i), generator)
+    target.set_experts(i, experts)
+    rows = _router_rows(step, kmeans, target.hidden_size, generator)
+    target.set_router(i, rows.to(experts.gate.dtype))
+    if target.shared_expert(i) is not None:
+        with torch.no_grad():
+            for live, value in zip(
+                (target.shared_expert(i).gate, target.shared_expert(i).up, target.shared_expert(i).down),
+                (shared.gate, shared.up, shared.down),
+            ):
+                live.copy_(value)
+            target.shared_expert_gate(i).weight.zero_()  # sigmoid(0) = 1/2: see shared mode's ×2
 
 
 def _widths(step: GrowStep, width: int) -> tuple[int, int]:
@@ -191,7 +203,7 @@ def kmeans_rows(x: torch.Tensor, k: int, generator, iterations: int = 25) -> tor
     return centroids * (KMEANS_LOGIT / x.norm(dim=1).mean())
 
 
-def _kind(step: GrowStep, family: str) -> tuple[str, str]:
+def moe_kind(step: GrowStep, family: str) -> tuple[str, str]:
     if step.mode in ("copy", "shared"):
         if step.mode == "copy" and not step.normalize:
             return "changed", "copies with top-k weights that are not renormalised scale the FFN by their sum"

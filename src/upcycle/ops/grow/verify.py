@@ -69,7 +69,12 @@ def preservation(
     """Compare `grown` with `source` on `blocks`; `origin[layer][e]` is the source expert that grown
     expert e came from (for the router KL of expert operators)."""
     eq = compare(source, grown, blocks)
-    router = router_kl(source, grown, blocks, origin) if origin else None
+    return judge(eq, kind, checks, router_kl(source, grown, blocks, origin) if origin else None)
+
+
+def judge(eq, kind: str, checks: GrowChecks, router: float | None = None) -> Preservation:
+    """The verdict on an Equivalence of grown against source (and a router KL, for expert operators) by
+    the step's kind: what `preservation` measures, and a streamed grow gets from its passes."""
     if kind == "exact":
         passed = eq.max_abs_logit <= checks.tolerance
     elif kind == "diversity":
