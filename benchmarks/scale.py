@@ -116,7 +116,18 @@ def build(size: str, work: Path) -> dict:
 def _brief(run: dict) -> dict:
     """A row's figures without the command's full output (kept: the lines that state its results)."""
     keep = [line for line in run.get("stdout", "").splitlines() if re.search(r"ppl|streamed|saved|Δlogit", line)]
-    return {k: v for k, v in run.items() if k != "stdout"} | ({"says": keep} if keep else {})
+    return with_pass_peaks({k: v for k, v in run.items() if k != "stdout"} | ({"says": keep} if keep else {}))
+
+
+def with_pass_peaks(row: dict) -> dict:
+    """The process's peak memory: the larger of the kernel's account at exit and every streamed pass's own
+    peak. Each pass resets the kernel's high-water mark when it starts (to measure itself), so at exit the
+    kernel reports only the last pass (for convert and grow, the pass that reads the output back)."""
+    passes = [float(m.replace(",", "")) for line in row.get("says", [])
+              for m in re.findall(r"peak resident memory ([0-9,.]+) MB", line)]  # fmt: skip
+    if "peak_rss_mb" in row and passes:
+        row["peak_rss_mb"] = max([row["peak_rss_mb"], *passes])
+    return row
 
 
 def row(name: str, source: Path, work: Path) -> dict:
@@ -219,6 +230,8 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = load("scale")
+    for row_ in results.get("rows", {}).values():
+        with_pass_peaks(row_)
     if "disk" in args.part:
         results["disk"] = disk_speed(work)
         print(f"disk: {results['disk']}", flush=True)
