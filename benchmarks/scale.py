@@ -137,8 +137,10 @@ def row(name: str, source: Path, work: Path) -> dict:
     free = shutil.disk_usage(work).free
     if need > free:
         return {"skipped": f"its output needs {need / 1e9:.1f} GB and the disk has {free / 1e9:.1f} GB free"}
-    run = upcycle_cli(*[source if a == "SRC" else out if a == "OUT" else a for a in args])
-    result = _brief(run) | {"dtype_written": "bf16" if bytes_per_param == 2 else None}
+    argv = [str(source) if a == "SRC" else str(out) if a == "OUT" else a for a in args]
+    run = upcycle_cli(*argv)
+    written = "bf16" if "bf16" in argv else "fp32" if "OUT" in args else None
+    result = _brief(run) | {"dtype_written": written, "command": "upcycle " + " ".join(argv)}
     if out.exists():
         result["output_bytes"] = folder_bytes(out)
         report = next((f for f in out.glob("*_report.json")), None)
@@ -230,7 +232,12 @@ def main() -> None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = load("scale")
-    for row_ in results.get("rows", {}).values():
+    rows = results.setdefault("rows", {})
+    for name in [n for n, r in rows.items() if n not in ROWS and n not in NOT_STREAMED]:
+        del rows[name]  # a row of an earlier version of this script
+    for name, why in NOT_STREAMED.items():
+        rows.setdefault(name, {"skipped": why})
+    for row_ in rows.values():
         with_pass_peaks(row_)
     if "disk" in args.part:
         results["disk"] = disk_speed(work)
@@ -250,7 +257,6 @@ def main() -> None:
         print(f"checkpoint: {results['checkpoint']}", flush=True)
         save("scale", results)
     if "rows" in args.part:
-        rows = results.setdefault("rows", {})
         for name in args.rows:
             print(f"{name} ...", flush=True)
             rows[name] = row(name, source, work) | {"size": args.size}
@@ -258,7 +264,6 @@ def main() -> None:
             if name == "eval" and "ppl" in rows[name]:
                 results["checkpoint"]["ppl"] = rows[name]["ppl"]
             save("scale", results)
-        rows |= {name: {"skipped": why} for name, why in NOT_STREAMED.items() if name not in rows}
         save("scale", results)
     if "curve" in args.part:
         curve = results.setdefault("curve", {"prune_wanda_50": [], "grow_depth": []})
