@@ -177,8 +177,8 @@ def table(results: dict) -> str:
         f"{ck.get('ppl', float('nan')):.3f} (SmolLM2-135M: {ck.get('source_ppl', float('nan')):.3f}). "
         f"Disk: write {disk.get('write_gb_s', 0):.2f} GB/s, read {disk.get('read_gb_s', 0):.2f} GB/s.",
         "",
-        "| row | s | peak resident MB | written | ppl / one-shot ppl | max \\|Δlogit\\| |",
-        "|---|---|---|---|---|---|",
+        "| row | s | × read + write | peak resident MB | written | ppl / one-shot ppl | max \\|Δlogit\\| |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, r in results.get("rows", {}).items():
         if "skipped" in r or "error" in r:
@@ -188,7 +188,16 @@ def table(results: dict) -> str:
         quality = f"{r['ppl']:.3f}" if "ppl" in r else (
             f"{r['ppl_before']:.3f} → {r['ppl_after']:.3f}" if "ppl_after" in r else "—")  # fmt: skip
         dlogit = f"{r['max_dlogit']:.3g}" if "max_dlogit" in r else "—"
-        lines.append(f"| {name} | {r['seconds']:.0f} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} |")
+        ratio = io_ratio(r, ck, disk)
+        lines.append(
+            f"| {name} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} |"
+        )
+    lines += [
+        "",
+        "× read + write: the row's wall time over the time this disk takes to read the checkpoint and write the "
+        "output (its measured speeds); in brackets, the streamed pass that writes, without the process start, "
+        "the held-out forward before it and the pass that reads the output back.",
+    ]
     for verb, points in results.get("curve", {}).items():
         cells = ", ".join(
             f"{p['parameters'] / 1e9:.2f}B: {p['peak_rss_mb']:,.0f} MB, {p['seconds']:.0f} s"
@@ -197,6 +206,17 @@ def table(results: dict) -> str:
         )
         lines += ["", f"Cost curve, {verb}: {cells}"]
     return "\n".join(lines)
+
+
+def io_ratio(r: dict, checkpoint: dict, disk: dict) -> str:
+    """The row's time over reading the checkpoint and writing its output at this disk's speeds, and the
+    writing pass's alone (from the pass line the command printed)."""
+    if not disk or not checkpoint:
+        return "—"
+    io = checkpoint["bytes_on_disk"] / disk["read_gb_s"] / 1e9 + r.get("output_bytes", 0) / disk["write_gb_s"] / 1e9
+    passes = [float(m) for line in r.get("says", []) if "wrote" in line
+              for m in re.findall(r"streamed \d+ layers on \S+ in \S+: ([0-9.]+) s", line)]  # fmt: skip
+    return f"{r['seconds'] / io:.1f}" + (f" ({passes[-1] / io:.1f})" if passes else "")
 
 
 def plot(results: dict, path: Path) -> None:
