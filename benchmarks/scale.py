@@ -247,6 +247,7 @@ def main() -> None:
                         choices=("disk", "build", "rows", "curve"))  # fmt: skip
     parser.add_argument("--size", default="7.5B", choices=list(SIZES), help="the checkpoint the rows run on")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES), help="the curve's sizes")
     parser.add_argument("--work", default="/tmp/upcycle-scale", help="where checkpoints and outputs go")
     args = parser.parse_args()
     work = Path(args.work)
@@ -287,9 +288,15 @@ def main() -> None:
         save("scale", results)
     if "curve" in args.part:
         curve = results.setdefault("curve", {"prune_wanda_50": [], "grow_depth": []})
-        for size in SIZES:
-            folder = Path(build(size, work)["folder"])
-            for verb in curve:
+        for size in args.sizes:
+            measured_ = {(p["size"], verb) for verb, points in curve.items() for p in points if "seconds" in p}
+            rows_here = {verb for verb in curve if results["rows"].get(verb, {}).get("size") == size}
+            if all((size, verb) in measured_ or verb in rows_here for verb in curve):
+                todo = [verb for verb in curve if (size, verb) not in measured_]  # the rows' own figures
+                folder = work / f"smollm2-grown-{size}"
+            else:
+                todo, folder = list(curve), Path(build(size, work)["folder"])
+            for verb in todo:
                 done = results.get("rows", {}).get(verb, {})
                 point = done if done.get("size") == size and "seconds" in done else row(verb, folder, work)
                 curve[verb] = [p for p in curve[verb] if p.get("size") != size]
@@ -297,7 +304,7 @@ def main() -> None:
                 print(f"curve {verb} {size}: {point}", flush=True)
                 save("scale", results)
             if size != args.size:  # the rows' checkpoint stays for re-runs; the others are rebuilt in minutes
-                shutil.rmtree(folder)
+                shutil.rmtree(folder, ignore_errors=True)
     save("scale", results)
     plot(results, RESULTS / "scale.png")
     print(f"wrote {RESULTS / 'scale.json'}")
