@@ -24,6 +24,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,7 @@ NOT_STREAMED = {  # verbs whose streamed path is still to come: recorded, not ru
 
 
 def upcycle_cli(*args) -> dict:
-    return measured(os.sys.executable, "-m", "upcycle.cli", *map(str, args), "--no-progress", "--overwrite")
+    return measured(sys.executable, "-m", "upcycle.cli", *map(str, args), "--no-progress", "--overwrite")
 
 
 def folder_bytes(folder: Path) -> int:

@@ -296,7 +296,7 @@ def run_streamed(
                     p.emit(adapter.layer(i).state_dict(), index=kept.index(i))
             adapter.set_layer_origin(kept)
             removed_facts = {"removed_layers": removed, "scores": scores.tolist() if scores is not None else None}
-            folder, report, final = _finish_cut(p, step, params_before, start, removed_facts, report_files, cfg)
+            folder, report, final = _finish_cut(p, stages, params_before, start, removed_facts, report_files, cfg)
     else:
         if any(adapter.ffn_kind(i) != "dense" for i in range(adapter.num_layers)):
             raise ConfigError("op ffn_width cuts dense FFNs; this model has MoE FFNs (use op experts for an MoE)")
@@ -318,13 +318,14 @@ def run_streamed(
                 adapter.set_ffn_weights(i, cut)
             adapter.set_config(ffn_size=step.width)
             facts = {"kept_importance_per_layer": shares, "kept_neurons": kept_neurons}
-            folder, report, final = _finish_cut(p, step, params_before, start, facts, report_files, cfg)
+            folder, report, final = _finish_cut(p, stages, params_before, start, facts, report_files, cfg)
     streams.append(p.report)
     return folder, SlimReport(stages, [report], final, 0, cfg.recovery), streams
 
 
-def _finish_cut(p: LayerPass, step, params_before: int, start: float, removed: dict, report_files, cfg):
+def _finish_cut(p: LayerPass, stages, params_before: int, start: float, removed: dict, report_files, cfg):
     """The cut's one-shot figures from the pass's two held-out streams, and the folder written."""
+    step = stages[0].cuts[0]
     eq = p.equivalence("held")
     written = parameter_count(p.model) if step.op != "depth" else None
     report = CutReport(step.describe(), params_before, written or 0, time.perf_counter() - start,
@@ -334,7 +335,6 @@ def _finish_cut(p: LayerPass, step, params_before: int, start: float, removed: d
     if step.op == "depth":  # the kept layers' parameters, and the rest of the model once
         per_layer = (params_before - _outer_params(p)) // p.lazy.num_layers
         report.params_after = params_before - per_layer * len(removed["removed_layers"])
-    stages = cfg.plan_stages()
     folder = p.finish(report=None if report_files is None else
                       lambda tmp: report_files(tmp, SlimReport(stages, [report], eq, 0, cfg.recovery), p.report))  # fmt: skip
     return folder, report, eq
