@@ -276,6 +276,8 @@ def main() -> None:
             "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
             "source_ppl": source_ppl(),
         }
+        if rows.get("eval", {}).get("size") == args.size and "ppl" in rows["eval"]:
+            results["checkpoint"]["ppl"] = rows["eval"]["ppl"]  # the eval row's streamed figure on it
         print(f"checkpoint: {results['checkpoint']}", flush=True)
         save("scale", results)
     if "rows" in args.part:

@@ -295,3 +295,34 @@ def test_streamed_dense_to_moe_equals_the_in_memory_grow(tmp_path, text_folder, 
         torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
     assert report.reports[0].kind == expected.reports[0].kind
     assert report.equivalence["max_abs_logit"] == pytest.approx(expected.equivalence["max_abs_logit"], abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    "family,options",
+    [
+        ("llama", {"bank": 32, "keep": 8}),  # the default: GPTQ shadow, layer-wise conversion
+        ("qwen2", {"bank": 32, "keep": 8, "predictor": "lowrank", "rank": 8, "warmup_steps": 5, "layers": [0, 2]}),
+        ("qwen3", {"bank": 32, "keep": 8, "selection": "threshold", "permute": True, "convert_steps": 0}),
+        ("mistral", {"bank": 48, "keep": 12, "pad": True, "quantizer": "rtn", "convert_steps": 3}),
+    ],
+)
+def test_streamed_sparsify_equals_the_in_memory_sparsify(tmp_path, text_folder, family, options):
+    from upcycle.pipelines import sparsify as sparsify_pipeline
+    from upcycle.pipelines.sparsify import SparsifyConfig
+
+    folder = saved(tmp_path, family, layers=3)
+    config = SparsifyConfig(calibration=str(text_folder), calibration_tokens=512, seq_len=64,
+                            convert_rows=64, **{"convert_steps": 4} | options)  # fmt: skip
+    out, report, stream, reloaded = sparsify_pipeline.run_streamed(folder, tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load(folder)
+    sparse, expected = sparsify_pipeline.run(model, tokenizer, config, progress=False)
+    written, state = all_tensors(out), sparse.state_dict()
+    assert set(written) == set(state) - ({"lm_head.weight"} if model.config.tie_word_embeddings else set())
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("recall_init", "recall", "density", "convert_error_before", "convert_error_after"):
+        assert getattr(report, key) == pytest.approx(getattr(expected, key), rel=1e-4, abs=1e-6), key
+    assert report.equivalence["mean_kl"] == pytest.approx(expected.equivalence["mean_kl"], rel=1e-3, abs=1e-7)
+    assert reloaded.max_abs_logit == 0.0  # the folder reads back to the model as it was held
+    back, _ = hub.load(out)  # and transformers loads it as the in-memory model's own save would be
+    assert type(back).__name__ == "UpcycleSparseForCausalLM" and back.config.sparsity == sparse.config.sparsity

@@ -15,15 +15,19 @@ from upcycle.report import RunFolder, markdown_table, plot_per_layer
 def run(
     model: str, out: str, config: SparsifyConfig = SparsifyConfig(), options: RunOptions = RunOptions()
 ) -> SparsifyReport:
-    """Load MODEL, sparsify it, save OUT (safetensors + a config of model_type upcycle_sparse),
-    reload it and check the logits are identical, and write sparsify_report.{md,json} and
-    recall.png beside it."""
+    """Sparsify MODEL layer by layer from its checkpoint (one layer in memory at a time) into OUT
+    (safetensors shards + a config of model_type upcycle_sparse), stream what was written back and check
+    its logits against the model as it was held, and write sparsify_report.{md,json} and recall.png
+    beside it."""
     quiet_transformers()
-    hub.check_out(out, options.overwrite)
-    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
-    sparse, report = pipeline.run(loaded, tokenizer, config, progress=options.progress)
-    folder, reload_check = hub.save_verified(sparse, tokenizer, out, overwrite=options.overwrite)
-    write_report(report, folder, source=model, reload_check=reload_check.summary())
+    out_path = hub.check_out(out, options.overwrite)
+
+    def report_files(folder, report, stream):
+        write_report(report, folder, source=model, stream=stream.line())
+
+    folder, report, stream, reload_check = pipeline.run_streamed(
+        model, out_path, config, options=options, report_files=report_files
+    )
     predictor = (
         f"shadow {config.bits}-bit/{config.group} {config.quantizer}"
         if config.predictor == "shadow"
@@ -31,7 +35,8 @@ def run(
     )
     lines = [
         f"saved {folder} (bank-sparse {config.keep} of {config.bank}, {predictor}, gate {config.gate}, "
-        f"{len(report.layers)} layers); reloaded: {reload_check.summary()}"
+        f"{len(report.layers)} layers); reloaded: {reload_check.summary()}",
+        stream.line(),
     ]
     if report.recall:
         before = f" (before warm-up {_mean(report.recall_init):.3f})" if config.predictor == "lowrank" else ""
@@ -56,7 +61,7 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
-def write_report(report: SparsifyReport, folder: Path, *, source: str = "", reload_check: str = "") -> Path:
+def write_report(report: SparsifyReport, folder: Path, *, source: str = "", stream: str = "") -> Path:
     cfg = report.config
     run_folder = RunFolder(folder, report="sparsify_report.md", metrics="sparsify_report.json")
     run_folder.section(
@@ -66,8 +71,8 @@ def write_report(report: SparsifyReport, folder: Path, *, source: str = "", relo
         f"{cfg['warmup_steps']} steps per layer on {cfg['calibration']} ({cfg['calibration_tokens']} "
         f"tokens, 1/8 held out for recall); channel permutation: {cfg['permute']}.",
     )
-    if reload_check:
-        run_folder.section(None, f"Saved and reloaded: {reload_check}.")
+    if stream:
+        run_folder.section("Memory and time", stream)
     if report.equivalence:
         eq = report.equivalence
         run_folder.section(

@@ -22,6 +22,19 @@ MODEL_TYPE = "upcycle_sparse"
 _OWN_KEYS = ("model_type", "base_model_type", "sparsity", "architectures", "transformers_version", "auto_map")
 
 
+def make_sparse_ffn(adapter, i: int, sparsity: BankSparsity, *, take_weights: bool = True):
+    """Put a BankSparseFFN in layer i's place (on the dense FFN's device and dtype) and return (it, the
+    dense FFN taken out). take_weights: it computes with the dense projections themselves, not copies."""
+    config = adapter.config
+    dense = adapter.ffn_weights(i)
+    sparse = BankSparseFFN(config.hidden_size, dense.width, sparsity, getattr(config, "hidden_act", "silu"))
+    sparse = sparse.to(dense.gate.device, dense.gate.dtype)
+    old = adapter.set_ffn(i, sparse)
+    if take_weights:
+        sparse.gate_proj, sparse.up_proj, sparse.down_proj = old.gate_proj, old.up_proj, old.down_proj
+    return sparse, old
+
+
 class UpcycleSparseConfig(PretrainedConfig):
     """The base model's config fields, plus `base_model_type` and `sparsity`:
     {bank, keep, rank, gate, selection, layers: [indices of the bank-sparse layers]}."""
@@ -68,14 +81,9 @@ class UpcycleSparseForCausalLM(PreTrainedModel, GenerationMixin):
         if fresh:
             base = AutoModelForCausalLM.from_config(config.base_config())
         sparsity = config.layer_sparsity()
-        hidden, act = config.hidden_size, getattr(config, "hidden_act", "silu")
         adapter = adapter_for(base)
         for i in config.sparsity.get("layers", []):
-            dense = adapter.ffn_weights(i)
-            sparse = BankSparseFFN(hidden, dense.width, sparsity, act).to(dense.gate.device, dense.gate.dtype)
-            old = adapter.set_ffn(i, sparse)
-            if not fresh:  # the dense projections themselves, not copies
-                sparse.gate_proj, sparse.up_proj, sparse.down_proj = old.gate_proj, old.up_proj, old.down_proj
+            make_sparse_ffn(adapter, i, sparsity, take_weights=not fresh)
         self.model = base.model
         self.lm_head = base.lm_head
         self.vocab_size = config.vocab_size

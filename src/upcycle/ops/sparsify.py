@@ -173,28 +173,40 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
         width = _pad_width(dense_adapter, layers, cfg.bank)
     if cfg.permute:
         for i in layers:
-            _permute_channels(dense_adapter, i, inputs[i][held_tokens:], cfg.bank, cfg.keep)
+            permute_layer(dense_adapter, i, inputs[i][held_tokens:], cfg.bank, cfg.keep)
 
     sparse = UpcycleSparseForCausalLM.from_dense(dense, cfg.sparsity, layers)
     sparse_adapter = adapter_for(sparse)
     report = SparsifyReport(asdict(cfg), layers, width)
     generator = torch.Generator().manual_seed(cfg.seed)
     for i in layers:
-        ffn = sparse_adapter.ffn(i)
-        if cfg.predictor == "shadow":  # derived from the FFN's weights: nothing to initialise, but GPTQ
-            if cfg.gptq and i in inputs:  # weights its rounding by the inputs (none given: rounds to nearest)
-                ffn.predictor.set_input_moment(inputs[i][held_tokens:])
-        elif cfg.init == "svd":
-            ffn.predictor.init_svd(ffn.gate_proj.weight)
-        else:
-            ffn.predictor.init_random(generator)
-        if cfg.selection == "threshold":
-            h = swiglu_activation(sparse_adapter.ffn_weights(i), inputs[i])
-            ffn.threshold.fill_(magnitude_quantile(h, 1 - cfg.keep / cfg.bank, seed=cfg.seed))
-            report.density.append(float((h.abs() > ffn.threshold).float().mean()))
-        else:
-            report.density.append(cfg.keep / cfg.bank)
+        x = inputs.get(i)
+        fit_rows = x[held_tokens:] if x is not None else None
+        report.density.append(init_sparse_ffn(sparse_adapter.ffn(i), cfg, x, fit_rows, generator))
     return sparse.eval(), report
+
+
+@torch.no_grad()
+def init_sparse_ffn(
+    ffn, cfg: SparsifyConfig, x: torch.Tensor | None, fit_rows: torch.Tensor | None, generator
+) -> float:
+    """Ready one layer's new BankSparseFFN (its dense weights already in it): a GPTQ shadow's input moment
+    from the calibration rows held for fitting, or a low-rank predictor's initialisation, or the TEAL
+    threshold from all of `x` (its FFN's calibrated inputs; None: no calibration). Returns the fraction
+    of channels it keeps."""
+    if cfg.predictor == "shadow":  # derived from the FFN's weights: nothing to initialise, but GPTQ
+        if cfg.gptq and fit_rows is not None:  # weights its rounding by the inputs (none: rounds to nearest)
+            ffn.predictor.set_input_moment(fit_rows)
+    elif cfg.init == "svd":
+        ffn.predictor.init_svd(ffn.gate_proj.weight)
+    else:
+        ffn.predictor.init_random(generator)
+    if cfg.selection != "threshold":
+        return cfg.keep / cfg.bank
+    weights = SwiGLUWeights(ffn.gate_proj.weight, ffn.up_proj.weight, ffn.down_proj.weight)
+    h = swiglu_activation(weights, x)
+    ffn.threshold.fill_(magnitude_quantile(h, 1 - cfg.keep / cfg.bank, seed=cfg.seed))
+    return float((h.abs() > ffn.threshold).float().mean())
 
 
 # ---- layout: padding and channel permutation -----------------------------------------------------
@@ -202,24 +214,29 @@ def to_bank_sparse(model, config: SparsifyConfig, inputs: dict[int, torch.Tensor
 
 @torch.no_grad()
 def _pad_width(adapter, layers: list[int], bank: int) -> int:
-    """Append zero channels (zero gate/up rows, zero down columns: act(0) * 0 = 0, so the function is
-    unchanged) up to a multiple of bank."""
     for i in layers:
-        w = adapter.ffn_weights(i)
-        extra = -w.width % bank
-        pad_rows = w.gate.new_zeros(extra, w.gate.shape[1])
-        adapter.set_ffn_weights(
-            i,
-            SwiGLUWeights(
-                torch.cat([w.gate, pad_rows]),
-                torch.cat([w.up, pad_rows]),
-                torch.cat([w.down, w.down.new_zeros(w.down.shape[0], extra)], 1),
-            ),
-        )
+        pad_layer(adapter, i, bank)
     width = adapter.ffn_weights(layers[0]).width
     if len(layers) == adapter.num_layers:
         adapter.set_config(ffn_size=width)
     return width
+
+
+@torch.no_grad()
+def pad_layer(adapter, i: int, bank: int) -> None:
+    """Append zero channels to layer i's FFN (zero gate/up rows, zero down columns: act(0) * 0 = 0, so the
+    function is unchanged) up to a multiple of bank."""
+    w = adapter.ffn_weights(i)
+    extra = -w.width % bank
+    pad_rows = w.gate.new_zeros(extra, w.gate.shape[1])
+    adapter.set_ffn_weights(
+        i,
+        SwiGLUWeights(
+            torch.cat([w.gate, pad_rows]),
+            torch.cat([w.up, pad_rows]),
+            torch.cat([w.down, w.down.new_zeros(w.down.shape[0], extra)], 1),
+        ),
+    )
 
 
 @torch.no_grad()
@@ -239,7 +256,8 @@ def coactivation_order(h: torch.Tensor, keep_fraction: float) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _permute_channels(adapter, i: int, x: torch.Tensor, bank: int, keep: int) -> None:
+def permute_layer(adapter, i: int, x: torch.Tensor, bank: int, keep: int) -> None:
+    """Reorder layer i's FFN channels so that co-active ones share a bank (the function is unchanged)."""
     w = adapter.ffn_weights(i)
     order = coactivation_order(swiglu_activation(w, x), keep / bank)
     adapter.set_ffn_weights(i, SwiGLUWeights(w.gate[order].clone(), w.up[order].clone(), w.down[:, order].clone()))

@@ -10,18 +10,52 @@ calibrate (each chosen layer's FFN inputs on calibration text, 1/8 held out) -> 
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict
+from pathlib import Path
+
+import torch
 
 from upcycle import data
+from upcycle.config import RunOptions
 from upcycle.errors import ConfigError
-from upcycle.eval import compare
+from upcycle.eval import Equivalence, compare
+from upcycle.modules.sparse_model import UpcycleSparseConfig, UpcycleSparseForCausalLM, make_sparse_ffn
 from upcycle.ops.calibrate import ffn_inputs
-from upcycle.ops.sparsify import SparsifyConfig, SparsifyReport, sparse_layers, to_bank_sparse
+from upcycle.ops.sparsify import (
+    SparsifyConfig,
+    SparsifyReport,
+    init_sparse_ffn,
+    pad_layer,
+    permute_layer,
+    sparse_layers,
+    to_bank_sparse,
+)
 from upcycle.pipelines import Result, configured
+from upcycle.pipelines.streaming import (
+    LayerPass,
+    StreamReport,
+    open_source,
+    probe_tokens,
+    reloaded_equivalence,
+    shard_bytes,
+)
 from upcycle.train.registry import register_transform
-from upcycle.train.sparsify import convert_layerwise, warm_up_predictors
+from upcycle.train.sparsify import convert_layer, convert_layerwise, warm_up_predictor, warm_up_predictors
 
-__all__ = ["SparsifyConfig", "SparsifyReport", "run"]
+__all__ = ["SparsifyConfig", "SparsifyReport", "run", "run_streamed"]
+
+
+def calibration_blocks(cfg: SparsifyConfig, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    """(all calibration blocks, the first 1/8 of them: held out from fitting, recall is measured on them)."""
+    if tokenizer is None:
+        raise ConfigError(
+            "sparsify: calibration (warm-up, GPTQ shadow, conversion, permute or threshold) needs the model's tokenizer"
+        )
+    blocks = data.blocks(
+        cfg.calibration, tokenizer, "train", cfg.seq_len, max_blocks=max(2, cfg.calibration_tokens // cfg.seq_len)
+    )
+    return blocks, blocks[: max(1, len(blocks) // 8)]
 
 
 def run(
@@ -32,16 +66,8 @@ def run(
     layers = sparse_layers(model, cfg)  # refuse a model or layer choice that cannot work before any calibration
     inputs, held_blocks, held_tokens, blocks = {}, None, 0, None
     if cfg.needs_calibration:
-        if tokenizer is None:
-            raise ConfigError(
-                "sparsify: calibration (warm-up, GPTQ shadow, conversion, permute or threshold) needs "
-                "the model's tokenizer"
-            )
-        blocks = data.blocks(
-            cfg.calibration, tokenizer, "train", cfg.seq_len, max_blocks=max(2, cfg.calibration_tokens // cfg.seq_len)
-        )
-        n_held = max(1, len(blocks) // 8)  # held out from fitting: recall is measured on them
-        held_blocks, held_tokens = blocks[:n_held], n_held * cfg.seq_len
+        blocks, held_blocks = calibration_blocks(cfg, tokenizer)
+        held_tokens = held_blocks.numel()
         inputs = ffn_inputs(model, blocks, layers, progress=progress)
     sparse, report = to_bank_sparse(model, cfg, inputs, held_tokens)
     if cfg.selection == "predictor":
@@ -51,6 +77,81 @@ def run(
     if held_blocks is not None:
         report.equivalence = asdict(compare(model, sparse, held_blocks))
     return Result(sparse, report)
+
+
+def run_streamed(
+    source, out, config: SparsifyConfig | None = None, *, options: RunOptions = RunOptions(), report_files=None
+) -> tuple[Path, SparsifyReport, StreamReport, Equivalence]:
+    """Sparsify a checkpoint on disk layer by layer into OUT (shards), one layer in memory at a time: the
+    same steps as `run`, each layer's on the dense model's FFN inputs (for GPTQ, the warm-up, permutation,
+    thresholds) and, for the conversion, on the inputs the converted layers below give it. Each layer's
+    statistics and fitting are in fp32 whatever the run's dtype. Returns (folder, report, the pass's
+    memory and time, the written model read back against the one held on random tokens)."""
+    cfg = configured(SparsifyConfig, config, {})
+    lazy, tokenizer = open_source(source, options)
+    adapter = lazy.adapter
+    chosen = sparse_layers(lazy.model, cfg)
+    width = adapter.ffn_weights(chosen[0]).width
+    report = SparsifyReport(asdict(cfg), chosen, width + (-width % cfg.bank if cfg.pad else 0))
+    probe = probe_tokens(lazy)
+    sources, outputs, held_tokens = {}, {"probe": probe}, 0
+    if cfg.needs_calibration:
+        blocks, held_blocks = calibration_blocks(cfg, tokenizer)
+        held_tokens = held_blocks.numel()
+        sources["calibration"] = blocks  # the dense model's FFN inputs, layer by layer
+        outputs["held"] = held_blocks
+        if cfg.convert_steps:
+            outputs["fit"] = blocks[len(held_blocks) :]
+    seeded = [torch.Generator().manual_seed(cfg.seed) for _ in range(3)]  # as `run`: init, warm-up, conversion
+    init_rng, warm_up_rng, convert_rng = seeded
+    taken_out = None  # (layer, its dense FFN): put back once the layer is written, freeing the sparse one's copies
+    pass_ = LayerPass(lazy, source=sources, output=outputs, out=out, shard_bytes=shard_bytes(options),
+                      tokenizer=tokenizer, progress=options.progress, desc="sparsify")  # fmt: skip
+    with pass_ as p:
+        for i in p.layers():
+            if taken_out is not None:
+                adapter.set_ffn(*taken_out)
+                taken_out = None
+            if i not in chosen:
+                continue
+            x = p.source["calibration"].module_inputs(adapter.ffn(i), previous=True) if sources else None
+            with _in_fp32(adapter, i):
+                if cfg.pad:
+                    pad_layer(adapter, i, cfg.bank)
+                if cfg.permute:
+                    permute_layer(adapter, i, x[held_tokens:], cfg.bank, cfg.keep)
+                ffn, dense = make_sparse_ffn(adapter, i, cfg.sparsity)
+                taken_out = (i, dense)
+                fit_rows = x[held_tokens:] if x is not None else None
+                report.density.append(init_sparse_ffn(ffn, cfg, x, fit_rows, init_rng))
+                if cfg.selection == "predictor" and x is not None:
+                    warm_up_predictor(ffn, x, held_tokens, cfg, report, warm_up_rng)
+                if cfg.convert_steps:
+                    rows, held = p.output["fit"].module_inputs(ffn), p.output["held"].module_inputs(ffn)
+                    convert_layer(ffn, dense, rows, held, cfg, report, convert_rng)
+                ffn.eval()
+        if taken_out is not None:
+            adapter.set_ffn(*taken_out)
+        if cfg.pad and len(chosen) == adapter.num_layers:
+            adapter.set_config(ffn_size=report.width)
+        if sources:
+            report.equivalence = asdict(p.equivalence("held", reference="calibration"))
+        expected = list(p.logits(p.output["probe"]))
+        p.output_config = UpcycleSparseConfig.from_base(lazy.config, {**cfg.sparsity.to_dict(), "layers": chosen})
+        p.output_config.architectures = [UpcycleSparseForCausalLM.__name__]
+        folder = p.finish(report=None if report_files is None else lambda tmp: report_files(tmp, report, p.report))
+    return folder, report, p.report, reloaded_equivalence(folder, expected, probe, lazy)
+
+
+@contextmanager
+def _in_fp32(adapter, i: int):
+    """Layer i's FFN in fp32 while its statistics are taken and it is fitted, back in the run's dtype after
+    (the module put in its place, whichever it is then)."""
+    dtype = adapter.ffn(i).gate_proj.weight.dtype
+    if dtype != torch.float32:
+        adapter.ffn(i).float()
+    yield
+    adapter.ffn(i).to(dtype)
 
 
 @register_transform("sparsify", options=SparsifyConfig)

@@ -230,10 +230,13 @@ class LayerPass:
             count += targets.numel()
         return Perplexity(nll=total / count, tokens=count)
 
-    def equivalence(self, name: str) -> Equivalence:
-        """The output model against the source on the token blocks `name` (both streamed)."""
+    def equivalence(self, name: str, *, reference: str | None = None) -> Equivalence:
+        """The output model against the source on the token blocks `name` (both streamed); `reference`: the
+        source stream to compare with where it is another one whose blocks begin with these."""
         meter, blocks, start = EquivalenceMeter(), self.blocks[name], 0
-        for ref, cand in zip(self.logits(self.source[name]), self.logits(self.output[name])):
+        source = self.logits(self.source[reference or name])
+        for cand in self.logits(self.output[name]):
+            ref = next(source)
             meter.add(ref, cand, blocks[start : start + len(ref)])
             start += len(ref)
         return meter.result()

@@ -58,14 +58,19 @@ def warm_up_predictors(
         x = inputs.pop(i, None)
         if x is None:
             continue
-        ffn = adapter.ffn(i)
-        x_held, x_fit = x[:held_tokens], x[held_tokens:]
-        report.recall_init.append(predictor_recall(ffn, x_held))
-        if config.warmup_steps and any(True for _ in ffn.predictor.parameters()):
-            fit_predictor(ffn, x_fit, config.warmup_steps, config.warmup_lr, config.warmup_batch, generator)
-        report.recall.append(predictor_recall(ffn, x_held))
+        warm_up_predictor(adapter.ffn(i), x, held_tokens, config, report, generator)
         bar.set_postfix(layer=i, recall=f"{report.recall[-1]:.3f}")
     sparse.eval()
+
+
+def warm_up_predictor(ffn: BankSparseFFN, x: torch.Tensor, held_tokens: int, config, report, generator) -> None:
+    """One layer's: recall on the first `held_tokens` rows of its FFN inputs `x`, the predictor fitted to
+    the oracle on the rest (a shadow has nothing to fit), recall again; both into `report`."""
+    x_held, x_fit = x[:held_tokens], x[held_tokens:]
+    report.recall_init.append(predictor_recall(ffn, x_held))
+    if config.warmup_steps and any(True for _ in ffn.predictor.parameters()):
+        fit_predictor(ffn, x_fit, config.warmup_steps, config.warmup_lr, config.warmup_batch, generator)
+    report.recall.append(predictor_recall(ffn, x_held))
 
 
 # ---- distilling a sparse FFN into its dense one, on cached rows ------------------------------------
@@ -124,30 +129,37 @@ def convert_layerwise(
     bar = tqdm(range(top + 1), desc="layer-wise conversion", disable=not progress, leave=False)
     for i in bar:
         if i in converting:
-            ffn, target_ffn = sparse_adapter.ffn(i), dense_adapter.ffn(i)
+            ffn = sparse_adapter.ffn(i)
             rows, held = fit_stream.module_inputs(ffn), held_stream.module_inputs(ffn)
-            targets, held_targets = _dense_outputs(target_ffn, rows), _dense_outputs(target_ffn, held)
-            report.convert_error_before.append(relative_error(ffn, held, held_targets))
-            fit(
-                ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
-                distillation_loss(ffn, rows, targets),
-                steps=config.convert_steps,
-                rows=len(rows),
-                batch=config.convert_rows,
-                generator=generator,
-                optimizer="adamw",
-                weight_decay=0.0,
-                model=sparse,
-                train_mode=True,
-            )
-            ffn.router_inputs = None
-            report.convert_error_after.append(relative_error(ffn, held, held_targets))
+            convert_layer(ffn, dense_adapter.ffn(i), rows, held, config, report, generator, model=sparse)
             bar.set_postfix(
                 layer=i, error=f"{report.convert_error_before[-1]:.3f}->{report.convert_error_after[-1]:.3f}"
             )
         if i < top:  # the layer as converted feeds the next one
             fit_stream.advance(), held_stream.advance()
     sparse.eval()
+
+
+def convert_layer(ffn, dense_ffn, rows, held, config, report, generator, *, model=None) -> None:
+    """Fit one sparse FFN (predictor and weights) so that its output on `rows`, its inputs in the model as
+    converted below it, reproduces `dense_ffn`'s; relative error on `held` rows before and after into
+    `report`. `model`: the one the FFN sits in (frozen but for the FFN while fitting)."""
+    targets, held_targets = _dense_outputs(dense_ffn, rows), _dense_outputs(dense_ffn, held)
+    report.convert_error_before.append(relative_error(ffn, held, held_targets))
+    fit(
+        ffn_groups(ffn, config.convert_lr, ffn_lr_scale=config.convert_ffn_lr_scale),
+        distillation_loss(ffn, rows, targets),
+        steps=config.convert_steps,
+        rows=len(rows),
+        batch=config.convert_rows,
+        generator=generator,
+        optimizer="adamw",
+        weight_decay=0.0,
+        model=model if model is not None else ffn,
+        train_mode=True,
+    )
+    ffn.router_inputs = None
+    report.convert_error_after.append(relative_error(ffn, held, held_targets))
 
 
 @register_callback("anneal_keep")
