@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from upcycle import kernels
 from upcycle.arch import adapter_for, family_of
 from upcycle.errors import ConfigError, NotACausalLM
 
@@ -82,9 +83,11 @@ class Checkpoint:
     def nbytes(self) -> int:
         return sum(path.stat().st_size for path in set(self.files.values()))
 
-    def read(self, names: list[str], *, device="cpu", dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-        """The named tensors, floating-point ones in `dtype` (default: as stored), on `device`. Each file is
-        mapped only while its tensors are copied out."""
+    def read(
+        self, names: list[str], *, device="cpu", dtype: torch.dtype | dict | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The named tensors, floating-point ones in `dtype` (default: as stored; a dict: per name), on
+        `device`. Each file is mapped only while its tensors are copied out."""
         missing = [n for n in names if n not in self.files]
         if missing:
             raise NotACausalLM(f"{self.folder}: the checkpoint has no tensor {missing[0]!r}")
@@ -96,7 +99,8 @@ class Checkpoint:
             with _opened(path) as f:
                 for name in group:
                     t = f.get_tensor(name)
-                    cast = dtype if dtype is not None and t.is_floating_point() else t.dtype
+                    want = dtype.get(name) if isinstance(dtype, dict) else dtype
+                    cast = want if want is not None and t.is_floating_point() else t.dtype
                     out[name] = t.to(device=device, dtype=cast, copy=True)
                     del t
         return out
@@ -160,7 +164,12 @@ class LazyModel:
     def layer_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """Layer i's weights as its module names them (relative to the layer), on the device, in the dtype."""
         prefix = self.layer_prefix(i)
-        stored = self.checkpoint.read(self.checkpoint.with_prefix(prefix), device=self.device, dtype=self.dtype)
+        # a statistic the module keeps in fp32 whatever the model's dtype (a GPTQ shadow's input moment)
+        # is read in fp32: rounded to the run's dtype, it would not be the one written
+        fp32 = {prefix + k for k, v in self.adapter.layer(i).state_dict().items() if v.dtype == torch.float32}
+        names = self.checkpoint.with_prefix(prefix)
+        dtypes = {n: torch.float32 if n in fp32 else self.dtype for n in names}
+        stored = self.checkpoint.read(names, device=self.device, dtype=dtypes)
         return type(self.adapter).layer_from_checkpoint({k[len(prefix) :]: v for k, v in stored.items()})
 
     def load_layer(self, i: int) -> torch.nn.Module:
@@ -169,7 +178,9 @@ class LazyModel:
         return layer
 
     def release_layer(self, i: int) -> None:
-        """Layer i back to shapes only (its tensors freed)."""
+        """Layer i back to shapes only (its tensors freed, and the packed copies a bank-sparse FFN's kernel
+        made of them: kept on the module, they would pile up layer after layer)."""
+        kernels.release(self.adapter.layer(i))
         self.adapter.layer(i).to("meta")
 
     # ---- writing ------------------------------------------------------------------------------

@@ -326,3 +326,22 @@ def test_streamed_sparsify_equals_the_in_memory_sparsify(tmp_path, text_folder, 
     assert reloaded.max_abs_logit == 0.0  # the folder reads back to the model as it was held
     back, _ = hub.load(out)  # and transformers loads it as the in-memory model's own save would be
     assert type(back).__name__ == "UpcycleSparseForCausalLM" and back.config.sparsity == sparse.config.sparsity
+
+
+def test_a_bf16_streamed_sparsify_reads_back_to_the_model_it_held(tmp_path, text_folder):
+    """In bf16 the GPTQ shadow's input moment stays fp32, written and read back so: rounded to bf16, the
+    reloaded model's shadow would be another quantization (and at hidden 4608 its H not positive-definite)."""
+    from upcycle.pipelines import sparsify as sparsify_pipeline
+    from upcycle.pipelines.sparsify import SparsifyConfig
+
+    folder = saved(tmp_path, "llama", layers=2)
+    config = SparsifyConfig(bank=32, keep=8, calibration=str(text_folder), calibration_tokens=512, seq_len=64,
+                            convert_steps=3, convert_rows=64)  # fmt: skip
+    options = RunOptions(progress=False, dtype="bf16")
+    out, report, stream, reloaded = sparsify_pipeline.run_streamed(folder, tmp_path / "out", config, options=options)
+    assert stream.dtype == "bf16" and reloaded.max_abs_logit == 0.0 and reloaded.top1_agreement == 1.0
+    written = all_tensors(out)
+    assert written["model.layers.0.mlp.predictor.input_moment"].dtype == torch.float32
+    assert written["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
+    back, _ = hub.load(out, dtype=torch.bfloat16)
+    assert back.model.layers[1].mlp.predictor.input_moment.dtype == torch.float32

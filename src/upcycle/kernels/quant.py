@@ -74,8 +74,11 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
     h[dead, dead] = 1.0
     weights[:, dead] = 0.0
     h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
-    # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it
-    spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it.
+    # In float64: inputs that repeat one another (a model widened by duplication) leave H damped but so
+    # ill-conditioned that fp32 loses positive-definiteness of H^-1 (measured at hidden 4608).
+    h = h.double()
+    spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
     codes = torch.empty(rows, n, dtype=torch.float32)
     steps = torch.empty(rows, n // group)
     block = group * max(1, GPTQ_BLOCK // group)  # a whole number of groups

@@ -171,8 +171,19 @@ class ShadowPredictor(nn.Module):
         self.weights: tuple[torch.Tensor, torch.Tensor] | None = None
         self.quantized_from: tuple[torch.Tensor, torch.Tensor] | None = None  # GPTQ: the weights of the last pass
         self.full_weights: tuple[torch.Tensor, torch.Tensor] | None = None  # GPTQ: the copies it made
-        if quantizer == "gptq":
-            self.register_buffer("input_moment", torch.zeros(hidden, hidden))
+        if quantizer == "gptq":  # fp32 whatever the model's dtype (see _apply)
+            self.register_buffer("input_moment", torch.zeros(hidden, hidden, dtype=torch.float32))
+
+    def _apply(self, fn, recurse=True):
+        """Moves apply to the input moment, dtype casts do not: rounded to bf16, GPTQ's H = E[x x^T] of a
+        model with repeated inputs loses positive-definiteness (measured: Cholesky fails at hidden 4608)."""
+        moment = self._buffers.get("input_moment")
+        super()._apply(fn, recurse)
+        if moment is not None and moment.dtype == torch.float32:
+            moved = self._buffers["input_moment"]
+            if moved.dtype != torch.float32:
+                self._buffers["input_moment"] = moment.to(moved.device)
+        return self
 
     @torch.no_grad()
     def set_input_moment(self, rows: torch.Tensor, chunk: int = 8192) -> None:

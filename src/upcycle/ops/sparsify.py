@@ -69,6 +69,11 @@ class SparsifyConfig(Config):
         "layer-wise conversion: FFN weights' learning rate / the predictor's "
         "(1.0 measured best for the shadow: benchmarks/sparsify_quality.py)",
     )
+    fit_fp32: bool = option(
+        True,
+        "fit each layer (warm-up, conversion) in fp32 whatever --dtype (AdamW then holds 16 bytes per "
+        "parameter of one FFN); off: in the run's dtype, half that",
+    )
     layers: list[int] | None = option(None, "comma-separated layer indices (default: all)")
     permute: bool = option(False, "co-activation clustering of channels before banking")
     pad: bool = option(False, "pad the FFN width with zero channels to a multiple of BANK")

@@ -115,7 +115,8 @@ def run_streamed(
             if i not in chosen:
                 continue
             x = p.source["calibration"].module_inputs(adapter.ffn(i), previous=True) if sources else None
-            with _in_fp32(adapter, i):
+            with _fitting_dtype(adapter, i, cfg.fit_fp32) as (as_fitted, kept):
+                x = as_fitted(x)
                 if cfg.pad:
                     pad_layer(adapter, i, cfg.bank)
                 if cfg.permute:
@@ -127,8 +128,8 @@ def run_streamed(
                 if cfg.selection == "predictor" and x is not None:
                     warm_up_predictor(ffn, x, held_tokens, cfg, report, warm_up_rng)
                 if cfg.convert_steps:
-                    rows, held = p.output["fit"].module_inputs(ffn), p.output["held"].module_inputs(ffn)
-                    convert_layer(ffn, dense, rows, held, cfg, report, convert_rng)
+                    rows, held = (as_fitted(p.output[k].module_inputs(ffn)) for k in ("fit", "held"))
+                    convert_layer(ffn, dense, rows, held, cfg, report, convert_rng, kept=kept)
                 ffn.eval()
         if taken_out is not None:
             adapter.set_ffn(*taken_out)
@@ -144,13 +145,14 @@ def run_streamed(
 
 
 @contextmanager
-def _in_fp32(adapter, i: int):
-    """Layer i's FFN in fp32 while its statistics are taken and it is fitted, back in the run's dtype after
-    (the module put in its place, whichever it is then)."""
+def _fitting_dtype(adapter, i: int, fp32: bool):
+    """Layer i's FFN in fp32 (`fp32`) or in the run's dtype while its statistics are taken and it is
+    fitted, back in the run's dtype after (the module put in its place, whichever it is then). Yields (what
+    casts calibration rows, fp32 as captured, to the dtype the FFN is fitted in; what casts it back)."""
     dtype = adapter.ffn(i).gate_proj.weight.dtype
-    if dtype != torch.float32:
-        adapter.ffn(i).float()
-    yield
+    fitted = torch.float32 if fp32 else dtype
+    adapter.ffn(i).to(fitted)
+    yield (lambda rows: rows if rows is None else rows.to(fitted)), lambda: adapter.ffn(i).to(dtype)
     adapter.ffn(i).to(dtype)
 
 

@@ -101,10 +101,13 @@ def distillation_loss(ffn: BankSparseFFN, rows: torch.Tensor, targets: torch.Ten
 
 @torch.no_grad()
 def relative_error(ffn: torch.nn.Module, rows: torch.Tensor, targets: torch.Tensor, chunk: int = 4096) -> float:
-    """||ffn(rows) - targets||^2 / ||targets||^2, in eval mode."""
+    """||ffn(rows) - targets||^2 / ||targets||^2, in eval mode, the rows in the FFN's dtype."""
     was_training = ffn.training
     ffn.eval()
-    error = sum(float((ffn(r) - t).pow(2).sum()) for r, t in zip(rows.split(chunk), targets.split(chunk)))
+    dtype = ffn.down_proj.weight.dtype
+    error = sum(
+        float((ffn(r.to(dtype)).float() - t).pow(2).sum()) for r, t in zip(rows.split(chunk), targets.split(chunk))
+    )
     ffn.train(was_training)
     return error / float(targets.pow(2).sum())
 
@@ -140,10 +143,11 @@ def convert_layerwise(
     sparse.eval()
 
 
-def convert_layer(ffn, dense_ffn, rows, held, config, report, generator, *, model=None) -> None:
+def convert_layer(ffn, dense_ffn, rows, held, config, report, generator, *, model=None, kept=None) -> None:
     """Fit one sparse FFN (predictor and weights) so that its output on `rows`, its inputs in the model as
     converted below it, reproduces `dense_ffn`'s; relative error on `held` rows before and after into
-    `report`. `model`: the one the FFN sits in (frozen but for the FFN while fitting)."""
+    `report`. `model`: the one the FFN sits in (frozen but for the FFN while fitting); `kept()`: puts the
+    FFN in the form it is kept in (fitted in fp32, kept in bf16), before the error after is measured."""
     targets, held_targets = _dense_outputs(dense_ffn, rows), _dense_outputs(dense_ffn, held)
     report.convert_error_before.append(relative_error(ffn, held, held_targets))
     fit(
@@ -159,6 +163,8 @@ def convert_layer(ffn, dense_ffn, rows, held, config, report, generator, *, mode
         train_mode=True,
     )
     ffn.router_inputs = None
+    if kept is not None:
+        kept()
     report.convert_error_after.append(relative_error(ffn, held, held_targets))
 
 
