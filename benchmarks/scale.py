@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 
+import torch
 from harness import RESULTS, figure, load, measured, save
 
 from upcycle import data, hub
@@ -56,7 +57,8 @@ ROWS = {
     # its weights, 1/4-1/8 of SmolLM2's scale after growth: the default 1e-3 raised the FFN error on the grown
     # 0.5B (0.063 -> 0.073), 1e-4 lowered it (-> 0.060)
     "sparsify_16_of_64": (["sparsify", "SRC", "OUT", "--bank", "64", "--keep", "16", "--calibration-tokens", "2048",
-                           "--convert-steps", "8", "--convert-rows", "256", "--convert-lr", "1e-4", "--dtype", "bf16"],
+                           "--convert-steps", "8", "--convert-rows", "256", "--convert-lr", "1e-4", "--no-fit-fp32",
+                           "--dtype", "bf16"],
                           2.35),
     # the sparsify row's output (kept for this row) made dense again: the stock family, every channel computed
     "densify": (["densify", "OUT:sparsify_16_of_64", "OUT", "--dtype", "bf16"], 2),
@@ -154,6 +156,7 @@ def row(name: str, source: Path, work: Path, *, keep: bool = False) -> dict:
     run = upcycle_cli(*argv)
     written = "bf16" if "bf16" in argv else "fp32" if "OUT" in args else None
     result = _brief(run) | {"dtype_written": written, "command": "upcycle " + " ".join(argv)}
+    result["read_bytes"] = folder_bytes(read or source)
     if out.exists():
         result["output_bytes"] = folder_bytes(out)
         report = next((f for f in out.glob("*_report.json")), None)
@@ -181,6 +184,163 @@ def row(name: str, source: Path, work: Path, *, keep: bool = False) -> dict:
     return result
 
 
+# ---- peers on the same checkpoints ------------------------------------------------------------------------
+LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
+MERGEKIT = "mergekit==0.1.5"
+PRUNE_FP32 = ["--sparsity", "0.5", *CALIBRATION, "--dtype", "fp32"]  # llm-compressor prunes the fp32 model
+
+
+def watched(args: list, limit_mb: float) -> dict:
+    """Run a command, sampling its resident memory; stopped when it passes `limit_mb` (before the kernel's
+    OOM killer picks a process): {"seconds", "peak_rss_mb", "stdout"} or {"error", "seconds", "peak_rss_mb"}."""
+    import subprocess
+
+    start, peak = time.perf_counter(), 0.0
+    with open(os.devnull, "w") as devnull:
+        proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.PIPE, stderr=devnull, text=True)
+    while proc.poll() is None:
+        try:
+            rss = next(int(line.split()[1]) for line in open(f"/proc/{proc.pid}/status") if line.startswith("VmRSS"))
+        except (FileNotFoundError, StopIteration, ProcessLookupError):
+            rss = 0
+        peak = max(peak, rss / 1024)
+        if peak > limit_mb:
+            proc.kill()
+            proc.wait()
+            return {"error": f"resident memory passed {limit_mb / 1024:.0f} GiB (this machine has "
+                             f"{ram_gib():.1f}): stopped", "seconds": time.perf_counter() - start,
+                    "peak_rss_mb": peak}  # fmt: skip
+        time.sleep(0.5)
+    seconds, out = time.perf_counter() - start, proc.stdout.read()
+    if proc.returncode:
+        return {"error": f"exit code {proc.returncode}", "seconds": seconds, "peak_rss_mb": peak}
+    return {"seconds": seconds, "peak_rss_mb": peak, "stdout": out}
+
+
+def ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def held_ppl(folder: Path) -> float | None:
+    """The eval row's perplexity (the same held-out blocks), streamed: any output, ours or a peer's."""
+    run = upcycle_cli("eval", folder, *EVAL, "--json")
+    return json.loads(run["stdout"][run["stdout"].index("{") :])["ppl"] if "stdout" in run else None
+
+
+def peer_prune(size: str, folder: Path, work: Path, method: str) -> dict:
+    """llm-compressor's oneshot (its sequential pipeline: the model in CPU RAM, a layer at a time computed) and
+    upcycle's streamed prune, each a whole process on the same checkpoint and calibration blocks, fp32."""
+    from peers import driver, peer_python
+
+    _, tokenizer = hub.folder_for(folder)
+    blocks = data.blocks(TEXT, tokenizer, "train", 256, max_blocks=1024 // 256)  # what CALIBRATION reads
+    calibration = work / "calibration.json"
+    calibration.write_text(json.dumps({"input_ids": blocks.tolist()}))
+    out = work / f"peer-{method}"
+    limit = (ram_gib() - 2) * 1024
+    theirs = watched([peer_python("upcycle-bench-llmcompressor", (LLMCOMPRESSOR,)), driver("llmcompressor_prune"),
+                      folder, calibration, out, "--method", method, "--sparsity", "0.5"], limit)  # fmt: skip
+    point = {"size": size, "parameters": params_of(folder), "tool": LLMCOMPRESSOR}
+    point |= {k: v for k, v in theirs.items() if k != "stdout"}
+    if "error" not in theirs:
+        point["oneshot_seconds"] = json.loads(theirs["stdout"].strip().splitlines()[-1])["seconds"]
+        point["ppl"] = held_ppl(out)
+    shutil.rmtree(out, ignore_errors=True)
+    ours = upcycle_cli("prune", folder, out, "--method", method, *PRUNE_FP32)
+    point["upcycle"] = {k: v for k, v in _brief(ours).items() if k in ("seconds", "peak_rss_mb", "error")}
+    if "error" not in ours:
+        point["upcycle"]["ppl"] = held_ppl(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return point
+
+
+def peer_moe(size: str, folder: Path, work: Path) -> dict:
+    """mergekit-moe (its lazy loader: tensor by tensor from memory-mapped shards) against upcycle's streamed
+    grow, both 8 copies of the FFN with top-2 routing into Mixtral, bf16, each a whole process."""
+    import yaml
+    from peers import peer_python
+
+    exe = peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
+    out = work / "peer-moe"
+    config = {"base_model": str(folder), "gate_mode": "random", "dtype": "bfloat16", "experts_per_token": 2,
+              "experts": [{"source_model": str(folder)} for _ in range(8)]}  # fmt: skip
+    (work / "moe.yaml").write_text(yaml.safe_dump(config))
+    theirs = watched([exe, work / "moe.yaml", out, "--i-understand-this-is-not-useful-without-training", "--quiet",
+                      "--lazy-unpickle"], (ram_gib() - 2) * 1024)  # fmt: skip
+    point = {"size": size, "parameters": params_of(folder), "tool": MERGEKIT}
+    point |= {k: v for k, v in theirs.items() if k != "stdout"}
+    if "error" not in theirs:
+        point["ppl"] = held_ppl(out)
+    shutil.rmtree(out, ignore_errors=True)
+    ours = upcycle_cli("grow", folder, out, "--op", "moe", "--mode", "copy", "--family", "mixtral", "--experts", "8",
+                       "--top-k", "2", "--calibration-tokens", "1024", "--dtype", "bf16")  # fmt: skip
+    point["upcycle"] = {k: v for k, v in _brief(ours).items() if k in ("seconds", "peak_rss_mb", "error", "says")}
+    if "error" not in ours:
+        point["upcycle"]["ppl"] = held_ppl(out)
+    shutil.rmtree(out, ignore_errors=True)
+    return point
+
+
+def sparsify_lr(work: Path, lrs=("1e-3", "1e-4", "1e-5")) -> dict:
+    """The sparsify row's conversion learning rate, chosen on the grown 0.5B (same recipe, bf16): the mean
+    relative FFN error before and after conversion, and the sparse model's KL to the dense one."""
+    folder = Path(build("0.5B", work)["folder"])
+    out, points = work / "out-sparsify-lr", {}
+    recipe = ROWS["sparsify_16_of_64"][0][3:]
+    recipe = [a for n, a in enumerate(recipe) if a != "--convert-lr" and recipe[n - 1] != "--convert-lr"]
+    for lr in lrs:
+        run = upcycle_cli("sparsify", folder, out, *recipe, "--convert-lr", lr)
+        if "error" in run:
+            points[lr] = {"error": run["error"]}
+            continue
+        facts = json.loads((out / "sparsify_report.json").read_text())
+        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        points[lr] = {"error_before": mean(facts["convert_error_before"]),
+                      "error_after": mean(facts["convert_error_after"]), "kl": facts["equivalence"]["mean_kl"],
+                      "seconds": run["seconds"]}  # fmt: skip
+        shutil.rmtree(out)
+    return {"size": "0.5B", "parameters": params_of(folder), "lrs": points}
+
+
+def first_layer(source: Path) -> dict:
+    """SparseGPT 2:4 on the checkpoint's first layer alone, in a process of its own (as the prune row would
+    do it: bf16, 1,024 calibration tokens carried to the layer): its seconds and the process's peak memory,
+    for a row too long to run whole here."""
+    run = measured(sys.executable, __file__, "--child-first-layer", source)
+    if "error" in run:
+        return run
+    return json.loads(run["stdout"].strip().splitlines()[-1]) | {"peak_rss_mb": run["peak_rss_mb"]}
+
+
+def _child_first_layer(source: str) -> None:
+    from upcycle.checkpoint import LazyModel
+    from upcycle.ops.calibrate import LayerStream
+    from upcycle.ops.prune import PruneReport, PruneSpec, prune_layer
+
+    lazy = LazyModel(source, dtype=torch.bfloat16)
+    _, tokenizer = hub.folder_for(source)
+    lazy.load_outer()
+    stream = LayerStream(lazy.model, data.blocks(TEXT, tokenizer, "train", 256, max_blocks=4))
+    lazy.load_layer(0)
+    spec = PruneSpec(method="sparsegpt", nm="2:4")
+    report = PruneReport(spec.describe(), 0.0)
+    start = time.perf_counter()
+    prune_layer(lazy.adapter, 0, spec, stream, report)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"layer_seconds": seconds, "layers": lazy.num_layers, "estimate_s": seconds * lazy.num_layers,
+                      "pattern_holds": report.pattern_holds}))  # fmt: skip
+
+
+def _largest_run(runs: list[dict]) -> dict:
+    """A peer's entry: the figures at the largest size it ran (the keys the docs read), every size under
+    `sizes`, and the error at any size it could not run."""
+    ran = [p for p in runs if "error" not in p]
+    top = max(ran, key=lambda p: p["parameters"]) if ran else runs[-1]
+    failed = {p["size"]: p["error"] for p in runs if "error" in p}
+    return {k: v for k, v in top.items()} | {"sizes": sorted(runs, key=lambda p: p["parameters"])} | (
+        {"failed": failed} if failed else {})  # fmt: skip
+
+
 def source_ppl() -> float:
     """SmolLM2-135M's perplexity on the blocks the eval row scores (in memory: it is small)."""
     model, tokenizer = hub.load("smollm2-135m")
@@ -206,7 +366,8 @@ def table(results: dict) -> str:
             continue
         written = f"{r['output_bytes'] / 1e9:.1f} GB ({r['dtype_written']})" if r.get("output_bytes") else "—"
         quality = f"{r['ppl']:.3f}" if "ppl" in r else (
-            f"{r['ppl_before']:.3f} → {r['ppl_after']:.3f}" if "ppl_after" in r else "—")  # fmt: skip
+            f"{r['ppl_before']:.3f} → {r['ppl_after']:.3f}" if "ppl_after" in r else
+            f"KL {r['kl']:.3f} vs dense" if "kl" in r else "—")  # fmt: skip
         dlogit = f"{r['max_dlogit']:.3g}" if "max_dlogit" in r else "—"
         ratio = io_ratio(r, ck, disk)
         lines.append(
@@ -218,6 +379,30 @@ def table(results: dict) -> str:
         "output (its measured speeds); in brackets, the streamed pass that writes, without the process start, "
         "the held-out forward before it and the pass that reads the output back.",
     ]
+    lr = results.get("sparsify_lr")
+    if lr:
+        cells = "; ".join(f"{k}: FFN error {v['error_before']:.3f} → {v['error_after']:.3f}, KL {v['kl']:.3f}"
+                          for k, v in lr["lrs"].items() if "kl" in v)  # fmt: skip
+        lines += ["", f"The sparsify row's conversion learning rate, on the grown {lr['size']} (same recipe): {cells}."]
+    first = results.get("first_layer", {}).get("prune_sparsegpt_2of4")
+    if first and "layer_seconds" in first:
+        lines += ["", f"SparseGPT 2:4 on the {first['size']} checkpoint's first layer alone (bf16, 1,024 calibration "
+                  f"tokens): {first['layer_seconds']:.0f} s, peak {first['peak_rss_mb']:,.0f} MB; "
+                  f"× {first['layers']} layers ≈ {first['estimate_s'] / 3600:.1f} h."]  # fmt: skip
+    peers = results.get("peers", {})
+    if peers:
+        lines += ["", "| peer, size | peer s | peer peak MB | peer ppl | upcycle s | upcycle peak MB | upcycle ppl |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for name, entry in peers.items():
+            for p in entry.get("sizes", [entry]):
+                ours = p.get("upcycle", {})
+                if "error" in p:
+                    theirs = f"{p['error']} after {p['seconds']:.0f} s | {p['peak_rss_mb']:,.0f} | —"
+                else:
+                    theirs = f"{p['seconds']:.0f} | {p['peak_rss_mb']:,.0f} | {_num(p.get('ppl'))}"
+                mine = (f"{ours['seconds']:.0f} | {ours['peak_rss_mb']:,.0f} | {_num(ours.get('ppl'))}"
+                        if "seconds" in ours else "— | — | —")  # fmt: skip
+                lines.append(f"| {name}, {p['parameters'] / 1e9:.2f}B | {theirs} | {mine} |")
     for verb, points in results.get("curve", {}).items():
         cells = ", ".join(
             f"{p['parameters'] / 1e9:.2f}B: {p['peak_rss_mb']:,.0f} MB, {p['seconds']:.0f} s"
@@ -228,12 +413,17 @@ def table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _num(x) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
 def io_ratio(r: dict, checkpoint: dict, disk: dict) -> str:
     """The row's time over reading the checkpoint and writing its output at this disk's speeds, and the
     writing pass's alone (from the pass line the command printed)."""
     if not disk or not checkpoint:
         return "—"
-    io = checkpoint["bytes_on_disk"] / disk["read_gb_s"] / 1e9 + r.get("output_bytes", 0) / disk["write_gb_s"] / 1e9
+    read = r.get("read_bytes", checkpoint["bytes_on_disk"])
+    io = read / disk["read_gb_s"] / 1e9 + r.get("output_bytes", 0) / disk["write_gb_s"] / 1e9
     passes = [float(m) for line in r.get("says", []) if "wrote" in line
               for m in re.findall(r"streamed \d+ layers on \S+ in \S+: ([0-9.]+) s", line)]  # fmt: skip
     return f"{r['seconds'] / io:.1f}" + (f" ({passes[-1] / io:.1f})" if passes else "")
@@ -262,12 +452,24 @@ def plot(results: dict, path: Path) -> None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["--child-first-layer"]:
+        return _child_first_layer(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", nargs="*", default=["disk", "build", "rows", "curve"],
-                        choices=("disk", "build", "rows", "curve"))  # fmt: skip
+    parser.add_argument("--part", nargs="*", default=["disk", "build", "rows", "curve", "peers"],
+                        choices=("disk", "build", "rows", "curve", "peers", "first-layer", "sparsify-lr"))  # fmt: skip
+    parser.add_argument(
+        "--peer-sizes",
+        nargs="*",
+        default=["0.5B", "1.5B", "7.5B"],
+        choices=list(SIZES),
+        help="the sizes llm-compressor is run at (where it cannot hold a model, how it fails)",
+    )
     parser.add_argument("--size", default="7.5B", choices=list(SIZES), help="the checkpoint the rows run on")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES), help="the curve's sizes")
+    parser.add_argument("--keep", nargs="*", default=[], choices=list(ROWS),
+                        help="rows whose output stays for a later run's rows (e.g. sparsify for densify, when the "
+                             "disk holds the source or both outputs, not all three)")  # fmt: skip
     parser.add_argument("--work", default="/tmp/upcycle-scale", help="where checkpoints and outputs go")
     args = parser.parse_args()
     work = Path(args.work)
@@ -302,7 +504,7 @@ def main() -> None:
     if "rows" in args.part:
         for name in args.rows:
             print(f"{name} ...", flush=True)
-            read_later = any(f"OUT:{name}" in ROWS[later][0] for later in args.rows)
+            read_later = name in args.keep or any(f"OUT:{name}" in ROWS[later][0] for later in args.rows)
             rows[name] = row(name, source, work, keep=read_later) | {"size": args.size}
             print(f"  {rows[name]}", flush=True)
             if name == "eval" and "ppl" in rows[name]:
@@ -327,6 +529,34 @@ def main() -> None:
                 print(f"curve {verb} {size}: {point}", flush=True)
                 save("scale", results)
             if size != args.size:  # the rows' checkpoint stays for re-runs; the others are rebuilt in minutes
+                shutil.rmtree(folder, ignore_errors=True)
+    if "sparsify-lr" in args.part:
+        results["sparsify_lr"] = sparsify_lr(work)
+        print(f"sparsify lr: {results['sparsify_lr']}", flush=True)
+        save("scale", results)
+    if "first-layer" in args.part:  # SparseGPT 2:4's cost on one layer, where the whole row is too long here
+        results["first_layer"] = {"prune_sparsegpt_2of4": first_layer(source) | {"size": args.size}}
+        print(f"first layer: {results['first_layer']}", flush=True)
+        save("scale", results)
+    if "peers" in args.part:
+        peers = results.setdefault("peers", {})
+        for size in args.peer_sizes:
+            folder = Path(build(size, work)["folder"])
+            for method in ("wanda", "sparsegpt"):
+                point = peer_prune(size, folder, work, method)
+                runs = [
+                    p for p in peers.setdefault(f"llmcompressor_{method}_50", {}).get("sizes", []) if p["size"] != size
+                ]
+                runs.append(point)
+                peers[f"llmcompressor_{method}_50"] = _largest_run(runs)
+                print(f"peer llm-compressor {method} {size}: {point}", flush=True)
+                save("scale", results)
+            if size == args.peer_sizes[0]:
+                point = peer_moe(size, folder, work)
+                peers["mergekit_moe"] = _largest_run([point])
+                print(f"peer mergekit-moe {size}: {point}", flush=True)
+                save("scale", results)
+            if size != args.size:
                 shutil.rmtree(folder, ignore_errors=True)
     save("scale", results)
     plot(results, RESULTS / "scale.png")
