@@ -195,7 +195,6 @@ def watched(args: list, limit_mb: float) -> dict:
     """Run a command, sampling its resident memory; stopped when it passes `limit_mb` (before the kernel's
     OOM killer picks a process): {"seconds", "peak_rss_mb", "stdout"} or {"error", "seconds", "peak_rss_mb"}."""
     import subprocess
-
     import tempfile
 
     start, peak = time.perf_counter(), 0.0
