@@ -53,13 +53,15 @@ ROWS = {
                        "--calibration-tokens", "1024", "--dtype", "bf16"], 2),
     "slim_ffn_33": (["slim", "SRC", "OUT", "--op", "ffn_width", "--width", "11264", "--calibration-tokens", "1024",
                      "--dtype", "bf16"], 2),
-    # conversion at a budget this machine can give a 7B (8 steps of 256 rows a layer) and a learning rate for
+    # conversion at a budget this machine can give a 7B (4 steps of 256 rows a layer) and a learning rate for
     # its weights, 1/4-1/8 of SmolLM2's scale after growth: the default 1e-3 raised the FFN error on the grown
     # 0.5B (0.063 -> 0.073), 1e-4 lowered it (-> 0.060)
-    # the shadow rounded to nearest: GPTQ of one 16,896 x 4,608 matrix takes 19 s on this CPU, four a layer
+    # the low-rank predictor (the paper's): the shadow's quantizers are the slow part at this width on this
+    # CPU (GPTQ of one 16,896 x 4,608 matrix: 19 s, four a layer; rounding to nearest with its step search:
+    # about 40 s for the pair, again at every conversion step) — 4 to 8 minutes a layer, measured
     "sparsify_16_of_64": (["sparsify", "SRC", "OUT", "--bank", "64", "--keep", "16", "--calibration-tokens", "2048",
-                           "--convert-steps", "8", "--convert-rows", "256", "--convert-lr", "1e-4", "--no-fit-fp32",
-                           "--quantizer", "rtn", "--dtype", "bf16"],
+                           "--convert-steps", "4", "--convert-rows", "256", "--convert-lr", "1e-4", "--no-fit-fp32",
+                           "--predictor", "lowrank", "--warmup-steps", "50", "--dtype", "bf16"],
                           2.35),
     # the sparsify row's output (kept for this row) made dense again: the stock family, every channel computed
     "densify": (["densify", "OUT:sparsify_16_of_64", "OUT", "--dtype", "bf16"], 2),
@@ -462,7 +464,7 @@ def main() -> None:
         return _child_first_layer(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="*", default=["disk", "build", "rows", "curve", "peers"],
-                        choices=("disk", "build", "rows", "curve", "peers", "first-layer", "sparsify-lr"))  # fmt: skip
+                        choices=("disk", "build", "rows", "curve", "peers", "peers-moe", "first-layer", "sparsify-lr"))  # fmt: skip
     parser.add_argument(
         "--peer-sizes",
         nargs="*",
@@ -557,13 +559,14 @@ def main() -> None:
                 peers[f"llmcompressor_{method}_50"] = _largest_run(runs)
                 print(f"peer llm-compressor {method} {size}: {point}", flush=True)
                 save("scale", results)
-            if size == "0.5B":  # 8 copies of every FFN: at 7.45B that would be 56B parameters
-                point = peer_moe(size, folder, work)
-                peers["mergekit_moe"] = _largest_run([point])
-                print(f"peer mergekit-moe {size}: {point}", flush=True)
-                save("scale", results)
             if size != args.size:
                 shutil.rmtree(folder, ignore_errors=True)
+    if "peers-moe" in args.part:  # at 0.5B: 8 copies of every FFN, at 7.45B, would be 56B parameters
+        folder = Path(build("0.5B", work)["folder"])
+        point = peer_moe("0.5B", folder, work)
+        results.setdefault("peers", {})["mergekit_moe"] = _largest_run([point])
+        print(f"peer mergekit-moe 0.5B: {point}", flush=True)
+        shutil.rmtree(folder, ignore_errors=True)
     save("scale", results)
     plot(results, RESULTS / "scale.png")
     print(f"wrote {RESULTS / 'scale.json'}")
