@@ -381,7 +381,13 @@ def table(results: dict) -> str:
         lines.append(
             f"| {name} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} |"
         )
+    for name in ROWS:
+        if name not in results.get("rows", {}):
+            lines.append(f"| {name} | — | — | — | not run for these results | — | — |")
     lines += [
+        "",
+        "max \\|Δlogit\\|: the written model read back against the model as held (convert, sparsify, grow: 0 is "
+        "exact); densify: the dense model against the sparse one, which differ by design.",
         "",
         "× read + write: the row's wall time over the time this disk takes to read the checkpoint and write the "
         "output (its measured speeds); in brackets, the streamed pass that writes, without the process start, "
