@@ -24,7 +24,10 @@ import json
 import os
 import re
 import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -196,9 +199,6 @@ PRUNE_FP32 = ["--sparsity", "0.5", *CALIBRATION, "--dtype", "fp32"]  # llm-compr
 def watched(args: list, limit_mb: float) -> dict:
     """Run a command, sampling its resident memory; stopped when it passes `limit_mb` (before the kernel's
     OOM killer picks a process): {"seconds", "peak_rss_mb", "stdout"} or {"error", "seconds", "peak_rss_mb"}."""
-    import subprocess
-    import tempfile
-
     start, peak = time.perf_counter(), 0.0
     stdout = tempfile.TemporaryFile("w+")  # a file, not a pipe: a chatty peer cannot fill it and stall
     with open(os.devnull, "w") as devnull:
@@ -302,7 +302,7 @@ def sparsify_lr(work: Path, lrs=("1e-3", "1e-4", "1e-5")) -> dict:
             points[lr] = {"error": run["error"]}
             continue
         facts = json.loads((out / "sparsify_report.json").read_text())
-        mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+        mean = statistics.fmean
         points[lr] = {"error_before": mean(facts["convert_error_before"]),
                       "error_after": mean(facts["convert_error_after"]), "kl": facts["equivalence"]["mean_kl"],
                       "seconds": run["seconds"]}  # fmt: skip

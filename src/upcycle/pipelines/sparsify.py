@@ -149,7 +149,7 @@ def _fitting_dtype(adapter, i: int, fp32: bool):
     """Layer i's FFN in fp32 (`fp32`) or in the run's dtype while its statistics are taken and it is
     fitted, back in the run's dtype after (the module put in its place, whichever it is then). Yields (what
     casts calibration rows, fp32 as captured, to the dtype the FFN is fitted in; what casts it back)."""
-    dtype = adapter.ffn(i).gate_proj.weight.dtype
+    dtype = adapter.ffn_weights(i).gate.dtype
     fitted = torch.float32 if fp32 else dtype
     adapter.ffn(i).to(fitted)
     yield (lambda rows: rows if rows is None else rows.to(fitted)), lambda: adapter.ffn(i).to(dtype)
