@@ -345,3 +345,70 @@ def test_a_bf16_streamed_sparsify_reads_back_to_the_model_it_held(tmp_path, text
     assert written["model.layers.0.mlp.gate_proj.weight"].dtype == torch.bfloat16
     back, _ = hub.load(out, dtype=torch.bfloat16)
     assert back.model.layers[1].mlp.predictor.input_moment.dtype == torch.float32
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "verb,step",
+    [
+        ("grow", {"op": "moe", "family": "qwen2_moe", "experts": 4, "top_k": 2, "mode": "shared"}),
+        ("grow", {"op": "depth", "add": 2}),
+        ("slim", {"op": "ffn_width", "width": 1024}),
+        ("slim", {"op": "depth", "layers": 4, "criterion": "block_influence"}),
+    ],
+)
+def test_streamed_grow_and_slim_on_smollm2_equal_the_in_memory_path(tmp_path, verb, step):
+    """The real model, streamed from the cached checkpoint, against the in-memory verb: every tensor written is
+    the in-memory model's, and the figures each verb reports agree."""
+    from upcycle.pipelines import grow as grow_pipeline
+    from upcycle.pipelines import slim as slim_pipeline
+    from upcycle.pipelines.grow import GrowConfig, GrowStep
+    from upcycle.pipelines.slim import SlimConfig, SlimStage, SlimStep
+
+    if verb == "grow":
+        pipeline, config = grow_pipeline, GrowConfig(steps=[GrowStep(**step)], calibration_tokens=512, seq_len=128)
+    else:
+        pipeline = slim_pipeline
+        config = SlimConfig(stages=[SlimStage(cuts=[SlimStep(**step)])], calibration_tokens=512, seq_len=128)
+    out, report, _ = pipeline.run_streamed("smollm2-135m", tmp_path / "out", config, options=QUIET)
+    model, tokenizer = hub.load("smollm2-135m")
+    changed, expected = pipeline.run(model, tokenizer, config, progress=False)
+    reloaded, _ = hub.load(out)
+    state = changed.state_dict()
+    assert type(reloaded) is type(changed) and sorted(reloaded.state_dict()) == sorted(state)
+    for name, tensor in reloaded.state_dict().items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-6, atol=1e-7, msg=name)
+    if verb == "grow":
+        assert report.equivalence["max_abs_logit"] == pytest.approx(expected.equivalence["max_abs_logit"], abs=1e-4)
+    else:
+        ours, theirs = report.cuts[0], expected.cuts[0]
+        assert ours.ppl_after == pytest.approx(theirs.ppl_after, rel=1e-5)
+        assert ours.kl == pytest.approx(theirs.kl, rel=1e-4)
+
+
+@pytest.mark.slow
+def test_streamed_sparsify_and_densify_on_smollm2_equal_the_in_memory_path(tmp_path, capsys):
+    """Sparsify (GPTQ shadow, two layers converted) streamed from the real checkpoint gives the in-memory
+    model's tensors and figures; densifying what was written gives the in-memory densify's weights bitwise."""
+    from upcycle.ops import densify
+    from upcycle.pipelines import sparsify as sparsify_pipeline
+    from upcycle.pipelines.sparsify import SparsifyConfig
+
+    config = SparsifyConfig(bank=64, keep=16, layers=[0, 15], calibration_tokens=1024, seq_len=128,
+                            convert_steps=3, convert_rows=64)  # fmt: skip
+    out, report, _, reloaded = sparsify_pipeline.run_streamed("smollm2-135m", tmp_path / "sparse", config,
+                                                              options=QUIET)  # fmt: skip
+    model, tokenizer = hub.load("smollm2-135m")
+    sparse, expected = sparsify_pipeline.run(model, tokenizer, config, progress=False)
+    written, state = all_tensors(out), sparse.state_dict()
+    for name, tensor in written.items():
+        torch.testing.assert_close(tensor, state[name], rtol=1e-5, atol=1e-6, msg=name)
+    for key in ("recall", "convert_error_before", "convert_error_after"):
+        assert getattr(report, key) == pytest.approx(getattr(expected, key), rel=1e-4, abs=1e-6), key
+    assert reloaded.max_abs_logit == 0.0
+    assert main(["densify", str(out), str(tmp_path / "dense"), "--no-progress"]) == 0
+    dense, _ = hub.load(tmp_path / "dense")
+    held, _ = hub.load(out)
+    expected_dense = densify(held).state_dict()
+    assert type(dense).__name__ == "LlamaForCausalLM"
+    assert all(torch.equal(v, expected_dense[k]) for k, v in dense.state_dict().items())
