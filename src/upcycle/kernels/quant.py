@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import torch
 
+from upcycle.kernels.linalg import InverseHessianFactor
+
 CLIP_RATIOS = torch.linspace(0.4, 1.0, 13)  # the top level at this fraction of max|w|, steps of 0.05
 GPTQ_BLOCK = 128  # inputs rounded before the rest of the matrix is updated at once (a matmul)
 GPTQ_DAMP = 0.01  # added to H's diagonal, times its mean: keeps the inverse finite
@@ -69,30 +71,23 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
     as the errors carried so far have left them. An input never seen (zero diagonal) has no say."""
     levels, (rows, n) = 2**bits, w.shape
     weights = w.detach().float().clone()
-    h = moment.detach().float().clone()
-    dead = h.diagonal() == 0
-    h[dead, dead] = 1.0
-    weights[:, dead] = 0.0
-    h.diagonal().add_(GPTQ_DAMP * h.diagonal().mean())
-    # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it.
-    # In float64: inputs that repeat one another (a model widened by duplication) leave H damped but so
-    # ill-conditioned that fp32 loses positive-definiteness of H^-1 (measured at hidden 4608).
-    h = h.double()
-    spread = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True).float()
+    weights[:, moment.diagonal() == 0] = 0.0
+    # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it
+    factor = InverseHessianFactor(moment.detach().to(torch.float64, copy=True), GPTQ_DAMP)
     codes = torch.empty(rows, n, dtype=torch.float32)
     steps = torch.empty(rows, n // group)
     block = group * max(1, GPTQ_BLOCK // group)  # a whole number of groups
     for b0 in range(0, n, block):
         b1 = min(b0 + block, n)
-        part, errors = weights[:, b0:b1].clone(), torch.empty(rows, b1 - b0)
+        part, errors, spread = weights[:, b0:b1].clone(), torch.empty(rows, b1 - b0), factor.rows(b0, b1)
         for j in range(b1 - b0):
             if (b0 + j) % group == 0:
                 steps[:, (b0 + j) // group] = best_steps(part[:, j : j + group], levels)
             step = steps[:, (b0 + j) // group]
             codes[:, b0 + j] = c = _round(part[:, j], step, levels)
-            errors[:, j] = e = (part[:, j] - c * step / 2) / spread[b0 + j, b0 + j]
-            part[:, j + 1 :] -= e[:, None] * spread[b0 + j, b0 + j + 1 : b1][None, :]
-        weights[:, b1:] -= errors @ spread[b0:b1, b1:]
+            errors[:, j] = e = (part[:, j] - c * step / 2) / spread[j, b0 + j]
+            part[:, j + 1 :] -= e[:, None] * spread[j, b0 + j + 1 : b1][None, :]
+        weights[:, b1:] -= errors @ spread[:, b1:]
     return codes.to(code_dtype(bits)), steps / 2
 
 

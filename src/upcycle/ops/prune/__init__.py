@@ -23,6 +23,7 @@ from upcycle.arch import adapter_for
 from upcycle.config import Config, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval import compare, perplexity
+from upcycle.kernels.linalg import InverseHessianFactor
 from upcycle.ops.calibrate import LayerStream, _rows, hooked
 from upcycle.ops.prune.masks import (
     magnitude_scores,
@@ -189,7 +190,12 @@ def prune_layer(adapter, i: int, spec: PruneSpec, stream: LayerStream | None, re
     linears = adapter.linears(i)
     stats = _layer_statistics(stream, linears, spec.method) if stream is not None else {}
     for name, linear in linears.items():
-        weight, count = _prune_matrix(linear.weight, stats.get(name), spec, nm)
+        stat = stats.pop(name, None)  # freed with the last linear of the group that reads its input
+        if spec.method == "sparsegpt" and isinstance(stat, torch.Tensor):
+            factor = InverseHessianFactor(stat, spec.damp)  # made in XᵀX's own storage, shared by the group
+            stats = {k: factor if v is stat else v for k, v in stats.items()}
+            stat = factor
+        weight, count = _prune_matrix(linear.weight, stat, spec, nm)
         with torch.no_grad():
             linear.weight.copy_(weight)
         zeros = int((linear.weight == 0).sum())
@@ -221,20 +227,27 @@ def pruning_record(spec: PruneSpec, report: PruneReport) -> dict:
 
 def _layer_statistics(stream: LayerStream, linears: dict, method: str) -> dict:
     """Per linear of the current layer: the sums of squares of its inputs (Wanda) or XᵀX (SparseGPT)."""
-    stats: dict = {}
-    last: dict = {}  # q/k/v (and gate/up) read one tensor: its statistic is computed once
+    stats: dict = {}  # the first linear of each group that reads one input -> the group's statistic
+    reads: dict = {}  # linear -> the first linear of its group: q/k/v (and gate/up) share one statistic
+    last: dict = {}
 
     def gather(name, module, args):
         if last.get("input") is not args[0]:
             x = _rows(args[0])
-            last.update(input=args[0], value=x.T @ x if method == "sparsegpt" else (x * x).sum(0))
-        value = last["value"]
-        stats[name] = value.clone() if name not in stats else stats[name] + value
+            last.update(input=args[0], first=name)
+            if method == "sparsegpt":  # XᵀX in float64: its inverse factor is made in this storage (kernels.linalg)
+                gram = stats.setdefault(name, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64))
+                for r0 in range(0, x.shape[1], 2048):  # fp32 products a slab at a time: no full-size fp32 copy
+                    gram[r0 : r0 + 2048] += x[:, r0 : r0 + 2048].T @ x
+            else:
+                value = (x * x).sum(0)
+                stats[name] = stats[name] + value if name in stats else value
+        reads[name] = last["first"]
 
     with hooked(linears, pre=gather):
         stream.run()
     last.clear()
-    return stats
+    return {name: stats[first] for name, first in reads.items()}  # one tensor per group, read, never changed
 
 
 def _prune_matrix(weight: torch.Tensor, stat, spec: PruneSpec, nm) -> tuple[torch.Tensor, int]:
@@ -250,11 +263,22 @@ def _prune_matrix(weight: torch.Tensor, stat, spec: PruneSpec, nm) -> tuple[torc
         )
     )
     if spec.method == "sparsegpt":
-        new, _ = sparsegpt(weight, stat, sparsity=spec.sparsity, nm=nm, block=spec.block, damp=spec.damp)
+        new, _ = sparsegpt(weight, factor=stat, sparsity=spec.sparsity, nm=nm, block=spec.block)
         return new, target
-    scores = magnitude_scores(weight) if spec.method == "magnitude" else wanda_scores(weight, stat)
-    mask = nm_mask(scores, *nm) if nm else unstructured_mask(scores, spec.sparsity, per=spec.per)
-    return weight.detach().masked_fill(mask, 0.0), target
+    if not nm and spec.per == "layer":  # one comparison group: the whole matrix's scores at once
+        scores = magnitude_scores(weight) if spec.method == "magnitude" else wanda_scores(weight, stat)
+        return weight.detach().masked_fill(unstructured_mask(scores, spec.sparsity, per="layer"), 0.0), target
+    # rows are compared within themselves: a block of rows at a time, zeroed in place, so the fp32 scores and
+    # top-k indices (int64) never exist for the whole matrix — 1.2 GB for a 7B's down projection, 3.6 GB a 70B's
+    new, step = weight.detach(), max(1, _CHUNK_ELEMENTS // cols)
+    for start in range(0, rows, step):
+        block = new[start : start + step]
+        scores = magnitude_scores(block) if spec.method == "magnitude" else wanda_scores(block, stat)
+        block.masked_fill_(nm_mask(scores, *nm) if nm else unstructured_mask(scores, spec.sparsity, per="row"), 0.0)
+    return new, target
+
+
+_CHUNK_ELEMENTS = 1 << 22  # weights scored at once where rows are their own comparison group (16 MB of fp32 scores)
 
 
 def prunable_linears(model) -> dict:

@@ -14,47 +14,36 @@ from __future__ import annotations
 
 import torch
 
+from upcycle.kernels.linalg import InverseHessianFactor
 from upcycle.ops.prune.masks import check_nm, pruned_count
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float) -> torch.Tensor:
-    """The upper Cholesky factor of (H + λI)⁻¹, λ = damp · mean diag(H); inputs that were always zero get
-    a unit diagonal (their weights never mattered; they are pruned as cheaply as any)."""
-    h = hessian.double().clone()
-    dead = torch.diag(h) == 0
-    h[dead, dead] = 1.0
-    h.diagonal().add_(damp * torch.diag(h).mean())
-    # one float64 matrix alive at a time besides the one being made: for a 16,896-wide down projection
-    # each is 2.3 GB
-    factor = torch.linalg.cholesky(h)
-    del h
-    inverse = torch.cholesky_inverse(factor)
-    del factor
-    return torch.linalg.cholesky(inverse, upper=True)
 
 
 @torch.no_grad()
 def sparsegpt(
     weight: torch.Tensor,
-    hessian: torch.Tensor,
+    hessian: torch.Tensor | None = None,
     *,
+    factor: InverseHessianFactor | None = None,
     sparsity: float = 0.5,
     nm: tuple[int, int] | None = None,
     block: int = 128,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pruned and reconstructed weight, mask True where pruned) for a (out, in) weight and its (in, in) Hessian."""
+    """(pruned and reconstructed weight, mask True where pruned) for a (out, in) weight and its (in, in) Hessian,
+    or the Hessian's inverse factor already made (`factor`: shared by the matrices that read one input)."""
     rows, cols = weight.shape
     if nm is not None:
         n, m = nm
         check_nm(n, m, cols)
         block = max(m, block // m * m)  # an N:M group never straddles two blocks
-    w = weight.detach().float().clone()
-    hinv = inverse_hessian_factor(hessian, damp).float()
+    w = weight.detach().to(torch.float32, copy=True)
+    if factor is None:
+        factor = InverseHessianFactor(hessian.detach().to(torch.float64, copy=True), damp)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
-        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        u = factor.rows(i1, i2)  # U[i1:i2]: this block's own spread and the later blocks'
+        w1, h1 = w[:, i1:i2].clone(), u[:, i1:i2]
         d = torch.diag(h1)
         m1 = torch.zeros_like(w1, dtype=torch.bool)
         if nm is None:  # this block's share of the exact count, lowest w²/d² first
@@ -74,7 +63,7 @@ def sparsegpt(
             errors[:, i] = err
         w[:, i1:i2] = w1
         mask[:, i1:i2] = m1
-        w[:, i2:] -= errors @ hinv[i1:i2, i2:]  # the lazy update of every later block
+        w[:, i2:] -= errors @ u[:, i2:]  # the lazy update of every later block
     w[mask] = 0.0
     return w.to(weight.dtype), mask
 
