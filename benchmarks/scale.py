@@ -3,6 +3,7 @@
     python benchmarks/scale.py                       # build the checkpoint, then every row and the curve (hours)
     python benchmarks/scale.py --part build rows     # the ≥ 7B checkpoint and its rows only
     python benchmarks/scale.py --part curve          # prune and grow at four sizes
+    python benchmarks/scale.py --part depth-curve    # prune on the 0.5B made 2x, 4x, 8x as deep (same layers)
     python benchmarks/scale.py --size 0.5B --part build rows   # the same rows on a small checkpoint (minutes)
 
 The checkpoint: smollm2-135m grown by upcycle's own exact operators, streamed (`upcycle grow`): the hidden
@@ -83,12 +84,11 @@ def folder_bytes(folder: Path) -> int:
 
 
 def params_of(folder: Path) -> int:
+    """Parameters of a folder's weights, from the bytes of its tensors and the dtype its config states."""
     index = folder / "model.safetensors.index.json"
-    if index.exists():
-        total = json.loads(index.read_text())["metadata"]["total_size"]
-        dtype = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
-        return total // (2 if dtype in ("bfloat16", "float16") else 4)
-    return folder_bytes(folder) // 4
+    total = json.loads(index.read_text())["metadata"]["total_size"] if index.exists() else folder_bytes(folder)
+    dtype = json.loads((folder / "config.json").read_text()).get("dtype", "float32")
+    return total // (2 if dtype in ("bfloat16", "float16") else 4)
 
 
 def disk_speed(work: Path, gigabytes: int = 4) -> dict:
@@ -195,7 +195,10 @@ def row(name: str, source: Path, work: Path, *, keep: bool = False) -> dict:
 # ---- peers on the same checkpoints ------------------------------------------------------------------------
 LLMCOMPRESSOR = "llmcompressor==0.14.0.1"
 MERGEKIT = "mergekit==0.1.5"
-PRUNE_FP32 = ["--sparsity", "0.5", *CALIBRATION, "--dtype", "fp32"]  # llm-compressor prunes the fp32 model
+# llm-compressor prunes the fp32 model and measures nothing; so does upcycle here (--held-tokens 0: no one-shot
+# cost measured on the way, which is two more forwards of the held-out text); both outputs are scored apart
+PRUNE_FP32 = ["--sparsity", "0.5", "--calibration", TEXT, "--calibration-tokens", "1024", "--seq-len", "256",
+              "--held-tokens", "0", "--dtype", "fp32"]  # fmt: skip
 
 
 def watched(args: list, limit_mb: float) -> dict:
@@ -264,9 +267,10 @@ def peer_prune(size: str, folder: Path, work: Path, method: str) -> dict:
     return point
 
 
-def peer_moe(size: str, folder: Path, work: Path) -> dict:
+def peer_moe(size: str, folder: Path, work: Path, *, shard: str | None = None, ours: bool = True) -> dict:
     """mergekit-moe (its lazy loader: tensor by tensor from memory-mapped shards) against upcycle's streamed
-    grow, both 8 copies of the FFN with top-2 routing into Mixtral, bf16, each a whole process."""
+    grow, both 8 copies of the FFN with top-2 routing into Mixtral, bf16, each a whole process. `shard`:
+    mergekit's --out-shard-size (it holds a shard in memory until it writes it; its default is 5B)."""
     import yaml
     from peers import peer_python
 
@@ -276,12 +280,15 @@ def peer_moe(size: str, folder: Path, work: Path) -> dict:
               "experts": [{"source_model": str(folder)} for _ in range(8)]}  # fmt: skip
     (work / "moe.yaml").write_text(yaml.safe_dump(config))
     theirs = watched([exe, work / "moe.yaml", out, "--i-understand-this-is-not-useful-without-training", "--quiet",
-                      "--lazy-unpickle"], (ram_gib() - 2) * 1024)  # fmt: skip
-    point = {"size": size, "parameters": params_of(folder), "tool": MERGEKIT}
+                      "--lazy-unpickle", *(["--out-shard-size", shard] if shard else [])],
+                     (ram_gib() - 2) * 1024)  # fmt: skip
+    point = {"size": size, "parameters": params_of(folder), "tool": MERGEKIT, "out_shard_size": shard or "5B"}
     point |= {k: v for k, v in theirs.items() if k != "stdout"}
     if "error" not in theirs:
         point["ppl"] = held_ppl(out)
     shutil.rmtree(out, ignore_errors=True)
+    if not ours:
+        return point
     ours = upcycle_cli("grow", folder, out, "--op", "moe", "--mode", "copy", "--family", "mixtral", "--experts", "8",
                        "--top-k", "2", "--calibration-tokens", "1024", "--dtype", "bf16")  # fmt: skip
     point["upcycle"] = {k: v for k, v in _brief(ours).items() if k in ("seconds", "peak_rss_mb", "error", "says")}
@@ -310,6 +317,32 @@ def sparsify_lr(work: Path, lrs=("1e-3", "1e-4", "1e-5")) -> dict:
                       "seconds": run["seconds"]}  # fmt: skip
         shutil.rmtree(out)
     return {"size": "0.5B", "parameters": params_of(folder), "lrs": points}
+
+
+DEPTHS = (30, 60, 120, 240)  # the grown 0.5B's layers, and the same layers stacked 2x, 4x and 8x as deep
+
+
+def depth_curve(work: Path) -> list[dict]:
+    """The Wanda prune row on the grown 0.5B made 2x, 4x and 8x as deep by identity layers (written in bf16):
+    the model grows, its layers do not — what a streamed pass promises is memory that does not grow with the
+    number of layers. (The width curve's family grows its layers too: 12x from 0.5B to 7.45B.)"""
+    base = Path(build("0.5B", work)["folder"])
+    points = []
+    for layers in DEPTHS:
+        folder = base if layers == DEPTHS[0] else work / f"smollm2-grown-0.5B-{layers}-layers"
+        if folder != base:
+            grown = upcycle_cli("grow", base, folder, "--op", "depth", "--add", layers - DEPTHS[0],
+                                "--calibration-tokens", "256", "--dtype", "bf16")  # fmt: skip
+            if "error" in grown:
+                points.append({"layers": layers, "error": grown["error"]})
+                continue
+        point = row("prune_wanda_50", folder, work)
+        points.append({"layers": layers, "parameters": params_of(folder)} | point)
+        print(f"depth curve {layers} layers: {points[-1]}", flush=True)
+        if folder != base:
+            shutil.rmtree(folder, ignore_errors=True)
+    shutil.rmtree(base, ignore_errors=True)
+    return points
 
 
 def first_layer(source: Path) -> dict:
@@ -426,6 +459,10 @@ def table(results: dict) -> str:
             if "peak_rss_mb" in p
         )
         lines += ["", f"Cost curve, {verb}: {cells}"]
+    for verb, points in results.get("depth_curve", {}).items():
+        cells = ", ".join(f"{p['layers']} layers ({p['parameters'] / 1e9:.2f}B): {p['peak_rss_mb']:,.0f} MB, "
+                          f"{p['seconds']:.0f} s" for p in points if "peak_rss_mb" in p)  # fmt: skip
+        lines += ["", f"Deeper, not wider (the grown 0.5B with identity layers, bf16), {verb}: {cells}"]
     return "\n".join(lines)
 
 
@@ -455,6 +492,12 @@ def plot(results: dict, path: Path) -> None:
         xs = [p["parameters"] / 1e9 for p in points]
         left.plot(xs, [p["peak_rss_mb"] / 1024 for p in points], "o-", label=verb)
         right.plot(xs, [p["seconds"] / (p["parameters"] / 1e9) for p in points], "o-", label=verb)
+    for verb, points in results.get("depth_curve", {}).items():
+        points = [p for p in points if "peak_rss_mb" in p]
+        xs = [p["parameters"] / 1e9 for p in points]
+        left.plot(xs, [p["peak_rss_mb"] / 1024 for p in points], "s--", label=f"{verb}, deeper (same layer)")
+        right.plot(xs, [p["seconds"] / (p["parameters"] / 1e9) for p in points], "s--",
+                   label=f"{verb}, deeper (same layer)")  # fmt: skip
     ram = results.get("checkpoint", {}).get("ram_bytes")
     if ram:
         left.axhline(ram / 2**30, color="k", ls="--", lw=1, label="this machine's RAM")
@@ -472,7 +515,8 @@ def main() -> None:
         return _child_first_layer(sys.argv[2])
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="*", default=["disk", "build", "rows", "curve", "peers"],
-                        choices=("disk", "build", "rows", "curve", "peers", "peers-moe", "first-layer", "sparsify-lr"))  # fmt: skip
+                        choices=("disk", "build", "rows", "curve", "depth-curve", "peers", "peers-moe", "first-layer",
+                                 "sparsify-lr"))  # fmt: skip
     parser.add_argument(
         "--peer-sizes",
         nargs="*",
@@ -546,6 +590,9 @@ def main() -> None:
                 save("scale", results)
             if size != args.size:  # the rows' checkpoint stays for re-runs; the others are rebuilt in minutes
                 shutil.rmtree(folder, ignore_errors=True)
+    if "depth-curve" in args.part:
+        results["depth_curve"] = {"prune_wanda_50": depth_curve(work)}
+        save("scale", results)
     if "sparsify-lr" in args.part:
         results["sparsify_lr"] = sparsify_lr(work)
         print(f"sparsify lr: {results['sparsify_lr']}", flush=True)
@@ -574,6 +621,10 @@ def main() -> None:
         point = peer_moe("0.5B", folder, work)
         results.setdefault("peers", {})["mergekit_moe"] = _largest_run([point])
         print(f"peer mergekit-moe 0.5B: {point}", flush=True)
+        # its shards held in memory no larger than the 2 GB upcycle writes (which holds one tensor at a time)
+        point = peer_moe("0.5B", folder, work, shard="2B", ours=False) | {"upcycle": point.get("upcycle", {})}
+        results["peers"]["mergekit_moe_2gb_shards"] = _largest_run([point])
+        print(f"peer mergekit-moe 0.5B, 2 GB shards: {point}", flush=True)
         shutil.rmtree(folder, ignore_errors=True)
     save("scale", results)
     plot(results, RESULTS / "scale.png")

@@ -89,6 +89,21 @@ def test_streamed_prune_equals_the_in_memory_prune(tmp_path, text_folder, family
     assert stream.layers == 3 and stream.peak_rss_mb > 0 and len(stream.layer_seconds) == 3
 
 
+def test_a_prune_with_no_held_out_text_writes_the_same_weights_and_says_it_did_not_measure(tmp_path, text_folder):
+    folder = saved(tmp_path, "llama", layers=2)
+    spec = PruneSpec(method="sparsegpt", nm="2:4")
+    measured = PruneConfig(spec=spec, calibration=str(text_folder), calibration_tokens=512, seq_len=64)
+    a, with_held, _ = prune_pipeline.run_streamed(folder, tmp_path / "a", measured, options=QUIET)
+    args = ["prune", str(folder), str(tmp_path / "b"), "--method", "sparsegpt", "--nm", "2:4", "--calibration",
+            str(text_folder), "--calibration-tokens", "512", "--seq-len", "64", "--held-tokens", "0", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    ta, tb = all_tensors(a), all_tensors(tmp_path / "b")
+    assert sorted(ta) == sorted(tb) and all(torch.equal(ta[k], tb[k]) for k in ta)
+    facts = json.loads((tmp_path / "b" / "prune_report.json").read_text())
+    assert with_held.ppl_after is not None and facts["ppl_after"] is None
+    assert "Not measured" in (tmp_path / "b" / "prune_report.md").read_text()
+
+
 def test_a_sharded_and_a_single_file_source_prune_to_the_same_weights(tmp_path, text_folder):
     single = saved(tmp_path, "llama", layers=3)
     sharded = tmp_path / "sharded"

@@ -70,6 +70,8 @@ def write_report(folder, source: str, report: PruneReport, config: PruneConfig, 
             f"Held-out perplexity {report.ppl_before:.3f} → {report.ppl_after:.3f}; "
             f"({config.calibration}, validation split).",
         )
+    else:
+        run_folder.section("One-shot cost", "Not measured (`--held-tokens 0`): score OUT with `upcycle eval`.")
     run_folder.section("Memory and time", stream.line())
     flat = {k: v for k, v in config.to_dict().items() if k not in ("spec", "inplace")} | config.spec.to_dict()
     run_folder.metrics.update(

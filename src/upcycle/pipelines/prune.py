@@ -32,7 +32,11 @@ class PruneConfig(Config):
         32768, "tokens of calibration text (the papers use 128 × 2048; the held-out measurement reads 8192)"
     )
     seq_len: int = option(256, "length of the text blocks")
-    held_tokens: int = option(8192, "tokens of held-out text (validation split) the one-shot cost is measured on")
+    held_tokens: int = option(
+        8192,
+        "tokens of held-out text (validation split) the one-shot cost is measured on (0: not measured — "
+        "for a large model scored apart, it saves two forwards of the text through the whole model)",
+    )
     inplace: bool = option(
         False,
         "prune the model given (one model in memory, as a large model needs; the one-shot "
@@ -47,6 +51,7 @@ class PruneConfig(Config):
             self.calibration_tokens,
             f"at least seq_len={self.seq_len}",
         )
+        check(self.held_tokens >= 0, "held_tokens", self.held_tokens, "0 (not measured) or more")
 
 
 def text(cfg: PruneConfig, tokenizer):
@@ -55,6 +60,8 @@ def text(cfg: PruneConfig, tokenizer):
     if cfg.spec.method != "magnitude":
         n_blocks = max(1, cfg.calibration_tokens // cfg.seq_len)
         calibration = data.blocks(cfg.calibration, tokenizer, "train", cfg.seq_len, max_blocks=n_blocks)
+    if not cfg.held_tokens:
+        return calibration, None
     held = data.blocks(
         cfg.calibration, tokenizer, "validation", cfg.seq_len, max_blocks=max(1, cfg.held_tokens // cfg.seq_len)
     )
@@ -85,10 +92,11 @@ def run_streamed(
     check_pattern(lazy.adapter, cfg.spec)
     calibration, held = text(cfg, tokenizer)
     report = PruneReport(cfg.spec.describe(), 0.0)
-    output = {"held": held} | ({"calibration": calibration} if calibration is not None else {})
+    held_ = {"held": held} if held is not None else {}
+    output = held_ | ({"calibration": calibration} if calibration is not None else {})
     pass_ = LayerPass(
         lazy,
-        source={"held": held},
+        source=held_,
         output=output,
         out=out,
         shard_bytes=shard_bytes(options),
@@ -101,9 +109,10 @@ def run_streamed(
         for i in p.layers():
             prune_layer(lazy.adapter, i, cfg.spec, p.output.get("calibration"), report)
         report.seconds = time.perf_counter() - start
-        eq = p.equivalence("held")
-        report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
-        report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
+        if held is not None:
+            eq = p.equivalence("held")
+            report.ppl_before, report.ppl_after = math.exp(eq.loss_reference), math.exp(eq.loss_candidate)
+            report.kl, report.top1 = eq.mean_kl, eq.top1_agreement
         p.config_changes["upcycle_pruning"] = pruning_record(cfg.spec, report)
         folder = p.finish(report=None if report_files is None else lambda tmp: report_files(tmp, report, p.report))
     return folder, report, p.report
