@@ -4,7 +4,7 @@ and the textbook route's factor (factor, invert, factor again) to float64 roundi
 import pytest
 import torch
 
-from upcycle.kernels.linalg import InverseHessianFactor, inverse_hessian_factor, lower_triangular_inverse_
+from upcycle.kernels.linalg import InverseHessianFactor, lower_triangular_inverse_
 
 
 def damped(hessian: torch.Tensor, damp: float) -> torch.Tensor:
@@ -23,7 +23,7 @@ def test_the_factor_squares_to_the_damped_inverse_and_is_the_textbook_one(n):
     hessian = x.T @ x
     hessian = (hessian + hessian.T) / 2  # fp32 products are symmetric only to rounding; each route reads one half
     before = hessian.clone()
-    u = inverse_hessian_factor(hessian, 0.01, dtype=torch.float64)
+    u = InverseHessianFactor.of_copy(hessian, 0.01).rows(0, n, torch.float64)
     h = damped(hessian, 0.01)
     assert u.dtype == torch.float64 and torch.equal(u, u.triu())
     torch.testing.assert_close(u.T @ u, torch.linalg.inv(h), rtol=1e-9, atol=1e-12)
@@ -42,7 +42,7 @@ def test_the_triangular_inverse_by_halves_is_the_inverse():
 def test_the_factor_made_in_place_reads_out_block_by_block_as_the_whole():
     x = torch.randn(900, 301, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     hessian = x.T @ x
-    whole = inverse_hessian_factor(hessian, 0.01, dtype=torch.float64)
+    whole = InverseHessianFactor.of_copy(hessian, 0.01).rows(0, 301, torch.float64)
     storage = hessian.clone()
     factor = InverseHessianFactor(storage, 0.01)
     assert factor.storage.data_ptr() == storage.data_ptr()  # no second n × n matrix

@@ -43,17 +43,14 @@ class InverseHessianFactor:
         lower_triangular_inverse_(lower)
         _reverse_(h)  # h[j, i] = L⁻¹[n-1-i, n-1-j] = U[i, j]: U is h's transpose
 
+    @classmethod
+    def of_copy(cls, hessian: torch.Tensor, damp: float) -> "InverseHessianFactor":
+        """The factor of a float64 copy of `hessian`: the caller's H is left as it was."""
+        return cls(hessian.detach().to(torch.float64, copy=True), damp)
+
     def rows(self, start: int, stop: int, dtype=torch.float32) -> torch.Tensor:
         """U[start:stop] (every column), a contiguous copy in `dtype`."""
         return self.storage.mT[start:stop].to(dtype, memory_format=torch.contiguous_format)
-
-    def full(self, dtype=torch.float64) -> torch.Tensor:
-        return self.rows(0, self.size, dtype)
-
-
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float, dtype=torch.float32) -> torch.Tensor:
-    """U as one tensor, the caller's H left as it was (a float64 copy is worked on)."""
-    return InverseHessianFactor(hessian.detach().to(torch.float64, copy=True), damp).full(dtype)
 
 
 def _reverse_(h: torch.Tensor) -> None:

@@ -73,7 +73,7 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
     weights = w.detach().float().clone()
     weights[:, moment.diagonal() == 0] = 0.0
     # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it
-    factor = InverseHessianFactor(moment.detach().to(torch.float64, copy=True), GPTQ_DAMP)
+    factor = InverseHessianFactor.of_copy(moment, GPTQ_DAMP)
     codes = torch.empty(rows, n, dtype=torch.float32)
     steps = torch.empty(rows, n // group)
     block = group * max(1, GPTQ_BLOCK // group)  # a whole number of groups

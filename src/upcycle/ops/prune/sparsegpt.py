@@ -38,7 +38,7 @@ def sparsegpt(
         block = max(m, block // m * m)  # an N:M group never straddles two blocks
     w = weight.detach().to(torch.float32, copy=True)
     if factor is None:
-        factor = InverseHessianFactor(hessian.detach().to(torch.float64, copy=True), damp)
+        factor = InverseHessianFactor.of_copy(hessian, damp)
     mask = torch.zeros(rows, cols, dtype=torch.bool)
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)
