@@ -11,7 +11,7 @@ from tests.conftest import tokens_for
 from upcycle import arch, hub
 from upcycle.errors import ConfigError
 from upcycle.ops.prune import PruneSpec, prune
-from upcycle.ops.prune.masks import nm_mask, unstructured_mask, wanda_scores
+from upcycle.ops.prune.masks import nm_holds, nm_mask, unstructured_mask, wanda_scores, zeros_in
 from upcycle.ops.prune.sparsegpt import reconstruction_error, sparsegpt
 
 ALL = list(arch.FAMILIES)
@@ -36,6 +36,16 @@ def test_wanda_mask_matches_a_loop_over_each_row():
 def test_nm_mask_keeps_the_n_largest_of_every_group():
     scores = torch.tensor([[4.0, 1.0, 3.0, 2.0, 0.5, 0.7, 0.9, 0.1]])
     assert nm_mask(scores, 2, 4).tolist() == [[False, True, False, True, True, False, False, True]]
+
+
+def test_zero_counts_and_the_nm_check_agree_with_a_loop_over_the_groups():
+    # 1,100 rows of 4,096: more than one block of rows is checked; the one violation is in the last row
+    w = torch.randn(1100, 4096, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    w.view(-1, 4)[:, :2] = 0  # 2:4 everywhere
+    assert zeros_in(w) == sum(int(v == 0) for v in w.flatten().tolist())
+    assert nm_holds(w, 2, 4) and not nm_holds(w, 1, 4)
+    w[-1, 0] = 1.0
+    assert not nm_holds(w, 2, 4) and int((w[-1, :4] != 0).sum()) == 3
 
 
 def test_per_layer_mask_counts_ties_exactly():

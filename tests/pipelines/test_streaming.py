@@ -45,6 +45,43 @@ def test_a_lazy_model_loaded_layer_by_layer_computes_the_loaded_models_logits(tm
         assert torch.equal(reference(input_ids=ids).logits, lazy.model(input_ids=ids).logits)
 
 
+def test_tensors_read_through_a_small_buffer_are_the_files_tensors_in_the_dtype_asked(tmp_path, monkeypatch):
+    # a buffer of 24 bytes: every tensor below crosses several, and 7 fp32 values end mid-buffer
+    monkeypatch.setattr("upcycle.checkpoint._READ_BUFFER_BYTES", 24)
+    g = torch.Generator().manual_seed(0)
+    stored = {
+        "a": torch.randn(5, 7, generator=g),
+        "b": torch.randn(3, generator=g).to(torch.bfloat16),
+        "ids": torch.arange(11, dtype=torch.int64),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    save_file(stored, tmp_path / "model.safetensors")
+    ck = Checkpoint(tmp_path)
+    as_stored = ck.read(ck.names)
+    for name, t in load_file(tmp_path / "model.safetensors").items():
+        assert as_stored[name].dtype == t.dtype and torch.equal(as_stored[name], t)
+    in_bf16 = ck.read(ck.names, dtype=torch.bfloat16)
+    assert torch.equal(in_bf16["a"], stored["a"].to(torch.bfloat16)) and in_bf16["ids"].dtype == torch.int64
+    in_fp32 = ck.read(["b"], dtype=torch.float32)["b"]
+    assert in_fp32.dtype == torch.float32 and torch.equal(in_fp32, stored["b"].float())
+
+
+def test_a_pass_holds_no_embeddings_while_it_goes_up_the_layers(tmp_path):
+    folder = saved(tmp_path, "llama", layers=2)
+    reference, _ = hub.load(folder)
+    lazy = LazyModel(folder)
+    blocks = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with LayerPass(lazy, output={"x": blocks}) as p:
+        for _ in p.layers():
+            assert lazy.adapter.embedding().weight.device.type == "meta"
+            assert lazy.adapter.lm_head().weight.device.type == "meta"
+        logits = torch.cat(list(p.logits(p.output["x"])))
+    with torch.no_grad():
+        assert torch.allclose(logits, reference(input_ids=blocks).logits, rtol=1e-5, atol=1e-6)
+    assert torch.equal(lazy.outer_state()["model.embed_tokens.weight"], reference.model.embed_tokens.weight)
+
+
 @pytest.mark.parametrize("family", arch.FAMILIES)
 def test_streamed_writes_are_the_files_transformers_writes(tmp_path, family):
     """Every tensor under the name and with the bytes that save_pretrained gives it (MoE experts split)."""

@@ -20,7 +20,7 @@ from upcycle.errors import ConfigError, check
 from upcycle.eval import perplexity
 from upcycle.eval.extract import exact_match, extract_examples, write_extract_data
 from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, rss_mb
-from upcycle.ops.prune import PruneSpec, prunable_linears, prune
+from upcycle.ops.prune import PruneSpec, prunable_linears, prune, zeros_in
 from upcycle.pipelines import Result, configured
 from upcycle.train import TrainConfig, Trainer
 from upcycle.train.lora import lora_parameters, merge_lora
@@ -259,7 +259,7 @@ def _nm(model) -> str | None:
 
 
 def _zeros(model) -> dict[str, int]:
-    return {k: int((m.weight == 0).sum()) for k, m in prunable_linears(model).items()}
+    return {k: zeros_in(m.weight) for k, m in prunable_linears(model).items()}
 
 
 def _numel(model) -> int:

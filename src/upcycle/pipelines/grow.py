@@ -180,9 +180,8 @@ def grow_step_streamed(lazy, step: GrowStep, out: Path, held, calibration, token
         start = time.perf_counter()
         if step.op == "hidden":
             roles, scale = adapter.hidden_parameters(), hidden_scale(lazy.model.config, step.factor)
-            state = lazy.model.state_dict()
-            outer = {n: tile(state[n], *roles[n], step, scale, generator) if n in roles else state[n]
-                     for n in lazy.outer_state()}  # fmt: skip
+            outer = {n: tile(t, *roles[n], step, scale, generator) if n in roles else t
+                     for n, t in lazy.outer_state().items()}  # fmt: skip
             p.set_outer(outer)
             changes = hidden_config_changes(adapter, step.factor)
         depth = depth_layout(adapter.num_layers, step) if step.op == "depth" else None

@@ -154,6 +154,7 @@ class LayerPass:
             batch[0].numel() * batch[0].element_size() for s in (*self.source.values(), *self.output.values())
             for batch in s.batches
         ) / 2**20  # fmt: skip
+        self.lazy.release_outer_weights()  # the blocks are embedded: loaded again for the logits at the top
         return self
 
     def emit(self, tensors: dict[str, torch.Tensor], index: int, *, family=None) -> None:
@@ -211,6 +212,7 @@ class LayerPass:
     # ---- the top of the model: scores from the carried hidden states --------------------------------
     def logits(self, stream: LayerStream):
         """The LM's logits, batch by batch, from a stream that has gone through every layer."""
+        self.lazy.ensure_outer()
         norm, head = self.adapter.final_norm(), self.adapter.lm_head()
         for hidden, _, _ in stream.batches:
             for row in hidden.split(1):  # a block at a time: a batch's logits over a 150k vocabulary are GBs

@@ -33,6 +33,7 @@ from upcycle.ops.prune.masks import (
     pruned_count,
     unstructured_mask,
     wanda_scores,
+    zeros_in,
 )
 from upcycle.ops.prune.sparsegpt import sparsegpt
 
@@ -45,6 +46,7 @@ __all__ = [
     "pruning_record",
     "prunable_linears",
     "sparsity_of",
+    "zeros_in",
 ]
 
 METHODS = ("magnitude", "wanda", "sparsegpt")
@@ -198,7 +200,7 @@ def prune_layer(adapter, i: int, spec: PruneSpec, stream: LayerStream | None, re
         weight, count = _prune_matrix(linear.weight, stat, spec, nm)
         with torch.no_grad():
             linear.weight.copy_(weight)
-        zeros = int((linear.weight == 0).sum())
+        zeros = zeros_in(linear.weight)
         report.matrices[f"layers.{i}.{name}"] = {
             "zeros": zeros,
             "numel": linear.weight.numel(),
@@ -291,7 +293,7 @@ def prunable_linears(model) -> dict:
 
 def sparsity_of(model) -> dict:
     """{name: fraction of zeros} for every prunable linear: an independent count."""
-    return {name: float((linear.weight == 0).float().mean()) for name, linear in prunable_linears(model).items()}
+    return {name: zeros_in(linear.weight) / linear.weight.numel() for name, linear in prunable_linears(model).items()}
 
 
 def holds_nm(model, n: int, m: int) -> bool:
