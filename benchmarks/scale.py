@@ -72,6 +72,9 @@ ROWS = {
     # the sparsify row's output (kept for this row) made dense again: the stock family, every channel computed
     "densify": (["densify", "OUT:sparsify_16_of_64", "OUT", "--dtype", "bf16"], 2),
 }  # fmt: skip
+# the cost curve: the verbs measured at every size (the issue's prune and dense -> MoE grow, and depth growth,
+# which reads and writes only)
+CURVE = ("prune_wanda_50", "grow_moe_shared_8", "grow_depth")
 NOT_STREAMED: dict = {}  # verbs whose streamed path is still to come: recorded, not run (they would load the model)
 
 
@@ -572,20 +575,19 @@ def main() -> None:
             save("scale", results)
         save("scale", results)
     if "curve" in args.part:
-        curve = results.setdefault("curve", {"prune_wanda_50": [], "grow_depth": []})
-        for size in args.sizes:
-            measured_ = {(p["size"], verb) for verb, points in curve.items() for p in points if "seconds" in p}
-            rows_here = {verb for verb in curve if results["rows"].get(verb, {}).get("size") == size}
-            if all((size, verb) in measured_ or verb in rows_here for verb in curve):
-                todo = [verb for verb in curve if (size, verb) not in measured_]  # the rows' own figures
-                folder = work / f"smollm2-grown-{size}"
-            else:
-                todo, folder = list(curve), Path(build(size, work)["folder"])
-            for verb in todo:
-                done = results.get("rows", {}).get(verb, {})
-                point = done if done.get("size") == size and "seconds" in done else row(verb, folder, work)
+        curve = results.setdefault("curve", {})
+        for verb in CURVE:
+            curve.setdefault(verb, [])
+        for size in args.sizes:  # each size measured again; the rows' own size takes the rows' figures
+            from_rows = {verb for verb in CURVE if rows.get(verb, {}).get("size") == size and "seconds" in rows[verb]}
+            folder = work / f"smollm2-grown-{size}"
+            if set(CURVE) - from_rows:
+                folder = Path(build(size, work)["folder"])
+            for verb in CURVE:
+                point = rows[verb] if verb in from_rows else row(verb, folder, work)
                 curve[verb] = [p for p in curve[verb] if p.get("size") != size]
                 curve[verb].append({"size": size, "parameters": params_of(folder)} | point)
+                curve[verb].sort(key=lambda p: p["parameters"])
                 print(f"curve {verb} {size}: {point}", flush=True)
                 save("scale", results)
             if size != args.size:  # the rows' checkpoint stays for re-runs; the others are rebuilt in minutes

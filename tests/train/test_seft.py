@@ -96,6 +96,21 @@ def test_resurrection_a_pruned_weight_with_a_dominant_gradient_comes_back_and_so
     assert layer.weight.view(-1)[weakest] == 0 and bool((layer.delta[held_dead] == 0).all())
 
 
+def test_without_resurrection_the_dominant_pruned_position_stays_dead_and_the_best_live_one_grows():
+    layer = SparseDeltaLinear(_pruned_linear(out=4, inp=8, sparsity=0.5, seed=4), budget=4)
+    target = int(layer.live.sum())
+    dead = (~layer.live).view(-1).nonzero().flatten()[0].item()
+    free_live = [p for p in layer.live.view(-1).nonzero().flatten().tolist() if p not in set(layer.index.tolist())]
+    grad = torch.full((4, 8), 1e-3)
+    grad.view(-1)[dead] = 10.0
+    grad.view(-1)[free_live[0]] = 5.0
+    layer.window = grad
+    stats = evolve(layer, drop_fraction=0.25, target_live=target, resurrect=False)
+    held = set(layer.index.tolist())
+    assert dead not in held and free_live[0] in held and stats["resurrected"] == 0 and stats["grown"] == 1
+    assert not bool(layer.live.view(-1)[dead]) and int(layer.live.sum()) == target
+
+
 def test_nm_mode_grows_only_on_live_positions_so_the_pattern_holds():
     linear = _pruned_linear(out=8, inp=16, sparsity=0.0)
     with torch.no_grad():  # a 2:4 pattern

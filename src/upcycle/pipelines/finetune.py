@@ -64,6 +64,11 @@ class FinetuneConfig(Config):
     every: int = option(20, "SEFT: steps between topology updates")
     window: int = option(5, "SEFT: steps of summed dense gradient before each update")
     drop: float = option(0.2, "SEFT: fraction of deltas dropped and regrown at the first update (cosine to 0)")
+    resurrect: bool = option(
+        True,
+        "SEFT: let growth reach positions the pruning zeroed (the paper's resurrection; off: live positions only, "
+        "its ablation). --drop 0 fixes the deltas' positions (no drop, no growth)",
+    )
     calibration: str = option("shakespeare+pystdlib", "LoRA*: Wanda's calibration text (train split)")
 
     def validate(self) -> None:
@@ -181,7 +186,13 @@ def _train(source, tokenizer, config: FinetuneConfig, run_dir: Path, progress: b
             callbacks=[
                 {
                     "name": "seft",
-                    "options": {"every": config.every, "window": config.window, "drop": config.drop, "nm": _nm(source)},
+                    "options": {
+                        "every": config.every,
+                        "window": config.window,
+                        "drop": config.drop,
+                        "nm": _nm(source),
+                        "resurrect": config.resurrect,
+                    },  # fmt: skip
                 }
             ],
         )

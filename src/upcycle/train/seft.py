@@ -104,8 +104,10 @@ def evolve(
     target_live: int,
     nm: tuple[int, int] | None = None,
     optimizer: torch.optim.Optimizer | None = None,
+    resurrect: bool = True,
 ) -> dict:
-    """One SEFT topology update of one layer from its window gradient: prune back, drop, grow."""
+    """One SEFT topology update of one layer from its window gradient: prune back, drop, grow (into pruned
+    positions too unless `resurrect` is off — the paper's ablation — or the model is N:M)."""
     if layer.window is None:
         raise RuntimeError("a SEFT update needs the window's gradient: collect was not on")
     grad = layer.window.view(-1).abs()
@@ -124,7 +126,7 @@ def evolve(
     slots = freed.nonzero().flatten()
     taken = torch.zeros_like(live)
     taken[layer.index] = True  # the positions held now, the just-freed ones included: no ping-pong
-    allowed = ~taken if nm is None else (~taken & live)
+    allowed = ~taken if nm is None and resurrect else (~taken & live)
     candidates = torch.where(allowed, grad, torch.full_like(grad, -1.0))
     new = candidates.topk(len(slots)).indices if len(slots) else slots
     new = new[candidates[new] >= 0]  # a matrix with fewer free positions than slots keeps the rest in place
@@ -161,11 +163,13 @@ class SEFT(Callback):
     the drop fraction decays from `drop` to 0 (cosine) over the stage; a last prune-back at the stage's
     end (from the gradient of its last `window` steps) leaves every matrix at its starting count of zeros."""
 
-    def __init__(self, every: int = 20, window: int = 5, drop: float = 0.2, nm: str | None = None):
+    def __init__(
+        self, every: int = 20, window: int = 5, drop: float = 0.2, nm: str | None = None, resurrect: bool = True
+    ):
         check(every >= 1, "seft every", every, ">= 1")
         check(1 <= window <= every, "seft window", window, f"in [1, every={every}]")
         check(0 <= drop <= 1, "seft drop", drop, "in [0, 1]")
-        self.every, self.window, self.drop = every, window, drop
+        self.every, self.window, self.drop, self.resurrect = every, window, drop, resurrect
         self.nm = None
         if nm:
             n, m = (int(x) for x in str(nm).split(":"))
@@ -204,7 +208,10 @@ class SEFT(Callback):
         if step in updates[:-1]:
             k = updates.index(step)
             fraction = self.drop * 0.5 * (1 + math.cos(math.pi * k / max(1, len(updates) - 1)))
-            stats = [evolve(layer, fraction, layer.target_live, self.nm, trainer.optimizer) for layer in self.layers]
+            stats = [
+                evolve(layer, fraction, layer.target_live, self.nm, trainer.optimizer, self.resurrect)
+                for layer in self.layers
+            ]
             summary = {key: sum(s[key] for s in stats) for key in stats[0]}
             self._log(trainer, {"step": trainer.progress.step, "drop_fraction": fraction, **summary})
         self._set_collect(step + 1)

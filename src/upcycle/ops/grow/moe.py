@@ -155,10 +155,9 @@ def _experts(step: GrowStep, ffn: SwiGLUWeights, generator) -> tuple[SwiGLUWeigh
             for e in range(E):
                 redraw(_expert(experts, e), torch.arange(width), ffn, generator)
         experts.down.zero_()
-    if step.mode == "shared":
-        shared = ffn.clone()
-        shared.down.mul_(2.0)  # sigmoid(0) = 1/2 exactly, and ×2 is exact in floating point
-        return experts, shared
+    if step.mode == "shared":  # read, not kept: only the scaled down projection is a new tensor
+        shared = SwiGLUWeights(ffn.gate.detach(), ffn.up.detach(), ffn.down.detach() * 2.0)
+        return experts, shared  # sigmoid(0) = 1/2 exactly, and ×2 is exact in floating point
     # a family with a shared expert (Qwen2-MoE) always has one: here it enters with zero output
     zero = ffn.clone() if step.mode in ("copy", "drop") else neurons(ffn, torch.arange(experts.gate.shape[1]))
     zero.down.zero_()
