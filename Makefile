@@ -3,6 +3,8 @@
 #              embedded model)
 # make lint  — ruff check, ruff format --check and the import-linter contracts alone
 # make bench — every benchmark in benchmarks/, results in benchmarks/results/
+# make reproduce — every paper's headline claims re-run and judged on paired seeds (hours; resumable):
+#              benchmarks/results/claims.json
 
 PYTHON ?= python3
 VENV := .venv
@@ -12,7 +14,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo lint test test-fast bench clean
+.PHONY: setup demo lint test test-fast bench reproduce clean
 
 setup: $(STAMP)
 
@@ -39,6 +41,9 @@ test-fast: setup
 bench: setup
 	@set -e; for script in benchmarks/*.py; do [ -e "$$script" ] || { echo "no benchmarks yet"; break; }; \
 		echo "== $$script"; $(PY) $$script; done
+
+reproduce: setup
+	$(PY) benchmarks/reproduce.py
 
 clean:
 	rm -rf $(VENV) runs build src/*.egg-info

@@ -10,6 +10,7 @@ and figures.
     out = command(python, driver, folder, "--sparsity", 0.5)  # stdout, or {"error": its last stderr line}
     report = reused(folder, settings, "slim_report.json")     # a finished run made with the same settings
     verdict(seeds_a, seeds_b)                        # "reproduced (per seed +0.12, +0.30)" and the like
+    paired(seeds_a, seeds_b)                         # {"verdict", "diffs", "mean", "spread", "agree"}
 """
 
 from __future__ import annotations
@@ -140,6 +141,28 @@ def verdict(a: list[float], b: list[float], *, higher_better: bool = True, digit
     spread = max(max(a) - min(a), max(b) - min(b))
     word = "reproduced" if margin > spread else ("not reproduced" if margin < -spread else "within the seed spread")
     return f"{word} (margin {margin:+.{digits}f}, seed spread {spread:.{digits}f})"
+
+
+def paired(a: list[float], b: list[float], *, higher_better: bool = True) -> dict:
+    """Is `a` better than `b`, judged seed by seed (the same seed: the same data order and evaluation draw in
+    both arms)? The paired differences (signed so that > 0 favours `a`), their mean and spread (sample
+    standard deviation), how many seeds agree, and the verdict: "reproduced" when every seed favours `a` by
+    a mean above two spreads, "narrowly" when every seed favours it by less, "mixed" when the seeds
+    disagree, "not reproduced" when none favours it."""
+    if len(a) != len(b) or not a:
+        raise ValueError(f"paired seeds: {len(a)} against {len(b)}")
+    sign = 1 if higher_better else -1
+    diffs = [sign * (x - y) for x, y in zip(a, b)]
+    mean = sum(diffs) / len(diffs)
+    spread = (sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)) ** 0.5 if len(diffs) > 1 else 0.0
+    favour = sum(d > 0 for d in diffs)
+    if favour == len(diffs):
+        word = "reproduced" if mean > 2 * spread else "narrowly"
+    elif favour == 0:
+        word = "tied" if all(d == 0 for d in diffs) else "not reproduced"
+    else:
+        word = "mixed"
+    return {"verdict": word, "diffs": diffs, "mean": mean, "spread": spread, "agree": f"{favour}/{len(diffs)}"}
 
 
 def train(model, tokenizer, out: Path, tokens: int, *, source: str, text: str, losses=None, **overrides):

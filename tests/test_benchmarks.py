@@ -57,3 +57,22 @@ def test_results_record_how_they_were_made(tmp_path, monkeypatch):
     run = saved["run"]
     assert run["command"].startswith("python") and run["machine"] and run["threads"] >= 1
     assert run["commit"] is None or len(run["commit"]) >= 7
+
+
+def test_paired_verdicts_follow_the_per_seed_differences_worked_by_hand():
+    # differences +2, +4, +3: mean 3, sample spread 1 -> all agree and 3 > 2 x 1
+    strong = harness.paired([12, 14, 13], [10, 10, 10])
+    assert strong["verdict"] == "reproduced" and strong["agree"] == "3/3"
+    assert strong["mean"] == pytest.approx(3.0) and strong["spread"] == pytest.approx(1.0)
+    # +1, +5, +0.5: all agree, mean 2.17 < 2 x spread 2.47 -> narrowly
+    assert harness.paired([11, 15, 10.5], [10, 10, 10])["verdict"] == "narrowly"
+    assert harness.paired([9, 11, 12], [10, 10, 10]) | {"diffs": None} == {
+        "verdict": "mixed", "diffs": None, "mean": pytest.approx(2 / 3), "spread": pytest.approx(1.5275, abs=1e-4),
+        "agree": "2/3",
+    }  # fmt: skip
+    # lower is better (perplexity): 20 vs 25 favours the first in every seed
+    assert harness.paired([20, 21, 19], [25, 26, 24], higher_better=False)["verdict"] == "reproduced"
+    assert harness.paired([25, 26, 24], [20, 21, 19], higher_better=False)["verdict"] == "not reproduced"
+    assert harness.paired([1, 1], [1, 1])["verdict"] == "tied"
+    with pytest.raises(ValueError):
+        harness.paired([1, 2, 3], [1, 2])

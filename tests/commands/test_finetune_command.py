@@ -142,3 +142,16 @@ def test_sparse_finetuning_of_a_dense_model_is_refused(tmp_path, text_folder, ca
         capsys,
     )
     assert "prune" in err and not out.exists()
+
+
+def test_without_resurrection_no_update_grows_into_a_pruned_position(pruned, tmp_path, text_folder, capsys):
+    seft = ["--sparse", "seft", "--every", "2", "--window", "1", "--density", "0.05"]
+    resurrected = {}
+    for flag in ("--resurrect", "--no-resurrect"):
+        out = tmp_path / flag
+        args = ["finetune", str(pruned), str(out), "--data", str(text_folder), "--held", str(text_folder), *RUN]
+        assert main([*args, *seft, flag]) == 0, capsys.readouterr().err
+        updates = [json.loads(line) for line in (out / "run" / "seft.jsonl").read_text().splitlines()]
+        resurrected[flag] = sum(u.get("resurrected", 0) for u in updates)
+        assert _zeros(out) == _zeros(pruned)
+    assert resurrected["--resurrect"] > 0 and resurrected["--no-resurrect"] == 0

@@ -48,6 +48,11 @@ class FinetuneConfig(Config):
     )
     examples: int = option(2000, "training examples of the task")
     eval_examples: int = option(96, "held-out examples of the task scored before and after (exact match)")
+    validation_examples: int = option(
+        0,
+        "examples of another draw of the task scored after training too (validation_accuracy): for choosing "
+        "hyperparameters apart from the examples reported",
+    )
     data: str | None = option(None, "with --task none: training text (a corpus name, .txt/.jsonl file or folder)")
     held: str = option("pystdlib", "held-out text for perplexity (its validation split)")
     held_blocks: int = option(16, "held-out blocks of seq_len tokens")
@@ -82,6 +87,7 @@ class FinetuneConfig(Config):
             self.tokens,
             f"at least one step ({self.global_batch} × {self.seq_len})",
         )
+        check(self.validation_examples >= 0, "validation_examples", self.validation_examples, "0 or more")
         check(self.density is None or 0 < self.density < 1, "density", self.density, "in (0, 1)")
         check(self.budget_rank is None or self.budget_rank >= 1, "budget_rank", self.budget_rank, ">= 1")
 
@@ -152,6 +158,9 @@ def run(
         if not keep:
             shutil.rmtree(run_dir, ignore_errors=True)
     after = _score(tuned, tokenizer, held, tasks, progress)
+    if cfg.task == "extract" and cfg.validation_examples:
+        validation = extract_examples(cfg.validation_examples, seed=20_000 + cfg.seed)
+        after["validation_accuracy"] = exact_match(tuned, tokenizer, validation, progress=progress)
     zeros_after = _zeros(tuned)
     kept = {k: zeros_after[k] == zeros_before[k] for k in zeros_before}
     training["peak_rss_mb"] = max(training["peak_before_train_mb"], peak_rss_mb())
