@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS, figure, load, measured, save
+from harness import RESULTS, figure, load, measured, provenance, save
 
 from upcycle import data, hub
 from upcycle.eval import perplexity
@@ -74,6 +74,7 @@ ROWS = {
 }  # fmt: skip
 # the cost curve: the verbs measured at every size (the prune and dense -> MoE grow, and depth growth,
 # which reads and writes only)
+MAPPED_READER = "earlier"  # what the table says of a row measured before rows recorded their commit
 CURVE = ("prune_wanda_50", "grow_moe_shared_8", "grow_depth")
 NOT_STREAMED: dict = {}  # verbs whose streamed path is still to come: recorded, not run (they would load the model)
 
@@ -167,6 +168,7 @@ def row(name: str, source: Path, work: Path, *, keep: bool = False) -> dict:
     run = upcycle_cli(*argv)
     written = "bf16" if "bf16" in argv else "fp32" if "OUT" in args else None
     result = _brief(run) | {"dtype_written": written, "command": "upcycle " + " ".join(argv)}
+    result["commit"] = provenance()["commit"]  # rows are re-run one by one: each says which code it measured
     result["read_bytes"] = folder_bytes(read or source)
     if out.exists():
         result["output_bytes"] = folder_bytes(out)
@@ -403,12 +405,12 @@ def table(results: dict) -> str:
         f"{ck.get('ppl', float('nan')):.3f} (SmolLM2-135M: {ck.get('source_ppl', float('nan')):.3f}). "
         f"Disk: write {disk.get('write_gb_s', 0):.2f} GB/s, read {disk.get('read_gb_s', 0):.2f} GB/s.",
         "",
-        "| row | s | × read + write | peak resident MB | written | ppl / one-shot ppl | max \\|Δlogit\\| |",
-        "|---|---|---|---|---|---|---|",
+        "| row | s | × read + write | peak resident MB | written | ppl / one-shot ppl | max \\|Δlogit\\| | code |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.get("rows", {}).items():
         if "skipped" in r or "error" in r:
-            lines.append(f"| {name} | — | — | — | {r.get('skipped') or 'error: ' + r['error']} | — |")
+            lines.append(f"| {name} | — | — | — | {r.get('skipped') or 'error: ' + r['error']} | — | — | — |")
             continue
         written = f"{r['output_bytes'] / 1e9:.1f} GB ({r['dtype_written']})" if r.get("output_bytes") else "—"
         quality = f"{r['ppl']:.3f}" if "ppl" in r else (
@@ -417,11 +419,12 @@ def table(results: dict) -> str:
         dlogit = f"{r['max_dlogit']:.3g}" if "max_dlogit" in r else "—"
         ratio = io_ratio(r, ck, disk)
         lines.append(
-            f"| {name} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} |"
+            f"| {name} | {r['seconds']:.0f} | {ratio} | {r['peak_rss_mb']:,.0f} | {written} | {quality} | {dlogit} "
+            f"| {r.get('commit', MAPPED_READER)} |"
         )
     for name in ROWS:
         if name not in results.get("rows", {}):
-            lines.append(f"| {name} | — | — | — | not run for these results | — | — |")
+            lines.append(f"| {name} | — | — | — | not run for these results | — | — | — |")
     lines += [
         "",
         "max \\|Δlogit\\|: the written model read back against the model as held (convert, sparsify, grow: 0 is "
@@ -430,6 +433,9 @@ def table(results: dict) -> str:
         "× read + write: the row's wall time over the time this disk takes to read the checkpoint and write the "
         "output (its measured speeds); in brackets, the streamed pass that writes, without the process start, "
         "the held-out forward before it and the pass that reads the output back.",
+        "",
+        f"code: the commit each row was measured at ({MAPPED_READER}: before b4a83fb, whose reader stopped mapping "
+        "tensor files — a mapped fp32 layer counted in resident memory beside its bf16 copy).",
     ]
     lr = results.get("sparsify_lr")
     if lr:
@@ -462,6 +468,12 @@ def table(results: dict) -> str:
             if "peak_rss_mb" in p
         )
         lines += ["", f"Cost curve, {verb}: {cells}"]
+        measured_ = [p for p in points if "peak_rss_mb" in p]
+        if len(measured_) > 1:
+            first, last = measured_[0], measured_[-1]
+            per_param = (last["seconds"] / last["parameters"]) / (first["seconds"] / first["parameters"])
+            lines[-1] += (f" — from the smallest to the largest: peak memory ×{last['peak_rss_mb'] / first['peak_rss_mb']:.2f}"
+                          f", seconds per parameter ×{per_param:.2f}")  # fmt: skip
     for verb, points in results.get("depth_curve", {}).items():
         cells = ", ".join(f"{p['layers']} layers ({p['parameters'] / 1e9:.2f}B): {p['peak_rss_mb']:,.0f} MB, "
                           f"{p['seconds']:.0f} s" for p in points if "peak_rss_mb" in p)  # fmt: skip

@@ -37,8 +37,8 @@ def run(
     with LayerPass(lazy, source={"probe": probe}, out=out, shard_bytes=shard_bytes(options), tokenizer=tokenizer,
                    progress=options.progress, desc="densify") as p:  # fmt: skip
         for i in p.layers():
-            state = lazy.adapter.layer(i).state_dict()
-            p.emit({k: v for k, v in state.items() if is_dense_tensor(k)}, index=i)
+            # nothing bound to the layer's tensors here: a name left bound keeps the layer alive beside the next
+            p.emit({k: v for k, v in lazy.adapter.layer(i).state_dict().items() if is_dense_tensor(k)}, index=i)
         p.set_outer({k: v for k, v in lazy.outer_state().items() if is_dense_tensor(k)})
         expected = list(p.logits(p.source["probe"]))
         p.output_config = lazy.config.base_config()

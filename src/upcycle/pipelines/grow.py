@@ -200,6 +200,7 @@ def grow_step_streamed(lazy, step: GrowStep, out: Path, held, calibration, token
                     copy = {k: torch.zeros_like(t) if new and id(t) in writers else t if n == 0 else t.detach().clone()
                             for k, t in state.items()}  # fmt: skip
                     p.emit(copy, index)
+                state = copy = None  # bound, they would keep this layer's tensors alive beside the next layer's
         expected = list(p.logits(p.source["held"]))
         if step.op == "ffn_width":
             moe = any(adapter.ffn_kind(i) == "moe" for i in range(adapter.num_layers))
@@ -236,8 +237,9 @@ def _moe_streamed(pass_: LayerPass, step: GrowStep, params_before: int, kmeans: 
             copy_into_moe(dict(lazy.adapter.layer(i).named_parameters()), dict(layer.named_parameters()))
             rows = None
             if kmeans:
-                inputs = p.source["calibration"].module_inputs(lazy.adapter.ffn(i), previous=True)
-                rows = kmeans_rows(inputs[:KMEANS_ROWS], distinct_routes(step), kmeans_generator)
+                inputs = p.source["calibration"].module_inputs(lazy.adapter.ffn(i), previous=True)[:KMEANS_ROWS]
+                rows = kmeans_rows(inputs, distinct_routes(step), kmeans_generator)
+                del inputs
             moe_layer(lazy.adapter, target, i, step, rows, generator)
             p.emit(layer.state_dict(), index=i, family=type(target))
             layer.to("meta")

@@ -316,6 +316,7 @@ def run_streamed(
                 with torch.no_grad():
                     cut = SwiGLUWeights(w.gate[index].clone(), w.up[index].clone(), w.down[:, index].clone())
                 adapter.set_ffn_weights(i, cut)
+                del w, cut  # bound, they would keep this layer's FFN alive beside the next layer's
             adapter.set_config(ffn_size=step.width)
             facts = {"kept_importance_per_layer": shares, "kept_neurons": kept_neurons}
             folder, report, final = _finish_cut(p, stages, params_before, start, facts, report_files, cfg)

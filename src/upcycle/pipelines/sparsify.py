@@ -130,7 +130,9 @@ def run_streamed(
                 if cfg.convert_steps:
                     rows, held = (as_fitted(p.output[k].module_inputs(ffn)) for k in ("fit", "held"))
                     convert_layer(ffn, dense, rows, held, cfg, report, convert_rng, kept=kept)
+                    del rows, held
                 ffn.eval()
+            del x, fit_rows  # this layer's calibration rows: not to be held beside the next layer's
         if taken_out is not None:
             adapter.set_ffn(*taken_out)
         if cfg.pad and len(chosen) == adapter.num_layers:

@@ -192,13 +192,19 @@ class LayerPass:
                 else:
                     stream.advance()
             if self.writer is not None:
-                for index, tensors, family in self._emitted if self._emitted is not None else [(i, None, None)]:
-                    self.writer.add(self.lazy.layer_state(i, tensors, index=index, family=family))
+                self._write(i)
             self._emitted = None
             self.lazy.release_layer(i)
             _return_freed_memory()
             self.report.layer_seconds.append(round(time.perf_counter() - start, 3))
         self.report.layers = self.lazy.num_layers
+
+    def _write(self, i: int) -> None:
+        # in a function of its own so that nothing written outlives the call: a loop variable left bound to
+        # the last tensors emitted kept a whole layer alive beside the next one (measured at 7.45B: dense ->
+        # MoE peaked at 3.1 GB, 0.7 GB of it the previous layer's MoE block)
+        for index, tensors, family in self._emitted if self._emitted is not None else [(i, None, None)]:
+            self.writer.add(self.lazy.layer_state(i, tensors, index=index, family=family))
 
     def __exit__(self, kind, error, traceback) -> None:
         if self.writer is not None and not self.writer.closed:  # failed, or never finished: no half model
