@@ -78,6 +78,25 @@ def test_shared_mode_in_qwen2_moe(family):
     assert _max_dlogit(source, grown, ids) <= 1e-4
 
 
+def test_active_routed_experts_are_the_ffns_own_neurons_and_all_that_changes():
+    source = hub.tiny("llama")
+    step = GrowStep(op="moe", experts=4, top_k=2, mode="shared", active=True, router="random", expert_width=16)
+    grown, report = apply_step(source, step, tokens_for(source), RELAXED)
+    assert report.kind == "changed" and report.preservation.max_dlogit > 1e-3
+    a, dense = arch.adapter_for(grown), arch.adapter_for(source).ffn_weights(0)
+    routed = a.experts(0)
+    for e in range(4):  # each routed expert: 16 of the FFN's neurons, whole (gate and up rows, down columns)
+        rows = [int((dense.gate == row).all(1).nonzero()[0]) for row in routed.gate[e]]
+        assert torch.equal(routed.up[e], dense.up[rows]) and torch.equal(routed.down[e], dense.down[:, rows])
+    # silence the routed experts by hand: what is left is the dense model exactly (the shared expert)
+    with torch.no_grad():
+        for i in range(a.num_layers):
+            routed = a.experts(i)
+            routed.down.zero_()
+            a.set_experts(i, routed)
+    assert _max_dlogit(source, grown, tokens_for(source)) <= 1e-4
+
+
 def test_mixtral_target_and_an_unsupported_one():
     source = hub.tiny("llama")
     grown, report = apply_step(

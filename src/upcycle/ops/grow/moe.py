@@ -154,7 +154,8 @@ def _experts(step: GrowStep, ffn: SwiGLUWeights, generator) -> tuple[SwiGLUWeigh
             experts = stack([neurons(ffn, torch.zeros(width, dtype=torch.long))] * E)
             for e in range(E):
                 redraw(_expert(experts, e), torch.arange(width), ffn, generator)
-        experts.down.zero_()
+        if not step.active:
+            experts.down.zero_()
     if step.mode == "shared":  # read, not kept: only the scaled down projection is a new tensor
         shared = SwiGLUWeights(ffn.gate.detach(), ffn.up.detach(), ffn.down.detach() * 2.0)
         return experts, shared  # sigmoid(0) = 1/2 exactly, and ×2 is exact in floating point
@@ -203,6 +204,8 @@ def kmeans_rows(x: torch.Tensor, k: int, generator, iterations: int = 25) -> tor
 
 
 def moe_kind(step: GrowStep, family: str) -> tuple[str, str]:
+    if step.mode == "shared" and step.active:
+        return "changed", "routed experts enter with their neurons' own output beside the shared expert (= the FFN)"
     if step.mode in ("copy", "shared"):
         if step.mode == "copy" and not step.normalize:
             return "changed", "copies with top-k weights that are not renormalised scale the FFN by their sum"

@@ -55,6 +55,12 @@ class MoeStep(GrowStep):
         "partition (disjoint random neuron sets) or random (re-drawn)",
         choices=("copy", "partition", "random"),
     )
+    active: bool = option(
+        False,
+        "mode shared: the routed experts enter with their neurons' own output instead of zero (their down "
+        "projection kept, as the seed's reference code does): they carry weight from step 0, and the function "
+        "changes (a changed step, measured)",
+    )
     granularity: int = option(2, "mode granular: shards per copy of the FFN (experts must be a multiple)")
     expert_width: int | None = option(None, "mode shared: width of each routed expert (default FFN width / experts)")
     router: str = option(
@@ -94,7 +100,7 @@ class MoeStep(GrowStep):
         extra = {
             "granular": f", {self.granularity} shards per copy",
             "drop": f", {self.drop_ratio:g} re-drawn",
-            "shared": f", routed {self.routed}",
+            "shared": f", routed {self.routed}" + (" (active from step 0)" if self.active else ""),
         }.get(self.mode, "")
         return (
             f"dense → MoE ({self.family}): {self.experts} experts top-{self.top_k}, mode {self.mode}{extra}, "
