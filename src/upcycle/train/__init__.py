@@ -1,5 +1,6 @@
 """One trainer for continued training: loss terms, schedules, stages, callbacks, exact resume, torchrun."""
 
+from upcycle.train import grow as _grow  # noqa: F401  registers the grow stage (growth steps inside a schedule)
 from upcycle.train import lora as _lora  # noqa: F401  registers the lora stage (peft imported on use)
 from upcycle.train import moe as _moe  # noqa: F401  registers the balance and router_z losses, the top_k stage
 from upcycle.train import mtp as _mtp  # noqa: F401  registers the mtp loss
