@@ -17,17 +17,23 @@ Parts so far:
         fine-tuning, LoRA and LoRA* (LoRA re-pruned by Wanda), and SEFT with its positions fixed and without
         resurrection; 100 optimizer steps per arm (10 topology updates), each learning rate chosen from one
         sweep on a validation draw of the task, three seeds for every arm a claim compares.
+  grow  state-preserving growth (arXiv 2606.07404) on SmolLM2-135M: dense -> MoE (the dense FFN as shared
+        expert, 8 routed experts of its own neurons active from step 0, k-means router) trained against the
+        same architecture from scratch and the dense model continued, on the same tokens, three seeds, every
+        run timed in a process of its own; and a lineage through the trainer's stages — dense -> MoE, train,
+        experts x2, train — with every growth step's check against the model trained before it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
-from harness import RESULTS, load, mark, paired, provenance, reused, save, upcycle
+from harness import RESULTS, child, child_done, load, mark, paired, provenance, reused, save, upcycle
 
 RUNS = Path("runs/reproduce")
 COMMAND = "python benchmarks/reproduce.py --paper {part}"
@@ -181,15 +187,208 @@ def _seft_claims(target: str, arms: dict) -> list[dict]:
     return claims
 
 
+# ---- grow ---------------------------------------------------------------------------------------------
+GROW = {
+    "model": "smollm2-135m",
+    "text": "shakespeare+pystdlib",
+    "tokens": 65536,  # training tokens of every run: 32 steps of 8 x 256
+    "seq_len": 256,
+    "global_batch": 8,
+    "lr": 3e-4,
+    "seeds": [0, 1, 2],
+    "held_blocks": 16,  # validation blocks every run is scored on
+    # the seed's dense -> MoE: the dense FFN as shared expert, routed experts of its own neurons that carry
+    # weight from step 0 (a changed step: its cost at step 0 is measured), k-means router
+    "moe": {"op": "moe", "family": "qwen2_moe", "mode": "shared", "active": True, "experts": 8, "top_k": 2},
+    "lineage_second": {"op": "experts", "factor": 2},
+}
+ROUTER_TERMS = [{"name": "lm"}, {"name": "balance", "weight": 0.01}, {"name": "router_z", "weight": 0.001}]
+GROW_ARMS = ("grown", "scratch", "dense_continued")
+
+
+def grow_run(arm: str, seed: int) -> dict:
+    """One training run of the grow part in a process of its own (its time and memory its own)."""
+    out = RUNS / "grow" / f"{arm}-s{seed}"
+    settings = {k: GROW[k] for k in ("tokens", "seq_len", "global_batch", "lr", "moe", "held_blocks")}
+    done = reused(out, settings | {"arm": arm, "seed": seed}, "result.json")
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = child(__file__, "grow", arm, str(seed), str(out))
+    if "error" in result:
+        raise SystemExit(f"grow part: {arm} seed {seed} failed: {result['error']}")
+    result["seconds"] = time.perf_counter() - started
+    _drop_weights(out)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    mark(out, settings | {"arm": arm, "seed": seed})
+    print(f"  grow {arm} seed {seed}: ppl {result['start_ppl']:.2f} -> {result['final_ppl']:.2f}, "
+          f"{result['seconds']:.0f} s", flush=True)  # fmt: skip
+    return result
+
+
+def _grow_child(arm: str, seed: str, out: str, out_json: str) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from upcycle import data, hub
+    from upcycle.eval import perplexity
+    from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
+    from upcycle.train import TrainConfig, Trainer
+
+    seed_ = int(seed)
+    dense, tokenizer = hub.load(GROW["model"])
+    held = data.blocks(GROW["text"], tokenizer, "validation", GROW["seq_len"], max_blocks=GROW["held_blocks"])
+    calibration = data.blocks(GROW["text"], tokenizer, "train", GROW["seq_len"], max_blocks=32)
+    growth = None
+    if arm == "dense_continued":
+        model, losses = dense, [{"name": "lm"}]
+    else:
+        step = GrowStep.from_dict(GROW["moe"] | {"seed": seed_})
+        relaxed = GrowChecks(max_loss_change=100.0, min_logit_cosine=-1.0, max_router_kl=100.0)
+        grown, report = apply_step(dense, step, held, relaxed, calibration=calibration)
+        growth = report.as_dict()
+        model, losses = grown, ROUTER_TERMS
+        if arm == "scratch":
+            torch.manual_seed(seed_)
+            model = AutoModelForCausalLM.from_config(grown.config)
+    start_ppl = perplexity(model, held, progress=False).ppl
+    config = TrainConfig.from_dict(dict(
+        model=GROW["model"], data=GROW["text"], out=out, seed=seed_, seq_len=GROW["seq_len"],
+        global_batch=GROW["global_batch"], micro_batch=4, lr=GROW["lr"], warmup_steps=2, ckpt_every=1_000_000,
+        losses=losses, stages=[{"name": "main", "tokens": GROW["tokens"]}], progress=False,
+    ))  # fmt: skip
+    started = time.perf_counter()
+    Trainer(config, model=model, tokenizer=tokenizer).fit()
+    train_seconds = time.perf_counter() - started
+    final_ppl = perplexity(model, held, progress=False).ppl
+    params = sum(p.numel() for p in model.parameters())
+    child_done(out_json, {"start_ppl": start_ppl, "final_ppl": final_ppl, "train_seconds": train_seconds,
+                          "params": params, "growth": growth})  # fmt: skip
+
+
+def grow_lineage() -> dict:
+    out = RUNS / "grow" / "lineage"
+    settings = {k: GROW[k] for k in ("tokens", "seq_len", "global_batch", "lr", "moe", "lineage_second")}
+    done = reused(out, settings, "result.json")
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = child(__file__, "lineage", "0", "0", str(out))
+    if "error" in result:
+        raise SystemExit(f"grow part: the lineage failed: {result['error']}")
+    result["seconds"] = time.perf_counter() - started
+    _drop_weights(out)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    mark(out, settings)
+    return result
+
+
+def _drop_weights(run: Path) -> None:
+    """A finished training run's checkpoints and final model: its figures are in result.json (a 135M MoE is
+    ~1 GB a run)."""
+    for heavy in ("checkpoints", "final"):
+        shutil.rmtree(run / heavy, ignore_errors=True)
+
+
+def _lineage_child(out: str, out_json: str) -> None:
+    from upcycle import data, hub
+    from upcycle.eval import perplexity
+    from upcycle.train import TrainConfig, Trainer
+    from upcycle.train.trainer import Callback
+
+    dense, tokenizer = hub.load(GROW["model"])
+    held = data.blocks(GROW["text"], tokenizer, "validation", GROW["seq_len"], max_blocks=GROW["held_blocks"])
+
+    class Scores(Callback):  # held-out perplexity as each stage starts (grown) and ends (trained)
+        def __init__(self):
+            self.at = []
+
+        def on_stage_start(self, trainer):
+            self.at.append({"stage": trainer.progress.stage_index, "when": "start (after growth)",
+                            "ppl": perplexity(trainer.model, held, progress=False).ppl})  # fmt: skip
+
+        def on_stage_end(self, trainer):
+            self.at.append({"stage": trainer.progress.stage_index, "when": "end (trained)",
+                            "ppl": perplexity(trainer.model, held, progress=False).ppl})  # fmt: skip
+
+    grow = {"calibration": GROW["text"], "max_loss_change": 100.0, "min_logit_cosine": -1.0, "max_router_kl": 100.0}
+    config = TrainConfig.from_dict(dict(
+        model=GROW["model"], data=GROW["text"], out=out, seed=0, seq_len=GROW["seq_len"],
+        global_batch=GROW["global_batch"], micro_batch=4, lr=GROW["lr"], warmup_steps=2, ckpt_every=1_000_000,
+        losses=ROUTER_TERMS, progress=False,
+        stages=[
+            {"name": "moe", "tokens": GROW["tokens"], "transform": "grow",
+             "transform_options": grow | {"steps": [GROW["moe"]]}},
+            {"name": "more_experts", "tokens": GROW["tokens"], "transform": "grow",
+             "transform_options": grow | {"steps": [GROW["lineage_second"]]}},
+        ],
+    ))  # fmt: skip
+    scores = Scores()
+    trainer = Trainer(config, model=dense, tokenizer=tokenizer, callbacks=[scores])
+    started = time.perf_counter()
+    trainer.fit()
+    steps = [r.as_dict() for name in ("moe", "more_experts") for r in trainer.stage_reports[name]]
+    child_done(out_json, {"steps": steps, "ppl": scores.at, "train_seconds": time.perf_counter() - started})
+
+
+def grow_part() -> tuple[dict, list[dict]]:
+    runs = {arm: [grow_run(arm, seed) for seed in GROW["seeds"]] for arm in GROW_ARMS}
+    arms = {
+        arm: {
+            "seeds": GROW["seeds"],
+            "final_ppl": [r["final_ppl"] for r in rs],
+            "start_ppl": [r["start_ppl"] for r in rs],
+            "seconds": [round(r["seconds"], 1) for r in rs],
+            "train_seconds": [round(r["train_seconds"], 1) for r in rs],
+            "params": rs[0]["params"],
+        }
+        for arm, rs in runs.items()
+    }
+    growth = [r["growth"]["preservation"] for r in runs["grown"]]
+    lineage = grow_lineage()
+    section = {"setup": GROW, "seeds": GROW["seeds"], "arms": arms, "growth_at_step_0": growth, "lineage": lineage}
+    claims = []
+    for other, statement in (
+        ("scratch", "a grown MoE (routed experts active from step 0) beats the same architecture from scratch"),
+        ("dense_continued", "a grown MoE beats the dense model continued on the same tokens"),
+    ):
+        judged = paired(arms["grown"]["final_ppl"], arms[other]["final_ppl"], higher_better=False)
+        claims.append({
+            "paper": "grow",
+            "claim": f"{statement} ({GROW['tokens']:,} tokens, held-out perplexity)",
+            "verdict": judged["verdict"],
+            "seeds": GROW["seeds"],
+            "margin": {k: judged[k] for k in ("mean", "spread", "agree", "diffs")},
+            "figures": {"grown": arms["grown"]["final_ppl"], other: arms[other]["final_ppl"]},
+        })  # fmt: skip
+    exact = all(step["kind"] == "exact" for step in lineage["steps"][1:])
+    claims.append({
+        "paper": "grow",
+        "claim": "a trained MoE grows again (experts x2) without changing its function",
+        "verdict": "reproduced" if exact and all(s["preservation"]["passed"] for s in lineage["steps"]) else "not reproduced",
+        "seeds": [0],
+        "margin": {"mean": max(s["preservation"]["max_dlogit"] for s in lineage["steps"][1:]), "spread": 0.0,
+                   "agree": "1/1", "diffs": []},
+        "figures": {"max_dlogit": [s["preservation"]["max_dlogit"] for s in lineage["steps"]]},
+    })  # fmt: skip
+    return section, claims
+
+
 # ---- the command ---------------------------------------------------------------------------------------
-PARTS = {"seft": seft_part}
+PARTS = {"seft": seft_part, "grow": grow_part}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--paper", nargs="*", choices=list(PARTS), default=list(PARTS), help="the parts to run")
     parser.add_argument("--redo", action="store_true", help="run the parts named again even where finished")
+    parser.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        kind, arm, seed, out, out_json = args.child
+        return _grow_child(arm, seed, out, out_json) if kind == "grow" else _lineage_child(out, out_json)
     results = load("claims")
     results.pop("run", None)
     for part in args.paper:
