@@ -35,7 +35,7 @@ from pathlib import Path
 
 from harness import RESULTS, child, child_done, load, mark, paired, provenance, reused, save, upcycle
 
-RUNS = Path("runs/reproduce")
+RUNS = Path(__file__).resolve().parents[1] / "runs" / "reproduce"  # wherever the command is run from
 COMMAND = "python benchmarks/reproduce.py --paper {part}"
 
 # ---- SEFT ---------------------------------------------------------------------------------------------
@@ -374,6 +374,30 @@ def grow_part() -> tuple[dict, list[dict]]:
         "figures": {"max_dlogit": [s["preservation"]["max_dlogit"] for s in lineage["steps"]]},
     })  # fmt: skip
     return section, claims
+
+
+# ---- the docs' table ----------------------------------------------------------------------------------
+def table(results: dict) -> str:
+    """Every claim of claims.json: its verdict, the paired margin and the figures per seed."""
+    lines = [
+        "| paper | claim | verdict | seeds agreeing | mean paired margin (spread) | per seed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for c in results.get("claims", []):
+        m = c["margin"]
+        per_seed = "; ".join(f"{arm} {', '.join(_num(v) for v in values)}" for arm, values in c["figures"].items())
+        lines.append(
+            f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {m['agree']} | {_num(m['mean'])} "
+            f"({_num(m['spread'])}) | {per_seed} |"
+        )
+    parts = results.get("parts", {})
+    lines += ["", "Parts: " + "; ".join(f"`{name}` {p['seconds'] / 3600:.2f} h at {p['commit']}"
+                                       for name, p in parts.items())]  # fmt: skip
+    return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    return f"{v:.3g}" if abs(v) < 100 else f"{v:,.1f}"
 
 
 # ---- the command ---------------------------------------------------------------------------------------

@@ -542,6 +542,7 @@ def main() -> None:
     parser.add_argument("--size", default="7.5B", choices=list(SIZES), help="the checkpoint the rows run on")
     parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
     parser.add_argument("--sizes", nargs="*", default=list(SIZES), choices=list(SIZES), help="the curve's sizes")
+    parser.add_argument("--verbs", nargs="*", default=list(CURVE), choices=list(CURVE), help="the curve's verbs")
     parser.add_argument("--keep", nargs="*", default=[], choices=list(ROWS),
                         help="rows whose output stays for a later run's rows (e.g. sparsify for densify, when the "
                              "disk holds the source or both outputs, not all three)")  # fmt: skip
@@ -591,11 +592,13 @@ def main() -> None:
         for verb in CURVE:
             curve.setdefault(verb, [])
         for size in args.sizes:  # each size measured again; the rows' own size takes the rows' figures
-            from_rows = {verb for verb in CURVE if rows.get(verb, {}).get("size") == size and "seconds" in rows[verb]}
+            from_rows = {
+                verb for verb in args.verbs if rows.get(verb, {}).get("size") == size and "seconds" in rows[verb]
+            }
             folder = work / f"smollm2-grown-{size}"
-            if set(CURVE) - from_rows:
+            if set(args.verbs) - from_rows:
                 folder = Path(build(size, work)["folder"])
-            for verb in CURVE:
+            for verb in args.verbs:
                 point = rows[verb] if verb in from_rows else row(verb, folder, work)
                 curve[verb] = [p for p in curve[verb] if p.get("size") != size]
                 curve[verb].append({"size": size, "parameters": params_of(folder)} | point)

@@ -240,7 +240,7 @@ def _moe_streamed(pass_: LayerPass, step: GrowStep, params_before: int, kmeans: 
                 inputs = p.source["calibration"].module_inputs(lazy.adapter.ffn(i), previous=True)[:KMEANS_ROWS]
                 rows = kmeans_rows(inputs, distinct_routes(step), kmeans_generator)
                 del inputs
-            moe_layer(lazy.adapter, target, i, step, rows, generator)
+            moe_layer(lazy.adapter, target, i, step, rows, generator, share=True)
             p.emit(layer.state_dict(), index=i, family=type(target))
             layer.to("meta")
         expected = list(p.logits(p.source["held"]))

@@ -209,6 +209,9 @@ class LayerPass:
     def __exit__(self, kind, error, traceback) -> None:
         if self.writer is not None and not self.writer.closed:  # failed, or never finished: no half model
             self.writer.abort()
+        # the embeddings and head the top of the pass read: not to be held through the next pass (the written
+        # model read back holds its own); whatever needs them again loads them
+        self.lazy.release_outer_weights()
         if kind is not None:
             return
         self.report.bytes_read = self.lazy.checkpoint.nbytes

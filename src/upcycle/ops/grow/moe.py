@@ -91,20 +91,27 @@ def moe_widths(model, step: GrowStep) -> tuple[str, int, int]:
     return (family, *_widths(step, width))
 
 
-def moe_layer(source, target, i: int, step: GrowStep, kmeans: torch.Tensor | None, generator) -> None:
+def moe_layer(
+    source, target, i: int, step: GrowStep, kmeans: torch.Tensor | None, generator, *, share: bool = False
+) -> None:
     """Layer i's MoE block in `target` written from the dense FFN of layer i in `source`: its experts, its
-    router (k-means rows `kmeans` where the step's router is kmeans) and its shared expert."""
+    router (k-means rows `kmeans` where the step's router is kmeans) and its shared expert. `share`: the
+    shared expert holds the dense FFN's own tensors instead of copies — for a streamed pass, which frees the
+    dense layer once the MoE layer is written (at 7.45B a copy is 0.3 GB); never for a model kept."""
     experts, shared = _experts(step, source.ffn_weights(i), generator)
+    dtype = experts.gate.dtype
     target.set_experts(i, experts)
+    del experts  # copied into the layer's fused tensors
     rows = _router_rows(step, kmeans, target.hidden_size, generator)
-    target.set_router(i, rows.to(experts.gate.dtype))
-    if target.shared_expert(i) is not None:
+    target.set_router(i, rows.to(dtype))
+    live = target.shared_expert(i)
+    if live is not None:
         with torch.no_grad():
-            for live, value in zip(
-                (target.shared_expert(i).gate, target.shared_expert(i).up, target.shared_expert(i).down),
-                (shared.gate, shared.up, shared.down),
-            ):
-                live.copy_(value)
+            for param, value in zip((live.gate, live.up, live.down), (shared.gate, shared.up, shared.down)):
+                if share and (param.shape, param.dtype, param.device) == (value.shape, value.dtype, value.device):
+                    param.data = value  # its empty storage was never written: nothing is copied or kept
+                else:
+                    param.copy_(value)
             target.shared_expert_gate(i).weight.zero_()  # sigmoid(0) = 1/2: see shared mode's ×2
 
 
