@@ -379,6 +379,8 @@ def grow_part() -> tuple[dict, list[dict]]:
 # ---- the docs' table ----------------------------------------------------------------------------------
 def table(results: dict) -> str:
     """Every claim of claims.json: its verdict, the paired margin and the figures per seed."""
+    if not results.get("claims"):
+        return "No part has run yet: `make reproduce` (or `--paper NAME`) writes the claims."
     lines = [
         "| paper | claim | verdict | seeds agreeing | mean paired margin (spread) | per seed |",
         "|---|---|---|---|---|---|",
