@@ -242,7 +242,8 @@ class LazyModel:
         names = self.checkpoint.with_prefix(prefix)
         dtypes = {n: torch.float32 if n in fp32 else self.dtype for n in names}
         stored = self.checkpoint.read(names, device=self.device, dtype=dtypes)
-        return type(self.adapter).layer_from_checkpoint({k[len(prefix) :]: v for k, v in stored.items()})
+        relative = {k[len(prefix) :]: stored.pop(k) for k in list(stored)}
+        return type(self.adapter).layer_from_checkpoint(relative)  # consumes it: experts fused as they are freed
 
     def load_layer(self, i: int) -> torch.nn.Module:
         layer = self.adapter.layer(i)

@@ -97,24 +97,35 @@ class Adapter:
 
     @classmethod
     def layer_from_checkpoint(cls, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The inverse of layer_to_checkpoint: a checkpoint's tensors of one layer as its module names them."""
+        """The inverse of layer_to_checkpoint: a checkpoint's tensors of one layer as its module names them.
+        The dict given is consumed (emptied): each expert's tensors are freed as they are copied into the
+        fused ones, so a layer is never held twice."""
         if not cls.is_moe:
             return dict(tensors)
         gate, up, down = cls.checkpoint_experts
         experts: dict[str, dict[int, torch.Tensor]] = {gate: {}, up: {}, down: {}}
         out = {}
-        for name, t in tensors.items():
+        for name in list(tensors):
             parts = name.split(".")
             if parts[0] == cls.checkpoint_ffn and parts[1] == "experts":
-                experts[parts[3]][int(parts[2])] = t
+                experts[parts[3]][int(parts[2])] = tensors.pop(name)
             else:
-                out["mlp" + name[len(cls.checkpoint_ffn) :] if parts[0] == cls.checkpoint_ffn else name] = t
+                out["mlp" + name[len(cls.checkpoint_ffn) :] if parts[0] == cls.checkpoint_ffn else name] = tensors.pop(
+                    name
+                )
         if experts[gate]:
             order = sorted(experts[gate])
-            out["mlp.experts.gate_up_proj"] = torch.stack(
-                [torch.cat([experts[gate][e], experts[up][e]]) for e in order]
-            )
-            out["mlp.experts.down_proj"] = torch.stack([experts[down][e] for e in order])
+            first = experts[gate][order[0]]
+            width, hidden = first.shape
+            fused = first.new_empty(len(order), 2 * width, hidden)
+            for n, e in enumerate(order):
+                fused[n, :width], fused[n, width:] = experts[gate].pop(e), experts[up].pop(e)
+            out["mlp.experts.gate_up_proj"] = fused
+            first = experts[down][order[0]]
+            fused = first.new_empty(len(order), *first.shape)
+            for n, e in enumerate(order):
+                fused[n] = experts[down].pop(e)
+            out["mlp.experts.down_proj"] = fused
         return out
 
     @classmethod
