@@ -510,9 +510,8 @@ def plot(results: dict, path: Path) -> None:
     for verb, points in results.get("depth_curve", {}).items():
         points = [p for p in points if "peak_rss_mb" in p]
         xs = [p["parameters"] / 1e9 for p in points]
+        # memory only: its seconds were taken at low priority beside another row (see docs/large.md)
         left.plot(xs, [p["peak_rss_mb"] / 1024 for p in points], "s--", label=f"{verb}, deeper (same layer)")
-        right.plot(xs, [p["seconds"] / (p["parameters"] / 1e9) for p in points], "s--",
-                   label=f"{verb}, deeper (same layer)")  # fmt: skip
     ram = results.get("checkpoint", {}).get("ram_bytes")
     if ram:
         left.axhline(ram / 2**30, color="k", ls="--", lw=1, label="this machine's RAM")
