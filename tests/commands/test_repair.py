@@ -187,3 +187,17 @@ def test_repair_cli_errors_are_one_line_and_write_nothing(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert fragment in err and len(err.splitlines()) == 1, err
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_ruler_cwe_lists_hold_ten_words_thirty_times_and_every_other_word_three_times():
+    from upcycle.eval.cwe import RULER
+
+    tok = hub.byte_tokenizer()
+    sample = cwe_sample(tok, 6000, seed=0, config=RULER)
+    counts = collections.Counter(sample.entries)
+    assert len(sample.common) == 10 and all(counts[w] == 30 for w in sample.common)
+    assert {n for w, n in counts.items() if w not in sample.common} == {3}
+    assert sample.length <= 6000 and len(sample.entries) > 300
+    assert sample.score(", ".join(sample.common)) == 1.0 and sample.score(", ".join(sample.common[:4])) == 0.4
+    with pytest.raises(ValueError, match="too short"):
+        cwe_sample(tok, 1000, seed=0, config=RULER)  # 300 entries of common words alone do not fit

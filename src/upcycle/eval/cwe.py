@@ -64,9 +64,17 @@ class CWEConfig:
     rare_repeats: int = 1  # each other word occurs 1..rare_repeats times
     answer_tokens: int = 24  # greedy tokens generated for the answer
     chat: bool | None = None  # the tokenizer's chat template: None = where it has one
+    common_repeats: int | None = None  # each common word exactly this often (RULER), instead of common_share
+    rare_exact: bool = False  # each other word exactly rare_repeats times (RULER), not 1..rare_repeats
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+# RULER's CWE (Hsieh et al. 2024, its synthetic.yaml): 10 common words 30 times each, every other word 3
+# times, the list as long as the context allows; the answer names the 10 (string_match_all: the share of
+# them it names). Far beyond a 135M model at RULER's own lengths (4k and up), which is what it measures.
+RULER = CWEConfig(n_common=10, common_repeats=30, rare_repeats=3, rare_exact=True, answer_tokens=120)
 
 
 @dataclass
@@ -124,12 +132,20 @@ def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[st
     pool = [w for w in WORDS if w not in ("stone", "river", "lemon", "cloud", "tiger")]  # not the example's
     rng.shuffle(pool)
     common, rare_pool = pool[: config.n_common], pool[config.n_common :]
-    per_common = max(2, round(count * config.common_share / config.n_common))
-    entries = [w for w in common for _ in range(per_common)]
+    per_common = config.common_repeats or max(2, round(count * config.common_share / config.n_common))
+    entries = [w for w in common for _ in range(per_common)][:count]
+    if config.rare_exact and (count - len(entries)) > config.rare_repeats * len(rare_pool):
+        raise ValueError(
+            f"a list of {count} entries needs more than the {len(rare_pool)} other words CWE draws from "
+            f"({config.rare_repeats} times each): a shorter length"
+        )
     i = 0
     while len(entries) < count:
         word = rare_pool[i % len(rare_pool)]
-        entries += [word] * min(rng.randint(1, config.rare_repeats), per_common - 1, count - len(entries))
+        times = config.rare_repeats if config.rare_exact else rng.randint(1, config.rare_repeats)
+        if config.rare_exact and count - len(entries) < times:
+            break  # exact counts: a list a few entries short rather than a word counted wrong
+        entries += [word] * min(times, per_common - 1, count - len(entries))
         i += 1
     rng.shuffle(entries)
     return common, entries
@@ -139,11 +155,19 @@ def cwe_sample(tokenizer, length: int, seed: int, config: CWEConfig = CWEConfig(
     """A CWE prompt of about `length` tokens (at most), the list as long as fits."""
     rng = random.Random(f"{length}-{seed}")
     chat = uses_chat(tokenizer, config)
-    lo, hi = 4, max(8, length)  # list entries: binary search on the prompt's token count
+    # list entries: binary search on the prompt's token count (at RULER's counts, never fewer than the
+    # common words' own entries: a length too short for them is refused below)
+    lo = max(4, config.n_common * (config.common_repeats or 0))
+    hi = max(8, length, lo)
     best = None
     while lo <= hi:
         mid = (lo + hi) // 2
-        common, entries = _entries(mid, random.Random(rng.random()), config)
+        draw = random.Random(rng.random())
+        try:
+            common, entries = _entries(mid, draw, config)
+        except ValueError:  # more entries than the word pool can give at RULER's exact counts: shorter
+            hi = mid - 1
+            continue
         prompt = _prompt(entries, config.n_common, tokenizer, chat)
         n = len(tokenizer(prompt).input_ids)
         if n <= length:
