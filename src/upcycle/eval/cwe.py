@@ -207,9 +207,10 @@ def cwe_answer(model, tokenizer, sample: CWESample, config: CWEConfig = CWEConfi
 def cwe_eval(
     model, tokenizer, lengths: list[int], samples: int = 4, config: CWEConfig = CWEConfig(), progress=None
 ) -> dict:
-    """Mean CWE score per length (over `samples` seeds), and the random-guess chance level."""
+    """Mean CWE score per length (over `samples` seeds), each prompt's score (`per_prompt`: for comparing
+    two models prompt by prompt), and the random-guess chance level."""
     model.eval()
-    scores, chances, uniform = [], [], []
+    scores, chances, uniform, per_prompt = [], [], [], []
     for length in lengths:
         values, chance_values, uniform_values = [], [], []
         for seed in range(samples):
@@ -220,9 +221,16 @@ def cwe_eval(
             if progress is not None:
                 progress.update(1)
         scores.append(sum(values) / samples)
+        per_prompt.append(values)
         chances.append(sum(chance_values) / samples)
         uniform.append(sum(uniform_values) / samples)
-    return {"lengths": list(lengths), "score": scores, "chance": chances, "chance_uniform": uniform}
+    return {
+        "lengths": list(lengths),
+        "score": scores,
+        "per_prompt": per_prompt,
+        "chance": chances,
+        "chance_uniform": uniform,
+    }
 
 
 def position_buckets(length: int, first: int = 256) -> list[tuple[int, int]]:

@@ -139,6 +139,7 @@ def _measure(
     short = perplexity(model, short_blocks, batch_size=4, progress=False).ppl
     return {
         "cwe": cwe["score"],
+        "cwe_per_prompt": cwe["per_prompt"],
         "chance": cwe["chance"],
         "chance_uniform": cwe["chance_uniform"],
         "probe": probe,
