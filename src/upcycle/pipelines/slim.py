@@ -36,7 +36,8 @@ from upcycle.train.slim import SlimState, slim_stage
 __all__ = ["SlimConfig", "SlimStage", "SlimReport", "SlimStep", "RECOVERY", "run"]
 
 # recovery losses by name: SlimQwen's KD + LM with the KD share ramped 1.0 -> 0.75 over each stage,
-# KD or LM alone, and KD + LM with the multi-token-prediction terms
+# KD or LM alone, and KD + LM with the multi-token-prediction term, its weight decayed 0.3 -> 0.1 (cosine)
+# as the method does
 RECOVERY = {
     "kd_lm": [{"name": "kd", "weight": {"from": 1.0, "to": 0.75}}, {"name": "lm", "weight": {"from": 0.0, "to": 0.25}}],
     "kd": [{"name": "kd"}],
@@ -44,7 +45,7 @@ RECOVERY = {
     "kd_lm_mtp": [
         {"name": "kd", "weight": {"from": 1.0, "to": 0.75}},
         {"name": "lm", "weight": {"from": 0.0, "to": 0.25}},
-        {"name": "mtp", "weight": 0.3},
+        {"name": "mtp", "weight": {"from": 0.3, "to": 0.1, "shape": "cosine"}},
     ],
 }
 
