@@ -59,10 +59,10 @@ def slim_peers(r: dict) -> str:
         f"{100 * reap['kept_agreement']:.1f} % of the layer slots |",
     ]
     ours = mo["upcycle_ffn_1024"]
+    cannot = [run for run in mo["runs"] if not run["ok"]]
     for run in mo["runs"]:
         if not run["ok"]:
-            rows.append(f"| Model Optimizer `{run['mode']}` | — | cannot run here: `{run['error']}` |")
-            continue
+            continue  # not a row: said under the table
         widths = run.get("ffn_widths") or []
         rows.append(
             f"| Model Optimizer `{run['mode']}`, parameters ≤ {100 * run['params_target']:.1f} % | FFN 1536 → 1024 by "
@@ -71,6 +71,8 @@ def slim_peers(r: dict) -> str:
             + (f" (widths {min(widths)}–{max(widths)} per layer)" if widths else "")
             + f", ppl {run['ppl']:,.0f}, {run['seconds']:.1f} s |"
         )
+    for run in cannot:  # e.g. Minitron: Megatron-Core and Transformer Engine, which need an NVIDIA GPU
+        rows += ["", f"Model Optimizer's `{run['mode']}` cannot run on a CPU: `{run['error']}`."]
     return "\n".join(rows)
 
 
