@@ -76,3 +76,30 @@ def test_paired_verdicts_follow_the_per_seed_differences_worked_by_hand():
     assert harness.paired([1, 1], [1, 1])["verdict"] == "tied"
     with pytest.raises(ValueError):
         harness.paired([1, 2, 3], [1, 2])
+
+
+def test_reproduce_keeps_a_finished_part_and_stamps_every_claim(tmp_path, monkeypatch):
+    import reproduce  # noqa: E402  (beside harness)
+
+    calls = []
+
+    def part():
+        calls.append(1)
+        claim = {"paper": "fake", "claim": "a beats b", "verdict": "reproduced", "seeds": [0, 1, 2],
+                 "margin": harness.paired([2, 3, 4], [1, 1, 1]), "figures": {"a": [2, 3, 4], "b": [1, 1, 1]}}  # fmt: skip
+        return {"setup": {"n": 3}}, [claim]
+
+    monkeypatch.setattr(harness, "RESULTS", tmp_path)
+    monkeypatch.setattr(reproduce, "PARTS", {"fake": part})
+    for argv in (["--paper", "fake"], ["--paper", "fake"], ["--paper", "fake", "--redo"]):
+        monkeypatch.setattr(sys, "argv", ["reproduce.py", *argv])
+        reproduce.main()
+    assert len(calls) == 2  # the second run kept the finished part
+    claims = json.loads((tmp_path / "claims.json").read_text())
+    assert [c["paper"] for c in claims["claims"]] == ["fake"]  # re-run: replaced, not appended
+    claim = claims["claims"][0]
+    assert (
+        claim["command"] == "python benchmarks/reproduce.py --paper fake" and "commit" in claim and "seconds" in claim
+    )
+    assert claims["parts"]["fake"]["finished"] and claims["fake"] == {"setup": {"n": 3}}
+    assert "| fake | a beats b | **reproduced** | 3/3 |" in reproduce.table(claims)
