@@ -133,17 +133,29 @@ def one_operator(name: str, source: str, out_json: str) -> None:
     child_done(out_json, result)
 
 
-def run_mergekit(source_folder: Path) -> dict:
-    """mergekit-moe's 8 copies top-2 into Mixtral (the `moe_copy` operator), measured the same way."""
+# mergekit-moe's two forms of a dense model's upcycling: 8 copies into Mixtral (upcycle's `moe_copy`), and
+# its Qwen-MoE form — 8 routed copies beside a shared expert, itself a copy (against upcycle's `moe_shared`)
+MERGEKIT_FORMS = {
+    "mixtral": {},
+    "qwen_shared": {"architecture": "qwen", "shared_experts": "SOURCE"},
+}
+
+
+def run_mergekit(source_folder: Path, form: str = "mixtral") -> dict:
+    """mergekit-moe's 8 copies top-2 (`form`: into Mixtral, or Qwen-MoE with a shared expert), measured the
+    same way as upcycle's operators and compared with the source on the same held-out blocks."""
     try:
         exe = peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
     except subprocess.CalledProcessError as e:
         return {"error": f"{MERGEKIT} could not be installed: {(e.stderr or str(e)).strip().splitlines()[-1]}"}
-    work, out = RUNS / "mergekit", RUNS / "mergekit" / "out"
+    work, out = RUNS / f"mergekit-{form}", RUNS / f"mergekit-{form}" / "out"
     shutil.rmtree(out, ignore_errors=True)
     work.mkdir(parents=True, exist_ok=True)
     experts = [{"source_model": str(source_folder)} for _ in range(8)]
     config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2}
+    config |= {
+        k: ([{"source_model": str(source_folder)}] if v == "SOURCE" else v) for k, v in MERGEKIT_FORMS[form].items()
+    }
     (work / "moe.yaml").write_text(yaml.safe_dump(config | {"experts": experts}))
     flags = ("--i-understand-this-is-not-useful-without-training", "--quiet")
     run = measured(exe, work / "moe.yaml", out, *flags)
@@ -154,7 +166,9 @@ def run_mergekit(source_folder: Path) -> dict:
     p = preservation(source, merged, held_blocks(tokenizer), "exact", RELAXED)
     return {
         "tool": MERGEKIT,
-        "config": config | {"base_model": MODEL, "experts": f"8 × {MODEL}"},
+        "config": config
+        | {"base_model": MODEL, "experts": f"8 × {MODEL}"}
+        | ({"shared_experts": MODEL} if "shared_experts" in config else {}),
         "family": merged.config.model_type,
         **{key: getattr(p, key) for key in ("max_dlogit", "kl", "top1", "logit_cosine", "loss_change")},
         "seconds": run["seconds"],
@@ -251,6 +265,8 @@ def table(results: dict) -> str:
     entries = list(results.get("preservation", {}).items())
     if "mergekit_moe" in results:
         entries.append(("mergekit-moe (8 copies, Mixtral)", results["mergekit_moe"]))
+    if "mergekit_moe_shared" in results:
+        entries.append(("mergekit-moe (8 copies + a shared copy, Qwen-MoE)", results["mergekit_moe_shared"]))
     for name, r in entries:
         if "error" in r:
             rows.append(f"| {name} | error: {r['error']} | | | | | | | |")
@@ -303,6 +319,10 @@ def main() -> None:
             print("mergekit-moe ...", flush=True)
             results["mergekit_moe"] = run_mergekit(dense_folder)
             print(f"  {results['mergekit_moe']}", flush=True)
+        if not args.only or "mergekit_shared" in args.only:
+            print("mergekit-moe, Qwen-MoE form ...", flush=True)
+            results["mergekit_moe_shared"] = run_mergekit(dense_folder, "qwen_shared")
+            print(f"  {results['mergekit_moe_shared']}", flush=True)
         results["memory_rule"] = (
             "peak resident memory while the operator runs, less the process without the "
             "source (its weights made private memory first), over (source + output parameter "
