@@ -25,6 +25,10 @@ Parts so far:
   repair  a sparsified SmolLM2-135M's long-context failure localised to a layer and repaired there, scored on
         RULER's CWE configuration (10 common words x 30, every other word x 3) at two lengths, 8 prompts
         each: dense, sparse, the localised layer repaired and, as the control, a random layer repaired.
+  sparsify  the flagship's headline (arXiv's predictor-gated bank-sparse FFN): SmolLM2-135M made 16-of-64
+        bank-sparse (the 4-bit GPTQ shadow predictor, layer-wise conversion) and trained, against the dense
+        model continued and a dense model with a quarter of the FFN width trained alike, on the same
+        98,304 tokens: every arm run here, none carried over.
 """
 
 from __future__ import annotations
@@ -456,6 +460,80 @@ def repair_part() -> tuple[dict, list[dict]]:
     return section, claims
 
 
+# ---- sparsify -----------------------------------------------------------------------------------------
+SPARSIFY = {"budget": 98304, "seeds": [0], "arms": ["sparse", "dense_companion", "dense4x"], "val_blocks": 16}
+
+
+def sparsify_run(arm: str, seed: int) -> dict:
+    out = RUNS / "sparsify" / f"{arm}-s{seed}"
+    settings = {"arm": arm, "seed": seed, "budget": SPARSIFY["budget"], "val_blocks": SPARSIFY["val_blocks"]}
+    done = reused(out, settings, "result.json")
+    if done is not None:
+        return done
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    result = child(__file__, "sparsify", arm, str(seed), str(out))
+    if "error" in result:
+        raise SystemExit(f"sparsify part: {arm} seed {seed} failed: {result['error']}")
+    result["seconds"] = time.perf_counter() - started
+    for run in out.iterdir():  # the trained model of each run: its figures are in result.json
+        if run.is_dir():
+            _drop_weights(run)
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    mark(out, settings)
+    print(f"  sparsify {arm} seed {seed}: ppl {result['ppl']}, {result['seconds']:.0f} s", flush=True)
+    return result
+
+
+def _sparsify_child(arm: str, seed: str, out: str, out_json: str) -> None:
+    import sparsify_quality as sq  # the benchmark's own recipe, its runs redirected here (nothing reused)
+    import torch
+
+    import upcycle
+    from upcycle import data
+    from upcycle.ops import narrow_ffn
+
+    sq.RUNS = Path(out)
+    torch.manual_seed(int(seed))
+    dense, tok = upcycle.load(sq.MODEL)
+    val = sq.held_out(tok, blocks=SPARSIFY["val_blocks"])
+    if arm == "sparse":
+        key, run_name, options, _ = sq.SPARSE_ARMS[0]
+        run = sq.sparse_run(run_name, dense, tok, val, SPARSIFY["budget"], **options)
+        child_done(out_json, {"ppl": run["ppl"], "ppl_untrained": run["ppl_untrained"],
+                              "recall_trained_mean": run["recall_trained_mean"]})  # fmt: skip
+        return
+    model = dense
+    if arm == "dense4x":
+        model = narrow_ffn(dense, data.blocks(sq.DATA, tok, "train", sq.SEQ, max_blocks=64), fraction=0.25)[0]
+    else:
+        import copy
+
+        model = copy.deepcopy(dense)
+    untrained = sq.score(model, val)
+    model, _ = sq.train(arm, model, tok, dense, [{"name": "end-to-end", "tokens": SPARSIFY["budget"]}])
+    child_done(out_json, {"ppl": sq.score(model, val), "ppl_untrained": untrained})
+
+
+def sparsify_part() -> tuple[dict, list[dict]]:
+    runs = {arm: [sparsify_run(arm, s) for s in SPARSIFY["seeds"]] for arm in SPARSIFY["arms"]}
+    both = {arm: [r["ppl"]["both"] for r in rs] for arm, rs in runs.items()}
+    ratio = {arm: [p / c for p, c in zip(both[arm], both["dense_companion"])] for arm in ("sparse", "dense4x")}
+    section = {"setup": SPARSIFY, "ppl": both, "ratio_to_companion": ratio, "runs": runs}
+    judged = paired(ratio["sparse"], ratio["dense4x"], higher_better=False)
+    claims = [{
+        "paper": "sparsify",
+        "claim": "a 16-of-64 bank-sparse model trained on the same tokens is closer to the dense model "
+        "continued than a dense model of a quarter of the FFN width is (held-out perplexity ratio)",
+        "verdict": judged["verdict"],
+        "seeds": SPARSIFY["seeds"],
+        "margin": {k: judged[k] for k in ("mean", "spread", "agree", "diffs")},
+        "figures": {"sparse / companion": ratio["sparse"], "dense4x / companion": ratio["dense4x"]},
+    }]  # fmt: skip
+    return section, claims
+
+
 # ---- the docs' table ----------------------------------------------------------------------------------
 def table(results: dict) -> str:
     """Every claim of claims.json: its verdict, the paired margin and the figures per seed."""
@@ -483,7 +561,7 @@ def _num(v: float) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------------
-PARTS = {"seft": seft_part, "grow": grow_part, "repair": repair_part}
+PARTS = {"seft": seft_part, "grow": grow_part, "repair": repair_part, "sparsify": sparsify_part}
 
 
 def main() -> None:
@@ -496,6 +574,8 @@ def main() -> None:
         kind, arm, seed, out, out_json = args.child
         if kind == "repair":
             return _repair_child(out_json)
+        if kind == "sparsify":
+            return _sparsify_child(arm, seed, out, out_json)
         return _grow_child(arm, seed, out, out_json) if kind == "grow" else _lineage_child(out, out_json)
     results = load("claims")
     results.pop("run", None)
