@@ -7,7 +7,8 @@ Tries both pruning modes modelopt has. `mcore_minitron` (the Minitron method) ne
 model and its plugin imports transformer_engine (CUDA only): the exact error is the result on a CPU.
 `fastnas` (its generic search-space pruning) runs on the Hugging Face model: its search space is the
 FFN width of each layer; the constraint is a share of the parameters, the score the negative loss on
-two calibration blocks; the pruned model's perplexity on the held-out blocks (each block scored on its
+the same calibration blocks upcycle's own cut reads (all of them, `--score-blocks` to use fewer: the score
+runs for every candidate the search tries); the pruned model's perplexity on the held-out blocks (each block scored on its
 own, as upcycle scores) is measured here, since its per-layer widths are not a stock config.
 Prints one JSON line per mode: {"mode", "ok", "error" | "params", "ppl", "seconds"}.
 """
@@ -29,19 +30,21 @@ def held_ppl(model, held) -> float:
     return math.exp(sum(losses) / len(losses))  # equal-length blocks: the mean over every predicted token
 
 
-def attempt(mode: str, model_dir: str, params: float, calibration, held) -> dict:
+def attempt(mode: str, model_dir: str, params: float, calibration, held, score_blocks: int | None = None) -> dict:
     start = time.perf_counter()
     try:
         import modelopt.torch.prune as mtp
 
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
         batch = calibration[:2]
+        loader = list(calibration.split(4))  # every calibration block, four at a time
+        scored = list(calibration[:score_blocks].split(4))
 
         def score(m):
             with torch.no_grad():
-                return -float(m(input_ids=batch, labels=batch).loss)
+                return -sum(float(m(input_ids=b, labels=b).loss) for b in scored) / len(scored)
 
-        config = {"score_func": score, "data_loader": [batch], "collect_func": lambda b: {"input_ids": b}}
+        config = {"score_func": score, "data_loader": loader, "collect_func": lambda b: {"input_ids": b}}
         if mode == "mcore_minitron":
             import modelopt.torch.prune.plugins.mcore_minitron  # noqa: F401  why the mode is missing, if it is
 
@@ -71,12 +74,20 @@ def main() -> None:
     parser.add_argument("calibration")
     parser.add_argument("held")
     parser.add_argument("--params", type=float, default=0.8)
+    parser.add_argument("--score-blocks", type=int, default=None, help="calibration blocks FastNAS scores on")
     args = parser.parse_args()
     calibration = torch.tensor(json.load(open(args.calibration))["input_ids"])
     held = torch.tensor(json.load(open(args.held))["input_ids"])
     for mode in ("mcore_minitron", "fastnas"):
         print(
-            json.dumps({**attempt(mode, args.model, args.params, calibration, held), "params_target": args.params}),
+            json.dumps(
+                {
+                    **attempt(mode, args.model, args.params, calibration, held, args.score_blocks),
+                    "params_target": args.params,
+                    "calibration_blocks": len(calibration),
+                    "score_blocks": args.score_blocks or len(calibration),
+                }
+            ),  # fmt: skip
             flush=True,
         )
 
