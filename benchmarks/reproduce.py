@@ -45,6 +45,29 @@ from harness import RESULTS, child, child_done, load, mark, paired, provenance, 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "reproduce"  # wherever the command is run from
 COMMAND = "python benchmarks/reproduce.py --paper {part}"
 
+
+def child_run(folder: Path, settings: dict, *args: str, what: str) -> dict:
+    """A run of a part in a process of its own (this script's `--child ARGS FOLDER`): its result and wall
+    time, kept in `folder` with the settings that made it (the same settings later: the kept result, never
+    run again), the run's checkpoints and models deleted once its figures are taken."""
+    done = reused(folder, settings, "result.json")
+    if done is not None:
+        return done
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    started = time.perf_counter()
+    result = child(__file__, *args, str(folder))
+    if "error" in result:
+        raise SystemExit(f"{what} failed: {result['error']}")
+    result["seconds"] = time.perf_counter() - started
+    for run in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
+        for heavy in ("checkpoints", "final"):  # a 135M MoE is ~1 GB a run: the figures are in result.json
+            shutil.rmtree(run / heavy, ignore_errors=True)
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    mark(folder, settings)
+    return result
+
+
 # ---- SEFT ---------------------------------------------------------------------------------------------
 SEFT = {
     "model": "smollm2-135m",
@@ -215,20 +238,9 @@ GROW_ARMS = ("grown", "scratch", "dense_continued")
 
 def grow_run(arm: str, seed: int) -> dict:
     """One training run of the grow part in a process of its own (its time and memory its own)."""
-    out = RUNS / "grow" / f"{arm}-s{seed}"
     settings = {k: GROW[k] for k in ("tokens", "seq_len", "global_batch", "lr", "moe", "held_blocks")}
-    done = reused(out, settings | {"arm": arm, "seed": seed}, "result.json")
-    if done is not None:
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = child(__file__, "grow", arm, str(seed), str(out))
-    if "error" in result:
-        raise SystemExit(f"grow part: {arm} seed {seed} failed: {result['error']}")
-    result["seconds"] = time.perf_counter() - started
-    _drop_weights(out)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    mark(out, settings | {"arm": arm, "seed": seed})
+    result = child_run(RUNS / "grow" / f"{arm}-s{seed}", settings | {"arm": arm, "seed": seed},
+                       "grow", arm, str(seed), what=f"grow part: {arm} seed {seed}")  # fmt: skip
     print(f"  grow {arm} seed {seed}: ppl {result['start_ppl']:.2f} -> {result['final_ppl']:.2f}, "
           f"{result['seconds']:.0f} s", flush=True)  # fmt: skip
     return result
@@ -275,28 +287,8 @@ def _grow_child(arm: str, seed: str, out: str, out_json: str) -> None:
 
 
 def grow_lineage() -> dict:
-    out = RUNS / "grow" / "lineage"
     settings = {k: GROW[k] for k in ("tokens", "seq_len", "global_batch", "lr", "moe", "lineage_second")}
-    done = reused(out, settings, "result.json")
-    if done is not None:
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = child(__file__, "lineage", "0", "0", str(out))
-    if "error" in result:
-        raise SystemExit(f"grow part: the lineage failed: {result['error']}")
-    result["seconds"] = time.perf_counter() - started
-    _drop_weights(out)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    mark(out, settings)
-    return result
-
-
-def _drop_weights(run: Path) -> None:
-    """A finished training run's checkpoints and final model: its figures are in result.json (a 135M MoE is
-    ~1 GB a run)."""
-    for heavy in ("checkpoints", "final"):
-        shutil.rmtree(run / heavy, ignore_errors=True)
+    return child_run(RUNS / "grow" / "lineage", settings, "lineage", "-", "0", what="grow part: the lineage")
 
 
 def _lineage_child(out: str, out_json: str) -> None:
@@ -394,19 +386,7 @@ REPAIR = {
 
 
 def repair_run() -> dict:
-    out = RUNS / "repair" / "run"
-    done = reused(out, REPAIR, "result.json")
-    if done is not None:
-        return done
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = child(__file__, "repair", "-", "0", str(out))
-    if "error" in result:
-        raise SystemExit(f"repair part failed: {result['error']}")
-    result["seconds"] = time.perf_counter() - started
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    mark(out, REPAIR)
-    return result
+    return child_run(RUNS / "repair" / "run", REPAIR, "repair", "-", "0", what="repair part")
 
 
 def _repair_child(out_json: str) -> None:
@@ -465,23 +445,9 @@ SPARSIFY = {"budget": 98304, "seeds": [0], "arms": ["sparse", "dense_companion",
 
 
 def sparsify_run(arm: str, seed: int) -> dict:
-    out = RUNS / "sparsify" / f"{arm}-s{seed}"
     settings = {"arm": arm, "seed": seed, "budget": SPARSIFY["budget"], "val_blocks": SPARSIFY["val_blocks"]}
-    done = reused(out, settings, "result.json")
-    if done is not None:
-        return done
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    result = child(__file__, "sparsify", arm, str(seed), str(out))
-    if "error" in result:
-        raise SystemExit(f"sparsify part: {arm} seed {seed} failed: {result['error']}")
-    result["seconds"] = time.perf_counter() - started
-    for run in out.iterdir():  # the trained model of each run: its figures are in result.json
-        if run.is_dir():
-            _drop_weights(run)
-    (out / "result.json").write_text(json.dumps(result, indent=2))
-    mark(out, settings)
+    result = child_run(RUNS / "sparsify" / f"{arm}-s{seed}", settings, "sparsify", arm, str(seed),
+                       what=f"sparsify part: {arm} seed {seed}")  # fmt: skip
     print(f"  sparsify {arm} seed {seed}: ppl {result['ppl']}, {result['seconds']:.0f} s", flush=True)
     return result
 

@@ -15,22 +15,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upcycle import data
-from upcycle.config import Config, option
+from upcycle.config import option
 from upcycle.errors import ConfigError
 from upcycle.ops.grow import GrowChecks, GrowStep, apply_step
 from upcycle.train.registry import register_transform
+from upcycle.train.stage_text import StageText
 
 
 @dataclass
-class GrowStageOptions(Config):
+class GrowStageOptions(StageText):
     steps: list[dict] = option(help="the growth steps, in order (each a mapping: op and its options)", factory=list)
-    calibration: str = option(
-        "shakespeare+pystdlib", "text for k-means routers (train split) and each step's check (validation split)"
-    )
-    calibration_tokens: int = option(8192, "tokens of calibration text")
-    seq_len: int = option(256, "length of the text blocks")
-    held_tokens: int = option(4096, "tokens of held-out text each step is checked on")
     max_loss_change: float = option(0.03, "a diversity step's largest relative rise of the held-out loss")
     min_logit_cosine: float = option(0.995, "a diversity step's smallest mean logit cosine to the model before")
     max_router_kl: float = option(0.02, "an experts step's largest router KL to the model before")
@@ -61,12 +55,7 @@ def grow_stage(model, tokenizer=None, **options):
     if tokenizer is None:
         raise ConfigError("the grow stage transform needs the run's tokenizer")
     opts = GrowStageOptions(**options)
-    calibration = data.blocks(
-        opts.calibration, tokenizer, "train", opts.seq_len, max_blocks=max(1, opts.calibration_tokens // opts.seq_len)
-    )
-    held = data.blocks(
-        opts.calibration, tokenizer, "validation", opts.seq_len, max_blocks=max(1, opts.held_tokens // opts.seq_len)
-    )
+    calibration, held = opts.texts(tokenizer)  # k-means routers' text; each step's check
     reports = []
     for step in opts.grow_steps:
         model, report = apply_step(model, step, held, opts.checks, calibration=calibration)

@@ -15,24 +15,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from upcycle import data
-from upcycle.config import Config, option
+from upcycle.config import option
 from upcycle.errors import ConfigError
 from upcycle.ops.slim import CutReport, SlimStep, apply_cut, parse_step
 from upcycle.ops.slim.lineage import Lineage, source_scores
 from upcycle.train.mtp import attach_mtp, detach_mtp
 from upcycle.train.registry import register_transform
+from upcycle.train.stage_text import StageText
 
 
 @dataclass
-class SlimStageOptions(Config):
+class SlimStageOptions(StageText):
     cuts: list[dict] = option(help="the cuts, in order (each a mapping: op and its options)", factory=list)
-    calibration: str = option(
-        "shakespeare+pystdlib", "text for importance (train split) and the one-shot measurements (validation split)"
-    )
-    calibration_tokens: int = option(8192, "tokens of calibration text")
-    seq_len: int = option(256, "length of the text blocks")
-    held_tokens: int = option(4096, "tokens of held-out text")
     mtp: bool = option(False, "give the result a multi-token-prediction head (for the mtp loss)")
     recompute: bool = option(True, "measure each cut's importance anew (false: once, on the source)")
 
@@ -67,12 +61,7 @@ def slim_stage(model, tokenizer=None, state: dict | None = None, **options):
     if tokenizer is None:
         raise ConfigError("the slim stage transform needs the run's tokenizer")
     opts = SlimStageOptions(**options)
-    blocks = data.blocks(
-        opts.calibration, tokenizer, "train", opts.seq_len, max_blocks=max(1, opts.calibration_tokens // opts.seq_len)
-    )
-    held = data.blocks(
-        opts.calibration, tokenizer, "validation", opts.seq_len, max_blocks=max(1, opts.held_tokens // opts.seq_len)
-    )
+    blocks, held = opts.texts(tokenizer)
     state = {} if state is None else state
     if "slim" not in state:  # the plan's first stage: its model is the source
         source = detach_mtp(model)
