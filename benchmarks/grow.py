@@ -133,17 +133,10 @@ def one_operator(name: str, source: str, out_json: str) -> None:
     child_done(out_json, result)
 
 
-# mergekit-moe's two forms of a dense model's upcycling: 8 copies into Mixtral (upcycle's `moe_copy`), and
-# its Qwen-MoE form — 8 routed copies beside a shared expert, itself a copy (against upcycle's `moe_shared`)
-MERGEKIT_FORMS = {
-    "mixtral": {},
-    "qwen_shared": {"architecture": "qwen", "shared_experts": "SOURCE"},
-}
-
-
 def run_mergekit(source_folder: Path, form: str = "mixtral") -> dict:
-    """mergekit-moe's 8 copies top-2 (`form`: into Mixtral, or Qwen-MoE with a shared expert), measured the
-    same way as upcycle's operators and compared with the source on the same held-out blocks."""
+    """mergekit-moe's 8 copies top-2, measured the same way as upcycle's operators and compared with the
+    source on the same held-out blocks. `form`: mixtral (against upcycle's `moe_copy`) or qwen_shared, its
+    Qwen-MoE form with a shared expert that is another copy (against `moe_shared`)."""
     try:
         exe = peer_python("upcycle-bench-mergekit", (MERGEKIT,)).parent / "mergekit-moe"
     except subprocess.CalledProcessError as e:
@@ -153,9 +146,8 @@ def run_mergekit(source_folder: Path, form: str = "mixtral") -> dict:
     work.mkdir(parents=True, exist_ok=True)
     experts = [{"source_model": str(source_folder)} for _ in range(8)]
     config = {"base_model": str(source_folder), "gate_mode": "random", "dtype": "float32", "experts_per_token": 2}
-    config |= {
-        k: ([{"source_model": str(source_folder)}] if v == "SOURCE" else v) for k, v in MERGEKIT_FORMS[form].items()
-    }
+    if form == "qwen_shared":
+        config |= {"architecture": "qwen", "shared_experts": [{"source_model": str(source_folder)}]}
     (work / "moe.yaml").write_text(yaml.safe_dump(config | {"experts": experts}))
     flags = ("--i-understand-this-is-not-useful-without-training", "--quiet")
     run = measured(exe, work / "moe.yaml", out, *flags)

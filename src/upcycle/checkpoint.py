@@ -9,8 +9,9 @@ same way, layer by layer, as Hugging Face shards.
     with ShardWriter(out, shard_bytes=2 << 30) as writer: writer.add(lazy.layer_state(3)); ...
 
 A model held this way is the stock Hugging Face module tree on the meta device: every transform that
-works on one layer of an in-memory model works on it unchanged, once that layer is loaded. Reading a
-tensor maps its file only while it is read, so resident memory does not grow with the layers read.
+works on one layer of an in-memory model works on it unchanged, once that layer is loaded. A tensor is read
+through a small buffer into its destination, never mapped, so resident memory does not grow with the
+layers read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from upcycle import kernels
@@ -37,15 +37,7 @@ _STORED_DTYPES = {
     **SAFETENSORS_DTYPES, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
     "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
-SAFETENSORS_NAMES = {
-    **{v: k for k, v in SAFETENSORS_DTYPES.items()},
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+SAFETENSORS_NAMES = {v: k for k, v in _STORED_DTYPES.items()}
 
 
 def meta_model(config, dtype: torch.dtype) -> torch.nn.Module:
@@ -59,6 +51,7 @@ class Checkpoint:
 
     def __init__(self, folder: str | os.PathLike):
         self.folder = Path(folder)
+        self._headers: dict[Path, tuple[dict, int]] = {}
         index = self.folder / INDEX
         if index.exists():
             weight_map = json.loads(index.read_text())["weight_map"]
@@ -66,8 +59,7 @@ class Checkpoint:
         else:
             self.files = {}
             for path in sorted(self.folder.glob("*.safetensors")):
-                with _opened(path) as f:
-                    self.files.update(dict.fromkeys(f.keys(), path))
+                self.files.update(dict.fromkeys(self._header(path)[0], path))
         if not self.files:
             raise NotACausalLM(f"{self.folder} holds no safetensors weights")
 
@@ -79,9 +71,7 @@ class Checkpoint:
     def dtype(self) -> torch.dtype:
         """The dtype of the checkpoint's floating-point weights (its first matrix's)."""
         name = next((n for n in self.files if n.endswith(".weight")), next(iter(self.files)))
-        with _opened(self.files[name]) as f:
-            kind = f.get_slice(name).get_dtype()
-        return SAFETENSORS_DTYPES.get(kind, torch.float32)
+        return SAFETENSORS_DTYPES.get(self._header(self.files[name])[0][name]["dtype"], torch.float32)
 
     @property
     def nbytes(self) -> int:
@@ -100,7 +90,7 @@ class Checkpoint:
             by_file[self.files[name]].append(name)
         out = {}
         for path, group in by_file.items():
-            header, start = _header(path)
+            header, start = self._header(path)
             with _raw(path) as f:
                 for name in group:
                     want = dtype.get(name) if isinstance(dtype, dict) else dtype
@@ -110,15 +100,11 @@ class Checkpoint:
     def with_prefix(self, prefix: str) -> list[str]:
         return [n for n in self.files if n.startswith(prefix)]
 
-
-@contextlib.contextmanager
-def _opened(path: Path):
-    """A safetensors file mapped for reading; a truncated or corrupt one is a one-line error."""
-    try:
-        with safe_open(str(path), "pt") as f:
-            yield f
-    except (SafetensorError, OSError) as e:
-        raise NotACausalLM(f"{path.parent}: the weights cannot be read ({path.name}: {e})") from None
+    def _header(self, path: Path) -> tuple[dict, int]:
+        """A file's header and where its data begins, parsed once (a pass reads every shard layer by layer)."""
+        if path not in self._headers:
+            self._headers[path] = _header(path)
+        return self._headers[path]
 
 
 # Tensors are read with plain reads through a buffer of this size, never by mapping the file: a mapped

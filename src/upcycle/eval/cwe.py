@@ -133,7 +133,7 @@ def _entries(count: int, rng: random.Random, config: CWEConfig) -> tuple[list[st
     rng.shuffle(pool)
     common, rare_pool = pool[: config.n_common], pool[config.n_common :]
     per_common = config.common_repeats or max(2, round(count * config.common_share / config.n_common))
-    entries = [w for w in common for _ in range(per_common)][:count]
+    entries = [w for w in common for _ in range(per_common)]
     if config.rare_exact and (count - len(entries)) > config.rare_repeats * len(rare_pool):
         raise ValueError(
             f"a list of {count} entries needs more than the {len(rare_pool)} other words CWE draws from "

@@ -25,9 +25,7 @@ from upcycle.train.stage_text import StageText
 @dataclass
 class GrowStageOptions(StageText):
     steps: list[dict] = option(help="the growth steps, in order (each a mapping: op and its options)", factory=list)
-    max_loss_change: float = option(0.03, "a diversity step's largest relative rise of the held-out loss")
-    min_logit_cosine: float = option(0.995, "a diversity step's smallest mean logit cosine to the model before")
-    max_router_kl: float = option(0.02, "an experts step's largest router KL to the model before")
+    checks: GrowChecks = option(help="what each step's kind must keep (grow's own checks)", factory=GrowChecks)
 
     def validate(self) -> None:
         if not self.steps:
@@ -39,14 +37,6 @@ class GrowStageOptions(StageText):
         return [
             s if isinstance(s, GrowStep) else GrowStep.from_dict(s, f"steps[{n}]") for n, s in enumerate(self.steps)
         ]
-
-    @property
-    def checks(self) -> GrowChecks:
-        return GrowChecks(
-            max_loss_change=self.max_loss_change,
-            min_logit_cosine=self.min_logit_cosine,
-            max_router_kl=self.max_router_kl,
-        )
 
 
 @register_transform("grow", options=GrowStageOptions)
