@@ -95,6 +95,8 @@ def test_active_routed_experts_are_the_ffns_own_neurons_and_all_that_changes():
             routed.down.zero_()
             a.set_experts(i, routed)
     assert _max_dlogit(source, grown, tokens_for(source)) <= 1e-4
+    with pytest.raises(ConfigError, match="active=True.*only with mode shared"):
+        GrowStep(op="moe", mode="copy", active=True)
 
 
 def test_mixtral_target_and_an_unsupported_one():

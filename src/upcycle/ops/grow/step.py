@@ -88,6 +88,7 @@ class MoeStep(GrowStep):
         check(self.granularity >= 1, "granularity", self.granularity, "an integer >= 1")
         check(0.0 <= self.drop_ratio <= 1.0, "drop_ratio", self.drop_ratio, "a fraction in [0, 1]")
         check(self.router_std > 0.0, "router_std", self.router_std, "a number > 0")
+        check(not self.active or self.mode == "shared", "active", self.active, "only with mode shared")
         if self.mode == "granular":
             check(
                 self.experts % self.granularity == 0,
