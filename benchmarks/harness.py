@@ -9,7 +9,7 @@ and figures.
     fig, ax = figure()                               # matplotlib's Figure API: no pyplot state
     out = command(python, driver, folder, "--sparsity", 0.5)  # stdout, or {"error": its last stderr line}
     report = reused(folder, settings, "slim_report.json")     # a finished run made with the same settings
-    verdict(seeds_a, seeds_b)                        # "reproduced (per seed +0.12, +0.30)" and the like
+    seed_margin(seeds_a, seeds_b)                    # "ahead in 2 of 2 seeds (per seed +0.12, +0.30)"
     paired(seeds_a, seeds_b)                         # {"verdict", "diffs", "mean", "spread", "agree"}
 """
 
@@ -121,26 +121,29 @@ def mark(folder: Path, settings: dict) -> None:
     (folder / "bench_settings.json").write_text(json.dumps(settings))
 
 
-def verdict(a: list[float], b: list[float], *, higher_better: bool = True, digits: int = 3) -> str:
-    """Is `a` better than `b`? Seed by seed where both have the same seeds (the same data order in both
-    arms: a paired comparison); otherwise the margin of the means against the larger seed spread."""
+def seed_margin(a: list[float], b: list[float], *, higher_better: bool = True, digits: int = 3) -> str:
+    """How `a` compares with `b` — figures, not a verdict (verdicts are claims.json's, made by `paired` at the
+    budgets benchmarks/reproduce.py runs). Seed by seed where both have the same seeds (the same data order in
+    both arms); otherwise the margin of the means against the larger seed spread."""
     sign = 1 if higher_better else -1
     if len(a) == len(b) > 1:
         diffs = [sign * (x - y) for x, y in zip(a, b)]
-        word = (
-            "tied (equal in every seed)"
-            if all(d == 0 for d in diffs)
-            else "reproduced"
-            if all(d >= 0 for d in diffs)
-            else "not reproduced"
-            if all(d < 0 for d in diffs)
-            else "mixed across seeds"
-        )
+        ahead = sum(d > 0 for d in diffs)
+        word = "equal in every seed" if all(d == 0 for d in diffs) else f"ahead in {ahead} of {len(diffs)} seeds"
         return f"{word} (per seed {', '.join(f'{d:+.{digits}f}' for d in diffs)})"
     margin = sign * (sum(a) / len(a) - sum(b) / len(b))
     spread = max(max(a) - min(a), max(b) - min(b))
-    word = "reproduced" if margin > spread else ("not reproduced" if margin < -spread else "within the seed spread")
+    word = "ahead" if margin > spread else ("behind" if margin < -spread else "within the seed spread")
     return f"{word} (margin {margin:+.{digits}f}, seed spread {spread:.{digits}f})"
+
+
+VERDICTS = {  # paired's words and what each means (docs/claims.md's legend is generated from this)
+    "reproduced": "every seed favours the claim, by a mean above twice the spread",
+    "narrowly": "every seed favours it, by less",
+    "mixed": "the seeds disagree",
+    "not reproduced": "no seed favours it",
+    "tied": "every paired difference is zero",
+}
 
 
 def paired(a: list[float], b: list[float], *, higher_better: bool = True) -> dict:

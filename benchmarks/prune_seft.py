@@ -21,7 +21,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from harness import RESULTS, bars, child, child_done, command, figure, load, mark, reused, save, upcycle, verdict
+from harness import RESULTS, bars, child, child_done, command, figure, load, mark, reused, save, seed_margin, upcycle
 from peers import PEERS, driver, peer_python
 
 from upcycle import data, hub
@@ -216,11 +216,11 @@ def tables(results: dict) -> str:
         if "seft" in ok and "lora_star" in ok:
             s, ls = ok["seft"], ok["lora_star"]
             peak = "train_peak_rss_mb" if "train_peak_rss_mb" in s and "train_peak_rss_mb" in ls else "peak_rss_mb"
-            accuracy = verdict(s["task_accuracy_seeds"], ls["task_accuracy_seeds"])
-            ppl = verdict(s["ppl_seeds"], ls["ppl_seeds"], higher_better=False)
+            accuracy = seed_margin(s["task_accuracy_seeds"], ls["task_accuracy_seeds"])
+            ppl = seed_margin(s["ppl_seeds"], ls["ppl_seeds"], higher_better=False)
             lines += [
                 "",
-                f"- SEFT ≥ LoRA* in exact match: {accuracy}; in held-out ppl: {ppl}",
+                f"- SEFT against LoRA* in exact match: {accuracy}; in held-out ppl: {ppl}",
                 f"- SEFT's peak memory vs LoRA*'s ({'training' if peak != 'peak_rss_mb' else 'whole run'}): "
                 f"{s[peak]:.0f} vs {ls[peak]:.0f} MB ({'less' if s[peak] < ls[peak] else 'not less'}; "
                 f"masked full fine-tuning {ok.get('masked', {}).get(peak, float('nan')):.0f} MB)",

@@ -37,23 +37,30 @@ import argparse
 import copy
 import json
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 
-from harness import RESULTS, child, child_done, load, mark, paired, provenance, reused, save, upcycle
+from harness import RESULTS, VERDICTS, child, child_done, load, mark, paired, provenance, reused, save, upcycle
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "reproduce"  # wherever the command is run from
 COMMAND = "python benchmarks/reproduce.py --paper {part}"
+SPENT: list[float] = []  # the wall time of every run a part used, kept ones included: its time when run whole
 
 
-def child_run(folder: Path, settings: dict, *args: str, what: str) -> dict:
+def spent(result: dict) -> dict:
+    SPENT.append(result["seconds"])
+    return result
+
+
+def child_run(folder: Path, settings: dict, *args: str, what: str, keep: tuple[str, ...] = ()) -> dict:
     """A run of a part in a process of its own (this script's `--child ARGS FOLDER`): its result and wall
     time, kept in `folder` with the settings that made it (the same settings later: the kept result, never
     run again), the run's checkpoints and models deleted once its figures are taken."""
     done = reused(folder, settings, "result.json")
     if done is not None:
-        return done
+        return spent(done)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
     started = time.perf_counter()
@@ -62,11 +69,11 @@ def child_run(folder: Path, settings: dict, *args: str, what: str) -> dict:
         raise SystemExit(f"{what} failed: {result['error']}")
     result["seconds"] = time.perf_counter() - started
     for run in [folder, *(d for d in folder.iterdir() if d.is_dir())]:
-        for heavy in ("checkpoints", "final"):  # a 135M MoE is ~1 GB a run: the figures are in result.json
+        for heavy in {"checkpoints", "final"} - set(keep):  # a 135M MoE is ~1 GB a run: figures in result.json
             shutil.rmtree(run / heavy, ignore_errors=True)
     (folder / "result.json").write_text(json.dumps(result, indent=2))
     mark(folder, settings)
-    return result
+    return spent(result)
 
 
 # ---- SEFT ---------------------------------------------------------------------------------------------
@@ -100,11 +107,13 @@ SEEDED = ("seft", "lora_star", "seft_fixed_positions", "seft_no_resurrection")  
 def seft_source(target: str) -> Path:
     """SmolLM2-135M pruned by Wanda to `target` (calibrated on 128 × 256 tokens, upcycle's defaults)."""
     folder = RUNS / "seft" / f"source-wanda-{target.replace(':', 'of')}"
-    if not (folder / "config.json").exists():
+    if not (folder / "seconds.json").exists():
         spec = ["--nm", target] if ":" in target else ["--sparsity", str(int(target) / 100)]
+        started = time.perf_counter()
         out = upcycle("prune", SEFT["model"], folder, "--method", "wanda", *spec, "--calibration-tokens", "32768")
         if isinstance(out, dict):
             raise SystemExit(f"pruning the SEFT source failed: {out['error']}")
+        (folder / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
     return folder
 
 
@@ -116,7 +125,7 @@ def seft_run(target: str, arm: str, lr: float, seed: int) -> dict:
     settings |= {k: SEFT[k] for k in ("eval_examples", "validation_examples")}
     done = reused(out, settings, "finetune_report.json")
     if done is not None:
-        return done
+        return spent(done)
     tokens = SEFT["steps"] * SEFT["global_batch"] * SEFT["seq_len"]
     started = time.perf_counter()
     run = upcycle("finetune", seft_source(target), out, *ARMS[arm], "--lr", lr, "--tokens", tokens, "--seed", seed,
@@ -130,7 +139,7 @@ def seft_run(target: str, arm: str, lr: float, seed: int) -> dict:
         weights.unlink()
     mark(out, settings)
     print(f"  seft {target} {arm} lr {lr:g} seed {seed}: {_brief(report)}", flush=True)
-    return report
+    return spent(report)
 
 
 def _brief(report: dict) -> str:
@@ -146,6 +155,7 @@ def seft_part() -> tuple[dict, list[dict]]:
     section = {"setup": SEFT, "steps_per_arm": SEFT["steps"], "lr_sweep": {}, "arms": {}}
     claims = []
     for target in SEFT["targets"]:
+        spent(json.loads((seft_source(target) / "seconds.json").read_text()))
         sweep = {arm: {f"{lr:g}": seft_run(target, arm, lr, 0) for lr in SEFT["lr_sweep"]} for arm in SWEPT}
         chosen = {arm: max(runs, key=lambda lr: _validation_key(runs[lr])) for arm, runs in sweep.items()}
         chosen |= {arm: chosen[source] for arm, source in LR_FROM.items()}
@@ -499,26 +509,174 @@ def sparsify_part() -> tuple[dict, list[dict]]:
     return section, claims
 
 
+# ---- slim ---------------------------------------------------------------------------------------------
+SLIM = {
+    "recovery_tokens": 16384,  # slim.py's recipe for the dense cuts (20 layers x hidden 432): seq 256, batch 8
+    "recovery_seeds": [0, 1, 2],
+    # the expert test bed: the grow part's MoE (shared expert = the FFN, 8 routed experts active from step 0)
+    # trained 65,536 tokens, so its routed experts carry weight; SlimQwen keeps the shared expert too
+    "bed": {k: GROW[k] for k in ("tokens", "seq_len", "global_batch", "lr", "moe", "held_blocks")},
+    "experts": 4,  # 8 -> 4 routed experts per layer, top-2 kept
+    "criteria": ["frequency", "soft", "reap"],
+    "modes": ["prune", "merge", "partial"],
+    "expert_tokens": 32768,  # recovery of each expert cut: KD from the test bed + LM (16 steps of 8 x 256)
+    "expert_recovered": ["frequency/prune", "reap/prune", "reap/partial"],  # x every recovery seed
+}
+SLIM_CLAIMS = (  # the dense cuts' claims: (statement, better arm, worse arm), judged seed by seed
+    ("pruned + KD + LM beats the same architecture from scratch", "pruned_kd_lm", "scratch"),
+    ("KD + LM beats KD alone", "pruned_kd_lm", "pruned_kd"),
+    ("KD + LM beats LM alone", "pruned_kd_lm", "pruned_lm"),
+    ("MTP distillation (its weight decaying 0.3 -> 0.1) helps", "pruned_kd_lm_mtp", "pruned_kd_lm"),
+    ("progressive (depth, 10 % of the tokens, then width) beats one-shot", "progressive", "pruned_kd_lm"),
+)
+
+
+def slim_dense() -> dict:
+    """slim.py's recovery arms (its recipe, its runs redirected here): every arm with every recovery seed."""
+    import slim as bench  # benchmarks/slim.py
+
+    folder = RUNS / "slim" / "dense"
+    settings = {"tokens": SLIM["recovery_tokens"], "seeds": SLIM["recovery_seeds"]}
+    if (done := reused(folder, settings, "result.json")) is not None:
+        return spent(done)
+    bench.RUNS, bench.ONE_SEED = folder, ()  # each arm's runs resume from their own folders
+    started = time.perf_counter()
+    result = bench.recovery_part(SLIM["recovery_tokens"], len(SLIM["recovery_seeds"]))
+    result = {k: result[k] for k in ("ppl", "seeds", "both_one_shot_ppl", "params")}
+    result["seconds"] = time.perf_counter() - started
+    (folder / "result.json").write_text(json.dumps(result, indent=2))
+    mark(folder, settings)
+    return spent(result)
+
+
+def slim_bed() -> Path:
+    """The expert test bed's weights (the grow part's `grown` seed-0 run, its model kept)."""
+    folder = RUNS / "slim" / "bed"
+    if not (folder / "final" / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)  # its figures without its weights: made again
+    child_run(folder, SLIM["bed"] | {"arm": "grown", "seed": 0}, "grow", "grown", "0",
+              what="slim part: the expert test bed", keep=("final",))  # fmt: skip
+    return folder / "final"
+
+
+def slim_experts() -> dict:
+    bed = slim_bed()
+    one_shot = child_run(RUNS / "slim" / "experts-one-shot", {k: SLIM[k] for k in ("experts", "criteria", "modes")},
+                         "slim", "one-shot", "0", what="slim part: one-shot expert cuts")  # fmt: skip
+    recovered = {}
+    for key in SLIM["expert_recovered"]:
+        for seed in SLIM["recovery_seeds"]:
+            settings = {"cut": key, "seed": seed, "tokens": SLIM["expert_tokens"], "experts": SLIM["experts"]}
+            run = child_run(RUNS / "slim" / f"experts-{key.replace('/', '-')}-s{seed}", settings,
+                            "slim", key, str(seed), what=f"slim part: {key} seed {seed}")  # fmt: skip
+            recovered.setdefault(key, []).append(run)
+            print(f"  slim {key} seed {seed}: one-shot {run['one_shot_ppl']:.2f} -> {run['ppl']:.2f}", flush=True)
+    return {"bed": str(bed), "one_shot": one_shot, "recovered": recovered}
+
+
+def _slim_child(cut: str, seed: str, out: str, out_json: str) -> None:
+    from upcycle import hub
+    from upcycle.pipelines.slim import SlimConfig
+    from upcycle.pipelines.slim import run as slim
+
+    model, tokenizer = hub.load(RUNS / "slim" / "bed" / "final")
+    if cut == "one-shot":  # every criterion x mode, no training, on the same calibration and held-out text
+        figures = {}
+        for criterion in SLIM["criteria"]:
+            for mode in SLIM["modes"]:
+                step = {"op": "experts", "experts": SLIM["experts"], "criterion": criterion, "mode": mode}
+                config = SlimConfig.from_dict({"stages": [{"name": "cut", "cuts": [step], "tokens": 0}]})
+                report = slim(model, tokenizer, config, progress=False).report.as_dict()
+                one = report["cuts"][0]
+                figures[f"{criterion}/{mode}"] = {"ppl": one["ppl_after"], "kl": one["kl"]}
+                figures["source_ppl"] = one["ppl_before"]
+        return child_done(out_json, figures)
+    criterion, mode = cut.split("/")
+    step = {"op": "experts", "experts": SLIM["experts"], "criterion": criterion, "mode": mode}
+    config = SlimConfig.from_dict({"stages": [{"name": "cut", "cuts": [step], "tokens": SLIM["expert_tokens"]}],
+                                   "recovery": "kd_lm", "seed": int(seed)})  # fmt: skip
+    report = slim(model, tokenizer, config, progress=False, run_dir=Path(out) / "recovery").report.as_dict()
+    child_done(out_json, {"one_shot_ppl": report["cuts"][0]["ppl_after"], "ppl": report["ppl"]["slim"],
+                          "source_ppl": report["ppl"]["source"]})  # fmt: skip
+
+
+def slim_part() -> tuple[dict, list[dict]]:
+    dense, experts = slim_dense(), slim_experts()
+    seeds = dense["seeds"]
+    claims = []
+    for statement, better, worse in SLIM_CLAIMS:
+        n = min(len(seeds[better]), len(seeds[worse]))  # scratch: one seed (its margin is orders of magnitude)
+        claims.append(_claim("slim", f"{statement} ({SLIM['recovery_tokens']:,} recovery tokens, held-out "
+                             "perplexity)", seeds[better][:n], seeds[worse][:n], better, worse, higher=False,
+                             seeds=SLIM["recovery_seeds"][:n]))  # fmt: skip
+    one, rec = experts["one_shot"], {k: [r["ppl"] for r in rs] for k, rs in experts["recovered"].items()}
+    seeds_ = SLIM["recovery_seeds"]
+    claims.append(_claim("slim", "REAP's one-shot expert cut costs less than frequency's (8 -> 4 experts; one "
+                         "calibration set, deterministic)", [one["reap/prune"]["ppl"]], [one["frequency/prune"]["ppl"]],
+                         "reap/prune", "frequency/prune", higher=False, seeds=[0]))  # fmt: skip
+    claims.append(_claim("slim", "a partial-preservation merge beats pruning the same experts (REAP), after "
+                         f"{SLIM['expert_tokens']:,} recovery tokens", rec["reap/partial"], rec["reap/prune"],
+                         "reap/partial", "reap/prune", higher=False, seeds=seeds_))  # fmt: skip
+    # SlimQwen: one-shot criteria converge after continued training. Reproduced when the recovered gap
+    # between the criteria is under a fifth of their one-shot gap and within two seed spreads of zero.
+    gap_one = one["frequency/prune"]["ppl"] / one["reap/prune"]["ppl"] - 1
+    after = paired(rec["reap/prune"], rec["frequency/prune"], higher_better=False)
+    gap_after = statistics.mean(f / r - 1 for f, r in zip(rec["frequency/prune"], rec["reap/prune"]))
+    converged = abs(gap_after) < abs(gap_one) / 5 and abs(after["mean"]) <= 2 * after["spread"] + 1e-9
+    claims.append({
+        "paper": "slim",
+        "claim": "expert criteria converge after recovery (REAP vs frequency: the one-shot gap shrinks below a "
+        "fifth and within two seed spreads)",
+        "verdict": "reproduced" if converged else "not reproduced",
+        "seeds": seeds_,
+        "margin": {k: after[k] for k in ("mean", "spread", "agree", "diffs")} | {"gap_one_shot": gap_one,
+                                                                               "gap_recovered": gap_after},
+        "figures": {"frequency/prune": rec["frequency/prune"], "reap/prune": rec["reap/prune"]},
+    })  # fmt: skip
+    section = {"setup": SLIM, "dense": dense, "experts": experts, "expert_one_shot_within": one["source_ppl"]}
+    return section, claims
+
+
+def _claim(paper, statement, a, b, name_a, name_b, *, higher: bool, seeds: list[int]) -> dict:
+    judged = paired(a, b, higher_better=higher)
+    return {
+        "paper": paper,
+        "claim": statement,
+        "verdict": judged["verdict"],
+        "seeds": seeds,
+        "margin": {k: judged[k] for k in ("mean", "spread", "agree", "diffs")},
+        "figures": {name_a: a, name_b: b},
+    }
+
+
 # ---- the docs' table ----------------------------------------------------------------------------------
-def table(results: dict) -> str:
-    """Every claim of claims.json: its verdict, the paired margin and the figures per seed."""
-    if not results.get("claims"):
+def table(results: dict, paper: str | None = None) -> str:
+    """Every claim of claims.json (or one paper's): its verdict, the paired margin and the figures per seed."""
+    claims = [c for c in results.get("claims", []) if paper in (None, c["paper"])]
+    if not claims:
+        if paper:
+            return f"Not run yet: `python benchmarks/reproduce.py --paper {paper}` writes these claims."
         return "No part has run yet: `make reproduce` (or `--paper NAME`) writes the claims."
     lines = [
         "| paper | claim | verdict | seeds agreeing | mean paired margin (spread) | per seed |",
         "|---|---|---|---|---|---|",
     ]
-    for c in results.get("claims", []):
+    for c in claims:
         m = c["margin"]
         per_seed = "; ".join(f"{arm} {', '.join(_num(v) for v in values)}" for arm, values in c["figures"].items())
         lines.append(
             f"| {c['paper']} | {c['claim']} | **{c['verdict']}** | {m['agree']} | {_num(m['mean'])} "
             f"({_num(m['spread'])}) | {per_seed} |"
         )
-    parts = results.get("parts", {})
+    parts = {name: p for name, p in results.get("parts", {}).items() if paper in (None, name)}
     lines += ["", "Parts: " + "; ".join(f"`{name}` {p['seconds'] / 3600:.2f} h at {p['commit']}"
                                        for name, p in parts.items())]  # fmt: skip
     return "\n".join(lines)
+
+
+def legend(_: dict | None = None) -> str:
+    """What each verdict means (harness.VERDICTS, the words `paired` gives)."""
+    return "\n".join(f"- **{word}** — {meaning};" for word, meaning in VERDICTS.items()).removesuffix(";") + "."
 
 
 def _num(v: float) -> str:
@@ -526,7 +684,7 @@ def _num(v: float) -> str:
 
 
 # ---- the command ---------------------------------------------------------------------------------------
-PARTS = {"seft": seft_part, "grow": grow_part, "repair": repair_part, "sparsify": sparsify_part}
+PARTS = {"seft": seft_part, "grow": grow_part, "slim": slim_part, "repair": repair_part, "sparsify": sparsify_part}
 
 
 def main() -> None:
@@ -541,6 +699,8 @@ def main() -> None:
             return _repair_child(out_json)
         if kind == "sparsify":
             return _sparsify_child(arm, seed, out, out_json)
+        if kind == "slim":
+            return _slim_child(arm, seed, out, out_json)
         return _grow_child(arm, seed, out, out_json) if kind == "grow" else _lineage_child(out, out_json)
     results = load("claims")
     results.pop("run", None)
@@ -549,16 +709,23 @@ def main() -> None:
             print(f"{part}: finished at {results['parts'][part]['commit']}, kept (--redo runs it again)")
             continue
         print(f"{part} ...", flush=True)
-        started = time.perf_counter()
+        started, SPENT[:] = time.perf_counter(), []
         section, claims = PARTS[part]()
-        seconds = round(time.perf_counter() - started, 1)
+        seconds = round(sum(SPENT), 1)  # every run's own time, those kept from an interrupted invocation too
         commit = provenance()["commit"]
         command = COMMAND.format(part=part)
         for claim in claims:
             claim |= {"command": command, "seconds": seconds, "commit": commit}
         results[part] = section
+        if part == "repair":  # the issue's key: model -> length -> accuracy, beside the part's section
+            results["cwe"] = section["cwe"]
         results["claims"] = [c for c in results.get("claims", []) if c["paper"] != part] + claims
-        results.setdefault("parts", {})[part] = {"finished": True, "seconds": seconds, "commit": commit}
+        results.setdefault("parts", {})[part] = {
+            "finished": True,
+            "seconds": seconds,
+            "seconds_this_invocation": round(time.perf_counter() - started, 1),
+            "commit": commit,
+        }
         save("claims", results)
         for claim in claims:
             print(f"  {claim['verdict']}: {claim['claim']} ({claim['margin']['agree']} seeds)")

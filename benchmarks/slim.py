@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS, command, curves, figure, load, mark, reused, save, train, verdict
+from harness import RESULTS, command, curves, figure, load, mark, reused, save, seed_margin, train
 from peers import driver, peer_python
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -322,8 +322,8 @@ def _mixtral_expert_names(folder: Path) -> bool:
 
 
 def claim(better: str, worse: str, ppl: dict, seeds: dict) -> str:
-    """A recovery claim's verdict (lower perplexity is better) with both arms' mean perplexities."""
-    paired = verdict(seeds[better], seeds[worse], higher_better=False, digits=2)
+    """How a recovery arm compares (lower perplexity is better): both arms' mean perplexities and the seeds."""
+    paired = seed_margin(seeds[better], seeds[worse], higher_better=False, digits=2)
     return f"{ppl[better]:.2f} vs {ppl[worse]:.2f}, {paired}"
 
 
@@ -340,7 +340,11 @@ def tables(results: dict) -> str:
             "|---|---|---|",
         ]
         lines += [f"| {arm} | {ppl[arm]:.2f} | {', '.join(f'{v:.2f}' for v in seeds[arm])} |" for arm in RECOVERY_ARMS]
-        lines += ["", "Claims:"] + [f"- {text}: {claim(a, b, ppl, seeds)}" for text, a, b in CLAIMS] + [""]
+        lines += (
+            ["", "Arm against arm (figures; the verdicts are claims.json's, docs/claims.md):"]
+            + [f"- {text}: {claim(a, b, ppl, seeds)}" for text, a, b in CLAIMS]
+            + [""]
+        )
     if crit:
         lines += [
             f"Criteria (teacher ppl {crit['teacher_ppl']:.2f}):",

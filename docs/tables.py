@@ -98,6 +98,11 @@ TABLES = {
     "repair": ("repair", repair_table),
     "scale": ("scale", lambda r: benchmark("scale").table(r)),
     "claims": ("claims", lambda r: benchmark("reproduce").table(r)),
+    "claims-legend": ("claims", lambda r: benchmark("reproduce").legend(r)),
+    **{
+        f"claims.{paper}": ("claims", lambda r, paper=paper: benchmark("reproduce").table(r, paper))
+        for paper in ("seft", "grow", "slim", "repair", "sparsify")
+    },
 }
 
 
