@@ -1,10 +1,13 @@
 """The fastest way to run SmolLM2-135M on this CPU: upcycle's dense and bank-sparse models at fp32, bf16
 and int8 through the lean decoder (upcycle.infer.decode: static KV cache, one compiled step), side by side
 with llama.cpp's dense model at F32, F16 and Q8_0 — same prompt tokens, threads and new tokens, the runs
-alternating in one process, medians.
+alternating in one process, medians — and every row's perplexity on the same held-out blocks (llama.cpp's
+from its own logits).
 
+    python benchmarks/reproduce.py --paper sparsify  # first: trains the sparse model the race uses (~45 min)
     python benchmarks/cpu_decode.py                 # about 25 minutes on 2 cores (+4½ to build llama.cpp once)
     python benchmarks/cpu_decode.py --no-llamacpp   # upcycle only
+    python benchmarks/cpu_decode.py --untrained     # the sparse model as converted, without training
 
 Rows: tokens/s; bytes of weights read per token (upcycle: each part in its stored precision, the sparse
 FFNs' kept quarter, the predictor; llama.cpp: the GGUF file's bytes, all of which a token reads, its
@@ -12,8 +15,9 @@ tied embedding serving as the LM head); the byte limit = this machine's measured
 those bytes; held-out perplexity of every upcycle row on shakespeare and pystdlib (the quality cost of
 each precision). The model without its FFNs at each precision shows where a token's time goes.
 
-The sparse model is smollm2-135m sparsified 16-of-64 with the default 4-bit shadow predictor, no
-training (speed does not depend on training; its perplexity is the converted model's).
+The sparse model is smollm2-135m sparsified 16-of-64 with the default 4-bit shadow predictor and trained
+98,304 tokens by the sparsify_quality recipe (the model benchmarks/reproduce.py's sparsify part trains and
+keeps, or --sparse FOLDER): its speed is the converted model's, its perplexity the trained one's.
 llama.cpp comes from `llama-cpp-python` built from source in a throwaway environment
 (benchmarks/peers); where it cannot be built the rows say why.
 Results: benchmarks/results/cpu_decode.json and cpu_decode.png.
@@ -34,7 +38,9 @@ from pathlib import Path
 import torch
 from harness import RESULTS, bars, command, figure, held_out, save
 from peers import LLAMACPP, driver, llamacpp_python
+from reproduce import trained_sparse
 
+import upcycle
 from upcycle import hub
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
@@ -63,8 +69,10 @@ def source_gguf() -> Path:
 _plain_buffers: dict[str, str] = {}  # format -> how it failed with llama.cpp's extra buffer types
 
 
-def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False) -> dict:
-    """Every format made (quantize_only) or decoded: one process per format (llama-cpp-python 0.3.36
+def llamacpp_run(
+    python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False, ppl_blocks=None
+) -> dict:
+    """Every format made (quantize_only; scored on `ppl_blocks` where given) or decoded: one process per format (llama-cpp-python 0.3.36
     crashed decoding a second model in the same process). A format whose process fails is run again
     without llama.cpp's extra buffer types (Q8_0 segfaults with them here: see the driver), the first
     failure kept in its row; failing again, its row holds the error."""
@@ -74,6 +82,7 @@ def llamacpp_run(python: Path, prompt: list[int], new_tokens: int, threads: int,
         for extra in ([] if quantize_only or first_error else [[]]) + [["--no-extra-buffers"]]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 ids, flags = ",".join(map(str, prompt)), (["--quantize-only"] if quantize_only else []) + extra
+                flags += ["--ppl-blocks", ppl_blocks] if ppl_blocks else []
                 run = command(
                     python, driver("llamacpp_decode"), source_gguf(), RUNS / "llamacpp", f.name, "--formats", fmt,
                     "--prompt-ids", ids, "--new-tokens", new_tokens, "--threads", threads, *flags,
@@ -110,17 +119,36 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--held-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
     parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument(
+        "--sparse", type=Path, help="the trained sparse model (default: reproduce.py's sparsify part's)"
+    )
+    parser.add_argument("--untrained", action="store_true", help="the sparse model as converted, untrained")
     args = parser.parse_args()
+    trained = args.sparse or trained_sparse()
+    if not args.untrained and not (trained / "config.json").exists():
+        raise SystemExit(f"no trained sparse model at {trained}: run python benchmarks/reproduce.py --paper sparsify "
+                         "first (it trains and keeps it), or give --sparse FOLDER or --untrained")  # fmt: skip
     threads = torch.get_num_threads()
     result = {"model": MODEL, "prompt": PROMPT, "new_tokens": args.new_tokens, "threads": threads}
-    result |= {"repeats": args.repeats, "sparsity": "16 of 64, 4-bit shadow predictor (no training)"}
+    sparsity = "16 of 64, 4-bit shadow predictor"
+    result |= {"repeats": args.repeats, "sparsity": f"{sparsity}, {'untrained' if args.untrained else 'trained'}"}
+    result["sparse_model"] = "converted here" if args.untrained else str(trained)
     llama = None
     dense, tokenizer = hub.load(MODEL)
     prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    held = held_out(tokenizer, CORPORA, args.held_blocks)
+    result["ppl"] = {}
     if not args.no_llamacpp:
         try:
             llama = llamacpp_python()
-            made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True)
+            blocks = RUNS / "held_out_blocks.json"  # the same blocks every upcycle row is scored on
+            blocks.parent.mkdir(parents=True, exist_ok=True)
+            blocks.write_text(json.dumps({c: b.tolist() for c, b in held.items()}))
+            made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True,
+                                ppl_blocks=blocks)  # fmt: skip
+            for fmt, row in made["formats"].items():
+                if "ppl" in row:
+                    result["ppl"][f"llamacpp_{fmt}"] = row["ppl"]
             result["llamacpp"] = {
                 "version": made.get("llama_cpp_python"),
                 "file_bytes": {
@@ -134,11 +162,12 @@ def main() -> None:
             result["llamacpp"] = {"error": f"{LLAMACPP[0]}: {' | '.join(tail) or e}"}
             llama = None
             print(f"llama.cpp skipped: {result['llamacpp']['error']}", flush=True)
-    dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
+    if args.untrained:
+        dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
+    else:
+        sparse = upcycle.load(trained)[0]
     rows = models(dense.eval(), sparse.eval())
     del dense, sparse
-    held = held_out(tokenizer, CORPORA, args.held_blocks)
-    result["ppl"] = {}
     for name, model in rows.items():
         if not name.startswith("no_ffn"):
             with torch.no_grad():

@@ -117,12 +117,14 @@ def seft_source(target: str) -> Path:
     return folder
 
 
-def seft_run(target: str, arm: str, lr: float, seed: int) -> dict:
+def seft_run(target: str, arm: str, lr: float, seed: int, validate: bool = False) -> dict:
     """One fine-tuning run in a process of its own: its report (figures and training memory) and wall time.
-    The run's weights are deleted once scored (36 runs of a 135M model would be 20 GB); its report stays."""
+    The run's weights are deleted once scored (36 runs of a 135M model would be 20 GB); its report stays.
+    `validate`: the sweep's runs also score the validation draw (the others do not need it)."""
     out = RUNS / "seft" / f"{target.replace(':', 'of')}-{arm}-lr{lr:g}-s{seed}"
+    validation = SEFT["validation_examples"] if validate else 0
     settings = {"arm": ARMS[arm], "lr": lr, "seed": seed} | {k: SEFT[k] for k in ("steps", "seq_len", "global_batch")}
-    settings |= {k: SEFT[k] for k in ("eval_examples", "validation_examples")}
+    settings |= {"eval_examples": SEFT["eval_examples"], "validation_examples": validation}
     done = reused(out, settings, "finetune_report.json")
     if done is not None:
         return spent(done)
@@ -130,7 +132,7 @@ def seft_run(target: str, arm: str, lr: float, seed: int) -> dict:
     started = time.perf_counter()
     run = upcycle("finetune", seft_source(target), out, *ARMS[arm], "--lr", lr, "--tokens", tokens, "--seed", seed,
                   "--seq-len", SEFT["seq_len"], "--global-batch", SEFT["global_batch"],
-                  "--eval-examples", SEFT["eval_examples"], "--validation-examples", SEFT["validation_examples"])  # fmt: skip
+                  "--eval-examples", SEFT["eval_examples"], "--validation-examples", validation)  # fmt: skip
     if isinstance(run, dict):
         raise SystemExit(f"SEFT part: {target} {arm} lr {lr:g} seed {seed} failed: {run['error']}")
     report = json.loads((out / "finetune_report.json").read_text()) | {"seconds": time.perf_counter() - started}
@@ -156,7 +158,7 @@ def seft_part() -> tuple[dict, list[dict]]:
     claims = []
     for target in SEFT["targets"]:
         spent(json.loads((seft_source(target) / "seconds.json").read_text()))
-        sweep = {arm: {f"{lr:g}": seft_run(target, arm, lr, 0) for lr in SEFT["lr_sweep"]} for arm in SWEPT}
+        sweep = {arm: {f"{lr:g}": seft_run(target, arm, lr, 0, True) for lr in SEFT["lr_sweep"]} for arm in SWEPT}
         chosen = {arm: max(runs, key=lambda lr: _validation_key(runs[lr])) for arm, runs in sweep.items()}
         chosen |= {arm: chosen[source] for arm, source in LR_FROM.items()}
         section["lr_sweep"][target] = {
@@ -173,7 +175,8 @@ def seft_part() -> tuple[dict, list[dict]]:
             if arm == "seft_no_resurrection" and ":" in target:
                 continue  # N:M growth stays on live positions anyway: the same run as SEFT's
             seeds = SEFT["seeds"] if arm in SEEDED else SEFT["seeds"][:1]
-            runs = [seft_run(target, arm, float(chosen[arm]), seed) for seed in seeds]
+            # a swept arm's seed-0 run at its chosen rate is the sweep's own run (validated), kept
+            runs = [seft_run(target, arm, float(chosen[arm]), seed, arm in SWEPT and seed == 0) for seed in seeds]
             arms[arm] = _arm_figures(runs, seeds, chosen[arm])
         section["arms"][target] = arms
         claims += _seft_claims(target, arms)
@@ -456,10 +459,21 @@ def repair_part() -> tuple[dict, list[dict]]:
 SPARSIFY = {"budget": 98304, "seeds": [0], "arms": ["sparse", "dense_companion", "dense4x"], "val_blocks": 16}
 
 
+def trained_sparse(seed: int = 0) -> Path:
+    """The sparse arm's trained model, kept for the CPU race (benchmarks/cpu_decode.py reads it)."""
+    import sparsify_quality as sq
+
+    return RUNS / "sparsify" / f"sparse-s{seed}" / sq.SPARSE_ARMS[0][1] / "final"
+
+
 def sparsify_run(arm: str, seed: int) -> dict:
     settings = {"arm": arm, "seed": seed, "budget": SPARSIFY["budget"], "val_blocks": SPARSIFY["val_blocks"]}
-    result = child_run(RUNS / "sparsify" / f"{arm}-s{seed}", settings, "sparsify", arm, str(seed),
-                       what=f"sparsify part: {arm} seed {seed}")  # fmt: skip
+    folder = RUNS / "sparsify" / f"{arm}-s{seed}"
+    if arm == "sparse" and not (trained_sparse(seed) / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)  # its figures without the model the race needs: made again
+    keep = ("final",) if arm == "sparse" else ()
+    result = child_run(folder, settings, "sparsify", arm, str(seed), what=f"sparsify part: {arm} seed {seed}",
+                       keep=keep)  # fmt: skip
     print(f"  sparsify {arm} seed {seed}: ppl {result['ppl']}, {result['seconds']:.0f} s", flush=True)
     return result
 

@@ -1,13 +1,16 @@
 """llama.cpp's greedy decoding of one GGUF per format (run inside the llama.cpp environment; no upcycle).
 
     python llamacpp_decode.py SOURCE.gguf FOLDER OUT.json --formats f32,f16,q8_0 --prompt-ids 1,2,3 \
-        --new-tokens 96 --threads 2 [--quantize-only]
+        --new-tokens 96 --threads 2 [--quantize-only] [--ppl-blocks BLOCKS.json]
 
 Each format is made once from SOURCE with llama.cpp's own quantize API (re-quantizing is allowed: the
 source is the embedded Q4_1 file, whose values the F32 copy holds exactly), then loaded and timed: the
 prompt's tokens evaluated and `new_tokens` greedy tokens generated (end-of-sequence not honoured, so
 every run makes the same count), wall time from the first evaluation to the last token. Writes, per
-format: tokens/s, the file's bytes, the generated ids.
+format: tokens/s, the file's bytes, the generated ids; with --ppl-blocks ({corpus: [[token ids], ...]}, the
+blocks upcycle scores), each corpus's perplexity from llama.cpp's own logits, computed as upcycle's
+`perplexity` does: every block on its own, token t predicted from the tokens before it in the block, the
+negative log-likelihood summed in float64 over every predicted token, exponentiated per corpus.
 
 --no-extra-buffers loads the weights without llama.cpp's extra CPU buffer types (its weight repacking and
 AMX paths; model parameter use_extra_bufts, which llama-cpp-python does not expose): on this machine
@@ -20,10 +23,12 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import time
 from pathlib import Path
 
 import llama_cpp
+import numpy as np
 
 FTYPES = {
     "f32": llama_cpp.LLAMA_FTYPE_ALL_F32,
@@ -79,6 +84,29 @@ def decode(path: Path, prompt: list[int], new_tokens: int, threads: int) -> tupl
     return new_tokens / seconds, out
 
 
+def perplexity(path: Path, blocks: dict[str, list[list[int]]], threads: int) -> dict[str, float]:
+    n = max(len(ids) for corpus in blocks.values() for ids in corpus)
+    llm = llama_cpp.Llama(
+        str(path), n_ctx=n, n_batch=n, n_ubatch=n, logits_all=True, n_threads=threads, n_threads_batch=threads,
+        verbose=False,
+    )  # fmt: skip
+    out = {}
+    for corpus, rows in blocks.items():
+        nll, count = 0.0, 0
+        for ids in rows:
+            llm.reset()
+            llm.eval(ids)
+            logits = np.asarray(llm.scores[: len(ids) - 1], dtype=np.float64)
+            logits -= logits.max(axis=1, keepdims=True)
+            log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+            nll -= float(log_probs[np.arange(len(ids) - 1), ids[1:]].sum())
+            count += len(ids) - 1
+        out[corpus] = math.exp(nll / count)
+    del llm
+    gc.collect()
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("source")
@@ -90,6 +118,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quantize-only", action="store_true")
     parser.add_argument("--no-extra-buffers", action="store_true")
+    parser.add_argument("--ppl-blocks", help="a JSON of held-out blocks per corpus: each format's perplexity on them")
     args = parser.parse_args()
     if args.no_extra_buffers:
         without_extra_buffers()
@@ -103,6 +132,8 @@ def main() -> None:
         row = {"file_bytes": path.stat().st_size, "extra_buffers": not args.no_extra_buffers}
         if not args.quantize_only:
             row["tok_s"], row["tokens"] = decode(path, prompt, args.new_tokens, args.threads)
+        if args.ppl_blocks:
+            row["ppl"] = perplexity(path, json.loads(Path(args.ppl_blocks).read_text()), args.threads)
         result["formats"][fmt] = row
     Path(args.out).write_text(json.dumps(result))
 
