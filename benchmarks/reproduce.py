@@ -688,6 +688,53 @@ def table(results: dict, paper: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def lineage_table(results: dict) -> str:
+    """The grow part's lineage: each growth step's check against the model trained before it, and the
+    held-out perplexity as each stage starts (just grown) and ends (trained)."""
+    lineage = results.get("grow", {}).get("lineage")
+    if not lineage:
+        return "Not run yet: `python benchmarks/reproduce.py --paper grow` runs the lineage."
+    ppl = {(p["stage"], p["when"].split()[0]): p["ppl"] for p in lineage["ppl"]}
+    lines = [
+        "| stage | growth step | kind | parameters | max abs Δlogit | loss change | check | ppl grown | ppl trained |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for n, step in enumerate(lineage["steps"]):
+        p = step["preservation"]
+        lines.append(
+            f"| {n + 1} | {step['step']} | {step['kind']} | {step['params_before'] / 1e6:.1f}M → "
+            f"{step['params_after'] / 1e6:.1f}M | {p['max_dlogit']:.3g} | {100 * p['loss_change']:+.2f} % | "
+            f"{'passed' if p['passed'] else 'FAILED'} | {ppl.get((n, 'start'), float('nan')):.2f} | "
+            f"{ppl.get((n, 'end'), float('nan')):.2f} |"
+        )
+    return "\n".join(lines + ["", f"Training: {lineage['train_seconds'] / 60:.0f} min in all."])
+
+
+def slim_experts_table(results: dict) -> str:
+    """The slim part's expert cuts on the active-MoE test bed: one shot by criterion x mode, and recovered."""
+    experts = results.get("slim", {}).get("experts")
+    if not experts:
+        return "Not run yet: `python benchmarks/reproduce.py --paper slim` runs the expert cuts."
+    one, setup = experts["one_shot"], results["slim"]["setup"]
+    lines = [
+        f"8 → {setup['experts']} routed experts per layer (top-2, shared expert kept); the test bed's held-out ppl "
+        f"{one['source_ppl']:.2f}. One shot:",
+        "",
+        "| criterion | " + " | ".join(setup["modes"]) + " |",
+        "|---|" + "---|" * len(setup["modes"]),
+    ]
+    for criterion in setup["criteria"]:
+        cells = " | ".join(f"{one[f'{criterion}/{mode}']['ppl']:.2f}" for mode in setup["modes"])
+        lines.append(f"| {criterion} | {cells} |")
+    lines += ["", f"After {setup['expert_tokens']:,} recovery tokens (KD from the test bed + LM), per seed:", ""]
+    lines += ["| cut | one shot | recovered (seeds " + ", ".join(map(str, setup["recovery_seeds"])) + ") |"]
+    lines += ["|---|---|---|"]
+    for key, runs in experts["recovered"].items():
+        recovered = ", ".join(f"{r['ppl']:.2f}" for r in runs)
+        lines.append(f"| {key} | {runs[0]['one_shot_ppl']:.2f} | {recovered} |")
+    return "\n".join(lines)
+
+
 def legend(_: dict | None = None) -> str:
     """What each verdict means (harness.VERDICTS, the words `paired` gives)."""
     return "\n".join(f"- **{word}** — {meaning};" for word, meaning in VERDICTS.items()).removesuffix(";") + "."

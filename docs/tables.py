@@ -99,6 +99,8 @@ TABLES = {
     "scale": ("scale", lambda r: benchmark("scale").table(r)),
     "claims": ("claims", lambda r: benchmark("reproduce").table(r)),
     "claims-legend": ("claims", lambda r: benchmark("reproduce").legend(r)),
+    "grow-lineage": ("claims", lambda r: benchmark("reproduce").lineage_table(r)),
+    "slim-experts": ("claims", lambda r: benchmark("reproduce").slim_experts_table(r)),
     **{
         f"claims.{paper}": ("claims", lambda r, paper=paper: benchmark("reproduce").table(r, paper))
         for paper in ("seft", "grow", "slim", "repair", "sparsify")

@@ -103,3 +103,75 @@ def test_reproduce_keeps_a_finished_part_and_stamps_every_claim(tmp_path, monkey
     )
     assert claims["parts"]["fake"]["finished"] and claims["fake"] == {"setup": {"n": 3}}
     assert "| fake | a beats b | **reproduced** | 3/3 |" in reproduce.table(claims)
+
+
+def test_slim_claims_judge_the_expert_cuts_as_worked_by_hand(monkeypatch):
+    import reproduce  # noqa: E402  (beside harness)
+
+    seeds = {arm: [100.0, 102.0, 101.0] for arm in ("pruned_kd_lm", "pruned_kd", "pruned_lm", "progressive")}
+    seeds |= {"pruned_kd_lm_mtp": [99.0, 101.0, 100.0], "scratch": [9000.0]}
+    one = {"source_ppl": 20.0, "reap/prune": {"ppl": 30.0}, "frequency/prune": {"ppl": 40.0}}
+
+    def recovered(values):
+        return [{"ppl": v, "one_shot_ppl": 0.0} for v in values]
+
+    experts = {  # frequency's one-shot gap 40/30 - 1 = 33 %; recovered: +0.1, -0.1, +0.05 -> mixed, tiny gap
+        "one_shot": one,
+        "recovered": {
+            "reap/prune": recovered([22.0, 22.0, 22.0]),
+            "frequency/prune": recovered([22.1, 21.9, 22.05]),
+            "reap/partial": recovered([21.0, 21.5, 21.2]),
+        },
+    }
+    monkeypatch.setattr(reproduce, "slim_dense", lambda: {"seeds": seeds})
+    monkeypatch.setattr(reproduce, "slim_experts", lambda: experts)
+    _, claims = reproduce.slim_part()
+    by = {c["claim"].split(" (")[0]: c for c in claims}
+    assert by["pruned + KD + LM beats the same architecture from scratch"]["margin"]["diffs"] == [8900.0]
+    assert by["KD + LM beats KD alone"]["verdict"] == "tied"
+    assert by["MTP distillation"]["verdict"] == "reproduced"  # 1 lower in every seed, no spread
+    assert by["REAP's one-shot expert cut costs less than frequency's"]["verdict"] == "reproduced"
+    partial = next(c for c in claims if c["claim"].startswith("a partial-preservation merge"))
+    assert partial["margin"]["diffs"] == pytest.approx([1.0, 0.5, 0.8]) and partial["verdict"] == "reproduced"
+    converge = next(c for c in claims if c["claim"].startswith("expert criteria converge"))
+    assert converge["verdict"] == "reproduced"
+    assert converge["margin"]["gap_one_shot"] == pytest.approx(1 / 3)
+    # recovered no closer than one shot: not converged
+    experts["recovered"]["frequency/prune"] = recovered([30.0, 31.0, 29.0])
+    _, claims = reproduce.slim_part()
+    assert next(c for c in claims if c["claim"].startswith("expert criteria converge"))["verdict"] == "not reproduced"
+
+
+def test_the_lineage_and_expert_tables_show_the_figures_given():
+    import reproduce  # noqa: E402
+
+    check = {"max_dlogit": 2.5e-5, "loss_change": 0.0001, "passed": True}
+    lineage = {
+        "steps": [
+            {
+                "step": "moe",
+                "kind": "changed",
+                "params_before": 134.5e6,
+                "params_after": 214.3e6,
+                "preservation": check | {"max_dlogit": 7.0, "loss_change": 0.35},
+            },
+            {
+                "step": "experts x2",
+                "kind": "exact",
+                "params_before": 214.3e6,
+                "params_after": 300.0e6,
+                "preservation": check,
+            },
+        ],  # fmt: skip
+        "ppl": [
+            {"stage": 0, "when": "start (after growth)", "ppl": 30.1},
+            {"stage": 0, "when": "end (trained)", "ppl": 19.4},
+            {"stage": 1, "when": "start (after growth)", "ppl": 19.4},
+            {"stage": 1, "when": "end (trained)", "ppl": 18.2},
+        ],  # fmt: skip
+        "train_seconds": 1800,
+    }
+    table = reproduce.lineage_table({"grow": {"lineage": lineage}})
+    assert "| 2 | experts x2 | exact | 214.3M → 300.0M | 2.5e-05 | +0.01 % | passed | 19.40 | 18.20 |" in table
+    assert "| 1 | moe | changed | 134.5M → 214.3M | 7 | +35.00 % | passed | 30.10 | 19.40 |" in table
+    assert "Not run yet" in reproduce.lineage_table({})
