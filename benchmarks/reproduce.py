@@ -22,6 +22,10 @@ Parts so far:
         same architecture from scratch and the dense model continued, on the same tokens, three seeds, every
         run timed in a process of its own; and a lineage through the trainer's stages — dense -> MoE, train,
         experts x2, train — with every growth step's check against the model trained before it.
+  slim  SlimQwen (arXiv 2605.08738): slim.py's dense cuts (20 layers x hidden 432) recovered by each loss and
+        schedule with three seeds (MTP's weight decaying), and the expert criteria (frequency, soft, REAP x
+        prune, merge, partial) on the grow part's trained MoE, whose experts carry weight: one shot, and
+        recovered with three seeds.
   repair  a sparsified SmolLM2-135M's long-context failure localised to a layer and repaired there, scored on
         RULER's CWE configuration (10 common words x 30, every other word x 3) at two lengths, 8 prompts
         each: dense, sparse, the localised layer repaired and, as the control, a random layer repaired.
