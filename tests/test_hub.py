@@ -1,5 +1,8 @@
 import json
+import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -137,3 +140,37 @@ def test_no_pickle_loading_anywhere_in_the_package():
         for call in re.findall(r"torch\.load\([^)]*\)", text):
             assert "weights_only=True" in call, (path, call)
         assert "trust_remote_code=True" not in text, path
+
+
+def test_an_unreachable_hub_is_one_line_from_the_command_without_retries(tmp_path):
+    # the network is down (a refused port stands in for it) and nothing is cached: the command's whole
+    # stderr is its one line, with none of the HTTP client's retry messages before it
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "upcycle.cli", "inspect", "some-org/some-model"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "upcycle: error: 'some-org/some-model' is not a local path and the Hugging Face hub is unreachable: "
+        "pass a local model folder, a .gguf file, or a built-in (smollm2-135m, smollm2-135m-qwen2)"
+    ]
+
+
+def test_a_cached_hub_id_loads_from_the_cache_without_the_network(monkeypatch, tmp_path):
+    # a snapshot laid out as huggingface_hub caches it: models--org--name/snapshots/<rev>/, refs/main
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "_hub_reachable", lambda: pytest.fail("the network was asked"))
+    repo = tmp_path / "hub" / "models--some-org--tiny"
+    snapshot = repo / "snapshots" / "abc123"
+    hub.save(hub.tiny("llama"), hub.byte_tokenizer(), snapshot)
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    import huggingface_hub.constants as constants
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    model, _ = hub.load("some-org/tiny")
+    reference = hub.tiny("llama")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    assert torch.equal(model(ids).logits, reference(ids).logits)

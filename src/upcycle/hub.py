@@ -10,12 +10,14 @@ unless the caller passes it.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import socket
 import tempfile
+import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -275,33 +277,50 @@ def _from_gguf(path: Path, dtype):
 
 
 def _load_hub_id(repo_id: str, dtype, trust_remote_code: bool):
-    """A hub id: from the local Hugging Face cache if it is there, from the hub if it is reachable."""
-    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(repo_id, local_files_only=True, **kwargs)
-        tokenizer = AutoTokenizer.from_pretrained(repo_id, local_files_only=True)
-        return model.eval(), tokenizer
-    except (OSError, ValueError):
-        pass
+    """A hub id: from the local Hugging Face cache where its weights are there (no network at all), else
+    from the hub where it is reachable (decided once, in seconds), else the one-line error."""
+    snapshot = _cached_snapshot(repo_id)
+    if snapshot is not None:
+        return _load_folder(snapshot, dtype, trust_remote_code)
     if not _hub_reachable():
         raise HubUnreachable(
             f"{repo_id!r} is not a local path and the Hugging Face hub is unreachable: pass a local "
             f"model folder, a .gguf file, or a built-in ({', '.join(BUILTIN_MODELS)})"
         )
+    kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     arch.family_of(config)
     model = AutoModelForCausalLM.from_pretrained(repo_id, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
 
 
+def _cached_snapshot(repo_id: str) -> Path | None:
+    """The cached snapshot folder of `repo_id` where it holds a config and safetensors weights. Read from the
+    cache's files alone: transformers' own local lookup still asks the hub for an adapter file, and offline
+    that is five retries (~25 s) of noise before the answer."""
+    from huggingface_hub import try_to_load_from_cache
+
+    config = try_to_load_from_cache(repo_id, "config.json")
+    if not isinstance(config, str):
+        return None
+    folder = Path(config).parent
+    return folder if any(folder.glob("*.safetensors")) else None
+
+
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """A quick TCP check, so that an offline machine answers at once instead of after the HTTP
-    client's retries."""
+    client's retries; decided once per endpoint and process."""
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
         return False
-    host = re.sub(r"^https?://", "", os.environ.get("HF_ENDPOINT", "https://huggingface.co")).split("/")[0]
+    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    return _connects(endpoint.hostname or "", port, timeout)
+
+
+@functools.cache
+def _connects(host: str, port: int, timeout: float) -> bool:
     try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
+        socket.create_connection((host, port), timeout=timeout).close()
         return True
     except OSError:
         return False
