@@ -20,6 +20,7 @@ VERBS = (
     "eval",
     "convert",
     "densify",
+    "export",
     "sparsify",
     "repair",
     "grow",
