@@ -1,9 +1,10 @@
-"""perplexity (and bits per token) on a corpus split"""
+"""perplexity (and bits per token) on a corpus split, or lm-evaluation-harness tasks (--harness)"""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from upcycle import data
 from upcycle.commands import quiet_transformers
@@ -24,6 +25,15 @@ class EvalConfig(Config):
     val_fraction: float = option(0.1, "share of the documents held out for validation")
     seed: int = option(0, "seed of the document split")
     json: bool = option(False, "print the result as JSON")
+    harness: str | None = option(
+        None,
+        "lm-evaluation-harness tasks to run instead of perplexity, comma-separated (as lm-eval's --tasks): "
+        "upcycle's offline pack (upcycle_shakespeare_next_line, upcycle_python_next_line), lm-eval's own, or "
+        "yours (--harness-include)",
+    )
+    harness_include: str | None = option(None, "a folder of your own lm-eval task YAML files")
+    harness_limit: int | None = option(None, "examples per harness task (none: all)")
+    report: str | None = option(None, "also write the result as JSON to this file (the run's report)")
 
     def validate(self):
         if self.max_blocks == 0:
@@ -31,6 +41,9 @@ class EvalConfig(Config):
         check(self.seq_len >= 2, "seq_len", self.seq_len, "an integer >= 2")
         check(self.max_blocks is None or self.max_blocks >= 1, "max_blocks", self.max_blocks, "None or >= 1")
         check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
+        check(
+            self.harness_limit is None or self.harness_limit >= 1, "harness_limit", self.harness_limit, "None or >= 1"
+        )
 
 
 def evaluate(model, tokenizer, config: EvalConfig, *, progress: bool = True) -> Perplexity:
@@ -53,6 +66,8 @@ def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = Run
     """Score MODEL on the split, streamed from its checkpoint one layer at a time (on --device, in
     --dtype), and print the result with the run's memory and time."""
     quiet_transformers()
+    if config.harness:
+        return run_harness(model, config, options)
     lazy, tokenizer = open_source(model, options)
     if tokenizer is None:
         raise ConfigError(f"{model}: the folder has no tokenizer to read the text with")
@@ -65,8 +80,9 @@ def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = Run
         for _ in p.layers():
             pass
         result = p.perplexity("eval")
+    facts = {"model": model, "data": config.data, "split": config.split, **result.as_dict()}
+    _write_report(config, facts | {"stream": p.report.as_dict()})
     if config.json:
-        facts = {"model": model, "data": config.data, "split": config.split, **result.as_dict()}
         print(json.dumps(facts | {"stream": p.report.as_dict()}, indent=2))
     else:
         print(
@@ -74,3 +90,38 @@ def run(model: str, config: EvalConfig = EvalConfig(), options: RunOptions = Run
             f"nll {result.nll:.4f} ({result.tokens} tokens)\n{p.report.line()}"
         )
     return result
+
+
+def run_harness(model: str, config: EvalConfig, options: RunOptions) -> dict:
+    """MODEL loaded whole (lm-eval runs the model's own forward) and scored by lm-eval on the tasks."""
+    from upcycle import hub
+    from upcycle.devices import resolve_device, resolve_dtype
+    from upcycle.eval.harness import harness
+
+    loaded, tokenizer = hub.load(model, trust_remote_code=options.trust_remote_code)
+    if tokenizer is None:
+        raise ConfigError(f"{model}: the folder has no tokenizer to read the tasks with")
+    loaded = loaded.to(resolve_device(options.device), resolve_dtype(options.dtype, next(loaded.parameters()).dtype))
+    tasks = [t.strip() for t in config.harness.split(",") if t.strip()]
+    include = [config.harness_include] if config.harness_include else None
+    scores = harness(
+        loaded, tokenizer, tasks, limit=config.harness_limit, batch_size=config.batch_size, include=include
+    )
+    facts = {"model": model, "harness": scores}
+    _write_report(config, facts)
+    if config.json:
+        print(json.dumps(facts, indent=2))
+    else:
+        for task, metrics in scores.items():
+            if task.startswith("_"):
+                continue
+            shown = ", ".join(f"{k.split(',')[0]} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
+            print(f"{model} on {task}: {shown}")
+    return facts
+
+
+def _write_report(config: EvalConfig, facts: dict) -> None:
+    if config.report:
+        path = Path(config.report)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(facts, indent=2))
