@@ -37,7 +37,7 @@ def test_a_table_that_drifts_from_its_json_is_caught(tmp_path):
 def test_the_readme_is_a_front_page_that_links_each_verbs_page():
     readme = (ROOT / "README.md").read_text()
     assert len(readme.splitlines()) <= 300
-    for page in ("sparsify", "grow", "slim", "prune", "repair", "train", "design", "inference"):
+    for page in ("sparsify", "grow", "slim", "prune", "repair", "train", "design", "inference", "export"):
         assert f"docs/{page}.md" in readme and (ROOT / "docs" / f"{page}.md").exists()
 
 
