@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import logits, tokens_for
-from upcycle import hub
+from upcycle import hub, hubcache
 from upcycle.errors import (
     ConfigError,
     HubUnreachable,
@@ -161,7 +161,7 @@ def test_an_unreachable_hub_is_one_line_from_the_command_without_retries(tmp_pat
 def test_a_cached_hub_id_loads_from_the_cache_without_the_network(monkeypatch, tmp_path):
     # a snapshot laid out as huggingface_hub caches it: models--org--name/snapshots/<rev>/, refs/main
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(hub, "_hub_reachable", lambda: pytest.fail("the network was asked"))
+    monkeypatch.setattr(hubcache, "hub_reachable", lambda: pytest.fail("the network was asked"))
     repo = tmp_path / "hub" / "models--some-org--tiny"
     snapshot = repo / "snapshots" / "abc123"
     hub.save(hub.tiny("llama"), hub.byte_tokenizer(), snapshot)
@@ -174,3 +174,19 @@ def test_a_cached_hub_id_loads_from_the_cache_without_the_network(monkeypatch, t
     reference = hub.tiny("llama")
     ids = torch.tensor([[1, 2, 3, 4]])
     assert torch.equal(model(ids).logits, reference(ids).logits)
+
+
+def test_an_unreachable_hub_id_is_answered_before_torch_is_imported(tmp_path):
+    # the one line comes from the command line's own check, before the heavy imports (seconds on a laptop)
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    env |= {"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    code = "import sys; from upcycle.cli import main; rc = main(['export', 'org/model', 'x.gguf']); print(rc, 'torch' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.split() == ["2", "False"]
+    assert proc.stderr.strip().startswith("upcycle: error: 'org/model' is not a local path")
+    # a local folder of that shape is not a hub id: the verb's own loading runs (and says what it lacks)
+    (tmp_path / "org" / "model").mkdir(parents=True)
+    code = "import sys; from upcycle.cli import main; sys.exit(main(['inspect', 'org/model']))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                          cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and "unreachable" not in proc.stderr

