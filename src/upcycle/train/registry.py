@@ -28,6 +28,20 @@ CALLBACKS: dict[str, type] = {}
 TRANSFORM_OPTIONS: dict[str, type] = {}
 
 _CONTEXT = ("model", "tokenizer", "state")  # what the trainer passes itself, never a config option
+# Transforms registered by layers above the trainer (a pipeline that is also a stage), imported when a
+# name is not found yet: `import upcycle` no longer imports every pipeline, and a run config may still
+# name them. A string, not an import: the trainer does not depend on the pipelines.
+PROVIDERS = ("upcycle.pipelines.sparsify",)
+
+
+def transform(name: str) -> Callable | None:
+    """The registered transform `name`, its provider imported first where it is not registered yet."""
+    if name not in TRANSFORMS:
+        import importlib
+
+        for module in PROVIDERS:
+            importlib.import_module(module)
+    return TRANSFORMS.get(name)
 
 
 def register_transform(name: str, options: type | None = None):
@@ -50,7 +64,7 @@ def register_callback(name: str):
 
 def check_transform(name: str, options: dict, where: str) -> None:
     """A registered transform, and options it takes with values of the types it declares."""
-    if name not in TRANSFORMS:
+    if transform(name) is None:
         raise ConfigError(f"{where} transform={name!r} is not registered; known: {', '.join(sorted(TRANSFORMS))}")
     if name in TRANSFORM_OPTIONS:
         TRANSFORM_OPTIONS[name].from_dict(dict(options), f"{where} transform_options")

@@ -28,7 +28,7 @@ from upcycle.train.config import TrainConfig
 from upcycle.train.groups import configure_trainable
 from upcycle.train.losses import LOSSES, LossInputs, forward_options
 from upcycle.train.records import MetricsLog, plot_loss, write_report
-from upcycle.train.registry import CALLBACKS, TRANSFORMS, options_for
+from upcycle.train.registry import CALLBACKS, options_for, transform
 from upcycle.train.schedules import lr_factor, weight_at
 
 
@@ -141,7 +141,7 @@ class Trainer:
         stage = self.config.stages[index]
         if stage.transform is None or index in self._applied:
             return
-        fn = TRANSFORMS[stage.transform]
+        fn = transform(stage.transform)
         takes = inspect.signature(fn).parameters
         extra = {k: v for k, v in (("tokenizer", self.tokenizer), ("state", self.state)) if k in takes}
         result = fn(self.model, **options_for(stage.transform, stage.transform_options), **extra)
