@@ -182,8 +182,33 @@ def test_llama_cpp_computes_the_model_it_was_exported_from(family, tokenizer, tm
     path, report = export(tmp_path / "model", tmp_path / "m.gguf", ExportConfig(type="f32"))
     assert report.llamacpp["max_abs_dlogit"] <= 1e-3 and report.llamacpp["top1"] == 1.0, report.llamacpp
     ids = [5, 900, 77, 4242, 13, 31000, 2, 17]
-    llm = llama_cpp.Llama(str(path), n_ctx=16, logits_all=True, verbose=False)
+    llm = llama_cpp.Llama(str(path), n_ctx=16, logits_all=True, type_k=0, type_v=0, verbose=False)  # f32 cache
     llm.eval(ids)
     with torch.no_grad():
         ours = model(torch.tensor([ids])).logits[0].numpy()
     assert np.abs(np.asarray(llm.scores[: len(ids)]) - ours).max() <= 1e-3
+
+
+@needs_llama_cpp
+@pytest.mark.parametrize("verb", ["prune", "slim", "grow"])
+def test_a_pruned_a_slimmed_and_a_grown_output_round_trip_through_llama_cpp(verb, tokenizer, text_folder, tmp_path):
+    import upcycle
+
+    model = hub.tiny("llama", vocab=len(tokenizer), hidden=64, layers=2, ffn=128)
+    text = dict(calibration=str(text_folder), calibration_tokens=256, seq_len=64)
+    if verb == "prune":
+        config = upcycle.PruneConfig(spec=upcycle.PruneSpec(method="wanda", sparsity=0.5), **text)
+        model, _ = upcycle.prune(model, tokenizer, config, progress=False)
+    elif verb == "slim":
+        stage = upcycle.SlimStage(cuts=[upcycle.SlimStep(op="ffn_width", width=96)])
+        model, _ = upcycle.slim(model, tokenizer, upcycle.SlimConfig(stages=[stage], **text), progress=False)
+    else:  # dense -> MoE: a Mixtral whose experts differ (drop mode), so routing matters to the logits
+        step = upcycle.GrowStep(op="moe", family="mixtral", experts=4, top_k=2, mode="drop")
+        checks = upcycle.GrowChecks(max_loss_change=100.0, min_logit_cosine=-1.0, max_router_kl=100.0)
+        model, _ = upcycle.grow(model, tokenizer, upcycle.GrowConfig(steps=[step], checks=checks, **text),
+                                progress=False)  # fmt: skip
+    hub.save(model, tokenizer, tmp_path / verb)
+    _, report = export(tmp_path / verb, tmp_path / f"{verb}.gguf", ExportConfig(type="f32"))
+    assert report.llamacpp["max_abs_dlogit"] <= 1e-3 and report.llamacpp["top1"] == 1.0, report.llamacpp
+    if verb == "grow":
+        assert report.arch == "llama" and type(model).__name__ == "MixtralForCausalLM"

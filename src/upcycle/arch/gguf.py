@@ -89,7 +89,9 @@ def check_exportable(config) -> None:
                 f"GGUF export: this {family} model {'renormalises' if renormalised else 'does not renormalise'} "
                 f"its top-k routing weights (norm_topk_prob={renormalised}) and llama.cpp's {arch} "
                 f"{'does' if RENORMALISES_TOP_K[arch] else 'does not'}: its logits would differ"
-            )
+                + (" (grow a Qwen2-MoE with --no-normalize, or into qwen3_moe or mixtral, for llama.cpp)"
+                   if arch == "qwen2moe" else "")
+            )  # fmt: skip
 
 
 def rope_dims(config) -> int:

@@ -254,8 +254,9 @@ def llamacpp_check(path: Path, text: torch.Tensor, logits: torch.Tensor) -> dict
     except ImportError:
         return {"skipped": "llama-cpp-python is not installed here (pip install llama-cpp-python)"}
     ids = text[0].tolist()
+    # the KV cache in f32 (llama.cpp's default is f16): the comparison is of the file, not of the cache
     llm = llama_cpp.Llama(str(path), n_ctx=len(ids), n_batch=len(ids), n_ubatch=len(ids), logits_all=True,
-                          verbose=False)  # fmt: skip
+                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32, verbose=False)  # fmt: skip
     llm.eval(ids)
     theirs = torch.from_numpy(np.asarray(llm.scores[: len(ids)], dtype=np.float32).copy())
     del llm
