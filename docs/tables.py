@@ -97,6 +97,7 @@ TABLES = {
     "cpu_decode": ("cpu_decode", lambda r: benchmark("cpu_decode").table(r)),
     "repair": ("repair", repair_table),
     "scale": ("scale", lambda r: benchmark("scale").table(r)),
+    "export_check": ("export_check", lambda r: benchmark("export_check").table(r)),
     "claims": ("claims", lambda r: benchmark("reproduce").table(r)),
     "claims-legend": ("claims", lambda r: benchmark("reproduce").legend(r)),
     "grow-lineage": ("claims", lambda r: benchmark("reproduce").lineage_table(r)),

@@ -110,7 +110,10 @@ def harness(model, tokenizer, tasks: list[str], *, limit: int | None = None, bat
         from lm_eval.tasks import TaskManager
     except ImportError as e:
         raise ConfigError(f"--harness needs lm-eval: pip install 'upcycle[harness]' ({e})") from e
-    manager = TaskManager(include_path=[str(task_pack()), *(include or [])])
+    paths = [str(task_pack()), *(include or [])]
+    manager = TaskManager(include_path=paths, include_defaults=False)  # the pack and the user's tasks alone
+    if any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=paths)  # lm-eval's own tasks too (indexing them takes seconds)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ConfigError(f"no lm-eval task {', '.join(unknown)}: the pack has {', '.join(PACK)}")
