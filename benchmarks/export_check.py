@@ -71,7 +71,13 @@ def main() -> None:
     smollm, tokenizer = hub.load("smollm2-135m")
     ids = data.blocks("shakespeare", tokenizer, "validation", 128, max_blocks=1)[0].tolist()
     prompt = tokenizer(PROMPT).input_ids
-    result = {"held_out_tokens": len(ids), "new_tokens": args.new_tokens, "prompt": PROMPT, "families": {}, "smollm2": {}}
+    result = {
+        "held_out_tokens": len(ids),
+        "new_tokens": args.new_tokens,
+        "prompt": PROMPT,
+        "families": {},
+        "smollm2": {},
+    }
     for family in FAMILIES:
         model = hub.tiny(family, vocab=len(tokenizer), hidden=64, layers=2)
         hub.save(model, tokenizer, RUNS / family, overwrite=True)

@@ -22,8 +22,16 @@ def main() -> None:
     spec = json.loads(open(request).read())
     ids, prompt, new = spec["ids"], spec["prompt"], spec["new_tokens"]
     n_ctx = max(len(ids), len(prompt) + new) + 8
-    llm = llama_cpp.Llama(path, n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True, verbose=False,
-                          type_k=llama_cpp.GGML_TYPE_F32, type_v=llama_cpp.GGML_TYPE_F32)  # f32 cache: the file compared
+    llm = llama_cpp.Llama(
+        path,
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        logits_all=True,
+        verbose=False,
+        type_k=llama_cpp.GGML_TYPE_F32,
+        type_v=llama_cpp.GGML_TYPE_F32,
+    )  # f32 cache: the file compared
     llm.eval(ids)
     logits = np.asarray(llm.scores[: len(ids)], dtype=np.float32).copy()
     llm.reset()
