@@ -219,3 +219,23 @@ def test_a_pruned_a_slimmed_and_a_grown_output_round_trip_through_llama_cpp(verb
     assert report.llamacpp["max_abs_dlogit"] <= 1e-3 and report.llamacpp["top1"] == 1.0, report.llamacpp
     if verb == "grow":
         assert report.arch == "llama" and type(model).__name__ == "MixtralForCausalLM"
+
+
+def test_a_4_bit_type_without_llama_cpp_is_one_line_before_anything_is_read(bytes_tokenizer, tmp_path, monkeypatch):
+    tiny_folder("llama", bytes_tokenizer, tmp_path / "model")
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as where it is not installed: import fails
+    with pytest.raises(ConfigError, match="llama.cpp's own quantizer, and llama-cpp-python is not installed"):
+        export(tmp_path / "model", tmp_path / "m.gguf", ExportConfig(type="q4_0"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+@needs_llama_cpp
+def test_q4_types_are_llama_cpps_own_and_load(tokenizer, tmp_path):
+    model = tiny_folder("qwen2", tokenizer, tmp_path / "model")
+    path, report = export(tmp_path / "model", tmp_path / "m.gguf", ExportConfig(type="q4_0"))
+    assert report.quantized_by == "llama.cpp" and report.file_matches
+    _, tensors = read(path)
+    assert tensors["blk.0.ffn_up.weight"].tensor_type == gguf.GGMLQuantizationType.Q4_0
+    # 4-bit moves the logits; the model is still the one exported: most top-1 choices agree
+    assert report.llamacpp["top1"] >= 0.5, report.llamacpp
+    assert model.config.vocab_size == len(read(path)[0].fields["tokenizer.ggml.tokens"].data)

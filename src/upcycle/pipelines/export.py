@@ -18,7 +18,7 @@ import hashlib
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -42,13 +42,17 @@ from upcycle.modules import UpcycleSparseForCausalLM
 from upcycle.ops.densify import is_dense_tensor
 from upcycle.pipelines.streaming import LayerPass, open_source
 
-TYPES = ("f32", "f16", "q8_0")
+TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_k_m")
 FILE_TYPES = {"f32": 0, "f16": 1, "q8_0": 7}  # llama.cpp's LLAMA_FTYPE_ALL_F32, MOSTLY_F16, MOSTLY_Q8_0
+# 4-bit types are llama.cpp's own quantizer's (its k-quants choose a type per tensor): written here in f32,
+# then quantized by llama.cpp where llama-cpp-python is installed
+LLAMA_QUANTIZED = {"q4_0": "LLAMA_FTYPE_MOSTLY_Q4_0", "q4_k_m": "LLAMA_FTYPE_MOSTLY_Q4_K_M"}
 
 
 @dataclass
 class ExportConfig(Config):
-    type: str = option("f16", "the weights' type in the file: f32, f16 or q8_0 (norms and routers stay f32)",
+    type: str = option("f16", "the weights' type in the file: f32, f16, q8_0 (norms and routers stay f32), or "
+                       "q4_0 / q4_k_m (by llama.cpp's own quantizer, where llama-cpp-python is installed)",
                        choices=TYPES)  # fmt: skip
     check_tokens: int = option(64, "held-out tokens llama.cpp's logits are compared on, where it is installed")
 
@@ -68,6 +72,7 @@ class ExportReport:
     bytes: int
     seconds: float
     densified: bool  # a bank-sparse model written as its dense twin
+    quantized_by: str  # "upcycle", or "llama.cpp" (4-bit types: written in f32, then quantized by llama.cpp)
     file_matches: bool  # every tensor read back is the bytes written for it
     max_abs_error: dict[str, float] = field(default_factory=dict)  # per tensor kind: decoded vs source
     llamacpp: dict | None = None  # {"max_abs_dlogit", "top1", "tokens"} or {"skipped": why}
@@ -80,11 +85,13 @@ class ExportReport:
                      f"{check['max_abs_dlogit']:.3g}, top-1 agreement {check['top1']:.3f}")  # fmt: skip
         else:
             llama = f"llama.cpp not run ({check.get('skipped', 'no check')})"
-        return (
-            f"{self.tensors} tensors, {self.bytes / 1e6:,.1f} MB ({self.arch}, {self.type}); read back "
-            f"{'byte for byte' if self.file_matches else 'DIFFERENT from what was written'}, largest decoded "
-            f"|error| {worst:.3g}; {llama}"
+        written = (
+            f"read back {'byte for byte' if self.file_matches else 'DIFFERENT from what was written'}, largest "
+            f"decoded |error| {worst:.3g}"
         )
+        if self.quantized_by == "llama.cpp":
+            written = f"written in f32 and {written}, then quantized to {self.type} by llama.cpp's own quantizer"
+        return f"{self.tensors} tensors, {self.bytes / 1e6:,.1f} MB ({self.arch}, {self.type}); {written}; {llama}"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -101,6 +108,8 @@ def export(
         raise ConfigError(f"OUT={out} is not allowed: a GGUF file name ending in .gguf")
     if out.exists() and not options.overwrite:
         raise ConfigError(f"{out} exists: pass --overwrite to replace it")
+    quantizer = _llama_quantizer(cfg.type)  # before anything is read: a 4-bit type without llama.cpp is one line
+    written_type = "f32" if quantizer is not None else cfg.type
     started = time.perf_counter()
     lazy, tokenizer = open_source(source, options)
     if tokenizer is None:
@@ -113,34 +122,65 @@ def export(
     plan = _plan(lazy, config, sparse)  # (name, shape, dtype, nbytes, type) of every tensor, from shapes
     tmp = out.with_name(f".{out.name}.partial")
     tmp.parent.mkdir(parents=True, exist_ok=True)
-    writer = gguf.GGUFWriter(tmp, arch)
-    try:
-        write_metadata(writer, config, name=Path(str(source)).name)
-        write_tokenizer(writer, tokenizer, config)
-        writer.add_file_type(FILE_TYPES[cfg.type])
-        writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        for name, tensor in plan:
-            shape, dtype, nbytes, qtype = _layout(name, tensor, cfg.type)
-            writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=qtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_ti_data_to_file()
-        written, errors, logits, text = _write_data(writer, lazy, config, sparse, cfg, tokenizer, options)
-    finally:
-        writer.close()
-    try:
+    try:  # written beside OUT and renamed when whole: an interrupted export leaves nothing behind
+        writer = gguf.GGUFWriter(tmp, arch)
+        try:
+            write_metadata(writer, config, name=Path(str(source)).name)
+            write_tokenizer(writer, tokenizer, config)
+            writer.add_file_type(FILE_TYPES[written_type])
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+            for name, tensor in plan:
+                shape, dtype, nbytes, qtype = _layout(name, tensor, written_type)
+                writer.add_tensor_info(name, shape, dtype, nbytes, raw_dtype=qtype)
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_ti_data_to_file()
+            text_cfg = replace(cfg, type=written_type)
+            written, errors, logits, text = _write_data(writer, lazy, config, sparse, text_cfg, tokenizer, options)
+        finally:
+            writer.close()
         matches = _reads_back(tmp, written)
+        if quantizer is not None:
+            quantizer(tmp, tmp.with_suffix(".quantized"))
+            os.replace(tmp.with_suffix(".quantized"), tmp)
     except BaseException:
         tmp.unlink(missing_ok=True)
+        tmp.with_suffix(".quantized").unlink(missing_ok=True)
         raise
     os.replace(tmp, out)
     report = ExportReport(
         path=str(out), arch=arch, type=cfg.type, tensors=len(plan), bytes=out.stat().st_size,
         seconds=time.perf_counter() - started, densified=sparse, file_matches=matches, max_abs_error=errors,
+        quantized_by="llama.cpp" if quantizer is not None else "upcycle",
     )  # fmt: skip
     report.llamacpp = llamacpp_check(out, text, logits)
     report.seconds = time.perf_counter() - started
     return out, report
+
+
+def _llama_quantizer(kind: str):
+    """For a type llama.cpp's own quantizer makes: a function (f32 file, out file) running it; else None."""
+    if kind not in LLAMA_QUANTIZED:
+        return None
+    try:
+        import llama_cpp
+    except ImportError:
+        raise ConfigError(
+            f"--type {kind} is made by llama.cpp's own quantizer, and llama-cpp-python is not installed here "
+            "(pip install llama-cpp-python; or export f16 and run llama-quantize)"
+        ) from None
+
+    def quantize(source: Path, out: Path) -> None:
+        import ctypes
+
+        llama_cpp.llama_backend_init()
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype = getattr(llama_cpp, LLAMA_QUANTIZED[kind])
+        params.nthread = max(1, os.cpu_count() or 1)
+        if llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), ctypes.byref(params)) != 0:
+            raise ConfigError(f"llama.cpp's quantizer failed to make {kind} from {source}")
+
+    return quantize
 
 
 def _dense_state(module: torch.nn.Module, sparse: bool) -> dict[str, torch.Tensor]:
