@@ -85,9 +85,8 @@ def _examples(n: int) -> list[dict]:
     return [json.loads(line) for line in (task_pack() / f"{TASK}.jsonl").read_text().splitlines()[:n]]
 
 
-def test_an_unknown_task_is_one_line(tmp_path):
-    hub.save(hub.tiny("llama"), hub.byte_tokenizer(), tmp_path / "model")
-    proc = subprocess.run([sys.executable, "-m", "upcycle.cli", "eval", str(tmp_path / "model"), "--harness",
-                           "no_such_task"], capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1].startswith("upcycle: error: no lm-eval task no_such_task")
+def test_an_unknown_task_is_one_line():
+    from upcycle.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="^no lm-eval task no_such_task: the pack has upcycle_shakespeare_next_line"):
+        harness(hub.tiny("llama"), hub.byte_tokenizer(), ["no_such_task"], limit=1)
