@@ -31,6 +31,10 @@ def peer_python(name: str = "upcycle-bench-peers", packages: tuple[str, ...] = P
         if torch:
             subprocess.run(pip + [TORCH], check=True, capture_output=True, text=True)
         subprocess.run(pip + ([TORCH] if torch else []) + list(packages), check=True, capture_output=True, text=True)
+        if torch:  # a peer's dependency pulls a torchvision built for another torch: its operators fail to
+            # register and take transformers' imports down with them ("Could not import module 'LlamaConfig'")
+            subprocess.run([str(venv / "bin" / "python"), "-m", "pip", "uninstall", "-y", "-q", "torchvision"],
+                           check=False, capture_output=True)  # fmt: skip
         (venv / ".installed").touch()
     return venv / "bin" / "python"
 
