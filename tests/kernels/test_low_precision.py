@@ -98,9 +98,9 @@ def test_shadow_predictor_runs_in_bf16_and_int8_and_matches_its_reference():
             ref = BankSparseFFN.reference_forward(copy.deepcopy(ffn).float(), x.float())
         torch.testing.assert_close(got.float(), ref, rtol=2e-2, atol=2e-2 * ref.abs().max().item())
         to_precision_ffn = copy.deepcopy(ffn)
-        from upcycle.infer.precision import int8_grid
+        from upcycle.infer.precision import kernel_grid
 
-        int8_grid(to_precision_ffn)
+        kernel_grid(to_precision_ffn)
         assert kernels.plan_for(to_precision_ffn).packed.dtype == torch.int8
         got8 = to_precision_ffn(x)
         with kernels.disabled():
@@ -248,7 +248,7 @@ def test_a_compiled_step_calls_the_row_dots_once_per_stack():
     assert all(m._input is None for m in model.modules() if isinstance(m, StackedRows))  # nothing held
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
 def test_the_lean_decoder_generates_what_generate_does(precision):
     dense, sparse = _tiny_sparse()
     ids = torch.randint(0, dense.config.vocab_size, (1, 7))
@@ -328,3 +328,168 @@ def test_to_precision_streams_from_huge_pages_and_keeps_the_tied_head_tied(preci
                 assert torch.equal(layer.dequantized(), before[name + ".weight"]), name
     else:
         torch.testing.assert_close(head.dequantized(), before["model.embed_tokens.weight"], rtol=0, atol=1e-2)
+
+
+# ---- int4 (group 32, Q4_0's grid) ------------------------------------------------------------------------
+
+
+def int4_by_hand(w: torch.Tensor) -> torch.Tensor:
+    """Q4_0 group by group: d = (the value of largest magnitude) / -8 in fp16, codes floor(w / d + 8.5)
+    in [0, 15] standing for (c - 8) d; an all-zero group stays zero. The dequantized values."""
+    out = torch.zeros_like(w, dtype=torch.float32)
+    for r, row in enumerate(w.float()):
+        for g in range(0, row.numel(), 32):
+            group = row[g : g + 32]
+            d = (group[group.abs().argmax()] / -8).half().float()
+            if d != 0:
+                out[r, g : g + 32] = (torch.clamp(torch.floor(group / d + 8.5), 0, 15) - 8) * d
+    return out
+
+
+def q8_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """Each row's groups of 32 rounded to int8 (scale max|x| / 127, ties to even): Q8_0's token."""
+    out = torch.empty_like(x)
+    for t, row in enumerate(x):
+        for g in range(0, row.numel(), 32):
+            s = row[g : g + 32].abs().max() / 127
+            out[t, g : g + 32] = torch.clamp(torch.round(row[g : g + 32] / s), -127, 127) * s
+    return out
+
+
+def test_int4_rows_are_q4_0_in_the_kernels_byte_layout():
+    """Codes and scales against Q4_0 by hand, and the bytes against the layout written out by hand: in
+    each chunk of n = min(128, K - k0) weights byte b holds weight k0 + b low and k0 + n/2 + b high."""
+    torch.manual_seed(0)
+    w = torch.randn(3, 192)
+    w[1, 32:64] = 0.0  # an all-zero group
+    codes, scales = kernels.int4_rows(w)
+    assert codes.shape == (3, 96) and codes.dtype == torch.uint8 and scales.shape == (3, 6)
+    assert scales.dtype == torch.float16
+    torch.testing.assert_close(kernels.dequantize_int4(codes, scales), int4_by_hand(w), rtol=0, atol=0)
+    levels = (int4_by_hand(w) / scales.float().repeat_interleave(32, dim=1)).nan_to_num(0.0) + 8
+    for r in range(3):
+        for b in range(64):
+            assert int(codes[r, b]) == int(levels[r, b]) | int(levels[r, 64 + b]) << 4
+        for b in range(32):
+            assert int(codes[r, 64 + b]) == int(levels[r, 128 + b]) | int(levels[r, 160 + b]) << 4
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.int4_rows(torch.randn(2, 96))
+
+
+INT4_SHAPES = [(64, 256, 64, 1), (64, 256, 64, 64), (128, 512, 32, 8), (576, 1536, 64, 16)]
+
+
+def _int4_expected(ffn, x, bank, keep):
+    """The low-rank predictor's hard top-k on x, the gate and up dots of the int4 weights with the token
+    at 8 bits, the down rows int4, sums in fp32."""
+    gate, up = int4_by_hand(ffn.gate_proj.weight), int4_by_hand(ffn.up_proj.weight)
+    down = int4_by_hand(ffn.down_proj.weight.t().contiguous()).t()
+    pred = ffn.predictor
+    z = (x @ pred.down.weight.T) @ pred.up.weight.T + pred.up.bias
+    zb = z.reshape(z.shape[0], -1, bank)
+    mask = torch.zeros_like(zb).scatter(-1, zb.topk(keep, dim=-1).indices, 1.0).reshape(z.shape)
+    xq = q8_by_hand(x)
+    return ((F.silu(xq @ gate.T) * (xq @ up.T)) * mask) @ down.T
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", INT4_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rows", [1, 5])
+def test_int4_kernel_equals_its_reference(shape, rows):
+    hidden, width, bank, keep = shape
+    ffn = _ffn(hidden, width, bank, keep)
+    ffn.kernel_precision = "int4"
+    x = torch.randn(rows, hidden)
+    with torch.no_grad():
+        plan = kernels.plan_for(ffn)
+        assert plan.packed.dtype == torch.uint8 and plan.packed.shape == (width, 3, hidden // 2)
+        assert plan.row_scales.shape == (width, 3, hidden // 32)
+        want = _int4_expected(ffn, x, bank, keep)
+        got = kernels.run_kernel(ffn, x)
+        via_operator = torch.ops.upcycle.bank_sparse_ffn(
+            x, plan.packed, plan.row_scales, *plan.predictor, bank, keep, 0
+        )
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * want.abs().max().item())
+    torch.testing.assert_close(via_operator, got)
+
+
+INT4_ROWS = [(576, 192), (128, 31), (64, 40)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", INT4_ROWS, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+def test_int4_row_dots_equal_the_hand_computation(shape, rows):
+    """The operator (C++ and ctypes alike) and the layer: x at 8 bits per 32 against the Q4_0 weight; the
+    layer's matmul path beyond MAX_ROWS rows computes the same."""
+    inputs, outputs = shape
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(inputs, outputs, bias=True)
+    layer = RowLinear(linear, "int4")
+    x = torch.randn(rows, inputs)
+    want = (q8_by_hand(x).double() @ int4_by_hand(linear.weight).double().T).float()
+    with torch.no_grad():
+        got = torch.ops.upcycle.row_dots(x, layer.codes, layer.scales)
+        by_ctypes = kernels._python_row_dots(x, layer.codes, layer.scales)
+        via_layer = layer(x)
+        many = layer(torch.cat([x] * 3))  # more rows than the kernel takes: the matmul
+    tol = 1e-5 * want.abs().max().item()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
+    torch.testing.assert_close(by_ctypes, got)
+    torch.testing.assert_close(via_layer, got + linear.bias)
+    torch.testing.assert_close(many, torch.cat([got + linear.bias] * 3), rtol=1e-5, atol=tol)
+
+
+@needs_kernel
+def test_the_scalar_fallback_computes_what_the_vector_code_does():
+    """The kernels built without AVX-512 (a CPU without it gets the plain loops): int4 FFN and row dots,
+    and the int8 ones beside them, against the same references."""
+    from upcycle.kernels import build
+
+    lib = build._bind(ctypes_library(build._built(build.compiler(), "libupcycle_scalar.so",
+                                                  [build.SOURCE, build.Q4_SOURCE], ["-mno-avx512f", "-mno-f16c"])))  # fmt: skip
+    torch.manual_seed(3)
+    for precision in ("int4", "int8"):
+        ffn = _ffn(128, 512, 32, 8)
+        ffn.kernel_precision = precision
+        x = torch.randn(3, 128)
+        with torch.no_grad():
+            plan = kernels.plan_for(ffn)
+            vector = kernels.run_kernel(ffn, x)
+            out = torch.empty_like(x)
+            assert lib.upcycle_bank_sparse_ffn_f32(plan.ref, x.data_ptr(), 3, None, 32, 8, 0, out.data_ptr()) == 0
+        torch.testing.assert_close(out, vector, rtol=1e-4, atol=1e-5 * vector.abs().max().item())
+    linear = torch.nn.Linear(576, 40, bias=False)
+    layer = RowLinear(linear, "int4")
+    x = torch.randn(2, 576)
+    y = torch.empty(2, 40)
+    code = lib.upcycle_row_dots(
+        layer.codes.data_ptr(), 3, layer.scales.data_ptr(), x.data_ptr(), 2, 40, 576, y.data_ptr()
+    )
+    assert code == 0
+    want = q8_by_hand(x) @ int4_by_hand(linear.weight).T
+    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+
+
+def ctypes_library(path):
+    import ctypes
+
+    return ctypes.CDLL(str(path))
+
+
+def test_to_precision_int4_quantizes_every_linear_it_can_and_keeps_the_model_close():
+    """Attention, the FFNs (dense and bank-sparse) and the head int4; a layer whose inputs are not a
+    multiple of 64 stays int8; the logits stay close to the fp32 model's."""
+    dense, sparse = _tiny_sparse()
+    ids = torch.randint(0, dense.config.vocab_size, (1, 10))
+    with torch.no_grad():
+        want = sparse(ids).logits
+        to_precision(sparse, "int4")
+        got = sparse(ids).logits.float()
+    layer = sparse.model.layers[0]
+    assert layer.self_attn.q_proj.precision == "int4" and sparse.lm_head.precision == "int4"
+    assert layer.mlp.kernel_precision == "int4" and kernels.plan_for(layer.mlp).packed.dtype == torch.uint8
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
+    odd = to_precision(hub.tiny("llama", layers=1, hidden=96, ffn=128), "int4")
+    assert odd.model.layers[0].self_attn.o_proj.precision == "int8"  # 96 inputs
+    assert odd.model.layers[0].mlp.down_proj.precision == "int4"  # 128 inputs

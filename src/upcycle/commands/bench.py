@@ -44,7 +44,7 @@ class BenchConfig(Config):
     )
     precision: str = option(
         "fp32",
-        "decoding precision of both models: fp32, bf16, or int8 weights with bf16 "
+        "decoding precision of both models: fp32, bf16, or int8 / int4 weights with bf16 "
         "activations (the FFN microbenchmark stays fp32)",
         choices=PRECISIONS,
     )

@@ -26,7 +26,7 @@ class GenerateConfig(Config):
     prompt: str = option("The king said to the queen:", "the text to continue")
     new_tokens: int = option(64, "tokens to generate")
     precision: str = option(
-        "fp32", "weights and activations: fp32, bf16, or int8 weights with bf16 activations", choices=PRECISIONS
+        "fp32", "weights and activations: fp32, bf16, or int8 / int4 weights with bf16 activations", choices=PRECISIONS
     )
     sparsify: bool = option(False, "for a dense MODEL: also sparsify it (16 of 64, shadow predictor, no training)")
     compile: bool = option(True, "compile the decoding step (the first run compiles: about a minute a model)")

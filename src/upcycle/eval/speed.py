@@ -150,9 +150,12 @@ def _ffn_modules(model) -> list[torch.nn.Module]:
 def _stored_bytes(module: torch.nn.Module) -> float:
     """Bytes of weights `module` holds as inference reads them: parameters and weight buffers (an int8
     RowLinear's codes and scales); a bank-sparse FFN marked for int8 holds one byte a weight and one
-    fp32 scale per row of its packed kernel copy."""
-    if getattr(module, "kernel_precision", None) == "int8":
+    fp32 scale per row of its packed kernel copy, for int4 half a byte a weight and an fp16 scale per 32."""
+    precision = getattr(module, "kernel_precision", None)
+    if precision in ("int8", "int4"):
         width, hidden = module.gate_proj.weight.shape
+        if precision == "int4":
+            return 3 * width * hidden / 2 + 3 * width * (hidden // 32) * 2
         return 3 * width * hidden + 3 * width * 4
     own = [t for t in module.parameters()] + [b for n, b in module.named_buffers() if n.endswith(("codes", "scales"))]
     return float(sum(t.numel() * t.element_size() for t in own))
@@ -161,7 +164,7 @@ def _stored_bytes(module: torch.nn.Module) -> float:
 def weight_bytes(model) -> dict[str, float]:
     """Bytes of weights read to decode one token, by part: the kept share of each bank-sparse FFN,
     its predictor, every dense FFN, attention + norms, the LM head (an embedding lookup reads one row),
-    each in the precision it is stored in (fp32, bf16, or int8 codes with their scales)."""
+    each in the precision it is stored in (fp32, bf16, or int8 / int4 codes with their scales)."""
     parts = {"ffn": 0.0, "predictor": 0.0, "attention_and_norms": 0.0, "lm_head": 0.0}
     head = model.get_output_embeddings()
     parts["lm_head"] = _stored_bytes(head)
@@ -173,7 +176,8 @@ def weight_bytes(model) -> dict[str, float]:
         if sparse:
             parts["predictor"] += ffn.predictor_bytes()
             weights = torch.nn.ModuleList([ffn.gate_proj, ffn.up_proj, ffn.down_proj])
-            stored = _stored_bytes(ffn) if getattr(ffn, "kernel_precision", None) == "int8" else _stored_bytes(weights)
+            quantized = getattr(ffn, "kernel_precision", None) in ("int8", "int4")
+            stored = _stored_bytes(ffn) if quantized else _stored_bytes(weights)
             parts["ffn"] += stored * ffn.keep / ffn.bank
         else:
             parts["ffn"] += _stored_bytes(ffn)

@@ -8,6 +8,10 @@
           FFN's gate/up/down put on the int8 grid of its kernel rows (one scale per row of W_gate, of
           W_up and of W_down^T: per channel), so that its reference path and its kernel compute with
           the same values; the embedding table stays bf16 (a token reads one row of it)
+    int4  as int8, with int4 weights and an fp16 scale per group of 32 inputs (Q4_0's grid and bytes:
+          4.5 bits a weight); the products read the activations at 8 bits per group of 32 (Q8_0's), as
+          llama.cpp computes Q4_0. A layer whose inputs are not a multiple of 64 (the kernel's chunk)
+          stays int8.
 
 At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
 become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
@@ -31,24 +35,38 @@ from torch import nn
 from upcycle.arch import adapter_for
 from upcycle.errors import check
 from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
-from upcycle.kernels import int8_rows, release
+from upcycle.kernels import int4_rows, int8_rows, release
 from upcycle.kernels.memory import huge_page_copy
+from upcycle.kernels.quant import dequantize_int4
 from upcycle.modules import BankSparseFFN
 
-PRECISIONS = ("fp32", "bf16", "int8")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8", "int4")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+QUANTIZED = ("int8", "int4")
+
+
+def _on_grid(rows: torch.Tensor, precision: str) -> torch.Tensor:
+    if precision == "int8":
+        codes, scales = int8_rows(rows)
+        return codes.float() * scales[:, None]
+    return dequantize_int4(*int4_rows(rows))
 
 
 @torch.no_grad()
-def int8_grid(ffn) -> None:
-    """Put a bank-sparse FFN's gate, up and down weights on the int8 grid its kernel reads (per channel:
-    one scale per row of W_gate, W_up and W_down^T) and mark it so the kernel packs int8."""
+def kernel_grid(ffn, precision: str = "int8") -> None:
+    """Put a bank-sparse FFN's gate, up and down weights on the int8 (or int4) grid its kernel reads (per
+    row of W_gate, W_up and W_down^T: int8 one scale, int4 one per group of 32) and mark it so the kernel
+    packs that precision."""
     for linear, transpose in ((ffn.gate_proj, False), (ffn.up_proj, False), (ffn.down_proj, True)):
         w = linear.weight.t() if transpose else linear.weight
-        codes, scales = int8_rows(w)
-        grid = codes.float() * scales[:, None]
+        grid = _on_grid(w, precision)
         linear.weight.copy_((grid.t() if transpose else grid).to(linear.weight.dtype))
-    ffn.kernel_precision = "int8"
+    ffn.kernel_precision = precision
+
+
+def _fits(precision: str, linear: nn.Module) -> str:
+    """int4 where the kernel's chunks fit the inputs (a multiple of 64), else int8."""
+    return "int8" if precision == "int4" and linear.in_features % 64 else precision
 
 
 @torch.no_grad()
@@ -62,15 +80,15 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
         ffn = adapter.ffn(i)
         inside_sparse = set()
         if isinstance(ffn, BankSparseFFN):
-            if precision == "int8":
-                int8_grid(ffn)
+            if precision in QUANTIZED:
+                kernel_grid(ffn, _fits(precision, ffn.gate_proj))  # gate, up and down^T rows: H inputs
             inside_sparse = {id(m) for m in ffn.modules()}
         layer = adapter.layer(i)
         plain = _plain_linears(layer, adapter.linears(i), inside_sparse)
         stacked = set()
         for names in adapter.shared_input_linears(i):  # one call of the row dots for a group
             if all(name in plain for name in names):
-                stack = StackedRows([plain[name] for name in names], precision)
+                stack = StackedRows([plain[name] for name in names], _fits(precision, plain[names[0]]))
                 parent = names[0].rpartition(".")[0]
                 layer.get_submodule(parent).add_module(
                     "stacked_" + "_".join(n.rpartition(".")[2] for n in names), stack
@@ -80,13 +98,13 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
                 stacked |= set(names)
         for name, linear in plain.items():
             if name not in stacked:
-                layer.set_submodule(name, RowLinear(linear, precision))
+                layer.set_submodule(name, RowLinear(linear, _fits(precision, linear)))
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(head, (nn.Linear, RowLinear)):
         plain = _plain(head)
         tied = plain.weight is embedding.weight
-        model.set_output_embeddings(RowLinear(plain, precision))
-        if tied and precision == "int8":  # the head is its own int8 copy now; the embedding keeps the bf16 table
+        model.set_output_embeddings(RowLinear(plain, _fits(precision, plain)))
+        if tied and precision in QUANTIZED:  # the head is its own copy now; the embedding keeps the bf16 table
             model.config.tie_word_embeddings = False
     _streamed_from_huge_pages(model)
     return model
@@ -102,7 +120,7 @@ def _streamed_from_huge_pages(model: nn.Module) -> None:
         if not isinstance(module, RowLinear) or module.stored.device.type != "cpu" or id(module.stored) in moved:
             continue
         moved.add(id(module.stored))
-        if module.precision == "int8":
+        if module.quantized:
             module.codes = huge_page_copy(module.codes)
         else:
             module.weight.data = huge_page_copy(module.weight.data)

@@ -5,9 +5,11 @@ q, k, v, o in every layer, the LM head), each reading its weights once. PyTorch'
 costs 25-45 us a call even when the matrix is in cache (oneDNN: measured in the module docstring of
 bank_sparse_ffn.cpp), so bf16 attention ran no faster than fp32 though it reads half the bytes.
 `RowLinear` computes such a product with the FFN kernel's widen-in-registers dot products (fp32 sums;
-fp32, bf16 or int8 weights with one scale per row), registered as the operator upcycle::row_dots so a
-compiled graph calls it without Python. More rows than MAX_ROWS (a prompt), a gradient wanted, or no
-kernel: the layer runs as a plain linear (torch's weight-only int8 matmul for int8).
+fp32, bf16 or int8 weights with one scale per row), or for int4 weights (an fp16 scale per group of 32,
+Q4_0's) integer dot products against the row at 8 bits per group of 32 (Q8_0's), registered as the
+operator upcycle::row_dots so a compiled graph calls it without Python. More rows than MAX_ROWS (a
+prompt), a gradient wanted, or no kernel: the layer runs as a plain linear (torch's weight-only int8
+matmul for int8; for int4 the dequantized weight against the row rounded as the kernel rounds it).
 
 `StackedRows` puts the rows of linear layers that read the same input (attention's q, k and v; a dense
 FFN's gate and up) into one RowLinear, so that a step streams them in one call instead of one a layer;
@@ -21,26 +23,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle import kernels
+from upcycle.kernels.quant import INT4_GROUP, quantize_activations
 
 MAX_ROWS = 4  # the kernel computes up to 4 rows per pass over the weights; beyond, matmuls win
 
 
 class RowLinear(nn.Module):
     """y = x W^T + b for inference, W stored as `precision`: fp32 or bf16 (the linear's own parameters,
-    shared: a tied LM head stays tied) or int8 codes [out, in] with one fp32 scale per output row (and a
-    copy of the bias in the activations' dtype)."""
+    shared: a tied LM head stays tied), int8 codes [out, in] with one fp32 scale per output row, or int4
+    codes [out, in / 2] with an fp16 scale per group of 32 inputs (in a multiple of 64) (and for both a copy
+    of the bias in the activations' dtype)."""
 
     def __init__(self, linear: nn.Linear, precision: str, dtype: torch.dtype | None = None):
         super().__init__()
         self.in_features, self.out_features, self.precision = linear.in_features, linear.out_features, precision
         dtype = dtype or linear.weight.dtype
-        if precision == "int8":
-            codes, scales = kernels.int8_rows(linear.weight.detach())
+        if precision in ("int8", "int4"):
+            if precision == "int8":
+                codes, scales = kernels.int8_rows(linear.weight.detach())
+                self.register_buffer("scales", scales.float())
+                # torch's int8 matmul wants the activations' dtype
+                self.register_buffer("scales_for_matmul", scales.to(dtype))
+            else:
+                codes, scales = kernels.int4_rows(linear.weight.detach())
+                self.register_buffer("scales", scales)  # fp16 [out, in / 32], as the kernel reads them
             self.register_buffer("codes", codes)
-            self.register_buffer("scales", scales.float())
-            self.register_buffer(
-                "scales_for_matmul", scales.to(dtype)
-            )  # torch's int8 matmul wants the activations' dtype
             self.bias = (
                 None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
             )
@@ -52,13 +59,19 @@ class RowLinear(nn.Module):
             kernels.operator_kind()  # registered before any graph is traced
 
     @property
+    def quantized(self) -> bool:
+        return self.precision in ("int8", "int4")
+
+    @property
     def stored(self) -> torch.Tensor:
-        return self.codes if self.precision == "int8" else self.weight
+        return self.codes if self.quantized else self.weight
 
     def dequantized(self) -> torch.Tensor:
-        """The weight the layer computes with (an int8 layer's codes times its scales)."""
+        """The weight the layer computes with (an int8 or int4 layer's codes times their scales)."""
         if self.precision == "int8":
             return self.codes.float() * self.scales[:, None]
+        if self.precision == "int4":
+            return kernels.dequantize_int4(self.codes, self.scales)
         return self.weight
 
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
@@ -75,10 +88,12 @@ class RowLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if self._rows_by_kernel(rows):
-            scales = self.scales if self.precision == "int8" else kernels.NO_SCALES
+            scales = self.scales if self.quantized else kernels.NO_SCALES
             y = torch.ops.upcycle.row_dots(rows.float(), self.stored, scales).to(x.dtype)
         elif self.precision == "int8":
             y = torch._weight_int8pack_mm(rows, self.codes, self.scales_for_matmul)
+        elif self.precision == "int4":  # a prompt: what the kernel computes, a row at a time
+            y = F.linear(quantize_activations(rows.float(), INT4_GROUP), self.dequantized()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight)
         if self.bias is not None:

@@ -6,9 +6,10 @@ threshold selection, the extension unavailable, more than MAX_TOKENS rows, or a 
 masked dense reference measured faster) and the module then runs its reference computation.
 
 The packed copy holds the FFN's weights in their own precision — fp32, or bf16 for a bf16 model — or
-as int8 codes with one fp32 scale per row where the module is marked for int8
-(`upcycle.infer.precision.to_precision(model, "int8")` puts its weights on that grid first, so the
-reference computes with the very values the kernel reads). Activations enter and leave the kernel in
+as int8 codes with one fp32 scale per row, or int4 codes with an fp16 scale per group of 32 (Q4_0's),
+where the module is marked for int8 or int4 (`upcycle.infer.precision.to_precision(model, "int8")` puts
+its weights on that grid first, so the reference computes with the very values the kernel reads; at int4
+the kernel's gate and up dots also read the token at 8 bits per group of 32, as llama.cpp's Q4_0 does). Activations enter and leave the kernel in
 fp32 (a bf16 model's rows are widened and the output narrowed around it).
 
 Switches: the environment variable UPCYCLE_KERNELS=off, or `with upcycle.kernels.disabled():`.
@@ -25,7 +26,7 @@ import torch
 
 from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
 from upcycle.kernels.memory import huge_page_copy
-from upcycle.kernels.quant import quantize_groups
+from upcycle.kernels.quant import dequantize_int4, int4_rows, quantize_groups
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -62,7 +63,8 @@ def _state(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2}  # the kernel's codes for a packed copy
+# the kernel's codes for a packed copy's element type: int4 codes are bytes of two (uint8)
+WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
 NO_SCALES = torch.empty(0)  # the row scales of a packed copy that has none (fp32, bf16)
 
 
@@ -74,16 +76,24 @@ def _ffn_struct(
     pred_bias: torch.Tensor | None = None,
 ) -> FFNWeights:
     """The struct the kernel reads: raw pointers into a packed [width, 3, hidden] copy (fp32, bf16, or
-    int8 with row scales [width, 3]) and the low-rank predictor (null pointers without one: the caller
-    passes the logits, or the shadow fields are filled in after)."""
-    width, _, hidden = packed.shape
-    base, row = packed.data_ptr(), hidden * packed.element_size()
+    int8 with row scales [width, 3]; int4: [width, 3, hidden / 2] codes with fp16 scales [width, 3,
+    hidden / 32]) and the low-rank predictor (null pointers without one: the caller passes the logits, or
+    the shadow fields are filled in after)."""
+    width, hidden = packed.shape[0], packed_hidden(packed)
+    row = packed.shape[2] * packed.element_size()  # bytes
+    base = packed.data_ptr()
     pointers = [t.data_ptr() if t is not None else None for t in (pred_down, pred_up, pred_bias)]
     rank = pred_down.shape[0] if pred_down is not None else 0
-    weights = FFNWeights(*pointers, rank, base, base + row, base + 2 * row, 3 * hidden, hidden, width)
+    stride = 3 * packed.shape[2]  # elements of the weight type (int4: bytes)
+    weights = FFNWeights(*pointers, rank, base, base + row, base + 2 * row, stride, hidden, width)
     weights.weight_type = WEIGHT_TYPES[packed.dtype]
-    weights.row_scales = row_scales.data_ptr() if packed.dtype == torch.int8 else None
+    weights.row_scales = row_scales.data_ptr() if packed.dtype in (torch.int8, torch.uint8) else None
     return weights
+
+
+def packed_hidden(packed: torch.Tensor) -> int:
+    """The hidden size of a packed copy [width, 3, ...]: int4 codes hold two weights a byte."""
+    return packed.shape[2] * (2 if packed.dtype == torch.uint8 else 1)
 
 
 def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,10 +107,12 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[width, 3, hidden] rows W_gate[j], W_up[j], W_down^T[j] in the weights' own dtype, or as int8 with
-    [width, 3] row scales where the module is marked for int8 (module.kernel_precision)."""
+    [width, 3] row scales, or int4 codes [width, 3, hidden / 2] with fp16 scales [width, 3, hidden / 32],
+    where the module is marked for int8 or int4 (module.kernel_precision)."""
     rows = torch.stack([gate, up, down.t()], dim=1)
-    if getattr(module, "kernel_precision", None) == "int8":
-        codes, scales = int8_rows(rows)
+    precision = getattr(module, "kernel_precision", None)
+    if precision in ("int8", "int4"):
+        codes, scales = (int8_rows if precision == "int8" else int4_rows)(rows)
         return huge_page_copy(codes), scales.contiguous()
     return huge_page_copy(rows), NO_SCALES
 
@@ -118,7 +130,8 @@ class KernelPlan:
         gate, up, down, *predictor = (t.detach() for t in self.tensors)
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
         cpu = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in self.tensors)
-        self.usable = silu and cpu
+        fits = self.precision != "int4" or gate.shape[1] % 64 == 0  # int4 rows come in chunks of 64
+        self.usable = silu and cpu and fits
         if not self.usable:
             return
         operator_kind()  # registered before any compiled graph can ask for it
@@ -197,8 +210,7 @@ def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
 
 def _stored_bits(codes: torch.Tensor, packed: torch.Tensor) -> int:
     """4 or 2: read off the packed codes' size (2 copies of I x H codes)."""
-    width, _, hidden = packed.shape
-    return 8 * codes.numel() // (2 * width * hidden)
+    return 8 * codes.numel() // (2 * packed.shape[0] * packed_hidden(packed))
 
 
 def plan_for(module) -> KernelPlan:
@@ -316,9 +328,9 @@ def _python_row_dots(x: torch.Tensor, w: torch.Tensor, row_scales: torch.Tensor)
     """upcycle::row_dots where the C++ registration cannot be built: the C function via ctypes."""
     x = x.contiguous()
     out = x.new_empty(x.shape[0], w.shape[0])
-    scales = row_scales.data_ptr() if w.dtype == torch.int8 else None
+    scales = row_scales.data_ptr() if w.dtype in (torch.int8, torch.uint8) else None
     code = load().upcycle_row_dots(
-        w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0], w.shape[1], out.data_ptr()
+        w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0], x.shape[1], out.data_ptr()
     )
     if code != 0:
         raise RuntimeError(f"row_dots rejected its arguments (code {code})")
@@ -393,6 +405,8 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
 
 __all__ = [
     "available",
+    "dequantize_int4",
+    "int4_rows",
     "enabled",
     "disabled",
     "plan_for",

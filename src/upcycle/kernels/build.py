@@ -28,9 +28,10 @@ import torch  # loaded first, so the extension binds to the OpenMP runtime torch
 from upcycle.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
+Q4_SOURCE = Path(__file__).with_name("q4_rows.h")  # #included by SOURCE
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 7
+ABI_VERSION = 8
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -118,7 +119,7 @@ def load() -> ctypes.CDLL | None:
     if cxx is None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
-    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE], [])  # noqa: E731
+    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE, Q4_SOURCE], [])  # noqa: E731
     _library, _failure = _attempt("kernel", lambda: _bind(ctypes.CDLL(str(library()))))
     return _library
 
@@ -154,7 +155,8 @@ def load_operator() -> bool:
     if load() is None:  # no compiler, or the kernel itself does not build: the same reason
         _operator_failure = why_unavailable()
         return False
-    library = lambda: _built(compiler(), "libupcycle_torch_ops.so", [OPERATOR_SOURCE, SOURCE], _torch_flags())  # noqa: E731
+    sources = [OPERATOR_SOURCE, SOURCE, Q4_SOURCE]
+    library = lambda: _built(compiler(), "libupcycle_torch_ops.so", sources, _torch_flags())  # noqa: E731
     loaded, _operator_failure = _attempt("operator", lambda: torch.ops.load_library(str(library())) or True)
     _operator_loaded = bool(loaded)
     return _operator_loaded

@@ -112,3 +112,48 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
     codes in [-127, 127], ties to even), returned dequantized: the weights' quantizer at 8 bits."""
     rows = x.reshape(-1, x.shape[-1])
     return dequantize_groups(*quantize_groups(rows, 8, group), group).reshape(x.shape).to(x.dtype)
+
+
+INT4_GROUP = 32  # weights per fp16 scale: Q4_0's
+
+
+def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q4_0's quantizer on the rows of w [..., K] (K a multiple of 64): per group of 32 inputs, d = m / -8
+    with m the group's value of largest magnitude (so it lands exactly on code 0, the grid's far end),
+    stored in fp16; codes c = floor(w / d + 8.5) clamped to [0, 15], standing for (c - 8) d. Returns codes
+    as uint8 [..., K/2] in the kernel's layout (q4_rows.h: per chunk of n = min(128, K - k0) weights, byte
+    b holds weight k0 + b in its low nibble and k0 + n/2 + b in its high one) and scales fp16 [..., K/32]."""
+    k = w.shape[-1]
+    if k % 64:
+        raise ValueError(f"int4 rows need a multiple of 64 inputs, not {k}")
+    grouped = w.detach().float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
+    extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True))
+    scales = (extreme / -8).to(torch.float16)
+    step = scales.float()
+    codes = torch.floor(grouped / torch.where(step != 0, step, 1.0) + 8.5).clamp_(0, 15)
+    codes = torch.where(step != 0, codes, 8.0).to(torch.uint8).reshape(-1, k)
+    return _pack_nibbles(codes).reshape(*w.shape[:-1], k // 2), scales.reshape(*w.shape[:-1], k // INT4_GROUP)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """codes [rows, K] in [0, 16) -> [rows, K/2] bytes in the chunked layout of int4_rows."""
+    full = codes.shape[1] // 128 * 128
+    parts = [codes[:, :full].reshape(codes.shape[0], -1, 2, 64)]
+    if full < codes.shape[1]:  # a last chunk of 64 weights
+        parts.append(codes[:, full:].reshape(codes.shape[0], 1, 2, 32))
+    return torch.cat([(p[:, :, 0] | (p[:, :, 1] << 4)).reshape(codes.shape[0], -1) for p in parts], dim=1)
+
+
+def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The weights [..., K] int4 codes and scales (int4_rows) stand for, in fp32."""
+    half = codes.shape[-1]
+    flat = codes.reshape(-1, half)
+    full = half // 64 * 64
+    parts = [flat[:, :full].reshape(flat.shape[0], -1, 64)]
+    if full < half:
+        parts.append(flat[:, full:].reshape(flat.shape[0], 1, 32))
+    nibbles = torch.cat([torch.cat([p & 15, p >> 4], dim=-1).reshape(flat.shape[0], -1) for p in parts], dim=1)
+    grouped = (nibbles.float() - 8).reshape(flat.shape[0], -1, INT4_GROUP) * scales.reshape(
+        flat.shape[0], -1, 1
+    ).float()
+    return grouped.reshape(*codes.shape[:-1], 2 * half)

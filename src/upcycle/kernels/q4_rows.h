@@ -1,0 +1,247 @@
+// int4 weight rows, group 32: dot products and axpys for the row dots and the bank-sparse FFN's kept rows.
+// Included by bank_sparse_ffn.cpp inside its anonymous namespace (it uses prefetch, quantize_token and
+// channel_h from there).
+//
+// Q4_0's grouping and bytes: 4 bits a weight and one fp16 scale d per group of 32 (4.5 bits a weight). A
+// row of K weights (K a multiple of 64) is K/2 bytes of codes and K/32 scales. The codes come in chunks
+// of n = min(128, K - k0) weights, n/2 bytes: byte b holds weight k0 + b in its low nibble and weight
+// k0 + n/2 + b in its high nibble, each as c in [0, 16) standing for (c - 8) d. So the low and the high
+// nibbles of one 64-byte load pair with two runs of the token in its own order, and one VNNI dot product
+// (u8 codes x s8 inputs) sums each 4 of them into a 32-bit lane that lies inside one group. (Q4_0 pairs
+// weights j and j + 16 of each 32 in a byte, which needs the token reordered per block.)
+//
+// Tokens are quantized as Q8_0 does (int8 codes, one scale per 32 inputs: quantize_token), so a row's dot
+// is the sum over groups of d_w d_x (sum c xq - 8 sum xq) - what llama.cpp computes for Q4_0 x Q8_0. The
+// integer part is exact; the float part differs from a plain loop only in the order of its sums.
+//
+// The down projection of the sparse FFN adds h (c - 8) d to the output: its codes are widened to fp32 in
+// registers, 16 at a time.
+
+constexpr int64_t Q4_GROUP = 32;
+
+struct Q4Input {
+    std::vector<int8_t> xq;       // [K] the token's int8 codes
+    std::vector<float> sx4;       // [K/4] the scale of the group each 4 inputs are in
+    std::vector<int32_t> minus8;  // [K/4] -8 * the sum of the 4 codes: the weight codes' offset, taken out
+};
+
+void quantize_q4_input(const float* x, int64_t K, Q4Input& in) {
+    ShadowInput s;
+    quantize_token(x, K, Q4_GROUP, s);
+    in.xq = std::move(s.xq);
+    in.sx4.resize(K / 4), in.minus8.resize(K / 4);
+    for (int64_t i = 0; i < K / 4; ++i) {
+        in.sx4[i] = s.sx[i * 4 / Q4_GROUP];
+        in.minus8[i] = -8 * (in.xq[4 * i] + in.xq[4 * i + 1] + in.xq[4 * i + 2] + in.xq[4 * i + 3]);
+    }
+}
+
+inline float half_to_float(uint16_t h) {
+#if defined(__F16C__)
+    return _cvtsh_ss(h);
+#else
+    const int exponent = (h >> 10) & 0x1f, mantissa = h & 0x3ff;
+    float v = exponent == 0    ? std::ldexp(static_cast<float>(mantissa), -24)
+              : exponent == 31 ? (mantissa ? NAN : INFINITY)
+                               : std::ldexp(static_cast<float>(mantissa | 0x400), exponent - 25);
+    return (h & 0x8000) ? -v : v;
+#endif
+}
+
+// Weight i's code (0..15) in a row of K.
+inline int q4_code(const uint8_t* row, int64_t K, int64_t i) {
+    const int64_t k0 = i / 128 * 128, half = std::min<int64_t>(128, K - k0) / 2, off = i - k0;
+    const uint8_t byte = row[k0 / 2 + (off < half ? off : off - half)];
+    return off < half ? byte & 15 : byte >> 4;
+}
+
+// out[r][k] = rows[r] . token k, for R rows (codes, fp16 scales) and N tokens; `next` prefetched.
+template <int R, int N>
+inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* scales, const Q4Input* const* xs, int64_t K,
+                          const uint8_t* const* next, float (*out)[N]) {
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    // which of a chunk's (up to) 4 scales each lane's 4 weights use: low nibbles groups 0, 1; high 2, 3
+    // (a 64-weight chunk: low group 0, high group 1, lanes 8-15 empty)
+    const __m512i lo_idx = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i hi_idx = _mm512_setr_epi32(2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3);
+    const __m512i hi_idx_half = _mm512_set1_epi32(1);
+    __m512 acc[R][N];
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) acc[r][k] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const bool full = K - k0 >= 128;
+        const int64_t half = full ? 64 : 32;
+        const __mmask64 bytes = full ? ~0ULL : 0xFFFFFFFFULL;
+        const __mmask16 lanes = full ? 0xFFFF : 0x00FF;
+        __m512i xlo[N], xhi[N], blo[N], bhi[N];
+        __m512 slo[N], shi[N];
+        for (int k = 0; k < N; ++k) {
+            const Q4Input* in = xs[k];
+            xlo[k] = _mm512_maskz_loadu_epi8(bytes, in->xq.data() + k0);
+            xhi[k] = _mm512_maskz_loadu_epi8(bytes, in->xq.data() + k0 + half);
+            blo[k] = _mm512_maskz_loadu_epi32(lanes, in->minus8.data() + k0 / 4);
+            bhi[k] = _mm512_maskz_loadu_epi32(lanes, in->minus8.data() + (k0 + half) / 4);
+            slo[k] = _mm512_maskz_loadu_ps(lanes, in->sx4.data() + k0 / 4);
+            shi[k] = _mm512_maskz_loadu_ps(lanes, in->sx4.data() + (k0 + half) / 4);
+        }
+        for (int r = 0; r < R; ++r) {
+            prefetch(next[r] + k0 / 2);
+            const __m512i v = _mm512_maskz_loadu_epi8(bytes, rows[r] + k0 / 2);
+            const __m512i clo = _mm512_and_si512(v, low), chi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+            const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + k0 / 32)));
+            const __m512 dlo = _mm512_permutexvar_ps(lo_idx, d), dhi = _mm512_permutexvar_ps(full ? hi_idx : hi_idx_half, d);
+            for (int k = 0; k < N; ++k) {
+                const __m512i ilo = _mm512_dpbusd_epi32(blo[k], clo, xlo[k]);
+                const __m512i ihi = _mm512_dpbusd_epi32(bhi[k], chi, xhi[k]);
+                acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ilo), _mm512_mul_ps(dlo, slo[k]), acc[r][k]);
+                acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ihi), _mm512_mul_ps(dhi, shi[k]), acc[r][k]);
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+#else
+    (void)next;
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) {
+            float total = 0.f;
+            for (int64_t g = 0; g < K / Q4_GROUP; ++g) {
+                int32_t dot = 0;
+                for (int64_t i = g * Q4_GROUP; i < (g + 1) * Q4_GROUP; ++i) dot += (q4_code(rows[r], K, i) - 8) * xs[k]->xq[i];
+                total += half_to_float(scales[r][g]) * xs[k]->sx4[g * Q4_GROUP / 4] * static_cast<float>(dot);
+            }
+            out[r][k] = total;
+        }
+#endif
+}
+
+// acc[k] += h[k] * row for one row of K (codes, fp16 scales) and N output rows; `next` prefetched.
+template <int N>
+inline void q4_axpy(const uint8_t* row, const uint16_t* scales, float* const* acc, const float* h, int64_t K, const uint8_t* next) {
+#if defined(__AVX512F__) && defined(__F16C__)
+    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const int64_t half = std::min<int64_t>(128, K - k0) / 2;
+        prefetch(next + k0 / 2);
+        for (int64_t b = 0; b < half; b += 16) {  // weights k0 + b.. (low nibbles) and k0 + half + b.. (high)
+            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2 + b));
+            const __m128i clo = _mm_sub_epi8(_mm_and_si128(v, low), eight);
+            const __m128i chi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), eight);
+            const __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(clo)), whi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(chi));
+            const float dlo = _cvtsh_ss(scales[(k0 + b) / Q4_GROUP]), dhi = _cvtsh_ss(scales[(k0 + half + b) / Q4_GROUP]);
+            for (int k = 0; k < N; ++k) {
+                float* lo = acc[k] + k0 + b;
+                float* hi = acc[k] + k0 + half + b;
+                _mm512_storeu_ps(lo, _mm512_fmadd_ps(wlo, _mm512_set1_ps(h[k] * dlo), _mm512_loadu_ps(lo)));
+                _mm512_storeu_ps(hi, _mm512_fmadd_ps(whi, _mm512_set1_ps(h[k] * dhi), _mm512_loadu_ps(hi)));
+            }
+        }
+    }
+#else
+    (void)next;
+    for (int64_t i = 0; i < K; ++i) {
+        const float w = static_cast<float>(q4_code(row, K, i) - 8) * half_to_float(scales[i / Q4_GROUP]);
+        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * w;
+    }
+#endif
+}
+
+// One kept channel (packed: gate, up, down^T codes of H/2 bytes each; their scales side by side) for the
+// N tokens that kept it.
+template <int N>
+inline void q4_channel(const uint8_t* g, const uint16_t* sg, const uint8_t* ng, const Q4Input* const* ins,
+                       float* const* outs, const float* s, int64_t H) {
+    const uint8_t *rows[2] = {g, g + H / 2}, *next[2] = {ng, ng + H / 2};
+    const uint16_t* sc[2] = {sg, sg + H / Q4_GROUP};
+    float dots[2][N], h[N];
+    q4_block_dots<2, N>(rows, sc, ins, H, next, dots);
+    for (int k = 0; k < N; ++k) h[k] = channel_h(dots[0][k], dots[1][k], s[k], nullptr);
+    q4_axpy<N>(g + H, sg + 2 * H / Q4_GROUP, outs, h, H, ng + H);
+}
+
+// Phase 2 of the bank-sparse kernel for int4 rows (see stream_channels): at one token Q4_CHANNELS
+// channels' gate and up rows in one pass; otherwise each channel for the tokens that kept it, 4 at a time.
+constexpr int Q4_CHANNELS = 4;
+
+void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, const std::vector<int64_t>& kept,
+                        const Q4Input* tokens, const float* scale, int64_t T, float* acc) {
+    const int64_t stride = 3 * H / 2, sstride = 3 * H / Q4_GROUP;
+    std::vector<const Q4Input*> ins(T);
+    std::vector<float*> outs(T);
+    std::vector<float> ss(T);
+    size_t a = 0;
+    if (T == 1)
+        for (const size_t last = kept.size() - 1; a + Q4_CHANNELS <= kept.size(); a += Q4_CHANNELS) {
+            const uint8_t *rows[2 * Q4_CHANNELS], *next[2 * Q4_CHANNELS];
+            const uint16_t* sc[2 * Q4_CHANNELS];
+            for (int c = 0; c < Q4_CHANNELS; ++c) {
+                const uint8_t *g = base + kept[a + c] * stride, *ng = base + kept[std::min(a + Q4_CHANNELS + c, last)] * stride;
+                rows[2 * c] = g, rows[2 * c + 1] = g + H / 2, next[2 * c] = ng, next[2 * c + 1] = ng + H / 2;
+                sc[2 * c] = sbase + kept[a + c] * sstride, sc[2 * c + 1] = sc[2 * c] + H / Q4_GROUP;
+            }
+            float dots[2 * Q4_CHANNELS][1];
+            q4_block_dots<2 * Q4_CHANNELS, 1>(rows, sc, &tokens, H, next, dots);
+            for (int c = 0; c < Q4_CHANNELS; ++c) {
+                const float h = channel_h(dots[2 * c][0], dots[2 * c + 1][0], scale[kept[a + c]], nullptr);
+                q4_axpy<1>(rows[2 * c] + H, sc[2 * c] + 2 * H / Q4_GROUP, &acc, &h, H, next[2 * c] + H);
+            }
+        }
+    for (; a < kept.size(); ++a) {
+        const int64_t j = kept[a];
+        const uint8_t *g = base + j * stride, *ng = base + kept[std::min(a + 1, kept.size() - 1)] * stride;
+        const uint16_t* sg = sbase + j * sstride;
+        int m = 0;  // the tokens that kept channel j
+        for (int64_t t = 0; t < T; ++t) {
+            const float st = scale[j * T + t];
+            if (st == 0.f) continue;
+            ins[m] = tokens + t, outs[m] = acc + t * H, ss[m++] = st;
+        }
+        int k = 0;
+        for (; k + 4 <= m; k += 4) q4_channel<4>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 3) q4_channel<3>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 2) q4_channel<2>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 1) q4_channel<1>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+    }
+}
+
+// Dense int4 rows: y[t, n] = W[n] . x[t] for w [N, K/2] codes, scales [N, K/32]. R rows at a time (4 for up
+// to 2 tokens, else 2: the int4 dot keeps six vectors a token in registers), threads split the rows.
+template <int R, int C>
+inline void q4_block_rows(const uint8_t* w, const uint16_t* scales, const Q4Input* ins, int64_t t0, int64_t N, int64_t K,
+                          int64_t n0, float* y) {
+    const uint8_t *rows[R], *next[R];
+    const uint16_t* sc[R];
+    for (int r = 0; r < R; ++r) {  // past the last row: the last row again (read, not written)
+        const int64_t n = std::min<int64_t>(n0 + r, N - 1);
+        rows[r] = w + n * (K / 2), sc[r] = scales + n * (K / Q4_GROUP);
+        next[r] = w + std::min<int64_t>(n0 + R + r, N - 1) * (K / 2);
+    }
+    const Q4Input* xs[C];
+    for (int k = 0; k < C; ++k) xs[k] = ins + t0 + k;
+    float out[R][C];
+    q4_block_dots<R, C>(rows, sc, xs, K, next, out);
+    for (int r = 0; r < R && n0 + r < N; ++r)
+        for (int k = 0; k < C; ++k) y[(t0 + k) * N + n0 + r] = out[r][k];
+}
+
+template <int R>
+void q4_row_dots_by(const uint8_t* w, const uint16_t* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
+    std::vector<Q4Input> ins(T);
+    for (int64_t t = 0; t < T; ++t) quantize_q4_input(x + t * K, K, ins[t]);
+    const int64_t blocks = (N + R - 1) / R;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const int64_t c = std::min<int64_t>(4, T - t0), n0 = b * R;
+            if (c == 4) q4_block_rows<R, 4>(w, scales, ins.data(), t0, N, K, n0, y);
+            else if (c == 3) q4_block_rows<R, 3>(w, scales, ins.data(), t0, N, K, n0, y);
+            else if (c == 2) q4_block_rows<R, 2>(w, scales, ins.data(), t0, N, K, n0, y);
+            else q4_block_rows<R, 1>(w, scales, ins.data(), t0, N, K, n0, y);
+        }
+}
+
+void q4_row_dots(const uint8_t* w, const uint16_t* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
+    if (T <= 2) q4_row_dots_by<4>(w, scales, x, T, N, K, y);
+    else q4_row_dots_by<2>(w, scales, x, T, N, K, y);
+}
