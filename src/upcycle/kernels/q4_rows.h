@@ -15,7 +15,7 @@
 // integer part is exact; the float part differs from a plain loop only in the order of its sums.
 //
 // The down projection of the sparse FFN adds h (c - 8) d to the output: its codes are widened to fp32 in
-// registers, 16 at a time.
+// registers, 16 at a time, several channels' rows per pass over the output.
 
 constexpr int64_t Q4_GROUP = 32;
 
@@ -116,34 +116,50 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
 #endif
 }
 
-// acc[k] += h[k] * row for one row of K (codes, fp16 scales) and N output rows; `next` prefetched.
-template <int N>
-inline void q4_axpy(const uint8_t* row, const uint16_t* scales, float* const* acc, const float* h, int64_t K, const uint8_t* next) {
+// acc[k] += h[r][k] * rows[r] for R rows of K (codes, fp16 scales) and N output rows, the rows added in
+// order r = 0, 1, ... (so R rows at once give bitwise what R calls of one row give); `next` prefetched.
+// Each weight is (c - 8) * (d h): the scale times h once per group, a table lookup (pshufb) for c - 8.
+template <int R, int N>
+inline void q4_block_axpys(const uint8_t* const* rows, const uint16_t* const* scales, float* const* acc, const float (*h)[N],
+                           int64_t K, const uint8_t* const* next) {
 #if defined(__AVX512F__) && defined(__F16C__)
-    const __m128i low = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i minus8 = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t k0 = 0; k0 < K; k0 += 128) {
-        const int64_t half = std::min<int64_t>(128, K - k0) / 2;
-        prefetch(next + k0 / 2);
+        const bool full = K - k0 >= 128;
+        const int64_t half = full ? 64 : 32;
+        alignas(16) float hd[R][N][4];  // d h of the chunk's (up to) 4 groups
+        for (int r = 0; r < R; ++r) {
+            prefetch(next[r] + k0 / 2);
+            const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + k0 / Q4_GROUP));
+            for (int k = 0; k < N; ++k) _mm_store_ps(hd[r][k], _mm_mul_ps(d4, _mm_set1_ps(h[r][k])));
+        }
         for (int64_t b = 0; b < half; b += 16) {  // weights k0 + b.. (low nibbles) and k0 + half + b.. (high)
-            const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + k0 / 2 + b));
-            const __m128i clo = _mm_sub_epi8(_mm_and_si128(v, low), eight);
-            const __m128i chi = _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(v, 4), low), eight);
-            const __m512 wlo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(clo)), whi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(chi));
-            const float dlo = _cvtsh_ss(scales[(k0 + b) / Q4_GROUP]), dhi = _cvtsh_ss(scales[(k0 + half + b) / Q4_GROUP]);
+            const int glo = static_cast<int>(b / 32), ghi = (full ? 2 : 1) + glo;
+            __m512 wlo[R], whi[R];
+            for (int r = 0; r < R; ++r) {
+                const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k0 / 2 + b));
+                wlo[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(minus8, _mm_and_si128(v, low))));
+                whi[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(minus8, _mm_and_si128(_mm_srli_epi16(v, 4), low))));
+            }
             for (int k = 0; k < N; ++k) {
-                float* lo = acc[k] + k0 + b;
-                float* hi = acc[k] + k0 + half + b;
-                _mm512_storeu_ps(lo, _mm512_fmadd_ps(wlo, _mm512_set1_ps(h[k] * dlo), _mm512_loadu_ps(lo)));
-                _mm512_storeu_ps(hi, _mm512_fmadd_ps(whi, _mm512_set1_ps(h[k] * dhi), _mm512_loadu_ps(hi)));
+                float *lo = acc[k] + k0 + b, *hi = acc[k] + k0 + half + b;
+                __m512 a = _mm512_loadu_ps(lo), c = _mm512_loadu_ps(hi);
+                for (int r = 0; r < R; ++r) {
+                    a = _mm512_fmadd_ps(wlo[r], _mm512_set1_ps(hd[r][k][glo]), a);
+                    c = _mm512_fmadd_ps(whi[r], _mm512_set1_ps(hd[r][k][ghi]), c);
+                }
+                _mm512_storeu_ps(lo, a), _mm512_storeu_ps(hi, c);
             }
         }
     }
 #else
     (void)next;
-    for (int64_t i = 0; i < K; ++i) {
-        const float w = static_cast<float>(q4_code(row, K, i) - 8) * half_to_float(scales[i / Q4_GROUP]);
-        for (int k = 0; k < N; ++k) acc[k][i] += h[k] * w;
-    }
+    for (int r = 0; r < R; ++r)
+        for (int64_t i = 0; i < K; ++i) {
+            const float c = static_cast<float>(q4_code(rows[r], K, i) - 8), d = half_to_float(scales[r][i / Q4_GROUP]);
+            for (int k = 0; k < N; ++k) acc[k][i] += c * (d * h[r][k]);
+        }
 #endif
 }
 
@@ -154,10 +170,12 @@ inline void q4_channel(const uint8_t* g, const uint16_t* sg, const uint8_t* ng, 
                        float* const* outs, const float* s, int64_t H) {
     const uint8_t *rows[2] = {g, g + H / 2}, *next[2] = {ng, ng + H / 2};
     const uint16_t* sc[2] = {sg, sg + H / Q4_GROUP};
-    float dots[2][N], h[N];
+    float dots[2][N], h[1][N];
     q4_block_dots<2, N>(rows, sc, ins, H, next, dots);
-    for (int k = 0; k < N; ++k) h[k] = channel_h(dots[0][k], dots[1][k], s[k], nullptr);
-    q4_axpy<N>(g + H, sg + 2 * H / Q4_GROUP, outs, h, H, ng + H);
+    for (int k = 0; k < N; ++k) h[0][k] = channel_h(dots[0][k], dots[1][k], s[k], nullptr);
+    const uint8_t *down = g + H, *next_down = ng + H;
+    const uint16_t* sd = sg + 2 * H / Q4_GROUP;
+    q4_block_axpys<1, N>(&down, &sd, outs, h, H, &next_down);
 }
 
 // Phase 2 of the bank-sparse kernel for int4 rows (see stream_channels): at one token Q4_CHANNELS
@@ -180,12 +198,15 @@ void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, c
                 rows[2 * c] = g, rows[2 * c + 1] = g + H / 2, next[2 * c] = ng, next[2 * c + 1] = ng + H / 2;
                 sc[2 * c] = sbase + kept[a + c] * sstride, sc[2 * c + 1] = sc[2 * c] + H / Q4_GROUP;
             }
-            float dots[2 * Q4_CHANNELS][1];
+            float dots[2 * Q4_CHANNELS][1], h[Q4_CHANNELS][1];
             q4_block_dots<2 * Q4_CHANNELS, 1>(rows, sc, &tokens, H, next, dots);
+            const uint8_t *down[Q4_CHANNELS], *next_down[Q4_CHANNELS];
+            const uint16_t* sd[Q4_CHANNELS];
             for (int c = 0; c < Q4_CHANNELS; ++c) {
-                const float h = channel_h(dots[2 * c][0], dots[2 * c + 1][0], scale[kept[a + c]], nullptr);
-                q4_axpy<1>(rows[2 * c] + H, sc[2 * c] + 2 * H / Q4_GROUP, &acc, &h, H, next[2 * c] + H);
+                h[c][0] = channel_h(dots[2 * c][0], dots[2 * c + 1][0], scale[kept[a + c]], nullptr);
+                down[c] = rows[2 * c] + H, next_down[c] = next[2 * c] + H, sd[c] = sc[2 * c] + 2 * H / Q4_GROUP;
             }
+            q4_block_axpys<Q4_CHANNELS, 1>(down, sd, &acc, h, H, next_down);
         }
     for (; a < kept.size(); ++a) {
         const int64_t j = kept[a];
