@@ -73,12 +73,13 @@ LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity":
          "held_blocks": 4}  # fmt: skip
 
 
-def exported_gguf(model: str | Path, name: str) -> Path:
-    """upcycle's own f32 export of `model`: the file llama.cpp's quantizer makes every format from."""
+def exported_gguf(model: str | Path, name: str, kind: str = "f32") -> Path:
+    """upcycle's own export of `model` (f32; the large checkpoint's in f16, the half of its 13 GB): the
+    file llama.cpp's quantizer makes every format from."""
     out = RUNS / "llamacpp" / f"upcycle-{name}.gguf"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        run = upcycle("export", model, out, "--type", "f32", "--check-tokens", "32")
+        run = upcycle("export", model, out, "--type", kind, "--check-tokens", "32")
         if isinstance(run, dict):
             raise SystemExit(f"upcycle export {model} failed: {run['error']}")
     return out
@@ -243,6 +244,8 @@ def main() -> None:
     )
     parser.add_argument("--untrained", action="store_true", help="the sparse model as converted, untrained")
     parser.add_argument("--work", type=Path, default=Path("/tmp/upcycle-front"), help="--part large: its checkpoints")
+    parser.add_argument("--factor", type=int, default=LARGE["factor"], help="--part large: hidden size x this")
+    parser.add_argument("--width", type=int, default=LARGE["width"], help="--part large: FFN width grown to")
     args = parser.parse_args()
     args.threads = torch.get_num_threads()
     if args.part == "large":
@@ -296,7 +299,7 @@ def large(args) -> None:
             if isinstance(run, dict):
                 raise SystemExit(f"upcycle {cli[0]} failed: {run['error']}")
     shutil.rmtree(wide, ignore_errors=True)
-    source = exported_gguf(grown, grown.name)
+    source = exported_gguf(grown, grown.name, "f16")
     out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {}}
     args.held_blocks = min(args.held_blocks, LARGE["held_blocks"])
     for precision in LARGE["precisions"]:  # one precision's models in memory at a time

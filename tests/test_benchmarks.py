@@ -175,3 +175,24 @@ def test_the_lineage_and_expert_tables_show_the_figures_given():
     assert "| 2 | experts x2 | exact | 214.3M → 300.0M | 2.5e-05 | +0.01 % | passed | 19.40 | 18.20 |" in table
     assert "| 1 | moe | changed | 134.5M → 214.3M | 7 | +35.00 % | passed | 30.10 | 19.40 |" in table
     assert "Not run yet" in reproduce.lineage_table({})
+
+
+def test_the_front_names_each_llamacpp_row_no_upcycle_row_matches():
+    """A hand-worked front: Q8_0 is matched (sparse int8 faster, ppl within 1 % on both corpora), F16 is not
+    (the only faster row is 2.5 % worse on one corpus), and the sparse model is not past Q4_0, the fastest."""
+    import cpu_decode
+
+    result = {
+        "tok_s": {"llamacpp_f16": 100.0, "llamacpp_q8_0": 150.0, "llamacpp_q4_0": 300.0,
+                  "upcycle_dense_bf16": 90.0, "upcycle_sparse_int8": 160.0, "upcycle_sparse_int4": 250.0},
+        "ppl": {"llamacpp_f16": {"a": 9.85, "b": 5.0}, "llamacpp_q8_0": {"a": 10.0, "b": 5.0},
+                "llamacpp_q4_0": {"a": 11.0, "b": 5.5},
+                "dense_bf16": {"a": 10.0, "b": 5.0}, "sparse_int8": {"a": 10.1, "b": 5.02},
+                "sparse_int4": {"a": 10.2, "b": 5.1}},
+    }  # fmt: skip
+    front = cpu_decode.front(result)
+    assert front["matched_by"]["llamacpp_q8_0"] == ["sparse_int8"]
+    assert front["matched_by"]["llamacpp_f16"] == []  # dense_bf16 is slower; sparse_int8 2.5 % worse on "a"
+    assert front["matched_by"]["llamacpp_q4_0"] == []  # nothing as fast
+    assert front["dominated_by_llamacpp"] == ["llamacpp_f16", "llamacpp_q4_0"]
+    assert front["sparse_past_fastest_llamacpp"] is False
