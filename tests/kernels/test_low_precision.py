@@ -478,8 +478,9 @@ def ctypes_library(path):
 
 
 def test_to_precision_int4_quantizes_every_linear_it_can_and_keeps_the_model_close():
-    """Attention, the FFNs (dense and bank-sparse) and the head int4; a layer whose inputs are not a
-    multiple of 64 stays int8; the logits stay close to the fp32 model's."""
+    """Attention and the FFNs (dense and bank-sparse) int4, the head int8 (as llama.cpp keeps its output
+    matrix wider); a layer whose inputs are not a multiple of 64 stays int8; the logits stay close to the
+    fp32 model's."""
     dense, sparse = _tiny_sparse()
     ids = torch.randint(0, dense.config.vocab_size, (1, 10))
     with torch.no_grad():
@@ -487,7 +488,7 @@ def test_to_precision_int4_quantizes_every_linear_it_can_and_keeps_the_model_clo
         to_precision(sparse, "int4")
         got = sparse(ids).logits.float()
     layer = sparse.model.layers[0]
-    assert layer.self_attn.q_proj.precision == "int4" and sparse.lm_head.precision == "int4"
+    assert layer.self_attn.q_proj.precision == "int4" and sparse.lm_head.precision == "int8"
     assert layer.mlp.kernel_precision == "int4" and kernels.plan_for(layer.mlp).packed.dtype == torch.uint8
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
     odd = to_precision(hub.tiny("llama", layers=1, hidden=96, ffn=128), "int4")
