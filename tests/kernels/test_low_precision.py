@@ -421,7 +421,7 @@ INT4_ROWS = [(576, 192), (128, 31), (64, 40)]
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 def test_int4_row_dots_equal_the_hand_computation(shape, rows):
     """The operator (C++ and ctypes alike) and the layer: x at 8 bits per 32 against the Q4_0 weight; the
-    layer's matmul path beyond MAX_ROWS rows computes the same."""
+    layer's paths beyond 4 rows (the kernel again, then the matmul) compute the same."""
     inputs, outputs = shape
     torch.manual_seed(rows)
     linear = torch.nn.Linear(inputs, outputs, bias=True)
@@ -432,12 +432,14 @@ def test_int4_row_dots_equal_the_hand_computation(shape, rows):
         got = torch.ops.upcycle.row_dots(x, layer.codes, layer.scales)
         by_ctypes = kernels._python_row_dots(x, layer.codes, layer.scales)
         via_layer = layer(x)
-        many = layer(torch.cat([x] * 3))  # more rows than the kernel takes: the matmul
+        many = layer(torch.cat([x] * 3))  # more rows than the kernel takes in one pass
+        most = layer(torch.cat([x] * 20))  # more than it takes at all: the matmul
     tol = 1e-5 * want.abs().max().item()
     torch.testing.assert_close(got, want, rtol=1e-5, atol=tol)
     torch.testing.assert_close(by_ctypes, got)
     torch.testing.assert_close(via_layer, got + linear.bias)
     torch.testing.assert_close(many, torch.cat([got + linear.bias] * 3), rtol=1e-5, atol=tol)
+    torch.testing.assert_close(most, torch.cat([got + linear.bias] * 20), rtol=1e-5, atol=tol)
 
 
 @needs_kernel

@@ -8,8 +8,9 @@ bank_sparse_ffn.cpp), so bf16 attention ran no faster than fp32 though it reads 
 fp32, bf16 or int8 weights with one scale per row), or for int4 weights (an fp16 scale per group of 32,
 Q4_0's) integer dot products against the row at 8 bits per group of 32 (Q8_0's), registered as the
 operator upcycle::row_dots so a compiled graph calls it without Python. More rows than MAX_ROWS (a
-prompt), a gradient wanted, or no kernel: the layer runs as a plain linear (torch's weight-only int8
-matmul for int8; for int4 the dequantized weight against the row rounded as the kernel rounds it).
+prompt; int4: MAX_INT4_ROWS), a gradient wanted, or no kernel: the layer runs as a plain linear (torch's
+weight-only int8 matmul for int8; for int4 the dequantized weight against the rows rounded as the kernel
+rounds them).
 
 `StackedRows` puts the rows of linear layers that read the same input (attention's q, k and v; a dense
 FFN's gate and up) into one RowLinear, so that a step streams them in one call instead of one a layer;
@@ -26,6 +27,10 @@ from upcycle import kernels
 from upcycle.kernels.quant import INT4_GROUP, quantize_activations
 
 MAX_ROWS = 4  # the kernel computes up to 4 rows per pass over the weights; beyond, matmuls win
+# int4 beyond MAX_ROWS has no matmul of its own: it would widen the whole weight at every call (about a
+# second a forward for smollm2-135m). Up to this many rows the kernel reads the codes again per 4 rows
+# instead, which costs less.
+MAX_INT4_ROWS = 64
 
 
 class RowLinear(nn.Module):
@@ -77,7 +82,7 @@ class RowLinear(nn.Module):
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
         # the operator tells the weight type by its element size: fp16 (2 bytes, like bf16) stays on the matmul
         return (
-            rows.shape[0] <= MAX_ROWS
+            rows.shape[0] <= (MAX_INT4_ROWS if self.precision == "int4" else MAX_ROWS)
             and rows.device.type == "cpu"
             and self.kernel_ready
             and kernels._enabled
