@@ -25,8 +25,9 @@ keeps, or --sparse FOLDER): its speed is the converted model's, its perplexity t
 
 `--part large` measures the front where the FFNs carry the bytes, as in the models users run: smollm2-135m
 grown by upcycle's exact operators (hidden x8 by HyperCloning, FFN width 6,656 by neuron duplication: 3.2B
-parameters, SmolLM2's perplexity and activation pattern), sparsified 16-of-64 with the low-rank predictor
-(the shadow's copies would read more bytes than the kept rows at int4), untrained; dense and sparse at
+parameters, SmolLM2's perplexity and activation pattern), sparsified 16-of-64 with a 2-bit shadow
+predictor (GPTQ-rounded on calibration text; a 4-bit one would read more bytes than the kept rows at
+int4, and the low-rank one, untrained, left the grown model at perplexity ~3,000), untrained; dense and sparse at
 int8 and int4 against llama.cpp Q8_0 and Q4_0 of the same checkpoint, a precision at a time (memory),
 into the `large` key of cpu_decode.json.
 llama.cpp comes from `llama-cpp-python` built from source in a throwaway environment
@@ -69,7 +70,7 @@ LLAMA_ROWS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0")
 CORPORA = ("shakespeare", "pystdlib")
 MARGIN = 1.01  # a llama.cpp row is matched by an upcycle row at least as fast with ppl at most 1 % above its own
 # the grown checkpoint of --part large: hidden x8 (576 -> 4608), FFN width 6,656: 3.2B parameters
-LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity": "16 of 64, low-rank predictor rank 64",
+LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity": "16 of 64, 2-bit shadow predictor",
          "held_blocks": 4}  # fmt: skip
 
 
@@ -287,11 +288,12 @@ def large(args) -> None:
     steps = [
         (wide, ("grow", MODEL, wide, "--op", "hidden", "--factor", args.factor, "--calibration-tokens", "256")),
         (grown, ("grow", wide, grown, "--op", "ffn_width", "--width", args.width, "--calibration-tokens", "256")),
-        (sparse_folder, ("sparsify", grown, sparse_folder, "--bank", "64", "--keep", "16", "--predictor", "lowrank",
-                         "--warmup-steps", "50", "--convert-steps", "0", "--calibration-tokens", "2048", "--dtype", "bf16")),
+        (sparse_folder, ("sparsify", grown, sparse_folder, "--bank", "64", "--keep", "16", "--predictor", "shadow",
+                         "--bits", "2", "--warmup-steps", "0", "--convert-steps", "0", "--calibration-tokens", "2048",
+                         "--dtype", "bf16")),
     ]  # fmt: skip
     for folder, cli in steps:
-        if not (folder / "config.json").exists():
+        if not (folder / "config.json").exists() and not (folder == wide and (grown / "config.json").exists()):
             print("upcycle " + " ".join(map(str, cli)), flush=True)
             run = upcycle(*cli)
             if isinstance(run, dict):
@@ -300,14 +302,17 @@ def large(args) -> None:
     source = exported_gguf(grown, grown.name, "f16")
     out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {}}
     args.held_blocks = min(args.held_blocks, LARGE["held_blocks"])
-    for precision in LARGE["precisions"]:  # one precision's models in memory at a time
+    for precision in LARGE["precisions"]:  # one precision's models in memory at a time, each converted in place
         dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
-        sparse = upcycle_load(sparse_folder, dtype=torch.bfloat16)[0]
         out["parameters"] = sum(p.numel() for p in dense.parameters())
-        out["rows"][precision] = measure(
-            dense, sparse, tokenizer, source, args, (precision,), (LLAMA_FORMATS[precision],)
-        )
+        rows = {f"no_ffn_{precision}": to_precision(speed.without_ffns(dense), precision).eval()}
+        rows[f"dense_{precision}"] = to_precision(dense, precision).eval()  # before the sparse one is loaded
+        sparse = upcycle_load(sparse_folder, dtype=torch.bfloat16)[0]
+        rows[f"sparse_{precision}"] = to_precision(sparse, precision).eval()
         del dense, sparse
+        formats = (LLAMA_FORMATS[precision],)
+        out["rows"][precision] = measure(rows, tokenizer, source, args, (precision,), formats)
+        del rows
         gc.collect()
     tok = {k: v for r in out["rows"].values() for k, v in r["tok_s"].items()}
     out["ratios"] = {p: tok[f"upcycle_sparse_{p}"] / tok[f"llamacpp_{LLAMA_FORMATS[p]}"] for p in LARGE["precisions"]
@@ -404,6 +409,37 @@ def table(result: dict) -> str:
         ]
     if "error" in result.get("llamacpp", {}):
         lines += ["", f"- llama.cpp not run: {result['llamacpp']['error']}"]
+    if "large" in result:
+        lines += ["", large_table(result["large"])]
+    return "\n".join(lines)
+
+
+def large_table(large: dict) -> str:
+    """--part large: each precision's rows, and sparse ÷ llama.cpp against the issue's targets."""
+    lines = [
+        f"A grown SmolLM2 of {large['parameters'] / 1e9:.2f}B parameters ({large['sparsity']}), "
+        f"{next(iter(large['rows'].values()))['threads']} threads:",
+        "",
+        "| row | tokens/s | MB read / token | byte limit tokens/s | ppl shakespeare | ppl pystdlib |",
+        "|---|---|---|---|---|---|",
+    ]
+    for precision, r in large["rows"].items():
+        names = [(f"llamacpp_{LLAMA_FORMATS[precision]}", f"llama.cpp dense {LLAMA_FORMATS[precision].upper()}"),
+                 (f"dense_{precision}", f"upcycle dense {precision}"), (f"sparse_{precision}", f"upcycle sparse {precision}"),
+                 (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})")]  # fmt: skip
+        for key, name in names:
+            rate = r["tok_s"].get(key) or r["tok_s"].get(f"upcycle_{key}")
+            if rate is None:
+                continue
+            p = r["ppl"].get(key, {})
+            quality = " | ".join(f"{p[c]:.2f}" if c in p else "—" for c in CORPORA)
+            lines.append(f"| {name} | {rate:.2f} | {r['bytes_per_token'][key] / 1e6:.0f} | "
+                         f"{r['limit_tok_s'][key]:.2f} | {quality} |")  # fmt: skip
+    lines.append("")
+    for precision, ratio in large.get("ratios", {}).items():
+        target = large["targets"][precision]
+        lines.append(f"- {precision}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[precision].upper()} = {ratio:.2f}× "
+                     f"(target ≥ {target}: {'met' if ratio >= target else 'not met'})")  # fmt: skip
     return "\n".join(lines)
 
 
