@@ -59,7 +59,7 @@ from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import PRECISIONS, to_precision
-from upcycle.modules import BankSparsity
+from upcycle.modules import BankSparseFFN, BankSparsity
 
 RUNS = Path("runs/bench-cpu-decode")
 MODEL = "smollm2-135m"
@@ -125,13 +125,27 @@ def llamacpp_run(
 
 
 def models(dense, sparse, precisions=PRECISIONS) -> dict:
-    """Every upcycle row: dense, sparse and FFN-free at each precision (copies: conversion is in place)."""
+    """Every upcycle row: dense, sparse and FFN-free at each precision (copies: conversion is in place); at
+    int4 also the sparse model with its shadow re-derived at 2 bits (`sparse2bit_int4`)."""
     no_ffn = speed.without_ffns(dense)
     out = {}
     for precision in precisions:
         for kind, model in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
             out[f"{kind}_{precision}"] = to_precision(copy.deepcopy(model), precision).eval()
+        if precision == "int4":
+            out["sparse2bit_int4"] = to_precision(shadow_at(copy.deepcopy(sparse), 2), precision).eval()
     return out
+
+
+def shadow_at(model, bits: int):
+    """The model's shadow predictors re-derived at `bits` from the FFN weights (GPTQ with the input moments
+    they saved). Why at int4: a 4-bit shadow reads 2 x 576 x 1536 / 2 bytes a SmolLM2 layer, more than the
+    kept int4 rows it selects (373 KB); at 2 bits it reads half. The selection changes, so its perplexity is
+    measured like every row's."""
+    for module in model.modules():
+        if isinstance(module, BankSparseFFN) and module.sparsity.predictor == "shadow":
+            module.predictor.bits, module.predictor.source = bits, None
+    return model
 
 
 def llamacpp_files(source: Path, prompt: list[int], held: dict, args, formats=LLAMA_ROWS) -> tuple[Path | None, dict]:
@@ -363,6 +377,7 @@ def _rows(result: dict) -> list[tuple[str, str]]:
         facing = [LLAMA_FORMATS[precision]] + (["q4_k_m"] if precision == "int4" else [])
         out += [(f"llamacpp_{fmt}", f"llama.cpp dense {fmt.upper()}") for fmt in facing]
         out += [(f"dense_{precision}", f"upcycle dense {precision}"), (f"sparse_{precision}", f"upcycle sparse {precision}"),
+                (f"sparse2bit_{precision}", f"upcycle sparse {precision}, 2-bit shadow"),
                 (f"no_ffn_{precision}", f"(upcycle, FFNs skipped, {precision})")]  # fmt: skip
     return [(k, label) for k, label in out if k in result["tok_s"] or f"upcycle_{k}" in result["tok_s"]]
 
@@ -447,7 +462,7 @@ def plot(result: dict, path: Path) -> None:
     """Tokens/s against perplexity (shakespeare, pystdlib), every row that has both: up and left is better."""
     fig, axes = figure(2, size=(11, 4.5))
     styles = {"llamacpp": ("x", "C3", "llama.cpp"), "dense": ("o", "C0", "upcycle dense"),
-              "sparse": ("^", "C2", "upcycle sparse")}  # fmt: skip
+              "sparse": ("^", "C2", "upcycle sparse"), "sparse2bit": ("v", "C4", "upcycle sparse, 2-bit shadow")}  # fmt: skip
     for ax, corpus in zip(axes, CORPORA):
         for kind, (marker, colour, label) in styles.items():
             points = []
