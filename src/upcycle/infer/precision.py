@@ -11,8 +11,8 @@
     int4  as int8, with int4 weights and an fp16 scale per group of 32 inputs (Q4_0's grid and bytes:
           4.5 bits a weight); the products read the activations at 8 bits per group of 32 (Q8_0's), as
           llama.cpp computes Q4_0. The LM head stays int8, as llama.cpp keeps its output matrix at 6
-          bits in a Q4_0 file: on smollm2-135m (2 held-out blocks a corpus) an int4 head took
-          perplexity from 34.3 to 36.4 on shakespeare and 12.6 to 13.8 on pystdlib (fp32: 26.5, 10.5).
+          bits in a Q4_0 file: on smollm2-135m an int4 head took perplexity from 34.3 to 36.4 on
+          shakespeare and 12.6 to 13.8 on pystdlib (fp32: 26.5, 10.5; benchmarks/int4_grid.py).
           A layer whose inputs are not a multiple of 64 (the kernel's chunk) stays int8 too.
 
 At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
