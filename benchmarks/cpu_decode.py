@@ -284,8 +284,9 @@ def main() -> None:
     result |= measure(rows, tokenizer, exported_gguf(MODEL, MODEL), args)
     result["criteria"] = criteria(result)
     previous = RESULTS / "cpu_decode.json"
-    if previous.exists() and "large" in json.loads(previous.read_text()):
-        result["large"] = json.loads(previous.read_text())["large"]  # kept: measured by its own part
+    kept = json.loads(previous.read_text()).get("large") if previous.exists() else None
+    if kept:
+        result["large"] = kept  # measured by its own part
     save("cpu_decode", result)
     plot(result, RESULTS / "cpu_decode.png")
     print(table(result))

@@ -161,13 +161,19 @@ def _tiny_sparse():
     ).eval()
 
 
-def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
+def _converted(precision):
+    """The tiny sparse model converted to `precision`, with its logits on 10 tokens before and after."""
     dense, sparse = _tiny_sparse()
     ids = torch.randint(0, dense.config.vocab_size, (1, 10))
     with torch.no_grad():
         want = sparse(ids).logits
-        to_precision(sparse, "int8")
+        to_precision(sparse, precision)
         got = sparse(ids).logits.float()
+    return dense, sparse, want, got
+
+
+def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
+    dense, sparse, want, got = _converted("int8")
     layer = sparse.model.layers[0]
     assert isinstance(layer.self_attn.q_proj, RowsOf) and layer.self_attn.q_proj.precision == "int8"
     assert isinstance(layer.self_attn.o_proj, RowLinear) and isinstance(sparse.lm_head, RowLinear)
@@ -483,12 +489,7 @@ def test_to_precision_int4_quantizes_every_linear_it_can_and_keeps_the_model_clo
     """Attention and the FFNs (dense and bank-sparse) int4, the head int8 (as llama.cpp keeps its output
     matrix wider); a layer whose inputs are not a multiple of 64 stays int8; the logits stay close to the
     fp32 model's."""
-    dense, sparse = _tiny_sparse()
-    ids = torch.randint(0, dense.config.vocab_size, (1, 10))
-    with torch.no_grad():
-        want = sparse(ids).logits
-        to_precision(sparse, "int4")
-        got = sparse(ids).logits.float()
+    _, sparse, want, got = _converted("int4")
     layer = sparse.model.layers[0]
     assert layer.self_attn.q_proj.precision == "int4" and sparse.lm_head.precision == "int8"
     assert layer.mlp.kernel_precision == "int4" and kernels.plan_for(layer.mlp).packed.dtype == torch.uint8

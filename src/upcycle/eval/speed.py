@@ -27,6 +27,7 @@ from upcycle.arch import adapter_for
 from upcycle.eval.hooks import hooked
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import to_precision
+from upcycle.kernels import QUANTIZERS
 from upcycle.modules import BankSparseFFN, BankSparsity
 from upcycle.modules.bank_sparse import shadow_bytes
 
@@ -152,7 +153,7 @@ def _stored_bytes(module: torch.nn.Module) -> float:
     RowLinear's codes and scales); a bank-sparse FFN marked for int8 holds one byte a weight and one
     fp32 scale per row of its packed kernel copy, for int4 half a byte a weight and an fp16 scale per 32."""
     precision = getattr(module, "kernel_precision", None)
-    if precision in ("int8", "int4"):
+    if precision in QUANTIZERS:
         width, hidden = module.gate_proj.weight.shape
         if precision == "int4":
             return 3 * width * hidden / 2 + 3 * width * (hidden // 32) * 2
@@ -176,7 +177,7 @@ def weight_bytes(model) -> dict[str, float]:
         if sparse:
             parts["predictor"] += ffn.predictor_bytes()
             weights = torch.nn.ModuleList([ffn.gate_proj, ffn.up_proj, ffn.down_proj])
-            quantized = getattr(ffn, "kernel_precision", None) in ("int8", "int4")
+            quantized = getattr(ffn, "kernel_precision", None) in QUANTIZERS
             stored = _stored_bytes(ffn) if quantized else _stored_bytes(weights)
             parts["ffn"] += stored * ffn.keep / ffn.bank
         else:

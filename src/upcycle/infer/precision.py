@@ -37,21 +37,18 @@ from torch import nn
 from upcycle.arch import adapter_for
 from upcycle.errors import check
 from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
-from upcycle.kernels import int4_rows, int8_rows, release
+from upcycle.kernels import QUANTIZERS, int4_fits, release
 from upcycle.kernels.memory import huge_page_copy
 from upcycle.kernels.quant import dequantize_int4
 from upcycle.modules import BankSparseFFN
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
-QUANTIZED = ("int8", "int4")
 
 
 def _on_grid(rows: torch.Tensor, precision: str) -> torch.Tensor:
-    if precision == "int8":
-        codes, scales = int8_rows(rows)
-        return codes.float() * scales[:, None]
-    return dequantize_int4(*int4_rows(rows))
+    codes, scales = QUANTIZERS[precision](rows)
+    return codes.float() * scales[:, None] if precision == "int8" else dequantize_int4(codes, scales)
 
 
 @torch.no_grad()
@@ -68,7 +65,7 @@ def kernel_grid(ffn, precision: str = "int8") -> None:
 
 def _fits(precision: str, linear: nn.Module) -> str:
     """int4 where the kernel's chunks fit the inputs (a multiple of 64), else int8."""
-    return "int8" if precision == "int4" and linear.in_features % 64 else precision
+    return "int8" if precision == "int4" and not int4_fits(linear.in_features) else precision
 
 
 @torch.no_grad()
@@ -82,7 +79,7 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
         ffn = adapter.ffn(i)
         inside_sparse = set()
         if isinstance(ffn, BankSparseFFN):
-            if precision in QUANTIZED:
+            if precision in QUANTIZERS:
                 kernel_grid(ffn, _fits(precision, ffn.gate_proj))  # gate, up and down^T rows: H inputs
             inside_sparse = {id(m) for m in ffn.modules()}
         layer = adapter.layer(i)
@@ -106,7 +103,7 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
         plain = _plain(head)
         tied = plain.weight is embedding.weight
         model.set_output_embeddings(RowLinear(plain, "int8" if precision == "int4" else precision))
-        if tied and precision in QUANTIZED:  # the head is its own copy now; the embedding keeps the bf16 table
+        if tied and precision in QUANTIZERS:  # the head is its own copy now; the embedding keeps the bf16 table
             model.config.tie_word_embeddings = False
     _streamed_from_huge_pages(model)
     return model

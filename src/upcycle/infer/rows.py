@@ -43,16 +43,15 @@ class RowLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.precision = linear.in_features, linear.out_features, precision
         dtype = dtype or linear.weight.dtype
-        if precision in ("int8", "int4"):
+        if precision in kernels.QUANTIZERS:
+            codes, scales = kernels.QUANTIZERS[precision](linear.weight.detach())
+            self.register_buffer("codes", codes)
             if precision == "int8":
-                codes, scales = kernels.int8_rows(linear.weight.detach())
                 self.register_buffer("scales", scales.float())
                 # torch's int8 matmul wants the activations' dtype
                 self.register_buffer("scales_for_matmul", scales.to(dtype))
             else:
-                codes, scales = kernels.int4_rows(linear.weight.detach())
                 self.register_buffer("scales", scales)  # fp16 [out, in / 32], as the kernel reads them
-            self.register_buffer("codes", codes)
             self.bias = (
                 None if linear.bias is None else nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
             )
@@ -65,7 +64,7 @@ class RowLinear(nn.Module):
 
     @property
     def quantized(self) -> bool:
-        return self.precision in ("int8", "int4")
+        return self.precision in kernels.QUANTIZERS
 
     @property
     def stored(self) -> torch.Tensor:

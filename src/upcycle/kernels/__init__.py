@@ -9,8 +9,9 @@ The packed copy holds the FFN's weights in their own precision — fp32, or bf16
 as int8 codes with one fp32 scale per row, or int4 codes with an fp16 scale per group of 32 (Q4_0's),
 where the module is marked for int8 or int4 (`upcycle.infer.precision.to_precision(model, "int8")` puts
 its weights on that grid first, so the reference computes with the very values the kernel reads; at int4
-the kernel's gate and up dots also read the token at 8 bits per group of 32, as llama.cpp's Q4_0 does). Activations enter and leave the kernel in
-fp32 (a bf16 model's rows are widened and the output narrowed around it).
+the kernel's gate and up dots also read the token at 8 bits per group of 32, as llama.cpp's Q4_0 does).
+Activations enter and leave the kernel in fp32 (a bf16 model's rows are widened and the output narrowed
+around it).
 
 Switches: the environment variable UPCYCLE_KERNELS=off, or `with upcycle.kernels.disabled():`.
 """
@@ -26,7 +27,7 @@ import torch
 
 from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
 from upcycle.kernels.memory import huge_page_copy
-from upcycle.kernels.quant import dequantize_int4, int4_rows, quantize_groups
+from upcycle.kernels.quant import dequantize_int4, int4_fits, int4_rows, quantize_groups
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -105,14 +106,18 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return codes.reshape(rows.shape), scales.reshape(rows.shape[:-1])
 
 
+# the stored precisions that are codes and scales, each by its quantizer (RowLinear's and the packed copy's)
+QUANTIZERS = {"int8": int8_rows, "int4": int4_rows}
+
+
 def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """[width, 3, hidden] rows W_gate[j], W_up[j], W_down^T[j] in the weights' own dtype, or as int8 with
     [width, 3] row scales, or int4 codes [width, 3, hidden / 2] with fp16 scales [width, 3, hidden / 32],
     where the module is marked for int8 or int4 (module.kernel_precision)."""
     rows = torch.stack([gate, up, down.t()], dim=1)
-    precision = getattr(module, "kernel_precision", None)
-    if precision in ("int8", "int4"):
-        codes, scales = (int8_rows if precision == "int8" else int4_rows)(rows)
+    quantizer = QUANTIZERS.get(getattr(module, "kernel_precision", None))
+    if quantizer is not None:
+        codes, scales = quantizer(rows)
         return huge_page_copy(codes), scales.contiguous()
     return huge_page_copy(rows), NO_SCALES
 
@@ -130,7 +135,7 @@ class KernelPlan:
         gate, up, down, *predictor = (t.detach() for t in self.tensors)
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
         cpu = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in self.tensors)
-        fits = self.precision != "int4" or gate.shape[1] % 64 == 0  # int4 rows come in chunks of 64
+        fits = self.precision != "int4" or int4_fits(gate.shape[1])
         self.usable = silu and cpu and fits
         if not self.usable:
             return
@@ -406,7 +411,9 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
 __all__ = [
     "available",
     "dequantize_int4",
+    "int4_fits",
     "int4_rows",
+    "QUANTIZERS",
     "enabled",
     "disabled",
     "plan_for",

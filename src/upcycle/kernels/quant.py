@@ -115,6 +115,12 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 INT4_GROUP = 32  # weights per fp16 scale: Q4_0's
+INT4_CHUNK = 64  # the kernel reads a row's codes in chunks of 128 weights, the last one may hold 64
+
+
+def int4_fits(inputs: int) -> bool:
+    """Whether rows of `inputs` weights can be stored as int4 rows (a whole number of chunks)."""
+    return inputs % INT4_CHUNK == 0
 
 
 def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,8 +130,8 @@ def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     as uint8 [..., K/2] in the kernel's layout (q4_rows.h: per chunk of n = min(128, K - k0) weights, byte
     b holds weight k0 + b in its low nibble and k0 + n/2 + b in its high one) and scales fp16 [..., K/32]."""
     k = w.shape[-1]
-    if k % 64:
-        raise ValueError(f"int4 rows need a multiple of 64 inputs, not {k}")
+    if not int4_fits(k):
+        raise ValueError(f"int4 rows need a multiple of {INT4_CHUNK} inputs, not {k}")
     grouped = w.detach().float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
     extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True))
     scales = (extreme / -8).to(torch.float16)
