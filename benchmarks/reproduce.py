@@ -61,12 +61,15 @@ def spent(result: dict) -> dict:
 def child_run(folder: Path, settings: dict, *args: str, what: str, keep: tuple[str, ...] = ()) -> dict:
     """A run of a part in a process of its own (this script's `--child ARGS FOLDER`): its result and wall
     time, kept in `folder` with the settings that made it (the same settings later: the kept result, never
-    run again), the run's checkpoints and models deleted once its figures are taken."""
+    run again), the run's checkpoints and models deleted once its figures are taken. A run stopped part-way
+    with the same settings keeps its folder, so a run that checkpoints resumes there."""
     done = reused(folder, settings, "result.json")
     if done is not None:
         return spent(done)
-    shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
+    if reused(folder, settings, "bench_settings.json") is None:
+        shutil.rmtree(folder, ignore_errors=True)
+        folder.mkdir(parents=True)
+        mark(folder, settings)
     started = time.perf_counter()
     result = child(__file__, *args, str(folder))
     if "error" in result:
@@ -473,7 +476,7 @@ def trained_sparse(seed: int = 0) -> Path:
 def sparsify_run(arm: str, seed: int) -> dict:
     settings = {"arm": arm, "seed": seed, "budget": SPARSIFY["budget"], "val_blocks": SPARSIFY["val_blocks"]}
     folder = RUNS / "sparsify" / f"{arm}-s{seed}"
-    if arm == "sparse" and not (trained_sparse(seed) / "config.json").exists():
+    if arm == "sparse" and (folder / "result.json").exists() and not (trained_sparse(seed) / "config.json").exists():
         shutil.rmtree(folder, ignore_errors=True)  # its figures without the model the race needs: made again
     keep = ("final",) if arm == "sparse" else ()
     result = child_run(folder, settings, "sparsify", arm, str(seed), what=f"sparsify part: {arm} seed {seed}",

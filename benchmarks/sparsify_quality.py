@@ -97,7 +97,7 @@ def recipe(name: str, stages: list[dict], kd: bool = True, sparse: bool = False,
         stages=stages,
         val_every=8,
         val_blocks=8,
-        ckpt_every=10_000,
+        ckpt_every=8,  # a run killed mid-way (a session's end) resumes from its last checkpoint
         progress=True,
     )
 
@@ -112,9 +112,11 @@ def train(name: str, model, tok, teacher, stages: list[dict], kd=True, sparse=Fa
         if sparsified != (json.loads(marker.read_text()) if marker.exists() else None):
             raise SystemExit(f"{out} holds a run from other settings; delete it to re-run this row")
     else:
+        resume = marker.exists() and json.loads(marker.read_text()) == sparsified
+        resume = resume and (out / "checkpoints" / "latest").exists()
         out.mkdir(parents=True, exist_ok=True)
         marker.write_text(json.dumps(sparsified, sort_keys=True))
-        Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit()
+        Trainer(config, model=model, tokenizer=tok, teacher=teacher if kd else None).fit(resume=resume)
     trained, _ = upcycle.load(out / "final")
     records = map(json.loads, (out / "metrics.jsonl").open())
     return trained.eval(), [(r["tokens"], r["val_loss"]) for r in records if "val_loss" in r]
