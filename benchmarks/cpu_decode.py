@@ -11,6 +11,11 @@ its own logits).
     python benchmarks/cpu_decode.py --no-llamacpp    # upcycle only
     python benchmarks/cpu_decode.py --untrained      # the sparse model as converted, without training
 
+upcycle's int4 rows are GPTQ-rounded on 16 blocks of the train split (`to_precision(..., calibration=)`:
+Q4_0's grid, bytes and kernel, other codes); llama.cpp's files are made without an importance matrix
+(llama-cpp-python has no imatrix tool), so the JSON also holds the dense model's perplexity at int4 by
+Q4_0's own rule (`ppl_dense_int4_q4_0_rule`), the like-for-like figure.
+
 Rows: tokens/s; bytes of weights read per token (upcycle: each part in its stored precision, the sparse
 FFNs' kept quarter, the predictor; llama.cpp: the GGUF file's bytes, all of which a token reads, its
 tied embedding serving as the LM head); the byte limit = this machine's measured read bandwidth ÷
@@ -57,6 +62,7 @@ from upcycle import hub
 from upcycle import load as upcycle_load
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.eval import perplexity, speed
+from upcycle.infer.calibrate import calibration_blocks
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
@@ -71,7 +77,8 @@ CORPORA = ("shakespeare", "pystdlib")
 MARGIN = 1.01  # a llama.cpp row is matched by an upcycle row at least as fast with ppl at most 1 % above its own
 # the grown checkpoint of --part large: hidden x8 (576 -> 4608), FFN width 6,656: 3.2B parameters
 LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity": "16 of 64, 2-bit shadow predictor",
-         "held_blocks": 4}  # fmt: skip
+         "held_blocks": 4, "calibration_blocks": 4}  # fmt: skip
+CALIBRATION_BLOCKS = 16  # int4's GPTQ calibration, 256 tokens each
 
 
 def exported_gguf(model: str | Path, name: str, kind: str = "f32") -> Path:
@@ -124,17 +131,21 @@ def llamacpp_run(
     return result
 
 
-def models(dense, sparse, precisions=PRECISIONS) -> dict:
+def models(dense, sparse, calibration: torch.Tensor, precisions=PRECISIONS) -> dict:
     """Every upcycle row: dense, sparse and FFN-free at each precision (copies: conversion is in place); at
-    int4 also the sparse model with its shadow re-derived at 2 bits (`sparse2bit_int4`)."""
+    int4 the weights GPTQ-rounded on `calibration` (the FFN-free row, a speed row only, by Q4_0's rule: the
+    same bytes) and also the sparse model with its shadow re-derived at 2 bits (`sparse2bit_int4`)."""
     no_ffn = speed.without_ffns(dense)
     out = {}
     for precision in precisions:
+        blocks = calibration if precision == "int4" else None
         for kind, model in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):
-            out[f"{kind}_{precision}"] = to_precision(copy.deepcopy(model), precision).eval()
+            out[f"{kind}_{precision}"] = to_precision(
+                copy.deepcopy(model), precision, blocks if kind != "no_ffn" else None
+            )
         if precision == "int4":
-            out["sparse2bit_int4"] = to_precision(shadow_at(copy.deepcopy(sparse), 2), precision).eval()
-    return out
+            out["sparse2bit_int4"] = to_precision(shadow_at(copy.deepcopy(sparse), 2), precision, blocks)
+    return {name: model.eval() for name, model in out.items()}
 
 
 def shadow_at(model, bits: int):
@@ -279,9 +290,16 @@ def main() -> None:
         "sparsity": f"16 of 64, 4-bit shadow predictor, {'untrained' if args.untrained else 'trained'}",
     }
     result["sparse_model"] = "converted here" if args.untrained else str(trained)
-    rows = models(dense.eval(), sparse.eval())
+    calibration = calibration_blocks(tokenizer, CALIBRATION_BLOCKS * 256)
+    held = held_out(tokenizer, CORPORA, args.held_blocks)
+    with torch.no_grad():  # Q4_0's own rule on the dense model: llama.cpp's Q4_0 values, the head int8
+        rtn = to_precision(copy.deepcopy(dense), "int4").eval()
+        result["ppl_dense_int4_q4_0_rule"] = {c: perplexity(rtn, b, progress=False).ppl for c, b in held.items()}
+    del rtn
+    rows = models(dense.eval(), sparse.eval(), calibration)
     del dense, sparse
     result |= measure(rows, tokenizer, exported_gguf(MODEL, MODEL), args)
+    result["int4_calibration"] = f"GPTQ on {CALIBRATION_BLOCKS} blocks of 256 tokens of the train split"
     result["criteria"] = criteria(result)
     previous = RESULTS / "cpu_decode.json"
     kept = json.loads(previous.read_text()).get("large") if previous.exists() else None
@@ -315,15 +333,17 @@ def large(args) -> None:
                 raise SystemExit(f"upcycle {cli[0]} failed: {run['error']}")
     shutil.rmtree(wide, ignore_errors=True)
     source = exported_gguf(grown, grown.name, "f16")
-    out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {}}
+    out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {},
+           "int4_calibration": f"GPTQ on {LARGE['calibration_blocks']} blocks of 256 tokens of the train split"}  # fmt: skip
     args.held_blocks = min(args.held_blocks, LARGE["held_blocks"])
     for precision in LARGE["precisions"]:  # one precision's models in memory at a time, each converted in place
         dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
         out["parameters"] = sum(p.numel() for p in dense.parameters())
         rows = {f"no_ffn_{precision}": to_precision(speed.without_ffns(dense), precision).eval()}
-        rows[f"dense_{precision}"] = to_precision(dense, precision).eval()  # before the sparse one is loaded
+        blocks = calibration_blocks(tokenizer, LARGE["calibration_blocks"] * 256) if precision == "int4" else None
+        rows[f"dense_{precision}"] = to_precision(dense, precision, blocks).eval()  # before the sparse one is loaded
         sparse = upcycle_load(sparse_folder, dtype=torch.bfloat16)[0]
-        rows[f"sparse_{precision}"] = to_precision(sparse, precision).eval()
+        rows[f"sparse_{precision}"] = to_precision(sparse, precision, blocks).eval()
         del dense, sparse
         formats = (LLAMA_FORMATS[precision],)
         out["rows"][precision] = measure(rows, tokenizer, source, args, (precision,), formats)
@@ -417,6 +437,10 @@ def table(result: dict) -> str:
             f"- llama.cpp {fmt.upper()} ran without its extra CPU buffer types (repacking/AMX): with them it "
             f"failed ({why})"
         ]
+    if "ppl_dense_int4_q4_0_rule" in result:
+        rule = result["ppl_dense_int4_q4_0_rule"]
+        lines += [f"- upcycle's int4 rows: {result['int4_calibration']}; by Q4_0's own rule instead (llama.cpp's "
+                  f"Q4_0 values, the head int8) the dense model's ppl is {rule['shakespeare']:.2f} / {rule['pystdlib']:.2f}"]  # fmt: skip
     split = result.get("ms_split", {})
     if split:
         lines += [

@@ -1,12 +1,14 @@
 """What int4 costs smollm2-135m, and the choices behind upcycle's int4: the LM head int8 or int4, and
-Q4_0's scale rule (the group's extreme ÷ −8) against a scale chosen per group for the least squared error.
+Q4_0's scale rule (the group's extreme ÷ −8) against a scale chosen per group for the least squared error,
+and Q4_0's rounding against GPTQ's on calibration text (upcycle's int4 with `calibration=`).
 
     python benchmarks/int4_grid.py      # about 3 minutes on 2 cores
 
 Held-out perplexity (2 blocks of 256 tokens a corpus) of the dense model at fp32 and converted by
 `to_precision(model, "int4")` (every linear int4, the head int8: upcycle's default), with the head int4 as
 well, and with the least-squares scale (11 fractions of the extreme, either sign, the fp16 scale of least
-squared error per group) in place of Q4_0's. Result: benchmarks/results/int4_grid.json.
+squared error per group) in place of Q4_0's, and with the codes chosen by GPTQ on 16 blocks of 256 tokens
+of the train split (the same grid and bytes). Result: benchmarks/results/int4_grid.json.
 """
 
 from __future__ import annotations
@@ -17,8 +19,7 @@ import copy
 import torch
 from harness import held_out, save, score
 
-from upcycle import hub, kernels
-from upcycle.infer import precision
+from upcycle import data, hub, kernels
 from upcycle.infer.precision import to_precision
 from upcycle.infer.rows import RowLinear
 from upcycle.kernels import quant
@@ -56,13 +57,15 @@ def main() -> None:
     model, tokenizer = hub.load("smollm2-135m")
     val = held_out(tokenizer, ("shakespeare", "pystdlib"), blocks=2)
     rows = {"fp32": score(model, val), "int4": score(to_precision(copy.deepcopy(model), "int4"), val)}
+    calibration = data.blocks("shakespeare+pystdlib", tokenizer, "train", 256, max_blocks=16)
+    rows["int4, GPTQ on 16 calibration blocks"] = score(to_precision(copy.deepcopy(model), "int4", calibration), val)
     rows["int4, int4 head"] = score(int4_head(to_precision(copy.deepcopy(model), "int4"), model), val)
-    rule = kernels.int4_rows
-    kernels.int4_rows = precision.int4_rows = least_squares_int4  # the conversion's quantizer, this row only
+    rule = kernels.QUANTIZERS["int4"]
+    kernels.QUANTIZERS["int4"] = least_squares_int4  # every int4 conversion's quantizer, this row only
     try:
         rows["int4, least-squares scales"] = score(to_precision(copy.deepcopy(model), "int4"), val)
     finally:
-        kernels.int4_rows = precision.int4_rows = rule
+        kernels.QUANTIZERS["int4"] = rule
     save("int4_grid", {"model": "smollm2-135m", "held_out_blocks": 2, "ppl": rows})
     for name, ppl in rows.items():
         print(f"{name:28s} {ppl}")

@@ -497,3 +497,82 @@ def test_to_precision_int4_quantizes_every_linear_it_can_and_keeps_the_model_clo
     odd = to_precision(hub.tiny("llama", layers=1, hidden=96, ffn=128), "int4")
     assert odd.model.layers[0].self_attn.o_proj.precision == "int8"  # 96 inputs
     assert odd.model.layers[0].mlp.down_proj.precision == "int4"  # 128 inputs
+
+
+def gptq_int4_by_hand(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """GPTQ in its textbook form, in float64, one input at a time: U the upper Cholesky factor of
+    (H + 1 % of its mean diagonal)^-1; at each group's first input Q4_0's step from the weights as updated so
+    far, the input that set it held at code 0; each input's error spread over the later inputs by U's row.
+    The dequantized values."""
+    h = h.double() + 0.01 * h.diagonal().double().mean() * torch.eye(h.shape[0], dtype=torch.float64)
+    u = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    weights, out = w.double().clone(), torch.zeros_like(w, dtype=torch.float64)
+    for j in range(w.shape[1]):
+        if j % 32 == 0:
+            group = weights[:, j : j + 32]
+            at = group.abs().argmax(1)
+            d = (group.gather(1, at[:, None]).squeeze(1) / -8).half().double()
+        codes = torch.clamp(torch.floor(weights[:, j] / torch.where(d != 0, d, 1) + 8.5), 0, 15)
+        codes = torch.where(d == 0, 8.0, torch.where(at == j % 32, 0.0, codes))
+        out[:, j] = (codes - 8) * d
+        error = (weights[:, j] - out[:, j]) / u[j, j]
+        weights[:, j + 1 :] -= error[:, None] * u[j, j + 1 :][None, :]
+    return out.float()
+
+
+def _correlated_inputs(k: int, n: int = 512, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) @ torch.randn(k, k, generator=g) / k**0.5
+
+
+def test_gptq_int4_is_textbook_gptq_on_q4_0s_grid_and_beats_its_rounding():
+    """int4_rows_gptq (blocked, fp32) against GPTQ by hand (float64, one input at a time): the same values
+    but where fp32 and float64 round an input differently; with H = I it is Q4_0's rule exactly; its
+    values give its codes back under Q4_0's rule (what packed copies re-derive); and on the inputs H came
+    from, its products are closer to the fp32 layer's than Q4_0's rounding."""
+    w = torch.randn(24, 256, generator=torch.Generator().manual_seed(3))
+    x = _correlated_inputs(256)
+    h = x.T @ x
+    codes, scales = kernels.quant.int4_rows_gptq(w, h)
+    ours = kernels.dequantize_int4(codes, scales)
+    hand = gptq_int4_by_hand(w, h)
+    assert (ours == hand).float().mean() > 0.97
+    assert torch.allclose(x @ ours.T, x @ hand.T, atol=0.05 * (x @ w.T).abs().max())
+    same = kernels.quant.int4_rows_gptq(w, torch.eye(256))
+    assert torch.equal(kernels.dequantize_int4(*same), int4_by_hand(w))
+    again = kernels.int4_rows(ours)
+    assert torch.equal(again[0], codes) and torch.equal(again[1], scales)
+    error = {name: (x @ (v - w).T).pow(2).mean() for name, v in (("gptq", ours), ("q4_0", int4_by_hand(w)))}
+    assert error["gptq"] < 0.8 * error["q4_0"]
+
+
+def test_to_precision_int4_with_calibration_stores_gptq_codes_from_the_layers_inputs():
+    """The stacked q/k/v rows of a calibrated int4 model hold int4_rows_gptq of the three weights against
+    H = X^T X of the attention's input, X captured here at the input norm's output; the FFN's down rows
+    against its own input; without calibration, Q4_0's rule."""
+    model = hub.tiny("llama", layers=2, hidden=64, ffn=128).eval()
+    blocks = torch.randint(0, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
+    layer = model.model.layers[1]
+    seen = {"attn": [], "down": []}
+    hooks = [
+        layer.input_layernorm.register_forward_hook(lambda m, i, o: seen["attn"].append(o.reshape(-1, 64))),
+        layer.mlp.down_proj.register_forward_pre_hook(lambda m, i: seen["down"].append(i[0].reshape(-1, 128))),
+    ]
+    with torch.no_grad():
+        for block in blocks:
+            model(block[None])
+    for hook in hooks:
+        hook.remove()
+    attn, down = torch.cat(seen["attn"]), torch.cat(seen["down"])
+    qkv = torch.cat([getattr(layer.self_attn, f"{n}_proj").weight.detach() for n in "qkv"])
+    plain_down = layer.mlp.down_proj.weight.detach().clone()
+    want_qkv = kernels.quant.int4_rows_gptq(qkv, attn.T @ attn)
+    want_down = kernels.quant.int4_rows_gptq(layer.mlp.down_proj.weight.detach(), down.T @ down)
+    rtn = to_precision(copy.deepcopy(model), "int4").model.layers[1]
+    to_precision(model, "int4", calibration=blocks)
+    stack = layer.self_attn.stacked_q_proj_k_proj_v_proj.rows
+    assert stack.precision == "int4" and (stack.codes == want_qkv[0]).float().mean() > 0.98
+    assert torch.allclose(stack.scales.float(), want_qkv[1].float(), rtol=1e-2)
+    assert (layer.mlp.down_proj.codes == want_down[0]).float().mean() > 0.98
+    assert not torch.equal(layer.mlp.down_proj.codes, rtn.mlp.down_proj.codes)
+    assert torch.equal(rtn.mlp.down_proj.codes, kernels.int4_rows(plain_down.bfloat16())[0])

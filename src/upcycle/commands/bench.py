@@ -15,6 +15,7 @@ from upcycle.commands import quiet_transformers
 from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
 from upcycle.eval.speed import QWEN7B_FFN, decode_bench, ffn_microbench
+from upcycle.infer.calibrate import CALIBRATION_TOKENS, TOKENS_HELP, calibration_blocks
 from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
 from upcycle.ops import densify
@@ -48,11 +49,13 @@ class BenchConfig(Config):
         "activations (the FFN microbenchmark stays fp32)",
         choices=PRECISIONS,
     )
+    int4_calibration_tokens: int = option(CALIBRATION_TOKENS, TOKENS_HELP)
 
     def validate(self):
         check(bool(self.batches) and min(self.batches) >= 1, "batches", self.batches, "positive integers")
         check(self.new_tokens >= 1, "new_tokens", self.new_tokens, ">= 1")
         check(self.repeats >= 1, "repeats", self.repeats, ">= 1")
+        check(self.int4_calibration_tokens >= 0, "int4_calibration_tokens", self.int4_calibration_tokens, ">= 0")
         check(bool(self.shapes) and set(self.shapes) <= set(SHAPES), "shapes", self.shapes, "model and/or qwen7b")
         given = {k: getattr(self, k) for k in ("bank", "keep", "rank") if getattr(self, k) is not None}
         if given:
@@ -148,8 +151,9 @@ def run(
         if tokenizer is None:
             raise ConfigError(f"{model}: no tokenizer, so no decoding benchmark (pass --no-decode)")
         dense, sparse = sparse_and_dense(loaded, tokenizer, sparsity)
+        blocks = calibration_blocks(tokenizer, config.int4_calibration_tokens) if config.precision == "int4" else None
         if not config.lean:  # the lean decoder converts its own copies
-            dense, sparse = (to_precision(m, config.precision) for m in (dense, sparse))
+            dense, sparse = (to_precision(m, config.precision, blocks) for m in (dense, sparse))
         report.decode = decode_bench(
             dense,
             sparse,
@@ -160,6 +164,7 @@ def run(
             lean=config.lean,
             precision=config.precision,
             progress=options.progress,
+            calibration=blocks,
         )
         report.decode["precision"] = config.precision
     print(report.table())

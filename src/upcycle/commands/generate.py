@@ -16,6 +16,7 @@ from upcycle.commands import quiet_transformers
 from upcycle.commands.bench import sparse_and_dense
 from upcycle.config import Config, RunOptions, option
 from upcycle.errors import ConfigError, check
+from upcycle.infer.calibrate import CALIBRATION_TOKENS, TOKENS_HELP, calibration_blocks
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import PRECISIONS, to_precision
 from upcycle.modules import BankSparseFFN, BankSparsity
@@ -28,6 +29,7 @@ class GenerateConfig(Config):
     precision: str = option(
         "fp32", "weights and activations: fp32, bf16, or int8 / int4 weights with bf16 activations", choices=PRECISIONS
     )
+    int4_calibration_tokens: int = option(CALIBRATION_TOKENS, TOKENS_HELP)
     sparsify: bool = option(False, "for a dense MODEL: also sparsify it (16 of 64, shadow predictor, no training)")
     compile: bool = option(True, "compile the decoding step (the first run compiles: about a minute a model)")
     repeats: int = option(3, "timed runs per model after the first (median)")
@@ -35,6 +37,7 @@ class GenerateConfig(Config):
     def validate(self):
         check(self.new_tokens >= 1, "new_tokens", self.new_tokens, ">= 1")
         check(self.repeats >= 1, "repeats", self.repeats, ">= 1")
+        check(self.int4_calibration_tokens >= 0, "int4_calibration_tokens", self.int4_calibration_tokens, ">= 0")
         check(bool(self.prompt), "prompt", self.prompt, "some text")
 
 
@@ -51,9 +54,10 @@ def run(model: str, config: GenerateConfig = GenerateConfig(), options: RunOptio
     else:
         models = {"dense": loaded}
     ids = tokenizer(config.prompt, return_tensors="pt").input_ids
+    blocks = calibration_blocks(tokenizer, config.int4_calibration_tokens) if config.precision == "int4" else None
     results = {}
     for name, m in models.items():
-        m = to_precision(copy.deepcopy(m) if len(models) > 1 else m, config.precision).eval()
+        m = to_precision(copy.deepcopy(m) if len(models) > 1 else m, config.precision, blocks).eval()
         decoder = GreedyDecoder(m, ids.shape[1] + config.new_tokens + 1, compiled=config.compile)
         decoder.generate(ids, min(4, config.new_tokens))  # kernel plans, then the compiled step
         runs = [decoder.tokens_per_second(ids, config.new_tokens) for _ in range(config.repeats + 1)][1:]

@@ -261,11 +261,11 @@ def ffn_time_per_token(model, ids: torch.Tensor, new_tokens: int) -> dict:
     return {"ffn_ms": spent[0] / new_tokens * 1e3, "other_ms": (total - spent[0]) / new_tokens * 1e3}
 
 
-def _lean_run(model, ids: torch.Tensor, new_tokens: int, precision: str):
+def _lean_run(model, ids: torch.Tensor, new_tokens: int, precision: str, calibration=None):
     """`model`'s copy converted to `precision` (to_precision: the dense layers at one row through the
     kernel's row dots) and a function giving one run's (tokens/s, tokens) through upcycle's lean decoder,
     its step compiled and warmed here."""
-    lean = to_precision(copy.deepcopy(model), precision).eval()
+    lean = to_precision(copy.deepcopy(model), precision, calibration).eval()
     with torch.no_grad():
         lean(ids[:, :1])  # kernel plans built eagerly, before the step is traced
     decoder = GreedyDecoder(lean, ids.shape[1] + new_tokens + 8)
@@ -284,11 +284,13 @@ def decode_bench(
     lean: bool = False,
     precision: str = "fp32",
     progress: bool = True,
+    calibration: torch.Tensor | None = None,
 ) -> dict:
     """Greedy decoding tokens/s of both models on the same prompt, length and threads (alternating);
     `compiled`: both run under torch.compile (see compile_kwargs), else eagerly as Hugging Face does;
     `lean`: copies of both converted to `precision` and run through upcycle's lean decoder
-    (upcycle.infer.decode: one compiled step, no generate()); otherwise the models run as given."""
+    (upcycle.infer.decode: one compiled step, no generate()), int4 GPTQ-rounded on `calibration` where
+    given; otherwise the models run as given."""
     dense.eval(), sparse.eval()
     no_ffn = without_ffns(dense).eval()
     ids = tokenizer(prompt, return_tensors="pt").input_ids
@@ -297,7 +299,7 @@ def decode_bench(
     runs = {}
     if lean:  # the copies that run are the models measured (bytes included)
         (dense, runs["dense"]), (sparse, runs["sparse"]), (no_ffn, runs["no_ffn"]) = (
-            _lean_run(m, ids, new_tokens, precision) for m in (dense, sparse, no_ffn)
+            _lean_run(m, ids, new_tokens, precision, calibration) for m in (dense, sparse, no_ffn)
         )
     else:
         for name, m in (("dense", dense), ("sparse", sparse), ("no_ffn", no_ffn)):

@@ -14,6 +14,8 @@
           bits in a Q4_0 file: on smollm2-135m an int4 head took perplexity from 34.3 to 36.4 on
           shakespeare and 12.6 to 13.8 on pystdlib (fp32: 26.5, 10.5; benchmarks/int4_grid.py).
           A layer whose inputs are not a multiple of 64 (the kernel's chunk) stays int8 too.
+          With `calibration` (token blocks), the codes of every int4 layer outside the bank-sparse FFNs
+          are chosen by GPTQ on them (upcycle.infer.calibrate): the same grid, bytes and speed.
 
 At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
 become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
@@ -36,6 +38,7 @@ from torch import nn
 
 from upcycle.arch import adapter_for
 from upcycle.errors import check
+from upcycle.infer.calibrate import gptq_int4
 from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
 from upcycle.kernels import QUANTIZERS, int4_fits, release
 from upcycle.kernels.memory import huge_page_copy
@@ -69,9 +72,11 @@ def _fits(precision: str, linear: nn.Module) -> str:
 
 
 @torch.no_grad()
-def to_precision(model: nn.Module, precision: str) -> nn.Module:
-    """Convert `model` in place to fp32, bf16 or int8 inference (see the module's docstring)."""
+def to_precision(model: nn.Module, precision: str, calibration: torch.Tensor | None = None) -> nn.Module:
+    """Convert `model` in place to fp32, bf16, int8 or int4 inference (see the module's docstring);
+    `calibration`: token blocks [n, seq] for GPTQ-rounded int4 weights."""
     check(precision in PRECISIONS, "precision", precision, f"one of {', '.join(PRECISIONS)}")
+    rounded = gptq_int4(model, calibration) if calibration is not None and precision == "int4" else {}
     release(model)  # packed copies are rebuilt in the new precision on the next call
     model.to(DTYPES[precision])
     adapter = adapter_for(model)
@@ -87,7 +92,12 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
         stacked = set()
         for names in adapter.shared_input_linears(i):  # one call of the row dots for a group
             if all(name in plain for name in names):
-                stack = StackedRows([plain[name] for name in names], _fits(precision, plain[names[0]]))
+                chosen = [rounded.get((i, name)) for name in names]
+                stack = StackedRows(
+                    [plain[name] for name in names],
+                    _fits(precision, plain[names[0]]),
+                    quantized=chosen if all(chosen) else None,
+                )
                 parent = names[0].rpartition(".")[0]
                 layer.get_submodule(parent).add_module(
                     "stacked_" + "_".join(n.rpartition(".")[2] for n in names), stack
@@ -97,7 +107,7 @@ def to_precision(model: nn.Module, precision: str) -> nn.Module:
                 stacked |= set(names)
         for name, linear in plain.items():
             if name not in stacked:
-                layer.set_submodule(name, RowLinear(linear, _fits(precision, linear)))
+                layer.set_submodule(name, RowLinear(linear, _fits(precision, linear), quantized=rounded.get((i, name))))
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if isinstance(head, (nn.Linear, RowLinear)):
         plain = _plain(head)

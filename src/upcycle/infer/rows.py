@@ -37,14 +37,15 @@ class RowLinear(nn.Module):
     """y = x W^T + b for inference, W stored as `precision`: fp32 or bf16 (the linear's own parameters,
     shared: a tied LM head stays tied), int8 codes [out, in] with one fp32 scale per output row, or int4
     codes [out, in / 2] with an fp16 scale per group of 32 inputs (in a multiple of 64) (and for both a copy
-    of the bias in the activations' dtype)."""
+    of the bias in the activations' dtype). `quantized`: the (codes, scales) to store, chosen elsewhere
+    (infer.calibrate's GPTQ), instead of the precision's own quantizer's."""
 
-    def __init__(self, linear: nn.Linear, precision: str, dtype: torch.dtype | None = None):
+    def __init__(self, linear: nn.Linear, precision: str, dtype: torch.dtype | None = None, quantized=None):
         super().__init__()
         self.in_features, self.out_features, self.precision = linear.in_features, linear.out_features, precision
         dtype = dtype or linear.weight.dtype
         if precision in kernels.QUANTIZERS:
-            codes, scales = kernels.QUANTIZERS[precision](linear.weight.detach())
+            codes, scales = quantized or kernels.QUANTIZERS[precision](linear.weight.detach())
             self.register_buffer("codes", codes)
             if precision == "int8":
                 self.register_buffer("scales", scales.float())
@@ -115,9 +116,9 @@ class StackedRows(nn.Module):
     called out of turn still gets its own rows. Why: at a decoding step each call of the row dots costs a
     few microseconds before it reads anything, and a small matrix (SmolLM2's k and v: 0.4 MB) streams
     more slowly than a large one; one call over the stacked rows pays that once and streams one large
-    matrix."""
+    matrix. `quantized`: each layer's (codes, scales) chosen elsewhere, as RowLinear's."""
 
-    def __init__(self, linears: list[nn.Linear], precision: str):
+    def __init__(self, linears: list[nn.Linear], precision: str, quantized: list | None = None):
         super().__init__()
         weight = torch.cat([linear.weight.detach() for linear in linears])
         self.has_bias = [linear.bias is not None for linear in linears]
@@ -133,7 +134,9 @@ class StackedRows(nn.Module):
                 ),
                 requires_grad=False,
             )
-        self.rows = RowLinear(stacked, precision)
+        if quantized is not None:
+            quantized = tuple(torch.cat(parts) for parts in zip(*quantized))
+        self.rows = RowLinear(stacked, precision, quantized=quantized)
         sizes = [linear.out_features for linear in linears]
         self.bounds = [sum(sizes[:j]) for j in range(len(sizes) + 1)]
         self._input, self._output, self._left = None, None, 0

@@ -69,7 +69,22 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
     """As quantize_rtn, but GPTQ against the inputs' second moment `moment` [in, in] (any positive
     multiple of E[x x^T]). Each group's step is chosen when its first input is reached, from the weights
     as the errors carried so far have left them. An input never seen (zero diagonal) has no say."""
-    levels, (rows, n) = 2**bits, w.shape
+    levels = 2**bits
+
+    def rounded(column: torch.Tensor, step: torch.Tensor, _offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = _round(column, step, levels)
+        return codes, codes * step / 2
+
+    codes, steps = _gptq(w, moment, group, lambda part: best_steps(part, levels), rounded)
+    return codes.to(code_dtype(bits)), steps / 2
+
+
+def _gptq(w: torch.Tensor, moment: torch.Tensor, group: int, step_of, rounded) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's loop over the inputs of w [out, in] on any grid with one step per group of `group` inputs:
+    step_of(weights [out, group]) -> steps [out], chosen when the group's first input is reached;
+    rounded(column [out], steps [out], offset) -> (codes [out], the values they stand for [out]), offset
+    the input's place in its group. Returns codes [out, in] (fp32) and steps [out, in / group]."""
+    rows, n = w.shape
     weights = w.detach().float().clone()
     weights[:, moment.diagonal() == 0] = 0.0
     # the upper Cholesky factor of H^-1: row j holds how input j's error spreads over the inputs after it
@@ -81,14 +96,14 @@ def quantize_gptq(w: torch.Tensor, moment: torch.Tensor, bits: int, group: int) 
         b1 = min(b0 + block, n)
         part, errors, spread = weights[:, b0:b1].clone(), torch.empty(rows, b1 - b0), factor.rows(b0, b1)
         for j in range(b1 - b0):
-            if (b0 + j) % group == 0:
-                steps[:, (b0 + j) // group] = best_steps(part[:, j : j + group], levels)
-            step = steps[:, (b0 + j) // group]
-            codes[:, b0 + j] = c = _round(part[:, j], step, levels)
-            errors[:, j] = e = (part[:, j] - c * step / 2) / spread[j, b0 + j]
+            offset = (b0 + j) % group
+            if offset == 0:
+                steps[:, (b0 + j) // group] = step_of(part[:, j : j + group])
+            codes[:, b0 + j], value = rounded(part[:, j], steps[:, (b0 + j) // group], offset)
+            errors[:, j] = e = (part[:, j] - value) / spread[j, b0 + j]
             part[:, j + 1 :] -= e[:, None] * spread[j, b0 + j + 1 : b1][None, :]
         weights[:, b1:] -= errors @ spread[:, b1:]
-    return codes.to(code_dtype(bits)), steps / 2
+    return codes, steps
 
 
 def quantize_groups(w: torch.Tensor, bits: int, group: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,16 +144,59 @@ def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     stored in fp16; codes c = floor(w / d + 8.5) clamped to [0, 15], standing for (c - 8) d. Returns codes
     as uint8 [..., K/2] in the kernel's layout (q4_rows.h: per chunk of n = min(128, K - k0) weights, byte
     b holds weight k0 + b in its low nibble and k0 + n/2 + b in its high one) and scales fp16 [..., K/32]."""
+    k = _int4_inputs(w)
+    grouped = w.detach().float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
+    step = _q4_steps(grouped)
+    codes = _q4_codes(grouped, step[..., None]).reshape(-1, k)
+    return _int4_pair(codes, step, w.shape)
+
+
+@torch.no_grad()
+def int4_rows_gptq(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4_rows' grid and layout, the codes chosen by GPTQ against the inputs' second moment `moment`
+    [K, K] (as quantize_gptq): what the rows compute, x Ŵ^T, kept close to x W^T on such inputs rather
+    than Ŵ to W. Each group's step is Q4_0's rule on the weights as the errors carried so far have left
+    them, and the input that set it is held at code 0 (the extreme level), so that int4_rows of the
+    dequantized weights gives these codes back: the packed copies and a reloaded model store the same."""
+    _int4_inputs(w)
+    extreme = {}  # each row's offset, in the group being rounded, of the input that set its step
+
+    def step_of(part: torch.Tensor) -> torch.Tensor:
+        extreme["at"] = part.abs().argmax(-1)
+        return _q4_steps(part)
+
+    def rounded(column: torch.Tensor, step: torch.Tensor, offset: int) -> tuple[torch.Tensor, torch.Tensor]:
+        codes = torch.where((extreme["at"] == offset) & (step != 0), 0.0, _q4_codes(column, step))
+        return codes, (codes - 8) * step
+
+    codes, steps = _gptq(w, moment, INT4_GROUP, step_of, rounded)
+    return _int4_pair(codes, steps, w.shape)
+
+
+def _int4_inputs(w: torch.Tensor) -> int:
     k = w.shape[-1]
     if not int4_fits(k):
         raise ValueError(f"int4 rows need a multiple of {INT4_CHUNK} inputs, not {k}")
-    grouped = w.detach().float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
-    extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True))
-    scales = (extreme / -8).to(torch.float16)
-    step = scales.float()
-    codes = torch.floor(grouped / torch.where(step != 0, step, 1.0) + 8.5).clamp_(0, 15)
-    codes = torch.where(step != 0, codes, 8.0).to(torch.uint8).reshape(-1, k)
-    return _pack_nibbles(codes).reshape(*w.shape[:-1], k // 2), scales.reshape(*w.shape[:-1], k // INT4_GROUP)
+    return k
+
+
+def _q4_steps(grouped: torch.Tensor) -> torch.Tensor:
+    """Q4_0's step d of each group [..., group] -> [...]: its value of largest magnitude / -8, fp16-rounded."""
+    extreme = grouped.gather(-1, grouped.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    return (extreme / -8).to(torch.float16).float()
+
+
+def _q4_codes(w: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Q4_0's codes (fp32, in [0, 15]) of w for steps d broadcast against it; 8 (zero) where d is 0."""
+    codes = torch.floor(w / torch.where(step != 0, step, 1.0) + 8.5).clamp_(0, 15)
+    return torch.where(step != 0, codes, 8.0)
+
+
+def _int4_pair(codes: torch.Tensor, steps: torch.Tensor, shape: torch.Size) -> tuple[torch.Tensor, torch.Tensor]:
+    """(packed uint8 codes [..., K/2], fp16 scales [..., K/32]) from codes [rows, K] and steps."""
+    k = shape[-1]
+    packed = _pack_nibbles(codes.reshape(-1, k).to(torch.uint8))
+    return packed.reshape(*shape[:-1], k // 2), steps.to(torch.float16).reshape(*shape[:-1], k // INT4_GROUP)
 
 
 def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
