@@ -8,7 +8,8 @@ Held-out perplexity (2 blocks of 256 tokens a corpus) of the dense model at fp32
 `to_precision(model, "int4")` (every linear int4, the head int8: upcycle's default), with the head int4 as
 well, and with the least-squares scale (11 fractions of the extreme, either sign, the fp16 scale of least
 squared error per group) in place of Q4_0's, and with the codes chosen by GPTQ on 16 blocks of 256 tokens
-of the train split (the same grid and bytes). Result: benchmarks/results/int4_grid.json.
+of the train split (the same grid and bytes), with fp32 activations instead of bf16 (llama.cpp's), and int4a
+(a minimum per group: Q4_1's grid). Result: benchmarks/results/int4_grid.json.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from harness import held_out, save, score
 
 from upcycle import data, hub, kernels
+from upcycle.infer import precision
 from upcycle.infer.precision import to_precision
 from upcycle.infer.rows import RowLinear
 from upcycle.kernels import quant
@@ -59,6 +61,12 @@ def main() -> None:
     rows = {"fp32": score(model, val), "int4": score(to_precision(copy.deepcopy(model), "int4"), val)}
     calibration = data.blocks("shakespeare+pystdlib", tokenizer, "train", 256, max_blocks=16)
     rows["int4, GPTQ on 16 calibration blocks"] = score(to_precision(copy.deepcopy(model), "int4", calibration), val)
+    rows["int4a (a minimum per group: Q4_1's grid)"] = score(to_precision(copy.deepcopy(model), "int4a"), val)
+    precision.DTYPES["int4"] = torch.float32  # the activations as llama.cpp keeps them, this row only
+    try:
+        rows["int4, fp32 activations"] = score(to_precision(copy.deepcopy(model), "int4"), val)
+    finally:
+        precision.DTYPES["int4"] = torch.bfloat16
     rows["int4, int4 head"] = score(int4_head(to_precision(copy.deepcopy(model), "int4"), model), val)
     rule = kernels.QUANTIZERS["int4"]
     kernels.QUANTIZERS["int4"] = least_squares_int4  # every int4 conversion's quantizer, this row only

@@ -89,7 +89,15 @@ def repair_table(r: dict) -> str:
     return "\n".join(lines)
 
 
+def int4_grid(r: dict) -> str:
+    """benchmarks/int4_grid.py: held-out perplexity of each int4 choice beside fp32."""
+    rows = ["| smollm2-135m, dense | ppl shakespeare | ppl pystdlib |", "|---|---|---|"]
+    rows += [f"| {name} | {ppl['shakespeare']:.2f} | {ppl['pystdlib']:.2f} |" for name, ppl in r["ppl"].items()]
+    return "\n".join(rows + ["", f"({r['held_out_blocks']} held-out blocks of 256 tokens a corpus.)"])
+
+
 TABLES = {
+    "int4_grid": ("int4_grid", int4_grid),
     "grow": ("grow", lambda r: benchmark("grow").table(r)),
     "slim": ("slim", lambda r: benchmark("slim").tables(r)),
     "slim-peers": ("slim", slim_peers),

@@ -254,7 +254,7 @@ def test_a_compiled_step_calls_the_row_dots_once_per_stack():
     assert all(m._input is None for m in model.modules() if isinstance(m, StackedRows))  # nothing held
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "int8", "int4", "int4a"])
 def test_the_lean_decoder_generates_what_generate_does(precision):
     dense, sparse = _tiny_sparse()
     ids = torch.randint(0, dense.config.vocab_size, (1, 7))
@@ -352,6 +352,23 @@ def int4_by_hand(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def int4a_by_hand(w: torch.Tensor) -> torch.Tensor:
+    """Q4_1's grid group by group: m = the smallest value, d = (the largest - m) / 15, both in fp16, codes
+    round((w - m) / d) in [0, 15] standing for c d + m. The dequantized values."""
+    out = torch.zeros_like(w, dtype=torch.float32)
+    for r, row in enumerate(w.float()):
+        for g in range(0, row.numel(), 32):
+            group = row[g : g + 32]
+            m = group.min().half().float()
+            d = ((group.max() - group.min()) / 15).half().float()
+            codes = torch.clamp(torch.round((group - m) / d), 0, 15) if d != 0 else torch.zeros(32)
+            out[r, g : g + 32] = codes * d + m
+    return out
+
+
+BY_HAND = {"int4": lambda w: int4_by_hand(w), "int4a": lambda w: int4a_by_hand(w)}
+
+
 def q8_by_hand(x: torch.Tensor) -> torch.Tensor:
     """Each row's groups of 32 rounded to int8 (scale max|x| / 127, ties to even): Q8_0's token."""
     out = torch.empty_like(x)
@@ -385,11 +402,11 @@ def test_int4_rows_are_q4_0_in_the_kernels_byte_layout():
 INT4_SHAPES = [(64, 256, 64, 1), (64, 256, 64, 64), (128, 512, 32, 8), (576, 1536, 64, 16)]
 
 
-def _int4_expected(ffn, x, bank, keep):
+def _int4_expected(ffn, x, bank, keep, by_hand=int4_by_hand):
     """The low-rank predictor's hard top-k on x, the gate and up dots of the int4 weights with the token
     at 8 bits, the down rows int4, sums in fp32."""
-    gate, up = int4_by_hand(ffn.gate_proj.weight), int4_by_hand(ffn.up_proj.weight)
-    down = int4_by_hand(ffn.down_proj.weight.t().contiguous()).t()
+    gate, up = by_hand(ffn.gate_proj.weight), by_hand(ffn.up_proj.weight)
+    down = by_hand(ffn.down_proj.weight.t().contiguous()).t()
     pred = ffn.predictor
     z = (x @ pred.down.weight.T) @ pred.up.weight.T + pred.up.bias
     zb = z.reshape(z.shape[0], -1, bank)
@@ -401,16 +418,18 @@ def _int4_expected(ffn, x, bank, keep):
 @needs_kernel
 @pytest.mark.parametrize("shape", INT4_SHAPES, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("rows", [1, 5])
-def test_int4_kernel_equals_its_reference(shape, rows):
+@pytest.mark.parametrize("precision", ["int4", "int4a"])
+def test_int4_kernel_equals_its_reference(shape, rows, precision):
+    """int4 (Q4_0's grid) and int4a (Q4_1's: a minimum per group, its scales twice as many)."""
     hidden, width, bank, keep = shape
     ffn = _ffn(hidden, width, bank, keep)
-    ffn.kernel_precision = "int4"
+    ffn.kernel_precision = precision
     x = torch.randn(rows, hidden)
     with torch.no_grad():
         plan = kernels.plan_for(ffn)
         assert plan.packed.dtype == torch.uint8 and plan.packed.shape == (width, 3, hidden // 2)
-        assert plan.row_scales.shape == (width, 3, hidden // 32)
-        want = _int4_expected(ffn, x, bank, keep)
+        assert plan.row_scales.shape == (width, 3, hidden // (32 if precision == "int4" else 16))
+        want = _int4_expected(ffn, x, bank, keep, BY_HAND[precision])
         got = kernels.run_kernel(ffn, x)
         via_operator = torch.ops.upcycle.bank_sparse_ffn(
             x, plan.packed, plan.row_scales, *plan.predictor, bank, keep, 0
@@ -425,15 +444,16 @@ INT4_ROWS = [(576, 192), (128, 31), (64, 40)]
 @needs_kernel
 @pytest.mark.parametrize("shape", INT4_ROWS, ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
-def test_int4_row_dots_equal_the_hand_computation(shape, rows):
-    """The operator (C++ and ctypes alike) and the layer: x at 8 bits per 32 against the Q4_0 weight; the
-    layer's paths beyond 4 rows (the kernel again, then the matmul) compute the same."""
+@pytest.mark.parametrize("precision", ["int4", "int4a"])
+def test_int4_row_dots_equal_the_hand_computation(shape, rows, precision):
+    """The operator (C++ and ctypes alike) and the layer: x at 8 bits per 32 against the Q4_0 (Q4_1)
+    weight; the layer's paths beyond 4 rows (the kernel again, then the matmul) compute the same."""
     inputs, outputs = shape
     torch.manual_seed(rows)
     linear = torch.nn.Linear(inputs, outputs, bias=True)
-    layer = RowLinear(linear, "int4")
+    layer = RowLinear(linear, precision)
     x = torch.randn(rows, inputs)
-    want = (q8_by_hand(x).double() @ int4_by_hand(linear.weight).double().T).float()
+    want = (q8_by_hand(x).double() @ BY_HAND[precision](linear.weight).double().T).float()
     with torch.no_grad():
         got = torch.ops.upcycle.row_dots(x, layer.codes, layer.scales)
         by_ctypes = kernels._python_row_dots(x, layer.codes, layer.scales)
@@ -457,7 +477,7 @@ def test_the_scalar_fallback_computes_what_the_vector_code_does():
     lib = build._bind(ctypes_library(build._built(build.compiler(), "libupcycle_scalar.so",
                                                   [build.SOURCE, build.Q4_SOURCE], ["-mno-avx512f", "-mno-f16c"])))  # fmt: skip
     torch.manual_seed(3)
-    for precision in ("int4", "int8"):
+    for precision in ("int4", "int4a", "int8"):
         ffn = _ffn(128, 512, 32, 8)
         ffn.kernel_precision = precision
         x = torch.randn(3, 128)
@@ -468,15 +488,16 @@ def test_the_scalar_fallback_computes_what_the_vector_code_does():
             assert lib.upcycle_bank_sparse_ffn_f32(plan.ref, x.data_ptr(), 3, None, 32, 8, 0, out.data_ptr()) == 0
         torch.testing.assert_close(out, vector, rtol=1e-4, atol=1e-5 * vector.abs().max().item())
     linear = torch.nn.Linear(576, 40, bias=False)
-    layer = RowLinear(linear, "int4")
-    x = torch.randn(2, 576)
-    y = torch.empty(2, 40)
-    code = lib.upcycle_row_dots(
-        layer.codes.data_ptr(), 3, layer.scales.data_ptr(), x.data_ptr(), 2, 40, 576, y.data_ptr()
-    )
-    assert code == 0
-    want = q8_by_hand(x) @ int4_by_hand(linear.weight).T
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    for precision, weight_type in (("int4", 3), ("int4a", 4)):
+        layer = RowLinear(linear, precision)
+        x = torch.randn(2, 576)
+        y = torch.empty(2, 40)
+        code = lib.upcycle_row_dots(
+            layer.codes.data_ptr(), weight_type, layer.scales.data_ptr(), x.data_ptr(), 2, 40, 576, y.data_ptr()
+        )
+        assert code == 0
+        want = q8_by_hand(x) @ BY_HAND[precision](linear.weight).T
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 def ctypes_library(path):

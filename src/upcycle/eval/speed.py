@@ -155,8 +155,8 @@ def _stored_bytes(module: torch.nn.Module) -> float:
     precision = getattr(module, "kernel_precision", None)
     if precision in QUANTIZERS:
         width, hidden = module.gate_proj.weight.shape
-        if precision == "int4":
-            return 3 * width * hidden / 2 + 3 * width * (hidden // 32) * 2
+        if precision in ("int4", "int4a"):  # int4a: a minimum beside each fp16 step
+            return 3 * width * hidden / 2 + 3 * width * (hidden // 32) * 2 * (2 if precision == "int4a" else 1)
         return 3 * width * hidden + 3 * width * 4
     own = [t for t in module.parameters()] + [b for n, b in module.named_buffers() if n.endswith(("codes", "scales"))]
     return float(sum(t.numel() * t.element_size() for t in own))

@@ -16,6 +16,8 @@
           A layer whose inputs are not a multiple of 64 (the kernel's chunk) stays int8 too.
           With `calibration` (token blocks), the codes of every int4 layer outside the bank-sparse FFNs
           are chosen by GPTQ on them (upcycle.infer.calibrate): the same grid, bytes and speed.
+    int4a as int4 with a minimum per group too (Q4_1's grid: c d + m, 5 bits a weight, kernels.quant.
+          int4a_rows): no level spent on the side of zero a group's weights avoid. Rounded to nearest.
 
 At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
 become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
@@ -39,14 +41,20 @@ from torch import nn
 from upcycle.arch import adapter_for
 from upcycle.errors import check
 from upcycle.infer.calibrate import gptq_int4
-from upcycle.infer.rows import RowLinear, RowsOf, StackedRows
+from upcycle.infer.rows import INT4S, RowLinear, RowsOf, StackedRows
 from upcycle.kernels import QUANTIZERS, int4_fits, release
 from upcycle.kernels.memory import huge_page_copy
 from upcycle.kernels.quant import dequantize_int4
 from upcycle.modules import BankSparseFFN
 
-PRECISIONS = ("fp32", "bf16", "int8", "int4")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "int8": torch.bfloat16, "int4": torch.bfloat16}
+PRECISIONS = ("fp32", "bf16", "int8", "int4", "int4a")
+DTYPES = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "int8": torch.bfloat16,
+    "int4": torch.bfloat16,
+    "int4a": torch.bfloat16,
+}
 
 
 def _on_grid(rows: torch.Tensor, precision: str) -> torch.Tensor:
@@ -68,7 +76,7 @@ def kernel_grid(ffn, precision: str = "int8") -> None:
 
 def _fits(precision: str, linear: nn.Module) -> str:
     """int4 where the kernel's chunks fit the inputs (a multiple of 64), else int8."""
-    return "int8" if precision == "int4" and not int4_fits(linear.in_features) else precision
+    return "int8" if precision in INT4S and not int4_fits(linear.in_features) else precision
 
 
 @torch.no_grad()
@@ -112,7 +120,7 @@ def to_precision(model: nn.Module, precision: str, calibration: torch.Tensor | N
     if isinstance(head, (nn.Linear, RowLinear)):
         plain = _plain(head)
         tied = plain.weight is embedding.weight
-        model.set_output_embeddings(RowLinear(plain, "int8" if precision == "int4" else precision))
+        model.set_output_embeddings(RowLinear(plain, "int8" if precision in INT4S else precision))
         if tied and precision in QUANTIZERS:  # the head is its own copy now; the embedding keeps the bf16 table
             model.config.tie_word_embeddings = False
     _streamed_from_huge_pages(model)

@@ -26,6 +26,7 @@ from torch import nn
 from upcycle import kernels
 from upcycle.kernels.quant import INT4_GROUP, quantize_activations
 
+INT4S = ("int4", "int4a")  # the int4 precisions: Q4_0's grid, and with a minimum per group (Q4_1's)
 MAX_ROWS = 4  # the kernel computes up to 4 rows per pass over the weights; beyond, matmuls win
 # int4 beyond MAX_ROWS has no matmul of its own: it would widen the whole weight at every call (about a
 # second a forward for smollm2-135m). Up to this many rows the kernel reads the codes again per 4 rows
@@ -75,14 +76,14 @@ class RowLinear(nn.Module):
         """The weight the layer computes with (an int8 or int4 layer's codes times their scales)."""
         if self.precision == "int8":
             return self.codes.float() * self.scales[:, None]
-        if self.precision == "int4":
+        if self.precision in INT4S:
             return kernels.dequantize_int4(self.codes, self.scales)
         return self.weight
 
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
         # the operator tells the weight type by its element size: fp16 (2 bytes, like bf16) stays on the matmul
         return (
-            rows.shape[0] <= (MAX_INT4_ROWS if self.precision == "int4" else MAX_ROWS)
+            rows.shape[0] <= (MAX_INT4_ROWS if self.precision in INT4S else MAX_ROWS)
             and rows.device.type == "cpu"
             and self.kernel_ready
             and kernels._enabled
@@ -97,7 +98,7 @@ class RowLinear(nn.Module):
             y = torch.ops.upcycle.row_dots(rows.float(), self.stored, scales).to(x.dtype)
         elif self.precision == "int8":
             y = torch._weight_int8pack_mm(rows, self.codes, self.scales_for_matmul)
-        elif self.precision == "int4":  # a prompt: what the kernel computes, a row at a time
+        elif self.precision in INT4S:  # a prompt: what the kernel computes, a row at a time
             y = F.linear(quantize_activations(rows.float(), INT4_GROUP), self.dequantized()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight)

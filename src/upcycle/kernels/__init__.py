@@ -27,7 +27,7 @@ import torch
 
 from upcycle.kernels.build import FFNWeights, load, load_operator, why_no_operator, why_unavailable
 from upcycle.kernels.memory import huge_page_copy
-from upcycle.kernels.quant import dequantize_int4, int4_fits, int4_rows, quantize_groups
+from upcycle.kernels.quant import dequantize_int4, int4_fits, int4_rows, int4a_rows, quantize_groups
 
 GATE_CODES = {"hard": 0, "sigmoid": 1, "softmax": 2}
 MAX_TOKENS = 64  # beyond this many rows (prefill), dense matrix products win; nothing to measure
@@ -64,8 +64,19 @@ def _state(tensors) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
-# the kernel's codes for a packed copy's element type: int4 codes are bytes of two (uint8)
+# the kernel's codes for a packed copy's element type: int4 codes are bytes of two (uint8); int4 codes with
+# a minimum per group as well (int4a) are type 4, told apart by their scales (weight_type)
 WEIGHT_TYPES = {torch.float32: 0, torch.bfloat16: 1, torch.int8: 2, torch.uint8: 3}
+
+
+def weight_type(codes: torch.Tensor, scales: torch.Tensor) -> int:
+    """The kernel's weight type of stored rows: int4 rows whose scales hold a minimum per group too (two
+    fp16 per 32 weights: int4a_rows) are type 4."""
+    if codes.dtype == torch.uint8 and scales.shape[-1] * 16 == 2 * codes.shape[-1]:
+        return 4
+    return WEIGHT_TYPES[codes.dtype]
+
+
 NO_SCALES = torch.empty(0)  # the row scales of a packed copy that has none (fp32, bf16)
 
 
@@ -87,7 +98,7 @@ def _ffn_struct(
     rank = pred_down.shape[0] if pred_down is not None else 0
     stride = 3 * packed.shape[2]  # elements of the weight type (int4: bytes)
     weights = FFNWeights(*pointers, rank, base, base + row, base + 2 * row, stride, hidden, width)
-    weights.weight_type = WEIGHT_TYPES[packed.dtype]
+    weights.weight_type = weight_type(packed, row_scales)
     weights.row_scales = row_scales.data_ptr() if packed.dtype in (torch.int8, torch.uint8) else None
     return weights
 
@@ -107,7 +118,7 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 # the stored precisions that are codes and scales, each by its quantizer (RowLinear's and the packed copy's)
-QUANTIZERS = {"int8": int8_rows, "int4": int4_rows}
+QUANTIZERS = {"int8": int8_rows, "int4": int4_rows, "int4a": int4a_rows}
 
 
 def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,7 +146,7 @@ class KernelPlan:
         gate, up, down, *predictor = (t.detach() for t in self.tensors)
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
         cpu = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in self.tensors)
-        fits = self.precision != "int4" or int4_fits(gate.shape[1])
+        fits = self.precision not in ("int4", "int4a") or int4_fits(gate.shape[1])
         self.usable = silu and cpu and fits
         if not self.usable:
             return
@@ -335,7 +346,14 @@ def _python_row_dots(x: torch.Tensor, w: torch.Tensor, row_scales: torch.Tensor)
     out = x.new_empty(x.shape[0], w.shape[0])
     scales = row_scales.data_ptr() if w.dtype in (torch.int8, torch.uint8) else None
     code = load().upcycle_row_dots(
-        w.data_ptr(), WEIGHT_TYPES[w.dtype], scales, x.data_ptr(), x.shape[0], w.shape[0], x.shape[1], out.data_ptr()
+        w.data_ptr(),
+        weight_type(w, row_scales),
+        scales,
+        x.data_ptr(),
+        x.shape[0],
+        w.shape[0],
+        x.shape[1],
+        out.data_ptr(),
     )
     if code != 0:
         raise RuntimeError(f"row_dots rejected its arguments (code {code})")

@@ -540,7 +540,7 @@ void row_dots(const W* w, const float* scales, const float* x, int64_t T, int64_
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 8; }
+int upcycle_kernels_abi_version() { return 9; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -558,9 +558,11 @@ struct FFNWeights {
     const float* shadow_scales;   // [I/16, 2, H/G, 16]
     int64_t shadow_group;         // G: inputs per scale (a multiple of 32 / BITS that divides H)
     int64_t shadow_bits;          // BITS: 4 or 2, the width of each stored code
-    int64_t weight_type;          // of w_gate / w_up / w_down_t: 0 fp32, 1 bf16, 2 int8, 3 int4 (q4_rows.h)
+    int64_t weight_type;          // of w_gate / w_up / w_down_t: 0 fp32, 1 bf16, 2 int8, 3 int4, 4 int4 with
+                                  // minimums (q4_rows.h)
     const void* row_scales;       // int8: fp32 [I, 3] (gate, up, down^T row of each channel); int4: fp16
-                                  // [I, 3, H/32] (each row's group scales); else null
+                                  // [I, 3, H/32] (each row's group scales; type 4: [I, 3, H/16], the steps
+                                  // then the minimums); else null
 };
 
 // x: [T, H]; z: [T, I] predictor logits, or null to compute them here; out: [T, H].
@@ -571,13 +573,13 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     const float *pred_down = w->pred_down, *pred_up = w->pred_up, *pred_bias = w->pred_bias;
     if (T < 1 || H < 1 || I < 1 || bank < 1 || keep < 1 || keep > bank || I % bank != 0) return -1;
     const int64_t wtype = w->weight_type;
-    if (wtype < 0 || wtype > 3 || (wtype >= 2) != (w->row_scales != nullptr) || (wtype == 3 && H % 64 != 0)) return -4;
+    if (wtype < 0 || wtype > 4 || (wtype >= 2) != (w->row_scales != nullptr) || (wtype >= 3 && H % 64 != 0)) return -4;
     // the kernel walks rows from w_gate (the packed layout: up and down^T follow each gate row)
     const char* w_base = static_cast<const char*>(w->w_gate);
     const int64_t row_bytes = wtype == 0 ? 4 * H : wtype == 1 ? 2 * H : wtype == 2 ? H : H / 2;
-    const int64_t stride_bytes = wtype == 3 ? stride : stride * (row_bytes / H);  // int4's stride is in bytes
+    const int64_t stride_bytes = wtype >= 3 ? stride : stride * (row_bytes / H);  // int4's stride is in bytes
     if (static_cast<const char*>(w->w_up) != w_base + row_bytes || static_cast<const char*>(w->w_down_t) != w_base + 2 * row_bytes ||
-        (wtype == 3 && stride != 3 * H / 2))
+        (wtype >= 3 && stride != 3 * H / 2))
         return -5;
     const uint8_t* shadow = w->shadow_codes;
     const int64_t G = w->shadow_group;
@@ -594,8 +596,8 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     std::vector<float> z_own(z_in ? 0 : T * I), y(z_in || shadow_z ? 0 : T * r);
     std::vector<ShadowInput> tokens(shadow_z ? T : 0);  // each token quantized once for the whole layer
     for (int64_t t = 0; shadow_z && t < T; ++t) quantize_token(x + t * H, H, G, tokens[t]);
-    std::vector<Q4Input> q4_tokens(wtype == 3 ? T : 0);  // likewise for int4 rows' dots
-    for (int64_t t = 0; wtype == 3 && t < T; ++t) quantize_q4_input(x + t * H, H, q4_tokens[t]);
+    std::vector<Q4Input> q4_tokens(wtype >= 3 ? T : 0);  // likewise for int4 rows' dots
+    for (int64_t t = 0; wtype >= 3 && t < T; ++t) quantize_q4_input(x + t * H, H, q4_tokens[t]);
     std::vector<float> scale(I * T, 0.f);
     std::vector<float> partial(static_cast<size_t>(threads) * T * H);
     const float* z = z_in ? z_in : z_own.data();
@@ -649,9 +651,12 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
         else if (wtype == 2)
             stream_channels(reinterpret_cast<const int8_t*>(w_base), static_cast<const float*>(w->row_scales), stride, H, kept, x,
                             scale.data(), T, acc);
+        else if (wtype == 3)
+            stream_channels_q4<false>(reinterpret_cast<const uint8_t*>(w_base), static_cast<const uint16_t*>(w->row_scales), H, kept,
+                                      q4_tokens.data(), scale.data(), T, acc);
         else
-            stream_channels_q4(reinterpret_cast<const uint8_t*>(w_base), static_cast<const uint16_t*>(w->row_scales), H, kept,
-                               q4_tokens.data(), scale.data(), T, acc);
+            stream_channels_q4<true>(reinterpret_cast<const uint8_t*>(w_base), static_cast<const uint16_t*>(w->row_scales), H, kept,
+                                     q4_tokens.data(), scale.data(), T, acc);
 #pragma omp barrier
         // sum the per-thread partial outputs
 #pragma omp for schedule(static)
@@ -665,18 +670,20 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
 }
 
 // Dense rows (see row_dots): w [N, K] of weight_type 0 fp32, 1 bf16, 2 int8 (row_scales fp32 [N]), 3 int4
-// (w [N, K/2] codes, row_scales fp16 [N, K/32]: q4_rows.h; K a multiple of 64); else row_scales null; x
+// (w [N, K/2] codes, row_scales fp16 [N, K/32]: q4_rows.h; K a multiple of 64), 4 int4 with minimums
+// (row_scales [N, K/16]: each row's steps, then its minimums); else row_scales null; x
 // [T, K] fp32; y [T, N] fp32. Returns 0, or a negative value on bad arguments.
 int upcycle_row_dots(const void* w, int64_t weight_type, const void* row_scales, const float* x, int64_t T,
                      int64_t N, int64_t K, float* y) {
-    if (T < 1 || N < 1 || K < 1 || weight_type < 0 || weight_type > 3 || (weight_type >= 2) != (row_scales != nullptr) ||
-        (weight_type == 3 && K % 64 != 0))
+    if (T < 1 || N < 1 || K < 1 || weight_type < 0 || weight_type > 4 || (weight_type >= 2) != (row_scales != nullptr) ||
+        (weight_type >= 3 && K % 64 != 0))
         return -1;
     const float* scales = static_cast<const float*>(row_scales);
     if (weight_type == 0) row_dots(static_cast<const float*>(w), scales, x, T, N, K, y);
     else if (weight_type == 1) row_dots(static_cast<const bf16_t*>(w), scales, x, T, N, K, y);
     else if (weight_type == 2) row_dots(static_cast<const int8_t*>(w), scales, x, T, N, K, y);
-    else q4_row_dots(static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(row_scales), x, T, N, K, y);
+    else if (weight_type == 3) q4_row_dots<false>(static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(row_scales), x, T, N, K, y);
+    else q4_row_dots<true>(static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(row_scales), x, T, N, K, y);
     return 0;
 }
 

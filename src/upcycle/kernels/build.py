@@ -31,7 +31,7 @@ SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 Q4_SOURCE = Path(__file__).with_name("q4_rows.h")  # #included by SOURCE
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 8
+ABI_VERSION = 9
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None

@@ -16,6 +16,10 @@
 //
 // The down projection of the sparse FFN adds h (c - 8) d to the output: its codes are widened to fp32 in
 // registers, 16 at a time, several channels' rows per pass over the output.
+//
+// With MIN (weight type 4, Q4_1's grid: 5 bits a weight) each group also has an fp16 minimum m and c stands
+// for c d + m: a row's scales are its K/32 steps d followed by its K/32 minimums. Its dot is the sum over
+// groups of d_x (d_w sum c xq + m_w sum xq), the second sum the one Q4_0 takes 8 times out (minus8).
 
 constexpr int64_t Q4_GROUP = 32;
 
@@ -55,8 +59,14 @@ inline int q4_code(const uint8_t* row, int64_t K, int64_t i) {
     return off < half ? byte & 15 : byte >> 4;
 }
 
+// fp16 scales a row of K weights has: d per group, and m per group with MIN.
+template <bool MIN>
+constexpr int64_t q4_scales(int64_t K) {
+    return (MIN ? 2 : 1) * K / Q4_GROUP;
+}
+
 // out[r][k] = rows[r] . token k, for R rows (codes, fp16 scales) and N tokens; `next` prefetched.
-template <int R, int N>
+template <int R, int N, bool MIN>
 inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* scales, const Q4Input* const* xs, int64_t K,
                           const uint8_t* const* next, float (*out)[N]) {
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__F16C__)
@@ -91,6 +101,21 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
             const __m512i clo = _mm512_and_si512(v, low), chi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
             const __m512 d = _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + k0 / 32)));
             const __m512 dlo = _mm512_permutexvar_ps(lo_idx, d), dhi = _mm512_permutexvar_ps(full ? hi_idx : hi_idx_half, d);
+            if constexpr (MIN) {  // c d + m: sum c xq from the codes alone, m sum xq = (-m / 8) minus8
+                const __m512 m = _mm512_mul_ps(
+                    _mm512_castps128_ps512(_mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + K / Q4_GROUP + k0 / 32))),
+                    _mm512_set1_ps(-0.125f));
+                const __m512 mlo = _mm512_permutexvar_ps(lo_idx, m), mhi = _mm512_permutexvar_ps(full ? hi_idx : hi_idx_half, m);
+                const __m512i zero = _mm512_setzero_si512();
+                for (int k = 0; k < N; ++k) {
+                    const __m512i ilo = _mm512_dpbusd_epi32(zero, clo, xlo[k]), ihi = _mm512_dpbusd_epi32(zero, chi, xhi[k]);
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ilo), _mm512_mul_ps(dlo, slo[k]), acc[r][k]);
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ihi), _mm512_mul_ps(dhi, shi[k]), acc[r][k]);
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(blo[k]), _mm512_mul_ps(mlo, slo[k]), acc[r][k]);
+                    acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(bhi[k]), _mm512_mul_ps(mhi, shi[k]), acc[r][k]);
+                }
+                continue;
+            }
             for (int k = 0; k < N; ++k) {
                 const __m512i ilo = _mm512_dpbusd_epi32(blo[k], clo, xlo[k]);
                 const __m512i ihi = _mm512_dpbusd_epi32(bhi[k], chi, xhi[k]);
@@ -107,9 +132,14 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
         for (int k = 0; k < N; ++k) {
             float total = 0.f;
             for (int64_t g = 0; g < K / Q4_GROUP; ++g) {
-                int32_t dot = 0;
-                for (int64_t i = g * Q4_GROUP; i < (g + 1) * Q4_GROUP; ++i) dot += (q4_code(rows[r], K, i) - 8) * xs[k]->xq[i];
-                total += half_to_float(scales[r][g]) * xs[k]->sx4[g * Q4_GROUP / 4] * static_cast<float>(dot);
+                int32_t dot = 0, sum = 0;
+                for (int64_t i = g * Q4_GROUP; i < (g + 1) * Q4_GROUP; ++i) {
+                    dot += (q4_code(rows[r], K, i) - (MIN ? 0 : 8)) * xs[k]->xq[i];
+                    sum += xs[k]->xq[i];
+                }
+                const float m = MIN ? half_to_float(scales[r][K / Q4_GROUP + g]) : 0.f;
+                total += xs[k]->sx4[g * Q4_GROUP / 4] *
+                         (half_to_float(scales[r][g]) * static_cast<float>(dot) + m * static_cast<float>(sum));
             }
             out[r][k] = total;
         }
@@ -119,28 +149,35 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
 // acc[k] += h[r][k] * rows[r] for R rows of K (codes, fp16 scales) and N output rows, the rows added in
 // order r = 0, 1, ... (so R rows at once give bitwise what R calls of one row give); `next` prefetched.
 // Each weight is (c - 8) * (d h): the scale times h once per group, a table lookup (pshufb) for c - 8.
-template <int R, int N>
+// With MIN, c * (d h) + m h.
+template <int R, int N, bool MIN>
 inline void q4_block_axpys(const uint8_t* const* rows, const uint16_t* const* scales, float* const* acc, const float (*h)[N],
                            int64_t K, const uint8_t* const* next) {
 #if defined(__AVX512F__) && defined(__F16C__)
     const __m128i low = _mm_set1_epi8(0x0F);
-    const __m128i minus8 = _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    const __m128i level = MIN ? _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                               : _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
     for (int64_t k0 = 0; k0 < K; k0 += 128) {
         const bool full = K - k0 >= 128;
         const int64_t half = full ? 64 : 32;
         alignas(16) float hd[R][N][4];  // d h of the chunk's (up to) 4 groups
+        alignas(16) float hm[R][N][4];  // m h (MIN)
         for (int r = 0; r < R; ++r) {
             prefetch(next[r] + k0 / 2);
             const __m128 d4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + k0 / Q4_GROUP));
             for (int k = 0; k < N; ++k) _mm_store_ps(hd[r][k], _mm_mul_ps(d4, _mm_set1_ps(h[r][k])));
+            if constexpr (MIN) {
+                const __m128 m4 = _mm_cvtph_ps(_mm_maskz_loadu_epi16(full ? 0xF : 0x3, scales[r] + K / Q4_GROUP + k0 / Q4_GROUP));
+                for (int k = 0; k < N; ++k) _mm_store_ps(hm[r][k], _mm_mul_ps(m4, _mm_set1_ps(h[r][k])));
+            }
         }
         for (int64_t b = 0; b < half; b += 16) {  // weights k0 + b.. (low nibbles) and k0 + half + b.. (high)
             const int glo = static_cast<int>(b / 32), ghi = (full ? 2 : 1) + glo;
             __m512 wlo[R], whi[R];
             for (int r = 0; r < R; ++r) {
                 const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k0 / 2 + b));
-                wlo[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(minus8, _mm_and_si128(v, low))));
-                whi[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(minus8, _mm_and_si128(_mm_srli_epi16(v, 4), low))));
+                wlo[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(level, _mm_and_si128(v, low))));
+                whi[r] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_shuffle_epi8(level, _mm_and_si128(_mm_srli_epi16(v, 4), low))));
             }
             for (int k = 0; k < N; ++k) {
                 float *lo = acc[k] + k0 + b, *hi = acc[k] + k0 + half + b;
@@ -148,6 +185,10 @@ inline void q4_block_axpys(const uint8_t* const* rows, const uint16_t* const* sc
                 for (int r = 0; r < R; ++r) {
                     a = _mm512_fmadd_ps(wlo[r], _mm512_set1_ps(hd[r][k][glo]), a);
                     c = _mm512_fmadd_ps(whi[r], _mm512_set1_ps(hd[r][k][ghi]), c);
+                    if constexpr (MIN) {
+                        a = _mm512_add_ps(a, _mm512_set1_ps(hm[r][k][glo]));
+                        c = _mm512_add_ps(c, _mm512_set1_ps(hm[r][k][ghi]));
+                    }
                 }
                 _mm512_storeu_ps(lo, a), _mm512_storeu_ps(hi, c);
             }
@@ -157,34 +198,36 @@ inline void q4_block_axpys(const uint8_t* const* rows, const uint16_t* const* sc
     (void)next;
     for (int r = 0; r < R; ++r)
         for (int64_t i = 0; i < K; ++i) {
-            const float c = static_cast<float>(q4_code(rows[r], K, i) - 8), d = half_to_float(scales[r][i / Q4_GROUP]);
-            for (int k = 0; k < N; ++k) acc[k][i] += c * (d * h[r][k]);
+            const float c = static_cast<float>(q4_code(rows[r], K, i) - (MIN ? 0 : 8)), d = half_to_float(scales[r][i / Q4_GROUP]);
+            const float m = MIN ? half_to_float(scales[r][K / Q4_GROUP + i / Q4_GROUP]) : 0.f;
+            for (int k = 0; k < N; ++k) acc[k][i] += MIN ? c * (d * h[r][k]) + m * h[r][k] : c * (d * h[r][k]);
         }
 #endif
 }
 
 // One kept channel (packed: gate, up, down^T codes of H/2 bytes each; their scales side by side) for the
 // N tokens that kept it.
-template <int N>
+template <int N, bool MIN>
 inline void q4_channel(const uint8_t* g, const uint16_t* sg, const uint8_t* ng, const Q4Input* const* ins,
                        float* const* outs, const float* s, int64_t H) {
     const uint8_t *rows[2] = {g, g + H / 2}, *next[2] = {ng, ng + H / 2};
-    const uint16_t* sc[2] = {sg, sg + H / Q4_GROUP};
+    const uint16_t* sc[2] = {sg, sg + q4_scales<MIN>(H)};
     float dots[2][N], h[1][N];
-    q4_block_dots<2, N>(rows, sc, ins, H, next, dots);
+    q4_block_dots<2, N, MIN>(rows, sc, ins, H, next, dots);
     for (int k = 0; k < N; ++k) h[0][k] = channel_h(dots[0][k], dots[1][k], s[k], nullptr);
     const uint8_t *down = g + H, *next_down = ng + H;
-    const uint16_t* sd = sg + 2 * H / Q4_GROUP;
-    q4_block_axpys<1, N>(&down, &sd, outs, h, H, &next_down);
+    const uint16_t* sd = sg + 2 * q4_scales<MIN>(H);
+    q4_block_axpys<1, N, MIN>(&down, &sd, outs, h, H, &next_down);
 }
 
 // Phase 2 of the bank-sparse kernel for int4 rows (see stream_channels): at one token Q4_CHANNELS
 // channels' gate and up rows in one pass; otherwise each channel for the tokens that kept it, 4 at a time.
 constexpr int Q4_CHANNELS = 4;
 
+template <bool MIN>
 void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, const std::vector<int64_t>& kept,
                         const Q4Input* tokens, const float* scale, int64_t T, float* acc) {
-    const int64_t stride = 3 * H / 2, sstride = 3 * H / Q4_GROUP;
+    const int64_t stride = 3 * H / 2, rs = q4_scales<MIN>(H), sstride = 3 * rs;
     std::vector<const Q4Input*> ins(T);
     std::vector<float*> outs(T);
     std::vector<float> ss(T);
@@ -196,17 +239,17 @@ void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, c
             for (int c = 0; c < Q4_CHANNELS; ++c) {
                 const uint8_t *g = base + kept[a + c] * stride, *ng = base + kept[std::min(a + Q4_CHANNELS + c, last)] * stride;
                 rows[2 * c] = g, rows[2 * c + 1] = g + H / 2, next[2 * c] = ng, next[2 * c + 1] = ng + H / 2;
-                sc[2 * c] = sbase + kept[a + c] * sstride, sc[2 * c + 1] = sc[2 * c] + H / Q4_GROUP;
+                sc[2 * c] = sbase + kept[a + c] * sstride, sc[2 * c + 1] = sc[2 * c] + rs;
             }
             float dots[2 * Q4_CHANNELS][1], h[Q4_CHANNELS][1];
-            q4_block_dots<2 * Q4_CHANNELS, 1>(rows, sc, &tokens, H, next, dots);
+            q4_block_dots<2 * Q4_CHANNELS, 1, MIN>(rows, sc, &tokens, H, next, dots);
             const uint8_t *down[Q4_CHANNELS], *next_down[Q4_CHANNELS];
             const uint16_t* sd[Q4_CHANNELS];
             for (int c = 0; c < Q4_CHANNELS; ++c) {
                 h[c][0] = channel_h(dots[2 * c][0], dots[2 * c + 1][0], scale[kept[a + c]], nullptr);
-                down[c] = rows[2 * c] + H, next_down[c] = next[2 * c] + H, sd[c] = sc[2 * c] + 2 * H / Q4_GROUP;
+                down[c] = rows[2 * c] + H, next_down[c] = next[2 * c] + H, sd[c] = sc[2 * c] + 2 * rs;
             }
-            q4_block_axpys<Q4_CHANNELS, 1>(down, sd, &acc, h, H, next_down);
+            q4_block_axpys<Q4_CHANNELS, 1, MIN>(down, sd, &acc, h, H, next_down);
         }
     for (; a < kept.size(); ++a) {
         const int64_t j = kept[a];
@@ -219,34 +262,34 @@ void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, c
             ins[m] = tokens + t, outs[m] = acc + t * H, ss[m++] = st;
         }
         int k = 0;
-        for (; k + 4 <= m; k += 4) q4_channel<4>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
-        if (m - k == 3) q4_channel<3>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
-        if (m - k == 2) q4_channel<2>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
-        if (m - k == 1) q4_channel<1>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        for (; k + 4 <= m; k += 4) q4_channel<4, MIN>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 3) q4_channel<3, MIN>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 2) q4_channel<2, MIN>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
+        if (m - k == 1) q4_channel<1, MIN>(g, sg, ng, &ins[k], &outs[k], &ss[k], H);
     }
 }
 
 // Dense int4 rows: y[t, n] = W[n] . x[t] for w [N, K/2] codes, scales [N, K/32]. R rows at a time (4 for up
 // to 2 tokens, else 2: the int4 dot keeps six vectors a token in registers), threads split the rows.
-template <int R, int C>
+template <int R, int C, bool MIN>
 inline void q4_block_rows(const uint8_t* w, const uint16_t* scales, const Q4Input* ins, int64_t t0, int64_t N, int64_t K,
                           int64_t n0, float* y) {
     const uint8_t *rows[R], *next[R];
     const uint16_t* sc[R];
     for (int r = 0; r < R; ++r) {  // past the last row: the last row again (read, not written)
         const int64_t n = std::min<int64_t>(n0 + r, N - 1);
-        rows[r] = w + n * (K / 2), sc[r] = scales + n * (K / Q4_GROUP);
+        rows[r] = w + n * (K / 2), sc[r] = scales + n * q4_scales<MIN>(K);
         next[r] = w + std::min<int64_t>(n0 + R + r, N - 1) * (K / 2);
     }
     const Q4Input* xs[C];
     for (int k = 0; k < C; ++k) xs[k] = ins + t0 + k;
     float out[R][C];
-    q4_block_dots<R, C>(rows, sc, xs, K, next, out);
+    q4_block_dots<R, C, MIN>(rows, sc, xs, K, next, out);
     for (int r = 0; r < R && n0 + r < N; ++r)
         for (int k = 0; k < C; ++k) y[(t0 + k) * N + n0 + r] = out[r][k];
 }
 
-template <int R>
+template <int R, bool MIN>
 void q4_row_dots_by(const uint8_t* w, const uint16_t* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
     std::vector<Q4Input> ins(T);
     for (int64_t t = 0; t < T; ++t) quantize_q4_input(x + t * K, K, ins[t]);
@@ -255,14 +298,15 @@ void q4_row_dots_by(const uint8_t* w, const uint16_t* scales, const float* x, in
     for (int64_t b = 0; b < blocks; ++b)
         for (int64_t t0 = 0; t0 < T; t0 += 4) {
             const int64_t c = std::min<int64_t>(4, T - t0), n0 = b * R;
-            if (c == 4) q4_block_rows<R, 4>(w, scales, ins.data(), t0, N, K, n0, y);
-            else if (c == 3) q4_block_rows<R, 3>(w, scales, ins.data(), t0, N, K, n0, y);
-            else if (c == 2) q4_block_rows<R, 2>(w, scales, ins.data(), t0, N, K, n0, y);
-            else q4_block_rows<R, 1>(w, scales, ins.data(), t0, N, K, n0, y);
+            if (c == 4) q4_block_rows<R, 4, MIN>(w, scales, ins.data(), t0, N, K, n0, y);
+            else if (c == 3) q4_block_rows<R, 3, MIN>(w, scales, ins.data(), t0, N, K, n0, y);
+            else if (c == 2) q4_block_rows<R, 2, MIN>(w, scales, ins.data(), t0, N, K, n0, y);
+            else q4_block_rows<R, 1, MIN>(w, scales, ins.data(), t0, N, K, n0, y);
         }
 }
 
+template <bool MIN>
 void q4_row_dots(const uint8_t* w, const uint16_t* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
-    if (T <= 2) q4_row_dots_by<4>(w, scales, x, T, N, K, y);
-    else q4_row_dots_by<2>(w, scales, x, T, N, K, y);
+    if (T <= 2) q4_row_dots_by<4, MIN>(w, scales, x, T, N, K, y);
+    else q4_row_dots_by<2, MIN>(w, scales, x, T, N, K, y);
 }

@@ -151,6 +151,22 @@ def int4_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return _int4_pair(codes, step, w.shape)
 
 
+def int4a_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int4 with a minimum per group (Q4_1's grid, 5 bits a weight): per group of 32 inputs, m = its
+    smallest value and d = (its largest - m) / 15, both stored in fp16; codes c = round((w - m) / d) in
+    [0, 15] (with the stored d and m), standing for c d + m. Codes as int4_rows lays them out; scales
+    fp16 [..., K/16]: each row's K/32 steps d, then its K/32 minimums m (what the kernel's weight type 4
+    reads). Where weights are skewed within a group, the minimum spends no level on the side they avoid."""
+    k = _int4_inputs(w)
+    grouped = w.detach().float().reshape(-1, k // INT4_GROUP, INT4_GROUP)
+    low, high = grouped.amin(-1), grouped.amax(-1)
+    step, low = ((high - low) / 15).to(torch.float16).float(), low.to(torch.float16).float()
+    codes = torch.round((grouped - low[..., None]) / torch.where(step != 0, step, 1.0)[..., None]).clamp_(0, 15)
+    packed, steps = _int4_pair(codes.reshape(-1, k), step, w.shape)
+    minimums = low.to(torch.float16).reshape(*w.shape[:-1], k // INT4_GROUP)
+    return packed, torch.cat([steps, minimums], dim=-1)
+
+
 @torch.no_grad()
 def int4_rows_gptq(w: torch.Tensor, moment: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int4_rows' grid and layout, the codes chosen by GPTQ against the inputs' second moment `moment`
@@ -209,7 +225,8 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
 
 
 def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The weights [..., K] int4 codes and scales (int4_rows) stand for, in fp32."""
+    """The weights [..., K] int4 codes and scales stand for, in fp32: (c - 8) d (int4_rows), or c d + m where
+    the scales hold the minimums too (int4a_rows: [..., K/16])."""
     half = codes.shape[-1]
     flat = codes.reshape(-1, half)
     full = half // 64 * 64
@@ -217,7 +234,10 @@ def dequantize_int4(codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     if full < half:
         parts.append(flat[:, full:].reshape(flat.shape[0], 1, 32))
     nibbles = torch.cat([torch.cat([p & 15, p >> 4], dim=-1).reshape(flat.shape[0], -1) for p in parts], dim=1)
-    grouped = (nibbles.float() - 8).reshape(flat.shape[0], -1, INT4_GROUP) * scales.reshape(
-        flat.shape[0], -1, 1
-    ).float()
+    groups = 2 * half // INT4_GROUP
+    scales = scales.reshape(flat.shape[0], -1, 1).float()
+    if scales.shape[1] == 2 * groups:  # steps, then minimums
+        grouped = nibbles.float().reshape(flat.shape[0], -1, INT4_GROUP) * scales[:, :groups] + scales[:, groups:]
+    else:
+        grouped = (nibbles.float() - 8).reshape(flat.shape[0], -1, INT4_GROUP) * scales
     return grouped.reshape(*codes.shape[:-1], 2 * half)

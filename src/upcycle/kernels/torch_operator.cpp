@@ -38,14 +38,15 @@ void packed_weights(const Tensor& packed, const Tensor& row_scales, int64_t hidd
     STD_TORCH_CHECK(size == 4 || size == 2 || size == 1, "bank_sparse_ffn: packed weights must be fp32, bf16, int8 or int4");
     STD_TORCH_CHECK(size != 1 || int4 || (row_scales.numel() == 3 * packed.size(0) && row_scales.is_contiguous()),
                     "bank_sparse_ffn: int8 weights need row_scales [I, 3]");
-    STD_TORCH_CHECK(!int4 || (row_scales.numel() == 3 * packed.size(0) * hidden / 32 && row_scales.element_size() == 2 &&
+    const bool minimums = int4 && row_scales.numel() == 3 * packed.size(0) * hidden / 16;
+    STD_TORCH_CHECK(!int4 || ((row_scales.numel() == 3 * packed.size(0) * hidden / 32 || minimums) && row_scales.element_size() == 2 &&
                               row_scales.is_contiguous()),
-                    "bank_sparse_ffn: int4 weights need fp16 row_scales [I, 3, H/32]");
+                    "bank_sparse_ffn: int4 weights need fp16 row_scales [I, 3, H/32] (with minimums: [I, 3, H/16])");
     const char* base = static_cast<const char*>(packed.data_ptr());
     const int64_t row = int4 ? hidden / 2 : hidden * size;
     w.w_gate = base, w.w_up = base + row, w.w_down_t = base + 2 * row;
     w.stride = int4 ? 3 * hidden / 2 : 3 * hidden, w.hidden = hidden, w.width = packed.size(0);
-    w.weight_type = int4 ? 3 : size == 4 ? 0 : size == 2 ? 1 : 2;
+    w.weight_type = minimums ? 4 : int4 ? 3 : size == 4 ? 0 : size == 2 ? 1 : 2;
     w.row_scales = size == 1 ? row_scales.data_ptr() : nullptr;
 }
 
@@ -95,12 +96,14 @@ Tensor row_dots_operator(Tensor x, Tensor w, Tensor row_scales) {
     STD_TORCH_CHECK(w.is_contiguous() && (size == 4 || size == 2 || size == 1), "row_dots: w must be contiguous fp32, bf16, int8 or int4");
     STD_TORCH_CHECK(size != 1 || int4 || (row_scales.numel() == w.size(0) && row_scales.is_contiguous()),
                     "row_dots: int8 weights need row_scales [N]");
-    STD_TORCH_CHECK(!int4 || (row_scales.numel() == w.size(0) * x.size(1) / 32 && row_scales.element_size() == 2 && row_scales.is_contiguous()),
-                    "row_dots: int4 weights need fp16 row_scales [N, K/32]");
+    const bool minimums = int4 && row_scales.numel() == w.size(0) * x.size(1) / 16;
+    STD_TORCH_CHECK(!int4 || ((row_scales.numel() == w.size(0) * x.size(1) / 32 || minimums) && row_scales.element_size() == 2 &&
+                              row_scales.is_contiguous()),
+                    "row_dots: int4 weights need fp16 row_scales [N, K/32] (with minimums: [N, K/16])");
     if (!x.is_contiguous()) x = torch::stable::contiguous(x);
     const int64_t shape[2] = {x.size(0), w.size(0)};
     Tensor out = torch::stable::new_empty(x, torch::headeronly::IntHeaderOnlyArrayRef(shape, 2));
-    const int code = upcycle_row_dots(w.data_ptr(), int4 ? 3 : size == 4 ? 0 : size == 2 ? 1 : 2, size == 1 ? row_scales.data_ptr() : nullptr,
+    const int code = upcycle_row_dots(w.data_ptr(), minimums ? 4 : int4 ? 3 : size == 4 ? 0 : size == 2 ? 1 : 2, size == 1 ? row_scales.data_ptr() : nullptr,
                                       floats(x), x.size(0), w.size(0), x.size(1), static_cast<float*>(out.data_ptr()));
     STD_TORCH_CHECK(code == 0, "row_dots rejected its arguments (code ", code, ")");
     return out;
