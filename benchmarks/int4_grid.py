@@ -8,7 +8,7 @@ Held-out perplexity (2 blocks of 256 tokens a corpus) of the dense model at fp32
 `to_precision(model, "int4")` (every linear int4, the head int8: upcycle's default), with the head int4 as
 well, and with the least-squares scale (11 fractions of the extreme, either sign, the fp16 scale of least
 squared error per group) in place of Q4_0's, and with the codes chosen by GPTQ on 16 blocks of 256 tokens
-of the train split (the same grid and bytes), with fp32 activations instead of bf16 (llama.cpp's), and int4a
+of the train split (the same grid and bytes), with bf16 activations instead of fp32 (int8's, not llama.cpp's), and int4a
 (a minimum per group: Q4_1's grid). Result: benchmarks/results/int4_grid.json.
 """
 
@@ -62,11 +62,11 @@ def main() -> None:
     calibration = data.blocks("shakespeare+pystdlib", tokenizer, "train", 256, max_blocks=16)
     rows["int4, GPTQ on 16 calibration blocks"] = score(to_precision(copy.deepcopy(model), "int4", calibration), val)
     rows["int4a (a minimum per group: Q4_1's grid)"] = score(to_precision(copy.deepcopy(model), "int4a"), val)
-    precision.DTYPES["int4"] = torch.float32  # the activations as llama.cpp keeps them, this row only
+    precision.DTYPES["int4"] = torch.bfloat16  # int8's activations instead of llama.cpp's fp32, this row only
     try:
-        rows["int4, fp32 activations"] = score(to_precision(copy.deepcopy(model), "int4"), val)
+        rows["int4, bf16 activations"] = score(to_precision(copy.deepcopy(model), "int4"), val)
     finally:
-        precision.DTYPES["int4"] = torch.bfloat16
+        precision.DTYPES["int4"] = torch.float32
     rows["int4, int4 head"] = score(int4_head(to_precision(copy.deepcopy(model), "int4"), model), val)
     rule = kernels.QUANTIZERS["int4"]
     kernels.QUANTIZERS["int4"] = least_squares_int4  # every int4 conversion's quantizer, this row only

@@ -8,11 +8,13 @@
           FFN's gate/up/down put on the int8 grid of its kernel rows (one scale per row of W_gate, of
           W_up and of W_down^T: per channel), so that its reference path and its kernel compute with
           the same values; the embedding table stays bf16 (a token reads one row of it)
-    int4  as int8, with int4 weights and an fp16 scale per group of 32 inputs (Q4_0's grid and bytes:
-          4.5 bits a weight); the products read the activations at 8 bits per group of 32 (Q8_0's), as
-          llama.cpp computes Q4_0. The LM head stays int8, as llama.cpp keeps its output matrix at 6
-          bits in a Q4_0 file: on smollm2-135m an int4 head took perplexity from 34.3 to 36.4 on
-          shakespeare and 12.6 to 13.8 on pystdlib (fp32: 26.5, 10.5; benchmarks/int4_grid.py).
+    int4  int4 weights with an fp16 scale per group of 32 inputs (Q4_0's grid and bytes: 4.5 bits a
+          weight); the products read the activations at 8 bits per group of 32 (Q8_0's), as llama.cpp
+          computes Q4_0, and between them the activations stay fp32, as llama.cpp keeps them (bf16 ones
+          cost smollm2-135m 2.5 % more perplexity on pystdlib; a decoding step's activations are a few
+          KB against the MBs of weights it reads). The LM head stays int8, as llama.cpp keeps its output
+          matrix at 6 bits in a Q4_0 file (an int4 head costs smollm2-135m 4-9 % more perplexity).
+          benchmarks/int4_grid.py measures each of these choices.
           A layer whose inputs are not a multiple of 64 (the kernel's chunk) stays int8 too.
           With `calibration` (token blocks), the codes of every int4 layer outside the bank-sparse FFNs
           are chosen by GPTQ on them (upcycle.infer.calibrate): the same grid, bytes and speed.
@@ -52,8 +54,8 @@ DTYPES = {
     "fp32": torch.float32,
     "bf16": torch.bfloat16,
     "int8": torch.bfloat16,
-    "int4": torch.bfloat16,
-    "int4a": torch.bfloat16,
+    "int4": torch.float32,  # the activations between the int4 products: see the module's docstring
+    "int4a": torch.float32,
 }
 
 
