@@ -597,3 +597,16 @@ def test_to_precision_int4_with_calibration_stores_gptq_codes_from_the_layers_in
     assert (layer.mlp.down_proj.codes == want_down[0]).float().mean() > 0.98
     assert not torch.equal(layer.mlp.down_proj.codes, rtn.mlp.down_proj.codes)
     assert torch.equal(rtn.mlp.down_proj.codes, kernels.int4_rows(plain_down)[0])
+
+
+def test_gptq_moments_taken_a_chunk_of_layers_at_a_time_give_the_same_codes():
+    """A memory budget smaller than one layer's moments: the blocks run once per chunk, stopped after its
+    last layer, and every layer's codes are those of the one-pass collection."""
+    from upcycle.infer.calibrate import gptq_int4
+
+    model = hub.tiny("llama", layers=3, hidden=64, ffn=128).eval()
+    blocks = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(1))
+    whole, chunked = gptq_int4(model, blocks), gptq_int4(model, blocks, budget_mb=0.01)
+    assert set(whole) == set(chunked) and len(whole) == 3 * 7  # q, k, v, o, gate, up, down in each layer
+    for key, (codes, scales) in whole.items():
+        assert torch.equal(chunked[key][0], codes) and torch.equal(chunked[key][1], scales)

@@ -13,7 +13,7 @@
           computes Q4_0, and between them the activations stay fp32, as llama.cpp keeps them (bf16 ones
           cost smollm2-135m 2.5 % more perplexity on pystdlib; a decoding step's activations are a few
           KB against the MBs of weights it reads). The LM head stays int8, as llama.cpp keeps its output
-          matrix at 6 bits in a Q4_0 file (an int4 head costs smollm2-135m 4-9 % more perplexity).
+          matrix at 6 bits in a Q4_0 file (an int4 head costs smollm2-135m 6-10 % more perplexity).
           benchmarks/int4_grid.py measures each of these choices.
           A layer whose inputs are not a multiple of 64 (the kernel's chunk) stays int8 too.
           With `calibration` (token blocks), the codes of every int4 layer outside the bank-sparse FFNs
