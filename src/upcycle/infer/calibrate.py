@@ -79,6 +79,8 @@ def gptq_int4(model: nn.Module, blocks: torch.Tensor, budget_mb: float = 2048) -
 
 
 def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Tensor) -> dict:
+    # the hooks, stop and forward loop of eval.hooks (hooked, StopForward, run_blocks) written small here:
+    # the layer contract keeps infer/ below eval/
     moments, hooks = {}, []
 
     def collect(key):
@@ -90,7 +92,7 @@ def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Ten
 
     for i, names in chunk:
         first = adapter.layer(i).get_submodule(names[0])
-        moments[(i, names[0])] = torch.zeros(first.in_features, first.in_features)
+        moments[(i, names[0])] = torch.zeros(first.in_features, first.in_features, device=first.weight.device)
         hooks.append(first.register_forward_pre_hook(collect((i, names[0]))))
 
     def stop(*_):
@@ -100,7 +102,7 @@ def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Ten
     try:
         for block in blocks:
             try:
-                model(block[None].to(next(model.parameters()).device))
+                model(input_ids=block[None].to(next(model.parameters()).device), use_cache=False)
             except _ChunkDone:
                 pass
     finally:
@@ -113,7 +115,7 @@ def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Ten
         moment = moments.pop((i, names[0]))
         if not bool((moment.diagonal() > 0).all()):  # an input the blocks never reached (an expert never
             continue  # routed to): GPTQ would zero its weights; Q4_0's rule rounds them instead
-        codes, scales = int4_rows_gptq(stacked, moment)
+        codes, scales = int4_rows_gptq(stacked, moment.cpu())
         start = 0
         for name, m in zip(names, linears):
             out[(i, name)] = (codes[start : start + m.out_features], scales[start : start + m.out_features])
