@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from upcycle.arch import adapter_for
-from upcycle.eval.hooks import hooked, run_blocks
+from upcycle.hooks import hooked, run_blocks
 from upcycle.modules import BankSparseFFN
 
 

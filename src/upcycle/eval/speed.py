@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import CompileConfig
 
 from upcycle.arch import adapter_for
-from upcycle.eval.hooks import hooked
+from upcycle.hooks import hooked
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import to_precision
 from upcycle.kernels import QUANTIZERS

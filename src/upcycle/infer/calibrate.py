@@ -26,6 +26,7 @@ from torch import nn
 
 from upcycle import data
 from upcycle.arch import adapter_for
+from upcycle.hooks import StopForward, hooked, run_blocks
 from upcycle.kernels.quant import int4_fits, int4_rows_gptq
 from upcycle.modules import BankSparseFFN
 
@@ -39,10 +40,6 @@ def calibration_blocks(tokenizer, tokens: int = CALIBRATION_TOKENS) -> torch.Ten
     if tokens <= 0:
         return None
     return data.blocks(CALIBRATION_TEXT, tokenizer, "train", 256, max_blocks=max(1, tokens // 256))
-
-
-class _ChunkDone(Exception):
-    """Raised after the last layer of a chunk: the rest of the forward pass is not needed."""
 
 
 def input_groups(model: nn.Module) -> list[tuple[int, list[str]]]:
@@ -79,43 +76,26 @@ def gptq_int4(model: nn.Module, blocks: torch.Tensor, budget_mb: float = 2048) -
 
 
 def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Tensor) -> dict:
-    # the hooks, stop and forward loop of eval.hooks (hooked, StopForward, run_blocks) written small here:
-    # the layer contract keeps infer/ below eval/
-    moments, hooks = {}, []
+    firsts = {(i, names[0]): adapter.layer(i).get_submodule(names[0]) for i, names in chunk}
+    moments = {key: torch.zeros(m.in_features, m.in_features, device=m.weight.device) for key, m in firsts.items()}
 
-    def collect(key):
-        def hook(module, inputs):
-            x = inputs[0].reshape(-1, module.in_features).float()
-            moments[key].addmm_(x.T, x)
-
-        return hook
-
-    for i, names in chunk:
-        first = adapter.layer(i).get_submodule(names[0])
-        moments[(i, names[0])] = torch.zeros(first.in_features, first.in_features, device=first.weight.device)
-        hooks.append(first.register_forward_pre_hook(collect((i, names[0]))))
+    def collect(key, module, args):
+        x = args[0].reshape(-1, module.in_features).float()
+        moments[key].addmm_(x.T, x)
 
     def stop(*_):
-        raise _ChunkDone
+        raise StopForward  # the layers after the chunk's last are not needed
 
-    hooks.append(adapter.layer(chunk[-1][0]).register_forward_hook(stop))
-    try:
-        for block in blocks:
-            try:
-                model(input_ids=block[None].to(next(model.parameters()).device), use_cache=False)
-            except _ChunkDone:
-                pass
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with hooked(firsts, pre=collect), hooked({"last": adapter.layer(chunk[-1][0])}, post=stop):
+        run_blocks(model, blocks)
     out = {}
     for i, names in chunk:
         linears = [adapter.layer(i).get_submodule(n) for n in names]
         stacked = torch.cat([m.weight.detach().float() for m in linears])  # GPTQ rounds each row alone
-        moment = moments.pop((i, names[0]))
+        moment = moments.pop((i, names[0])).cpu()
         if not bool((moment.diagonal() > 0).all()):  # an input the blocks never reached (an expert never
             continue  # routed to): GPTQ would zero its weights; Q4_0's rule rounds them instead
-        codes, scales = int4_rows_gptq(stacked, moment.cpu())
+        codes, scales = int4_rows_gptq(stacked, moment)
         start = 0
         for name, m in zip(names, linears):
             out[(i, name)] = (codes[start : start + m.out_features], scales[start : start + m.out_features])

@@ -16,7 +16,7 @@ import contextlib
 import torch
 
 from upcycle.arch import adapter_for
-from upcycle.eval.hooks import StopForward, _rows, hooked, run_blocks  # noqa: F401  (the calibration API)
+from upcycle.hooks import StopForward, _rows, hooked, run_blocks  # noqa: F401  (the calibration API)
 
 
 def module_inputs(

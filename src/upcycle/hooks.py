@@ -1,5 +1,5 @@
 """What a module sees and does when the model reads text: forward hooks that are always removed, and
-the model's forward over token blocks. Calibration (ops.calibrate), localisation, selection recall and
+the model's forward over token blocks. Calibration (ops.calibrate, infer.calibrate), localisation, selection recall and
 timing all read a module's inputs this way.
 
     with hooked({"l3": adapter.ffn(3)}, pre=fn): run_blocks(model, blocks)
