@@ -91,7 +91,7 @@ def _chunk(model, adapter, chunk: list[tuple[int, list[str]]], blocks: torch.Ten
     out = {}
     for i, names in chunk:
         linears = [adapter.layer(i).get_submodule(n) for n in names]
-        stacked = torch.cat([m.weight.detach().float() for m in linears])  # GPTQ rounds each row alone
+        stacked = torch.cat([m.weight.detach().float().cpu() for m in linears])  # GPTQ rounds each row alone
         moment = moments.pop((i, names[0])).cpu()
         if not bool((moment.diagonal() > 0).all()):  # an input the blocks never reached (an expert never
             continue  # routed to): GPTQ would zero its weights; Q4_0's rule rounds them instead
