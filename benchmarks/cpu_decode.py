@@ -5,7 +5,7 @@ f32 export of the same model (`upcycle export`) — same prompt tokens, threads 
 alternating in one process, medians; every row's perplexity on the same held-out blocks (llama.cpp's from
 its own logits).
 
-    python benchmarks/reproduce.py --paper sparsify  # first: trains the sparse model the race uses (~45 min)
+    python benchmarks/reproduce.py --paper sparsify  # trains the sparse model the race uses (~55 min; else done here)
     python benchmarks/cpu_decode.py                  # SmolLM2-135M: about 35 minutes on 2 cores (+4½ to build llama.cpp once)
     python benchmarks/cpu_decode.py --part large     # a grown SmolLM2 of 3.2B at int8 and int4 (~2 h, 31 GB of disk)
     python benchmarks/cpu_decode.py --no-llamacpp    # upcycle only
@@ -60,7 +60,7 @@ from pathlib import Path
 import torch
 from harness import RESULTS, command, figure, held_out, save, upcycle
 from peers import LLAMACPP, driver, llamacpp_python
-from reproduce import trained_sparse
+from reproduce import sparsify_run, trained_sparse
 
 from upcycle import hub
 from upcycle import load as upcycle_load
@@ -283,8 +283,8 @@ def main() -> None:
         return large(args)
     trained = args.sparse or trained_sparse()
     if not args.untrained and not (trained / "config.json").exists():
-        raise SystemExit(f"no trained sparse model at {trained}: run python benchmarks/reproduce.py --paper sparsify "
-                         "first (it trains and keeps it), or give --sparse FOLDER or --untrained")  # fmt: skip
+        print(f"no trained sparse model at {trained}: training it (reproduce.py's sparse arm, ~55 min)", flush=True)
+        sparsify_run("sparse", 0, weights=True)
     dense, tokenizer = hub.load(MODEL)
     if args.untrained:
         dense, sparse = sparse_and_dense(dense, tokenizer, BankSparsity(64, 16, predictor="shadow"), warmup_steps=0)

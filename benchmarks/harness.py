@@ -108,17 +108,44 @@ def upcycle(*args) -> str | dict:
     return command(sys.executable, "-m", "upcycle.cli", *args, "--no-progress", "--overwrite")
 
 
+# A committed record of finished runs' reports (set by a script whose parts outlast one machine, e.g.
+# reproduce.py): runs/ is not committed, so without it a fresh checkout would run every finished run again.
+LEDGER: Path | None = None
+
+
+def _ledger() -> dict:
+    return json.loads(LEDGER.read_text()) if LEDGER is not None and LEDGER.exists() else {}
+
+
+def _ledger_key(folder: Path) -> str:
+    return Path(os.path.relpath(os.path.abspath(folder), HERE.parent)).as_posix()  # a symlinked runs/ too
+
+
 def reused(folder: Path, settings: dict, report: str) -> dict | None:
-    """The report of a finished run in `folder` made with the same settings (written by `mark`), else None."""
+    """The report of a finished run in `folder` made with the same settings (written by `mark`), else None.
+    A run the ledger holds (same settings, same report) is restored into `folder` first: report, no weights."""
     marker = folder / "bench_settings.json"
     if marker.exists() and json.loads(marker.read_text()) == settings and (folder / report).exists():
         return json.loads((folder / report).read_text())
+    entry = _ledger().get(_ledger_key(folder))
+    if entry is not None and entry["settings"] == settings and entry["report"] == report:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / report).write_text(json.dumps(entry["result"], indent=2))
+        mark(folder, settings)
+        return entry["result"]
     return None
 
 
-def mark(folder: Path, settings: dict) -> None:
-    """Record the settings a finished run in `folder` was made with (what `reused` compares)."""
+def mark(folder: Path, settings: dict, report: str | None = None) -> None:
+    """Record the settings a run in `folder` is made with (what `reused` compares); with `report`, the run
+    is finished and its report goes into the ledger too (where one is kept)."""
     (folder / "bench_settings.json").write_text(json.dumps(settings))
+    if report is not None and LEDGER is not None:
+        ledger = _ledger()
+        result = json.loads((folder / report).read_text())
+        ledger[_ledger_key(folder)] = {"settings": settings, "report": report, "result": result}
+        LEDGER.parent.mkdir(parents=True, exist_ok=True)
+        LEDGER.write_text(json.dumps(dict(sorted(ledger.items())), indent=1) + "\n")
 
 
 def seed_margin(a: list[float], b: list[float], *, higher_better: bool = True, digits: int = 3) -> str:

@@ -46,6 +46,7 @@ import sys
 import time
 from pathlib import Path
 
+import harness
 from harness import RESULTS, VERDICTS, child, child_done, load, mark, paired, provenance, reused, save, upcycle
 
 RUNS = Path(__file__).resolve().parents[1] / "runs" / "reproduce"  # wherever the command is run from
@@ -58,14 +59,17 @@ def spent(result: dict) -> dict:
     return result
 
 
-def child_run(folder: Path, settings: dict, *args: str, what: str, keep: tuple[str, ...] = ()) -> dict:
+def child_run(folder: Path, settings: dict, *args: str, what: str, keep: tuple[str, ...] = (), before=None) -> dict:
     """A run of a part in a process of its own (this script's `--child ARGS FOLDER`): its result and wall
-    time, kept in `folder` with the settings that made it (the same settings later: the kept result, never
-    run again), the run's checkpoints and models deleted once its figures are taken. A run stopped part-way
-    with the same settings keeps its folder, so a run that checkpoints resumes there."""
+    time, kept in `folder` and in the ledger with the settings that made it (the same settings later: the
+    kept result, never run again), the run's checkpoints and models deleted once its figures are taken. A run
+    stopped part-way with the same settings keeps its folder, so a run that checkpoints resumes there.
+    `before()` is called only when the run is made (e.g. to make the model it reads)."""
     done = reused(folder, settings, "result.json")
     if done is not None:
         return spent(done)
+    if before is not None:
+        before()
     if reused(folder, settings, "bench_settings.json") is None:
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
@@ -79,7 +83,7 @@ def child_run(folder: Path, settings: dict, *args: str, what: str, keep: tuple[s
         for heavy in {"checkpoints", "final"} - set(keep):  # a 135M MoE is ~1 GB a run: figures in result.json
             shutil.rmtree(run / heavy, ignore_errors=True)
     (folder / "result.json").write_text(json.dumps(result, indent=2))
-    mark(folder, settings)
+    mark(folder, settings, "result.json")
     return spent(result)
 
 
@@ -114,14 +118,23 @@ SEEDED = ("seft", "lora_star", "seft_fixed_positions", "seft_no_resurrection")  
 def seft_source(target: str) -> Path:
     """SmolLM2-135M pruned by Wanda to `target` (calibrated on 128 × 256 tokens, upcycle's defaults)."""
     folder = RUNS / "seft" / f"source-wanda-{target.replace(':', 'of')}"
-    if not (folder / "seconds.json").exists():
+    if not ((folder / "seconds.json").exists() and (folder / "config.json").exists()):
         spec = ["--nm", target] if ":" in target else ["--sparsity", str(int(target) / 100)]
         started = time.perf_counter()
         out = upcycle("prune", SEFT["model"], folder, "--method", "wanda", *spec, "--calibration-tokens", "32768")
         if isinstance(out, dict):
             raise SystemExit(f"pruning the SEFT source failed: {out['error']}")
         (folder / "seconds.json").write_text(json.dumps({"seconds": time.perf_counter() - started}))
+        mark(folder, {"target": target}, "seconds.json")
     return folder
+
+
+def seft_source_seconds(target: str) -> dict:
+    """The source's pruning time, from the ledger where it was made on another machine (no weights made)."""
+    folder = RUNS / "seft" / f"source-wanda-{target.replace(':', 'of')}"
+    return reused(folder, {"target": target}, "seconds.json") or json.loads(
+        (seft_source(target) / "seconds.json").read_text()
+    )
 
 
 def seft_run(target: str, arm: str, lr: float, seed: int, validate: bool = False) -> dict:
@@ -146,7 +159,7 @@ def seft_run(target: str, arm: str, lr: float, seed: int, validate: bool = False
     (out / "finetune_report.json").write_text(json.dumps(report, indent=2))
     for weights in out.glob("*.safetensors"):
         weights.unlink()
-    mark(out, settings)
+    mark(out, settings, "finetune_report.json")
     print(f"  seft {target} {arm} lr {lr:g} seed {seed}: {_brief(report)}", flush=True)
     return spent(report)
 
@@ -164,7 +177,7 @@ def seft_part() -> tuple[dict, list[dict]]:
     section = {"setup": SEFT, "steps_per_arm": SEFT["steps"], "lr_sweep": {}, "arms": {}}
     claims = []
     for target in SEFT["targets"]:
-        spent(json.loads((seft_source(target) / "seconds.json").read_text()))
+        spent(seft_source_seconds(target))
         sweep = {arm: {f"{lr:g}": seft_run(target, arm, lr, 0, True) for lr in SEFT["lr_sweep"]} for arm in SWEPT}
         chosen = {arm: max(runs, key=lambda lr: _validation_key(runs[lr])) for arm, runs in sweep.items()}
         chosen |= {arm: chosen[source] for arm, source in LR_FROM.items()}
@@ -473,14 +486,21 @@ def trained_sparse(seed: int = 0) -> Path:
     return RUNS / "sparsify" / f"sparse-s{seed}" / sq.SPARSE_ARMS[0][1] / "final"
 
 
-def sparsify_run(arm: str, seed: int) -> dict:
+def sparsify_run(arm: str, seed: int, weights: bool = False) -> dict:
+    """One arm's run; `weights`: its trained model is wanted too (the race), so a run whose figures alone
+    are kept (the ledger's, or a folder without the model) is made again."""
     settings = {"arm": arm, "seed": seed, "budget": SPARSIFY["budget"], "val_blocks": SPARSIFY["val_blocks"]}
     folder = RUNS / "sparsify" / f"{arm}-s{seed}"
-    if arm == "sparse" and (folder / "result.json").exists() and not (trained_sparse(seed) / "config.json").exists():
-        shutil.rmtree(folder, ignore_errors=True)  # its figures without the model the race needs: made again
+    ledger = harness.LEDGER
+    if weights and not (trained_sparse(seed) / "config.json").exists():
+        shutil.rmtree(folder, ignore_errors=True)
+        harness.LEDGER = None  # so the ledger's figures are not restored in place of the run
     keep = ("final",) if arm == "sparse" else ()
-    result = child_run(folder, settings, "sparsify", arm, str(seed), what=f"sparsify part: {arm} seed {seed}",
-                       keep=keep)  # fmt: skip
+    try:
+        result = child_run(folder, settings, "sparsify", arm, str(seed), what=f"sparsify part: {arm} seed {seed}",
+                           keep=keep)  # fmt: skip
+    finally:
+        harness.LEDGER = ledger
     print(f"  sparsify {arm} seed {seed}: ppl {result['ppl']}, {result['seconds']:.0f} s", flush=True)
     return result
 
@@ -567,7 +587,7 @@ def slim_dense() -> dict:
     result = {k: result[k] for k in ("ppl", "seeds", "both_one_shot_ppl", "params")}
     result["seconds"] = time.perf_counter() - started
     (folder / "result.json").write_text(json.dumps(result, indent=2))
-    mark(folder, settings)
+    mark(folder, settings, "result.json")
     return spent(result)
 
 
@@ -582,15 +602,15 @@ def slim_bed() -> Path:
 
 
 def slim_experts() -> dict:
-    bed = slim_bed()
+    bed = RUNS / "slim" / "bed" / "final"  # made only where a run that reads it is made here
     one_shot = child_run(RUNS / "slim" / "experts-one-shot", {k: SLIM[k] for k in ("experts", "criteria", "modes")},
-                         "slim", "one-shot", "0", what="slim part: one-shot expert cuts")  # fmt: skip
+                         "slim", "one-shot", "0", what="slim part: one-shot expert cuts", before=slim_bed)  # fmt: skip
     recovered = {}
     for key in SLIM["expert_recovered"]:
         for seed in SLIM["recovery_seeds"]:
             settings = {"cut": key, "seed": seed, "tokens": SLIM["expert_tokens"], "experts": SLIM["experts"]}
             run = child_run(RUNS / "slim" / f"experts-{key.replace('/', '-')}-s{seed}", settings,
-                            "slim", key, str(seed), what=f"slim part: {key} seed {seed}")  # fmt: skip
+                            "slim", key, str(seed), what=f"slim part: {key} seed {seed}", before=slim_bed)  # fmt: skip
             recovered.setdefault(key, []).append(run)
             print(f"  slim {key} seed {seed}: one-shot {run['one_shot_ppl']:.2f} -> {run['ppl']:.2f}", flush=True)
     return {"bed": str(bed), "one_shot": one_shot, "recovered": recovered}
@@ -771,6 +791,7 @@ def main() -> None:
         if kind == "slim":
             return _slim_child(arm, seed, out, out_json)
         return _grow_child(arm, seed, out, out_json) if kind == "grow" else _lineage_child(out, out_json)
+    harness.LEDGER = RESULTS / "claims_runs.json"
     results = load("claims")
     results.pop("run", None)
     for part in args.paper:

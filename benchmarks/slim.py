@@ -101,7 +101,7 @@ def slim(name: str, plan: list[dict], tokens: int, recovery="kd_lm", seed=0, sou
     )
     result["seconds"] = time.perf_counter() - start
     (out / "slim_report.json").write_text(json.dumps(result, indent=2))
-    mark(out, settings)
+    mark(out, settings, "slim_report.json")
     for weights in out.glob("*.safetensors"):  # the benchmark reads the reports; 30-odd models would fill the disk
         weights.unlink()
     return result

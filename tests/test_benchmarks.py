@@ -196,3 +196,21 @@ def test_the_front_names_each_llamacpp_row_no_upcycle_row_matches():
     assert front["matched_by"]["llamacpp_q4_0"] == []  # nothing as fast
     assert front["dominated_by_llamacpp"] == ["llamacpp_f16", "llamacpp_q4_0"]
     assert front["sparse_past_fastest_llamacpp"] is False
+
+
+def test_a_finished_run_outlasts_its_folder_through_the_ledger_and_settings_still_decide(tmp_path, monkeypatch):
+    monkeypatch.setattr(harness, "LEDGER", tmp_path / "ledger.json")
+    folder = tmp_path / "runs" / "arm-s0"
+    folder.mkdir(parents=True)
+    (folder / "report.json").write_text(json.dumps({"ppl": 12.5}))
+    harness.mark(folder, {"lr": 1e-3}, "report.json")
+    for made in folder.iterdir():  # a fresh checkout: runs/ is not committed
+        made.unlink()
+    folder.rmdir()
+    assert harness.reused(folder, {"lr": 3e-4}, "report.json") is None  # other settings: made again
+    assert harness.reused(folder, {"lr": 1e-3}, "other.json") is None
+    assert harness.reused(folder, {"lr": 1e-3}, "report.json") == {"ppl": 12.5}
+    assert json.loads((folder / "report.json").read_text()) == {"ppl": 12.5}  # restored, so readers find it
+    monkeypatch.setattr(harness, "LEDGER", None)  # a script that keeps no ledger records nothing
+    harness.mark(folder, {"lr": 1e-3}, "report.json")
+    assert len(json.loads((tmp_path / "ledger.json").read_text())) == 1
