@@ -35,8 +35,8 @@
 #include <vector>
 
 #include <omp.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
+#if defined(__AVX512F__) || defined(__AVX2__) || defined(__F16C__)
+#include <immintrin.h>  // F16C's _cvtsh_ss too: a CPU with AVX2 and no AVX-512 (AMD EPYC) uses it
 #endif
 
 namespace {
