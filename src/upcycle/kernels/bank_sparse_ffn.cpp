@@ -64,14 +64,45 @@ inline float to_float(bf16_t v) {
 }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
+// The fp32 vector the dense loops compute with: 16 lanes with AVX-512, 8 with AVX2 + FMA (AMD EPYC before
+// Zen 4, most desktop CPUs), else none (scalar loops). vload widens a weight type to fp32 in registers.
 #if defined(__AVX512F__)
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const bf16_t* p) {
+#define UPCYCLE_VW 16
+using vf = __m512;
+inline vf vzero() { return _mm512_setzero_ps(); }
+inline vf vset1(float v) { return _mm512_set1_ps(v); }
+inline vf vload(const float* p) { return _mm512_loadu_ps(p); }
+inline vf vload(const bf16_t* p) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
-inline __m512 load16(const int8_t* p) {
+inline vf vload(const int8_t* p) {
     return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
 }
+inline void vstore(float* p, vf v) { _mm512_storeu_ps(p, v); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }
+inline float vsum(vf v) { return _mm512_reduce_add_ps(v); }
+#elif defined(__AVX2__) && defined(__FMA__)
+#define UPCYCLE_VW 8
+using vf = __m256;
+inline vf vzero() { return _mm256_setzero_ps(); }
+inline vf vset1(float v) { return _mm256_set1_ps(v); }
+inline vf vload(const float* p) { return _mm256_loadu_ps(p); }
+inline vf vload(const bf16_t* p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
+}
+inline vf vload(const int8_t* p) {
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
+inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+inline float vsum(vf v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
+#if defined(UPCYCLE_VW)
+constexpr int VW = UPCYCLE_VW;
 #endif
 
 // Prefetch a cache line ahead in a row of W at element i (a multiple of 16): once per 64 bytes.
@@ -89,21 +120,21 @@ inline void prefetch_line(const W* row, int64_t i) {
 template <int R, int N, typename W>
 inline void block_dots(const W* const* rows, const float* const* xs, int64_t n, const W* const* next, float (*out)[N]) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 acc[R][N];
+#if defined(UPCYCLE_VW)
+    vf acc[R][N];
     for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) acc[r][k] = _mm512_setzero_ps();
-    for (; i + 16 <= n; i += 16) {
+        for (int k = 0; k < N; ++k) acc[r][k] = vzero();
+    for (; i + VW <= n; i += VW) {
         for (int r = 0; r < R; ++r) prefetch_line(next[r], i);
-        __m512 xv[N];
-        for (int k = 0; k < N; ++k) xv[k] = _mm512_loadu_ps(xs[k] + i);
+        vf xv[N];
+        for (int k = 0; k < N; ++k) xv[k] = vload(xs[k] + i);
         for (int r = 0; r < R; ++r) {
-            const __m512 wv = load16(rows[r] + i);
-            for (int k = 0; k < N; ++k) acc[r][k] = _mm512_fmadd_ps(wv, xv[k], acc[r][k]);
+            const vf wv = vload(rows[r] + i);
+            for (int k = 0; k < N; ++k) acc[r][k] = vfmadd(wv, xv[k], acc[r][k]);
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+        for (int k = 0; k < N; ++k) out[r][k] = vsum(acc[r][k]);
 #else
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < N; ++k) out[r][k] = 0.f;
@@ -119,17 +150,17 @@ inline void block_dots(const W* const* rows, const float* const* xs, int64_t n, 
 template <int R, int N, typename W>
 inline void block_axpys(const W* const* rows, float* const* acc, const float (*h)[N], int64_t n, const W* const* next) {
     int64_t i = 0;
-#if defined(__AVX512F__)
-    __m512 hv[R][N];
+#if defined(UPCYCLE_VW)
+    vf hv[R][N];
     for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) hv[r][k] = _mm512_set1_ps(h[r][k]);
-    for (; i + 16 <= n; i += 16) {
-        __m512 wv[R];
-        for (int r = 0; r < R; ++r) prefetch_line(next[r], i), wv[r] = load16(rows[r] + i);
+        for (int k = 0; k < N; ++k) hv[r][k] = vset1(h[r][k]);
+    for (; i + VW <= n; i += VW) {
+        vf wv[R];
+        for (int r = 0; r < R; ++r) prefetch_line(next[r], i), wv[r] = vload(rows[r] + i);
         for (int k = 0; k < N; ++k) {
-            __m512 v = _mm512_loadu_ps(acc[k] + i);
-            for (int r = 0; r < R; ++r) v = _mm512_fmadd_ps(hv[r][k], wv[r], v);
-            _mm512_storeu_ps(acc[k] + i, v);
+            vf v = vload(acc[k] + i);
+            for (int r = 0; r < R; ++r) v = vfmadd(hv[r][k], wv[r], v);
+            vstore(acc[k] + i, v);
         }
     }
 #endif
@@ -364,7 +395,12 @@ void shadow_logits(const uint8_t* codes, const float* scales, int64_t H, int64_t
 // 2.11-2.21 ms against 2.62-2.71 ms one channel at a time (same process, 31 rounds; 4: 2.26-2.30, 6:
 // 2.16-2.22, 12: 2.12-2.19). Without the predictor's reads the kept rows then stream at ~50 GB/s there
 // (benchmarks/ffn_cold_stream.py), where one channel at a time read them at ~31.
+// With AVX2's 16 vector registers, 4 (8 row accumulators; 8 would spill them).
+#if defined(__AVX512F__) || !defined(UPCYCLE_VW)
 constexpr int CHANNELS = 8;
+#else
+constexpr int CHANNELS = 4;
+#endif
 
 // The weight of one channel's down row for one token: its gate value s times up * silu(gate), from the
 // gate and up dots; rs: the channel's three row scales (gate, up, down) for int8 codes, null otherwise.
@@ -532,7 +568,12 @@ template <typename W>
 void row_dots(const W* w, const float* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
     // 8 rows for one or two tokens (SmolLM2's 30 layers and LM head at one token, same process: 12.3-12.5 ms
     // against 13.3-13.5 ms two rows at a time); from 3 tokens two rows (4 rows x 4 tokens was 5 % slower)
+    // (AVX2: 4 rows, its 16 vector registers holding 4 x 2 accumulators)
+#if defined(__AVX512F__) || !defined(UPCYCLE_VW)
     if (T <= 2) row_dots_by<8>(w, scales, x, T, N, K, y);
+#else
+    if (T <= 2) row_dots_by<4>(w, scales, x, T, N, K, y);
+#endif
     else row_dots_by<2>(w, scales, x, T, N, K, y);
 }
 
