@@ -310,6 +310,54 @@ void shadow_block(const uint8_t* __restrict codes, const float* __restrict scale
         _mm512_storeu_ps(gate + k * SHADOW_LANES, fg[k]);
         _mm512_storeu_ps(up + k * SHADOW_LANES, fu[k]);
     }
+#elif defined(__AVX2__) && defined(__FMA__)
+    // AVX2: a 64-byte run is two vectors (channels 0-7, 8-15). No VNNI: u8 x s8 pairs (maddubs) summed to
+    // 32-bit lanes of 4 (madd by ones). maddubs saturates at 2^15, so each field is shifted down to its
+    // code (at most 2 * 15 * 127) rather than masked in place as the AVX-512 path does.
+    const __m256i mask = _mm256_set1_epi8(static_cast<char>((1 << BITS) - 1)), ones = _mm256_set1_epi16(1);
+    __m256 fg[N][2], fu[N][2];
+    for (int k = 0; k < N; ++k)
+        for (int h = 0; h < 2; ++h) fg[k][h] = fu[k][h] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < ng; ++g) {
+        __m256i ig[N][2], iu[N][2];
+        for (int k = 0; k < N; ++k)
+            for (int h = 0; h < 2; ++h) ig[k][h] = iu[k][h] = _mm256_setzero_si256();
+        for (int64_t o = g * runs; o < (g + 1) * runs; ++o) {
+            __m256i vg[2], vu[2];
+            for (int h = 0; h < 2; ++h) {
+                vg[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(codes + o * 64 + 32 * h));
+                vu[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(up_codes + o * 64 + 32 * h));
+            }
+            for (int f = 0; f < FIELDS; ++f) {
+                __m256i cg[2], cu[2];
+                for (int h = 0; h < 2; ++h) {
+                    cg[h] = _mm256_and_si256(f ? _mm256_srli_epi16(vg[h], f * BITS) : vg[h], mask);
+                    cu[h] = _mm256_and_si256(f ? _mm256_srli_epi16(vu[h], f * BITS) : vu[h], mask);
+                }
+                for (int k = 0; k < N; ++k) {
+                    const __m256i xv = _mm256_set1_epi32(four_codes(in[k]->xq.data() + RUN * o + 4 * f));
+                    for (int h = 0; h < 2; ++h) {
+                        ig[k][h] = _mm256_add_epi32(ig[k][h], _mm256_madd_epi16(_mm256_maddubs_epi16(cg[h], xv), ones));
+                        iu[k][h] = _mm256_add_epi32(iu[k][h], _mm256_madd_epi16(_mm256_maddubs_epi16(cu[h], xv), ones));
+                    }
+                }
+            }
+        }
+        for (int h = 0; h < 2; ++h) {
+            const __m256 sg = _mm256_loadu_ps(scales + g * SHADOW_LANES + 8 * h);
+            const __m256 su = _mm256_loadu_ps(up_scales + g * SHADOW_LANES + 8 * h);
+            for (int k = 0; k < N; ++k) {
+                const __m256 sx = _mm256_set1_ps(in[k]->sx[g]), bias = _mm256_set1_ps(-offset * in[k]->sx_sum[g]);
+                fg[k][h] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(ig[k][h]), sx, bias), sg, fg[k][h]);
+                fu[k][h] = _mm256_fmadd_ps(_mm256_fmadd_ps(_mm256_cvtepi32_ps(iu[k][h]), sx, bias), su, fu[k][h]);
+            }
+        }
+    }
+    for (int k = 0; k < N; ++k)
+        for (int h = 0; h < 2; ++h) {
+            _mm256_storeu_ps(gate + k * SHADOW_LANES + 8 * h, fg[k][h]);
+            _mm256_storeu_ps(up + k * SHADOW_LANES + 8 * h, fu[k][h]);
+        }
 #else
     for (int k = 0; k < N; ++k)
         for (int64_t c = 0; c < SHADOW_LANES; ++c)

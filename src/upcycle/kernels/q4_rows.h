@@ -126,6 +126,51 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
     }
     for (int r = 0; r < R; ++r)
         for (int k = 0; k < N; ++k) out[r][k] = _mm512_reduce_add_ps(acc[r][k]);
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    // 32 bytes of codes at a time: their low nibbles are one group of 32 weights, their high nibbles another,
+    // so each group's step multiplies a whole vector. u8 x s8 pairs (maddubs: at most 2 * 15 * 127, no
+    // saturation) summed to 32-bit lanes of 4 (madd by ones) - what one VNNI dot product gives.
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256 acc[R][N];
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) acc[r][k] = _mm256_setzero_ps();
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const int64_t half = K - k0 >= 128 ? 64 : 32;
+        for (int r = 0; r < R; ++r) prefetch(next[r] + k0 / 2);
+        for (int64_t p = 0; p < half; p += 32) {
+            const int64_t ilo = k0 + p, ihi = k0 + half + p;  // the first weight of each nibble's group
+            __m256i xlo[N], xhi[N], blo[N], bhi[N];
+            float slo[N], shi[N];
+            for (int k = 0; k < N; ++k) {
+                const Q4Input* in = xs[k];
+                xlo[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in->xq.data() + ilo));
+                xhi[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in->xq.data() + ihi));
+                blo[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in->minus8.data() + ilo / 4));
+                bhi[k] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in->minus8.data() + ihi / 4));
+                slo[k] = in->sx4[ilo / 4], shi[k] = in->sx4[ihi / 4];
+            }
+            for (int r = 0; r < R; ++r) {
+                const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(rows[r] + k0 / 2 + p));
+                const __m256i clo = _mm256_and_si256(v, low), chi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);
+                const float dlo = half_to_float(scales[r][ilo / Q4_GROUP]), dhi = half_to_float(scales[r][ihi / Q4_GROUP]);
+                for (int k = 0; k < N; ++k) {
+                    __m256i plo = _mm256_madd_epi16(_mm256_maddubs_epi16(clo, xlo[k]), ones);
+                    __m256i phi = _mm256_madd_epi16(_mm256_maddubs_epi16(chi, xhi[k]), ones);
+                    if constexpr (!MIN) plo = _mm256_add_epi32(plo, blo[k]), phi = _mm256_add_epi32(phi, bhi[k]);
+                    acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(plo), _mm256_set1_ps(dlo * slo[k]), acc[r][k]);
+                    acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(phi), _mm256_set1_ps(dhi * shi[k]), acc[r][k]);
+                    if constexpr (MIN) {  // m sum xq = (-m / 8) minus8, as above
+                        const float mlo = half_to_float(scales[r][K / Q4_GROUP + ilo / Q4_GROUP]);
+                        const float mhi = half_to_float(scales[r][K / Q4_GROUP + ihi / Q4_GROUP]);
+                        acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(blo[k]), _mm256_set1_ps(-0.125f * mlo * slo[k]), acc[r][k]);
+                        acc[r][k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(bhi[k]), _mm256_set1_ps(-0.125f * mhi * shi[k]), acc[r][k]);
+                    }
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; ++r)
+        for (int k = 0; k < N; ++k) out[r][k] = vsum(acc[r][k]);
 #else
     (void)next;
     for (int r = 0; r < R; ++r)
@@ -193,6 +238,45 @@ inline void q4_block_axpys(const uint8_t* const* rows, const uint16_t* const* sc
                 _mm512_storeu_ps(lo, a), _mm512_storeu_ps(hi, c);
             }
         }
+    }
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
+    const __m128i low = _mm_set1_epi8(0x0F);
+    const __m128i level = MIN ? _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)
+                               : _mm_setr_epi8(-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7);
+    for (int64_t k0 = 0; k0 < K; k0 += 128) {
+        const bool full = K - k0 >= 128;
+        const int64_t half = full ? 64 : 32;
+        float hd[R][N][4], hm[R][N][4];  // d h and m h of the chunk's (up to) 4 groups
+        for (int r = 0; r < R; ++r) {
+            prefetch(next[r] + k0 / 2);
+            for (int g = 0; g < (full ? 4 : 2); ++g) {
+                const float d = half_to_float(scales[r][k0 / Q4_GROUP + g]);
+                const float m = MIN ? half_to_float(scales[r][K / Q4_GROUP + k0 / Q4_GROUP + g]) : 0.f;
+                for (int k = 0; k < N; ++k) hd[r][k][g] = d * h[r][k], hm[r][k][g] = m * h[r][k];
+            }
+        }
+        // 8 weights a vector: the 16 bytes at b give low nibbles k0 + b.. and high nibbles k0 + half + b..
+        for (int64_t b = 0; b < half; b += 16)
+            for (int part = 0; part < 4; ++part) {  // low 0-7, low 8-15, high 0-7, high 8-15
+                const bool high = part >= 2;
+                const int64_t at = k0 + (high ? half : 0) + b + (part % 2) * 8;
+                const int g = static_cast<int>((at - k0) / Q4_GROUP);
+                __m256 w[R];
+                for (int r = 0; r < R; ++r) {
+                    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(rows[r] + k0 / 2 + b));
+                    __m128i c = _mm_shuffle_epi8(level, _mm_and_si128(high ? _mm_srli_epi16(v, 4) : v, low));
+                    if (part % 2) c = _mm_srli_si128(c, 8);
+                    w[r] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(c));
+                }
+                for (int k = 0; k < N; ++k) {
+                    __m256 a = _mm256_loadu_ps(acc[k] + at);
+                    for (int r = 0; r < R; ++r) {
+                        a = _mm256_fmadd_ps(w[r], _mm256_set1_ps(hd[r][k][g]), a);
+                        if constexpr (MIN) a = _mm256_add_ps(a, _mm256_set1_ps(hm[r][k][g]));
+                    }
+                    _mm256_storeu_ps(acc[k] + at, a);
+                }
+            }
     }
 #else
     (void)next;
