@@ -13,7 +13,7 @@ from upcycle import hub, kernels
 from upcycle.errors import ConfigError
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.precision import to_precision
-from upcycle.infer.rows import MAX_ROWS, RowLinear, RowsOf, StackedRows
+from upcycle.infer.rows import MAX_KERNEL_ROWS, MAX_ROWS, RowLinear, RowsOf, StackedRows
 from upcycle.kernels.memory import HUGE_PAGE
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 
@@ -113,7 +113,7 @@ def test_int8_linear_equals_a_linear_on_its_rounded_weight(dtype):
     torch.manual_seed(0)
     linear = torch.nn.Linear(96, 40, bias=True)
     q = RowLinear(copy.deepcopy(linear).to(dtype), "int8")
-    for rows in (1, 3, 6):  # the kernel's row dots (up to MAX_ROWS rows), then torch's int8 matmul
+    for rows in (1, 3, 6, MAX_KERNEL_ROWS + 1):  # the kernel's row dots, then torch's int8 matmul
         x = torch.randn(2, rows, 96)
         want = F.linear(x, int8_by_hand(linear.weight), linear.bias)
         with torch.no_grad():

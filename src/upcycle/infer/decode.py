@@ -73,6 +73,7 @@ class GreedyDecoder:
             cache_position=position,
             position_ids=position[None],
             use_cache=True,
+            logits_to_keep=1,
         )
         return out.logits[:, -1].argmax(-1, keepdim=True)
 
@@ -93,6 +94,7 @@ class GreedyDecoder:
             cache_position=positions,
             position_ids=positions[None],
             use_cache=True,
+            logits_to_keep=1,  # the prompt's last position only: the LM head at one row, not n
         )
         token = out.logits[:, -1].argmax(-1, keepdim=True)
         tokens = [token]

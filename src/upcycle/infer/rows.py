@@ -7,10 +7,10 @@ bank_sparse_ffn.cpp), so bf16 attention ran no faster than fp32 though it reads 
 `RowLinear` computes such a product with the FFN kernel's widen-in-registers dot products (fp32 sums;
 fp32, bf16 or int8 weights with one scale per row), or for int4 weights (an fp16 scale per group of 32,
 Q4_0's) integer dot products against the row at 8 bits per group of 32 (Q8_0's), registered as the
-operator upcycle::row_dots so a compiled graph calls it without Python. More rows than MAX_ROWS (a
-prompt; int4: MAX_INT4_ROWS), a gradient wanted, or no kernel: the layer runs as a plain linear (torch's
-weight-only int8 matmul for int8; for int4 the dequantized weight against the rows rounded as the kernel
-rounds them).
+operator upcycle::row_dots so a compiled graph calls it without Python. More rows than the kernel takes
+(fp32: MAX_ROWS; bf16, int8, int4: MAX_KERNEL_ROWS, a prompt included), a gradient wanted, or no kernel:
+the layer runs as a plain linear (torch's weight-only int8 matmul for int8; for int4 the dequantized
+weight against the rows rounded as the kernel rounds them).
 
 `StackedRows` puts the rows of linear layers that read the same input (attention's q, k and v; a dense
 FFN's gate and up) into one RowLinear, so that a step streams them in one call instead of one a layer;
@@ -27,11 +27,14 @@ from upcycle import kernels
 from upcycle.kernels.quant import INT4_GROUP, quantize_activations
 
 INT4S = ("int4", "int4a")  # the int4 precisions: Q4_0's grid, and with a minimum per group (Q4_1's)
-MAX_ROWS = 4  # the kernel computes up to 4 rows per pass over the weights; beyond, matmuls win
-# int4 beyond MAX_ROWS has no matmul of its own: it would widen the whole weight at every call (about a
-# second a forward for smollm2-135m). Up to this many rows the kernel reads the codes again per 4 rows
-# instead, which costs less.
-MAX_INT4_ROWS = 64
+MAX_ROWS = 4  # fp32: the kernel up to 4 rows; beyond, the BLAS matmul is as fast (41 rows of a 1536 x 576
+# layer on an AVX2 EPYC: 0.67 ms against 0.86)
+# bf16, int8 and int4: the kernel up to this many rows (4 at a time against rows held in L1, so the weights
+# come from memory once). torch has no fast path for them on a CPU without AVX-512: its weight-only int8
+# matmul took 671 ms for SmolLM2's LM head at 41 rows (fp32 activations) where the kernel takes 21 ms, its
+# bf16 matmul made a 41-token prompt 589 ms against fp32's 155, and int4 has no matmul at all (it would
+# widen the whole weight at every call).
+MAX_KERNEL_ROWS = 64
 
 
 class RowLinear(nn.Module):
@@ -83,7 +86,7 @@ class RowLinear(nn.Module):
     def _rows_by_kernel(self, rows: torch.Tensor) -> bool:
         # the operator tells the weight type by its element size: fp16 (2 bytes, like bf16) stays on the matmul
         return (
-            rows.shape[0] <= (MAX_INT4_ROWS if self.precision in INT4S else MAX_ROWS)
+            rows.shape[0] <= (MAX_ROWS if self.precision == "fp32" else MAX_KERNEL_ROWS)
             and rows.device.type == "cpu"
             and self.kernel_ready
             and kernels._enabled
