@@ -79,8 +79,11 @@ CLAIMS = (  # (statement, better arm, worse arm)
 )
 
 
-def slim(name: str, plan: list[dict], tokens: int, recovery="kd_lm", seed=0, source=MODEL, teacher=None) -> dict:
-    """One arm through `upcycle slim` (reused when its folder holds the same settings)."""
+def slim(
+    name: str, plan: list[dict], tokens: int, recovery="kd_lm", seed=0, source=MODEL, teacher=None, make_source=None
+) -> dict:
+    """One arm through `upcycle slim` (reused when its folder holds the same settings); `make_source()` makes
+    the source folder, called only when the run is made."""
     out = RUNS / name
     settings = {
         "plan": plan,
@@ -92,6 +95,8 @@ def slim(name: str, plan: list[dict], tokens: int, recovery="kd_lm", seed=0, sou
     }
     if (report := reused(out, settings, "slim_report.json")) is not None:
         return report
+    if make_source is not None:
+        make_source()
     stages = [
         {"name": s.get("name", f"stage{n}"), "cuts": s["cuts"], "tokens": s["tokens"]} for n, s in enumerate(plan)
     ]
@@ -100,6 +105,7 @@ def slim(name: str, plan: list[dict], tokens: int, recovery="kd_lm", seed=0, sou
         source, str(out), SlimConfig(stages=stages, recovery=recovery, seed=seed, teacher=teacher), options=QUIET
     )
     result["seconds"] = time.perf_counter() - start
+    result["config"] = json.loads((out / "config.json").read_text())  # the architecture, for scratch_folder
     (out / "slim_report.json").write_text(json.dumps(result, indent=2))
     mark(out, settings, "slim_report.json")
     for weights in out.glob("*.safetensors"):  # the benchmark reads the reports; 30-odd models would fill the disk
@@ -122,12 +128,18 @@ def curve(name: str, key: str = "val_ppl") -> list[tuple[int, float]]:
 
 
 def scratch_folder(pruned: Path) -> str:
-    """The pruned arm's architecture with random weights (a stock folder), for the from-scratch arm."""
+    """The pruned arm's architecture with random weights (a stock folder), for the from-scratch arm: from
+    its folder, or from its report where only that is kept (a run restored from reproduce.py's ledger)."""
     folder = RUNS / "scratch-init"
     if not (folder / "config.json").exists():
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pruned))
-        hub.save(model, AutoTokenizer.from_pretrained(pruned), folder, overwrite=True)
+        if (pruned / "config.json").exists():
+            config = AutoConfig.from_pretrained(pruned)
+        else:
+            kept = json.loads((pruned / "slim_report.json").read_text())["config"]
+            config = AutoConfig.for_model(kept.pop("model_type"), **kept)
+        model = AutoModelForCausalLM.from_config(config)
+        hub.save(model, AutoTokenizer.from_pretrained(hub.builtin_folder(MODEL)), folder, overwrite=True)
     return str(folder)
 
 
@@ -165,10 +177,9 @@ def recovery_part(tokens: int, seeds: int) -> dict:
             for seed in range(1 if arm in ONE_SEED else seeds)
         ]
         print(f"{arm}: {spread[arm]}", flush=True)
-    source = scratch_folder(RUNS / "pruned_kd_lm-s0")
-    spread["scratch"] = [
-        slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, source=source, teacher=MODEL)["ppl"]["slim"]
-    ]
+    scratch = slim("scratch", [{"cuts": [], "tokens": tokens}], tokens, source=str(RUNS / "scratch-init"),
+                   teacher=MODEL, make_source=lambda: scratch_folder(RUNS / "pruned_kd_lm-s0"))  # fmt: skip
+    spread["scratch"] = [scratch["ppl"]["slim"]]
     runs = {arm: f"{arm}-s0" for arm in arms} | {"scratch": "scratch"}
     ppl = {arm: statistics.mean(values) for arm, values in spread.items()}
     ppl["one_shot"] = ppl["pruned_kd_lm"]
