@@ -27,8 +27,9 @@ Parts so far:
         prune, merge, partial) on the grow part's trained MoE, whose experts carry weight: one shot, and
         recovered with three seeds.
   repair  a sparsified SmolLM2-135M's long-context failure localised to a layer and repaired there, scored on
-        RULER's CWE configuration (10 common words x 30, every other word x 3) at two lengths, 8 prompts
-        each: dense, sparse, the localised layer repaired and, as the control, a random layer repaired.
+        CWE with one common word at 512 and 1,024 tokens, 24 prompts each: dense, sparse, the localised layer
+        repaired and, as the control, a random layer repaired; RULER's CWE configuration (10 common words x
+        30, every other word x 3) on the dense model, to show where it stands.
   sparsify  the flagship's headline (arXiv's predictor-gated bank-sparse FFN): SmolLM2-135M made 16-of-64
         bank-sparse (the 4-bit GPTQ shadow predictor, layer-wise conversion) and trained, against the dense
         model continued and a dense model with a quarter of the FFN width trained alike, on the same
@@ -414,8 +415,15 @@ def grow_part() -> tuple[dict, list[dict]]:
 REPAIR = {
     "model": "smollm2-135m",
     "sparsify": {"bank": 64, "keep": 32, "rank": 64, "warmup_steps": 200, "convert_steps": 0},
-    "lengths": [2048, 4096],  # 300 entries of common words alone take ~1.8k tokens; the word pool ends near 5.6k
-    "samples": 8,
+    # RULER's own CWE (10 common words x 30, the rest x 3) is beyond a 135M model wherever it fits: its 300
+    # common entries alone take ~1.8k tokens, and the dense model scored 0.0 on all 16 prompts at 2,048 and
+    # 4,096 tokens (a run stopped part-way, figures read from it). So it is measured on the dense model only,
+    # to state that, and the claims are judged on the CWE variant the dense model does (one common word,
+    # 15 % of the list; dense 0.375 / 0.25 at 512 / 1,024 against chance ~0.15 in repair.json), with enough
+    # prompts for a per-prompt pairing (8 would give steps of 1/8).
+    "ruler_dense": {"lengths": [2048], "samples": 8},
+    "lengths": [512, 1024],
+    "samples": 24,
     "steps": 300,
 }
 
@@ -426,18 +434,20 @@ def repair_run() -> dict:
 
 def _repair_child(out_json: str) -> None:
     from upcycle import hub, sparsify
-    from upcycle.eval.cwe import RULER
+    from upcycle.eval.cwe import RULER, CWEConfig, cwe_eval
     from upcycle.pipelines.repair import RepairConfig
     from upcycle.pipelines.repair import run as repair
 
     reference, tokenizer = hub.load(REPAIR["model"])
+    ruler = cwe_eval(reference, tokenizer, config=RULER, **REPAIR["ruler_dense"])
     model, made = sparsify(reference, tokenizer, progress=False, **REPAIR["sparsify"])
     options = RepairConfig(
-        lengths=tuple(REPAIR["lengths"]), samples=REPAIR["samples"], steps=REPAIR["steps"], cwe=RULER
+        lengths=tuple(REPAIR["lengths"]), samples=REPAIR["samples"], steps=REPAIR["steps"], cwe=CWEConfig()
     )
     _, result = repair(model, tokenizer, options, reference=reference)
     measured = result["measured"]
     child_done(out_json, {
+        "ruler_dense": {k: ruler[k] for k in ("lengths", "score", "per_prompt", "chance")},
         "recall": made.recall_mean,
         "chosen_layer": result["chosen_layer"],
         "random_layer": result["random_layer"],
@@ -451,7 +461,8 @@ def _repair_child(out_json: str) -> None:
 
 def repair_part() -> tuple[dict, list[dict]]:
     run = repair_run()
-    section = {"setup": REPAIR, "cwe_config": "RULER: 10 common words x 30, every other word x 3"} | run
+    section = {"setup": REPAIR, "cwe_config": "one common word, 15 % of the list, every other word once; RULER's "
+               "(10 common words x 30, every other word x 3) on the dense model only: ruler_dense"} | run  # fmt: skip
     claims = []
     per = run["cwe_per_prompt"]
     for name, statement in (
@@ -466,7 +477,7 @@ def repair_part() -> tuple[dict, list[dict]]:
         judged = paired(mine, sparse)
         claims.append({
             "paper": "repair",
-            "claim": f"{statement} (RULER CWE, {' and '.join(map(str, REPAIR['lengths']))} tokens)",
+            "claim": f"{statement} (CWE, one common word, {' and '.join(map(str, REPAIR['lengths']))} tokens)",
             "verdict": judged["verdict"],
             "seeds": list(range(len(mine))),
             "margin": {k: judged[k] for k in ("mean", "spread", "agree", "diffs")},
