@@ -32,11 +32,12 @@ lint: setup
 	$(VENV)/bin/ruff format --check src tests benchmarks docs
 	$(VENV)/bin/lint-imports
 
+# two workers, one thread each (tests/conftest.py): the suite is mostly single-threaded small tensors
 test: lint
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 test-fast: setup
-	$(PY) -m pytest -q -m "not slow"
+	$(PY) -m pytest -q -n 2 --dist worksteal -m "not slow"
 
 bench: setup
 	@set -e; for script in benchmarks/*.py; do [ -e "$$script" ] || { echo "no benchmarks yet"; break; }; \

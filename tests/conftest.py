@@ -1,7 +1,15 @@
+import os
+
 import pytest
 import torch
 
 from upcycle import arch
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on two cores: one thread each (and in what they start), so the
+    # workers do not oversubscribe the cores and spin in each other's OpenMP barriers
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
