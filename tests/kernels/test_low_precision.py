@@ -108,19 +108,37 @@ def test_shadow_predictor_runs_in_bf16_and_int8_and_matches_its_reference():
         torch.testing.assert_close(got8.float(), ref8, rtol=2e-2, atol=2e-2 * ref8.abs().max().item())
 
 
+def q8_by_hand(x: torch.Tensor) -> torch.Tensor:
+    """Each run of 32 inputs rounded to 8 bits as Q8_0 rounds a token: step max|run| / 127, codes to nearest
+    (ties to even)."""
+    out = torch.empty_like(x, dtype=torch.float32)
+    flat, runs = out.reshape(-1, 32), x.float().reshape(-1, 32)
+    for i, run in enumerate(runs):
+        step = run.abs().max() / 127 if run.abs().max() > 0 else torch.tensor(1.0)
+        flat[i] = torch.clamp(torch.round(run / step), -127, 127) * step
+    return out
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_int8_linear_equals_a_linear_on_its_rounded_weight(dtype):
+@pytest.mark.parametrize("inputs", [96, 40])
+def test_int8_linear_equals_a_linear_on_its_rounded_weight_and_tokens(dtype, inputs):
+    """int8 rows: the product of the rounded weight with the token rounded to 8 bits per 32 inputs (Q8_0's,
+    where the inputs are a multiple of 32: the kernel's integer dots), with the token as it is otherwise."""
     torch.manual_seed(0)
-    linear = torch.nn.Linear(96, 40, bias=True)
+    linear = torch.nn.Linear(inputs, 40, bias=True)
     q = RowLinear(copy.deepcopy(linear).to(dtype), "int8")
     for rows in (1, 3, 6, MAX_KERNEL_ROWS + 1):  # the kernel's row dots, then torch's int8 matmul
-        x = torch.randn(2, rows, 96)
-        want = F.linear(x, int8_by_hand(linear.weight), linear.bias)
+        x = torch.randn(2, rows, inputs) * torch.linspace(0.1, 3, inputs)  # groups of different ranges
+        token = q8_by_hand(x.to(dtype)) if inputs % 32 == 0 else x.to(dtype).float()
+        want = F.linear(token, int8_by_hand(linear.weight), linear.bias)
         with torch.no_grad():
             got = q(x.to(dtype))
         assert got.shape == (2, rows, 40) and q.codes.dtype == torch.int8 and got.dtype == dtype
         tol = 1e-4 if dtype == torch.float32 else 3e-2
         torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+    if inputs % 32 == 0 and dtype == torch.float32:  # the rounding is there: the plain product differs
+        plain = F.linear(x, int8_by_hand(linear.weight), linear.bias)
+        assert (got.float() - plain).abs().max() > 1e-3
 
 
 @needs_kernel
@@ -367,16 +385,6 @@ def int4a_by_hand(w: torch.Tensor) -> torch.Tensor:
 
 
 BY_HAND = {"int4": lambda w: int4_by_hand(w), "int4a": lambda w: int4a_by_hand(w)}
-
-
-def q8_by_hand(x: torch.Tensor) -> torch.Tensor:
-    """Each row's groups of 32 rounded to int8 (scale max|x| / 127, ties to even): Q8_0's token."""
-    out = torch.empty_like(x)
-    for t, row in enumerate(x):
-        for g in range(0, row.numel(), 32):
-            s = row[g : g + 32].abs().max() / 127
-            out[t, g : g + 32] = torch.clamp(torch.round(row[g : g + 32] / s), -127, 127) * s
-    return out
 
 
 def test_int4_rows_are_q4_0_in_the_kernels_byte_layout():

@@ -5,12 +5,12 @@ q, k, v, o in every layer, the LM head), each reading its weights once. PyTorch'
 costs 25-45 us a call even when the matrix is in cache (oneDNN: measured in the module docstring of
 bank_sparse_ffn.cpp), so bf16 attention ran no faster than fp32 though it reads half the bytes.
 `RowLinear` computes such a product with the FFN kernel's widen-in-registers dot products (fp32 sums;
-fp32, bf16 or int8 weights with one scale per row), or for int4 weights (an fp16 scale per group of 32,
-Q4_0's) integer dot products against the row at 8 bits per group of 32 (Q8_0's), registered as the
+fp32 or bf16 weights), or for int8 weights (one scale per row) and int4 weights (an fp16 scale per group
+of 32, Q4_0's) integer dot products against the row at 8 bits per group of 32 (Q8_0's), registered as the
 operator upcycle::row_dots so a compiled graph calls it without Python. More rows than the kernel takes
 (fp32: MAX_ROWS; bf16, int8, int4: MAX_KERNEL_ROWS, a prompt included), a gradient wanted, or no kernel:
-the layer runs as a plain linear (torch's weight-only int8 matmul for int8; for int4 the dequantized
-weight against the rows rounded as the kernel rounds them).
+the layer runs as a plain linear (torch's weight-only int8 matmul for int8, for int4 the dequantized
+weight, each against the rows rounded as the kernel rounds them).
 
 `StackedRows` puts the rows of linear layers that read the same input (attention's q, k and v; a dense
 FFN's gate and up) into one RowLinear, so that a step streams them in one call instead of one a layer;
@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from upcycle import kernels
-from upcycle.kernels.quant import INT4_GROUP, quantize_activations
+from upcycle.kernels.quant import TOKEN_GROUP, quantize_activations
 
 INT4S = ("int4", "int4a")  # the int4 precisions: Q4_0's grid, and with a minimum per group (Q4_1's)
 MAX_ROWS = 4  # fp32: the kernel up to 4 rows; beyond, the BLAS matmul is as fast (41 rows of a 1536 x 576
@@ -99,10 +99,12 @@ class RowLinear(nn.Module):
         if self._rows_by_kernel(rows):
             scales = self.scales if self.quantized else kernels.NO_SCALES
             y = torch.ops.upcycle.row_dots(rows.float(), self.stored, scales).to(x.dtype)
-        elif self.precision == "int8":
+        elif self.precision == "int8":  # the rows rounded as the kernel rounds them
+            if self.in_features % TOKEN_GROUP == 0:
+                rows = quantize_activations(rows.float(), TOKEN_GROUP).to(rows.dtype)
             y = torch._weight_int8pack_mm(rows, self.codes, self.scales_for_matmul)
         elif self.precision in INT4S:  # a prompt: what the kernel computes, a row at a time
-            y = F.linear(quantize_activations(rows.float(), INT4_GROUP), self.dequantized()).to(x.dtype)
+            y = F.linear(quantize_activations(rows.float(), TOKEN_GROUP), self.dequantized()).to(x.dtype)
         else:
             y = F.linear(rows, self.weight)
         if self.bias is not None:

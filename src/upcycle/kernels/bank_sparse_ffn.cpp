@@ -64,6 +64,15 @@ inline float to_float(bf16_t v) {
 }
 inline float to_float(int8_t v) { return static_cast<float>(v); }
 
+#if defined(__AVX2__)
+// The sum of 8 fp32 lanes (the 256-bit integer paths use it on AVX-512 machines as well).
+inline float hsum8(__m256 v) {
+    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
+}
+#endif
+
 // The fp32 vector the dense loops compute with: 16 lanes with AVX-512, 8 with AVX2 + FMA (AMD EPYC before
 // Zen 4, most desktop CPUs), else none (scalar loops). vload widens a weight type to fp32 in registers.
 #if defined(__AVX512F__)
@@ -95,11 +104,7 @@ inline vf vload(const int8_t* p) {
 }
 inline void vstore(float* p, vf v) { _mm256_storeu_ps(p, v); }
 inline vf vfmadd(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
-inline float vsum(vf v) {
-    const __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    const __m128 q = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    return _mm_cvtss_f32(_mm_add_ss(q, _mm_movehdup_ps(q)));
-}
+inline float vsum(vf v) { return hsum8(v); }
 #endif
 #if defined(UPCYCLE_VW)
 constexpr int VW = UPCYCLE_VW;
@@ -469,6 +474,7 @@ inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const
 }
 
 #include "q4_rows.h"  // int4 rows (group 32): their dots, axpys and streams
+#include "q8_rows.h"  // int8 rows against tokens rounded to 8 bits per 32 (the dense row dots)
 
 // Phase 2 of the kernel for one thread: stream its kept channels as one list (no stall at bank
 // boundaries), at one token CHANNELS at a time, each channel's (or group's) successor prefetched while it
@@ -758,7 +764,8 @@ int upcycle_bank_sparse_ffn_f32(const FFNWeights* w, const float* x, int64_t T, 
     return 0;
 }
 
-// Dense rows (see row_dots): w [N, K] of weight_type 0 fp32, 1 bf16, 2 int8 (row_scales fp32 [N]), 3 int4
+// Dense rows (see row_dots): w [N, K] of weight_type 0 fp32, 1 bf16, 2 int8 (row_scales fp32 [N]; K a
+// multiple of 32: against the tokens rounded to 8 bits per 32 inputs, q8_rows.h), 3 int4
 // (w [N, K/2] codes, row_scales fp16 [N, K/32]: q4_rows.h; K a multiple of 64), 4 int4 with minimums
 // (row_scales [N, K/16]: each row's steps, then its minimums); else row_scales null; x
 // [T, K] fp32; y [T, N] fp32. Returns 0, or a negative value on bad arguments.
@@ -770,6 +777,7 @@ int upcycle_row_dots(const void* w, int64_t weight_type, const void* row_scales,
     const float* scales = static_cast<const float*>(row_scales);
     if (weight_type == 0) row_dots(static_cast<const float*>(w), scales, x, T, N, K, y);
     else if (weight_type == 1) row_dots(static_cast<const bf16_t*>(w), scales, x, T, N, K, y);
+    else if (weight_type == 2 && K % Q8_GROUP == 0) q8_row_dots(static_cast<const int8_t*>(w), scales, x, T, N, K, y);
     else if (weight_type == 2) row_dots(static_cast<const int8_t*>(w), scales, x, T, N, K, y);
     else if (weight_type == 3) q4_row_dots<false>(static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(row_scales), x, T, N, K, y);
     else q4_row_dots<true>(static_cast<const uint8_t*>(w), static_cast<const uint16_t*>(row_scales), x, T, N, K, y);

@@ -29,6 +29,7 @@ from upcycle.cache import cache_dir
 
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 Q4_SOURCE = Path(__file__).with_name("q4_rows.h")  # #included by SOURCE
+Q8_SOURCE = Path(__file__).with_name("q8_rows.h")  # #included by SOURCE
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
 ABI_VERSION = 9
@@ -119,7 +120,7 @@ def load() -> ctypes.CDLL | None:
     if cxx is None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
-    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE, Q4_SOURCE], [])  # noqa: E731
+    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE, Q4_SOURCE, Q8_SOURCE], [])  # noqa: E731
     _library, _failure = _attempt("kernel", lambda: _bind(ctypes.CDLL(str(library()))))
     return _library
 
@@ -155,7 +156,7 @@ def load_operator() -> bool:
     if load() is None:  # no compiler, or the kernel itself does not build: the same reason
         _operator_failure = why_unavailable()
         return False
-    sources = [OPERATOR_SOURCE, SOURCE, Q4_SOURCE]
+    sources = [OPERATOR_SOURCE, SOURCE, Q4_SOURCE, Q8_SOURCE]
     library = lambda: _built(compiler(), "libupcycle_torch_ops.so", sources, _torch_flags())  # noqa: E731
     loaded, _operator_failure = _attempt("operator", lambda: torch.ops.load_library(str(library())) or True)
     _operator_loaded = bool(loaded)

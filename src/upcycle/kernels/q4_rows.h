@@ -170,7 +170,7 @@ inline void q4_block_dots(const uint8_t* const* rows, const uint16_t* const* sca
         }
     }
     for (int r = 0; r < R; ++r)
-        for (int k = 0; k < N; ++k) out[r][k] = vsum(acc[r][k]);
+        for (int k = 0; k < N; ++k) out[r][k] = hsum8(acc[r][k]);
 #else
     (void)next;
     for (int r = 0; r < R; ++r)

@@ -130,6 +130,7 @@ def quantize_activations(x: torch.Tensor, group: int) -> torch.Tensor:
 
 
 INT4_GROUP = 32  # weights per fp16 scale: Q4_0's
+TOKEN_GROUP = 32  # inputs per 8-bit step of a token the int8 and int4 row dots read: Q8_0's
 INT4_CHUNK = 64  # the kernel reads a row's codes in chunks of 128 weights, the last one may hold 64
 
 
