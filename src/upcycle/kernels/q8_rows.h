@@ -9,12 +9,12 @@
 // instructions per 32 weights. A row's dot is s_w sum over groups g of d_x[g] (sum of w xq over g): the
 // integer part exact, the float part differing from a plain loop only in the order of its sums; the token's
 // rounding is the only difference from the fp32 product (about 1/254 of each group's largest input).
-// Measured by hand on the AVX2 EPYC (2 threads, eager calls, ~15 us of each a call's fixed cost): a
-// 3072 x 576 matrix in cache 99 -> 50 us; read from memory, 172 -> 164 us, and the LM head (49152 x 576,
-// 28 MB) 2.0 -> 2.1 ms: from memory the kernel reads ~12-13 GB/s where a plain read gets 22, so SmolLM2's
-// int8 decoding step gained nothing measurable on that (noisy) machine (paired runs +12, -0.3, +15, -4.5,
-// -1.9 tok/s around 50). What bounds it now is the overlap of compute and the memory stream, not the
-// instructions.
+// Measured by hand on the AVX2 EPYC (2 threads, eager calls with ~15 us of fixed cost each): a 3072 x 576
+// matrix in cache 99 -> 50 us a call. From memory the integer products alone bought little (172 -> 164 us:
+// 4 rows read at once stall on memory); read one row at a time (q8_row_dots_one) 107 us, and the LM head
+// (49152 x 576, 28 MB) 2.0 -> 1.3-1.4 ms (21 GB/s; a plain read gets 22); SmolLM2's 120 attention and FFN
+// calls a token 11.2-11.7 -> 8.9-9.5 ms. Its int8 lean decoding, old and new code alternating a process
+// each: 52.2 -> 58.7, 43.7 -> 57.3, 50.2 -> 48.0 tok/s (medians of 7; that machine is noisy).
 //
 // AVX2 (AVX-512 machines too): pairs of |xq| (u8) and w with xq's sign (s8) summed to 16 bits (maddubs: at
 // most 2 * 127 * 127, no saturation; the codes are in [-127, 127]), then to 32 bits in lanes of 4. (A VNNI
@@ -110,8 +110,51 @@ void q8_row_dots_by(const int8_t* w, const float* scales, const float* x, int64_
         }
 }
 
+// One token (a decoding step): each thread reads its rows one after another, front to back, a prefetch
+// 1 KB ahead, so that its reads are one sequential stream. Rows read 4 at a time (4 streams 1 row apart,
+// as q8_block_dots does) stalled on memory: 3072 x 576 from memory 125 us against 84 one row at a time
+// (21 GB/s, a plain read of the same bytes 22; 2 threads, AVX2 EPYC, a standalone loop of 40 matrices).
+void q8_row_dots_one(const int8_t* w, const float* scales, const float* x, int64_t N, int64_t K, float* y) {
+    Q8Input in;
+    quantize_q8_input(x, K, in);
+#if defined(__AVX2__) && defined(__FMA__)
+    std::vector<int8_t> xa(K);  // |codes|: the unsigned side of maddubs
+    for (int64_t i = 0; i < K; ++i) xa[i] = static_cast<int8_t>(std::abs(in.xq[i]));
+    const __m256i ones = _mm256_set1_epi16(1);
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* row = w + n * K;
+        const auto group = [&](int64_t g, __m256 acc) {  // acc + the step times group g's integer dots
+            const __m256i q = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in.xq.data() + g));
+            const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xa.data() + g));
+            const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g));
+            const __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(a, _mm256_sign_epi8(v, q)), ones);
+            return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(in.sx[g / Q8_GROUP]), acc);
+        };
+        __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();  // two chains of fmadds
+        int64_t g = 0;
+        for (; g + 2 * Q8_GROUP <= K; g += 2 * Q8_GROUP) {
+            prefetch(row + g + 1024);
+            even = group(g, even), odd = group(g + Q8_GROUP, odd);
+        }
+        if (g < K) even = group(g, even);
+        y[n] = hsum8(_mm256_add_ps(even, odd)) * scales[n];
+    }
+#else
+    const Q8Input* xs[1] = {&in};
+#pragma omp parallel for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+        const int8_t* rows[1] = {w + n * K};
+        float out[1][1];
+        q8_block_dots<1, 1>(rows, xs, K, rows, out);
+        y[n] = out[0][0] * scales[n];
+    }
+#endif
+}
+
 // y[t, n] = s[n] (W[n] . x̂[t]) for int8 rows W [N, K] (K a multiple of 32) and the tokens rounded to Q8_0.
 void q8_row_dots(const int8_t* w, const float* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
-    if (T <= 2) q8_row_dots_by<4>(w, scales, x, T, N, K, y);
+    if (T == 1) q8_row_dots_one(w, scales, x, N, K, y);
+    else if (T == 2) q8_row_dots_by<4>(w, scales, x, T, N, K, y);
     else q8_row_dots_by<2>(w, scales, x, T, N, K, y);
 }
