@@ -189,9 +189,10 @@ def llamacpp_files(source: Path, prompt: list[int], held: dict, args, formats=LL
 
 def race(rows: dict, llama, source: Path, prompt: torch.Tensor, args, formats=LLAMA_ROWS) -> dict:
     """Every upcycle row through the lean decoder and every llama.cpp format, alternating in each round:
-    {"tok_s_runs", "tokens", and what llama.cpp reported failing}."""
+    {"tok_s_runs", "tokens", and what llama.cpp reported failing}. upcycle's prompts run through sdpa
+    (see GreedyDecoder: eager attention's bf16 bmm is slow on a CPU without native bf16)."""
     max_len = prompt.shape[1] + args.new_tokens + 8
-    decoders = {name: GreedyDecoder(m, max_len) for name, m in rows.items()}
+    decoders = {name: GreedyDecoder(m, max_len, prompt_attention="sdpa") for name, m in rows.items()}
     for name, decoder in decoders.items():  # kernel plans built eagerly, then each step compiled
         started = time.perf_counter()
         with torch.no_grad():

@@ -290,6 +290,22 @@ def test_the_lean_decoder_generates_what_generate_does(precision):
         assert len(want) >= 3 and torch.equal(got[: len(want)], want), (precision, type(model).__name__)
 
 
+def test_the_prompt_through_sdpa_gives_generates_tokens_in_fp32_and_leaves_eager_attention():
+    dense, sparse = _tiny_sparse()
+    ids = torch.randint(0, dense.config.vocab_size, (1, 7))
+    for model in (dense, sparse):
+        exact = GreedyDecoder(model, max_len=32, compiled=False).generate(ids, 10)
+        decoder = GreedyDecoder(model, max_len=32, compiled=False, prompt_attention="sdpa")
+        seen = []
+        hook = model.model.layers[0].self_attn.register_forward_pre_hook(
+            lambda module, args: seen.append(module.config._attn_implementation)
+        )
+        got = decoder.generate(ids, 10)
+        hook.remove()
+        assert torch.equal(got, exact) and seen[0] == "sdpa" and set(seen[1:]) == {"eager"}
+        assert model.config._attn_implementation == "eager"
+
+
 @needs_kernel
 def test_the_compiled_lean_decoder_matches_the_eager_one_with_the_kernel_inside():
     _, sparse = _tiny_sparse()
