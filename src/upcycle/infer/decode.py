@@ -83,12 +83,14 @@ class GreedyDecoder:
         )
         self._warm = False  # compiled: a first generate() has compiled the step
 
-    def _forward_step(self, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    def _forward_step(self, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """The next token after `ids` [1, n] at `positions` [n], the cache filled with them: a step (n = 1,
+        compiled) or the prompt (uncompiled). Only the last position's logits are made: the LM head at one row."""
         out = self.model(
-            input_ids=token,
+            input_ids=ids,
             past_key_values=self.cache,
-            cache_position=position,
-            position_ids=position[None],
+            cache_position=positions,
+            position_ids=positions[None],
             use_cache=True,
             logits_to_keep=1,
         )
@@ -104,17 +106,8 @@ class GreedyDecoder:
                 f"(got {tuple(ids.shape)} for {new_tokens} new tokens)"
             )
         self.cache.reset()
-        positions = torch.arange(n)
         with self._attention(self._prompt_attention):
-            out = self.model(
-                input_ids=ids,
-                past_key_values=self.cache,
-                cache_position=positions,
-                position_ids=positions[None],
-                use_cache=True,
-                logits_to_keep=1,  # the prompt's last position only: the LM head at one row, not n
-            )
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
+            token = self._forward_step(ids, torch.arange(n))
         tokens = [token]
         with self._stance():
             for i in range(n, n + new_tokens - 1):

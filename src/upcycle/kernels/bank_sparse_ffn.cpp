@@ -473,6 +473,22 @@ inline void channel_block(const W* g, const W* u, const W* d, const W* ng, const
     block_axpys<1, N>(&d, acc, h, H, &nd);
 }
 
+// block(n0, t0, std::integral_constant<int, n>) for every block of R rows from n0 and each run of n <= 4
+// tokens from t0, the threads splitting the blocks: how the row dots of every weight type share out.
+template <int R, typename Block>
+void for_row_blocks(int64_t T, int64_t N, Block&& block) {
+    const int64_t blocks = (N + R - 1) / R;
+#pragma omp parallel for schedule(static)
+    for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t t0 = 0; t0 < T; t0 += 4) {
+            const int64_t c = std::min<int64_t>(4, T - t0), n0 = b * R;
+            if (c == 4) block(n0, t0, std::integral_constant<int, 4>{});
+            else if (c == 3) block(n0, t0, std::integral_constant<int, 3>{});
+            else if (c == 2) block(n0, t0, std::integral_constant<int, 2>{});
+            else block(n0, t0, std::integral_constant<int, 1>{});
+        }
+}
+
 #include "q4_rows.h"  // int4 rows (group 32): their dots, axpys and streams
 #include "q8_rows.h"  // int8 rows against tokens rounded to 8 bits per 32 (the dense row dots)
 
@@ -606,16 +622,9 @@ inline void block_rows(const W* w, const float* scales, const float* x, int64_t 
 
 template <int R, typename W>
 void row_dots_by(const W* w, const float* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
-    const int64_t blocks = (N + R - 1) / R;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t t0 = 0; t0 < T; t0 += 4) {
-            const int64_t c = std::min<int64_t>(4, T - t0), n0 = b * R;
-            if (c == 4) block_rows<R, 4>(w, scales, x, t0, N, K, n0, y);
-            else if (c == 3) block_rows<R, 3>(w, scales, x, t0, N, K, n0, y);
-            else if (c == 2) block_rows<R, 2>(w, scales, x, t0, N, K, n0, y);
-            else block_rows<R, 1>(w, scales, x, t0, N, K, n0, y);
-        }
+    for_row_blocks<R>(T, N, [&](int64_t n0, int64_t t0, auto tokens) {
+        block_rows<R, decltype(tokens)::value>(w, scales, x, t0, N, K, n0, y);
+    });
 }
 
 template <typename W>

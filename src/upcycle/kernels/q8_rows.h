@@ -98,16 +98,9 @@ template <int R>
 void q8_row_dots_by(const int8_t* w, const float* scales, const float* x, int64_t T, int64_t N, int64_t K, float* y) {
     std::vector<Q8Input> ins(T);
     for (int64_t t = 0; t < T; ++t) quantize_q8_input(x + t * K, K, ins[t]);
-    const int64_t blocks = (N + R - 1) / R;
-#pragma omp parallel for schedule(static)
-    for (int64_t b = 0; b < blocks; ++b)
-        for (int64_t t0 = 0; t0 < T; t0 += 4) {
-            const int64_t c = std::min<int64_t>(4, T - t0), n0 = b * R;
-            if (c == 4) q8_block_rows<R, 4>(w, scales, ins.data(), t0, N, K, n0, y);
-            else if (c == 3) q8_block_rows<R, 3>(w, scales, ins.data(), t0, N, K, n0, y);
-            else if (c == 2) q8_block_rows<R, 2>(w, scales, ins.data(), t0, N, K, n0, y);
-            else q8_block_rows<R, 1>(w, scales, ins.data(), t0, N, K, n0, y);
-        }
+    for_row_blocks<R>(T, N, [&](int64_t n0, int64_t t0, auto tokens) {
+        q8_block_rows<R, decltype(tokens)::value>(w, scales, ins.data(), t0, N, K, n0, y);
+    });
 }
 
 // One token (a decoding step): each thread reads its rows one after another, front to back, a prefetch
