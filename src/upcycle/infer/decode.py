@@ -56,7 +56,8 @@ class GreedyDecoder:
     two bmm calls a layer, and a bf16 bmm on a CPU without native bf16 took 2.5 ms each (SmolLM2 at int8,
     a 41-token prompt on an AVX2 EPYC: 290-370 ms eager, 140-170 ms sdpa). In bf16 its rounding differs
     from eager attention's (max |dlogit| 0.03-0.05 on a tiny model), so where two tokens nearly tie the
-    tokens can differ from generate's; by default the prompt runs as generate runs it."""
+    tokens can differ from generate's; by default the prompt runs as generate runs it. A model without sdpa,
+    or `attention=None`, runs its prompt as its steps."""
 
     def __init__(
         self,
@@ -66,14 +67,21 @@ class GreedyDecoder:
         attention: str | None = "eager",
         prompt_attention: str | None = None,
     ):
-        if attention is not None and hasattr(model, "set_attn_implementation"):
+        settable = hasattr(model, "set_attn_implementation")
+        if attention is not None and settable:
             model.set_attn_implementation(attention)
         self.model = model.eval()
         self.max_len = max_len
-        sdpa_wanted = prompt_attention == "sdpa"
-        self._prompt_attention = (
-            prompt_attention if not sdpa_wanted or getattr(model, "_supports_sdpa", False) else None
-        )
+        self._attention_set = attention
+        self._prompt_attention = None
+        if prompt_attention is not None and attention is not None and settable:
+            try:  # what the model supports: transformers refuses an implementation it lacks
+                model.set_attn_implementation(prompt_attention)
+                self._prompt_attention = prompt_attention
+            except (ValueError, ImportError):
+                pass
+            finally:
+                model.set_attn_implementation(attention)
         self.cache = StaticCache(config=model.config, max_cache_len=max_len)
         self.compiled = compiled
         self._step = (
@@ -118,17 +126,16 @@ class GreedyDecoder:
 
     @contextlib.contextmanager
     def _attention(self, implementation: str | None):
-        """The model's attention set to `implementation` (None: left as it is) for a block, then restored:
-        the compiled step was traced with the decoder's own, and its guards are not checked again."""
+        """The model's attention set to `implementation` (None: left as it is) for a block, then back to the
+        decoder's own: the compiled step was traced with that, and its guards are not checked again."""
         if implementation is None:
             yield
             return
-        own = self.model.config._attn_implementation
         self.model.set_attn_implementation(implementation)
         try:
             yield
         finally:
-            self.model.set_attn_implementation(own)
+            self.model.set_attn_implementation(self._attention_set)
 
     def _stance(self):
         """Once the step is compiled, call it without re-checking its guards: every step passes the same

@@ -23,16 +23,9 @@
 
 constexpr int64_t Q8_GROUP = 32;
 
-struct Q8Input {
-    std::vector<int8_t> xq;  // [K] the token's codes
-    std::vector<float> sx;   // [K/32] the step of each group
-};
-
-void quantize_q8_input(const float* x, int64_t K, Q8Input& in) {
-    ShadowInput s;
-    quantize_token(x, K, Q8_GROUP, s);
-    in.xq = std::move(s.xq), in.sx = std::move(s.sx);
-}
+// A token rounded as Q8_0 rounds it: quantize_token's codes and steps at a group of 32 (its sx_sum unused).
+using Q8Input = ShadowInput;
+inline void quantize_q8_input(const float* x, int64_t K, Q8Input& in) { quantize_token(x, K, Q8_GROUP, in); }
 
 // out[r][k] = rows[r] . token k (before the row's scale), for R rows of K int8 codes and N tokens; `next`
 // prefetched a cache line per 64 weights.
