@@ -177,6 +177,31 @@ class Adapter:
         with torch.device("cpu"):
             self.model.model.rotary_emb = type(rotary)(config=self.config).to(device)
 
+    # ---- decoding ----------------------------------------------------------------------------
+    # a decoder layer of Llama's shape (pre-norm RMSNorm, q/k/v/o with rotate-half rotary and no q/k
+    # norms, full causal attention): what the kernels' one-call decoding step computes (decode_step.h)
+    llama_shaped: ClassVar[bool] = False
+
+    def rotary_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The model's own rotary cos and sin [positions, head_dim] in fp32 (its scaling, if any, applied)."""
+        ids = torch.arange(positions)[None]
+        cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), ids)
+        return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def attention_scaling(self, i: int) -> float:
+        return float(self.layer(i).self_attn.scaling)
+
+    def norm_eps(self, norm: nn.Module) -> float:
+        return float(norm.variance_epsilon)
+
+    @staticmethod
+    def cache_tensors(cache, i: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Layer i's (keys, values) [batch, kv_heads, positions, head_dim] of a transformers StaticCache,
+        or None before its first update allocates them."""
+        layer = cache.layers[i]
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        return None if keys is None or values is None else (keys, values)
+
     # ---- one decoder layer -------------------------------------------------------------------
     def layer(self, i: int) -> nn.Module:
         if not -self.num_layers <= i < self.num_layers:

@@ -38,6 +38,7 @@ class DenseSwiGLU(Adapter):
     """Llama, Mistral, Qwen2, Qwen3: pre-norm decoder layers with a dense SwiGLU FFN."""
 
     family = "dense"
+    llama_shaped = True  # Qwen3 says otherwise (its q/k norms)
 
 
 # the MoE families a dense family's layers can be written into with the same attention (the first is
@@ -63,6 +64,7 @@ class Qwen2(DenseSwiGLU):
 @register
 class Qwen3(DenseSwiGLU):
     family, model_types, moe_targets = "qwen3", ("qwen3",), ("qwen3_moe",)
+    llama_shaped = False  # q and k are normed per head before the rotary embedding
 
 
 @register

@@ -644,7 +644,7 @@ void row_dots(const W* w, const float* scales, const float* x, int64_t T, int64_
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 9; }
+int upcycle_kernels_abi_version() { return 10; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {
@@ -794,3 +794,5 @@ int upcycle_row_dots(const void* w, int64_t weight_type, const void* row_scales,
 }
 
 }  // extern "C"
+
+#include "decode_step.h"  // a whole decoding step of a Llama-shaped model in one call

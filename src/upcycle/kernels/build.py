@@ -30,9 +30,10 @@ from upcycle.cache import cache_dir
 SOURCE = Path(__file__).with_name("bank_sparse_ffn.cpp")
 Q4_SOURCE = Path(__file__).with_name("q4_rows.h")  # #included by SOURCE
 Q8_SOURCE = Path(__file__).with_name("q8_rows.h")  # #included by SOURCE
+DECODE_SOURCE = Path(__file__).with_name("decode_step.h")  # #included by SOURCE
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 9
+ABI_VERSION = 10
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -98,6 +99,60 @@ class FFNWeights(ctypes.Structure):
     ]
 
 
+class DecodeRows(ctypes.Structure):
+    """Mirror of `struct DecodeRows` in decode_step.h."""
+
+    _fields_ = [
+        ("w", ctypes.c_void_p),
+        ("type", ctypes.c_int64),
+        ("scales", ctypes.c_void_p),
+        ("bias", ctypes.c_void_p),
+        ("n", ctypes.c_int64),
+        ("k", ctypes.c_int64),
+    ]
+
+
+class DecodeLayer(ctypes.Structure):
+    """Mirror of `struct DecodeLayer` in decode_step.h."""
+
+    _fields_ = [
+        ("input_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("qkv", DecodeRows),
+        ("o", DecodeRows),
+        ("gate_up", DecodeRows),
+        ("down", DecodeRows),
+        ("sparse", ctypes.c_void_p),
+        ("bank", ctypes.c_int64),
+        ("keep", ctypes.c_int64),
+        ("gate", ctypes.c_int64),
+        ("keys", ctypes.c_void_p),
+        ("values", ctypes.c_void_p),
+    ]
+
+
+class DecodePlan(ctypes.Structure):
+    """Mirror of `struct DecodePlan` in decode_step.h."""
+
+    _fields_ = [
+        *((name, ctypes.c_int64) for name in ("layers", "hidden", "heads", "kv_heads", "head_dim", "max_len")),
+        ("vocab", ctypes.c_int64),
+        ("ffn_width", ctypes.c_int64),
+        ("eps", ctypes.c_float),
+        ("scaling", ctypes.c_float),
+        ("bf16_activations", ctypes.c_int64),
+        ("cache_bf16", ctypes.c_int64),
+        ("embed_bf16", ctypes.c_int64),
+        ("embed", ctypes.c_void_p),
+        ("cos", ctypes.c_void_p),
+        ("sin", ctypes.c_void_p),
+        ("final_norm", ctypes.c_void_p),
+        ("head", DecodeRows),
+        ("layer", ctypes.POINTER(DecodeLayer)),
+        ("scratch", ctypes.c_void_p),
+    ]
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if lib.upcycle_kernels_abi_version() != ABI_VERSION:
         raise RuntimeError("stale kernel library (ABI version differs)")
@@ -108,6 +163,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     g = lib.upcycle_row_dots
     g.argtypes = [p, i64, p, p, i64, i64, i64, p]
     g.restype = ctypes.c_int
+    lib.upcycle_decode_scratch.argtypes = [ctypes.POINTER(DecodePlan)]
+    lib.upcycle_decode_scratch.restype = i64
+    lib.upcycle_decode_step.argtypes = [ctypes.POINTER(DecodePlan), i64, i64]
+    lib.upcycle_decode_step.restype = i64
     return lib
 
 
@@ -120,7 +179,7 @@ def load() -> ctypes.CDLL | None:
     if cxx is None:
         _failure = "no C++ compiler found (set CXX, or install g++)"
         return None
-    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE, Q4_SOURCE, Q8_SOURCE], [])  # noqa: E731
+    library = lambda: _built(cxx, "libupcycle_kernels.so", [SOURCE, Q4_SOURCE, Q8_SOURCE, DECODE_SOURCE], [])  # noqa: E731
     _library, _failure = _attempt("kernel", lambda: _bind(ctypes.CDLL(str(library()))))
     return _library
 
@@ -156,7 +215,7 @@ def load_operator() -> bool:
     if load() is None:  # no compiler, or the kernel itself does not build: the same reason
         _operator_failure = why_unavailable()
         return False
-    sources = [OPERATOR_SOURCE, SOURCE, Q4_SOURCE, Q8_SOURCE]
+    sources = [OPERATOR_SOURCE, SOURCE, Q4_SOURCE, Q8_SOURCE, DECODE_SOURCE]
     library = lambda: _built(compiler(), "libupcycle_torch_ops.so", sources, _torch_flags())  # noqa: E731
     loaded, _operator_failure = _attempt("operator", lambda: torch.ops.load_library(str(library())) or True)
     _operator_loaded = bool(loaded)
