@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from upcycle import hub, kernels
+from upcycle.eval.speed import without_ffns
 from upcycle.infer.decode import GreedyDecoder
 from upcycle.infer.native import NativeStep, Unsupported
 from upcycle.infer.precision import to_precision
@@ -106,3 +107,14 @@ def test_models_the_step_does_not_read_fall_back_to_the_compiled_step():
         NativeStep(plain, 16)
     with kernels.disabled():
         assert GreedyDecoder(to_precision(plain, "fp32"), max_len=16).native is None
+
+
+def test_a_model_without_ffns_steps_natively_and_equals_its_forward():
+    """eval.speed.without_ffns (the FFN-free ceiling of the decode benchmarks) runs through the C step too,
+    so that a model and its ceiling are timed the same way."""
+    model = without_ffns(to_precision(_models("llama")[0], "fp32"))
+    decoder = GreedyDecoder(model, max_len=24)
+    assert decoder.native is not None, decoder.native_refusal
+    for got, seq in _steps(model, decoder):
+        with torch.no_grad():
+            torch.testing.assert_close(got, model(seq).logits[0, -1], rtol=1e-4, atol=1e-4)

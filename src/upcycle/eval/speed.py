@@ -193,6 +193,8 @@ def weight_bytes(model) -> dict[str, float]:
 class _NoFFN(torch.nn.Module):
     """An FFN that costs nothing: its layer's residual stream passes through unchanged."""
 
+    ffn_kind = "none"  # what upcycle.arch reports, and the one-call decoding step skips
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.zeros_like(x)
 

@@ -124,6 +124,8 @@ class NativeStep:
             keep.append(plan)
             layer.sparse = ctypes.addressof(plan.struct)
             layer.bank, layer.keep, layer.gate = ffn.sparsity.bank, ffn.keep, kernels.GATE_CODES[ffn.sparsity.gate]
+        elif adapter.ffn_kind(i) == "none":  # eval.speed.without_ffns: the residual stream passes through
+            pass
         elif all(hasattr(ffn, name) for name in ("gate_proj", "up_proj", "down_proj")):  # a SwiGLU FFN's rows
             _group([ffn.gate_proj, ffn.up_proj], "gate and up")
             layer.gate_up, layer.down = _rows(ffn.gate_proj, keep), _rows(ffn.down_proj, keep)
