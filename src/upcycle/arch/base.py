@@ -178,8 +178,8 @@ class Adapter:
             self.model.model.rotary_emb = type(rotary)(config=self.config).to(device)
 
     # ---- decoding ----------------------------------------------------------------------------
-    # a decoder layer of Llama's shape (pre-norm RMSNorm, q/k/v/o with rotate-half rotary and no q/k
-    # norms, full causal attention): what the kernels' one-call decoding step computes (decode_step.h)
+    # a decoder layer of Llama's shape (pre-norm RMSNorm, q/k/v/o with rotate-half rotary, per-head q/k
+    # norms or none, full causal attention): what the kernels' one-call decoding step computes (decode_step.h)
     llama_shaped: ClassVar[bool] = False
 
     def rotary_tables(self, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -187,6 +187,10 @@ class Adapter:
         ids = torch.arange(positions)[None]
         cos, sin = self.model.model.rotary_emb(torch.zeros(1, dtype=torch.float32), ids)
         return cos[0].float().contiguous(), sin[0].float().contiguous()
+
+    def head_norms(self, i: int) -> tuple[nn.Module, nn.Module] | None:
+        """Layer i's per-head RMSNorms of q and k, applied before the rotary embedding (Qwen3), or None."""
+        return None
 
     def attention_scaling(self, i: int) -> float:
         return float(self.layer(i).self_attn.scaling)

@@ -38,7 +38,7 @@ class DenseSwiGLU(Adapter):
     """Llama, Mistral, Qwen2, Qwen3: pre-norm decoder layers with a dense SwiGLU FFN."""
 
     family = "dense"
-    llama_shaped = True  # Qwen3 says otherwise (its q/k norms)
+    llama_shaped = True
 
 
 # the MoE families a dense family's layers can be written into with the same attention (the first is
@@ -64,7 +64,10 @@ class Qwen2(DenseSwiGLU):
 @register
 class Qwen3(DenseSwiGLU):
     family, model_types, moe_targets = "qwen3", ("qwen3",), ("qwen3_moe",)
-    llama_shaped = False  # q and k are normed per head before the rotary embedding
+
+    def head_norms(self, i: int):
+        attention = self.layer(i).self_attn
+        return attention.q_norm, attention.k_norm
 
 
 @register

@@ -6,7 +6,7 @@ is one compiled graph — embed the token, run the layers against the static cac
 called with the token and its position, and the only Python per token is the call itself. Dense and
 bank-sparse models run through the same decoder, so a speed-up measured with it is an honest ratio.
 
-A model converted by `to_precision` whose layers are Llama-shaped (Llama, Mistral, Qwen2; dense or
+A model converted by `to_precision` whose layers are Llama-shaped (Llama, Mistral, Qwen2, Qwen3; dense or
 bank-sparse FFNs) steps by one call of the kernels instead (`upcycle.infer.native`, kernels/decode_step.h):
 no graph, no guards, plain loops between the row dots. SmolLM2 at int8, one process alternating the
 two: 14.1-14.2 ms a step against the compiled graph's 19.5-21.3 (AVX2 EPYC, 2 threads). Where it

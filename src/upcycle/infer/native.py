@@ -6,7 +6,7 @@ At one token a step of SmolLM2 at int8 is ~12 ms of row dots; torch.compile put 
 inputs: torch profiler, 63 steps). The C step does the same work with plain loops between the row dots.
 
 It runs what it can read and says why it cannot read the rest (`NativeStep.refusal`), so the decoder falls
-back to its compiled step: a family whose layers are not Llama-shaped (Qwen3's q/k norms, MoE), layers
+back to its compiled step: a family whose layers are not Llama-shaped (MoE), layers
 not converted to row dots, a bank-sparse FFN the kernel cannot run, sliding-window attention that would
 bite within the cache, no kernels.
 """
@@ -117,6 +117,13 @@ class NativeStep:
         keep += norm_weights
         layer = DecodeLayer(norm_weights[0].data_ptr(), norm_weights[1].data_ptr())
         layer.qkv, layer.o = _rows(attention["q"], keep), _rows(attention["o"], keep)
+        head_norms = adapter.head_norms(i)
+        if head_norms is not None:
+            if any(adapter.norm_eps(norm) != adapter.norm_eps(norms["input"]) for norm in head_norms):
+                raise Unsupported("q/k norms with an eps of their own")
+            q_norm, k_norm = (norm.weight.detach().float().contiguous() for norm in head_norms)
+            keep += [q_norm, k_norm]
+            layer.q_norm, layer.k_norm = q_norm.data_ptr(), k_norm.data_ptr()
         if isinstance(ffn, BankSparseFFN):
             plan = kernels.plan_for(ffn)
             if ffn.sparsity.selection != "predictor" or not plan.usable or not (plan.predictor or plan.shadow):

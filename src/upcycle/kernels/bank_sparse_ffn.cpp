@@ -644,7 +644,7 @@ void row_dots(const W* w, const float* scales, const float* x, int64_t T, int64_
 
 extern "C" {
 
-int upcycle_kernels_abi_version() { return 10; }
+int upcycle_kernels_abi_version() { return 11; }
 
 // One module's weights as the kernel reads them (filled once per module on the Python side).
 struct FFNWeights {

@@ -33,7 +33,7 @@ Q8_SOURCE = Path(__file__).with_name("q8_rows.h")  # #included by SOURCE
 DECODE_SOURCE = Path(__file__).with_name("decode_step.h")  # #included by SOURCE
 OPERATOR_SOURCE = Path(__file__).with_name("torch_operator.cpp")  # #includes SOURCE
 FLAGS = ["-O3", "-march=native", "-mprefer-vector-width=512", "-fopenmp", "-std=c++17", "-shared", "-fPIC"]
-ABI_VERSION = 10
+ABI_VERSION = 11
 
 _library: ctypes.CDLL | None = None
 _failure: str | None = None
@@ -119,6 +119,8 @@ class DecodeLayer(ctypes.Structure):
         ("input_norm", ctypes.c_void_p),
         ("post_norm", ctypes.c_void_p),
         ("qkv", DecodeRows),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
         ("o", DecodeRows),
         ("gate_up", DecodeRows),
         ("down", DecodeRows),

@@ -1,4 +1,4 @@
-// One whole decoding step of a Llama-shaped model (batch 1, one token) in one call: embed, for every
+// One whole decoding step of a Llama-shaped model (Qwen3's per-head q/k norms included) (batch 1, one token) in one call: embed, for every
 // layer RMSNorm -> q k v rows -> rotary -> attention against the cache -> o rows -> residual -> RMSNorm ->
 // FFN (dense rows or the bank-sparse kernel) -> residual, then the final norm, the LM head's rows and argmax.
 //
@@ -32,6 +32,8 @@ struct DecodeLayer {
     const float* input_norm;  // fp32 [H]
     const float* post_norm;   // fp32 [H]
     DecodeRows qkv;           // q, k and v stacked: n = (heads + 2 kv_heads) head_dim
+    const float* q_norm;      // fp32 [head_dim]: each head of q and of k RMSNormed before the rotary
+    const float* k_norm;      // (Qwen3), or null
     DecodeRows o;             // [H, heads head_dim]
     DecodeRows gate_up;       // a dense FFN: gate and up stacked [2 I, H] (w null for a sparse FFN; both
                               // null: no FFN, the residual stream passes through)
@@ -85,7 +87,7 @@ inline int rows(const DecodeRows& r, const float* x, float* y, bool bf16) {
     return code;
 }
 
-// Hugging Face's RMSNorm: x / rms(x) in fp32, stored in the activations' dtype, times the weight.
+// Hugging Face's RMSNorm: x / rms(x) in fp32, stored in the activations' dtype, times the weight (out may be x).
 inline void rms_norm(const float* x, const float* w, int64_t n, float eps, bool bf16, float* out) {
     double ss = 0.0;
     for (int64_t i = 0; i < n; ++i) ss += static_cast<double>(x[i]) * x[i];
@@ -200,6 +202,8 @@ int64_t upcycle_decode_step(const DecodePlan* p, int64_t token, int64_t position
         rms_norm(x, l.input_norm, H, p->eps, bf16, n);
         if (rows(l.qkv, n, qkv, bf16)) return -10 - li;
         float *q = qkv, *k = qkv + nq, *v = k + nkv;
+        for (int64_t h = 0; l.q_norm && h < p->heads; ++h) rms_norm(q + h * d, l.q_norm, d, p->eps, bf16, q + h * d);
+        for (int64_t h = 0; l.k_norm && h < p->kv_heads; ++h) rms_norm(k + h * d, l.k_norm, d, p->eps, bf16, k + h * d);
         for (int64_t h = 0; h < p->heads; ++h) rotary(q + h * d, cos, sin, d, bf16);
         for (int64_t h = 0; h < p->kv_heads; ++h) {
             rotary(k + h * d, cos, sin, d, bf16);
