@@ -86,8 +86,8 @@ class NativeStep:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
         embed = adapter.embedding().weight
         self.bf16 = embed.dtype == torch.bfloat16  # the activations' dtype (infer.precision.DTYPES)
-        if embed.dtype not in (torch.float32, torch.bfloat16):
-            raise Unsupported(f"embedding in {embed.dtype}")
+        if embed.dtype not in (torch.float32, torch.bfloat16) or not embed.is_contiguous():
+            raise Unsupported(f"embedding in {embed.dtype}{'' if embed.is_contiguous() else ', not contiguous'}")
         cos, sin = adapter.rotary_tables(max_len)
         if cos.shape[-1] != head_dim:
             raise Unsupported("rotary embedding over part of a head")
