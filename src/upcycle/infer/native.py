@@ -43,7 +43,7 @@ def _rows(linear, keep: list) -> DecodeRows:
     if stored.dtype not in kernels.WEIGHT_TYPES or not stored.is_contiguous():
         raise Unsupported(f"rows stored as {stored.dtype}")
     scales = linear.scales if linear.quantized else None
-    kind = kernels.weight_type(stored, scales) if scales is not None else kernels.WEIGHT_TYPES[stored.dtype]
+    kind = kernels.weight_type(stored, kernels.NO_SCALES if scales is None else scales)  # as RowLinear calls it
     bias = None if linear.bias is None else linear.bias.detach().float().contiguous()
     keep += [stored, scales, bias]
     return DecodeRows(
@@ -106,7 +106,8 @@ class NativeStep:
             int(self.bf16), embed.data_ptr(), cos.data_ptr(), sin.data_ptr(), final.data_ptr(),
             _rows(adapter.lm_head(), keep), layers, None,
         )  # fmt: skip
-        self._scratch = torch.empty(lib.upcycle_decode_scratch(ctypes.byref(self.plan)))
+        self._ref = ctypes.byref(self.plan)  # made once: the step's only Python per token is the call
+        self._scratch = torch.empty(lib.upcycle_decode_scratch(self._ref))
         self.plan.scratch = self._scratch.data_ptr()
         self._keep, self._layers, self._adapter, self._bound = keep, layers, adapter, None
 
@@ -150,8 +151,8 @@ class NativeStep:
         if pointers == self._bound:
             return
         want = (1, self.plan.kv_heads, self.max_len, self.plan.head_dim)
+        dtype = torch.bfloat16 if self.bf16 else torch.float32
         for i, (keys, values) in enumerate(tensors):
-            dtype = torch.bfloat16 if self.bf16 else torch.float32
             if (
                 tuple(keys.shape) != want
                 or keys.dtype != dtype
@@ -170,7 +171,7 @@ class NativeStep:
         return self._scratch[-self.plan.vocab :]
 
     def __call__(self, token: int, position: int) -> int:
-        out = self.lib.upcycle_decode_step(ctypes.byref(self.plan), token, position)
+        out = self.lib.upcycle_decode_step(self._ref, token, position)
         if out < 0:
             raise RuntimeError(f"the decoding step's kernel rejected its arguments (code {out})")
         return out
