@@ -7,7 +7,7 @@ its own logits).
 
     python benchmarks/reproduce.py --paper sparsify  # trains the sparse model the race uses (~55 min; else done here)
     python benchmarks/cpu_decode.py                  # SmolLM2-135M: about 35 minutes on 2 cores (+4½ to build llama.cpp once)
-    python benchmarks/cpu_decode.py --part large     # a grown SmolLM2 of 3.2B at int8 and int4 (~2 h, 31 GB of disk)
+    python benchmarks/cpu_decode.py --part large     # a grown SmolLM2 of 3.2B at int8 and int4 (~2 h, 38 GB of disk)
     python benchmarks/cpu_decode.py --no-llamacpp    # upcycle only
     python benchmarks/cpu_decode.py --untrained      # the sparse model as converted, without training
 
@@ -81,8 +81,10 @@ LLAMA_ROWS = ("f32", "f16", "q8_0", "q4_k_m", "q4_0", "q4_1")
 CORPORA = ("shakespeare", "pystdlib")
 MARGIN = 1.01  # a llama.cpp row is matched by an upcycle row at least as fast with ppl at most 1 % above its own
 # the grown checkpoint of --part large: hidden x8 (576 -> 4608), FFN width 6,656: 3.2B parameters
+# its int4 rounded to nearest on both sides (llama.cpp's Q4_0 without an importance matrix does the same):
+# GPTQ over every linear of 3.2B parameters would take ~30 min a model here
 LARGE = {"factor": 8, "width": 6656, "precisions": ("int8", "int4"), "sparsity": "16 of 64, 2-bit shadow predictor",
-         "held_blocks": 4, "calibration_blocks": 4}  # fmt: skip
+         "held_blocks": 4, "new_tokens": 64, "repeats": 3}  # fmt: skip
 CALIBRATION_BLOCKS = 16  # int4's GPTQ calibration, 256 tokens each
 
 
@@ -323,13 +325,13 @@ def large(args) -> None:
     work.mkdir(parents=True, exist_ok=True)
     name = f"smollm2-x{args.factor}-ffn{args.width}"
     grown, wide, sparse_folder = work / name, work / f"smollm2-x{args.factor}", work / f"{name}-sparse"
-    # grown in fp32 (13 GB on disk): in bf16 HyperCloning's check fails (max |dlogit| 0.84 at x2, measured)
+    # grown in fp32 (13 GB on disk): in bf16 HyperCloning's check fails (max |dlogit| 0.84 at x2, measured);
+    # sparsified in fp32 too: bf16 matmuls on a CPU without native bf16 made the pass ~10x slower
     steps = [
         (wide, ("grow", MODEL, wide, "--op", "hidden", "--factor", args.factor, "--calibration-tokens", "256")),
         (grown, ("grow", wide, grown, "--op", "ffn_width", "--width", args.width, "--calibration-tokens", "256")),
         (sparse_folder, ("sparsify", grown, sparse_folder, "--bank", "64", "--keep", "16", "--predictor", "shadow",
-                         "--bits", "2", "--warmup-steps", "0", "--convert-steps", "0", "--calibration-tokens", "2048",
-                         "--dtype", "bf16")),
+                         "--bits", "2", "--warmup-steps", "0", "--convert-steps", "0", "--calibration-tokens", "2048")),
     ]  # fmt: skip
     for folder, cli in steps:
         if not (folder / "config.json").exists() and not (folder == wide and (grown / "config.json").exists()):
@@ -340,16 +342,16 @@ def large(args) -> None:
     shutil.rmtree(wide, ignore_errors=True)
     source = exported_gguf(grown, grown.name, "f16")
     out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {},
-           "int4_calibration": f"GPTQ on {LARGE['calibration_blocks']} blocks of 256 tokens of the train split"}  # fmt: skip
-    args.held_blocks = min(args.held_blocks, LARGE["held_blocks"])
+           "int4_calibration": "none: rounded to nearest (Q4_0's rule) on both sides"}  # fmt: skip
+    for setting in ("held_blocks", "new_tokens", "repeats"):
+        setattr(args, setting, min(getattr(args, setting), LARGE[setting]))
     for precision in LARGE["precisions"]:  # one precision's models in memory at a time, each converted in place
         dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
         out["parameters"] = sum(p.numel() for p in dense.parameters())
         rows = {f"no_ffn_{precision}": to_precision(speed.without_ffns(dense), precision).eval()}
-        blocks = calibration_blocks(tokenizer, LARGE["calibration_blocks"] * 256) if precision == "int4" else None
-        rows[f"dense_{precision}"] = to_precision(dense, precision, blocks).eval()  # before the sparse one is loaded
+        rows[f"dense_{precision}"] = to_precision(dense, precision).eval()  # before the sparse one is loaded
         sparse = upcycle_load(sparse_folder, dtype=torch.bfloat16)[0]
-        rows[f"sparse_{precision}"] = to_precision(sparse, precision, blocks).eval()
+        rows[f"sparse_{precision}"] = to_precision(sparse, precision).eval()
         del dense, sparse
         formats = (LLAMA_FORMATS[precision],)
         out["rows"][precision] = measure(rows, tokenizer, source, args, (precision,), formats)

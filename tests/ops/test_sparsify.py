@@ -153,6 +153,20 @@ def test_coactivation_order_groups_channels_that_fire_together():
     assert first_half in (set(group_a.tolist()), set(group_b.tolist()))
 
 
+def test_wide_layers_order_channels_as_the_exact_eigendecomposition_does(monkeypatch):
+    # above EIGH_WIDTH the Fiedler vector comes from LOBPCG: the same order as eigh's (up to its sign)
+    from upcycle.ops import sparsify as ops
+
+    generator = torch.Generator().manual_seed(0)
+    groups = torch.randint(0, 8, (300,), generator=generator)
+    gains = torch.rand(400, 8, generator=generator) * 3
+    h = torch.randn(400, 300, generator=generator) * (0.3 + gains[:, groups])
+    exact = coactivation_order(h, 0.25)
+    monkeypatch.setattr(ops, "EIGH_WIDTH", 100)
+    iterative = coactivation_order(h, 0.25)
+    assert torch.equal(iterative, exact) or torch.equal(iterative, exact.flip(0))
+
+
 def test_padding_makes_a_width_fit_the_bank_without_changing_the_function():
     dense = hub.tiny("llama", ffn=120)
     with pytest.raises(ConfigError, match="bank=64"):

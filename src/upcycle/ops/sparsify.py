@@ -256,8 +256,24 @@ def coactivation_order(h: torch.Tensor, keep_fraction: float) -> torch.Tensor:
     co.fill_diagonal_(0)
     degree = co.sum(1).clamp_min(1e-12)
     norm = co / degree.sqrt()[:, None] / degree.sqrt()[None, :]
-    _, vectors = torch.linalg.eigh(norm)
-    return vectors[:, -2].argsort()  # second-largest eigenvector of the affinity = Fiedler vector
+    return _second_eigenvector(norm).argsort()  # second-largest eigenvector of the affinity = Fiedler vector
+
+
+# Widths above this find the two leading eigenvectors iteratively: a full eigh costs O(width^3) (98 s at
+# 6,656 on one core, hours a layer at a 28k-wide FFN) where LOBPCG took 12 s for the same ordering
+# (measured: the same argsort). At and below it eigh is exact and cheaper (1.6 s at 1,536 against 6.7 s).
+EIGH_WIDTH = 4096
+
+
+def _second_eigenvector(affinity: torch.Tensor) -> torch.Tensor:
+    if len(affinity) > EIGH_WIDTH:
+        start = torch.randn(len(affinity), 3, dtype=affinity.dtype, generator=torch.Generator().manual_seed(0))
+        try:
+            _, vectors = torch.lobpcg(affinity, k=3, X=start, largest=True, tol=1e-8, niter=500)
+            return vectors[:, 1]
+        except RuntimeError:  # LOBPCG's Cholesky can fail on a degenerate affinity: the exact route then
+            pass
+    return torch.linalg.eigh(affinity)[1][:, -2]
 
 
 @torch.no_grad()
