@@ -489,6 +489,9 @@ def large_table(large: dict) -> str:
         target = large["targets"][precision]
         lines.append(f"- {precision}: upcycle sparse ÷ llama.cpp {LLAMA_FORMATS[precision].upper()} = {ratio:.2f}× "
                      f"(target ≥ {target}: {'met' if ratio >= target else 'not met'})")  # fmt: skip
+    for precision, r in large["rows"].items():
+        for p, v in r.get("ms_split", {}).items():
+            lines.append(f"- ms a token, sparse {p}: FFNs {v['sparse_ffn_ms']:.1f} + the rest {v['other_ms']:.1f}")
     return "\n".join(lines)
 
 
