@@ -1,6 +1,8 @@
 """The predictor family: the shadow predictor against hand-worked and independent computations,
 its fast path against the reference, saving, densify, and that it follows the FFN as it trains."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ import upcycle
 from upcycle import hub, kernels
 from upcycle.eval.selection import predictor_recall
 from upcycle.eval.speed import ffn_limit, weight_bytes
-from upcycle.kernels.quant import quantize_gptq, quantize_rtn
+from upcycle.kernels.quant import quantize_activations, quantize_gptq, quantize_rtn
 from upcycle.modules import BankSparseFFN, BankSparsity, UpcycleSparseForCausalLM
 from upcycle.modules.bank_sparse import ShadowPredictor, dequantize_groups
 
@@ -218,6 +220,28 @@ def test_a_gptq_shadow_follows_training_cheaply_and_is_gptq_again_for_inference(
         ffn.eval().logits(x[:4])  # inference: GPTQ of the weights as they are now
         torch.testing.assert_close(shadow.weights[0], gptq(w0 + delta), rtol=0, atol=0)
     assert not torch.equal(gptq(w0 + delta), gptq(w0) + delta)
+
+
+def test_a_shadow_for_inference_keeps_only_its_codes_and_scores_as_before():
+    torch.manual_seed(0)
+    ffn = BankSparseFFN(64, 128, BankSparsity(32, 8, predictor="shadow", bits=2, group=16, quantizer="gptq"))
+    for p in ffn.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(512, 64) @ torch.randn(64, 64)
+    ffn.predictor.set_input_moment(x)
+    lean = copy.deepcopy(ffn).eval()
+    lean.predictor.for_inference()
+    with torch.no_grad():
+        expected = ffn.eval().logits(x[:4])
+        w = [
+            dequantize_groups(*quantize_gptq(m.weight, x.T @ x / 512, 2, 16), 16) for m in (ffn.gate_proj, ffn.up_proj)
+        ]
+        xq = quantize_activations(x[:4], 16)
+        torch.testing.assert_close(expected, (torch.nn.functional.silu(xq @ w[0].T) * (xq @ w[1].T)).abs())
+        torch.testing.assert_close(lean.logits(x[:4]), expected, rtol=0, atol=0)
+    shadow = lean.predictor
+    assert shadow.weights is None and shadow.full_weights is None and shadow.quantized_from is None
+    assert shadow.codes is not None
 
 
 def test_the_shadow_bytes_are_counted():

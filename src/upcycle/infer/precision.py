@@ -48,6 +48,7 @@ from upcycle.kernels import QUANTIZERS, int4_fits, release
 from upcycle.kernels.memory import huge_page_copy
 from upcycle.kernels.quant import dequantize_int4
 from upcycle.modules import BankSparseFFN
+from upcycle.modules.bank_sparse import ShadowPredictor
 
 PRECISIONS = ("fp32", "bf16", "int8", "int4", "int4a")
 DTYPES = {
@@ -96,6 +97,8 @@ def to_precision(model: nn.Module, precision: str, calibration: torch.Tensor | N
         if isinstance(ffn, BankSparseFFN):
             if precision in QUANTIZERS:
                 kernel_grid(ffn, _fits(precision, ffn.gate_proj))  # gate, up and down^T rows: H inputs
+            if isinstance(ffn.predictor, ShadowPredictor):
+                ffn.predictor.for_inference()
             inside_sparse = {id(m) for m in ffn.modules()}
         layer = adapter.layer(i)
         plain = _plain_linears(layer, adapter.linears(i), inside_sparse)
