@@ -232,6 +232,8 @@ def measure(rows: dict, tokenizer, source: Path, args, precisions=PRECISIONS, fo
         (None, {"ppl": {}}) if args.no_llamacpp else llamacpp_files(source, prompt[0].tolist(), held, args, formats)
     )
     result |= made
+    for name, row in made["ppl"].items():
+        print(f"{name}: ppl {row}", flush=True)
     for name, model in rows.items():
         if not name.startswith("no_ffn"):
             with torch.no_grad():
@@ -343,9 +345,16 @@ def large(args) -> None:
     source = exported_gguf(grown, grown.name, "f16")
     out = {"checkpoint": str(grown), "sparsity": LARGE["sparsity"] + ", untrained", "rows": {},
            "int4_calibration": "none: rounded to nearest (Q4_0's rule) on both sides"}  # fmt: skip
+    path = RESULTS / "cpu_decode.json"
+    kept = (json.loads(path.read_text()) if path.exists() else {}).get("large", {})
+    if kept.get("checkpoint") == out["checkpoint"] and kept.get("int4_calibration") == out["int4_calibration"]:
+        out = kept  # resumable: a precision measured by an earlier run is kept (each takes ~40 min here)
     for setting in ("held_blocks", "new_tokens", "repeats"):
         setattr(args, setting, min(getattr(args, setting), LARGE[setting]))
     for precision in LARGE["precisions"]:  # one precision's models in memory at a time, each converted in place
+        if precision in out["rows"]:
+            print(f"{precision}: kept from the run before", flush=True)
+            continue
         dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
         out["parameters"] = sum(p.numel() for p in dense.parameters())
         rows = {f"no_ffn_{precision}": to_precision(speed.without_ffns(dense), precision).eval()}
@@ -357,15 +366,14 @@ def large(args) -> None:
         out["rows"][precision] = measure(rows, tokenizer, source, args, (precision,), formats)
         del rows
         gc.collect()
-    tok = {k: v for r in out["rows"].values() for k, v in r["tok_s"].items()}
-    out["ratios"] = {p: tok[f"upcycle_sparse_{p}"] / tok[f"llamacpp_{LLAMA_FORMATS[p]}"] for p in LARGE["precisions"]
-                     if f"llamacpp_{LLAMA_FORMATS[p]}" in tok}  # fmt: skip
-    out["targets"] = {"int8": 1.3, "int4": 1.15}
-    path = RESULTS / "cpu_decode.json"
-    result = json.loads(path.read_text()) if path.exists() else {}
-    result.pop("run", None)
-    save("cpu_decode", result | {"large": out})
-    print(json.dumps(out["ratios"]))
+        tok = {k: v for r in out["rows"].values() for k, v in r["tok_s"].items()}
+        out["ratios"] = {p: tok[f"upcycle_sparse_{p}"] / tok[f"llamacpp_{LLAMA_FORMATS[p]}"] for p in out["rows"]
+                         if f"llamacpp_{LLAMA_FORMATS[p]}" in tok}  # fmt: skip
+        out["targets"] = {"int8": 1.3, "int4": 1.15}
+        result = json.loads(path.read_text()) if path.exists() else {}
+        result.pop("run", None)
+        save("cpu_decode", result | {"large": out})  # after each precision: a stopped run keeps what it measured
+        print(json.dumps(out["ratios"]), flush=True)
 
 
 def front(result: dict) -> dict:
