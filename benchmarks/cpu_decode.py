@@ -53,6 +53,7 @@ import json
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -282,6 +283,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/upcycle-front"), help="--part large: its checkpoints")
     parser.add_argument("--factor", type=int, default=LARGE["factor"], help="--part large: hidden size x this")
     parser.add_argument("--width", type=int, default=LARGE["width"], help="--part large: FFN width grown to")
+    parser.add_argument("--precision", choices=LARGE["precisions"], help="--part large: only this precision")
     args = parser.parse_args()
     args.threads = torch.get_num_threads()
     if args.part == "large":
@@ -351,10 +353,16 @@ def large(args) -> None:
         out = kept  # resumable: a precision measured by an earlier run is kept (each takes ~40 min here)
     for setting in ("held_blocks", "new_tokens", "repeats"):
         setattr(args, setting, min(getattr(args, setting), LARGE[setting]))
-    for precision in LARGE["precisions"]:  # one precision's models in memory at a time, each converted in place
-        if precision in out["rows"]:
-            print(f"{precision}: kept from the run before", flush=True)
-            continue
+    todo = [p for p in LARGE["precisions"] if p not in out["rows"] and args.precision in (None, p)]
+    if args.precision is None:
+        # each precision in a process of its own, so that the one before's models, compiled decoders and
+        # packed copies leave nothing behind (int4 after int8 in one process was killed for memory at 20.6 GB)
+        for precision in todo:
+            print(f"--part large --precision {precision}", flush=True)
+            subprocess.run([sys.executable, __file__, *sys.argv[1:], "--precision", precision], check=True)
+        print(json.dumps(json.loads(path.read_text())["large"].get("ratios", {})))
+        return
+    for precision in todo:  # one precision's models in memory, each converted in place
         dense, tokenizer = upcycle_load(grown, dtype=torch.bfloat16)
         out["parameters"] = sum(p.numel() for p in dense.parameters())
         rows = {f"no_ffn_{precision}": to_precision(speed.without_ffns(dense), precision).eval()}
