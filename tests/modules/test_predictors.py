@@ -196,13 +196,19 @@ def test_a_shadow_model_saves_reloads_identically_and_densifies(tmp_path, quanti
     assert dense.config.model_type == "llama" and not any("predictor" in k for k in dense.state_dict())
 
 
-def test_a_gptq_shadow_follows_training_cheaply_and_is_gptq_again_for_inference():
+def _calibrated_gptq_shadow() -> tuple[BankSparseFFN, torch.Tensor]:
+    """A small FFN with a 2-bit GPTQ shadow, its input moment set from the returned inputs."""
     torch.manual_seed(0)
     ffn = BankSparseFFN(64, 128, BankSparsity(32, 8, predictor="shadow", bits=2, group=16, quantizer="gptq"))
     for p in ffn.parameters():
         torch.nn.init.normal_(p, std=0.3)
     x = torch.randn(512, 64) @ torch.randn(64, 64)
     ffn.predictor.set_input_moment(x)
+    return ffn, x
+
+
+def test_a_gptq_shadow_follows_training_cheaply_and_is_gptq_again_for_inference():
+    ffn, x = _calibrated_gptq_shadow()
     torch.testing.assert_close(ffn.predictor.input_moment, x.T @ x / 512)
     shadow = ffn.predictor
 
@@ -223,12 +229,7 @@ def test_a_gptq_shadow_follows_training_cheaply_and_is_gptq_again_for_inference(
 
 
 def test_a_shadow_for_inference_keeps_only_its_codes_and_scores_as_before():
-    torch.manual_seed(0)
-    ffn = BankSparseFFN(64, 128, BankSparsity(32, 8, predictor="shadow", bits=2, group=16, quantizer="gptq"))
-    for p in ffn.parameters():
-        torch.nn.init.normal_(p, std=0.3)
-    x = torch.randn(512, 64) @ torch.randn(64, 64)
-    ffn.predictor.set_input_moment(x)
+    ffn, x = _calibrated_gptq_shadow()
     lean = copy.deepcopy(ffn).eval()
     lean.predictor.for_inference()
     with torch.no_grad():
