@@ -82,6 +82,19 @@ def test_a_pass_holds_no_embeddings_while_it_goes_up_the_layers(tmp_path):
     assert torch.equal(lazy.outer_state()["model.embed_tokens.weight"], reference.model.embed_tokens.weight)
 
 
+def test_a_pass_off_a_terminal_logs_a_line_a_layer_and_none_when_progress_is_off(tmp_path, capsys):
+    folder = saved(tmp_path, "llama", layers=3)
+    capsys.readouterr()  # transformers' own bars while saving
+    for progress, expected in ((True, 3), (False, 0)):
+        with LayerPass(LazyModel(folder), progress=progress, desc="sparsify") as p:
+            for _ in p.layers():
+                pass
+        captured = capsys.readouterr()  # capsys is not a terminal: tqdm draws no bar
+        lines = captured.err.splitlines()
+        assert captured.out == "" and len(lines) == expected
+        assert [line.split(" in ")[0] for line in lines] == [f"sparsify: layer {i}/3" for i in range(1, expected + 1)]
+
+
 @pytest.mark.parametrize("family", arch.FAMILIES)
 def test_streamed_writes_are_the_files_transformers_writes(tmp_path, family):
     """Every tensor under the name and with the bytes that save_pretrained gives it (MoE experts split)."""

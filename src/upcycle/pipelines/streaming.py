@@ -179,6 +179,9 @@ class LayerPass:
         # None: tqdm's own choice, a bar on a terminal and none in a log or a captured stream
         bar = tqdm(range(self.lazy.num_layers), desc=self.desc, unit="layer", disable=None if self.progress else True,
                    leave=False)  # fmt: skip
+        # no terminal (a run under nohup, a job's log): a line a layer instead of the bar, else a streamed
+        # 3B model shows nothing for half an hour
+        lines = self.progress and bar.disable
         for i in bar:
             start = time.perf_counter()
             self.lazy.load_layer(i)
@@ -197,6 +200,9 @@ class LayerPass:
             self.lazy.release_layer(i)
             _return_freed_memory()
             self.report.layer_seconds.append(round(time.perf_counter() - start, 3))
+            if lines:
+                print(f"{self.desc}: layer {i + 1}/{self.lazy.num_layers} in {self.report.layer_seconds[-1]:.1f} s, "
+                      f"peak {peak_rss_mb():,.0f} MB resident", file=sys.stderr, flush=True)  # fmt: skip
         self.report.layers = self.lazy.num_layers
 
     def _write(self, i: int) -> None:
