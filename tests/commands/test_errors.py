@@ -1,5 +1,7 @@
 """Bad input ends in one line and exit 2 from the CLI, the same error from the Python API, and no new folder."""
 
+import re
+
 import pytest
 
 from upcycle import hub
@@ -9,13 +11,19 @@ from upcycle.errors import ConfigError, NotACausalLM
 from upcycle.modules import BankSparsity, UpcycleSparseForCausalLM
 from upcycle.train import TrainConfig
 
+PROGRESS_LINE = re.compile(r"^[\w ()→-]+: layer \d+/\d+ in [\d.]+ s, peak [\d,]+ MB resident$")
+
 
 def one_line_error(argv, capsys) -> str:
+    """The error's one line, last on stderr; before it only a streamed pass's progress lines (what a log
+    shows off a terminal), never a traceback."""
     capsys.readouterr()
     assert main(argv) == 2, argv
     err = capsys.readouterr().err
-    assert err.startswith("upcycle: error: ") and err.count("\n") == 1, err
-    return err
+    *before, last = err.splitlines()
+    assert err.endswith("\n") and last.startswith("upcycle: error: "), err
+    assert all(PROGRESS_LINE.match(line) for line in before), err
+    return last + "\n"
 
 
 @pytest.fixture

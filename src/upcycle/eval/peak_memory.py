@@ -11,11 +11,14 @@ Elsewhere `reset_peak()` returns False and `peak_rss_mb()` falls back to the who
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import resource
 import sys
 from pathlib import Path
 
 _STATUS = Path("/proc/self/status")
+_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 _CLEAR_REFS = Path("/proc/self/clear_refs")
 
 
@@ -53,3 +56,12 @@ def rss_mb() -> float:
     """This process's resident memory now, in MiB (0 where unknown)."""
     kb = _status_kb("VmRSS")
     return 0.0 if kb is None else kb / 1024
+
+
+def return_freed_memory() -> None:
+    """Hand the allocator's freed pages back to the OS. glibc keeps freed blocks below its mmap threshold
+    (which grows to 32 MB) in the heap, so after a phase of large transient tensors a process stays
+    resident at its peak although it holds much less: scoring a sparse model's perplexity left 1,221 MB
+    resident where 870 MB were held (smollm2-135m at int4, measured); at 3B that gap is gigabytes."""
+    if _LIBC is not None and hasattr(_LIBC, "malloc_trim"):  # glibc only (musl has none)
+        _LIBC.malloc_trim(0)

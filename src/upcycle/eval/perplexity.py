@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from upcycle.errors import check
+from upcycle.eval.peak_memory import return_freed_memory
 
 
 @dataclass
@@ -51,4 +52,5 @@ def perplexity(
         total += nll.double().item()
         count += targets.numel()
     model.train(was_training)
+    return_freed_memory()  # the batches' activations and logits: not to stay resident after scoring
     return Perplexity(nll=total / count, tokens=count)

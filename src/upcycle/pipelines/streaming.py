@@ -16,8 +16,6 @@ before the change — the source model's function, for the one-shot cost and the
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +30,7 @@ from upcycle.checkpoint import Checkpoint, LazyModel, ShardWriter
 from upcycle.config import RunOptions
 from upcycle.devices import dtype_name, parse_size, resolve_device, resolve_dtype
 from upcycle.eval.equivalence import Equivalence, EquivalenceMeter
-from upcycle.eval.peak_memory import peak_rss_mb, reset_peak
+from upcycle.eval.peak_memory import peak_rss_mb, reset_peak, return_freed_memory
 from upcycle.eval.perplexity import Perplexity
 from upcycle.ops.calibrate import LayerStream
 
@@ -100,17 +98,6 @@ class StreamReport:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-def _return_freed_memory() -> None:
-    """Hand the allocator's freed pages back to the OS after each layer (glibc keeps freed blocks below its
-    mmap threshold, which grows to 32 MB, in the heap: without this, resident memory creeps up layer after
-    layer although nothing is held)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = ctypes.CDLL(ctypes.util.find_library("c")) if sys.platform.startswith("linux") else None
 
 
 class LayerPass:
@@ -198,7 +185,7 @@ class LayerPass:
                 self._write(i)
             self._emitted = None
             self.lazy.release_layer(i)
-            _return_freed_memory()
+            return_freed_memory()
             self.report.layer_seconds.append(round(time.perf_counter() - start, 3))
             if lines:
                 print(f"{self.desc}: layer {i + 1}/{self.lazy.num_layers} in {self.report.layer_seconds[-1]:.1f} s, "
