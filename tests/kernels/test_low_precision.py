@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from upcycle import hub, kernels
 from upcycle.errors import ConfigError
 from upcycle.infer.decode import GreedyDecoder
+from upcycle.infer.lean_ffn import PackedRows
 from upcycle.infer.precision import to_precision
 from upcycle.infer.rows import MAX_KERNEL_ROWS, MAX_ROWS, RowLinear, RowsOf, StackedRows
 from upcycle.kernels.memory import HUGE_PAGE
@@ -196,12 +197,16 @@ def test_to_precision_int8_quantizes_every_linear_and_keeps_the_model_close():
     assert isinstance(layer.self_attn.q_proj, RowsOf) and layer.self_attn.q_proj.precision == "int8"
     assert isinstance(layer.self_attn.o_proj, RowLinear) and isinstance(sparse.lm_head, RowLinear)
     assert sparse.lm_head.precision == "int8"
-    assert type(layer.mlp.gate_proj) is torch.nn.Linear and layer.mlp.kernel_precision == "int8"
+    assert isinstance(layer.mlp.gate_proj, PackedRows) and layer.mlp.kernel_precision == "int8"
+    assert not [n for n, _ in layer.mlp.named_parameters()]  # its weights are the kernel's pack alone
     assert sparse.model.embed_tokens.weight.dtype == torch.bfloat16
-    plan = kernels.plan_for(layer.mlp)  # its int8 rows stand for the module's (bf16) weights, to bf16's rounding
-    assert plan.packed.dtype == torch.int8
+    plan = kernels.plan_for(layer.mlp)  # its int8 rows stand for the dense model's weights
+    assert plan.packed.dtype == torch.int8 and plan.packed is layer.mlp.kernel_pack.codes
     grid = plan.packed[:, 0].float() * plan.row_scales[:, 0:1]
-    torch.testing.assert_close(grid, layer.mlp.gate_proj.weight.float(), rtol=2**-7, atol=1e-6)
+    source = dense.model.layers[0].mlp.gate_proj.weight.detach()
+    bound = plan.row_scales[:, 0:1] / 2 + source.abs() * 2**-7  # half an int8 step, then bf16's rounding
+    assert ((grid - source).abs() <= bound).all()
+    torch.testing.assert_close(layer.mlp.gate_proj.weight.float(), grid, rtol=2**-8, atol=0)  # what it computes with
     assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.99
     with pytest.raises(ConfigError, match="precision"):
         to_precision(dense, "fp8")

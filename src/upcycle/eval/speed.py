@@ -154,7 +154,7 @@ def _stored_bytes(module: torch.nn.Module) -> float:
     fp32 scale per row of its packed kernel copy, for int4 half a byte a weight and an fp16 scale per 32."""
     precision = getattr(module, "kernel_precision", None)
     if precision in QUANTIZERS:
-        width, hidden = module.gate_proj.weight.shape
+        width, hidden = module.gate_proj.out_features, module.gate_proj.in_features
         if precision in ("int4", "int4a"):  # int4a: a minimum beside each fp16 step
             return 3 * width * hidden / 2 + 3 * width * (hidden // 32) * 2 * (2 if precision == "int4a" else 1)
         return 3 * width * hidden + 3 * width * 4
@@ -178,7 +178,10 @@ def weight_bytes(model) -> dict[str, float]:
             parts["predictor"] += ffn.predictor_bytes()
             weights = torch.nn.ModuleList([ffn.gate_proj, ffn.up_proj, ffn.down_proj])
             quantized = getattr(ffn, "kernel_precision", None) in QUANTIZERS
-            stored = _stored_bytes(ffn) if quantized else _stored_bytes(weights)
+            if ffn.kernel_pack is not None:  # converted for inference: its weights are the kernel's pack
+                stored = float(ffn.kernel_pack.nbytes())
+            else:
+                stored = _stored_bytes(ffn) if quantized else _stored_bytes(weights)
             parts["ffn"] += stored * ffn.keep / ffn.bank
         else:
             parts["ffn"] += _stored_bytes(ffn)

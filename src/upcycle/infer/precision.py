@@ -21,7 +21,8 @@
     int4a as int4 with a minimum per group too (Q4_1's grid: c d + m, 5 bits a weight, kernels.quant.
           int4a_rows): no level spent on the side of zero a group's weights avoid. Rounded to nearest.
 
-At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
+At every precision a bank-sparse FFN keeps its weights once, as the kernel's packed copy
+(upcycle.infer.lean_ffn); its reference path reads them from there. At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
 become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
 dots, which read the weights at the memory's pace where PyTorch's small bf16 matmuls do not; at more
 rows, the plain matmul. Layers that read the same input (attention's q, k and v; a dense FFN's gate and
@@ -43,6 +44,7 @@ from torch import nn
 from upcycle.arch import adapter_for
 from upcycle.errors import check
 from upcycle.infer.calibrate import gptq_int4
+from upcycle.infer.lean_ffn import make_lean, unpack
 from upcycle.infer.rows import INT4S, RowLinear, RowsOf, StackedRows
 from upcycle.kernels import QUANTIZERS, int4_fits, release
 from upcycle.kernels.memory import huge_page_copy
@@ -87,19 +89,25 @@ def to_precision(model: nn.Module, precision: str, calibration: torch.Tensor | N
     """Convert `model` in place to fp32, bf16, int8 or int4 inference (see the module's docstring);
     `calibration`: token blocks [n, seq] for GPTQ-rounded int4 weights."""
     check(precision in PRECISIONS, "precision", precision, f"one of {', '.join(PRECISIONS)}")
+    for module in model.modules():
+        if isinstance(module, BankSparseFFN):
+            unpack(module)  # converted before: its weights back from its pack, to convert again
     rounded = gptq_int4(model, calibration) if calibration is not None and precision == "int4" else {}
     release(model)  # packed copies are rebuilt in the new precision on the next call
-    model.to(DTYPES[precision])
     adapter = adapter_for(model)
-    for i in range(adapter.num_layers):
+    for i in range(adapter.num_layers):  # each packed before the model moves: one layer's float FFN at a time
         ffn = adapter.ffn(i)
-        inside_sparse = set()
         if isinstance(ffn, BankSparseFFN):
+            ffn.to(DTYPES[precision])
             if precision in QUANTIZERS:
                 kernel_grid(ffn, _fits(precision, ffn.gate_proj))  # gate, up and down^T rows: H inputs
             if isinstance(ffn.predictor, ShadowPredictor):
                 ffn.predictor.for_inference()
-            inside_sparse = {id(m) for m in ffn.modules()}
+            make_lean(ffn)  # its weights kept once, as the kernel's pack
+    model.to(DTYPES[precision])
+    for i in range(adapter.num_layers):
+        ffn = adapter.ffn(i)
+        inside_sparse = {id(m) for m in ffn.modules()} if isinstance(ffn, BankSparseFFN) else set()
         layer = adapter.layer(i)
         plain = _plain_linears(layer, adapter.linears(i), inside_sparse)
         stacked = set()

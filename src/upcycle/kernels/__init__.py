@@ -121,12 +121,14 @@ def int8_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 QUANTIZERS = {"int8": int8_rows, "int4": int4_rows, "int4a": int4a_rows}
 
 
-def _packed_copy(module, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def pack_ffn(
+    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, precision: str | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """[width, 3, hidden] rows W_gate[j], W_up[j], W_down^T[j] in the weights' own dtype, or as int8 with
     [width, 3] row scales, or int4 codes [width, 3, hidden / 2] with fp16 scales [width, 3, hidden / 32],
-    where the module is marked for int8 or int4 (module.kernel_precision)."""
+    for `precision` int8 or int4 (a module's kernel_precision)."""
     rows = torch.stack([gate, up, down.t()], dim=1)
-    quantizer = QUANTIZERS.get(getattr(module, "kernel_precision", None))
+    quantizer = QUANTIZERS.get(precision)
     if quantizer is not None:
         codes, scales = quantizer(rows)
         return huge_page_copy(codes), scales.contiguous()
@@ -137,21 +139,31 @@ class KernelPlan:
     """One module prepared for the kernel: its weights packed so that a kept channel j is one
     contiguous read (rows W_gate[j], W_up[j], W_down^T[j] side by side: [width, 3, hidden]), and the
     struct the kernel reads. The pack is an inference copy (the FFN weights once more in memory),
-    rebuilt when a weight is replaced or changed in place; `release(model)` frees it."""
+    rebuilt when a weight is replaced or changed in place; `release(model)` frees it. A module made lean
+    for inference (upcycle.infer.lean_ffn) holds a pack as its only weights: the plan reads that one."""
 
     def __init__(self, module):
         self.tensors = _weights(module)
         self.state = _state(self.tensors)
         self.precision = getattr(module, "kernel_precision", None)
-        gate, up, down, *predictor = (t.detach() for t in self.tensors)
+        pack = module.kernel_pack  # a lean module's pack is its weights (upcycle.infer.lean_ffn)
+        n = 3 if pack is None else 2  # gate, up, down; or the pack's codes and scales
+        ffn, predictor = self.tensors[:n], [t.detach() for t in self.tensors[n:]]
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
-        cpu = all(t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) for t in self.tensors)
-        fits = self.precision not in ("int4", "int4a") or int4_fits(gate.shape[1])
+        floats = (torch.float32, torch.bfloat16)
+        cpu = all(t.device.type == "cpu" for t in self.tensors) and all(t.dtype in floats for t in predictor)
+        if pack is None:
+            cpu = cpu and all(t.dtype in floats for t in ffn)
+        self.hidden = packed_hidden(pack.codes) if pack is not None else ffn[0].shape[1]
+        fits = self.precision not in ("int4", "int4a") or int4_fits(self.hidden)
         self.usable = silu and cpu and fits
         if not self.usable:
             return
         operator_kind()  # registered before any compiled graph can ask for it
-        self.packed, self.row_scales = _packed_copy(module, gate, up, down)
+        if pack is not None:
+            self.packed, self.row_scales = pack.codes, pack.scales
+        else:
+            self.packed, self.row_scales = pack_ffn(*(t.detach() for t in ffn), self.precision)
         self.predictor = [t.float().contiguous() for t in predictor]  # empty for a shadow predictor
         self.struct = _ffn_struct(self.packed, self.row_scales, *self.predictor)
         self.shadow = _packed_shadow(module) if not self.predictor else None
@@ -164,7 +176,6 @@ class KernelPlan:
             )
             self.struct.shadow_bits = _stored_bits(codes, self.packed)
         self.ref = ctypes.byref(self.struct)
-        self.hidden = gate.shape[1]
 
     def __reduce__(self):  # a copied or pickled module gets no plan (raw pointers); it rebuilds its own
         return (type(None), ())
@@ -213,11 +224,11 @@ def _packed_shadow(module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     [I/16, 2, H/G, 16]), or None where it cannot (more than 4 bits, a group that is not a multiple of a
     run, a bank that is not a multiple of 16 channels): then the logits are computed in PyTorch."""
     shadow = module.predictor
-    hidden = module.gate_proj.weight.shape[1]
+    hidden = module.gate_proj.in_features
     bits = container_bits(shadow.bits)
     if shadow.bits > 4 or shadow.group % (32 // bits) or hidden % shadow.group or module.sparsity.bank % SHADOW_LANES:
         return None
-    shadow.refresh(module.gate_proj.weight, module.up_proj.weight)
+    module.refresh_shadow()
     # on huge pages like the packed weights: at 7B the codes are 76 MB streamed every token
     codes = huge_page_copy(torch.stack([pack_shadow(c, bits) for c in shadow.codes], dim=1))
     scales = huge_page_copy(torch.stack([pack_shadow_scales(s) for s in shadow.scales], dim=1))
@@ -413,7 +424,7 @@ def sparse_ffn_forward(module, x: torch.Tensor) -> torch.Tensor | None:
         return _compiled_forward(module, x) if module.sparsity.selection == "predictor" else None
     if module.sparsity.selection != "predictor":
         return None
-    if torch.is_grad_enabled() and (x.requires_grad or module.gate_proj.weight.requires_grad):
+    if torch.is_grad_enabled() and (x.requires_grad or module.kernel_weights()[0].requires_grad):
         return None
     if x.dtype not in (torch.float32, torch.bfloat16) or not x.is_cpu or not available():
         return None
@@ -434,6 +445,7 @@ __all__ = [
     "QUANTIZERS",
     "enabled",
     "disabled",
+    "pack_ffn",
     "plan_for",
     "release",
     "run_kernel",

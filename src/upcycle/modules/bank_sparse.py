@@ -249,17 +249,23 @@ class BankSparseFFN(nn.Module):
     kept `keep` of every `bank` channels per token."""
 
     ffn_kind = "bank_sparse"  # what upcycle.arch reports for a layer holding this module
+    # set by upcycle.infer.lean_ffn.make_lean: the kernel's packed copy, then the FFN's only weights
+    kernel_pack = None
 
     def kernel_weights(self) -> tuple[torch.Tensor, ...]:
-        """gate, up, down and, for a low-rank predictor, its down, up, bias: what the kernel reads (a
-        shadow predictor's logits are computed before the kernel is called). Dict look-ups, not
-        nn.Module.__getattr__: a decode step calls this once per layer, so microseconds count."""
-        m = self._modules
-        ffn = (
-            m["gate_proj"]._parameters["weight"],
-            m["up_proj"]._parameters["weight"],
-            m["down_proj"]._parameters["weight"],
-        )
+        """gate, up, down (a lean FFN: its pack's codes and scales) and, for a low-rank predictor, its
+        down, up, bias: what the kernel reads (a shadow predictor's logits are computed before the
+        kernel is called). Dict look-ups, not nn.Module.__getattr__: a decode step calls this once per
+        layer, so microseconds count."""
+        m, pack = self._modules, self.__dict__.get("kernel_pack")
+        if pack is not None:
+            ffn = (pack.codes, pack.scales)
+        else:
+            ffn = (
+                m["gate_proj"]._parameters["weight"],
+                m["up_proj"]._parameters["weight"],
+                m["down_proj"]._parameters["weight"],
+            )
         predictor = m["predictor"]._modules
         if "down" not in predictor:
             return ffn
@@ -307,14 +313,20 @@ class BankSparseFFN(nn.Module):
     def predictor_bytes(self) -> int:
         """Bytes of predictor weights a decoding step reads."""
         if isinstance(self.predictor, ShadowPredictor):
-            return shadow_bytes(*self.gate_proj.weight.shape, self.predictor.bits, self.predictor.group)
+            width, hidden = self.gate_proj.out_features, self.gate_proj.in_features
+            return shadow_bytes(width, hidden, self.predictor.bits, self.predictor.group)
         return sum(p.numel() * p.element_size() for p in self.predictor.parameters())
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """The predictor's score of every channel for the rows x."""
-        if isinstance(self.predictor, ShadowPredictor):
-            self.predictor.refresh(self.gate_proj.weight, self.up_proj.weight)
+        self.refresh_shadow()
         return self.predictor(x)
+
+    def refresh_shadow(self) -> None:
+        """A shadow predictor's copies re-derived if the weights changed. A lean FFN's were made from its
+        weights before they were packed (upcycle.infer.lean_ffn) and stay as they are."""
+        if isinstance(self.predictor, ShadowPredictor) and self.kernel_pack is None:
+            self.predictor.refresh(self.gate_proj.weight, self.up_proj.weight)
 
     def predicted_mask(self, x: torch.Tensor) -> torch.Tensor:
         return bank_topk_mask(self.logits(x).detach(), self.bank, self.keep)
