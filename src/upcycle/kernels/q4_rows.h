@@ -321,9 +321,13 @@ void stream_channels_q4(const uint8_t* base, const uint16_t* sbase, int64_t H, c
             const uint8_t *rows[2 * Q4_CHANNELS], *next[2 * Q4_CHANNELS];
             const uint16_t* sc[2 * Q4_CHANNELS];
             for (int c = 0; c < Q4_CHANNELS; ++c) {
-                const uint8_t *g = base + kept[a + c] * stride, *ng = base + kept[std::min(a + Q4_CHANNELS + c, last)] * stride;
+                const int64_t nj = kept[std::min(a + Q4_CHANNELS + c, last)];
+                const uint8_t *g = base + kept[a + c] * stride, *ng = base + nj * stride;
                 rows[2 * c] = g, rows[2 * c + 1] = g + H / 2, next[2 * c] = ng, next[2 * c + 1] = ng + H / 2;
                 sc[2 * c] = sbase + kept[a + c] * sstride, sc[2 * c + 1] = sc[2 * c] + rs;
+                // the next channels' scales too: apart from their codes, a jump the hardware cannot foresee
+                const char* nsc = reinterpret_cast<const char*>(sbase + nj * sstride);
+                for (int64_t off = 0; off < 2 * sstride; off += 64) prefetch(nsc + off);
             }
             float dots[2 * Q4_CHANNELS][1], h[Q4_CHANNELS][1];
             q4_block_dots<2 * Q4_CHANNELS, 1, MIN>(rows, sc, &tokens, H, next, dots);
