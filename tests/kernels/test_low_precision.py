@@ -639,3 +639,17 @@ def test_gptq_moments_taken_a_chunk_of_layers_at_a_time_give_the_same_codes():
     assert set(whole) == set(chunked) and len(whole) == 3 * 7  # q, k, v, o, gate, up, down in each layer
     for key, (codes, scales) in whole.items():
         assert torch.equal(chunked[key][0], codes) and torch.equal(chunked[key][1], scales)
+
+
+@needs_kernel
+@pytest.mark.parametrize("precision, cast", [("int8", torch.bfloat16), ("int4", torch.float32)])
+def test_casting_a_converted_model_to_its_own_dtype_changes_nothing(precision, cast):
+    """`model.to(dtype)` casts every floating buffer: the row scales the kernel reads as fp32 (int8) or fp16
+    (int4) must not follow, or the kernel reads them as what they are not."""
+    model = to_precision(_tiny_sparse()[1], precision)
+    ids = torch.randint(0, model.config.vocab_size, (1, 1))
+    with torch.no_grad():
+        want = model(ids).logits
+        model.to(cast)
+        got = model(ids).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

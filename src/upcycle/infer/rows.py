@@ -67,6 +67,16 @@ class RowLinear(nn.Module):
         if self.kernel_ready:
             kernels.operator_kind()  # registered before any graph is traced
 
+    def _apply(self, fn, recurse=True):
+        """Moves apply to the scales, dtype casts do not: the kernel reads int8 rows' scales as fp32 and
+        int4 rows' as fp16, so `model.to(torch.bfloat16)` after a conversion must leave them as they are."""
+        scales = self._buffers.get("scales")
+        super()._apply(fn, recurse)
+        moved = self._buffers.get("scales")
+        if scales is not None and moved.dtype != scales.dtype:
+            self._buffers["scales"] = scales.to(moved.device)
+        return self
+
     @property
     def quantized(self) -> bool:
         return self.precision in kernels.QUANTIZERS
