@@ -22,9 +22,9 @@
           int4a_rows): no level spent on the side of zero a group's weights avoid. Rounded to nearest.
 
 At every precision a bank-sparse FFN keeps its weights once, as the kernel's packed copy
-(upcycle.infer.lean_ffn); its reference path reads them from there. At every precision the linear layers outside the bank-sparse FFNs (attention, dense FFNs, the LM head)
-become `upcycle.infer.rows.RowLinear`s: at a decoding step's single row they run the kernel's row
-dots, which read the weights at the memory's pace where PyTorch's small bf16 matmuls do not; at more
+(upcycle.infer.lean_ffn); its reference path reads them from there. The linear layers outside the
+bank-sparse FFNs (attention, dense FFNs, the LM head) become `upcycle.infer.rows.RowLinear`s: at a
+decoding step's single row they run the kernel's row dots, which read the weights at the memory's pace where PyTorch's small bf16 matmuls do not; at more
 rows, the plain matmul. Layers that read the same input (attention's q, k and v; a dense FFN's gate and
 up: upcycle.arch names them) are stacked into one such layer (`StackedRows`), one call for the group.
 Dense and sparse models are converted alike, so their speeds compare honestly.

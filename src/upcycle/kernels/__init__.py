@@ -151,9 +151,8 @@ class KernelPlan:
         ffn, predictor = self.tensors[:n], [t.detach() for t in self.tensors[n:]]
         silu = type(module.act_fn).__name__ in ("SiLU", "SiLUActivation")
         floats = (torch.float32, torch.bfloat16)
-        cpu = all(t.device.type == "cpu" for t in self.tensors) and all(t.dtype in floats for t in predictor)
-        if pack is None:
-            cpu = cpu and all(t.dtype in floats for t in ffn)
+        floating = all(t.dtype in floats for t in (predictor if pack is not None else self.tensors))
+        cpu = floating and all(t.device.type == "cpu" for t in self.tensors)
         self.hidden = packed_hidden(pack.codes) if pack is not None else ffn[0].shape[1]
         fits = self.precision not in ("int4", "int4a") or int4_fits(self.hidden)
         self.usable = silu and cpu and fits
